@@ -1,0 +1,52 @@
+//! Every map and the read-only configuration. Sizes here are placeholders: userspace sets the
+//! real ones at load time from its command-line options.
+use aya_ebpf::{
+    Global,
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray, StackTrace},
+};
+use memleak_common::{COUNTER_COUNT, CacheName, KeyBucket, RecordBucket, TaskComm, TracerConfig};
+
+/// `BPF_F_MMAPABLE`: userspace maps the table into its address space and reads it in one pass.
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+#[unsafe(no_mangle)]
+pub static CONFIG: Global<TracerConfig> = Global::new(TracerConfig::DEFAULT);
+
+/// Object addresses, one bucket per element.
+#[map]
+pub static OBJECT_KEYS: Array<KeyBucket> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+/// What is known of each object, slot for slot with `OBJECT_KEYS`.
+#[map]
+pub static OBJECT_RECORDS: Array<RecordBucket> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+/// Kernel stacks of sampled allocations. Without `BPF_F_REUSE_STACKID`: an id, once handed out,
+/// keeps naming the same stack for as long as records point at it.
+#[map]
+pub static STACKS: StackTrace = StackTrace::with_max_entries(1, 0);
+
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+
+/// Cheap direct-mapped filters in front of the hash maps below: a hit means "already handled",
+/// a miss (new value or collision) costs one extra hash-map operation.
+pub const SEEN_SITES_LEN: u32 = 1 << 14;
+#[map]
+pub static SEEN_SITES: Array<u64> = Array::with_max_entries(SEEN_SITES_LEN, 0);
+
+pub const SEEN_CACHES_LEN: u32 = 1 << 10;
+#[map]
+pub static SEEN_CACHES: Array<u64> = Array::with_max_entries(SEEN_CACHES_LEN, 0);
+
+pub const SEEN_TGIDS_LEN: u32 = 1 << 12;
+#[map]
+pub static SEEN_TGIDS: Array<u32> = Array::with_max_entries(SEEN_TGIDS_LEN, 0);
+
+/// Slab cache id (see `AllocRecord::cache_id`) to name.
+#[map]
+pub static CACHE_NAMES: HashMap<u64, CacheName> = HashMap::with_max_entries(4096, 0);
+
+/// Thread-group id to the command name of the first thread seen allocating in it.
+#[map]
+pub static COMMS: HashMap<u32, TaskComm> = HashMap::with_max_entries(16384, 0);

@@ -1,0 +1,228 @@
+//! The outstanding-allocation table and everything done per allocation and per free.
+//!
+//! The table is open hashing without a lock: an object lives in the bucket its address hashes
+//! to; a slot is claimed by compare-and-swap of its key from 0, and released by swapping the key
+//! back to 0. No helper call and no map lock sits on the free path, and the free of an object
+//! the table does not hold (allocated before tracing, or sampled out) returns after reading one
+//! bucket of keys, or before touching any map when sampling rules the address out.
+use core::intrinsics::{AtomicOrdering, atomic_cxchg};
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    programs::tracing::StackIdContext,
+};
+use memleak_common::{
+    AllocKind, AllocRecord, CacheName, Counter, SLOTS_PER_BUCKET, STACK_FAILED, STACK_NOT_SAMPLED,
+    TaskComm, mix64, sampled,
+};
+
+use crate::maps::{
+    CACHE_NAMES, COMMS, CONFIG, COUNTERS, OBJECT_KEYS, OBJECT_RECORDS, SEEN_CACHES,
+    SEEN_CACHES_LEN, SEEN_SITES, SEEN_SITES_LEN, SEEN_TGIDS, SEEN_TGIDS_LEN, STACKS,
+};
+
+/// One allocation as a hook saw it.
+pub struct Allocation {
+    pub kind: AllocKind,
+    pub key: u64,
+    pub call_site: u64,
+    pub cache_id: u64,
+    pub bytes_requested: u32,
+    pub bytes_allocated: u32,
+}
+
+#[inline(always)]
+pub fn count(counter: Counter) {
+    if let Some(value) = COUNTERS.get_ptr_mut(counter as u32) {
+        // Per-CPU slot: no other CPU writes it, and tracepoint programs do not nest on one CPU.
+        unsafe { *value += 1 };
+    }
+}
+
+#[inline(always)]
+fn load_key(keys: *mut u64, slot: usize) -> u64 {
+    unsafe { keys.add(slot).read_volatile() }
+}
+
+/// BPF_CMPXCHG. `AtomicU64::compare_exchange` is not offered on the bpf target (its spec says
+/// `atomic-cas: false`, a leftover from before v3), so the intrinsic is called directly.
+#[inline(always)]
+fn swap_key(keys: *mut u64, slot: usize, expected: u64, new: u64) -> bool {
+    unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(
+            keys.add(slot),
+            expected,
+            new,
+        )
+        .1
+    }
+}
+
+/// Records an allocation; `name_of_cache` is called only the first time a cache id is seen.
+#[inline(always)]
+pub fn on_alloc<C: StackIdContext>(
+    ctx: &C,
+    allocation: &Allocation,
+    name_of_cache: impl FnOnce() -> Option<CacheName>,
+) {
+    count(Counter::Allocs);
+    if allocation.key == 0 {
+        return;
+    }
+    let config = CONFIG.load();
+    let hash = mix64(allocation.key);
+    if !sampled(hash, config.sample_shift) {
+        count(Counter::SampledOut);
+        return;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if config.filter_tgid != 0 && config.filter_tgid != tgid {
+        count(Counter::Filtered);
+        return;
+    }
+
+    let bucket = (hash as u32) & config.bucket_mask;
+    let Some(keys) = OBJECT_KEYS.get_ptr_mut(bucket) else {
+        return;
+    };
+    let Some(records) = OBJECT_RECORDS.get_ptr_mut(bucket) else {
+        return;
+    };
+    let keys = unsafe { (*keys).keys.as_mut_ptr() };
+
+    let mut slot = SLOTS_PER_BUCKET;
+    for i in 0..SLOTS_PER_BUCKET {
+        if load_key(keys, i) == allocation.key {
+            count(Counter::MissedFrees);
+            slot = i;
+            break;
+        }
+    }
+    if slot == SLOTS_PER_BUCKET {
+        for i in 0..SLOTS_PER_BUCKET {
+            if swap_key(keys, i, 0, allocation.key) {
+                slot = i;
+                break;
+            }
+        }
+    }
+    if slot >= SLOTS_PER_BUCKET {
+        count(Counter::DroppedTableFull);
+        return;
+    }
+    count(Counter::TrackedAllocs);
+
+    let stack_id = if sampled(hash, config.stack_shift) || first_from_site(allocation.call_site) {
+        capture_stack(ctx)
+    } else {
+        STACK_NOT_SAMPLED
+    };
+    if allocation.cache_id != 0 {
+        remember_cache(allocation.cache_id, name_of_cache);
+    }
+    remember_comm(tgid);
+
+    let record = unsafe { &mut (*records).records[slot] };
+    *record = AllocRecord {
+        call_site: allocation.call_site,
+        cache_id: allocation.cache_id,
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        bytes_requested: allocation.bytes_requested,
+        bytes_allocated: allocation.bytes_allocated,
+        stack_id,
+        tgid,
+        kind: allocation.kind as u32,
+        _reserved: 0,
+    };
+}
+
+/// Forgets a freed object, if the table holds it.
+#[inline(always)]
+pub fn on_free(key: u64) {
+    count(Counter::Frees);
+    if key == 0 {
+        return;
+    }
+    let config = CONFIG.load();
+    let hash = mix64(key);
+    if !sampled(hash, config.sample_shift) {
+        return;
+    }
+    let bucket = (hash as u32) & config.bucket_mask;
+    let Some(keys) = OBJECT_KEYS.get_ptr_mut(bucket) else {
+        return;
+    };
+    let keys = unsafe { (*keys).keys.as_mut_ptr() };
+    for i in 0..SLOTS_PER_BUCKET {
+        if swap_key(keys, i, key, 0) {
+            count(Counter::TrackedFrees);
+            return;
+        }
+    }
+    count(Counter::UntrackedFrees);
+}
+
+#[inline(always)]
+fn capture_stack<C: StackIdContext>(ctx: &C) -> i32 {
+    count(Counter::StackCaptures);
+    match ctx.get_stackid(&STACKS, 0) {
+        Ok(id) => id as i32,
+        Err(_) => {
+            count(Counter::StackFailures);
+            STACK_FAILED
+        }
+    }
+}
+
+/// Whether this is the first allocation seen from `call_site`, so that every call site in the
+/// report has at least one full stack even when its allocations are not sampled.
+#[inline(always)]
+fn first_from_site(call_site: u64) -> bool {
+    let index = (mix64(call_site) as u32) & (SEEN_SITES_LEN - 1);
+    let Some(seen) = SEEN_SITES.get_ptr_mut(index) else {
+        return false;
+    };
+    unsafe {
+        if *seen == call_site {
+            return false;
+        }
+        *seen = call_site;
+    }
+    true
+}
+
+#[inline(always)]
+fn remember_cache(cache_id: u64, name_of_cache: impl FnOnce() -> Option<CacheName>) {
+    let index = (mix64(cache_id) as u32) & (SEEN_CACHES_LEN - 1);
+    let Some(seen) = SEEN_CACHES.get_ptr_mut(index) else {
+        return;
+    };
+    unsafe {
+        if *seen == cache_id {
+            return;
+        }
+        *seen = cache_id;
+    }
+    if let Some(name) = name_of_cache() {
+        // BPF_NOEXIST: a collision in SEEN_CACHES must not rewrite a name already known.
+        let _ = CACHE_NAMES.insert(&cache_id, &name, 1);
+    }
+}
+
+#[inline(always)]
+fn remember_comm(tgid: u32) {
+    let index = tgid & (SEEN_TGIDS_LEN - 1);
+    let Some(seen) = SEEN_TGIDS.get_ptr_mut(index) else {
+        return;
+    };
+    unsafe {
+        if *seen == tgid {
+            return;
+        }
+        *seen = tgid;
+    }
+    if let Ok(bytes) = bpf_get_current_comm() {
+        let _ = COMMS.insert(&tgid, &TaskComm { bytes }, 1);
+    }
+}

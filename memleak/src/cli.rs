@@ -1,0 +1,173 @@
+//! Command-line interface. Doc comments are the help text.
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::duration;
+
+/// Exit status for errors (bad input, missing kernel features, failures to load). Usage errors
+/// found by the argument parser exit with the same status.
+pub const EXIT_ERROR: u8 = 2;
+
+/// Find kernel memory leaks with eBPF, on kernels without kmemleak.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Trace kernel allocations and frees for a window, then report what is still allocated.
+    Trace(TraceArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    /// How long to trace, like 200s, 5m or 500ms. Without it, trace until Ctrl-C or SIGTERM
+    /// (which also end a timed window early; the report is printed either way).
+    #[arg(short, long, value_parser = parse_window)]
+    pub duration: Option<Duration>,
+
+    /// Report format.
+    #[arg(short, long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+
+    /// Write the report to FILE instead of standard output.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+
+    /// Number of allocation sites to show.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub top: u32,
+
+    /// Rank allocation sites by outstanding bytes or by outstanding object count.
+    #[arg(long, value_enum, default_value_t = SortKey::Size)]
+    pub sort: SortKey,
+
+    /// Hide allocations younger than this at report time (they are likely still in use).
+    #[arg(long, value_name = "DUR", value_parser = parse_age)]
+    pub min_age: Option<Duration>,
+
+    /// Track one object in N, chosen by a hash of its address (a power of two up to 65536).
+    /// Cuts overhead for continuous use; counts become estimates, scaled by N.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = parse_power_of_two)]
+    pub sample_rate: u32,
+
+    /// Capture the full kernel stack of one tracked object in N (a power of two up to 65536),
+    /// and of the first allocation from each call site. Every allocation is still counted
+    /// exactly per call site; N=1 gives exact per-stack counts at several times the overhead.
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = parse_power_of_two)]
+    pub stack_sample_rate: u32,
+
+    /// Record only allocations made by this process (thread-group id).
+    #[arg(short, long)]
+    pub pid: Option<u32>,
+
+    /// Outstanding objects the in-kernel table can hold (rounded up to a power of two).
+    /// The table takes 56 bytes of kernel memory per object; allocations that do not fit are
+    /// counted as dropped.
+    #[arg(long, value_name = "OBJECTS", default_value_t = 1 << 20,
+          value_parser = clap::value_parser!(u32).range(1024..=(1 << 26)))]
+    pub capacity: u32,
+
+    /// How to attach to the kernel's allocation events: BTF tracepoints (cheapest, needs kernel
+    /// BTF and a verifier that accepts them), classic tracepoints, or the first that works.
+    #[arg(long, value_enum, default_value_t = AttachMethod::Auto)]
+    pub attach: AttachMethod,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SortKey {
+    Size,
+    Count,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AttachMethod {
+    Auto,
+    Btf,
+    Classic,
+}
+
+const MAX_WINDOW: Duration = Duration::from_secs(30 * 86_400);
+
+fn parse_window(text: &str) -> Result<Duration, String> {
+    duration::parse_in_range(text, Duration::from_millis(100), MAX_WINDOW)
+        .map_err(|error| error.to_string())
+}
+
+fn parse_age(text: &str) -> Result<Duration, String> {
+    duration::parse_in_range(text, Duration::ZERO, MAX_WINDOW).map_err(|error| error.to_string())
+}
+
+fn parse_power_of_two(text: &str) -> Result<u32, String> {
+    let value: u32 = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a whole number"))?;
+    if value == 0 || !value.is_power_of_two() || value > 1 << memleak_common::MAX_SAMPLE_SHIFT {
+        return Err(format!("`{text}` must be a power of two from 1 to 65536"));
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_a_typical_trace_command() {
+        let cli = Cli::try_parse_from([
+            "memleak",
+            "trace",
+            "--duration",
+            "200s",
+            "--format",
+            "json",
+            "--top",
+            "5",
+            "--sort",
+            "count",
+            "--min-age",
+            "500ms",
+        ])
+        .unwrap();
+        let Command::Trace(args) = cli.command;
+        assert_eq!(args.duration, Some(Duration::from_secs(200)));
+        assert_eq!(args.format, Format::Json);
+        assert_eq!(args.top, 5);
+        assert_eq!(args.sort, SortKey::Count);
+        assert_eq!(args.min_age, Some(Duration::from_millis(500)));
+        assert_eq!(args.sample_rate, 1);
+    }
+
+    #[test]
+    fn rejects_absurd_values() {
+        for bad in [
+            &["memleak", "trace", "--duration", "0s"][..],
+            &["memleak", "trace", "--duration", "400d"],
+            &["memleak", "trace", "--duration", "10"],
+            &["memleak", "trace", "--top", "0"],
+            &["memleak", "trace", "--sample-rate", "3"],
+            &["memleak", "trace", "--sample-rate", "131072"],
+            &["memleak", "trace", "--capacity", "10"],
+            &["memleak", "trace", "--no-such-flag"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+}

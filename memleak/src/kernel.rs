@@ -1,0 +1,130 @@
+//! Facts about the running kernel: its release, its BTF, its loaded modules.
+use std::{fs, path::Path};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+
+pub const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
+
+/// `uname -r`.
+pub fn release() -> Result<String> {
+    let text = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .context("reading /proc/sys/kernel/osrelease")?;
+    Ok(text.trim().to_owned())
+}
+
+pub fn has_btf() -> bool {
+    Path::new(BTF_PATH).exists()
+}
+
+/// Offsets in `struct kmem_cache` that the tp_btf programs read through the cache pointer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KmemCacheLayout {
+    pub size: u32,
+    pub object_size: u32,
+    pub name: u32,
+}
+
+impl KmemCacheLayout {
+    pub fn from_btf(btf: &btf_rs::Btf) -> Result<Self> {
+        let types = btf
+            .resolve_types_by_name("kmem_cache")
+            .context("looking up struct kmem_cache in kernel BTF")?;
+        let layout = types
+            .iter()
+            .find_map(|candidate| match candidate {
+                btf_rs::Type::Struct(structure) if !structure.members.is_empty() => Some(structure),
+                _ => None,
+            })
+            .ok_or_else(|| anyhow!("kernel BTF has no definition of struct kmem_cache"))?;
+        let offset_of = |wanted: &str| -> Result<u32> {
+            for member in &layout.members {
+                if btf.resolve_name(member).ok().as_deref() == Some(wanted) {
+                    let bits = member.bit_offset();
+                    if bits % 8 != 0 {
+                        bail!("struct kmem_cache::{wanted} is a bit field");
+                    }
+                    return Ok(bits / 8);
+                }
+            }
+            bail!("struct kmem_cache has no member `{wanted}` in this kernel's BTF")
+        };
+        Ok(Self {
+            size: offset_of("size")?,
+            object_size: offset_of("object_size")?,
+            name: offset_of("name")?,
+        })
+    }
+}
+
+/// A loaded module's text range, from /proc/modules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Module {
+    pub name: String,
+    pub base: u64,
+    pub size: u64,
+}
+
+/// Parses /proc/modules: `name size refcount deps state address [taint]`. Lines that do not
+/// parse (or show address 0, as they do to unprivileged readers) are skipped.
+pub fn parse_modules(text: &str) -> Vec<Module> {
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let name = *fields.first()?;
+            let size = fields.get(1)?.parse().ok()?;
+            let base = u64::from_str_radix(fields.get(5)?.trim_start_matches("0x"), 16).ok()?;
+            (base != 0).then(|| Module {
+                name: name.to_owned(),
+                base,
+                size,
+            })
+        })
+        .collect()
+}
+
+pub fn loaded_modules() -> Vec<Module> {
+    fs::read_to_string("/proc/modules")
+        .map(|text| parse_modules(&text))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proc_modules() {
+        let text = "leaky 16384 0 - Live 0xffffffffc0a00000 (OE)\n\
+                    bonding 200704 0 - Live 0xffffffffc0b00000\n\
+                    hidden 4096 0 - Live 0x0000000000000000\n\
+                    garbage\n";
+        let modules = parse_modules(text);
+        assert_eq!(
+            modules,
+            vec![
+                Module {
+                    name: "leaky".into(),
+                    base: 0xffff_ffff_c0a0_0000,
+                    size: 16384
+                },
+                Module {
+                    name: "bonding".into(),
+                    base: 0xffff_ffff_c0b0_0000,
+                    size: 200_704
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn finds_kmem_cache_layout_in_running_kernel_btf() {
+        if !has_btf() {
+            return;
+        }
+        let btf = btf_rs::Btf::from_file(BTF_PATH).unwrap();
+        let layout = KmemCacheLayout::from_btf(&btf).unwrap();
+        // object_size follows size in every SLUB layout since 2.6.
+        assert_eq!(layout.object_size, layout.size + 4);
+        assert!(layout.name > layout.object_size);
+    }
+}

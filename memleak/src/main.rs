@@ -1,0 +1,32 @@
+//! memleak: finds kernel memory leaks with eBPF on kernels that have no kmemleak.
+use std::process::ExitCode;
+
+use clap::Parser as _;
+
+mod aggregate;
+mod cli;
+mod duration;
+mod frame;
+mod kernel;
+mod privileges;
+mod probes;
+mod report;
+mod symbolize;
+mod table;
+mod trace;
+mod tracefs;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    let result = match cli.command {
+        cli::Command::Trace(args) => trace::run(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            // One line: the chain of contexts, outermost first.
+            eprintln!("memleak: error: {error:#}");
+            ExitCode::from(cli::EXIT_ERROR)
+        }
+    }
+}

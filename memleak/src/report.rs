@@ -1,0 +1,349 @@
+//! The trace report: built once from the aggregate, rendered as text or JSON.
+use std::fmt::Write as _;
+
+use hashbrown::HashMap;
+use memleak_common::AllocKind;
+use serde::Serialize;
+
+use crate::{
+    aggregate::{Site, trim_to_call_site},
+    duration,
+    frame::Frame,
+    table::Counters,
+};
+
+/// Version of the JSON layout; bumped only for incompatible changes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub schema: u32,
+    /// Kernel release (`uname -r`).
+    pub kernel: String,
+    pub duration_ms: u64,
+    /// `tp_btf` or `tracepoint`.
+    pub attach: String,
+    /// One object in `sample_rate` is tracked; counts and bytes are scaled up by it.
+    pub sample_rate: u32,
+    pub stack_sample_rate: u32,
+    pub stats: Stats,
+    /// Missing kernel features and fallbacks, in plain words.
+    pub notes: Vec<String>,
+    pub stacks: Vec<Entry>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Stats {
+    #[serde(flatten)]
+    pub counters: Counters,
+    /// Objects in the table at the end of the window.
+    pub outstanding: u64,
+    pub outstanding_bytes: u64,
+    /// Outstanding objects hidden by `--min-age`.
+    pub hidden_younger: u64,
+    /// Allocation sites with outstanding objects (before `--top`).
+    pub sites: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Entry {
+    /// Outstanding bytes (as allocated, i.e. rounded up to the slab object size).
+    pub bytes: u64,
+    pub count: u64,
+    pub bytes_requested: u64,
+    /// Whether `bytes` and `count` are estimates scaled from a sample (`--sample-rate`).
+    pub estimated: bool,
+    pub kind: &'static str,
+    pub cache: Option<String>,
+    pub oldest_age_ms: u64,
+    /// Where the allocator was called from: the frame the stacks below all pass through.
+    pub call_site: Frame,
+    /// The stack most of this site's sampled objects were allocated through, innermost first,
+    /// starting at the call site. Just the call site when no stack was captured.
+    pub frames: Vec<Frame>,
+    /// How many of this site's objects had their stack captured.
+    pub stack_samples: u64,
+    /// How many of those were allocated through `frames`.
+    pub frames_samples: u64,
+    /// Objects of this site whose stack capture failed.
+    pub stack_failures: u64,
+    /// Further distinct stacks reaching this site, with their sample counts.
+    pub other_stacks: Vec<OtherStack>,
+    /// Processes that allocated this site's objects, most bytes first (at most 5).
+    pub processes: Vec<Process>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct OtherStack {
+    pub samples: u64,
+    pub frames: Vec<Frame>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Process {
+    pub pid: u32,
+    pub comm: Option<String>,
+    pub count: u64,
+    pub bytes: u64,
+}
+
+const OTHER_STACKS_SHOWN: usize = 3;
+const PROCESSES_SHOWN: usize = 5;
+
+pub fn kind_name(kind: AllocKind) -> &'static str {
+    match kind {
+        AllocKind::Kmalloc => "kmalloc",
+        AllocKind::KmemCache => "kmem_cache",
+    }
+}
+
+/// The kmalloc cache serving an allocation of `bytes_allocated` bytes: sizes below 1 KiB are
+/// named in bytes, larger ones in KiB, as in /proc/slabinfo. Above 8 KiB kmalloc goes to the
+/// page allocator. Accounted allocations really sit in the `kmalloc-cg-*` twin.
+pub fn kmalloc_cache_name(bytes_allocated: u64) -> Option<String> {
+    match bytes_allocated {
+        0 => None,
+        1..1024 => Some(format!("kmalloc-{bytes_allocated}")),
+        1024..=8192 => Some(format!("kmalloc-{}k", bytes_allocated / 1024)),
+        _ => None,
+    }
+}
+
+/// Everything `build` needs besides the sites.
+pub struct Context<'a> {
+    pub stacks: &'a HashMap<u32, Vec<u64>>,
+    pub cache_names: &'a HashMap<u64, String>,
+    pub comms: &'a HashMap<u32, String>,
+    pub now_ns: u64,
+    pub sample_rate: u32,
+    pub frame: &'a dyn Fn(u64) -> Frame,
+}
+
+/// Addresses `entry` will ask symbolization for: call sites and trimmed stacks of `sites`.
+pub fn addresses_to_symbolize(sites: &[Site], stacks: &HashMap<u32, Vec<u64>>) -> Vec<u64> {
+    let mut addrs = Vec::new();
+    for site in sites {
+        addrs.push(site.key.call_site);
+        for (id, _) in site
+            .stacks_by_weight()
+            .into_iter()
+            .take(1 + OTHER_STACKS_SHOWN)
+        {
+            if let Some(stack) = stacks.get(&id) {
+                addrs.extend_from_slice(trim_to_call_site(stack, site.key.call_site));
+            }
+        }
+    }
+    addrs
+}
+
+pub fn entry(site: &Site, context: &Context<'_>) -> Entry {
+    let scale = u64::from(context.sample_rate);
+    let frames_of = |id: u32| -> Option<Vec<Frame>> {
+        let stack = context.stacks.get(&id)?;
+        Some(
+            trim_to_call_site(stack, site.key.call_site)
+                .iter()
+                .map(|&ip| (context.frame)(ip))
+                .collect(),
+        )
+    };
+    let weighted = site.stacks_by_weight();
+    let mut with_frames = weighted
+        .iter()
+        .filter_map(|&(id, samples)| Some((samples, frames_of(id)?)));
+    let call_site = (context.frame)(site.key.call_site);
+    let (frames_samples, frames) = with_frames
+        .next()
+        .unwrap_or_else(|| (0, vec![call_site.clone()]));
+    let other_stacks = with_frames
+        .take(OTHER_STACKS_SHOWN)
+        .map(|(samples, frames)| OtherStack { samples, frames })
+        .collect();
+
+    let mut processes: Vec<Process> = site
+        .processes
+        .iter()
+        .map(|(&pid, share)| Process {
+            pid,
+            comm: context.comms.get(&pid).cloned(),
+            count: share.count * scale,
+            bytes: share.bytes * scale,
+        })
+        .collect();
+    processes.sort_unstable_by(|a, b| b.bytes.cmp(&a.bytes).then(a.pid.cmp(&b.pid)));
+    processes.truncate(PROCESSES_SHOWN);
+
+    let cache = match site.key.kind {
+        AllocKind::Kmalloc => kmalloc_cache_name(site.key.cache_id),
+        AllocKind::KmemCache => context.cache_names.get(&site.key.cache_id).cloned(),
+    };
+    Entry {
+        bytes: site.bytes * scale,
+        count: site.count * scale,
+        bytes_requested: site.bytes_requested * scale,
+        estimated: scale > 1,
+        kind: kind_name(site.key.kind),
+        cache,
+        oldest_age_ms: context.now_ns.saturating_sub(site.oldest_timestamp_ns) / 1_000_000,
+        call_site,
+        frames,
+        stack_samples: site.stack_samples(),
+        frames_samples,
+        stack_failures: site.failed_stacks,
+        other_stacks,
+        processes,
+    }
+}
+
+pub fn render_json(report: &Report) -> String {
+    let mut text = serde_json::to_string_pretty(report).unwrap_or_else(|error| {
+        // Serializing plain structs cannot fail; say so loudly if it ever does.
+        format!("{{\"error\": \"serializing the report failed: {error}\"}}")
+    });
+    text.push('\n');
+    text
+}
+
+/// `1.5 MiB`-style sizes.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// `1,234,567`.
+pub fn thousands(value: u64) -> String {
+    let digits = value.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (index, digit) in digits.chars().enumerate() {
+        if index > 0 && (digits.len() - index).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
+pub fn render_text(report: &Report) -> String {
+    let mut out = String::new();
+    let stats = &report.stats;
+    let counters = &stats.counters;
+    let window = duration::display(std::time::Duration::from_millis(report.duration_ms));
+    let approx = if report.sample_rate > 1 { "~" } else { "" };
+    let _ = writeln!(
+        out,
+        "memleak: {approx}{} in {approx}{} objects still allocated after {window}, from {} allocation sites (kernel {}, {})",
+        human_bytes(stats.outstanding_bytes * u64::from(report.sample_rate)),
+        thousands(stats.outstanding * u64::from(report.sample_rate)),
+        thousands(stats.sites),
+        report.kernel,
+        report.attach,
+    );
+    let per_second = |events: u64| {
+        let seconds = (report.duration_ms as f64 / 1000.0).max(0.001);
+        thousands((events as f64 / seconds) as u64)
+    };
+    let _ = writeln!(
+        out,
+        "events:  {} allocs, {} frees ({}/s); {} frees of objects allocated before tracing",
+        thousands(counters.allocs),
+        thousands(counters.frees),
+        per_second(counters.allocs + counters.frees),
+        thousands(counters.untracked_frees),
+    );
+    let _ = writeln!(
+        out,
+        "dropped: {} (table full), {} of {} stack captures failed, {} missed frees (address reallocated)",
+        thousands(counters.dropped_table_full),
+        thousands(counters.stack_failures),
+        thousands(counters.stack_captures),
+        thousands(counters.missed_frees),
+    );
+    if report.sample_rate > 1 {
+        let _ = writeln!(
+            out,
+            "sampling: 1 object in {} tracked by address hash; counts marked ~ are estimates",
+            report.sample_rate
+        );
+    }
+    if stats.hidden_younger > 0 {
+        let _ = writeln!(
+            out,
+            "hidden:  {} objects younger than --min-age",
+            thousands(stats.hidden_younger)
+        );
+    }
+    for note in &report.notes {
+        let _ = writeln!(out, "note:    {note}");
+    }
+    if report.stacks.is_empty() {
+        let _ = writeln!(out, "\nno outstanding allocations to report");
+    }
+    for (rank, entry) in report.stacks.iter().enumerate() {
+        let approx = if entry.estimated { "~" } else { "" };
+        let cache = entry
+            .cache
+            .as_deref()
+            .map(|cache| format!(" in {cache}"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "\n#{:<3} {approx}{} in {approx}{} objects, {}{cache}, oldest {}",
+            rank + 1,
+            human_bytes(entry.bytes),
+            thousands(entry.count),
+            entry.kind,
+            duration::display(std::time::Duration::from_millis(entry.oldest_age_ms)),
+        );
+        let _ = writeln!(out, "     call site: {}", entry.call_site);
+        let stack_note = if entry.stack_samples == 0 {
+            "no stack captured".to_owned()
+        } else {
+            format!(
+                "stack of {} of {} sampled objects",
+                thousands(entry.frames_samples),
+                thousands(entry.stack_samples)
+            )
+        };
+        let _ = writeln!(out, "     {stack_note}:");
+        for frame in &entry.frames {
+            let _ = writeln!(out, "         {frame}");
+        }
+        for other in &entry.other_stacks {
+            let _ = writeln!(
+                out,
+                "     also via ({} sampled objects):",
+                thousands(other.samples)
+            );
+            for frame in other.frames.iter().take(6) {
+                let _ = writeln!(out, "         {frame}");
+            }
+        }
+        if !entry.processes.is_empty() {
+            let processes: Vec<String> = entry
+                .processes
+                .iter()
+                .map(|process| {
+                    format!(
+                        "{} ({}) {approx}{}",
+                        process.pid,
+                        process.comm.as_deref().unwrap_or("?"),
+                        thousands(process.count)
+                    )
+                })
+                .collect();
+            let _ = writeln!(out, "     allocated by: {}", processes.join(", "));
+        }
+    }
+    out
+}

@@ -1,0 +1,138 @@
+//! Kernel address symbolization with blazesym: one long-lived symbolizer, each address once.
+use std::fs;
+
+use anyhow::{Context as _, Result};
+use blazesym::symbolize::{
+    Input, Symbolized, Symbolizer,
+    source::{Kernel, Source},
+};
+use hashbrown::HashMap;
+
+use crate::{
+    frame::Frame,
+    kernel::{self, Module},
+};
+
+pub struct KernelSymbolizer {
+    symbolizer: Symbolizer,
+    source: Source<'static>,
+    /// Read once the trace window has ended, so modules loaded during it are known.
+    modules: Vec<Module>,
+    /// Sorted start addresses of all kallsyms symbols: kallsyms has no sizes, and `%pS`
+    /// prints one, so a symbol's size is taken to run up to the next symbol.
+    symbol_starts: Vec<u64>,
+    frames: HashMap<u64, Frame>,
+}
+
+impl KernelSymbolizer {
+    /// Uses /proc/kallsyms, and a vmlinux image when blazesym finds one for the running kernel
+    /// (it searches /boot and /usr/lib/debug), which adds symbol sizes and local symbols.
+    pub fn new() -> Self {
+        Self {
+            symbolizer: Symbolizer::new(),
+            source: Source::Kernel(Kernel::default()),
+            modules: kernel::loaded_modules(),
+            symbol_starts: fs::read_to_string(KALLSYMS)
+                .map(|text| symbol_starts(&text))
+                .unwrap_or_default(),
+            frames: HashMap::new(),
+        }
+    }
+
+    /// Symbolizes every address not seen before, in one batch.
+    pub fn resolve(&mut self, addrs: impl IntoIterator<Item = u64>) -> Result<()> {
+        let mut pending: Vec<u64> = addrs
+            .into_iter()
+            .filter(|addr| !self.frames.contains_key(addr))
+            .collect();
+        pending.sort_unstable();
+        pending.dedup();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let results = self
+            .symbolizer
+            .symbolize(&self.source, Input::AbsAddr(&pending))
+            .context("symbolizing kernel addresses (blazesym, /proc/kallsyms)")?;
+        for (&addr, symbolized) in pending.iter().zip(results) {
+            let frame = match symbolized {
+                Symbolized::Sym(sym) => Frame {
+                    addr: Some(addr),
+                    symbol: Some(sym.name.into_owned()),
+                    offset: Some(sym.offset as u64),
+                    size: sym
+                        .size
+                        .map(|size| size as u64)
+                        .or_else(|| self.size_from_next_symbol(sym.addr)),
+                    module: sym
+                        .module
+                        .map(|module| module.to_string_lossy().into_owned())
+                        .filter(|module| !module.starts_with('/') && !module.is_empty())
+                        .or_else(|| self.module_of(addr)),
+                },
+                Symbolized::Unknown(_) => Frame {
+                    module: self.module_of(addr),
+                    ..Frame::unknown(addr)
+                },
+            };
+            self.frames.insert(addr, frame);
+        }
+        Ok(())
+    }
+
+    fn size_from_next_symbol(&self, start: u64) -> Option<u64> {
+        let next = self.symbol_starts.partition_point(|&addr| addr <= start);
+        self.symbol_starts.get(next).map(|&end| end - start)
+    }
+
+    fn module_of(&self, addr: u64) -> Option<String> {
+        self.modules
+            .iter()
+            .find(|module| (module.base..module.base + module.size).contains(&addr))
+            .map(|module| module.name.clone())
+    }
+
+    /// The frame for an address passed to [`Self::resolve`] (or a bare address otherwise).
+    pub fn frame(&self, addr: u64) -> Frame {
+        self.frames
+            .get(&addr)
+            .cloned()
+            .unwrap_or_else(|| Frame::unknown(addr))
+    }
+}
+
+const KALLSYMS: &str = "/proc/kallsyms";
+
+/// Start addresses in a kallsyms text (`addr type name [module]`), sorted and deduplicated.
+fn symbol_starts(kallsyms: &str) -> Vec<u64> {
+    let mut starts: Vec<u64> = kallsyms
+        .lines()
+        .filter_map(|line| u64::from_str_radix(line.split_whitespace().next()?, 16).ok())
+        .filter(|&addr| addr != 0)
+        .collect();
+    starts.sort_unstable();
+    starts.dedup();
+    starts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_kallsyms_starts() {
+        let text = "ffffffff81000000 T _stext\n\
+                    ffffffff81000040 t helper\n\
+                    0000000000000000 A fixed_percpu_data\n\
+                    ffffffffc0a00000 t leaky_alloc\t[leaky]\n\
+                    ffffffff81000040 T alias\n";
+        assert_eq!(
+            symbol_starts(text),
+            vec![
+                0xffff_ffff_8100_0000,
+                0xffff_ffff_8100_0040,
+                0xffff_ffff_c0a0_0000
+            ]
+        );
+    }
+}

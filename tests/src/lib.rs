@@ -1,0 +1,160 @@
+//! Shared pieces of the end-to-end tests: finding the binaries, running the tracer as a user
+//! would, and reading its JSON report.
+use std::{
+    io::{BufRead as _, BufReader},
+    path::PathBuf,
+    process::{Child, ChildStderr, Command, Stdio},
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use serde_json::Value;
+
+/// The memleak binary of this workspace, built once per test run with the same profile.
+pub fn memleak_binary() -> Result<PathBuf> {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| build_memleak().map_err(|error| format!("{error:#}")))
+        .clone()
+        .map_err(|message| anyhow!(message))
+}
+
+fn build_memleak() -> Result<PathBuf> {
+    // target/<profile>/deps/<test binary> -> target/<profile>
+    let exe = std::env::current_exe().context("locating the test executable")?;
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .context("test executable is not under target/<profile>/deps")?
+        .to_path_buf();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = Command::new(cargo);
+    build.args(["build", "--package", "memleak", "--bin", "memleak"]);
+    if profile_dir.ends_with("release") {
+        build.arg("--release");
+    }
+    let status = build.status().context("running cargo build for memleak")?;
+    ensure!(status.success(), "cargo build -p memleak failed: {status}");
+    let binary = profile_dir.join("memleak");
+    ensure!(binary.exists(), "{} was not built", binary.display());
+    Ok(binary)
+}
+
+/// A child process that is killed when the test lets go of it, pass or fail.
+pub struct Guard(Option<Child>);
+
+impl Guard {
+    pub fn new(child: Child) -> Self {
+        Self(Some(child))
+    }
+
+    pub fn child(&mut self) -> &mut Child {
+        self.0
+            .as_mut()
+            .expect("a guard holds its child until into_child")
+    }
+
+    /// Hands the child over: it is no longer killed on drop.
+    pub fn into_child(mut self) -> Child {
+        self.0
+            .take()
+            .expect("a guard holds its child until into_child")
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Starts `memleak trace ARGS` and waits until its programs are attached.
+pub fn start_tracer(args: &[&str]) -> Result<(Guard, ChildStderr)> {
+    let mut child = Command::new(memleak_binary()?)
+        .arg("trace")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting memleak trace")?;
+    let stderr = child.stderr.take().context("no stderr pipe")?;
+    let mut guard = Guard::new(child);
+    let mut lines = BufReader::new(stderr);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        let read = lines
+            .read_line(&mut line)
+            .context("reading memleak's stderr")?;
+        if read == 0 {
+            let status = guard.child().wait()?;
+            bail!("memleak exited ({status}) before attaching: {seen}");
+        }
+        if line.contains("attached") {
+            return Ok((guard, lines.into_inner()));
+        }
+        seen.push_str(&line);
+        ensure!(
+            Instant::now() < deadline,
+            "memleak did not attach within 60s: {seen}"
+        );
+    }
+}
+
+/// Waits for the tracer to exit by itself and parses its JSON report from stdout.
+pub fn finish_tracer(tracer: Guard) -> Result<Value> {
+    let output = tracer
+        .into_child()
+        .wait_with_output()
+        .context("waiting for memleak")?;
+    ensure!(
+        output.status.success(),
+        "memleak failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).context("parsing memleak's JSON report")
+}
+
+/// Entries of `report.stacks` any of whose frames' symbols contain `needle`.
+pub fn entries_through<'a>(report: &'a Value, needle: &str) -> Vec<&'a Value> {
+    report["stacks"]
+        .as_array()
+        .map(|stacks| {
+            stacks
+                .iter()
+                .filter(|entry| {
+                    entry["frames"].as_array().is_some_and(|frames| {
+                        frames.iter().any(|frame| {
+                            frame["symbol"].as_str().is_some_and(|s| s.contains(needle))
+                        })
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub fn count_of(entry: &Value) -> u64 {
+    entry["count"].as_u64().unwrap_or(0)
+}
+
+/// Names of the BPF programs loaded in the kernel right now.
+pub fn loaded_program_names() -> Result<Vec<String>> {
+    aya::programs::loaded_programs()
+        .map(|info| {
+            let info = info.context("listing loaded BPF programs")?;
+            Ok(info.name_as_str().unwrap_or_default().to_owned())
+        })
+        .collect()
+}
+
+pub fn is_root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
