@@ -13,6 +13,22 @@ const BPF_F_MMAPABLE: u32 = 1 << 10;
 #[unsafe(no_mangle)]
 pub static CONFIG: Global<TracerConfig> = Global::new(TracerConfig::DEFAULT);
 
+/// Reads one field of `CONFIG`. `Global::load` copies the whole struct (every field a volatile
+/// load); hot paths read only what they use.
+macro_rules! config {
+    ($($field:tt)+) => {{
+        // Also used inside other unsafe blocks.
+        #[allow(unused_unsafe)]
+        let value = unsafe {
+            let config = core::ptr::from_ref(&$crate::maps::CONFIG)
+                .cast::<memleak_common::TracerConfig>();
+            core::ptr::read_volatile(core::ptr::addr_of!((*config).$($field)+))
+        };
+        value
+    }};
+}
+pub(crate) use config;
+
 /// Object addresses, one bucket per element.
 #[map]
 pub static OBJECT_KEYS: Array<KeyBucket> = Array::with_max_entries(1, BPF_F_MMAPABLE);

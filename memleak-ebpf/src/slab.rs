@@ -13,7 +13,7 @@ use aya_ebpf::{
 use memleak_common::{AllocKind, CacheName, NO_FIELD};
 
 use crate::{
-    maps::CONFIG,
+    maps::config,
     tracker::{Allocation, on_alloc, on_free},
 };
 
@@ -38,7 +38,6 @@ pub fn kmem_cache_alloc_btf(ctx: BtfTracePointContext) -> i32 {
     // `ctx.arg(2)` would be typed `struct kmem_cache *` by the verifier, which then refuses to
     // hash it; a probe read of the same slot yields a plain number.
     let cache = unsafe { bpf_probe_read_kernel(ctx.as_ptr().cast::<u64>().add(2)) }.unwrap_or(0);
-    let config = CONFIG.load();
     let read_u32 = |offset: u32| unsafe {
         bpf_probe_read_kernel((cache + offset as u64) as *const u32).unwrap_or(0)
     };
@@ -47,12 +46,12 @@ pub fn kmem_cache_alloc_btf(ctx: BtfTracePointContext) -> i32 {
         call_site: ctx.arg::<u64>(0),
         key: ctx.arg::<u64>(1),
         cache_id: cache,
-        bytes_requested: read_u32(config.kmem_cache_object_size_offset),
-        bytes_allocated: read_u32(config.kmem_cache_size_offset),
+        bytes_requested: read_u32(config!(kmem_cache_object_size_offset)),
+        bytes_allocated: read_u32(config!(kmem_cache_size_offset)),
     };
     on_alloc(&ctx, &allocation, || {
         let name_ptr = unsafe {
-            bpf_probe_read_kernel((cache + config.kmem_cache_name_offset as u64) as *const u64)
+            bpf_probe_read_kernel((cache + config!(kmem_cache_name_offset) as u64) as *const u64)
         }
         .ok()?;
         let mut name = CacheName { bytes: [0; 32] };
@@ -87,14 +86,13 @@ fn read_field(ctx: &TracePointContext, offset: u16) -> u64 {
 /// Classic `kmem:kmalloc` (and `kmem:kmalloc_node` before Linux 6.1, same fields).
 #[tracepoint(category = "kmem", name = "kmalloc")]
 pub fn kmalloc_classic(ctx: TracePointContext) -> u32 {
-    let offsets = CONFIG.load().classic;
     let allocation = Allocation {
         kind: AllocKind::Kmalloc,
-        call_site: read_field(&ctx, offsets.kmalloc_call_site),
-        key: read_field(&ctx, offsets.kmalloc_ptr),
+        call_site: read_field(&ctx, config!(classic.kmalloc_call_site)),
+        key: read_field(&ctx, config!(classic.kmalloc_ptr)),
         cache_id: 0,
-        bytes_requested: read_field(&ctx, offsets.kmalloc_bytes_req) as u32,
-        bytes_allocated: read_field(&ctx, offsets.kmalloc_bytes_alloc) as u32,
+        bytes_requested: read_field(&ctx, config!(classic.kmalloc_bytes_req)) as u32,
+        bytes_allocated: read_field(&ctx, config!(classic.kmalloc_bytes_alloc)) as u32,
     };
     on_alloc(&ctx, &allocation, || None);
     0
@@ -104,12 +102,12 @@ pub fn kmalloc_classic(ctx: TracePointContext) -> u32 {
 /// record names the cache but does not point at it, so the cache id is a hash of the name.
 #[tracepoint(category = "kmem", name = "kmem_cache_alloc")]
 pub fn kmem_cache_alloc_classic(ctx: TracePointContext) -> u32 {
-    let offsets = CONFIG.load().classic;
     let mut name = CacheName { bytes: [0; 32] };
     let mut cache_id = 0;
-    if offsets.cache_alloc_name != NO_FIELD {
+    let name_field = config!(classic.cache_alloc_name);
+    if name_field != NO_FIELD {
         // __data_loc: the low 16 bits are the string's offset in the record.
-        let data_loc = read_field(&ctx, offsets.cache_alloc_name) as u32;
+        let data_loc = read_field(&ctx, name_field) as u32;
         let string = unsafe { ctx.as_ptr().cast::<u8>().add((data_loc & 0xffff) as usize) };
         if unsafe { bpf_probe_read_kernel_str_bytes(string, &mut name.bytes) }.is_ok() {
             cache_id = fnv1a(&name.bytes) | 1;
@@ -117,11 +115,11 @@ pub fn kmem_cache_alloc_classic(ctx: TracePointContext) -> u32 {
     }
     let allocation = Allocation {
         kind: AllocKind::KmemCache,
-        call_site: read_field(&ctx, offsets.cache_alloc_call_site),
-        key: read_field(&ctx, offsets.cache_alloc_ptr),
+        call_site: read_field(&ctx, config!(classic.cache_alloc_call_site)),
+        key: read_field(&ctx, config!(classic.cache_alloc_ptr)),
         cache_id,
-        bytes_requested: read_field(&ctx, offsets.cache_alloc_bytes_req) as u32,
-        bytes_allocated: read_field(&ctx, offsets.cache_alloc_bytes_alloc) as u32,
+        bytes_requested: read_field(&ctx, config!(classic.cache_alloc_bytes_req)) as u32,
+        bytes_allocated: read_field(&ctx, config!(classic.cache_alloc_bytes_alloc)) as u32,
     };
     on_alloc(&ctx, &allocation, || Some(name));
     0
@@ -129,13 +127,13 @@ pub fn kmem_cache_alloc_classic(ctx: TracePointContext) -> u32 {
 
 #[tracepoint(category = "kmem", name = "kfree")]
 pub fn kfree_classic(ctx: TracePointContext) -> u32 {
-    on_free(read_field(&ctx, CONFIG.load().classic.kfree_ptr));
+    on_free(read_field(&ctx, config!(classic.kfree_ptr)));
     0
 }
 
 #[tracepoint(category = "kmem", name = "kmem_cache_free")]
 pub fn kmem_cache_free_classic(ctx: TracePointContext) -> u32 {
-    on_free(read_field(&ctx, CONFIG.load().classic.cache_free_ptr));
+    on_free(read_field(&ctx, config!(classic.cache_free_ptr)));
     0
 }
 

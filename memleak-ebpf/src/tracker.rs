@@ -13,12 +13,12 @@ use aya_ebpf::{
 };
 use memleak_common::{
     AllocKind, AllocRecord, CacheName, Counter, SLOTS_PER_BUCKET, STACK_FAILED, STACK_NOT_SAMPLED,
-    TaskComm, mix64, sampled,
+    TaskComm, mix64, sampled, sampled_object,
 };
 
 use crate::maps::{
-    CACHE_NAMES, COMMS, CONFIG, COUNTERS, OBJECT_KEYS, OBJECT_RECORDS, SEEN_CACHES,
-    SEEN_CACHES_LEN, SEEN_SITES, SEEN_SITES_LEN, SEEN_TGIDS, SEEN_TGIDS_LEN, STACKS,
+    CACHE_NAMES, COMMS, COUNTERS, OBJECT_KEYS, OBJECT_RECORDS, SEEN_CACHES, SEEN_CACHES_LEN,
+    SEEN_SITES, SEEN_SITES_LEN, SEEN_TGIDS, SEEN_TGIDS_LEN, STACKS, config,
 };
 
 /// One allocation as a hook saw it.
@@ -69,20 +69,20 @@ pub fn on_alloc<C: StackIdContext>(
     if allocation.key == 0 {
         return;
     }
-    let config = CONFIG.load();
-    let hash = mix64(allocation.key);
-    if !sampled(hash, config.sample_shift) {
+    if !sampled_object(allocation.key, config!(sample_shift)) {
         count(Counter::SampledOut);
         return;
     }
+    let hash = mix64(allocation.key);
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    if config.filter_tgid != 0 && config.filter_tgid != tgid {
+    let filter_tgid = config!(filter_tgid);
+    if filter_tgid != 0 && filter_tgid != tgid {
         count(Counter::Filtered);
         return;
     }
 
-    let bucket = (hash as u32) & config.bucket_mask;
+    let bucket = (hash as u32) & config!(bucket_mask);
     let Some(keys) = OBJECT_KEYS.get_ptr_mut(bucket) else {
         return;
     };
@@ -113,7 +113,7 @@ pub fn on_alloc<C: StackIdContext>(
     }
     count(Counter::TrackedAllocs);
 
-    let stack_id = if sampled(hash, config.stack_shift) || first_from_site(allocation.call_site) {
+    let stack_id = if sampled(hash, config!(stack_shift)) || first_from_site(allocation.call_site) {
         capture_stack(ctx)
     } else {
         STACK_NOT_SAMPLED
@@ -140,16 +140,16 @@ pub fn on_alloc<C: StackIdContext>(
 /// Forgets a freed object, if the table holds it.
 #[inline(always)]
 pub fn on_free(key: u64) {
+    // Before any map access: with --sample-rate, most frees end here, at the cost of a hash.
+    if !sampled_object(key, config!(sample_shift)) {
+        return;
+    }
     count(Counter::Frees);
     if key == 0 {
         return;
     }
-    let config = CONFIG.load();
     let hash = mix64(key);
-    if !sampled(hash, config.sample_shift) {
-        return;
-    }
-    let bucket = (hash as u32) & config.bucket_mask;
+    let bucket = (hash as u32) & config!(bucket_mask);
     let Some(keys) = OBJECT_KEYS.get_ptr_mut(bucket) else {
         return;
     };

@@ -55,8 +55,9 @@ pub struct TraceArgs {
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = parse_power_of_two)]
     pub sample_rate: u32,
 
-    /// Capture the full kernel stack of one tracked object in N (a power of two up to 65536),
-    /// and of the first allocation from each call site. Every allocation is still counted
+    /// Capture the full kernel stack of one allocation in N (a power of two up to 65536; with
+    /// --sample-rate M >= N, of every tracked object), and of the first allocation from each
+    /// call site. Every allocation is still counted
     /// exactly per call site; N=1 gives exact per-stack counts at several times the overhead.
     #[arg(long, value_name = "N", default_value_t = 64, value_parser = parse_power_of_two)]
     pub stack_sample_rate: u32,

@@ -100,7 +100,11 @@ pub fn attach(settings: &TracerSettings) -> Result<Tracer> {
     let mut config = TracerConfig::DEFAULT;
     config.bucket_mask = buckets - 1;
     config.sample_shift = settings.sample_rate.trailing_zeros();
-    config.stack_shift = settings.stack_sample_rate.trailing_zeros();
+    // The stack rate counts all allocations; among tracked ones it is that much denser.
+    config.stack_shift = settings
+        .stack_sample_rate
+        .trailing_zeros()
+        .saturating_sub(config.sample_shift);
     config.filter_tgid = settings.filter_tgid.unwrap_or(0);
     if let Some(layout) = layout {
         config.kmem_cache_size_offset = layout.size;

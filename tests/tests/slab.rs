@@ -87,7 +87,9 @@ fn held_eventfds_show_as_outstanding_through_eventfd_creation() -> Result<()> {
             "bytes too small: {ctx:#}"
         );
         ensure!(
-            ctx["cache"].as_str().is_some_and(|cache| cache.starts_with("kmalloc-")),
+            ctx["cache"]
+                .as_str()
+                .is_some_and(|cache| cache.starts_with("kmalloc-")),
             "kmalloc entries name their size class: {ctx:#}"
         );
         for name in [
@@ -107,6 +109,50 @@ fn held_eventfds_show_as_outstanding_through_eventfd_creation() -> Result<()> {
         drop(fixture.child().stdin.take());
         fixture.child().wait()?;
     }
+    Ok(())
+}
+
+#[test]
+fn sampling_estimates_held_objects_within_20_percent() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    const MANY: u64 = 10_000;
+    let (report, mut fixture) = trace_around(
+        &[
+            "--duration",
+            "4s",
+            "--format",
+            "json",
+            "--sample-rate",
+            "64",
+        ],
+        "hold-eventfds",
+        MANY,
+    )?;
+    let leaks = entries_through(&report, "eventfd");
+    let summary: Vec<String> = leaks.iter().map(|entry| summarize(entry)).collect();
+    let Some(ctx) = leaks.iter().find(|entry| {
+        entry["kind"] == "kmalloc"
+            && entry["call_site"]["symbol"]
+                .as_str()
+                .is_some_and(|s| s.contains("eventfd"))
+    }) else {
+        anyhow::bail!("no sampled kmalloc entry at the eventfd call site: {summary:#?}");
+    };
+    ensure!(
+        ctx["estimated"] == true,
+        "sampled counts must be marked: {ctx:#}"
+    );
+    let estimate = count_of(ctx) as f64;
+    let error = (estimate - MANY as f64).abs() / MANY as f64;
+    ensure!(
+        error <= 0.2,
+        "estimate {estimate} is {:.0}% off {MANY}: {summary:#?}",
+        error * 100.0
+    );
+    drop(fixture.child().stdin.take());
+    fixture.child().wait()?;
     Ok(())
 }
 
