@@ -21,6 +21,25 @@ pub struct Cli {
 pub enum Command {
     /// Trace kernel allocations and frees for a window, then report what is still allocated.
     Trace(TraceArgs),
+    /// Run a kmemleak scan on a debug kernel (or read a saved report) and group the
+    /// unreferenced objects by allocation backtrace.
+    Kmemleak(crate::kmemleak::KmemleakArgs),
+}
+
+/// How and where a report is written; shared by every subcommand that reports.
+#[derive(Debug, Args)]
+pub struct ReportOptions {
+    /// Report format.
+    #[arg(short, long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+
+    /// Write the report to FILE instead of standard output.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+
+    /// Number of entries (allocation sites, backtraces) to show.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub top: u32,
 }
 
 #[derive(Debug, Args)]
@@ -30,17 +49,8 @@ pub struct TraceArgs {
     #[arg(short, long, value_parser = parse_window)]
     pub duration: Option<Duration>,
 
-    /// Report format.
-    #[arg(short, long, value_enum, default_value_t = Format::Text)]
-    pub format: Format,
-
-    /// Write the report to FILE instead of standard output.
-    #[arg(short, long, value_name = "FILE")]
-    pub output: Option<PathBuf>,
-
-    /// Number of allocation sites to show.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
-    pub top: u32,
+    #[command(flatten)]
+    pub report: ReportOptions,
 
     /// Rank allocation sites by outstanding bytes or by outstanding object count.
     #[arg(long, value_enum, default_value_t = SortKey::Size)]
@@ -147,10 +157,12 @@ mod tests {
             "500ms",
         ])
         .unwrap();
-        let Command::Trace(args) = cli.command;
+        let Command::Trace(args) = cli.command else {
+            panic!("parsed as another command");
+        };
         assert_eq!(args.duration, Some(Duration::from_secs(200)));
-        assert_eq!(args.format, Format::Json);
-        assert_eq!(args.top, 5);
+        assert_eq!(args.report.format, Format::Json);
+        assert_eq!(args.report.top, 5);
         assert_eq!(args.sort, SortKey::Count);
         assert_eq!(args.min_age, Some(Duration::from_millis(500)));
         assert_eq!(args.sample_rate, 1);

@@ -8,6 +8,8 @@ mod cli;
 mod duration;
 mod frame;
 mod kernel;
+mod kmemleak;
+mod output;
 mod privileges;
 mod probes;
 mod report;
@@ -20,6 +22,7 @@ fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let result = match cli.command {
         cli::Command::Trace(args) => trace::run(&args),
+        cli::Command::Kmemleak(args) => kmemleak::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -1,7 +1,6 @@
 //! `memleak trace`: attach, wait out the window with a progress line, detach, report.
 use std::{
-    fs,
-    io::{IsTerminal as _, Write as _},
+    io::IsTerminal as _,
     path::Path,
     process::ExitCode,
     time::{Duration, Instant},
@@ -13,7 +12,9 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     aggregate,
     cli::{Format, TraceArgs},
-    kernel, privileges,
+    kernel,
+    output::ReportSink,
+    privileges,
     probes::{self, Tracer, TracerSettings},
     report::{self, Report, Stats},
     symbolize::KernelSymbolizer,
@@ -29,6 +30,7 @@ pub fn run(args: &TraceArgs) -> Result<ExitCode> {
     }
     privileges::lift_memlock_limit();
     let kernel_release = kernel::release()?;
+    let sink = ReportSink::open(args.report.output.as_deref())?;
 
     let tracer = probes::attach(&TracerSettings {
         capacity: args.capacity,
@@ -78,21 +80,11 @@ pub fn run(args: &TraceArgs) -> Result<ExitCode> {
             notes,
         },
     )?;
-    let text = match args.format {
+    let text = match args.report.format {
         Format::Text => report::render_text(&report),
         Format::Json => report::render_json(&report),
     };
-    match &args.output {
-        Some(path) => fs::write(path, text)
-            .with_context(|| format!("writing the report to {}", path.display()))?,
-        None => {
-            let mut stdout = std::io::stdout().lock();
-            stdout
-                .write_all(text.as_bytes())
-                .and_then(|()| stdout.flush())
-                .context("writing the report to standard output")?;
-        }
-    }
+    sink.write(&text)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -120,7 +112,7 @@ fn build_report(
     let mut sites = aggregate.sites;
     let site_count = sites.len() as u64;
     aggregate::rank(&mut sites, args.sort);
-    sites.truncate(args.top as usize);
+    sites.truncate(args.report.top as usize);
 
     let stack_ids = sites.iter().flat_map(|site| site.stacks.keys().copied());
     let stacks = table::read_stacks(maps, stack_ids)?;

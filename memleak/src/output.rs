@@ -1,0 +1,42 @@
+//! Where a rendered report goes: a file named on the command line, or standard output.
+use std::{
+    fs::File,
+    io::Write as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result};
+
+pub enum ReportSink {
+    File { file: File, path: PathBuf },
+    Stdout,
+}
+
+impl ReportSink {
+    /// Creates the file right away, so that a bad path fails before any tracing or scanning.
+    pub fn open(path: Option<&Path>) -> Result<Self> {
+        match path {
+            Some(path) => Ok(Self::File {
+                file: File::create(path)
+                    .with_context(|| format!("creating the report file {}", path.display()))?,
+                path: path.to_owned(),
+            }),
+            None => Ok(Self::Stdout),
+        }
+    }
+
+    pub fn write(self, text: &str) -> Result<()> {
+        match self {
+            Self::File { mut file, path } => file
+                .write_all(text.as_bytes())
+                .with_context(|| format!("writing the report to {}", path.display())),
+            Self::Stdout => {
+                let mut stdout = std::io::stdout().lock();
+                stdout
+                    .write_all(text.as_bytes())
+                    .and_then(|()| stdout.flush())
+                    .context("writing the report to standard output")
+            }
+        }
+    }
+}
