@@ -1,1 +1,36 @@
-fn main(){}
+//! memleak's project tasks, run as `cargo xtask TASK`.
+mod bench;
+mod tracer;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// memleak's project tasks.
+#[derive(Parser)]
+#[command(bin_name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Measure how much tracing slows down allocation-heavy workloads, against no tracer
+    /// (and optionally bpftrace), and print a table for the README.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    let Cli { task } = Cli::parse();
+    let result = match task {
+        Task::Bench(args) => bench::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("xtask: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -3,10 +3,25 @@
 //! `hold-eventfds N`: creates N eventfds (each kmallocs one `struct eventfd_ctx` in
 //! do_eventfd), prints `ready`, and holds them until standard input reaches EOF.
 //! `churn-eventfds N`: creates and closes N eventfds, one at a time, then prints `done`.
+//!
+//! Benchmark workloads (`cargo xtask bench`) run for MILLIS milliseconds, then print
+//! `ops=<N> seconds=<F>`:
+//! `bench-churn MILLIS`: creates and closes eventfds in a loop; one op per eventfd.
+//! `bench-mixed MILLIS`: loopback TCP echo round trips of 16 KiB, on a new connection every
+//! 256 messages, each followed by a file create/write/delete in a temporary directory; one op
+//! per round trip and one per file.
 use std::{
+    fs,
     io::{Read as _, Write as _},
+    net::{Ipv4Addr, TcpListener, TcpStream},
+    path::Path,
     process::ExitCode,
+    time::{Duration, Instant},
 };
+
+const MESSAGE_BYTES: usize = 16 * 1024;
+const MESSAGES_PER_CONNECTION: u64 = 256;
+const FILE_BYTES: usize = 4096;
 
 fn eventfd() -> std::io::Result<libc::c_int> {
     let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
@@ -30,15 +45,97 @@ fn raise_fd_limit(needed: u64) {
     unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
 }
 
+/// Runs `one_op` (which returns how many ops it completed) until `window` has passed, then
+/// prints the op count and the time it took.
+fn bench(window: Duration, mut one_op: impl FnMut() -> Result<u64, String>) -> Result<(), String> {
+    let started = Instant::now();
+    let mut ops = 0;
+    while started.elapsed() < window {
+        ops += one_op()?;
+    }
+    say(&format!(
+        "ops={ops} seconds={:.3}",
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}
+
+/// Echoes every connection's bytes back, one connection at a time, until the listener fails.
+fn serve_echo(listener: TcpListener) {
+    let mut buffer = vec![0; MESSAGE_BYTES];
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { return };
+        while let Ok(read @ 1..) = stream.read(&mut buffer) {
+            if stream.write_all(&buffer[..read]).is_err() {
+                break;
+            }
+        }
+    }
+}
+
+fn bench_mixed(window: Duration) -> Result<(), String> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .map_err(|error| format!("listening on 127.0.0.1: {error}"))?;
+    let address = listener
+        .local_addr()
+        .map_err(|error| format!("listener address: {error}"))?;
+    std::thread::spawn(move || serve_echo(listener));
+
+    let directory =
+        std::env::temp_dir().join(format!("memleak-bench-mixed-{}", std::process::id()));
+    fs::create_dir(&directory)
+        .map_err(|error| format!("creating {}: {error}", directory.display()))?;
+    let message = vec![0x5a; MESSAGE_BYTES];
+    let mut echo = vec![0; MESSAGE_BYTES];
+    let file_content = vec![0xa5; FILE_BYTES];
+    let mut connection: Option<TcpStream> = None;
+    let mut round_trips = 0;
+    let result = bench(window, || {
+        if round_trips % MESSAGES_PER_CONNECTION == 0 {
+            connection = None;
+        }
+        let stream = match &mut connection {
+            Some(stream) => stream,
+            None => connection.insert(
+                TcpStream::connect(address)
+                    .map_err(|error| format!("connecting to {address}: {error}"))?,
+            ),
+        };
+        stream
+            .write_all(&message)
+            .and_then(|()| stream.read_exact(&mut echo))
+            .map_err(|error| format!("echo over {address}: {error}"))?;
+        round_trips += 1;
+        file_cycle(
+            &directory.join(format!("file-{round_trips}")),
+            &file_content,
+        )?;
+        Ok(2)
+    });
+    let _ = fs::remove_dir_all(&directory);
+    result
+}
+
+fn file_cycle(path: &Path, content: &[u8]) -> Result<(), String> {
+    fs::write(path, content)
+        .and_then(|()| fs::remove_file(path))
+        .map_err(|error| format!("writing and removing {}: {error}", path.display()))
+}
+
 fn run(args: &[String]) -> Result<(), String> {
-    let [command, count] = args else {
-        return Err("usage: memleak-fixture hold-eventfds|churn-eventfds N".into());
+    let [command, number] = args else {
+        return Err(
+            "usage: memleak-fixture hold-eventfds|churn-eventfds N | bench-churn|bench-mixed MILLIS"
+                .into(),
+        );
     };
-    let count: u64 = count.parse().map_err(|_| format!("bad count `{count}`"))?;
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("bad number `{number}`"))?;
     match command.as_str() {
         "hold-eventfds" => {
-            raise_fd_limit(count);
-            let fds = (0..count)
+            raise_fd_limit(number);
+            let fds = (0..number)
                 .map(|_| eventfd())
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|error| format!("eventfd: {error}"))?;
@@ -51,13 +148,19 @@ fn run(args: &[String]) -> Result<(), String> {
             Ok(())
         }
         "churn-eventfds" => {
-            for _ in 0..count {
+            for _ in 0..number {
                 let fd = eventfd().map_err(|error| format!("eventfd: {error}"))?;
                 unsafe { libc::close(fd) };
             }
             say("done");
             Ok(())
         }
+        "bench-churn" => bench(Duration::from_millis(number), || {
+            let fd = eventfd().map_err(|error| format!("eventfd: {error}"))?;
+            unsafe { libc::close(fd) };
+            Ok(1)
+        }),
+        "bench-mixed" => bench_mixed(Duration::from_millis(number)),
         other => Err(format!("unknown workload `{other}`")),
     }
 }

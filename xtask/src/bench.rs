@@ -1,0 +1,468 @@
+//! `cargo xtask bench`: the tracer's overhead on allocation-heavy workloads.
+//!
+//! Every round runs each variant (no tracer, memleak, sampled memleak, optionally bpftrace)
+//! once per workload, in a rotating order, so drift in the machine's speed spreads over all
+//! variants. The table compares medians against the same invocation's baseline.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use clap::ValueEnum;
+
+use crate::tracer::{self, TracerExit};
+
+/// The bpftrace script the `bpftrace` variant runs.
+const BPFTRACE_SCRIPT: &str = include_str!("memleak.bt");
+/// bpftrace prints `Attaching N probes...` just before attaching them.
+const BPFTRACE_SETTLE: Duration = Duration::from_millis(500);
+/// bpftrace's maps hold 4,096 entries by default; memleak's table holds 1,048,576 objects.
+const BPFTRACE_MAP_KEYS_MAX: &str = "1048576";
+const SAMPLE_RATE: &str = "64";
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Rounds per workload; each round runs every variant once
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    rounds: u32,
+    /// Seconds each run of a workload lasts
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    seconds: u64,
+    /// Which workload to run
+    #[arg(long, value_enum, default_value_t = WorkloadChoice::All)]
+    workload: WorkloadChoice,
+    /// Also run an equivalent bpftrace script (installs bpftrace with apt-get if missing)
+    #[arg(long)]
+    compare_bpftrace: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum WorkloadChoice {
+    /// eventfd create/close in a loop: the slab allocator at full speed
+    Churn,
+    /// loopback TCP echo and file create/write/delete
+    Mixed,
+    /// churn, then mixed
+    All,
+}
+
+#[derive(Clone, Copy)]
+enum Workload {
+    Churn,
+    Mixed,
+}
+
+impl Workload {
+    fn name(self) -> &'static str {
+        match self {
+            Workload::Churn => "churn",
+            Workload::Mixed => "mixed",
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Variant {
+    Baseline,
+    Memleak,
+    MemleakSampled,
+    Bpftrace,
+}
+
+impl Variant {
+    fn label(self) -> &'static str {
+        match self {
+            Variant::Baseline => "baseline",
+            Variant::Memleak => "memleak",
+            Variant::MemleakSampled => "memleak --sample-rate 64",
+            Variant::Bpftrace => "bpftrace",
+        }
+    }
+}
+
+struct Binaries {
+    memleak: PathBuf,
+    fixture: PathBuf,
+}
+
+/// One run of a workload under one variant.
+struct Sample {
+    ops_per_second: f64,
+    memleak: Option<MemleakCost>,
+}
+
+/// What memleak itself cost in one run.
+struct MemleakCost {
+    report_time: Duration,
+    max_rss_bytes: u64,
+    dropped_table_full: u64,
+    stack_failures: u64,
+}
+
+pub fn run(args: &BenchArgs) -> Result<()> {
+    ensure!(
+        unsafe { libc::geteuid() } == 0,
+        "the benchmark loads eBPF programs and must run as root (./x bench uses sudo)"
+    );
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("xtask has no parent directory")?;
+    build(root)?;
+    let release = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root.join("target"), PathBuf::from)
+        .join("release");
+    let binaries = Binaries {
+        memleak: release.join("memleak"),
+        fixture: release.join("memleak-fixture"),
+    };
+    let mut variants = vec![Variant::Baseline, Variant::Memleak, Variant::MemleakSampled];
+    if args.compare_bpftrace {
+        ensure_bpftrace()?;
+        variants.push(Variant::Bpftrace);
+    }
+    let workloads: &[Workload] = match args.workload {
+        WorkloadChoice::Churn => &[Workload::Churn],
+        WorkloadChoice::Mixed => &[Workload::Mixed],
+        WorkloadChoice::All => &[Workload::Churn, Workload::Mixed],
+    };
+
+    let mut results = Vec::new();
+    for &workload in workloads {
+        let mut samples: Vec<Vec<Sample>> = variants.iter().map(|_| Vec::new()).collect();
+        for round in 0..args.rounds as usize {
+            for offset in 0..variants.len() {
+                let index = (round + offset) % variants.len();
+                let sample = run_once(&binaries, workload, variants[index], args.seconds)
+                    .with_context(|| {
+                        format!("{} under {}", workload.name(), variants[index].label())
+                    })?;
+                eprintln!(
+                    "bench: {} round {}/{}: {} {} ops/s",
+                    workload.name(),
+                    round + 1,
+                    args.rounds,
+                    variants[index].label(),
+                    thousands(sample.ops_per_second),
+                );
+                samples[index].push(sample);
+            }
+        }
+        results.push((workload, samples));
+    }
+    print_report(args, &variants, &results)
+}
+
+/// Builds the tracer and the fixture with the environment scripts/bootstrap.sh prints, as ./x does.
+fn build(root: &Path) -> Result<()> {
+    let bootstrap = Command::new(root.join("scripts/bootstrap.sh"))
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running scripts/bootstrap.sh")?;
+    ensure!(
+        bootstrap.status.success(),
+        "scripts/bootstrap.sh failed ({})",
+        bootstrap.status
+    );
+    let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    for line in String::from_utf8_lossy(&bootstrap.stdout).lines() {
+        if let Some((key, value)) = line.split_once('=') {
+            cargo.env(key, value);
+        }
+    }
+    let status = cargo
+        .current_dir(root)
+        .args(["build", "--release", "-p", "memleak", "-p", "memleak-tests"])
+        .status()
+        .context("running cargo build")?;
+    ensure!(status.success(), "cargo build failed ({status})");
+    Ok(())
+}
+
+fn ensure_bpftrace() -> Result<()> {
+    let installed = Command::new("bpftrace")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if installed {
+        return Ok(());
+    }
+    eprintln!("bench: installing bpftrace with apt-get");
+    for apt_args in [&["update"][..], &["install", "-y", "bpftrace"]] {
+        let status = Command::new("apt-get")
+            .args(apt_args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .context("running apt-get")?;
+        ensure!(
+            status.success(),
+            "apt-get {} failed ({status})",
+            apt_args.join(" ")
+        );
+    }
+    Ok(())
+}
+
+fn run_once(
+    binaries: &Binaries,
+    workload: Workload,
+    variant: Variant,
+    seconds: u64,
+) -> Result<Sample> {
+    let report_path =
+        std::env::temp_dir().join(format!("memleak-bench-{}.json", std::process::id()));
+    let tracer = match variant {
+        Variant::Baseline => None,
+        Variant::Memleak | Variant::MemleakSampled => {
+            let mut command = Command::new(&binaries.memleak);
+            command
+                .args(["trace", "--format", "json", "--output"])
+                .arg(&report_path);
+            if variant == Variant::MemleakSampled {
+                command.args(["--sample-rate", SAMPLE_RATE]);
+            }
+            Some(tracer::start(command, "memleak: attached", Duration::ZERO)?)
+        }
+        Variant::Bpftrace => {
+            let mut command = Command::new("bpftrace");
+            command
+                .args(["-B", "line", "-e", BPFTRACE_SCRIPT])
+                .env("BPFTRACE_MAP_KEYS_MAX", BPFTRACE_MAP_KEYS_MAX);
+            Some(tracer::start(command, "Attaching", BPFTRACE_SETTLE)?)
+        }
+    };
+    let ops_per_second = run_workload(&binaries.fixture, workload, seconds);
+    let exit = tracer.map(tracer::RunningTracer::stop).transpose()?;
+    let ops_per_second = ops_per_second?;
+    let memleak = match exit {
+        Some(exit) if variant != Variant::Bpftrace => {
+            let cost = memleak_cost(&report_path, exit);
+            let _ = fs::remove_file(&report_path);
+            Some(cost?)
+        }
+        _ => None,
+    };
+    Ok(Sample {
+        ops_per_second,
+        memleak,
+    })
+}
+
+/// Runs the fixture's `bench-WORKLOAD MILLIS` and returns its ops per second.
+fn run_workload(fixture: &Path, workload: Workload, seconds: u64) -> Result<f64> {
+    let subcommand = format!("bench-{}", workload.name());
+    let output = Command::new(fixture)
+        .arg(&subcommand)
+        .arg((seconds * 1000).to_string())
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", fixture.display()))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        bail!(
+            "memleak-fixture {subcommand} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    parse_ops_per_second(&stdout)
+        .with_context(|| format!("memleak-fixture {subcommand} printed `{}`", stdout.trim()))
+}
+
+/// Reads `ops=<N> seconds=<F>`.
+fn parse_ops_per_second(line: &str) -> Option<f64> {
+    let (ops, seconds) = line.trim().strip_prefix("ops=")?.split_once(" seconds=")?;
+    let seconds: f64 = seconds.parse().ok()?;
+    (seconds > 0.0).then_some(ops.parse::<u64>().ok()? as f64 / seconds)
+}
+
+fn memleak_cost(report_path: &Path, exit: TracerExit) -> Result<MemleakCost> {
+    let report = fs::read_to_string(report_path)
+        .with_context(|| format!("reading memleak's report {}", report_path.display()))?;
+    let report: serde_json::Value = serde_json::from_str(&report)
+        .with_context(|| format!("parsing memleak's report {}", report_path.display()))?;
+    let stat = |name: &str| {
+        report["stats"][name]
+            .as_u64()
+            .with_context(|| format!("memleak's report has no stats.{name}"))
+    };
+    Ok(MemleakCost {
+        report_time: exit.stop_time,
+        max_rss_bytes: exit.max_rss_bytes,
+        dropped_table_full: stat("dropped_table_full")?,
+        stack_failures: stat("stack_failures")?,
+    })
+}
+
+fn print_report(
+    args: &BenchArgs,
+    variants: &[Variant],
+    results: &[(Workload, Vec<Vec<Sample>>)],
+) -> Result<()> {
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .context("reading /proc/sys/kernel/osrelease")?;
+    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+    let cpu_model = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|cpuinfo| {
+            let line = cpuinfo
+                .lines()
+                .find(|line| line.starts_with("model name"))?;
+            Some(line.split_once(':')?.1.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    println!();
+    println!(
+        "memleak overhead, {}: kernel {}, {cpus} CPUs ({cpu_model}), {} round{} of {} s per variant",
+        today()?,
+        kernel.trim(),
+        args.rounds,
+        if args.rounds == 1 { "" } else { "s" },
+        args.seconds
+    );
+    println!();
+
+    let header = [
+        "workload",
+        "variant",
+        "median ops/s",
+        "slowdown",
+        "min ops/s",
+        "max ops/s",
+        "report time",
+        "max RSS",
+        "table-full drops",
+        "stack failures",
+    ];
+    let baseline_index = variants
+        .iter()
+        .position(|&variant| variant == Variant::Baseline)
+        .context("no baseline variant")?;
+    let mut rows = Vec::new();
+    for (workload, samples) in results {
+        let baseline_median = median(samples[baseline_index].iter().map(|s| s.ops_per_second));
+        for (variant, samples) in variants.iter().zip(samples) {
+            let ops: Vec<f64> = samples.iter().map(|s| s.ops_per_second).collect();
+            let variant_median = median(ops.iter().copied());
+            let costs: Vec<&MemleakCost> =
+                samples.iter().filter_map(|s| s.memleak.as_ref()).collect();
+            let mut row = vec![
+                workload.name().to_owned(),
+                variant.label().to_owned(),
+                thousands(variant_median),
+                format!("{:.2}x", baseline_median / variant_median),
+                thousands(ops.iter().copied().fold(f64::INFINITY, f64::min)),
+                thousands(ops.iter().copied().fold(0.0, f64::max)),
+            ];
+            if costs.is_empty() {
+                row.extend(["-"; 4].map(str::to_owned));
+            } else {
+                let report_ms = median(costs.iter().map(|c| c.report_time.as_secs_f64() * 1e3));
+                let max_of = |field: fn(&MemleakCost) -> u64| {
+                    costs.iter().map(|&c| field(c)).max().unwrap_or(0)
+                };
+                row.extend([
+                    format!("{report_ms:.0} ms"),
+                    format!("{:.1} MB", max_of(|c| c.max_rss_bytes) as f64 / 1e6),
+                    thousands(max_of(|c| c.dropped_table_full) as f64),
+                    thousands(max_of(|c| c.stack_failures) as f64),
+                ]);
+            }
+            rows.push(row);
+        }
+    }
+    print_markdown_table(&header, &rows);
+    println!();
+    println!(
+        "slowdown: baseline median / variant median. report time: median time from SIGINT to exit \
+         (detach, read the table, symbolize, write JSON). max RSS, drops and stack failures: \
+         the largest of any round."
+    );
+    Ok(())
+}
+
+/// A Markdown table, padded to line up in a terminal; columns after the second are numbers.
+fn print_markdown_table(header: &[&str], rows: &[Vec<String>]) {
+    let widths: Vec<usize> = (0..header.len())
+        .map(|column| {
+            rows.iter()
+                .map(|row| row[column].len())
+                .chain([header[column].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: Vec<String>| println!("| {} |", cells.join(" | "));
+    let pad = |column: usize, cell: &str| {
+        if column < 2 {
+            format!("{cell:<width$}", width = widths[column])
+        } else {
+            format!("{cell:>width$}", width = widths[column])
+        }
+    };
+    line(
+        header
+            .iter()
+            .enumerate()
+            .map(|(column, cell)| pad(column, cell))
+            .collect(),
+    );
+    line(
+        widths
+            .iter()
+            .enumerate()
+            .map(|(column, &width)| {
+                let dashes = "-".repeat(width.saturating_sub(1));
+                if column < 2 {
+                    format!("{dashes}-")
+                } else {
+                    format!("{dashes}:")
+                }
+            })
+            .collect(),
+    );
+    for row in rows {
+        line(
+            row.iter()
+                .enumerate()
+                .map(|(column, cell)| pad(column, cell))
+                .collect(),
+        );
+    }
+}
+
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut values: Vec<f64> = values.collect();
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        len if len % 2 == 1 => values[len / 2],
+        len => (values[len / 2 - 1] + values[len / 2]) / 2.0,
+    }
+}
+
+/// `1234567.8` as `1,234,568`.
+fn thousands(value: f64) -> String {
+    let digits = format!("{:.0}", value.max(0.0));
+    let mut grouped = String::new();
+    for (index, digit) in digits.chars().enumerate() {
+        if index > 0 && (digits.len() - index) % 3 == 0 {
+            grouped.push(',');
+        }
+        grouped.push(digit);
+    }
+    grouped
+}
+
+fn today() -> Result<String> {
+    let output = Command::new("date")
+        .arg("+%Y-%m-%d")
+        .output()
+        .context("running date")?;
+    ensure!(output.status.success(), "date failed ({})", output.status);
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
