@@ -66,3 +66,7 @@ pub static CACHE_NAMES: HashMap<u64, CacheName> = HashMap::with_max_entries(4096
 /// Thread-group id to the command name of the first thread seen allocating in it.
 #[map]
 pub static COMMS: HashMap<u32, TaskComm> = HashMap::with_max_entries(16384, 0);
+
+/// One word per CPU for `slab::scalar`.
+#[map]
+pub static SCRATCH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

@@ -13,43 +13,41 @@ use aya_ebpf::{
 use memleak_common::{AllocKind, CacheName, NO_FIELD};
 
 use crate::{
-    maps::config,
+    maps::{SCRATCH, config},
     tracker::{Allocation, on_alloc, on_free},
 };
 
 /// `kmalloc(call_site, ptr, bytes_req, bytes_alloc, gfp_flags, node)` (Linux 6.1+ argument list).
 #[btf_tracepoint(function = "kmalloc")]
 pub fn kmalloc_btf(ctx: BtfTracePointContext) -> i32 {
-    let allocation = Allocation {
+    let describe = || Allocation {
         kind: AllocKind::Kmalloc,
         call_site: ctx.arg::<u64>(0),
-        key: ctx.arg::<u64>(1),
         cache_id: 0,
         bytes_requested: ctx.arg::<u64>(2) as u32,
         bytes_allocated: ctx.arg::<u64>(3) as u32,
     };
-    on_alloc(&ctx, &allocation, || None);
+    on_alloc(&ctx, ctx.arg::<u64>(1), describe, |_| None);
     0
 }
 
 /// `kmem_cache_alloc(call_site, ptr, struct kmem_cache *s, gfp_flags, node)` (Linux 6.1+).
 #[btf_tracepoint(function = "kmem_cache_alloc")]
 pub fn kmem_cache_alloc_btf(ctx: BtfTracePointContext) -> i32 {
-    // `ctx.arg(2)` would be typed `struct kmem_cache *` by the verifier, which then refuses to
-    // hash it; a probe read of the same slot yields a plain number.
-    let cache = unsafe { bpf_probe_read_kernel(ctx.as_ptr().cast::<u64>().add(2)) }.unwrap_or(0);
-    let read_u32 = |offset: u32| unsafe {
-        bpf_probe_read_kernel((cache + offset as u64) as *const u32).unwrap_or(0)
+    let describe = || {
+        let cache: *const u8 = ctx.arg(2);
+        // Direct loads through the BTF-typed pointer: the verifier checks each offset against
+        // struct kmem_cache, and no helper call is made.
+        let read_u32 = |offset: u32| unsafe { *cache.add(offset as usize).cast::<u32>() };
+        Allocation {
+            kind: AllocKind::KmemCache,
+            call_site: ctx.arg::<u64>(0),
+            cache_id: scalar(cache),
+            bytes_requested: read_u32(config!(kmem_cache_object_size_offset)),
+            bytes_allocated: read_u32(config!(kmem_cache_size_offset)),
+        }
     };
-    let allocation = Allocation {
-        kind: AllocKind::KmemCache,
-        call_site: ctx.arg::<u64>(0),
-        key: ctx.arg::<u64>(1),
-        cache_id: cache,
-        bytes_requested: read_u32(config!(kmem_cache_object_size_offset)),
-        bytes_allocated: read_u32(config!(kmem_cache_size_offset)),
-    };
-    on_alloc(&ctx, &allocation, || {
+    on_alloc(&ctx, ctx.arg::<u64>(1), describe, |cache| {
         let name_ptr = unsafe {
             bpf_probe_read_kernel((cache + config!(kmem_cache_name_offset) as u64) as *const u64)
         }
@@ -59,6 +57,20 @@ pub fn kmem_cache_alloc_btf(ctx: BtfTracePointContext) -> i32 {
         Some(name)
     });
     0
+}
+
+/// The address in a BTF-typed pointer, as a number the verifier lets us hash. A round trip
+/// through a per-CPU slot launders the type (storing a kernel pointer in a map needs
+/// CAP_PERFMON, which memleak has); it is far cheaper than a probe-read helper call.
+#[inline(always)]
+fn scalar(pointer: *const u8) -> u64 {
+    let Some(slot) = SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    unsafe {
+        slot.cast::<*const u8>().write_volatile(pointer);
+        slot.read_volatile()
+    }
 }
 
 /// `kfree(call_site, ptr)`.
@@ -86,15 +98,15 @@ fn read_field(ctx: &TracePointContext, offset: u16) -> u64 {
 /// Classic `kmem:kmalloc` (and `kmem:kmalloc_node` before Linux 6.1, same fields).
 #[tracepoint(category = "kmem", name = "kmalloc")]
 pub fn kmalloc_classic(ctx: TracePointContext) -> u32 {
-    let allocation = Allocation {
+    let describe = || Allocation {
         kind: AllocKind::Kmalloc,
         call_site: read_field(&ctx, config!(classic.kmalloc_call_site)),
-        key: read_field(&ctx, config!(classic.kmalloc_ptr)),
         cache_id: 0,
         bytes_requested: read_field(&ctx, config!(classic.kmalloc_bytes_req)) as u32,
         bytes_allocated: read_field(&ctx, config!(classic.kmalloc_bytes_alloc)) as u32,
     };
-    on_alloc(&ctx, &allocation, || None);
+    let key = read_field(&ctx, config!(classic.kmalloc_ptr));
+    on_alloc(&ctx, key, describe, |_| None);
     0
 }
 
@@ -102,26 +114,27 @@ pub fn kmalloc_classic(ctx: TracePointContext) -> u32 {
 /// record names the cache but does not point at it, so the cache id is a hash of the name.
 #[tracepoint(category = "kmem", name = "kmem_cache_alloc")]
 pub fn kmem_cache_alloc_classic(ctx: TracePointContext) -> u32 {
-    let mut name = CacheName { bytes: [0; 32] };
-    let mut cache_id = 0;
-    let name_field = config!(classic.cache_alloc_name);
-    if name_field != NO_FIELD {
+    let name = || {
+        let name_field = config!(classic.cache_alloc_name);
+        if name_field == NO_FIELD {
+            return None;
+        }
         // __data_loc: the low 16 bits are the string's offset in the record.
         let data_loc = read_field(&ctx, name_field) as u32;
         let string = unsafe { ctx.as_ptr().cast::<u8>().add((data_loc & 0xffff) as usize) };
-        if unsafe { bpf_probe_read_kernel_str_bytes(string, &mut name.bytes) }.is_ok() {
-            cache_id = fnv1a(&name.bytes) | 1;
-        }
-    }
-    let allocation = Allocation {
+        let mut name = CacheName { bytes: [0; 32] };
+        unsafe { bpf_probe_read_kernel_str_bytes(string, &mut name.bytes) }.ok()?;
+        Some(name)
+    };
+    let describe = || Allocation {
         kind: AllocKind::KmemCache,
         call_site: read_field(&ctx, config!(classic.cache_alloc_call_site)),
-        key: read_field(&ctx, config!(classic.cache_alloc_ptr)),
-        cache_id,
+        cache_id: name().map_or(0, |name| fnv1a(&name.bytes) | 1),
         bytes_requested: read_field(&ctx, config!(classic.cache_alloc_bytes_req)) as u32,
         bytes_allocated: read_field(&ctx, config!(classic.cache_alloc_bytes_alloc)) as u32,
     };
-    on_alloc(&ctx, &allocation, || Some(name));
+    let key = read_field(&ctx, config!(classic.cache_alloc_ptr));
+    on_alloc(&ctx, key, describe, |_| name());
     0
 }
 

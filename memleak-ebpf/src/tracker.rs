@@ -21,10 +21,9 @@ use crate::maps::{
     SEEN_SITES, SEEN_SITES_LEN, SEEN_TGIDS, SEEN_TGIDS_LEN, STACKS, config,
 };
 
-/// One allocation as a hook saw it.
+/// What a hook reads about an allocation once it is known to be tracked.
 pub struct Allocation {
     pub kind: AllocKind,
-    pub key: u64,
     pub call_site: u64,
     pub cache_id: u64,
     pub bytes_requested: u32,
@@ -58,22 +57,25 @@ fn swap_key(keys: *mut u64, slot: usize, expected: u64, new: u64) -> bool {
     }
 }
 
-/// Records an allocation; `name_of_cache` is called only the first time a cache id is seen.
+/// Records the allocation of the object at `key`. The hook's closures run only when the object
+/// is tracked (`describe`), and the first time its cache is seen (`name_of_cache`), so objects
+/// that sampling leaves out cost no reads beyond the key.
 #[inline(always)]
 pub fn on_alloc<C: StackIdContext>(
     ctx: &C,
-    allocation: &Allocation,
-    name_of_cache: impl FnOnce() -> Option<CacheName>,
+    key: u64,
+    describe: impl FnOnce() -> Allocation,
+    name_of_cache: impl FnOnce(u64) -> Option<CacheName>,
 ) {
     count(Counter::Allocs);
-    if allocation.key == 0 {
+    if key == 0 {
         return;
     }
-    if !sampled_object(allocation.key, config!(sample_shift)) {
+    if !sampled_object(key, config!(sample_shift)) {
         count(Counter::SampledOut);
         return;
     }
-    let hash = mix64(allocation.key);
+    let hash = mix64(key);
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     let filter_tgid = config!(filter_tgid);
@@ -82,6 +84,7 @@ pub fn on_alloc<C: StackIdContext>(
         return;
     }
 
+    let allocation = describe();
     let bucket = (hash as u32) & config!(bucket_mask);
     let Some(keys) = OBJECT_KEYS.get_ptr_mut(bucket) else {
         return;
@@ -93,7 +96,7 @@ pub fn on_alloc<C: StackIdContext>(
 
     let mut slot = SLOTS_PER_BUCKET;
     for i in 0..SLOTS_PER_BUCKET {
-        if load_key(keys, i) == allocation.key {
+        if load_key(keys, i) == key {
             count(Counter::MissedFrees);
             slot = i;
             break;
@@ -101,7 +104,7 @@ pub fn on_alloc<C: StackIdContext>(
     }
     if slot == SLOTS_PER_BUCKET {
         for i in 0..SLOTS_PER_BUCKET {
-            if swap_key(keys, i, 0, allocation.key) {
+            if swap_key(keys, i, 0, key) {
                 slot = i;
                 break;
             }
@@ -193,7 +196,7 @@ fn first_from_site(call_site: u64) -> bool {
 }
 
 #[inline(always)]
-fn remember_cache(cache_id: u64, name_of_cache: impl FnOnce() -> Option<CacheName>) {
+fn remember_cache(cache_id: u64, name_of_cache: impl FnOnce(u64) -> Option<CacheName>) {
     let index = (mix64(cache_id) as u32) & (SEEN_CACHES_LEN - 1);
     let Some(seen) = SEEN_CACHES.get_ptr_mut(index) else {
         return;
@@ -204,7 +207,7 @@ fn remember_cache(cache_id: u64, name_of_cache: impl FnOnce() -> Option<CacheNam
         }
         *seen = cache_id;
     }
-    if let Some(name) = name_of_cache() {
+    if let Some(name) = name_of_cache(cache_id) {
         // BPF_NOEXIST: a collision in SEEN_CACHES must not rewrite a name already known.
         let _ = CACHE_NAMES.insert(&cache_id, &name, 1);
     }
