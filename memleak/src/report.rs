@@ -347,3 +347,181 @@ pub fn render_text(report: &Report) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use memleak_common::AllocRecord;
+
+    use super::*;
+    use crate::{aggregate, cli::SortKey, table::Counters};
+
+    fn record(
+        call_site: u64,
+        kind: AllocKind,
+        cache_id: u64,
+        stack_id: i32,
+        tgid: u32,
+    ) -> AllocRecord {
+        AllocRecord {
+            call_site,
+            cache_id,
+            timestamp_ns: 1_000_000_000,
+            bytes_requested: 40,
+            bytes_allocated: 64,
+            stack_id,
+            tgid,
+            kind: kind as u32,
+            _reserved: 0,
+        }
+    }
+
+    fn frame(addr: u64) -> Frame {
+        let symbol = match addr {
+            0x10 => "alloc_site",
+            0x20 => "caller",
+            0x30 => "other_caller",
+            _ => return Frame::unknown(addr),
+        };
+        Frame {
+            addr: Some(addr),
+            symbol: Some(symbol.into()),
+            offset: Some(4),
+            size: Some(0x40),
+            module: None,
+        }
+    }
+
+    fn sample_report(sample_rate: u32) -> Report {
+        let records = [
+            record(0x10, AllocKind::Kmalloc, 0, 1, 7),
+            record(0x10, AllocKind::Kmalloc, 0, 1, 7),
+            record(0x10, AllocKind::Kmalloc, 0, 2, 8),
+            record(0x10, AllocKind::Kmalloc, 0, -1, 8),
+            record(0x99, AllocKind::KmemCache, 0xcafe, -1, 7),
+        ];
+        let mut sites = aggregate::by_site(&records, 3_000_000_000, Duration::ZERO).sites;
+        aggregate::rank(&mut sites, SortKey::Size);
+        let stacks: HashMap<u32, Vec<u64>> =
+            [(1, vec![0x1, 0x2, 0x10, 0x20]), (2, vec![0x1, 0x10, 0x30])].into();
+        let cache_names: HashMap<u64, String> = [(0xcafe, "filp".to_owned())].into();
+        let comms: HashMap<u32, String> = [(7, "leaker".to_owned())].into();
+        let context = Context {
+            stacks: &stacks,
+            cache_names: &cache_names,
+            comms: &comms,
+            now_ns: 3_000_000_000,
+            sample_rate,
+            frame: &frame,
+        };
+        Report {
+            schema: SCHEMA_VERSION,
+            kernel: "6.18.0-test".into(),
+            duration_ms: 2_000,
+            attach: "tp_btf".into(),
+            sample_rate,
+            stack_sample_rate: 64,
+            stats: Stats {
+                counters: Counters::default(),
+                outstanding: 5,
+                outstanding_bytes: 320,
+                hidden_younger: 0,
+                sites: sites.len() as u64,
+            },
+            notes: vec!["kmem:kmem_cache_free missing".into()],
+            stacks: sites.iter().map(|site| entry(site, &context)).collect(),
+        }
+    }
+
+    #[test]
+    fn entries_carry_exact_counts_and_the_heaviest_stack() {
+        let report = sample_report(1);
+        let top = &report.stacks[0];
+        assert_eq!((top.count, top.bytes, top.bytes_requested), (4, 256, 160));
+        assert_eq!(top.kind, "kmalloc");
+        assert_eq!(top.cache.as_deref(), Some("kmalloc-64"));
+        assert!(!top.estimated);
+        assert_eq!(top.oldest_age_ms, 2_000);
+        let symbols: Vec<_> = top.frames.iter().map(ToString::to_string).collect();
+        // Trimmed at the call site; the allocator frames 0x1 and 0x2 are gone.
+        assert_eq!(symbols, ["alloc_site+0x4/0x40", "caller+0x4/0x40"]);
+        assert_eq!((top.stack_samples, top.frames_samples), (3, 2));
+        assert_eq!(top.other_stacks.len(), 1);
+        assert_eq!(top.other_stacks[0].samples, 1);
+        assert_eq!(top.processes[0].pid, 7);
+        assert_eq!(top.processes[0].comm.as_deref(), Some("leaker"));
+        assert_eq!(top.processes[1].comm, None);
+        let cache_entry = &report.stacks[1];
+        assert_eq!(cache_entry.cache.as_deref(), Some("filp"));
+        assert_eq!(cache_entry.frames, vec![Frame::unknown(0x99)]);
+    }
+
+    #[test]
+    fn sampled_reports_scale_and_mark_estimates() {
+        let report = sample_report(64);
+        let top = &report.stacks[0];
+        assert_eq!((top.count, top.bytes), (4 * 64, 256 * 64));
+        assert!(top.estimated);
+        assert!(render_text(&report).contains("~16.0 KiB in ~256 objects"));
+    }
+
+    #[test]
+    fn json_follows_the_documented_schema() {
+        let json: serde_json::Value =
+            serde_json::from_str(&render_json(&sample_report(1))).unwrap();
+        assert_eq!(json["schema"], 1);
+        assert_eq!(json["kernel"], "6.18.0-test");
+        assert_eq!(json["duration_ms"], 2_000);
+        for counter in [
+            "allocs",
+            "frees",
+            "outstanding",
+            "dropped_table_full",
+            "stack_failures",
+        ] {
+            assert!(json["stats"][counter].is_u64(), "stats.{counter}");
+        }
+        let top = &json["stacks"][0];
+        assert_eq!(top["bytes"], 256);
+        assert_eq!(top["count"], 4);
+        assert_eq!(top["kind"], "kmalloc");
+        assert_eq!(top["cache"], "kmalloc-64");
+        assert_eq!(top["frames"][0]["addr"], "0x10");
+        assert_eq!(top["frames"][0]["symbol"], "alloc_site");
+        assert_eq!(top["frames"][0]["offset"], 4);
+        assert!(top["frames"][0]["module"].is_null());
+        assert!(json["stacks"][1]["frames"][0]["symbol"].is_null());
+    }
+
+    #[test]
+    fn text_report_shows_counters_notes_and_stacks() {
+        let text = render_text(&sample_report(1));
+        assert!(text.starts_with("memleak: 320 B in 5 objects still allocated after 2.0s"));
+        assert!(text.contains("dropped: 0 (table full), 0 of 0 stack captures failed"));
+        assert!(text.contains("note:    kmem:kmem_cache_free missing"));
+        assert!(text.contains("#1   256 B in 4 objects, kmalloc in kmalloc-64, oldest 2.0s"));
+        assert!(text.contains("stack of 2 of 3 sampled objects:\n         alloc_site+0x4/0x40\n"));
+        assert!(text.contains("allocated by: 7 (leaker) 2, 8 (?) 2"));
+    }
+
+    #[test]
+    fn names_kmalloc_size_classes() {
+        assert_eq!(kmalloc_cache_name(8).as_deref(), Some("kmalloc-8"));
+        assert_eq!(kmalloc_cache_name(192).as_deref(), Some("kmalloc-192"));
+        assert_eq!(kmalloc_cache_name(1024).as_deref(), Some("kmalloc-1k"));
+        assert_eq!(kmalloc_cache_name(8192).as_deref(), Some("kmalloc-8k"));
+        assert_eq!(kmalloc_cache_name(16384), None);
+        assert_eq!(kmalloc_cache_name(0), None);
+    }
+
+    #[test]
+    fn formats_numbers_for_people() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1_234_567), "1,234,567");
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
+    }
+}
