@@ -4,9 +4,7 @@
 use std::time::Duration;
 
 use hashbrown::HashMap;
-use memleak_common::{AllocKind, STACK_FAILED};
-
-use memleak_common::AllocRecord;
+use memleak_common::{AllocKind, AllocRecord, STACK_FAILED};
 
 use crate::cli::SortKey;
 
@@ -71,18 +69,32 @@ pub struct Aggregate {
     pub hidden_younger: u64,
 }
 
-/// Groups `objects` by site, leaving out those allocated less than `min_age` before `now_ns`.
-pub fn by_site(objects: &[AllocRecord], now_ns: u64, min_age: Duration) -> Aggregate {
-    let min_age_ns = u64::try_from(min_age.as_nanos()).unwrap_or(u64::MAX);
-    let mut sites: HashMap<SiteKey, Site> = HashMap::new();
-    let mut hidden_younger = 0;
-    for record in objects {
-        if now_ns.saturating_sub(record.timestamp_ns) < min_age_ns {
-            hidden_younger += 1;
-            continue;
+/// Groups objects by site as they are fed in, leaving out those allocated less than
+/// `min_age` before `now_ns`.
+pub struct Aggregator {
+    now_ns: u64,
+    min_age_ns: u64,
+    sites: HashMap<SiteKey, Site>,
+    hidden_younger: u64,
+}
+
+impl Aggregator {
+    pub fn new(now_ns: u64, min_age: Duration) -> Self {
+        Self {
+            now_ns,
+            min_age_ns: u64::try_from(min_age.as_nanos()).unwrap_or(u64::MAX),
+            sites: HashMap::new(),
+            hidden_younger: 0,
+        }
+    }
+
+    pub fn add(&mut self, record: &AllocRecord) {
+        if self.now_ns.saturating_sub(record.timestamp_ns) < self.min_age_ns {
+            self.hidden_younger += 1;
+            return;
         }
         let Some(kind) = AllocKind::from_u32(record.kind) else {
-            continue;
+            return;
         };
         // kmalloc records carry no cache; their size class names it, so a call site that
         // allocates several sizes shows once per cache.
@@ -95,7 +107,7 @@ pub fn by_site(objects: &[AllocRecord], now_ns: u64, min_age: Duration) -> Aggre
             cache_id,
             call_site: record.call_site,
         };
-        let site = sites.entry(key).or_insert_with(|| Site::new(key));
+        let site = self.sites.entry(key).or_insert_with(|| Site::new(key));
         let bytes = u64::from(record.bytes_allocated);
         site.count += 1;
         site.bytes += bytes;
@@ -110,9 +122,12 @@ pub fn by_site(objects: &[AllocRecord], now_ns: u64, min_age: Duration) -> Aggre
         process.count += 1;
         process.bytes += bytes;
     }
-    Aggregate {
-        sites: sites.into_values().collect(),
-        hidden_younger,
+
+    pub fn finish(self) -> Aggregate {
+        Aggregate {
+            sites: self.sites.into_values().collect(),
+            hidden_younger: self.hidden_younger,
+        }
     }
 }
 
@@ -145,6 +160,12 @@ mod tests {
     use memleak_common::STACK_NOT_SAMPLED;
 
     use super::*;
+
+    fn by_site(objects: &[AllocRecord], now_ns: u64, min_age: Duration) -> Aggregate {
+        let mut aggregator = Aggregator::new(now_ns, min_age);
+        objects.iter().for_each(|record| aggregator.add(record));
+        aggregator.finish()
+    }
 
     fn object(call_site: u64, bytes: u32, stack_id: i32, tgid: u32, ts: u64) -> AllocRecord {
         AllocRecord {

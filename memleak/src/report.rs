@@ -401,7 +401,9 @@ mod tests {
             record(0x10, AllocKind::Kmalloc, 0, -1, 8),
             record(0x99, AllocKind::KmemCache, 0xcafe, -1, 7),
         ];
-        let mut sites = aggregate::by_site(&records, 3_000_000_000, Duration::ZERO).sites;
+        let mut aggregator = aggregate::Aggregator::new(3_000_000_000, Duration::ZERO);
+        records.iter().for_each(|record| aggregator.add(record));
+        let mut sites = aggregator.finish().sites;
         aggregate::rank(&mut sites, SortKey::Size);
         let stacks: HashMap<u32, Vec<u64>> =
             [(1, vec![0x1, 0x2, 0x10, 0x20]), (2, vec![0x1, 0x10, 0x30])].into();

@@ -103,75 +103,74 @@ pub fn read_counters(maps: &TracerMaps) -> Result<Counters> {
     Ok(Counters::from_values(&values))
 }
 
-/// A read-only mapping of a `BPF_F_MMAPABLE` array map: the whole table is read in one pass
-/// instead of one syscall per element.
-struct MappedArray {
-    base: NonNull<libc::c_void>,
-    len: usize,
+/// A read-only mapping of a window of a `BPF_F_MMAPABLE` array map. The kernel maps every
+/// page of the window at mmap time, so windows stay small: the table is read in steps and
+/// never becomes resident in memleak all at once, however large `--capacity` is.
+struct MappedWindow<T> {
+    base: NonNull<T>,
+    elements: usize,
 }
 
-impl MappedArray {
-    fn new(map: &Map, elements: usize, element_size: usize) -> Result<Self> {
+impl<T> MappedWindow<T> {
+    /// Maps elements `range` of `map`, whose value type must be `T` with a size that is a
+    /// multiple of 8 (array maps pad values to 8 bytes) and makes `range.start` page-aligned.
+    fn new(map: &Map, range: std::ops::Range<usize>) -> Result<Self> {
         let Map::Array(data) = map else {
             return Err(anyhow!("expected an array map"));
         };
-        // Array maps lay elements out at 8-byte-rounded strides.
-        let stride = element_size.next_multiple_of(8);
-        let len = elements * stride;
-        let fd = data.fd().as_fd().as_raw_fd();
+        let elements = range.end - range.start;
         let address = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                len,
+                elements * size_of::<T>(),
                 libc::PROT_READ,
                 libc::MAP_SHARED,
-                fd,
-                0,
+                data.fd().as_fd().as_raw_fd(),
+                (range.start * size_of::<T>()) as libc::off_t,
             )
         };
         if address == libc::MAP_FAILED {
             return Err(io::Error::last_os_error()).context("mmap of the object table");
         }
-        let base = NonNull::new(address).ok_or_else(|| anyhow!("mmap returned NULL"))?;
-        Ok(Self { base, len })
+        let base = NonNull::new(address.cast()).ok_or_else(|| anyhow!("mmap returned NULL"))?;
+        Ok(Self { base, elements })
     }
 
-    /// # Safety
-    /// `T` must be the map's value type, with no padding between elements.
-    unsafe fn as_slice<T>(&self) -> &[T] {
-        unsafe { slice::from_raw_parts(self.base.as_ptr().cast::<T>(), self.len / size_of::<T>()) }
+    fn as_slice(&self) -> &[T] {
+        // The mapping is `elements` values of `T`, alive until drop; the kernel writes no more
+        // (every program is detached before the table is read).
+        unsafe { slice::from_raw_parts(self.base.as_ptr(), self.elements) }
     }
 }
 
-impl Drop for MappedArray {
+impl<T> Drop for MappedWindow<T> {
     fn drop(&mut self) {
-        unsafe { libc::munmap(self.base.as_ptr(), self.len) };
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.elements * size_of::<T>()) };
     }
 }
 
-/// The record of every outstanding object in the table.
-pub fn read_outstanding(maps: &TracerMaps) -> Result<Vec<AllocRecord>> {
+/// Buckets read per step: whole pages of both arrays (128 KiB of keys, 768 KiB of records).
+const BUCKETS_PER_STEP: usize = 1024;
+
+/// Calls `visit` with the record of every outstanding object in the table.
+pub fn for_each_outstanding(maps: &TracerMaps, mut visit: impl FnMut(&AllocRecord)) -> Result<()> {
     const _: () = assert!(
         size_of::<KeyBucket>().is_multiple_of(8) && size_of::<RecordBucket>().is_multiple_of(8)
     );
     let buckets = maps.buckets as usize;
-    let keys = MappedArray::new(&maps.keys, buckets, size_of::<KeyBucket>())?;
-    let records = MappedArray::new(&maps.records, buckets, size_of::<RecordBucket>())?;
-    let (keys, records) = unsafe {
-        (
-            keys.as_slice::<KeyBucket>(),
-            records.as_slice::<RecordBucket>(),
-        )
-    };
-    let mut outstanding = Vec::new();
-    for (key_bucket, record_bucket) in keys.iter().zip(records) {
-        for (&key, record) in key_bucket.keys.iter().zip(&record_bucket.records) {
-            if key != 0 {
-                outstanding.push(*record);
+    for start in (0..buckets).step_by(BUCKETS_PER_STEP) {
+        let step = start..(start + BUCKETS_PER_STEP).min(buckets);
+        let keys = MappedWindow::<KeyBucket>::new(&maps.keys, step.clone())?;
+        let records = MappedWindow::<RecordBucket>::new(&maps.records, step)?;
+        for (key_bucket, record_bucket) in keys.as_slice().iter().zip(records.as_slice()) {
+            for (&key, record) in key_bucket.keys.iter().zip(&record_bucket.records) {
+                if key != 0 {
+                    visit(record);
+                }
             }
         }
     }
-    Ok(outstanding)
+    Ok(())
 }
 
 fn c_string(bytes: &[u8]) -> String {

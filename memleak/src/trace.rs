@@ -102,13 +102,14 @@ fn build_report(
     header: ReportHeader,
 ) -> Result<Report> {
     let counters = table::read_counters(maps)?;
-    let outstanding = table::read_outstanding(maps)?;
-    let outstanding_bytes = outstanding
-        .iter()
-        .map(|record| u64::from(record.bytes_allocated))
-        .sum();
-    let aggregate =
-        aggregate::by_site(&outstanding, now_ns, args.min_age.unwrap_or(Duration::ZERO));
+    let mut aggregator = aggregate::Aggregator::new(now_ns, args.min_age.unwrap_or(Duration::ZERO));
+    let (mut outstanding, mut outstanding_bytes) = (0u64, 0u64);
+    table::for_each_outstanding(maps, |record| {
+        outstanding += 1;
+        outstanding_bytes += u64::from(record.bytes_allocated);
+        aggregator.add(record);
+    })?;
+    let aggregate = aggregator.finish();
     let mut sites = aggregate.sites;
     let site_count = sites.len() as u64;
     aggregate::rank(&mut sites, args.sort);
@@ -138,7 +139,7 @@ fn build_report(
         stack_sample_rate: args.stack_sample_rate,
         stats: Stats {
             counters,
-            outstanding: outstanding.len() as u64,
+            outstanding,
             outstanding_bytes,
             hidden_younger: aggregate.hidden_younger,
             sites: site_count,
