@@ -3,7 +3,7 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::duration;
+use crate::{checks::LeakCheckArgs, duration};
 
 /// Exit status for errors (bad input, missing kernel features, failures to load). Usage errors
 /// found by the argument parser exit with the same status.
@@ -21,6 +21,9 @@ pub struct Cli {
 pub enum Command {
     /// Trace kernel allocations and frees for a window, then report what is still allocated.
     Trace(TraceArgs),
+    /// Trace while a command runs (and a grace period after it), report, and exit with the
+    /// command's status, or 1 if a leak check (--fail-on-leak) fails.
+    Run(RunArgs),
     /// Run a kmemleak scan on a debug kernel (or read a saved report) and group the
     /// unreferenced objects by allocation backtrace.
     Kmemleak(crate::kmemleak::KmemleakArgs),
@@ -49,6 +52,34 @@ pub struct TraceArgs {
     #[arg(short, long, value_parser = parse_window)]
     pub duration: Option<Duration>,
 
+    #[command(flatten)]
+    pub tracing: TracingOptions,
+
+    #[command(flatten)]
+    pub checks: LeakCheckArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// After the command exits, keep tracing this long for deferred frees (RCU callbacks,
+    /// work items).
+    #[arg(long, value_name = "DUR", default_value = "3s", value_parser = parse_age)]
+    pub grace: Duration,
+
+    #[command(flatten)]
+    pub tracing: TracingOptions,
+
+    #[command(flatten)]
+    pub checks: LeakCheckArgs,
+
+    /// The command to run, after `--`.
+    #[arg(required = true, last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+/// How to trace and how to report, shared by `trace` and `run`.
+#[derive(Debug, Args)]
+pub struct TracingOptions {
     #[command(flatten)]
     pub report: ReportOptions,
 
@@ -161,11 +192,40 @@ mod tests {
             panic!("parsed as another command");
         };
         assert_eq!(args.duration, Some(Duration::from_secs(200)));
-        assert_eq!(args.report.format, Format::Json);
-        assert_eq!(args.report.top, 5);
-        assert_eq!(args.sort, SortKey::Count);
-        assert_eq!(args.min_age, Some(Duration::from_millis(500)));
-        assert_eq!(args.sample_rate, 1);
+        assert_eq!(args.tracing.report.format, Format::Json);
+        assert_eq!(args.tracing.report.top, 5);
+        assert_eq!(args.tracing.sort, SortKey::Count);
+        assert_eq!(args.tracing.min_age, Some(Duration::from_millis(500)));
+        assert_eq!(args.tracing.sample_rate, 1);
+        assert!(!args.checks.enabled());
+    }
+
+    #[test]
+    fn parses_a_ci_run_command() {
+        let cli = Cli::try_parse_from([
+            "memleak",
+            "run",
+            "--fail-on-leak",
+            "--module",
+            "leaky",
+            "--junit",
+            "out.xml",
+            "--grace",
+            "1s",
+            "--",
+            "insmod",
+            "leaky.ko",
+            "n=100",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("parsed as another command");
+        };
+        assert_eq!(args.command, ["insmod", "leaky.ko", "n=100"]);
+        assert_eq!(args.grace, Duration::from_secs(1));
+        assert!(args.checks.fail_on_leak);
+        assert_eq!(args.checks.module.as_deref(), Some("leaky"));
+        assert!(Cli::try_parse_from(["memleak", "run", "--fail-on-leak"]).is_err());
     }
 
     #[test]

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use clap::Parser as _;
 
 mod aggregate;
+mod checks;
 mod cli;
 mod duration;
 mod frame;
@@ -21,7 +22,8 @@ mod tracefs;
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let result = match cli.command {
-        cli::Command::Trace(args) => trace::run(&args),
+        cli::Command::Trace(args) => trace::trace(&args),
+        cli::Command::Run(args) => trace::run(&args),
         cli::Command::Kmemleak(args) => kmemleak::run(&args),
     };
     match result {

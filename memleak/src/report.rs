@@ -29,6 +29,9 @@ pub struct Report {
     pub stats: Stats,
     /// Missing kernel features and fallbacks, in plain words.
     pub notes: Vec<String>,
+    /// The leak check's result, when one was asked for (`--fail-on-leak`, `--junit`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub check: Option<crate::checks::Verdict>,
     pub stacks: Vec<Entry>,
 }
 
@@ -286,6 +289,9 @@ pub fn render_text(report: &Report) -> String {
     for note in &report.notes {
         let _ = writeln!(out, "note:    {note}");
     }
+    if let Some(check) = &report.check {
+        let _ = writeln!(out, "check:   {}", check.summary());
+    }
     if report.stacks.is_empty() {
         let _ = writeln!(out, "\nno outstanding allocations to report");
     }
@@ -432,6 +438,7 @@ mod tests {
                 sites: sites.len() as u64,
             },
             notes: vec!["kmem:kmem_cache_free missing".into()],
+            check: None,
             stacks: sites.iter().map(|site| entry(site, &context)).collect(),
         }
     }

@@ -1,8 +1,10 @@
-//! `memleak trace`: attach, wait out the window with a progress line, detach, report.
+//! `memleak trace` and `memleak run`: attach, wait (for a window or a command) with a progress
+//! line, detach, report, check.
 use std::{
     io::IsTerminal as _,
+    os::unix::process::ExitStatusExt as _,
     path::Path,
-    process::ExitCode,
+    process::{ExitCode, ExitStatus},
     time::{Duration, Instant},
 };
 
@@ -11,8 +13,9 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     aggregate,
-    cli::{Format, TraceArgs},
-    kernel,
+    checks::{self, LeakCheckArgs, Verdict},
+    cli::{Format, RunArgs, TraceArgs, TracingOptions},
+    duration, kernel,
     output::ReportSink,
     privileges,
     probes::{self, Tracer, TracerSettings},
@@ -21,71 +24,167 @@ use crate::{
     table::{self, TracerMaps},
 };
 
-pub fn run(args: &TraceArgs) -> Result<ExitCode> {
-    privileges::require_root()?;
-    if let Some(pid) = args.pid
-        && !Path::new(&format!("/proc/{pid}")).exists()
-    {
-        bail!("--pid {pid}: no such process");
-    }
-    privileges::lift_memlock_limit();
-    let kernel_release = kernel::release()?;
-    let sink = ReportSink::open(args.report.output.as_deref())?;
-
-    let tracer = probes::attach(&TracerSettings {
-        capacity: args.capacity,
-        sample_rate: args.sample_rate,
-        stack_sample_rate: args.stack_sample_rate,
-        filter_tgid: args.pid,
-        method: args.attach,
-    })?;
+/// `memleak trace`: traces for the window (or until SIGINT / SIGTERM), then reports.
+pub fn trace(args: &TraceArgs) -> Result<ExitCode> {
+    let session = Session::start(&args.tracing)?;
     eprintln!(
         "memleak: attached to the kernel's slab events ({}); tracing {}",
-        tracer.attached,
+        session.tracer.attached,
         match args.duration {
-            Some(window) => format!(
-                "for {}, Ctrl-C ends early",
-                crate::duration::display(window)
-            ),
+            Some(window) => format!("for {}, Ctrl-C ends early", duration::display(window)),
             None => "until Ctrl-C".to_owned(),
         }
     );
-    let started = Instant::now();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    let wait_result = runtime.block_on(wait_for_end(&tracer.maps, args.duration));
+    let deadline = args
+        .duration
+        .map(|window| tokio::time::Instant::now() + window);
+    session
+        .runtime
+        .block_on(watch(&session.tracer.maps, sleep_until(deadline), |_| true))?;
+    let verdict = session.finish(&args.tracing, &args.checks)?;
+    Ok(match verdict {
+        Some(verdict) if verdict.failed && args.checks.fail_on_leak => {
+            ExitCode::from(checks::EXIT_LEAK)
+        }
+        _ => ExitCode::SUCCESS,
+    })
+}
 
-    let Tracer {
-        programs,
-        maps,
-        attached,
-        notes,
-    } = tracer;
-    // Detach before reading, so the table is a consistent snapshot.
-    drop(programs);
-    let elapsed = started.elapsed();
-    let now_ns = monotonic_now_ns();
-    wait_result?;
+/// `memleak run`: traces while COMMAND runs and for the grace period after it, then reports.
+/// Exits with the command's status, unless the leak check fails (1).
+pub fn run(args: &RunArgs) -> Result<ExitCode> {
+    let session = Session::start(&args.tracing)?;
+    let (program, arguments) = args
+        .command
+        .split_first()
+        .context("no command given after --")?;
+    eprintln!(
+        "memleak: attached to the kernel's slab events ({}); running {}",
+        session.tracer.attached,
+        args.command.join(" ")
+    );
+    let mut child = std::process::Command::new(program)
+        .args(arguments)
+        .spawn()
+        .with_context(|| format!("starting {program}"))?;
+    let pid = child.id() as libc::pid_t;
+    let grace = args.grace;
+    let command_then_grace = async move {
+        let status = tokio::task::spawn_blocking(move || child.wait()).await;
+        tokio::time::sleep(grace).await;
+        anyhow::Ok(status??)
+    };
+    // Signals go to the command; memleak reports once it has exited.
+    let forward = |signal: libc::c_int| {
+        unsafe { libc::kill(pid, signal) };
+        false
+    };
+    let status = session
+        .runtime
+        .block_on(watch(&session.tracer.maps, command_then_grace, forward))?
+        .context("signal handling stopped the wait")?
+        .with_context(|| format!("waiting for {program}"))?;
+    let verdict = session.finish(&args.tracing, &args.checks)?;
+    if let Some(verdict) = verdict
+        && verdict.failed
+        && args.checks.fail_on_leak
+    {
+        return Ok(ExitCode::from(checks::EXIT_LEAK));
+    }
+    Ok(exit_code_of(status))
+}
 
-    let report = build_report(
-        args,
-        &maps,
-        now_ns,
-        ReportHeader {
-            kernel: kernel_release,
+/// The exit status a shell would report for the command: its code, or 128 + the signal.
+fn exit_code_of(status: ExitStatus) -> ExitCode {
+    let code = status
+        .code()
+        .or_else(|| status.signal().map(|signal| 128 + signal))
+        .unwrap_or(1);
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+/// Everything a tracing subcommand holds from attach to report.
+struct Session {
+    tracer: Tracer,
+    runtime: tokio::runtime::Runtime,
+    sink: ReportSink,
+    kernel: String,
+    started: Instant,
+}
+
+impl Session {
+    fn start(options: &TracingOptions) -> Result<Self> {
+        privileges::require_root()?;
+        if let Some(pid) = options.pid
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            bail!("--pid {pid}: no such process");
+        }
+        privileges::lift_memlock_limit();
+        let kernel = kernel::release()?;
+        let sink = ReportSink::open(options.report.output.as_deref())?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        let tracer = probes::attach(&TracerSettings {
+            capacity: options.capacity,
+            sample_rate: options.sample_rate,
+            stack_sample_rate: options.stack_sample_rate,
+            filter_tgid: options.pid,
+            method: options.attach,
+        })?;
+        Ok(Self {
+            tracer,
+            runtime,
+            sink,
+            kernel,
+            started: Instant::now(),
+        })
+    }
+
+    /// Detaches, reports and runs the leak check.
+    fn finish(
+        self,
+        options: &TracingOptions,
+        leak_checks: &LeakCheckArgs,
+    ) -> Result<Option<Verdict>> {
+        let Tracer {
+            programs,
+            maps,
+            attached,
+            notes,
+        } = self.tracer;
+        // Detach before reading, so the table is a consistent snapshot.
+        drop(programs);
+        let elapsed = self.started.elapsed();
+        let now_ns = monotonic_now_ns();
+
+        let header = ReportHeader {
+            kernel: self.kernel,
             elapsed,
             attach: attached.to_string(),
             notes,
-        },
-    )?;
-    let text = match args.report.format {
-        Format::Text => report::render_text(&report),
-        Format::Json => report::render_json(&report),
-    };
-    sink.write(&text)?;
-    Ok(ExitCode::SUCCESS)
+        };
+        let mut report = build_report(options, &maps, now_ns, header)?;
+        let verdict = leak_checks.enabled().then(|| {
+            let verdict = leak_checks.evaluate(&report.stacks);
+            eprintln!("memleak: {}", verdict.summary());
+            verdict
+        });
+        if let (Some(verdict), Some(path)) = (&verdict, &leak_checks.junit) {
+            std::fs::write(path, verdict.junit_xml(elapsed.as_secs_f64()))
+                .with_context(|| format!("writing JUnit XML to {}", path.display()))?;
+        }
+        report.check.clone_from(&verdict);
+        report.stacks.truncate(options.report.top as usize);
+        let text = match options.report.format {
+            Format::Text => report::render_text(&report),
+            Format::Json => report::render_json(&report),
+        };
+        self.sink.write(&text)?;
+        Ok(verdict)
+    }
 }
 
 struct ReportHeader {
@@ -95,8 +194,10 @@ struct ReportHeader {
     notes: Vec<String>,
 }
 
+/// Builds the report with an entry for every site (leak checks see them all; the caller
+/// truncates to `--top` for display).
 fn build_report(
-    args: &TraceArgs,
+    args: &TracingOptions,
     maps: &TracerMaps,
     now_ns: u64,
     header: ReportHeader,
@@ -113,7 +214,6 @@ fn build_report(
     let mut sites = aggregate.sites;
     let site_count = sites.len() as u64;
     aggregate::rank(&mut sites, args.sort);
-    sites.truncate(args.report.top as usize);
 
     let stack_ids = sites.iter().flat_map(|site| site.stacks.keys().copied());
     let stacks = table::read_stacks(maps, stack_ids)?;
@@ -145,6 +245,7 @@ fn build_report(
             sites: site_count,
         },
         notes: header.notes,
+        check: None,
         stacks: sites
             .iter()
             .map(|site| report::entry(site, &context))
@@ -152,27 +253,32 @@ fn build_report(
     })
 }
 
-/// Waits for the window to pass or for SIGINT / SIGTERM, showing progress on a terminal.
-async fn wait_for_end(maps: &TracerMaps, window: Option<Duration>) -> Result<()> {
+/// Waits for `until`, showing progress on a terminal. On SIGINT or SIGTERM, `on_signal`
+/// decides whether to stop waiting (`None`) or to go on.
+async fn watch<T>(
+    maps: &TracerMaps,
+    until: impl Future<Output = T>,
+    mut on_signal: impl FnMut(libc::c_int) -> bool,
+) -> Result<Option<T>> {
     let mut interrupt = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
     let mut terminate = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
     let started = tokio::time::Instant::now();
-    let deadline = window.map(|window| started + window);
     let show_progress = std::io::stderr().is_terminal();
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     let mut last_events = 0;
-    loop {
+    tokio::pin!(until);
+    let outcome = loop {
         tokio::select! {
-            _ = interrupt.recv() => break,
-            _ = terminate.recv() => break,
-            () = sleep_until(deadline) => break,
+            _ = interrupt.recv() => if on_signal(libc::SIGINT) { break None },
+            _ = terminate.recv() => if on_signal(libc::SIGTERM) { break None },
+            output = &mut until => break Some(output),
             _ = ticker.tick() => {
                 if show_progress {
                     let counters = table::read_counters(maps)?;
                     let events = counters.allocs + counters.frees;
                     eprint!(
                         "\r\x1b[Ktracing {}: {}/s events, {} outstanding, {} dropped, {} stack failures",
-                        crate::duration::display(started.elapsed()),
+                        duration::display(started.elapsed()),
                         report::thousands(events - last_events),
                         report::thousands(counters.outstanding()),
                         report::thousands(counters.dropped_table_full),
@@ -182,11 +288,11 @@ async fn wait_for_end(maps: &TracerMaps, window: Option<Duration>) -> Result<()>
                 }
             }
         }
-    }
+    };
     if show_progress {
         eprint!("\r\x1b[K");
     }
-    Ok(())
+    Ok(outcome)
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
