@@ -4,12 +4,21 @@ use std::{
     io::{BufRead as _, BufReader},
     path::PathBuf,
     process::{Child, ChildStderr, Command, Stdio},
-    sync::OnceLock,
+    sync::{Mutex, MutexGuard, OnceLock},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use serde_json::Value;
+
+/// Held by every end-to-end test for its whole run: tracers see the whole system, so one
+/// test's fixture would show up in another test's report if they overlapped. (Cargo runs the
+/// test binaries one after another; this orders the tests inside one binary.)
+pub fn exclusive() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    // A test that failed while holding the lock leaves nothing behind that others depend on.
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 /// The memleak binary of this workspace, built once per test run with the same profile.
 pub fn memleak_binary() -> Result<PathBuf> {

@@ -54,6 +54,7 @@ fn require_root() -> bool {
 
 #[test]
 fn held_eventfds_show_as_outstanding_through_eventfd_creation() -> Result<()> {
+    let _exclusive = memleak_tests::exclusive();
     if !require_root() {
         return Ok(());
     }
@@ -114,6 +115,7 @@ fn held_eventfds_show_as_outstanding_through_eventfd_creation() -> Result<()> {
 
 #[test]
 fn sampling_estimates_held_objects_within_20_percent() -> Result<()> {
+    let _exclusive = memleak_tests::exclusive();
     if !require_root() {
         return Ok(());
     }
@@ -158,6 +160,7 @@ fn sampling_estimates_held_objects_within_20_percent() -> Result<()> {
 
 #[test]
 fn churned_eventfds_do_not_show_as_outstanding() -> Result<()> {
+    let _exclusive = memleak_tests::exclusive();
     if !require_root() {
         return Ok(());
     }
@@ -191,6 +194,7 @@ fn memleak_programs() -> Result<usize> {
 
 #[test]
 fn ctrl_c_prints_the_report_and_detaches() -> Result<()> {
+    let _exclusive = memleak_tests::exclusive();
     if !require_root() {
         return Ok(());
     }
@@ -229,6 +233,7 @@ fn ctrl_c_prints_the_report_and_detaches() -> Result<()> {
 
 #[test]
 fn bad_input_gets_one_line_errors() -> Result<()> {
+    let _exclusive = memleak_tests::exclusive();
     let memleak = memleak_tests::memleak_binary()?;
     for (args, expected) in [
         (&["trace", "--duration", "0s"][..], "out of range"),

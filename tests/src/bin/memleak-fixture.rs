@@ -3,6 +3,9 @@
 //! `hold-eventfds N`: creates N eventfds (each kmallocs one `struct eventfd_ctx` in
 //! do_eventfd), prints `ready`, and holds them until standard input reaches EOF.
 //! `churn-eventfds N`: creates and closes N eventfds, one at a time, then prints `done`.
+//! `leave-messages N`: sends N messages to a new System V message queue (each kmallocs a
+//! `struct msg_msg` in load_msg), prints the queue id and exits, leaving the queue behind.
+//! `clean-messages N`: the same, but removes the queue before exiting.
 //!
 //! Benchmark workloads (`cargo xtask bench`) run for MILLIS milliseconds, then print
 //! `ops=<N> seconds=<F>`:
@@ -122,10 +125,56 @@ fn file_cycle(path: &Path, content: &[u8]) -> Result<(), String> {
         .map_err(|error| format!("writing and removing {}: {error}", path.display()))
 }
 
+/// Creates a System V message queue and sends it `count` 64-byte messages: each one kmallocs a
+/// `struct msg_msg` in load_msg, which outlives this process until the queue is removed.
+/// Returns the queue id.
+fn fill_message_queue(count: u64) -> Result<libc::c_int, String> {
+    let queue = unsafe { libc::msgget(libc::IPC_PRIVATE, libc::IPC_CREAT | 0o600) };
+    if queue < 0 {
+        return Err(format!("msgget: {}", std::io::Error::last_os_error()));
+    }
+    #[repr(C)]
+    struct Message {
+        kind: libc::c_long,
+        text: [u8; 64],
+    }
+    let message = Message {
+        kind: 1,
+        text: [0x6d; 64],
+    };
+    for _ in 0..count {
+        let sent = unsafe {
+            libc::msgsnd(
+                queue,
+                std::ptr::from_ref(&message).cast(),
+                message.text.len(),
+                libc::IPC_NOWAIT,
+            )
+        };
+        if sent < 0 {
+            let error = std::io::Error::last_os_error();
+            let _ = remove_message_queue(queue);
+            return Err(format!("msgsnd: {error}"));
+        }
+    }
+    Ok(queue)
+}
+
+fn remove_message_queue(queue: libc::c_int) -> Result<(), String> {
+    if unsafe { libc::msgctl(queue, libc::IPC_RMID, std::ptr::null_mut()) } < 0 {
+        return Err(format!(
+            "msgctl IPC_RMID: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
 fn run(args: &[String]) -> Result<(), String> {
     let [command, number] = args else {
         return Err(
-            "usage: memleak-fixture hold-eventfds|churn-eventfds N | bench-churn|bench-mixed MILLIS"
+            "usage: memleak-fixture hold-eventfds|churn-eventfds|leave-messages|clean-messages N \
+             | bench-churn|bench-mixed MILLIS"
                 .into(),
         );
     };
@@ -161,6 +210,15 @@ fn run(args: &[String]) -> Result<(), String> {
             Ok(1)
         }),
         "bench-mixed" => bench_mixed(Duration::from_millis(number)),
+        "leave-messages" => {
+            let queue = fill_message_queue(number)?;
+            say(&queue.to_string());
+            Ok(())
+        }
+        "clean-messages" => {
+            let queue = fill_message_queue(number)?;
+            remove_message_queue(queue)
+        }
         other => Err(format!("unknown workload `{other}`")),
     }
 }
