@@ -1,5 +1,5 @@
 //! Loads memleak's eBPF object and attaches it to the kernel's allocation events.
-use std::fmt;
+use std::{fmt, os::fd::AsFd as _};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
@@ -257,4 +257,52 @@ fn explain_load_error(program: &str, error: ProgramError) -> anyhow::Error {
 
 fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Runs of memleak's programs that the kernel skipped because one of them was already running
+/// on that CPU (an interrupt allocated or freed while a program ran). Each is an allocation or
+/// a free memleak did not see. Read from `bpf_prog_info::recursion_misses` (Linux 5.12+; 0
+/// before).
+pub fn skipped_runs(programs: &Ebpf) -> u64 {
+    programs
+        .programs()
+        .filter_map(|(_, program)| program.fd().ok())
+        .map(|fd| recursion_misses(fd.as_fd()).unwrap_or(0))
+        .sum()
+}
+
+fn recursion_misses(fd: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
+    use std::os::fd::AsRawFd as _;
+    // struct bpf_prog_info up to verified_insns; recursion_misses is the u64 at offset 208.
+    const INFO_LEN: usize = 216;
+    const RECURSION_MISSES: usize = 208;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut info = [0u8; INFO_LEN];
+    let mut attr = InfoByFd {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: INFO_LEN as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            std::ptr::from_mut(&mut attr),
+            size_of::<InfoByFd>(),
+        )
+    };
+    // The kernel writes back how much of the struct it knows; older ones stop short.
+    if result != 0 || (attr.info_len as usize) < RECURSION_MISSES + 8 {
+        return None;
+    }
+    let bytes = info[RECURSION_MISSES..RECURSION_MISSES + 8]
+        .try_into()
+        .ok()?;
+    Some(u64::from_ne_bytes(bytes))
 }

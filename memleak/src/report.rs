@@ -44,6 +44,9 @@ pub struct Stats {
     pub outstanding_bytes: u64,
     /// Outstanding objects hidden by `--min-age`.
     pub hidden_younger: u64,
+    /// Program runs the kernel skipped because one of memleak's programs was already running on
+    /// that CPU: allocations or frees that were not seen.
+    pub skipped_runs: u64,
     /// Allocation sites with outstanding objects (before `--top`).
     pub sites: u64,
 }
@@ -266,8 +269,10 @@ pub fn render_text(report: &Report) -> String {
     );
     let _ = writeln!(
         out,
-        "dropped: {} (table full), {} of {} stack captures failed, {} missed frees (address reallocated)",
+        "dropped: {} (table full), {} events skipped by the kernel (nested), {} of {} stack \
+         captures failed, {} missed frees (address reallocated)",
         thousands(counters.dropped_table_full),
+        thousands(stats.skipped_runs),
         thousands(counters.stack_failures),
         thousands(counters.stack_captures),
         thousands(counters.missed_frees),
@@ -435,6 +440,7 @@ mod tests {
                 outstanding: 5,
                 outstanding_bytes: 320,
                 hidden_younger: 0,
+                skipped_runs: 0,
                 sites: sites.len() as u64,
             },
             notes: vec!["kmem:kmem_cache_free missing".into()],
@@ -507,7 +513,10 @@ mod tests {
     fn text_report_shows_counters_notes_and_stacks() {
         let text = render_text(&sample_report(1));
         assert!(text.starts_with("memleak: 320 B in 5 objects still allocated after 2.0s"));
-        assert!(text.contains("dropped: 0 (table full), 0 of 0 stack captures failed"));
+        assert!(text.contains(
+            "dropped: 0 (table full), 0 events skipped by the kernel (nested), 0 of 0 stack \
+             captures failed"
+        ));
         assert!(text.contains("note:    kmem:kmem_cache_free missing"));
         assert!(text.contains("#1   256 B in 4 objects, kmalloc in kmalloc-64, oldest 2.0s"));
         assert!(text.contains("stack of 2 of 3 sampled objects:\n         alloc_site+0x4/0x40\n"));

@@ -155,12 +155,14 @@ impl Session {
             attached,
             notes,
         } = self.tracer;
+        let skipped_runs = probes::skipped_runs(&programs);
         // Detach before reading, so the table is a consistent snapshot.
         drop(programs);
         let elapsed = self.started.elapsed();
         let now_ns = monotonic_now_ns();
 
         let header = ReportHeader {
+            skipped_runs,
             kernel: self.kernel,
             elapsed,
             attach: attached.to_string(),
@@ -188,6 +190,7 @@ impl Session {
 }
 
 struct ReportHeader {
+    skipped_runs: u64,
     kernel: String,
     elapsed: Duration,
     attach: String,
@@ -242,6 +245,7 @@ fn build_report(
             outstanding,
             outstanding_bytes,
             hidden_younger: aggregate.hidden_younger,
+            skipped_runs: header.skipped_runs,
             sites: site_count,
         },
         notes: header.notes,
