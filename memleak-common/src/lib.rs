@@ -37,6 +37,8 @@ pub const NO_FIELD: u16 = u16::MAX;
 pub enum AllocKind {
     Kmalloc = 0,
     KmemCache = 1,
+    Vmalloc = 2,
+    Percpu = 3,
 }
 
 impl AllocKind {
@@ -44,17 +46,24 @@ impl AllocKind {
         match value {
             0 => Some(Self::Kmalloc),
             1 => Some(Self::KmemCache),
+            2 => Some(Self::Vmalloc),
+            3 => Some(Self::Percpu),
             _ => None,
         }
     }
 }
+
+/// Percpu pointers are offsets into the percpu area, small numbers that could equal other keys;
+/// this bit, never set in a kernel virtual address's tag-free form, keeps them apart.
+pub const PERCPU_KEY_TAG: u64 = 1 << 62;
 
 /// One outstanding allocation. The object's address lives in the parallel key array at the
 /// same slot index; this is everything else the report needs about it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct AllocRecord {
-    /// Return address into the function that called the allocator (the tracepoint's `call_site`).
+    /// Return address into the function that called the allocator (the tracepoint's
+    /// `call_site`); 0 for kinds whose events have none (vmalloc), which always get a stack.
     pub call_site: u64,
     /// Identifies the slab cache: the `struct kmem_cache *` (tp_btf) or a hash of its name
     /// (classic tracepoints); 0 for kmalloc. Resolved to a name through `CACHE_NAMES`.

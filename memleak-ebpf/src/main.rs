@@ -1,6 +1,6 @@
 //! memleak's eBPF programs: they keep a table of outstanding kernel allocations.
 //!
-//! Entry points are thin: each hook module reads its tracepoint's arguments and hands them to
+//! Entry points are thin: each hook module (slab, vmalloc, percpu) reads its tracepoint's arguments and hands them to
 //! [`tracker`], which owns the table, the sampling decision and the stack capture.
 #![no_std]
 #![no_main]
@@ -8,8 +8,10 @@
 #![allow(internal_features)]
 
 mod maps;
+mod percpu;
 mod slab;
 mod tracker;
+mod vmalloc;
 
 #[cfg(not(test))]
 #[panic_handler]

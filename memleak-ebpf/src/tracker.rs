@@ -116,7 +116,10 @@ pub fn on_alloc<C: StackIdContext>(
     }
     count(Counter::TrackedAllocs);
 
-    let stack_id = if sampled(hash, config!(stack_shift)) || first_from_site(allocation.call_site) {
+    let stack_id = if allocation.call_site == 0
+        || sampled(hash, config!(stack_shift))
+        || first_from_site(allocation.call_site)
+    {
         capture_stack(ctx)
     } else {
         STACK_NOT_SAMPLED

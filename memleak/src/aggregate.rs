@@ -11,7 +11,8 @@ use crate::cli::SortKey;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SiteKey {
     pub kind: AllocKind,
-    /// The cache id for kmem_cache objects, the allocated size for kmalloc.
+    /// The cache id for kmem_cache objects, the allocated size for kmalloc, the stack id for
+    /// objects without a call site.
     pub cache_id: u64,
     pub call_site: u64,
 }
@@ -97,10 +98,15 @@ impl Aggregator {
             return;
         };
         // kmalloc records carry no cache; their size class names it, so a call site that
-        // allocates several sizes shows once per cache.
+        // allocates several sizes shows once per cache. Records without a call site (vmalloc)
+        // always have a stack, and group by it.
         let cache_id = match kind {
             AllocKind::Kmalloc => u64::from(record.bytes_allocated),
             AllocKind::KmemCache => record.cache_id,
+            AllocKind::Vmalloc | AllocKind::Percpu if record.call_site == 0 => {
+                u64::from(record.stack_id as u32)
+            }
+            AllocKind::Vmalloc | AllocKind::Percpu => 0,
         };
         let key = SiteKey {
             kind,

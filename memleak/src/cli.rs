@@ -103,6 +103,11 @@ pub struct TracingOptions {
     #[arg(long, value_name = "N", default_value_t = 64, value_parser = parse_power_of_two)]
     pub stack_sample_rate: u32,
 
+    /// Kinds of kernel memory to follow, comma-separated. Kinds this kernel cannot trace are
+    /// left out, and the report says so.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Kind::Slab, Kind::Vmalloc, Kind::Percpu])]
+    pub kinds: Vec<Kind>,
+
     /// Record only allocations made by this process (thread-group id).
     #[arg(short, long)]
     pub pid: Option<u32>,
@@ -130,6 +135,17 @@ pub enum Format {
 pub enum SortKey {
     Size,
     Count,
+}
+
+/// Kinds of kernel memory `trace` and `run` can follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Kind {
+    /// kmalloc and kmem_cache objects.
+    Slab,
+    /// vmalloc, vmap and module areas (Linux 6.4+).
+    Vmalloc,
+    /// Percpu allocations.
+    Percpu,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

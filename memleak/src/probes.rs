@@ -9,7 +9,7 @@ use aya::{
 use memleak_common::{SLOTS_PER_BUCKET, TracerConfig};
 
 use crate::{
-    cli::AttachMethod,
+    cli::{AttachMethod, Kind},
     kernel::{self, KmemCacheLayout},
     table::TracerMaps,
     tracefs::{self, ClassicProgram},
@@ -43,6 +43,7 @@ pub struct TracerSettings {
     pub stack_sample_rate: u32,
     pub filter_tgid: Option<u32>,
     pub method: AttachMethod,
+    pub kinds: Vec<Kind>,
 }
 
 /// The attached programs and their maps. Dropping `programs` detaches every program; `maps`
@@ -61,14 +62,24 @@ impl TracerSettings {
     }
 }
 
-/// The BTF tracepoint programs (Linux 5.5+ with kernel BTF), by program name and event.
-const BTF_PROGRAMS: [(&str, &str); 4] = [
+/// BTF tracepoint programs (Linux 5.5+ with kernel BTF), by program name and event.
+const SLAB_PROGRAMS: [(&str, &str); 4] = [
     ("kmalloc_btf", "kmalloc"),
     ("kmem_cache_alloc_btf", "kmem_cache_alloc"),
     ("kfree_btf", "kfree"),
     ("kmem_cache_free_btf", "kmem_cache_free"),
 ];
+/// vmalloc's area events are Linux 6.4+.
+const VMALLOC_PROGRAMS: [(&str, &str); 2] = [
+    ("vmap_alloc_btf", "alloc_vmap_area"),
+    ("vmap_free_btf", "free_vmap_area_noflush"),
+];
+const PERCPU_PROGRAMS: [(&str, &str); 2] = [
+    ("percpu_alloc_btf", "percpu_alloc_percpu"),
+    ("percpu_free_btf", "percpu_free_percpu"),
+];
 
+/// Classic tracepoint programs: Linux 4.7+ (the table's atomics need 5.12+).
 fn classic_program_name(program: ClassicProgram) -> &'static str {
     match program {
         ClassicProgram::Kmalloc => "kmalloc_classic",
@@ -113,12 +124,117 @@ pub fn attach(settings: &TracerSettings) -> Result<Tracer> {
     }
     config.classic = plan.offsets;
 
+    // Every program is loaded (verified) before any is attached, and frees are attached
+    // before allocations: otherwise the verifier's own allocations while later programs load
+    // would be recorded with no free hook to see them go.
     let mut ebpf = load_object(&config, buckets)?;
+    let mut hooks = Vec::new();
+    let mut attached = Attached::BtfTracepoints;
+    if settings.kinds.contains(&Kind::Slab) {
+        attached = load_slab(
+            &mut ebpf,
+            settings.method,
+            layout.is_some(),
+            &plan,
+            &mut hooks,
+            &mut notes,
+        )?;
+    }
+    for (kind, programs) in [
+        (Kind::Vmalloc, &VMALLOC_PROGRAMS),
+        (Kind::Percpu, &PERCPU_PROGRAMS),
+    ] {
+        if !settings.kinds.contains(&kind) {
+            continue;
+        }
+        match load_btf(&mut ebpf, programs) {
+            Ok(()) => hooks.extend(
+                programs
+                    .iter()
+                    .map(|&(name, event)| Hook::Btf { name, event }),
+            ),
+            Err(error) => {
+                log::info!("{kind:?} not followed: {error:#}");
+                notes.push(format!(
+                    "{} allocations not followed: {}",
+                    kind_label(kind),
+                    one_line(&format!("{error:#}"))
+                ));
+            }
+        }
+    }
+    hooks.sort_by_key(|hook| !hook.event().contains("free"));
+    for hook in &hooks {
+        hook.attach(&mut ebpf)?;
+    }
+    Tracer::new(ebpf, attached, buckets, notes)
+}
 
-    let try_btf = match settings.method {
-        AttachMethod::Auto => layout.is_some(),
+fn kind_label(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Slab => "slab",
+        Kind::Vmalloc => "vmalloc",
+        Kind::Percpu => "percpu",
+    }
+}
+
+/// A loaded program and where it attaches.
+enum Hook<'a> {
+    Btf {
+        name: &'static str,
+        event: &'static str,
+    },
+    Classic {
+        name: &'static str,
+        category: &'a str,
+        event: &'a str,
+    },
+}
+
+impl<'a> Hook<'a> {
+    fn event(&self) -> &'a str {
+        match *self {
+            Self::Btf { event, .. } => event,
+            Self::Classic { event, .. } => event,
+        }
+    }
+
+    fn attach(&self, ebpf: &mut Ebpf) -> Result<()> {
+        match *self {
+            Self::Btf { name, event } => {
+                let program: &mut BtfTracePoint = program_mut(ebpf, name)?.try_into()?;
+                program
+                    .attach()
+                    .with_context(|| format!("attaching {name} to tp_btf/{event}"))?;
+            }
+            Self::Classic {
+                name,
+                category,
+                event,
+            } => {
+                let program: &mut TracePoint = program_mut(ebpf, name)?.try_into()?;
+                program.attach(category, event).with_context(|| {
+                    format!("attaching {name} to tracepoint {category}:{event}")
+                })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Loads the slab hooks: BTF tracepoints when allowed and accepted, else classic ones.
+fn load_slab<'a>(
+    ebpf: &mut Ebpf,
+    method: AttachMethod,
+    has_layout: bool,
+    plan: &'a tracefs::ClassicPlan,
+    hooks: &mut Vec<Hook<'a>>,
+    notes: &mut Vec<String>,
+) -> Result<Attached> {
+    let try_btf = match method {
+        AttachMethod::Auto => has_layout,
         AttachMethod::Btf => {
-            if layout.is_none() {
+            if !has_layout {
                 bail!("--attach btf needs kernel BTF at {}", kernel::BTF_PATH);
             }
             true
@@ -126,23 +242,40 @@ pub fn attach(settings: &TracerSettings) -> Result<Tracer> {
         AttachMethod::Classic => false,
     };
     if try_btf {
-        match attach_btf(&mut ebpf) {
-            Ok(()) => return Tracer::new(ebpf, Attached::BtfTracepoints, buckets, notes),
-            Err(error) if settings.method == AttachMethod::Auto => {
+        match load_btf(ebpf, &SLAB_PROGRAMS) {
+            Ok(()) => {
+                hooks.extend(
+                    SLAB_PROGRAMS
+                        .iter()
+                        .map(|&(name, event)| Hook::Btf { name, event }),
+                );
+                return Ok(Attached::BtfTracepoints);
+            }
+            Err(error) if method == AttachMethod::Auto => {
                 log::info!("BTF tracepoints unavailable, falling back: {error:#}");
                 notes.push(format!(
                     "BTF tracepoints unavailable ({}); using classic tracepoints",
                     one_line(&format!("{error:#}"))
                 ));
-                // Fresh object: the failed attempt may have attached some programs.
-                drop(ebpf);
-                ebpf = load_object(&config, buckets)?;
             }
             Err(error) => return Err(error),
         }
     }
-    attach_classic(&mut ebpf, &plan.attach)?;
-    Tracer::new(ebpf, Attached::ClassicTracepoints, buckets, notes)
+    for (category, event, which) in &plan.attach {
+        let name = classic_program_name(*which);
+        let program: &mut TracePoint = program_mut(ebpf, name)?.try_into()?;
+        if program.fd().is_err() {
+            program
+                .load()
+                .map_err(|error| explain_load_error(name, error))?;
+        }
+        hooks.push(Hook::Classic {
+            name,
+            category,
+            event,
+        });
+    }
+    Ok(Attached::ClassicTracepoints)
 }
 
 impl Tracer {
@@ -172,53 +305,17 @@ fn load_object(config: &TracerConfig, buckets: u32) -> Result<Ebpf> {
         .context("creating eBPF maps")
 }
 
-/// Loads the tp_btf programs (Linux 5.5+; the 6.1 verifier rejects Rust's tp_btf BTF, so
-/// `auto` falls back to classic tracepoints there), then attaches them.
-fn attach_btf(ebpf: &mut Ebpf) -> Result<()> {
+/// Loads (verifies) tp_btf programs: Linux 5.5+. The 6.1 verifier rejects the BTF that Rust
+/// emits for them, so slab tracing falls back to classic tracepoints there.
+fn load_btf(ebpf: &mut Ebpf, programs: &[(&str, &str)]) -> Result<()> {
     let btf = Btf::from_sys_fs().context("loading kernel BTF")?;
-    for (name, event) in BTF_PROGRAMS {
+    for &(name, event) in programs {
         let program: &mut BtfTracePoint = program_mut(ebpf, name)?.try_into()?;
         program
             .load(event, &btf)
             .map_err(|error| explain_load_error(name, error))?;
     }
-    for (name, event) in attach_order(&BTF_PROGRAMS, |(_, event)| *event) {
-        let program: &mut BtfTracePoint = program_mut(ebpf, name)?.try_into()?;
-        program
-            .attach()
-            .with_context(|| format!("attaching {name} to tp_btf/{event}"))?;
-    }
     Ok(())
-}
-
-/// Loads the classic tracepoint programs (Linux 4.7+), then attaches them to every event of
-/// the plan; one program may serve several events (kmalloc and kmalloc_node before 6.1).
-fn attach_classic(ebpf: &mut Ebpf, events: &[(String, String, ClassicProgram)]) -> Result<()> {
-    for (_, _, which) in events {
-        let name = classic_program_name(*which);
-        let program: &mut TracePoint = program_mut(ebpf, name)?.try_into()?;
-        if program.fd().is_err() {
-            program
-                .load()
-                .map_err(|error| explain_load_error(name, error))?;
-        }
-    }
-    for (category, event, which) in attach_order(events, |(_, event, _)| event.as_str()) {
-        let name = classic_program_name(*which);
-        let program: &mut TracePoint = program_mut(ebpf, name)?.try_into()?;
-        program
-            .attach(category, event)
-            .with_context(|| format!("attaching {name} to tracepoint {category}:{event}"))?;
-    }
-    Ok(())
-}
-
-/// Free hooks first: an allocation hook attached before them would record objects whose
-/// frees nobody sees yet (the verifier's own allocations while the rest load, for one).
-fn attach_order<T>(events: &[T], event_name: impl Fn(&T) -> &str) -> Vec<&T> {
-    let mut ordered: Vec<&T> = events.iter().collect();
-    ordered.sort_by_key(|event| !event_name(event).contains("free"));
-    ordered
 }
 
 fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {

@@ -29,6 +29,10 @@ pub struct Report {
     pub stats: Stats,
     /// Missing kernel features and fallbacks, in plain words.
     pub notes: Vec<String>,
+    /// Outstanding memory per kind, largest first (all sites, not only the shown ones).
+    pub kinds: Vec<Total>,
+    /// Outstanding memory per slab cache, largest first (at most 10).
+    pub caches: Vec<Total>,
     /// The leak check's result, when one was asked for (`--fail-on-leak`, `--junit`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub check: Option<crate::checks::Verdict>,
@@ -79,6 +83,45 @@ pub struct Entry {
     pub processes: Vec<Process>,
 }
 
+/// Bytes and objects outstanding in one kind or one cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Total {
+    pub name: String,
+    pub bytes: u64,
+    pub count: u64,
+}
+
+const CACHES_SHOWN: usize = 10;
+
+/// Per-kind and per-cache totals of `entries`, largest first.
+pub fn totals(entries: &[Entry]) -> (Vec<Total>, Vec<Total>) {
+    fn add(totals: &mut HashMap<String, Total>, name: &str, entry: &Entry) {
+        let total = totals.entry_ref(name).or_insert_with(|| Total {
+            name: name.to_owned(),
+            bytes: 0,
+            count: 0,
+        });
+        total.bytes += entry.bytes;
+        total.count += entry.count;
+    }
+    fn largest_first(totals: HashMap<String, Total>) -> Vec<Total> {
+        let mut totals: Vec<Total> = totals.into_values().collect();
+        totals.sort_unstable_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.name.cmp(&b.name)));
+        totals
+    }
+    let mut kinds = HashMap::new();
+    let mut caches = HashMap::new();
+    for entry in entries {
+        add(&mut kinds, entry.kind, entry);
+        if let Some(cache) = &entry.cache {
+            add(&mut caches, cache, entry);
+        }
+    }
+    let mut caches = largest_first(caches);
+    caches.truncate(CACHES_SHOWN);
+    (largest_first(kinds), caches)
+}
+
 #[derive(Debug, Serialize)]
 pub struct OtherStack {
     pub samples: u64,
@@ -100,7 +143,39 @@ pub fn kind_name(kind: AllocKind) -> &'static str {
     match kind {
         AllocKind::Kmalloc => "kmalloc",
         AllocKind::KmemCache => "kmem_cache",
+        AllocKind::Vmalloc => "vmalloc",
+        AllocKind::Percpu => "percpu",
     }
+}
+
+/// Functions of the tracing and allocation machinery that a stack passes through before it
+/// reaches the code that asked for memory (for events that do not name their call site).
+fn is_allocator_internal(frame: &Frame) -> bool {
+    const INTERNAL: [&str; 16] = [
+        "__bpf_trace_run",
+        "bpf_trace_run6",
+        "bpf_trace_run5",
+        "bpf_trace_run3",
+        "alloc_vmap_area",
+        "__get_vm_area_node",
+        "get_vm_area",
+        "get_vm_area_caller",
+        "__vmalloc_node_range",
+        "__vmalloc_node",
+        "__vmalloc",
+        "vmalloc",
+        "vzalloc",
+        "vmalloc_user",
+        "__kvmalloc_node",
+        "kvmalloc_node",
+    ];
+    let Some(symbol) = frame.symbol.as_deref() else {
+        return false;
+    };
+    // Strip compiler suffixes (`.isra.0`, `.constprop.0`) and allocation-profiling wrappers.
+    let base = symbol.split('.').next().unwrap_or(symbol);
+    let base = base.strip_suffix("_noprof").unwrap_or(base);
+    INTERNAL.contains(&base) || base.starts_with("__traceiter_") || base.starts_with("__bpf_trace_")
 }
 
 /// The kmalloc cache serving an allocation of `bytes_allocated` bytes: sizes below 1 KiB are
@@ -147,21 +222,37 @@ pub fn entry(site: &Site, context: &Context<'_>) -> Entry {
     let scale = u64::from(context.sample_rate);
     let frames_of = |id: u32| -> Option<Vec<Frame>> {
         let stack = context.stacks.get(&id)?;
-        Some(
-            trim_to_call_site(stack, site.key.call_site)
-                .iter()
-                .map(|&ip| (context.frame)(ip))
-                .collect(),
-        )
+        let frames: Vec<Frame> = trim_to_call_site(stack, site.key.call_site)
+            .iter()
+            .map(|&ip| (context.frame)(ip))
+            .collect();
+        if site.key.call_site != 0 {
+            return Some(frames);
+        }
+        // No call site from the event: the caller is the first frame past the tracing and
+        // allocator frames (above them sits the BPF program itself).
+        let caller = frames
+            .iter()
+            .position(is_allocator_internal)
+            .and_then(|first| {
+                let past = frames[first..]
+                    .iter()
+                    .position(|frame| !is_allocator_internal(frame))?;
+                Some(first + past)
+            })
+            .unwrap_or(0);
+        Some(frames[caller..].to_vec())
     };
     let weighted = site.stacks_by_weight();
     let mut with_frames = weighted
         .iter()
         .filter_map(|&(id, samples)| Some((samples, frames_of(id)?)));
-    let call_site = (context.frame)(site.key.call_site);
-    let (frames_samples, frames) = with_frames
-        .next()
-        .unwrap_or_else(|| (0, vec![call_site.clone()]));
+    let representative = with_frames.next();
+    let call_site = match (&representative, site.key.call_site) {
+        (Some((_, frames)), 0) if !frames.is_empty() => frames[0].clone(),
+        _ => (context.frame)(site.key.call_site),
+    };
+    let (frames_samples, frames) = representative.unwrap_or_else(|| (0, vec![call_site.clone()]));
     let other_stacks = with_frames
         .take(OTHER_STACKS_SHOWN)
         .map(|(samples, frames)| OtherStack { samples, frames })
@@ -183,6 +274,7 @@ pub fn entry(site: &Site, context: &Context<'_>) -> Entry {
     let cache = match site.key.kind {
         AllocKind::Kmalloc => kmalloc_cache_name(site.key.cache_id),
         AllocKind::KmemCache => context.cache_names.get(&site.key.cache_id).cloned(),
+        AllocKind::Vmalloc | AllocKind::Percpu => None,
     };
     Entry {
         bytes: site.bytes * scale,
@@ -296,6 +388,26 @@ pub fn render_text(report: &Report) -> String {
     }
     if let Some(check) = &report.check {
         let _ = writeln!(out, "check:   {}", check.summary());
+    }
+    let describe = |totals: &[Total]| {
+        totals
+            .iter()
+            .map(|total| {
+                format!(
+                    "{} {approx}{} ({approx}{})",
+                    total.name,
+                    human_bytes(total.bytes),
+                    thousands(total.count)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if !report.kinds.is_empty() {
+        let _ = writeln!(out, "kinds:   {}", describe(&report.kinds));
+    }
+    if !report.caches.is_empty() {
+        let _ = writeln!(out, "caches:  {}", describe(&report.caches));
     }
     if report.stacks.is_empty() {
         let _ = writeln!(out, "\nno outstanding allocations to report");
@@ -444,6 +556,8 @@ mod tests {
                 sites: sites.len() as u64,
             },
             notes: vec!["kmem:kmem_cache_free missing".into()],
+            kinds: Vec::new(),
+            caches: Vec::new(),
             check: None,
             stacks: sites.iter().map(|site| entry(site, &context)).collect(),
         }
@@ -521,6 +635,36 @@ mod tests {
         assert!(text.contains("#1   256 B in 4 objects, kmalloc in kmalloc-64, oldest 2.0s"));
         assert!(text.contains("stack of 2 of 3 sampled objects:\n         alloc_site+0x4/0x40\n"));
         assert!(text.contains("allocated by: 7 (leaker) 2, 8 (?) 2"));
+    }
+
+    #[test]
+    fn totals_per_kind_and_cache() {
+        let report = sample_report(1);
+        let (kinds, caches) = totals(&report.stacks);
+        assert_eq!(
+            kinds,
+            [
+                Total {
+                    name: "kmalloc".into(),
+                    bytes: 256,
+                    count: 4
+                },
+                Total {
+                    name: "kmem_cache".into(),
+                    bytes: 64,
+                    count: 1
+                },
+            ]
+        );
+        assert_eq!(caches[0].name, "kmalloc-64");
+        assert_eq!(
+            caches[1],
+            Total {
+                name: "filp".into(),
+                bytes: 64,
+                count: 1
+            }
+        );
     }
 
     #[test]

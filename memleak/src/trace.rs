@@ -28,7 +28,7 @@ use crate::{
 pub fn trace(args: &TraceArgs) -> Result<ExitCode> {
     let session = Session::start(&args.tracing)?;
     eprintln!(
-        "memleak: attached to the kernel's slab events ({}); tracing {}",
+        "memleak: attached to the kernel's allocation events ({}); tracing {}",
         session.tracer.attached,
         match args.duration {
             Some(window) => format!("for {}, Ctrl-C ends early", duration::display(window)),
@@ -59,7 +59,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
         .split_first()
         .context("no command given after --")?;
     eprintln!(
-        "memleak: attached to the kernel's slab events ({}); running {}",
+        "memleak: attached to the kernel's allocation events ({}); running {}",
         session.tracer.attached,
         args.command.join(" ")
     );
@@ -133,6 +133,7 @@ impl Session {
             stack_sample_rate: options.stack_sample_rate,
             filter_tgid: options.pid,
             method: options.attach,
+            kinds: options.kinds.clone(),
         })?;
         Ok(Self {
             tracer,
@@ -179,6 +180,7 @@ impl Session {
                 .with_context(|| format!("writing JUnit XML to {}", path.display()))?;
         }
         report.check.clone_from(&verdict);
+        (report.kinds, report.caches) = report::totals(&report.stacks);
         report.stacks.truncate(options.report.top as usize);
         let text = match options.report.format {
             Format::Text => report::render_text(&report),
@@ -249,6 +251,8 @@ fn build_report(
             sites: site_count,
         },
         notes: header.notes,
+        kinds: Vec::new(),
+        caches: Vec::new(),
         check: None,
         stacks: sites
             .iter()

@@ -21,7 +21,13 @@ fn run_checked(
 ) -> Result<(i32, serde_json::Value, String)> {
     let output = Command::new(memleak_binary()?)
         .args(["run", "--grace", "1s", "--format", "json", "--fail-on-leak"])
-        .args(["--function", "load_msg", "--cache", "kmalloc-128", "--junit"])
+        .args([
+            "--function",
+            "load_msg",
+            "--cache",
+            "kmalloc-128",
+            "--junit",
+        ])
         .arg(junit)
         .args(["--", fixture(), workload, &MESSAGES.to_string()])
         .output()

@@ -3,6 +3,9 @@
 //! `hold-eventfds N`: creates N eventfds (each kmallocs one `struct eventfd_ctx` in
 //! do_eventfd), prints `ready`, and holds them until standard input reaches EOF.
 //! `churn-eventfds N`: creates and closes N eventfds, one at a time, then prints `done`.
+//! `hold-bpf-maps N`: creates N 1 MiB BPF array maps (each vmallocs its storage) and N percpu
+//! array maps of 16 elements (each element a percpu allocation), prints `ready`, and holds them
+//! until standard input reaches EOF.
 //! `leave-messages N`: sends N messages to a new System V message queue (each kmallocs a
 //! `struct msg_msg` in load_msg), prints the queue id and exits, leaving the queue behind.
 //! `clean-messages N`: the same, but removes the queue before exiting.
@@ -125,6 +128,47 @@ fn file_cycle(path: &Path, content: &[u8]) -> Result<(), String> {
         .map_err(|error| format!("writing and removing {}: {error}", path.display()))
 }
 
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
+const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+/// Elements of each percpu array map: one percpu allocation each.
+const PERCPU_ENTRIES: u32 = 16;
+
+/// Creates a BPF array map. A 1 MiB array (256 values of 4 KiB) has its storage vmalloc'ed
+/// (bpf_map_area_alloc); a percpu array allocates each element with __alloc_percpu_gfp.
+fn create_bpf_map(map_type: u32, value_size: u32, max_entries: u32) -> Result<libc::c_int, String> {
+    #[repr(C)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+    }
+    let attr = MapCreate {
+        map_type,
+        key_size: 4,
+        value_size,
+        max_entries,
+        map_flags: 0,
+    };
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            std::ptr::from_ref(&attr),
+            size_of::<MapCreate>(),
+        )
+    };
+    if fd < 0 {
+        return Err(format!(
+            "bpf(BPF_MAP_CREATE): {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(fd as libc::c_int)
+}
+
 /// Creates a System V message queue and sends it `count` 64-byte messages: each one kmallocs a
 /// `struct msg_msg` in load_msg, which outlives this process until the queue is removed.
 /// Returns the queue id.
@@ -173,7 +217,7 @@ fn remove_message_queue(queue: libc::c_int) -> Result<(), String> {
 fn run(args: &[String]) -> Result<(), String> {
     let [command, number] = args else {
         return Err(
-            "usage: memleak-fixture hold-eventfds|churn-eventfds|leave-messages|clean-messages N \
+            "usage: memleak-fixture hold-eventfds|churn-eventfds|hold-bpf-maps|leave-messages|clean-messages N \
              | bench-churn|bench-mixed MILLIS"
                 .into(),
         );
@@ -210,6 +254,23 @@ fn run(args: &[String]) -> Result<(), String> {
             Ok(1)
         }),
         "bench-mixed" => bench_mixed(Duration::from_millis(number)),
+        "hold-bpf-maps" => {
+            let maps = (0..number)
+                .map(|_| {
+                    Ok([
+                        create_bpf_map(BPF_MAP_TYPE_ARRAY, 4096, 256)?,
+                        create_bpf_map(BPF_MAP_TYPE_PERCPU_ARRAY, 64, PERCPU_ENTRIES)?,
+                    ])
+                })
+                .collect::<Result<Vec<_>, String>>()?;
+            say("ready");
+            let mut sink = Vec::new();
+            let _ = std::io::stdin().read_to_end(&mut sink);
+            for fd in maps.into_iter().flatten() {
+                unsafe { libc::close(fd) };
+            }
+            Ok(())
+        }
         "leave-messages" => {
             let queue = fill_message_queue(number)?;
             say(&queue.to_string());

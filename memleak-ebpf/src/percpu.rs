@@ -1,0 +1,34 @@
+//! Percpu hooks: percpu:percpu_alloc_percpu, percpu:percpu_free_percpu (BTF tracepoints).
+use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
+use memleak_common::{AllocKind, PERCPU_KEY_TAG};
+
+use crate::tracker::{Allocation, on_alloc, on_free};
+
+/// `percpu_alloc_percpu(call_site, reserved, is_atomic, size, align, base_addr, off, ptr,
+/// bytes_alloc, gfp_flags)` (Linux 6.0+ argument list; tp_btf needs 5.5+).
+#[btf_tracepoint(function = "percpu_alloc_percpu")]
+pub fn percpu_alloc_btf(ctx: BtfTracePointContext) -> i32 {
+    let describe = || Allocation {
+        kind: AllocKind::Percpu,
+        call_site: ctx.arg::<u64>(0),
+        cache_id: 0,
+        bytes_requested: ctx.arg::<u64>(3) as u32,
+        // Across all possible CPUs.
+        bytes_allocated: ctx.arg::<u64>(8) as u32,
+    };
+    let ptr = ctx.arg::<u64>(7);
+    if ptr != 0 {
+        on_alloc(&ctx, ptr | PERCPU_KEY_TAG, describe, |_| None);
+    }
+    0
+}
+
+/// `percpu_free_percpu(base_addr, off, ptr)`.
+#[btf_tracepoint(function = "percpu_free_percpu")]
+pub fn percpu_free_btf(ctx: BtfTracePointContext) -> i32 {
+    let ptr = ctx.arg::<u64>(2);
+    if ptr != 0 {
+        on_free(ptr | PERCPU_KEY_TAG);
+    }
+    0
+}
