@@ -178,6 +178,13 @@ pub struct TracerConfig {
     pub stack_shift: u32,
     /// Record only allocations by this thread-group id (0 = all).
     pub filter_tgid: u32,
+    /// Record only allocations whose allocated size is within these bounds (inclusive).
+    pub min_size: u32,
+    pub max_size: u32,
+    /// Nonzero: record only allocations by tasks whose command name is `filter_comm`.
+    pub filter_comm_enabled: u32,
+    /// NUL-padded, as `bpf_get_current_comm` returns it.
+    pub filter_comm: [u8; 16],
     /// `offsetof(struct kmem_cache, size)` (tp_btf programs), from the kernel's BTF.
     pub kmem_cache_size_offset: u32,
     /// `offsetof(struct kmem_cache, object_size)`.
@@ -194,6 +201,10 @@ impl TracerConfig {
         sample_shift: 0,
         stack_shift: 0,
         filter_tgid: 0,
+        min_size: 0,
+        max_size: u32::MAX,
+        filter_comm_enabled: 0,
+        filter_comm: [0; 16],
         kmem_cache_size_offset: 0,
         kmem_cache_object_size_offset: 0,
         kmem_cache_name_offset: 0,

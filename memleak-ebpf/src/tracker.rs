@@ -83,8 +83,20 @@ pub fn on_alloc<C: StackIdContext>(
         count(Counter::Filtered);
         return;
     }
+    if config!(filter_comm_enabled) != 0
+        && bpf_get_current_comm().map_or(true, |comm| comm != config!(filter_comm))
+    {
+        count(Counter::Filtered);
+        return;
+    }
 
     let allocation = describe();
+    if allocation.bytes_allocated < config!(min_size)
+        || allocation.bytes_allocated > config!(max_size)
+    {
+        count(Counter::Filtered);
+        return;
+    }
     let bucket = (hash as u32) & config!(bucket_mask);
     let Some(keys) = OBJECT_KEYS.get_ptr_mut(bucket) else {
         return;

@@ -112,6 +112,24 @@ pub struct TracingOptions {
     #[arg(short, long)]
     pub pid: Option<u32>,
 
+    /// Record only allocations made by tasks with this command name (as in /proc/PID/comm, at
+    /// most 15 characters).
+    #[arg(long, value_name = "NAME", value_parser = parse_comm)]
+    pub comm: Option<String>,
+
+    /// Record only allocations of at least this many bytes (as allocated).
+    #[arg(long, value_name = "BYTES")]
+    pub min_size: Option<u32>,
+
+    /// Record only allocations of at most this many bytes (as allocated).
+    #[arg(long, value_name = "BYTES")]
+    pub max_size: Option<u32>,
+
+    /// Also rank processes by the outstanding kernel memory they allocated (a "top" for
+    /// kernel allocations).
+    #[arg(long)]
+    pub by_process: bool,
+
     /// Outstanding objects the in-kernel table can hold (rounded up to a power of two).
     /// The table takes 56 bytes of kernel memory per object; allocations that do not fit are
     /// counted as dropped.
@@ -164,6 +182,16 @@ fn parse_window(text: &str) -> Result<Duration, String> {
 
 fn parse_age(text: &str) -> Result<Duration, String> {
     duration::parse_in_range(text, Duration::ZERO, MAX_WINDOW).map_err(|error| error.to_string())
+}
+
+/// The kernel keeps 15 characters of a command name (TASK_COMM_LEN - 1).
+fn parse_comm(text: &str) -> Result<String, String> {
+    if text.is_empty() || text.len() > 15 {
+        return Err(format!(
+            "`{text}` is not a command name as the kernel stores it (1 to 15 bytes)"
+        ));
+    }
+    Ok(text.to_owned())
 }
 
 fn parse_power_of_two(text: &str) -> Result<u32, String> {
@@ -255,6 +283,8 @@ mod tests {
             &["memleak", "trace", "--sample-rate", "131072"],
             &["memleak", "trace", "--capacity", "10"],
             &["memleak", "trace", "--no-such-flag"],
+            &["memleak", "trace", "--comm", "a-name-longer-than-15"],
+            &["memleak", "trace", "--min-size", "-1"],
         ] {
             assert!(Cli::try_parse_from(bad).is_err(), "{bad:?} was accepted");
         }

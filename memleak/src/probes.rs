@@ -42,6 +42,9 @@ pub struct TracerSettings {
     pub sample_rate: u32,
     pub stack_sample_rate: u32,
     pub filter_tgid: Option<u32>,
+    pub filter_comm: Option<String>,
+    pub min_size: Option<u32>,
+    pub max_size: Option<u32>,
     pub method: AttachMethod,
     pub kinds: Vec<Kind>,
 }
@@ -117,6 +120,12 @@ pub fn attach(settings: &TracerSettings) -> Result<Tracer> {
         .trailing_zeros()
         .saturating_sub(config.sample_shift);
     config.filter_tgid = settings.filter_tgid.unwrap_or(0);
+    if let Some(comm) = &settings.filter_comm {
+        config.filter_comm_enabled = 1;
+        config.filter_comm[..comm.len()].copy_from_slice(comm.as_bytes());
+    }
+    config.min_size = settings.min_size.unwrap_or(0);
+    config.max_size = settings.max_size.unwrap_or(u32::MAX);
     if let Some(layout) = layout {
         config.kmem_cache_size_offset = layout.size;
         config.kmem_cache_object_size_offset = layout.object_size;

@@ -33,6 +33,9 @@ pub struct Report {
     pub kinds: Vec<Total>,
     /// Outstanding memory per slab cache, largest first (at most 10).
     pub caches: Vec<Total>,
+    /// With `--by-process`: processes by the outstanding memory they allocated, most first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub processes: Option<Vec<Process>>,
     /// The leak check's result, when one was asked for (`--fail-on-leak`, `--junit`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub check: Option<crate::checks::Verdict>,
@@ -134,6 +137,27 @@ pub struct Process {
     pub comm: Option<String>,
     pub count: u64,
     pub bytes: u64,
+}
+
+/// Outstanding memory per allocating process over all `sites`, most bytes first.
+pub fn processes(sites: &[Site], comms: &HashMap<u32, String>, sample_rate: u32) -> Vec<Process> {
+    let scale = u64::from(sample_rate);
+    let mut totals: HashMap<u32, Process> = HashMap::new();
+    for site in sites {
+        for (&pid, share) in &site.processes {
+            let process = totals.entry(pid).or_insert_with(|| Process {
+                pid,
+                comm: comms.get(&pid).cloned(),
+                count: 0,
+                bytes: 0,
+            });
+            process.count += share.count * scale;
+            process.bytes += share.bytes * scale;
+        }
+    }
+    let mut processes: Vec<Process> = totals.into_values().collect();
+    processes.sort_unstable_by(|a, b| b.bytes.cmp(&a.bytes).then(a.pid.cmp(&b.pid)));
+    processes
 }
 
 const OTHER_STACKS_SHOWN: usize = 3;
@@ -409,6 +433,23 @@ pub fn render_text(report: &Report) -> String {
     if !report.caches.is_empty() {
         let _ = writeln!(out, "caches:  {}", describe(&report.caches));
     }
+    if let Some(processes) = &report.processes {
+        let _ = writeln!(
+            out,
+            "\n{:>8}  {:<16} {:>12} {:>10}",
+            "PID", "COMMAND", "BYTES", "OBJECTS"
+        );
+        for process in processes {
+            let _ = writeln!(
+                out,
+                "{:>8}  {:<16} {:>12} {:>10}",
+                process.pid,
+                process.comm.as_deref().unwrap_or("?"),
+                format!("{approx}{}", human_bytes(process.bytes)),
+                format!("{approx}{}", thousands(process.count)),
+            );
+        }
+    }
     if report.stacks.is_empty() {
         let _ = writeln!(out, "\nno outstanding allocations to report");
     }
@@ -558,6 +599,7 @@ mod tests {
             notes: vec!["kmem:kmem_cache_free missing".into()],
             kinds: Vec::new(),
             caches: Vec::new(),
+            processes: None,
             check: None,
             stacks: sites.iter().map(|site| entry(site, &context)).collect(),
         }
@@ -665,6 +707,27 @@ mod tests {
                 count: 1
             }
         );
+    }
+
+    #[test]
+    fn ranks_processes_over_all_sites() {
+        let records = [
+            record(0x10, AllocKind::Kmalloc, 0, -1, 7),
+            record(0x20, AllocKind::Kmalloc, 0, -1, 7),
+            record(0x20, AllocKind::Kmalloc, 0, -1, 8),
+        ];
+        let mut aggregator = aggregate::Aggregator::new(0, Duration::ZERO);
+        records.iter().for_each(|record| aggregator.add(record));
+        let sites = aggregator.finish().sites;
+        let comms: HashMap<u32, String> = [(7, "leaker".to_owned())].into();
+        let ranked = processes(&sites, &comms, 2);
+        assert_eq!(ranked.len(), 2);
+        assert_eq!(
+            (ranked[0].pid, ranked[0].count, ranked[0].bytes),
+            (7, 4, 256)
+        );
+        assert_eq!(ranked[0].comm.as_deref(), Some("leaker"));
+        assert_eq!((ranked[1].pid, ranked[1].count), (8, 2));
     }
 
     #[test]

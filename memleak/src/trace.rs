@@ -132,6 +132,9 @@ impl Session {
             sample_rate: options.sample_rate,
             stack_sample_rate: options.stack_sample_rate,
             filter_tgid: options.pid,
+            filter_comm: options.comm.clone(),
+            min_size: options.min_size,
+            max_size: options.max_size,
             method: options.attach,
             kinds: options.kinds.clone(),
         })?;
@@ -253,6 +256,11 @@ fn build_report(
         notes: header.notes,
         kinds: Vec::new(),
         caches: Vec::new(),
+        processes: args.by_process.then(|| {
+            let mut processes = report::processes(&sites, &comms, args.sample_rate);
+            processes.truncate(args.report.top as usize);
+            processes
+        }),
         check: None,
         stacks: sites
             .iter()

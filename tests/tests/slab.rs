@@ -183,6 +183,72 @@ fn churned_eventfds_do_not_show_as_outstanding() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn pid_filter_keeps_only_that_process() -> Result<()> {
+    let _exclusive = memleak_tests::exclusive();
+    if !require_root() {
+        return Ok(());
+    }
+    let mut fixture = Guard::new(
+        Command::new(fixture_binary())
+            .args(["wait-then-hold-eventfds", &HELD.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting the fixture")?,
+    );
+    let pid = fixture.child().id();
+    let (tracer, _stderr) = start_tracer(&[
+        "--duration",
+        "3s",
+        "--format",
+        "json",
+        "--pid",
+        &pid.to_string(),
+        "--by-process",
+        "--top",
+        "1000",
+    ])?;
+    let mut stdin = fixture.child().stdin.take().context("fixture stdin")?;
+    writeln!(stdin, "go")?;
+    let stdout = fixture.child().stdout.take().context("fixture stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    ensure!(line.trim() == "ready", "fixture said {line:?}");
+    let report = finish_tracer(tracer)?;
+    drop(stdin);
+    fixture.child().wait()?;
+
+    let processes = report["processes"]
+        .as_array()
+        .context("no --by-process table")?;
+    ensure!(
+        processes.iter().all(|process| process["pid"] == pid),
+        "other processes reported: {processes:#?}"
+    );
+    ensure!(
+        processes
+            .first()
+            .and_then(|p| p["count"].as_u64())
+            .unwrap_or(0)
+            >= HELD,
+        "the fixture holds {HELD} eventfd contexts at least: {processes:#?}"
+    );
+    let best = entries_through(&report, "eventfd")
+        .iter()
+        .map(|e| count_of(e))
+        .max();
+    ensure!(
+        best.unwrap_or(0) >= HELD,
+        "eventfd stack missing: {report:#}"
+    );
+    ensure!(
+        report["stats"]["filtered"].as_u64().unwrap_or(0) > 0,
+        "nothing was filtered out"
+    );
+    Ok(())
+}
+
 fn memleak_programs() -> Result<usize> {
     Ok(loaded_program_names()?
         .iter()

@@ -2,6 +2,7 @@
 //!
 //! `hold-eventfds N`: creates N eventfds (each kmallocs one `struct eventfd_ctx` in
 //! do_eventfd), prints `ready`, and holds them until standard input reaches EOF.
+//! `wait-then-hold-eventfds N`: reads one line from standard input, then does `hold-eventfds N`.
 //! `churn-eventfds N`: creates and closes N eventfds, one at a time, then prints `done`.
 //! `hold-bpf-maps N`: creates N 1 MiB BPF array maps (each vmallocs its storage) and N percpu
 //! array maps of 16 elements (each element a percpu allocation), prints `ready`, and holds them
@@ -217,7 +218,8 @@ fn remove_message_queue(queue: libc::c_int) -> Result<(), String> {
 fn run(args: &[String]) -> Result<(), String> {
     let [command, number] = args else {
         return Err(
-            "usage: memleak-fixture hold-eventfds|churn-eventfds|hold-bpf-maps|leave-messages|clean-messages N \
+            "usage: memleak-fixture hold-eventfds|wait-then-hold-eventfds|churn-eventfds|hold-bpf-maps\
+             |leave-messages|clean-messages N \
              | bench-churn|bench-mixed MILLIS"
                 .into(),
         );
@@ -239,6 +241,15 @@ fn run(args: &[String]) -> Result<(), String> {
                 unsafe { libc::close(fd) };
             }
             Ok(())
+        }
+        "wait-then-hold-eventfds" => {
+            // Allocates nothing until told to, so a tracer filtering on this pid can attach
+            // first.
+            let mut go = String::new();
+            std::io::stdin()
+                .read_line(&mut go)
+                .map_err(|error| format!("reading stdin: {error}"))?;
+            run(&["hold-eventfds".to_owned(), number.to_string()])
         }
         "churn-eventfds" => {
             for _ in 0..number {
