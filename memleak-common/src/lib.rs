@@ -4,6 +4,7 @@
 //! side reads the same bytes back. Changing a layout means changing both sides together.
 #![no_std]
 
+
 /// Object slots per bucket of the outstanding-allocation table. An object can live only in the
 /// bucket its address hashes to, so a free scans one bucket: sixteen `u64` keys, two adjacent
 /// cache lines. At a quarter full, fewer than one bucket in a million overflows.
@@ -39,6 +40,7 @@ pub enum AllocKind {
     KmemCache = 1,
     Vmalloc = 2,
     Percpu = 3,
+    Page = 4,
 }
 
 impl AllocKind {
@@ -48,6 +50,7 @@ impl AllocKind {
             1 => Some(Self::KmemCache),
             2 => Some(Self::Vmalloc),
             3 => Some(Self::Percpu),
+            4 => Some(Self::Page),
             _ => None,
         }
     }
@@ -56,6 +59,33 @@ impl AllocKind {
 /// Percpu pointers are offsets into the percpu area, small numbers that could equal other keys;
 /// this bit, never set in a kernel virtual address's tag-free form, keeps them apart.
 pub const PERCPU_KEY_TAG: u64 = 1 << 62;
+
+/// Pages are keyed by page frame number, which would collide with other small keys; this tag
+/// keeps them apart. The PFN goes in at bit 12, so that each page hashes and samples like an
+/// object address of its own.
+pub const PAGE_KEY_TAG: u64 = 1 << 61;
+
+/// The table key of the page (or high-order block) starting at `pfn`.
+#[inline(always)]
+pub const fn page_key(pfn: u64) -> u64 {
+    PAGE_KEY_TAG | (pfn << 12)
+}
+
+/// The page frame number of a key made by [`page_key`], `None` for other keys.
+pub const fn pfn_of_key(key: u64) -> Option<u64> {
+    if key & (PAGE_KEY_TAG | 1 << 63 | PERCPU_KEY_TAG) == PAGE_KEY_TAG {
+        Some((key & !PAGE_KEY_TAG) >> 12)
+    } else {
+        None
+    }
+}
+
+/// `MIGRATE_MOVABLE` in the page allocator's migrate types: user and page-cache pages, which
+/// the kernel can move or reclaim, and which memleak does not follow.
+pub const MIGRATE_MOVABLE: u32 = 1;
+
+/// x86_64's base page size; page allocations are `PAGE_SIZE << order` bytes.
+pub const PAGE_SIZE: u32 = 4096;
 
 /// One outstanding allocation. The object's address lives in the parallel key array at the
 /// same slot index; this is everything else the report needs about it.
@@ -123,9 +153,11 @@ pub enum Counter {
     SampledOut,
     /// Allocations not recorded because a filter (pid) rejected them.
     Filtered,
+    /// Page allocations of movable memory (user and page-cache pages), not followed.
+    MovablePages,
 }
 
-pub const COUNTER_COUNT: u32 = Counter::Filtered as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::MovablePages as u32 + 1;
 
 /// Field offsets in the classic tracepoint records, read from tracefs `format` files at start-up.
 #[repr(C)]
@@ -143,7 +175,10 @@ pub struct ClassicOffsets {
     pub cache_alloc_name: u16,
     pub kfree_ptr: u16,
     pub cache_free_ptr: u16,
-    pub _reserved: u16,
+    pub page_alloc_pfn: u16,
+    pub page_alloc_order: u16,
+    pub page_alloc_migratetype: u16,
+    pub page_free_pfn: u16,
 }
 
 impl ClassicOffsets {
@@ -159,7 +194,10 @@ impl ClassicOffsets {
         cache_alloc_name: NO_FIELD,
         kfree_ptr: NO_FIELD,
         cache_free_ptr: NO_FIELD,
-        _reserved: 0,
+        page_alloc_pfn: NO_FIELD,
+        page_alloc_order: NO_FIELD,
+        page_alloc_migratetype: NO_FIELD,
+        page_free_pfn: NO_FIELD,
     };
 }
 
@@ -296,6 +334,23 @@ mod tests {
         let expected = count as f64 / 1024.0;
         let error = (kept as f64 - expected).abs() / expected;
         assert!(error < 0.15, "kept {kept}, expected {expected}");
+    }
+
+    #[test]
+    fn page_keys_round_trip_and_stay_apart() {
+        for pfn in [0, 1, 0x12_3456, (1 << 40) - 1] {
+            assert_eq!(pfn_of_key(page_key(pfn)), Some(pfn));
+        }
+        assert_eq!(pfn_of_key(BASE + 64), None);
+        assert_eq!(pfn_of_key(0x3a000 | PERCPU_KEY_TAG), None);
+    }
+
+    #[test]
+    fn consecutive_pages_are_sampled_one_in_n() {
+        let (_, kept) = tracked((0..100_000).map(page_key), 6);
+        let expected = 100_000.0 / 64.0;
+        let error = (kept as f64 - expected).abs() / expected;
+        assert!(error < 0.1, "kept {kept}, expected {expected}");
     }
 
     #[test]

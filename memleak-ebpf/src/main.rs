@@ -1,13 +1,15 @@
 //! memleak's eBPF programs: they keep a table of outstanding kernel allocations.
 //!
-//! Entry points are thin: each hook module (slab, vmalloc, percpu) reads its tracepoint's arguments and hands them to
+//! Entry points are thin: each hook module (slab, page, vmalloc, percpu) reads its tracepoint's arguments and hands them to
 //! [`tracker`], which owns the table, the sampling decision and the stack capture.
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod classic;
 mod maps;
+mod page;
 mod percpu;
 mod slab;
 mod tracker;

@@ -13,6 +13,7 @@ use aya_ebpf::{
 use memleak_common::{AllocKind, CacheName, NO_FIELD};
 
 use crate::{
+    classic::read_u64,
     maps::{SCRATCH, config},
     tracker::{Allocation, on_alloc, on_free},
 };
@@ -87,25 +88,17 @@ pub fn kmem_cache_free_btf(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-#[inline(always)]
-fn read_field(ctx: &TracePointContext, offset: u16) -> u64 {
-    if offset == NO_FIELD {
-        return 0;
-    }
-    unsafe { ctx.read_at::<u64>(offset as usize) }.unwrap_or(0)
-}
-
 /// Classic `kmem:kmalloc` (and `kmem:kmalloc_node` before Linux 6.1, same fields).
 #[tracepoint(category = "kmem", name = "kmalloc")]
 pub fn kmalloc_classic(ctx: TracePointContext) -> u32 {
     let describe = || Allocation {
         kind: AllocKind::Kmalloc,
-        call_site: read_field(&ctx, config!(classic.kmalloc_call_site)),
+        call_site: read_u64(&ctx, config!(classic.kmalloc_call_site)),
         cache_id: 0,
-        bytes_requested: read_field(&ctx, config!(classic.kmalloc_bytes_req)) as u32,
-        bytes_allocated: read_field(&ctx, config!(classic.kmalloc_bytes_alloc)) as u32,
+        bytes_requested: read_u64(&ctx, config!(classic.kmalloc_bytes_req)) as u32,
+        bytes_allocated: read_u64(&ctx, config!(classic.kmalloc_bytes_alloc)) as u32,
     };
-    let key = read_field(&ctx, config!(classic.kmalloc_ptr));
+    let key = read_u64(&ctx, config!(classic.kmalloc_ptr));
     on_alloc(&ctx, key, describe, |_| None);
     0
 }
@@ -120,7 +113,7 @@ pub fn kmem_cache_alloc_classic(ctx: TracePointContext) -> u32 {
             return None;
         }
         // __data_loc: the low 16 bits are the string's offset in the record.
-        let data_loc = read_field(&ctx, name_field) as u32;
+        let data_loc = read_u64(&ctx, name_field) as u32;
         let string = unsafe { ctx.as_ptr().cast::<u8>().add((data_loc & 0xffff) as usize) };
         let mut name = CacheName { bytes: [0; 32] };
         unsafe { bpf_probe_read_kernel_str_bytes(string, &mut name.bytes) }.ok()?;
@@ -128,25 +121,25 @@ pub fn kmem_cache_alloc_classic(ctx: TracePointContext) -> u32 {
     };
     let describe = || Allocation {
         kind: AllocKind::KmemCache,
-        call_site: read_field(&ctx, config!(classic.cache_alloc_call_site)),
+        call_site: read_u64(&ctx, config!(classic.cache_alloc_call_site)),
         cache_id: name().map_or(0, |name| fnv1a(&name.bytes) | 1),
-        bytes_requested: read_field(&ctx, config!(classic.cache_alloc_bytes_req)) as u32,
-        bytes_allocated: read_field(&ctx, config!(classic.cache_alloc_bytes_alloc)) as u32,
+        bytes_requested: read_u64(&ctx, config!(classic.cache_alloc_bytes_req)) as u32,
+        bytes_allocated: read_u64(&ctx, config!(classic.cache_alloc_bytes_alloc)) as u32,
     };
-    let key = read_field(&ctx, config!(classic.cache_alloc_ptr));
+    let key = read_u64(&ctx, config!(classic.cache_alloc_ptr));
     on_alloc(&ctx, key, describe, |_| name());
     0
 }
 
 #[tracepoint(category = "kmem", name = "kfree")]
 pub fn kfree_classic(ctx: TracePointContext) -> u32 {
-    on_free(read_field(&ctx, config!(classic.kfree_ptr)));
+    on_free(read_u64(&ctx, config!(classic.kfree_ptr)));
     0
 }
 
 #[tracepoint(category = "kmem", name = "kmem_cache_free")]
 pub fn kmem_cache_free_classic(ctx: TracePointContext) -> u32 {
-    on_free(read_field(&ctx, config!(classic.cache_free_ptr)));
+    on_free(read_u64(&ctx, config!(classic.cache_free_ptr)));
     0
 }
 

@@ -98,15 +98,15 @@ impl Aggregator {
             return;
         };
         // kmalloc records carry no cache; their size class names it, so a call site that
-        // allocates several sizes shows once per cache. Records without a call site (vmalloc)
+        // allocates several sizes shows once per cache. Records without a call site (vmalloc, pages)
         // always have a stack, and group by it.
         let cache_id = match kind {
             AllocKind::Kmalloc => u64::from(record.bytes_allocated),
             AllocKind::KmemCache => record.cache_id,
-            AllocKind::Vmalloc | AllocKind::Percpu if record.call_site == 0 => {
+            AllocKind::Vmalloc | AllocKind::Percpu | AllocKind::Page if record.call_site == 0 => {
                 u64::from(record.stack_id as u32)
             }
-            AllocKind::Vmalloc | AllocKind::Percpu => 0,
+            AllocKind::Vmalloc | AllocKind::Percpu | AllocKind::Page => 0,
         };
         let key = SiteKey {
             kind,

@@ -105,7 +105,7 @@ pub struct TracingOptions {
 
     /// Kinds of kernel memory to follow, comma-separated. Kinds this kernel cannot trace are
     /// left out, and the report says so.
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Kind::Slab, Kind::Vmalloc, Kind::Percpu])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Kind::Slab, Kind::Page, Kind::Vmalloc, Kind::Percpu])]
     pub kinds: Vec<Kind>,
 
     /// Record only allocations made by this process (thread-group id).
@@ -160,6 +160,9 @@ pub enum SortKey {
 pub enum Kind {
     /// kmalloc and kmem_cache objects.
     Slab,
+    /// Unmovable and reclaimable pages from the page allocator, other than those backing
+    /// slabs, large kmallocs, vmalloc areas and percpu chunks (counted under those kinds).
+    Page,
     /// vmalloc, vmap and module areas (Linux 6.4+).
     Vmalloc,
     /// Percpu allocations.

@@ -15,7 +15,7 @@ use crate::{
     tracefs::{self, ClassicProgram},
 };
 
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memleak"));
+pub(crate) static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memleak"));
 
 /// Stack map entries: each holds up to 127 frames (1 KiB), preallocated by the kernel.
 const STACK_MAP_ENTRIES: u32 = 16_384;
@@ -89,15 +89,24 @@ fn classic_program_name(program: ClassicProgram) -> &'static str {
         ClassicProgram::KmemCacheAlloc => "kmem_cache_alloc_classic",
         ClassicProgram::Kfree => "kfree_classic",
         ClassicProgram::KmemCacheFree => "kmem_cache_free_classic",
+        ClassicProgram::PageAlloc => "page_alloc_classic",
+        ClassicProgram::PageFree => "page_free_classic",
     }
 }
 
 pub fn attach(settings: &TracerSettings) -> Result<Tracer> {
     let tracefs_root = tracefs::root()?;
-    let plan = tracefs::classic_plan(&|category, event| {
-        tracefs::read_format(&tracefs_root, category, event)
-    })?;
+    let formats = |category: &str, event: &str| tracefs::read_format(&tracefs_root, category, event);
+    let plan = tracefs::classic_plan(&formats)?;
     let mut notes = plan.missing.clone();
+    // Page events are classic tracepoints whatever --attach says (see memleak-ebpf/src/page.rs).
+    let page_plan = if settings.kinds.contains(&Kind::Page) {
+        tracefs::page_plan(&formats, plan.offsets)
+            .map_err(|error| not_followed(&mut notes, Kind::Page, &error))
+            .ok()
+    } else {
+        None
+    };
 
     let btf = if kernel::has_btf() {
         Some(btf_rs::Btf::from_file(kernel::BTF_PATH).context("parsing kernel BTF")?)
@@ -131,7 +140,7 @@ pub fn attach(settings: &TracerSettings) -> Result<Tracer> {
         config.kmem_cache_object_size_offset = layout.object_size;
         config.kmem_cache_name_offset = layout.name;
     }
-    config.classic = plan.offsets;
+    config.classic = page_plan.as_ref().map_or(plan.offsets, |pages| pages.offsets);
 
     // Every program is loaded (verified) before any is attached, and frees are attached
     // before allocations: otherwise the verifier's own allocations while later programs load
@@ -162,14 +171,13 @@ pub fn attach(settings: &TracerSettings) -> Result<Tracer> {
                     .iter()
                     .map(|&(name, event)| Hook::Btf { name, event }),
             ),
-            Err(error) => {
-                log::info!("{kind:?} not followed: {error:#}");
-                notes.push(format!(
-                    "{} allocations not followed: {}",
-                    kind_label(kind),
-                    one_line(&format!("{error:#}"))
-                ));
-            }
+            Err(error) => not_followed(&mut notes, kind, &error),
+        }
+    }
+    if let Some(page_plan) = &page_plan {
+        match load_classic(&mut ebpf, page_plan) {
+            Ok(page_hooks) => hooks.extend(page_hooks),
+            Err(error) => not_followed(&mut notes, Kind::Page, &error),
         }
     }
     hooks.sort_by_key(|hook| !hook.event().contains("free"));
@@ -179,12 +187,19 @@ pub fn attach(settings: &TracerSettings) -> Result<Tracer> {
     Tracer::new(ebpf, attached, buckets, notes)
 }
 
-fn kind_label(kind: Kind) -> &'static str {
-    match kind {
+/// Records in the report's notes that a kind of memory is not followed, and why.
+fn not_followed(notes: &mut Vec<String>, kind: Kind, error: &anyhow::Error) {
+    log::info!("{kind:?} not followed: {error:#}");
+    let label = match kind {
         Kind::Slab => "slab",
+        Kind::Page => "page",
         Kind::Vmalloc => "vmalloc",
         Kind::Percpu => "percpu",
-    }
+    };
+    notes.push(format!(
+        "{label} allocations not followed: {}",
+        one_line(&format!("{error:#}"))
+    ));
 }
 
 /// A loaded program and where it attaches.
@@ -270,6 +285,14 @@ fn load_slab<'a>(
             Err(error) => return Err(error),
         }
     }
+    hooks.extend(load_classic(ebpf, plan)?);
+    Ok(Attached::ClassicTracepoints)
+}
+
+/// Loads (verifies) the classic tracepoint programs of `plan`; one program may serve several
+/// events.
+fn load_classic<'a>(ebpf: &mut Ebpf, plan: &'a tracefs::ClassicPlan) -> Result<Vec<Hook<'a>>> {
+    let mut hooks = Vec::new();
     for (category, event, which) in &plan.attach {
         let name = classic_program_name(*which);
         let program: &mut TracePoint = program_mut(ebpf, name)?.try_into()?;
@@ -284,7 +307,7 @@ fn load_slab<'a>(
             event,
         });
     }
-    Ok(Attached::ClassicTracepoints)
+    Ok(hooks)
 }
 
 impl Tracer {

@@ -56,6 +56,10 @@ pub struct Stats {
     pub skipped_runs: u64,
     /// Allocation sites with outstanding objects (before `--top`).
     pub sites: u64,
+    /// Outstanding pages (and their bytes) that back slabs, large kmallocs, vmalloc areas or
+    /// percpu chunks: counted under those kinds, left out of `outstanding` and the entries.
+    pub backing_pages: u64,
+    pub backing_pages_bytes: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -169,17 +173,36 @@ pub fn kind_name(kind: AllocKind) -> &'static str {
         AllocKind::KmemCache => "kmem_cache",
         AllocKind::Vmalloc => "vmalloc",
         AllocKind::Percpu => "percpu",
+        AllocKind::Page => "page",
     }
 }
 
 /// Functions of the tracing and allocation machinery that a stack passes through before it
 /// reaches the code that asked for memory (for events that do not name their call site).
 fn is_allocator_internal(frame: &Frame) -> bool {
-    const INTERNAL: [&str; 16] = [
+    const INTERNAL: &[&str] = &[
         "__bpf_trace_run",
         "bpf_trace_run6",
         "bpf_trace_run5",
+        "bpf_trace_run4",
         "bpf_trace_run3",
+        "bpf_trace_run2",
+        "trace_call_bpf",
+        "perf_trace_run_bpf_submit",
+        "perf_trace_mm_page_alloc",
+        "__alloc_pages",
+        "__alloc_frozen_pages",
+        "alloc_pages",
+        "alloc_pages_mpol",
+        "alloc_frozen_pages",
+        "alloc_pages_node",
+        "__alloc_pages_node",
+        "alloc_pages_exact",
+        "__get_free_pages",
+        "get_zeroed_page",
+        "__folio_alloc",
+        "folio_alloc",
+        "folio_alloc_mpol",
         "alloc_vmap_area",
         "__get_vm_area_node",
         "get_vm_area",
@@ -197,9 +220,40 @@ fn is_allocator_internal(frame: &Frame) -> bool {
         return false;
     };
     // Strip compiler suffixes (`.isra.0`, `.constprop.0`) and allocation-profiling wrappers.
-    let base = symbol.split('.').next().unwrap_or(symbol);
-    let base = base.strip_suffix("_noprof").unwrap_or(base);
+    let base = base_name(symbol);
     INTERNAL.contains(&base) || base.starts_with("__traceiter_") || base.starts_with("__bpf_trace_")
+}
+
+/// A function's name without compiler suffixes (`.isra.0`, `.constprop.0`) and the
+/// allocation-profiling `_noprof` wrappers.
+fn base_name(symbol: &str) -> &str {
+    let base = symbol.split('.').next().unwrap_or(symbol);
+    base.strip_suffix("_noprof").unwrap_or(base)
+}
+
+/// Whether a page allocation's stack shows that the pages back memory another kind
+/// accounts for: a new slab, a kmalloc too large for the slab caches, a vmalloc area's pages,
+/// a percpu chunk. Counting those as pages too would count the same memory twice.
+pub fn backs_another_kind(stack: &[u64], frame: &dyn Fn(u64) -> Frame) -> bool {
+    const BACKING: &[&str] = &[
+        "allocate_slab",
+        "new_slab",
+        "___kmalloc_large_node",
+        "__kmalloc_large_node",
+        "__kmalloc_large",
+        "kmalloc_large",
+        "kmalloc_large_node",
+        "vm_area_alloc_pages",
+        "__vmalloc_area_node",
+        "pcpu_alloc_pages",
+        "pcpu_populate_chunk",
+    ];
+    stack.iter().any(|&ip| {
+        frame(ip)
+            .symbol
+            .as_deref()
+            .is_some_and(|symbol| BACKING.contains(&base_name(symbol)))
+    })
 }
 
 /// The kmalloc cache serving an allocation of `bytes_allocated` bytes: sizes below 1 KiB are
@@ -298,7 +352,7 @@ pub fn entry(site: &Site, context: &Context<'_>) -> Entry {
     let cache = match site.key.kind {
         AllocKind::Kmalloc => kmalloc_cache_name(site.key.cache_id),
         AllocKind::KmemCache => context.cache_names.get(&site.key.cache_id).cloned(),
-        AllocKind::Vmalloc | AllocKind::Percpu => None,
+        AllocKind::Vmalloc | AllocKind::Percpu | AllocKind::Page => None,
     };
     Entry {
         bytes: site.bytes * scale,
@@ -393,6 +447,16 @@ pub fn render_text(report: &Report) -> String {
         thousands(counters.stack_captures),
         thousands(counters.missed_frees),
     );
+    if counters.movable_pages > 0 || stats.backing_pages > 0 {
+        let _ = writeln!(
+            out,
+            "pages:   {} movable page allocations (user, page cache) not followed; {} pages \
+             ({}) backing slabs, large kmallocs, vmalloc and percpu counted under those kinds",
+            thousands(counters.movable_pages),
+            thousands(stats.backing_pages),
+            human_bytes(stats.backing_pages_bytes),
+        );
+    }
     if report.sample_rate > 1 {
         let _ = writeln!(
             out,
@@ -595,6 +659,8 @@ mod tests {
                 hidden_younger: 0,
                 skipped_runs: 0,
                 sites: sites.len() as u64,
+                backing_pages: 0,
+                backing_pages_bytes: 0,
             },
             notes: vec!["kmem:kmem_cache_free missing".into()],
             kinds: Vec::new(),

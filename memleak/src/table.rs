@@ -32,6 +32,7 @@ pub struct Counters {
     pub stack_failures: u64,
     pub sampled_out: u64,
     pub filtered: u64,
+    pub movable_pages: u64,
 }
 
 impl Counters {
@@ -49,6 +50,7 @@ impl Counters {
             stack_failures: get(Counter::StackFailures),
             sampled_out: get(Counter::SampledOut),
             filtered: get(Counter::Filtered),
+            movable_pages: get(Counter::MovablePages),
         }
     }
 

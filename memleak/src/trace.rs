@@ -11,8 +11,10 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use tokio::signal::unix::{SignalKind, signal};
 
+use memleak_common::AllocKind;
+
 use crate::{
-    aggregate,
+    aggregate::{self, Site},
     checks::{self, LeakCheckArgs, Verdict},
     cli::{Format, RunArgs, TraceArgs, TracingOptions},
     duration, kernel,
@@ -220,7 +222,6 @@ fn build_report(
     })?;
     let aggregate = aggregator.finish();
     let mut sites = aggregate.sites;
-    let site_count = sites.len() as u64;
     aggregate::rank(&mut sites, args.sort);
 
     let stack_ids = sites.iter().flat_map(|site| site.stacks.keys().copied());
@@ -230,6 +231,18 @@ fn build_report(
     let cache_names = table::read_cache_names(maps)?;
     let comms = table::read_comms(maps)?;
     let frame = |addr| symbolizer.frame(addr);
+
+    let (backing, sites): (Vec<Site>, Vec<Site>) = sites.into_iter().partition(|site| {
+        site.key.kind == AllocKind::Page
+            && site.stacks.keys().any(|id| {
+                stacks
+                    .get(id)
+                    .is_some_and(|stack| report::backs_another_kind(stack, &frame))
+            })
+    });
+    let backing_pages: u64 = backing.iter().map(|site| site.count).sum();
+    let backing_pages_bytes: u64 = backing.iter().map(|site| site.bytes).sum();
+    let site_count = sites.len() as u64;
     let context = report::Context {
         stacks: &stacks,
         cache_names: &cache_names,
@@ -247,11 +260,13 @@ fn build_report(
         stack_sample_rate: args.stack_sample_rate,
         stats: Stats {
             counters,
-            outstanding,
-            outstanding_bytes,
+            outstanding: outstanding - backing_pages,
+            outstanding_bytes: outstanding_bytes - backing_pages_bytes,
             hidden_younger: aggregate.hidden_younger,
             skipped_runs: header.skipped_runs,
             sites: site_count,
+            backing_pages,
+            backing_pages_bytes,
         },
         notes: header.notes,
         kinds: Vec::new(),

@@ -236,6 +236,8 @@ pub enum ClassicProgram {
     KmemCacheAlloc,
     Kfree,
     KmemCacheFree,
+    PageAlloc,
+    PageFree,
 }
 
 /// What to attach the classic programs to, and the record offsets they need.
@@ -255,6 +257,8 @@ const CATEGORY: &str = "kmem";
 enum FieldKind {
     /// Read as a u64, so it must be 8 bytes: pointers, and `size_t` on 64-bit kernels.
     Word,
+    /// Read as a u32, so it must be 4 bytes: `unsigned int`, `int`.
+    Int,
     /// A `__data_loc char[]` (4 bytes: the string's offset and length in the record), which
     /// older kernels do not have.
     OptionalString,
@@ -278,7 +282,7 @@ struct ProgramSpec {
     fields: &'static [WantedField],
 }
 
-const PROGRAMS: [ProgramSpec; 4] = [
+const SLAB_PROGRAMS: [ProgramSpec; 4] = [
     ProgramSpec {
         program: ClassicProgram::Kmalloc,
         event: "kmalloc",
@@ -364,6 +368,45 @@ const PROGRAMS: [ProgramSpec; 4] = [
     },
 ];
 
+/// Page allocator events (`kmem:mm_page_alloc` and `kmem:mm_page_free`, laid out this way
+/// since Linux 2.6.33 apart from the page pointer that became a pfn in 4.x).
+const PAGE_PROGRAMS: [ProgramSpec; 2] = [
+    ProgramSpec {
+        program: ClassicProgram::PageAlloc,
+        event: "mm_page_alloc",
+        node_event: None,
+        unseen_without: None,
+        fields: &[
+            WantedField {
+                name: "pfn",
+                kind: FieldKind::Word,
+                slot: |offsets| &mut offsets.page_alloc_pfn,
+            },
+            WantedField {
+                name: "order",
+                kind: FieldKind::Int,
+                slot: |offsets| &mut offsets.page_alloc_order,
+            },
+            WantedField {
+                name: "migratetype",
+                kind: FieldKind::Int,
+                slot: |offsets| &mut offsets.page_alloc_migratetype,
+            },
+        ],
+    },
+    ProgramSpec {
+        program: ClassicProgram::PageFree,
+        event: "mm_page_free",
+        node_event: None,
+        unseen_without: None,
+        fields: &[WantedField {
+            name: "pfn",
+            kind: FieldKind::Word,
+            slot: |offsets| &mut offsets.page_free_pfn,
+        }],
+    },
+];
+
 impl WantedField {
     /// The field's offset in `format`, [`NO_FIELD`] for an optional field the event lacks; an
     /// error when the program would misread the field.
@@ -372,7 +415,9 @@ impl WantedField {
         let name = self.name;
         let Some(field) = format.field(name) else {
             return match self.kind {
-                FieldKind::Word => Err(anyhow!("{CATEGORY}:{event} has no field `{name}`")),
+                FieldKind::Word | FieldKind::Int => {
+                Err(anyhow!("{CATEGORY}:{event} has no field `{name}`"))
+            }
                 FieldKind::OptionalString => Ok(NO_FIELD),
             };
         };
@@ -380,6 +425,11 @@ impl WantedField {
             FieldKind::Word if field.size != 8 => bail!(
                 "{CATEGORY}:{event} field `{name}` is {} bytes, but this tracer reads it as a \
                  64-bit value (only 64-bit kernels are supported)",
+                field.size
+            ),
+            FieldKind::Int if field.size != 4 => bail!(
+                "{CATEGORY}:{event} field `{name}` is {} bytes, but this tracer reads it as a \
+                 32-bit value",
                 field.size
             ),
             FieldKind::OptionalString
@@ -397,17 +447,35 @@ impl WantedField {
     }
 }
 
-/// Decides which classic tracepoints to attach and where the programs find their fields.
-/// `formats(category, event)` returns an event's format, `None` if the kernel lacks it.
+/// Decides which classic tracepoints to attach for slab allocations and where the programs
+/// find their fields. `formats(category, event)` returns an event's format, `None` if the
+/// kernel lacks it.
 pub fn classic_plan(
     formats: &impl Fn(&str, &str) -> Result<Option<EventFormat>>,
 ) -> Result<ClassicPlan> {
+    plan_programs(&SLAB_PROGRAMS, formats, ClassicOffsets::NONE)
+}
+
+/// The same for page allocations, filling the page fields of `offsets`; an error when the
+/// kernel lacks either page event or lays it out unexpectedly.
+pub fn page_plan(
+    formats: &impl Fn(&str, &str) -> Result<Option<EventFormat>>,
+    offsets: ClassicOffsets,
+) -> Result<ClassicPlan> {
+    plan_programs(&PAGE_PROGRAMS, formats, offsets)
+}
+
+fn plan_programs(
+    specs: &[ProgramSpec],
+    formats: &impl Fn(&str, &str) -> Result<Option<EventFormat>>,
+    offsets: ClassicOffsets,
+) -> Result<ClassicPlan> {
     let mut plan = ClassicPlan {
-        offsets: ClassicOffsets::NONE,
+        offsets,
         attach: Vec::new(),
         missing: Vec::new(),
     };
-    for spec in &PROGRAMS {
+    for spec in specs {
         let event = spec.event;
         let Some(format) = formats(CATEGORY, event)? else {
             match spec.unseen_without {
@@ -486,6 +554,14 @@ mod tests {
         (
             "kmem_cache_free",
             include_str!("../testdata/tracefs/6.18/kmem_cache_free.format"),
+        ),
+        (
+            "mm_page_alloc",
+            include_str!("../testdata/tracefs/6.18/mm_page_alloc.format"),
+        ),
+        (
+            "mm_page_free",
+            include_str!("../testdata/tracefs/6.18/mm_page_free.format"),
         ),
     ];
     const KERNEL_6_1: &[(&str, &str)] = &[
@@ -615,9 +691,14 @@ mod tests {
                 let format =
                     parse_format(text).unwrap_or_else(|error| panic!("{kernel} {event}: {error}"));
                 assert_eq!(format.name, *event);
+                let (field, offset) = if event.starts_with("mm_page") {
+                    ("pfn", 8)
+                } else {
+                    ("ptr", 16)
+                };
                 assert_eq!(
-                    format.field("ptr").map(|f| (f.offset, f.size)),
-                    Some((16, 8))
+                    format.field(field).map(|f| (f.offset, f.size)),
+                    Some((offset, 8))
                 );
                 assert_eq!(format.fields[0].name, "common_type");
             }
@@ -751,6 +832,52 @@ mod tests {
             ]
         );
         assert!(plan.missing.is_empty(), "{:?}", plan.missing);
+    }
+
+    #[test]
+    fn page_plan_for_6_18_keeps_the_slab_offsets() {
+        let formats = recorded(owned(KERNEL_6_18));
+        let slab = classic_plan(&formats).unwrap();
+        let plan = page_plan(&formats, slab.offsets).unwrap();
+        let offsets = plan.offsets;
+        assert_eq!(
+            [
+                offsets.page_alloc_pfn,
+                offsets.page_alloc_order,
+                offsets.page_alloc_migratetype,
+                offsets.page_free_pfn,
+            ],
+            [8, 16, 32, 8]
+        );
+        assert_eq!(offsets.kmalloc_ptr, 16);
+        assert_eq!(
+            attached(&plan),
+            [
+                ("mm_page_alloc", ClassicProgram::PageAlloc),
+                ("mm_page_free", ClassicProgram::PageFree),
+            ]
+        );
+    }
+
+    #[test]
+    fn page_plan_without_page_events_is_an_error() {
+        let error = page_plan(&recorded(owned(KERNEL_6_1)), ClassicOffsets::NONE).unwrap_err();
+        assert!(error.to_string().contains("mm_page_alloc"), "{error}");
+    }
+
+    #[test]
+    fn page_order_read_as_a_word_is_refused() {
+        let mut kernel = owned(KERNEL_6_18);
+        for (event, text) in &mut kernel {
+            if *event == "mm_page_alloc" {
+                *text = text.replace(
+                    "unsigned int order;\toffset:16;\tsize:4;",
+                    "unsigned long order;\toffset:16;\tsize:8;",
+                );
+            }
+        }
+        let error = page_plan(&recorded(kernel), ClassicOffsets::NONE).unwrap_err();
+        assert!(error.to_string().contains("32-bit"), "{error}");
     }
 
     #[test]

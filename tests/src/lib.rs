@@ -30,13 +30,7 @@ pub fn memleak_binary() -> Result<PathBuf> {
 }
 
 fn build_memleak() -> Result<PathBuf> {
-    // target/<profile>/deps/<test binary> -> target/<profile>
-    let exe = std::env::current_exe().context("locating the test executable")?;
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .context("test executable is not under target/<profile>/deps")?
-        .to_path_buf();
+    let profile_dir = profile_dir()?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut build = Command::new(cargo);
     build.args(["build", "--package", "memleak", "--bin", "memleak"]);
@@ -114,6 +108,57 @@ pub fn start_tracer(args: &[&str]) -> Result<(Guard, ChildStderr)> {
             "memleak did not attach within 60s: {seen}"
         );
     }
+}
+
+/// Starts `memleak trace TRACER_ARGS --top 100000`, then the fixture `WORKLOAD COUNT`; once the
+/// fixture says `ready` or `done`, waits for the tracer's report. The fixture is still running
+/// (holding what it allocated until its standard input closes) when this returns.
+pub fn trace_around(
+    tracer_args: &[&str],
+    workload: &str,
+    count: u64,
+) -> Result<(serde_json::Value, Guard)> {
+    // Every site, not the default top 10: on a busy machine other sites can outgrow the
+    // fixture's within the window.
+    let mut args = tracer_args.to_vec();
+    args.extend(["--top", "100000"]);
+    let (tracer, _stderr) = start_tracer(&args)?;
+    let mut fixture = Guard::new(
+        Command::new(fixture_binary()?)
+            .args([workload, &count.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting the fixture")?,
+    );
+    let stdout = fixture.child().stdout.take().context("fixture stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .context("reading the fixture")?;
+    ensure!(
+        line.trim() == "ready" || line.trim() == "done",
+        "fixture said {line:?}"
+    );
+    let report = finish_tracer(tracer)?;
+    Ok((report, fixture))
+}
+
+/// The fixture program of this package, which cargo builds beside the integration tests.
+pub fn fixture_binary() -> Result<PathBuf> {
+    let binary = profile_dir()?.join("memleak-fixture");
+    ensure!(binary.exists(), "{} was not built", binary.display());
+    Ok(binary)
+}
+
+/// target/<profile>, from target/<profile>/deps/<test binary>.
+fn profile_dir() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the test executable")?;
+    Ok(exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .context("test executable is not under target/<profile>/deps")?
+        .to_path_buf())
 }
 
 /// Waits for the tracer to exit by itself and parses its JSON report from stdout.

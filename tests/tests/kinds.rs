@@ -1,35 +1,23 @@
-//! End-to-end: vmalloc and percpu allocations, from a fixture that holds BPF maps: a 1 MiB
-//! array map vmallocs its storage, and a percpu array map makes one percpu allocation per
-//! element.
-use std::{
-    io::{BufRead as _, BufReader},
-    process::{Command, Stdio},
-};
-
+//! End-to-end: the kinds of memory beyond slab. vmalloc and percpu allocations come from a
+//! fixture that holds BPF maps: a 1 MiB array map vmallocs its storage, and a percpu array map
+//! makes one percpu allocation per element. Pages come from a fixture that fills pipes.
 use anyhow::{Context as _, Result, ensure};
-use memleak_tests::{Guard, count_of, entries_through, finish_tracer, is_root, start_tracer};
+use memleak_tests::{Guard, count_of, entries_through, is_root, trace_around};
 
 const MAPS: u64 = 20;
 const PERCPU_ENTRIES: u64 = 16;
 
 fn trace_held_maps(tracer_args: &[&str]) -> Result<serde_json::Value> {
-    let (tracer, _stderr) = start_tracer(tracer_args)?;
-    let mut fixture = Guard::new(
-        Command::new(env!("CARGO_BIN_EXE_memleak-fixture"))
-            .args(["hold-bpf-maps", &MAPS.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("starting the fixture")?,
-    );
-    let stdout = fixture.child().stdout.take().context("fixture stdout")?;
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
-    ensure!(line.trim() == "ready", "fixture said {line:?}");
-    let report = finish_tracer(tracer)?;
+    let (report, fixture) = trace_around(tracer_args, "hold-bpf-maps", MAPS)?;
+    release(fixture)?;
+    Ok(report)
+}
+
+/// Closes the fixture's standard input, which makes it free what it holds and exit.
+fn release(mut fixture: Guard) -> Result<()> {
     drop(fixture.child().stdin.take());
     fixture.child().wait()?;
-    Ok(report)
+    Ok(())
 }
 
 fn of_kind<'a>(
@@ -50,7 +38,7 @@ fn vmalloc_and_percpu_allocations_are_attributed_by_kind() -> Result<()> {
         eprintln!("skipped: end-to-end tests need root (they load eBPF programs)");
         return Ok(());
     }
-    let report = trace_held_maps(&["--duration", "4s", "--format", "json", "--top", "50"])?;
+    let report = trace_held_maps(&["--duration", "4s", "--format", "json"])?;
     ensure!(
         report["notes"].as_array().is_some_and(Vec::is_empty),
         "notes: {:#}",
@@ -104,8 +92,6 @@ fn kinds_selects_what_is_traced() -> Result<()> {
         "json",
         "--kinds",
         "slab",
-        "--top",
-        "1000",
     ])?;
     let stacks = report["stacks"].as_array().context("no stacks")?;
     ensure!(
@@ -117,6 +103,78 @@ fn kinds_selects_what_is_traced() -> Result<()> {
             .iter()
             .map(|entry| &entry["kind"])
             .collect::<Vec<_>>()
+    );
+    Ok(())
+}
+
+const PIPE_PAGES: u64 = 2_000;
+
+fn pages_through_pipe_writes(report: &serde_json::Value) -> u64 {
+    of_kind(report, "page", "pipe_write")
+        .iter()
+        .map(|entry| count_of(entry))
+        .sum()
+}
+
+#[test]
+fn held_pipe_pages_show_as_page_allocations() -> Result<()> {
+    let _exclusive = memleak_tests::exclusive();
+    if !is_root() {
+        eprintln!("skipped: end-to-end tests need root (they load eBPF programs)");
+        return Ok(());
+    }
+    let (report, fixture) = trace_around(
+        &["--duration", "4s", "--format", "json"],
+        "hold-pipe-pages",
+        PIPE_PAGES,
+    )?;
+    release(fixture)?;
+    let pages = of_kind(&report, "page", "pipe_write");
+    let held = pages_through_pipe_writes(&report);
+    ensure!(
+        held >= PIPE_PAGES,
+        "expected {PIPE_PAGES} pages through the pipe write path: {pages:#?}"
+    );
+    ensure!(
+        pages
+            .iter()
+            .all(|entry| entry["bytes"].as_u64() == Some(count_of(entry) * 4096)
+                && entry["cache"].is_null()),
+        "pipe buffers are single pages, in no cache: {pages:#?}"
+    );
+    let slab_pages: Vec<_> = entries_through(&report, "allocate_slab")
+        .into_iter()
+        .filter(|entry| entry["kind"] == "page")
+        .collect();
+    ensure!(
+        slab_pages.is_empty(),
+        "pages backing slabs are counted as slab only: {slab_pages:#?}"
+    );
+    ensure!(
+        report["stats"]["movable_pages"].is_u64() && report["stats"]["backing_pages"].is_u64(),
+        "stats: {:#}",
+        report["stats"]
+    );
+    Ok(())
+}
+
+#[test]
+fn freed_pipe_pages_do_not_show() -> Result<()> {
+    let _exclusive = memleak_tests::exclusive();
+    if !is_root() {
+        eprintln!("skipped: end-to-end tests need root (they load eBPF programs)");
+        return Ok(());
+    }
+    let (report, _fixture) = trace_around(
+        &["--duration", "3s", "--format", "json"],
+        "churn-pipe-pages",
+        PIPE_PAGES,
+    )?;
+    let held = pages_through_pipe_writes(&report);
+    ensure!(
+        held < PIPE_PAGES / 10,
+        "{held} pipe pages reported after the pipes were closed: {:#?}",
+        of_kind(&report, "page", "pipe_write")
     );
     Ok(())
 }

@@ -9,41 +9,11 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 use memleak_tests::{
     Guard, count_of, entries_through, finish_tracer, is_root, loaded_program_names, start_tracer,
+    fixture_binary, trace_around,
 };
 
 const HELD: u64 = 2_000;
 
-fn fixture_binary() -> &'static str {
-    env!("CARGO_BIN_EXE_memleak-fixture")
-}
-
-/// Runs the tracer for `window` around a fixture run; returns the tracer's report.
-fn trace_around(
-    tracer_args: &[&str],
-    workload: &str,
-    count: u64,
-) -> Result<(serde_json::Value, Guard)> {
-    let (tracer, _stderr) = start_tracer(tracer_args)?;
-    let mut fixture = Guard::new(
-        Command::new(fixture_binary())
-            .args([workload, &count.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("starting the fixture")?,
-    );
-    let stdout = fixture.child().stdout.take().context("fixture stdout")?;
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .context("reading the fixture")?;
-    ensure!(
-        line.trim() == "ready" || line.trim() == "done",
-        "fixture said {line:?}"
-    );
-    let report = finish_tracer(tracer)?;
-    Ok((report, fixture))
-}
 
 fn require_root() -> bool {
     if !is_root() {
@@ -190,7 +160,7 @@ fn pid_filter_keeps_only_that_process() -> Result<()> {
         return Ok(());
     }
     let mut fixture = Guard::new(
-        Command::new(fixture_binary())
+        Command::new(fixture_binary()?)
             .args(["wait-then-hold-eventfds", &HELD.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -7,9 +7,22 @@
 //! `hold-bpf-maps N`: creates N 1 MiB BPF array maps (each vmallocs its storage) and N percpu
 //! array maps of 16 elements (each element a percpu allocation), prints `ready`, and holds them
 //! until standard input reaches EOF.
+//! `hold-pipe-pages N`: fills pipes with N pages of data, 16 pages a pipe (each 4 KiB write
+//! allocates one page in the pipe's write path), prints `ready`, and holds them until standard
+//! input reaches EOF.
+//! `churn-pipe-pages N`: the same, but closes the pipes (freeing the pages) before printing
+//! `done`.
 //! `leave-messages N`: sends N messages to a new System V message queue (each kmallocs a
 //! `struct msg_msg` in load_msg), prints the queue id and exits, leaving the queue behind.
 //! `clean-messages N`: the same, but removes the queue before exiting.
+//!
+//! Steady growth, for `memleak classify` (RATE per second for SECONDS, then hold):
+//! `grow-eventfds RATE SECONDS`: prints `started`, creates RATE eventfds per second (each one
+//! a `struct eventfd_ctx` from kmalloc, a `struct file` from the filp cache, both unreclaimable
+//! slab, and a dentry, reclaimable) for SECONDS, prints `done`, and holds them until standard
+//! input reaches EOF.
+//! `grow-bpf-maps RATE SECONDS`: the same with 1 MiB BPF array maps (each one vmallocs its
+//! storage).
 //!
 //! Benchmark workloads (`cargo xtask bench`) run for MILLIS milliseconds, then print
 //! `ops=<N> seconds=<F>`:
@@ -215,12 +228,88 @@ fn remove_message_queue(queue: libc::c_int) -> Result<(), String> {
     Ok(())
 }
 
+/// Calls `create` RATE times per second for `seconds`, keeping what it returns, then prints
+/// `done` and holds everything until standard input reaches EOF.
+fn grow(
+    rate: u64,
+    seconds: u64,
+    mut create: impl FnMut() -> Result<libc::c_int, String>,
+) -> Result<(), String> {
+    let window = Duration::from_secs(seconds);
+    let mut held = Vec::new();
+    say("started");
+    let started = Instant::now();
+    loop {
+        let elapsed = started.elapsed().min(window);
+        let due = (elapsed.as_secs_f64() * rate as f64) as usize;
+        while held.len() < due {
+            held.push(create()?);
+        }
+        if elapsed >= window {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    say("done");
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
+    for fd in held {
+        unsafe { libc::close(fd) };
+    }
+    Ok(())
+}
+
+/// The soft limit on open files (RLIMIT_NOFILE), which raise_fd_limit may fail to raise
+/// without CAP_SYS_RESOURCE.
+fn open_files_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    limit.rlim_cur
+}
+
+/// `grow-eventfds RATE SECONDS` and `grow-bpf-maps RATE SECONDS`.
+fn run_growth(command: &str, rate: &str, seconds: &str) -> Result<(), String> {
+    let rate: u64 = rate.parse().map_err(|_| format!("bad rate `{rate}`"))?;
+    let seconds: u64 = seconds
+        .parse()
+        .map_err(|_| format!("bad number of seconds `{seconds}`"))?;
+    let objects = rate.saturating_mul(seconds);
+    raise_fd_limit(objects);
+    let limit = open_files_limit();
+    if objects + 64 > limit {
+        return Err(format!(
+            "{objects} descriptors needed but this process may open only {limit}"
+        ));
+    }
+    match command {
+        "grow-eventfds" => {
+            grow(rate, seconds, || {
+                eventfd().map_err(|error| format!("eventfd: {error}"))
+            })
+        }
+        "grow-bpf-maps" => {
+            grow(rate, seconds, || {
+                create_bpf_map(BPF_MAP_TYPE_ARRAY, 4096, 256)
+            })
+        }
+        other => Err(format!("unknown workload `{other}`")),
+    }
+}
+
 fn run(args: &[String]) -> Result<(), String> {
+    if let [command, rate, seconds] = args
+        && command.starts_with("grow-")
+    {
+        return run_growth(command, rate, seconds);
+    }
     let [command, number] = args else {
         return Err(
             "usage: memleak-fixture hold-eventfds|wait-then-hold-eventfds|churn-eventfds|hold-bpf-maps\
-             |leave-messages|clean-messages N \
-             | bench-churn|bench-mixed MILLIS"
+             |hold-pipe-pages|churn-pipe-pages|leave-messages|clean-messages N \
+             | bench-churn|bench-mixed MILLIS | grow-eventfds|grow-bpf-maps RATE SECONDS"
                 .into(),
         );
     };
@@ -282,6 +371,23 @@ fn run(args: &[String]) -> Result<(), String> {
             }
             Ok(())
         }
+        "hold-pipe-pages" => {
+            let pipes = fill_pipes(number)?;
+            say("ready");
+            let mut sink = Vec::new();
+            let _ = std::io::stdin().read_to_end(&mut sink);
+            for fd in pipes {
+                unsafe { libc::close(fd) };
+            }
+            Ok(())
+        }
+        "churn-pipe-pages" => {
+            for fd in fill_pipes(number)? {
+                unsafe { libc::close(fd) };
+            }
+            say("done");
+            Ok(())
+        }
         "leave-messages" => {
             let queue = fill_message_queue(number)?;
             say(&queue.to_string());
@@ -293,6 +399,32 @@ fn run(args: &[String]) -> Result<(), String> {
         }
         other => Err(format!("unknown workload `{other}`")),
     }
+}
+
+/// Pages a pipe holds by default (`pipe-max-size` aside): its 16 buffers.
+const PAGES_PER_PIPE: u64 = 16;
+
+/// Writes `pages` whole pages into as many pipes as they need; returns both ends of each.
+fn fill_pipes(pages: u64) -> Result<Vec<libc::c_int>, String> {
+    raise_fd_limit(2 * pages.div_ceil(PAGES_PER_PIPE));
+    let page = [0x5au8; 4096];
+    let mut fds = Vec::new();
+    let mut written = 0;
+    while written < pages {
+        let mut ends = [0; 2];
+        if unsafe { libc::pipe(ends.as_mut_ptr()) } != 0 {
+            return Err(format!("pipe: {}", std::io::Error::last_os_error()));
+        }
+        fds.extend(ends);
+        for _ in 0..PAGES_PER_PIPE.min(pages - written) {
+            let wrote = unsafe { libc::write(ends[1], page.as_ptr().cast(), page.len()) };
+            if wrote != page.len() as isize {
+                return Err(format!("pipe write: {}", std::io::Error::last_os_error()));
+            }
+            written += 1;
+        }
+    }
+    Ok(fds)
 }
 
 fn main() -> ExitCode {
