@@ -4,6 +4,8 @@
 //! side reads the same bytes back. Changing a layout means changing both sides together.
 #![no_std]
 
+pub mod scan;
+
 
 /// Object slots per bucket of the outstanding-allocation table. An object can live only in the
 /// bucket its address hashes to, so a free scans one bucket: sixteen `u64` keys, two adjacent

@@ -11,6 +11,7 @@ mod classic;
 mod maps;
 mod page;
 mod percpu;
+mod scan;
 mod slab;
 mod tracker;
 mod vmalloc;

@@ -27,6 +27,9 @@ pub enum Command {
     /// Run a kmemleak scan on a debug kernel (or read a saved report) and group the
     /// unreferenced objects by allocation backtrace.
     Kmemleak(crate::kmemleak::KmemleakArgs),
+    /// Read every object of a slab cache from kernel memory and find the largest groups of
+    /// objects with similar contents: what a long-running leak leaves behind.
+    Scan(crate::scan::ScanArgs),
 }
 
 /// How and where a report is written; shared by every subcommand that reports.

@@ -14,6 +14,7 @@ mod output;
 mod privileges;
 mod probes;
 mod report;
+mod scan;
 mod symbolize;
 mod table;
 mod trace;
@@ -25,6 +26,7 @@ fn main() -> ExitCode {
         cli::Command::Trace(args) => trace::trace(&args),
         cli::Command::Run(args) => trace::run(&args),
         cli::Command::Kmemleak(args) => kmemleak::run(&args),
+        cli::Command::Scan(args) => scan::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -15,7 +15,8 @@ use crate::{
     tracefs::{self, ClassicProgram},
 };
 
-pub(crate) static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memleak"));
+pub(crate) pub(crate) static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memleak"));
 
 /// Stack map entries: each holds up to 127 frames (1 KiB), preallocated by the kernel.
 const STACK_MAP_ENTRIES: u32 = 16_384;

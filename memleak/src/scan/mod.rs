@@ -1,0 +1,234 @@
+//! Slab content similarity: `memleak scan --cache NAME`, and the content scan that
+//! `memleak trace --cache NAME` runs at the end of its window.
+//!
+//! A leak that has run for months leaves most of its objects in one cache, all with the
+//! contents they were last written with. The scanner reads every object of the cache from
+//! kernel memory (eBPF, `bpf_probe_read_kernel`, run on demand), finds the largest groups of
+//! similar objects, and, after a trace, marks the traced allocations that look like the
+//! largest group: their call site is the suspected leaker.
+use std::{
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::Args;
+use hashbrown::HashMap;
+
+use crate::{
+    cli::{Format, ReportOptions},
+    kernel,
+    output::ReportSink,
+    privileges,
+};
+
+mod bases;
+mod layout;
+mod reader;
+mod render;
+mod similarity;
+mod slabs;
+
+pub use render::{ScanReport, render_text};
+
+use self::{
+    bases::KernelBases,
+    layout::SlabLayout,
+    reader::KernelReader,
+    similarity::{ClusterSettings, Pattern},
+    slabs::{Cache, CacheObjects},
+};
+
+#[derive(Debug, Args)]
+pub struct ScanArgs {
+    /// The slab cache to scan, by its name in /proc/slabinfo (`kmalloc-64`, `msg_msg-64`,
+    /// `filp`). A cache that SLUB merged into another is scanned as that one, and the report
+    /// says so.
+    #[arg(long, value_name = "NAME")]
+    pub cache: String,
+
+    #[command(flatten)]
+    pub similarity: SimilarityOptions,
+
+    #[command(flatten)]
+    pub report: ReportOptions,
+}
+
+/// How similar two objects must be; shared by `scan` and `trace --cache`.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct SimilarityOptions {
+    /// Two slab objects are similar when at least this percentage of their informative bytes
+    /// (bytes other than 0x00, 0xff and slab poison values) are equal.
+    #[arg(long, value_name = "PERCENT", default_value_t = 65,
+          value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub similarity: u8,
+}
+
+impl SimilarityOptions {
+    fn threshold(self) -> f64 {
+        f64::from(self.similarity) / 100.0
+    }
+}
+
+/// Groups reported at most, whatever `--top` says: each one past the first costs a pass over
+/// the sample.
+const MAX_GROUPS: usize = 5;
+
+/// `memleak scan`.
+pub fn run(args: &ScanArgs) -> Result<ExitCode> {
+    privileges::require_root()?;
+    privileges::lift_memlock_limit();
+    let sink = ReportSink::open(args.report.output.as_deref())?;
+    let mut scanner = Scanner::prepare(&args.cache)?;
+    let groups = (args.report.top as usize).min(MAX_GROUPS);
+    let scan = scanner.scan(args.similarity, groups)?;
+    let report = scan.report(&kernel::release()?, None);
+    let text = match args.report.format {
+        Format::Text => render_text(&report),
+        Format::Json => render::render_json(&report),
+    };
+    sink.write(&text)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A reader with proven bases, and the cache to scan.
+pub struct Scanner {
+    reader: KernelReader,
+    layout: SlabLayout,
+    bases: KernelBases,
+    wanted: String,
+    cache: Cache,
+}
+
+impl Scanner {
+    /// Loads the reader, finds and verifies the kernel's bases, and finds the cache. Fails,
+    /// before any object is read, when a base cannot be proven or the cache does not exist.
+    pub fn prepare(wanted: &str) -> Result<Self> {
+        if !kernel::has_btf() {
+            bail!(
+                "scanning slab caches needs kernel BTF ({} not found)",
+                kernel::BTF_PATH
+            );
+        }
+        let btf = btf_rs::Btf::from_file(kernel::BTF_PATH).context("parsing kernel BTF")?;
+        let layout = SlabLayout::from_btf(&btf)?;
+        let pages = slabs::slab_pages()?;
+        let mut reader = KernelReader::load()?;
+        let bases = bases::find(&mut reader, &layout, pages.max_pfn)?;
+        let slabs = slabs::read_slabs(&mut reader, &layout, &bases, &pages.heads)?;
+        let caches = slabs::read_caches(&mut reader, &layout, &slabs)?;
+        slabs::verify_slabs_lead_to_caches(&slabs, &caches)?;
+        let Some(cache) = slabs::find_cache(&caches, wanted).cloned() else {
+            if std::path::Path::new("/sys/kernel/slab")
+                .join(wanted)
+                .exists()
+            {
+                bail!("--cache {wanted}: the cache has no slab pages right now (it is empty)");
+            }
+            bail!("--cache {wanted}: no such slab cache (see /proc/slabinfo)");
+        };
+        log::info!(
+            "bases: page_offset_base {:#x}, vmemmap_base {:#x}; {} slab pages, {} caches",
+            bases.page_offset,
+            bases.vmemmap,
+            slabs.len(),
+            caches.len()
+        );
+        Ok(Self {
+            reader,
+            layout,
+            bases,
+            wanted: wanted.to_owned(),
+            cache,
+        })
+    }
+
+    /// Reads every object of the cache now and finds up to `groups` groups of similar ones.
+    pub fn scan(&mut self, similarity: SimilarityOptions, groups: usize) -> Result<CacheScan> {
+        let started = Instant::now();
+        let pages = slabs::slab_pages()?;
+        let slabs = slabs::read_slabs(&mut self.reader, &self.layout, &self.bases, &pages.heads)?;
+        let objects = slabs::read_objects(&mut self.reader, &self.bases, &self.cache, &slabs)?;
+        let read_time = started.elapsed();
+        let settings = ClusterSettings {
+            threshold: similarity.threshold(),
+            max_groups: groups.max(1),
+            ..ClusterSettings::default()
+        };
+        let clustering = similarity::cluster(&objects.bytes, objects.object_size, &settings);
+        let leader = clustering
+            .groups
+            .first()
+            .map(|group| Pattern::new(objects.object(group.representative)));
+        let index = objects
+            .addresses
+            .iter()
+            .enumerate()
+            .map(|(index, &address)| (address, index))
+            .collect();
+        Ok(CacheScan {
+            wanted: self.wanted.clone(),
+            cache: self.cache.clone(),
+            bases: self.bases,
+            objects,
+            clustering,
+            similarity,
+            read_time,
+            total_time: started.elapsed(),
+            failed_reads: self.reader.failed_reads,
+            index,
+            leader,
+        })
+    }
+}
+
+/// One scan's objects and groups.
+pub struct CacheScan {
+    wanted: String,
+    cache: Cache,
+    bases: KernelBases,
+    objects: CacheObjects,
+    clustering: similarity::Clustering,
+    similarity: SimilarityOptions,
+    read_time: Duration,
+    total_time: Duration,
+    failed_reads: u64,
+    /// Object address to its index in `objects`.
+    index: HashMap<u64, usize>,
+    /// The largest group's representative.
+    leader: Option<Pattern>,
+}
+
+/// How a traced object compares with the scan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mark {
+    /// Not an in-use object of the scanned cache.
+    Elsewhere,
+    /// In the cache, not similar to the largest group's representative.
+    Dissimilar,
+    /// In the cache and similar to the largest group's representative.
+    Similar,
+}
+
+impl CacheScan {
+    /// Compares the object at `address` (a traced, still outstanding allocation) with the
+    /// largest group.
+    pub fn mark(&self, address: u64) -> Mark {
+        let Some(&index) = self.index.get(&address) else {
+            return Mark::Elsewhere;
+        };
+        let Some(pattern) = &self.leader else {
+            return Mark::Dissimilar;
+        };
+        if pattern.similar(self.objects.object(index), self.similarity.threshold()) {
+            Mark::Similar
+        } else {
+            Mark::Dissimilar
+        }
+    }
+
+    /// The report, with the traced allocations' marks when there was a trace.
+    pub fn report(&self, kernel: &str, marking: Option<render::Marking>) -> ScanReport {
+        render::build(self, kernel, marking)
+    }
+}

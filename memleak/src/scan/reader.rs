@@ -1,0 +1,183 @@
+//! Reads kernel memory through the `read_kernel_memory` eBPF program, in batches.
+use std::{
+    io,
+    os::fd::{AsFd as _, AsRawFd as _},
+    ptr::NonNull,
+};
+
+use anyhow::{Context as _, Result, anyhow};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::Map,
+    programs::{RawTracePoint, RawTracePointRunOptions, TestRun as _},
+};
+use memleak_common::scan::{MAX_READS_PER_RUN, READ_CHUNK_BYTES, ReadChunk, ReadRequest};
+
+use crate::probes::EBPF_OBJECT;
+
+const PROGRAM: &str = "read_kernel_memory";
+
+/// A loaded reader program and the mappings of its request and chunk maps.
+pub struct KernelReader {
+    // Field order: the mappings go before the object that owns the maps.
+    requests: SharedMapping<ReadRequest>,
+    chunks: SharedMapping<ReadChunk>,
+    ebpf: Ebpf,
+    /// Reads that failed: unmapped addresses, or pages freed while the scan ran.
+    pub failed_reads: u64,
+    pub reads: u64,
+}
+
+impl KernelReader {
+    /// Loads the reader from memleak's eBPF object. The tracer's maps in that object are
+    /// created too, at their smallest.
+    pub fn load() -> Result<Self> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries("READ_REQUESTS", MAX_READS_PER_RUN)
+            .map_max_entries("READ_CHUNKS", MAX_READS_PER_RUN)
+            .map_max_entries("CACHE_NAMES", 1)
+            .map_max_entries("COMMS", 1)
+            .load(EBPF_OBJECT)
+            .context("creating the kernel memory reader's eBPF maps")?;
+        let program: &mut RawTracePoint = ebpf
+            .program_mut(PROGRAM)
+            .ok_or_else(|| anyhow!("eBPF object has no program {PROGRAM}"))?
+            .try_into()?;
+        program
+            .load()
+            .with_context(|| format!("loading the kernel memory reader ({PROGRAM})"))?;
+        let requests = SharedMapping::new(map(&ebpf, "READ_REQUESTS")?, MAX_READS_PER_RUN)?;
+        let chunks = SharedMapping::new(map(&ebpf, "READ_CHUNKS")?, MAX_READS_PER_RUN)?;
+        Ok(Self {
+            requests,
+            chunks,
+            ebpf,
+            failed_reads: 0,
+            reads: 0,
+        })
+    }
+
+    fn run(&mut self, requests: usize) -> Result<()> {
+        let program: &RawTracePoint = self
+            .ebpf
+            .program(PROGRAM)
+            .ok_or_else(|| anyhow!("eBPF object has no program {PROGRAM}"))?
+            .try_into()?;
+        let mut options = RawTracePointRunOptions::new();
+        options.args[0] = requests as u64;
+        program
+            .test_run(options)
+            .context("running the kernel memory reader (BPF_PROG_TEST_RUN)")?;
+        Ok(())
+    }
+
+    /// Reads each `(address, length)` (length at most one page) and calls `visit` with its
+    /// index and its bytes, or `None` when the read failed.
+    pub fn read_each(
+        &mut self,
+        reads: &[(u64, u32)],
+        mut visit: impl FnMut(usize, Option<&[u8]>),
+    ) -> Result<()> {
+        for (batch_index, batch) in reads.chunks(MAX_READS_PER_RUN as usize).enumerate() {
+            let requests = self.requests.as_mut_slice();
+            for (chunk, (request, &(address, length))) in requests.iter_mut().zip(batch).enumerate()
+            {
+                *request = ReadRequest {
+                    address,
+                    chunk: chunk as u32,
+                    length: length.min(READ_CHUNK_BYTES as u32),
+                };
+            }
+            self.run(batch.len())?;
+            let requests = self.requests.as_mut_slice();
+            let chunks = self.chunks.as_mut_slice();
+            for (index, (request, chunk)) in requests
+                .iter()
+                .zip(chunks.iter())
+                .take(batch.len())
+                .enumerate()
+            {
+                self.reads += 1;
+                let position = batch_index * MAX_READS_PER_RUN as usize + index;
+                if request.address == 0 {
+                    self.failed_reads += 1;
+                    visit(position, None);
+                } else {
+                    visit(position, Some(&chunk.bytes[..request.length as usize]));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads one range of up to a page.
+    pub fn read(&mut self, address: u64, length: u32) -> Result<Option<Vec<u8>>> {
+        let mut bytes = None;
+        self.read_each(&[(address, length)], |_, read| {
+            bytes = read.map(<[u8]>::to_vec)
+        })?;
+        Ok(bytes)
+    }
+
+    /// Reads a little-endian word, `None` when unreadable.
+    pub fn read_u64(&mut self, address: u64) -> Result<Option<u64>> {
+        Ok(self
+            .read(address, 8)?
+            .and_then(|bytes| Some(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?))))
+    }
+
+    /// The `struct task_struct *` of this thread, as the kernel sees it.
+    pub fn current_task(&mut self) -> Result<u64> {
+        self.run(0)?;
+        let tasks: aya::maps::Array<&aya::maps::MapData, u64> =
+            aya::maps::Array::try_from(map(&self.ebpf, "READER_TASK")?)?;
+        tasks.get(&0, 0).context("reading READER_TASK")
+    }
+}
+
+fn map<'a>(ebpf: &'a Ebpf, name: &str) -> Result<&'a Map> {
+    ebpf.map(name)
+        .ok_or_else(|| anyhow!("eBPF object has no {name} map"))
+}
+
+/// A read-write shared mapping of a whole `BPF_F_MMAPABLE` array map.
+struct SharedMapping<T> {
+    base: NonNull<T>,
+    elements: usize,
+}
+
+impl<T> SharedMapping<T> {
+    fn new(map: &Map, elements: u32) -> Result<Self> {
+        let Map::Array(data) = map else {
+            return Err(anyhow!("expected an array map"));
+        };
+        let elements = elements as usize;
+        let address = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                elements * size_of::<T>(),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                data.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if address == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error()).context("mmap of a kernel reader map");
+        }
+        let base = NonNull::new(address.cast()).ok_or_else(|| anyhow!("mmap returned NULL"))?;
+        Ok(Self { base, elements })
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [T] {
+        // The mapping holds `elements` values of `T` until drop; the kernel writes it only
+        // during a test run, which this thread waits for.
+        unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr(), self.elements) }
+    }
+}
+
+impl<T> Drop for SharedMapping<T> {
+    fn drop(&mut self) {
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.elements * size_of::<T>()) };
+    }
+}

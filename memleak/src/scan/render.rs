@@ -1,0 +1,365 @@
+//! The scan report: built from a [`CacheScan`], rendered as text (JSON through serde).
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use super::CacheScan;
+use crate::{
+    duration,
+    frame::Frame,
+    report::{human_bytes, thousands},
+    symbolize::KernelSymbolizer,
+};
+
+#[derive(Debug, Serialize)]
+pub struct ScanReport {
+    pub kernel: String,
+    /// The cache as named on the command line.
+    pub cache: String,
+    /// The `struct kmem_cache` actually scanned: another name when SLUB merged `cache` into it.
+    pub scanned_cache: String,
+    pub merged: bool,
+    pub object_size: u32,
+    /// Object stride in the slab (object plus metadata and padding).
+    pub slot_size: u32,
+    pub slabs: u64,
+    /// In-use objects read (slots minus those on their slab's freelist).
+    pub objects: u64,
+    /// Slots on their slab's freelist, left out.
+    pub free_objects: u64,
+    /// In-use objects according to the slabs' counters (objects cached per CPU count as in
+    /// use here but are free).
+    pub inuse_by_counters: u64,
+    pub unreadable_pages: u64,
+    pub broken_freelists: u64,
+    pub failed_reads: u64,
+    /// Objects holding no informative byte (all zeros, say).
+    pub empty_objects: u64,
+    pub sampled: u64,
+    pub similarity_percent: u8,
+    #[serde(serialize_with = "hex")]
+    pub page_offset_base: u64,
+    #[serde(serialize_with = "hex")]
+    pub vmemmap_base: u64,
+    pub read_ms: u64,
+    pub scan_ms: u64,
+    /// Groups of similar objects, largest first.
+    pub groups: Vec<GroupReport>,
+    /// After a trace: how the traced allocations in this cache compare with the largest group.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub marking: Option<Marking>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct GroupReport {
+    /// Objects similar to the representative.
+    pub objects: u64,
+    /// Share of the cache's in-use objects, in percent.
+    pub share_percent: f64,
+    pub bytes: u64,
+    #[serde(serialize_with = "hex")]
+    pub representative: u64,
+    /// Sampled objects similar to the representative, of `sampled`.
+    pub sample_support: u64,
+    /// The representative's bytes, as hex.
+    pub contents: String,
+    /// Pointer-sized words of the representative that name kernel symbols.
+    pub symbols: Vec<WordSymbol>,
+    /// Runs of printable ASCII, 4 characters or more.
+    pub strings: Vec<ObjectString>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct WordSymbol {
+    pub offset: usize,
+    pub frame: Frame,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ObjectString {
+    pub offset: usize,
+    pub text: String,
+}
+
+/// How the traced allocations compare with the largest group.
+#[derive(Debug, Clone, Serialize)]
+pub struct Marking {
+    /// Outstanding traced allocations found among the cache's in-use objects.
+    pub traced: u64,
+    /// Those similar to the largest group's representative.
+    pub marked: u64,
+    /// The call site with the most marked allocations (then the most traced), if any is marked.
+    pub suspected: Option<Suspect>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Suspect {
+    pub call_site: Frame,
+    pub marked: u64,
+    pub traced: u64,
+}
+
+fn hex<S: serde::Serializer>(value: &u64, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&format!("{value:#x}"))
+}
+
+pub(super) fn build(scan: &CacheScan, kernel: &str, marking: Option<Marking>) -> ScanReport {
+    let objects = &scan.objects;
+    let total = objects.len() as u64;
+    let mut symbolizer = KernelSymbolizer::new();
+    let words: Vec<u64> = scan
+        .clustering
+        .groups
+        .iter()
+        .flat_map(|group| kernel_words(objects.object(group.representative)))
+        .map(|(_, word)| word)
+        .collect();
+    if let Err(error) = symbolizer.resolve(words) {
+        log::warn!("symbolizing object contents: {error:#}");
+    }
+    let groups = scan
+        .clustering
+        .groups
+        .iter()
+        .map(|group| {
+            let bytes = objects.object(group.representative);
+            GroupReport {
+                objects: group.members,
+                share_percent: percent(group.members, total),
+                bytes: group.members * u64::from(scan.cache.size),
+                representative: objects.addresses[group.representative],
+                sample_support: group.sample_support,
+                contents: bytes.iter().map(|byte| format!("{byte:02x}")).collect(),
+                symbols: kernel_words(bytes)
+                    .filter_map(|(offset, word)| {
+                        let frame = symbolizer.frame(word);
+                        frame
+                            .symbol
+                            .is_some()
+                            .then_some(WordSymbol { offset, frame })
+                    })
+                    .collect(),
+                strings: strings(bytes),
+            }
+        })
+        .collect();
+    ScanReport {
+        kernel: kernel.to_owned(),
+        cache: scan.wanted.clone(),
+        scanned_cache: scan.cache.name.clone(),
+        merged: scan.cache.name != scan.wanted,
+        object_size: scan.cache.object_size,
+        slot_size: scan.cache.size,
+        slabs: objects.slabs,
+        objects: total,
+        free_objects: objects.free,
+        inuse_by_counters: objects.inuse,
+        unreadable_pages: objects.unreadable_pages,
+        broken_freelists: objects.broken_freelists,
+        failed_reads: scan.failed_reads,
+        empty_objects: scan.clustering.empty,
+        sampled: scan.clustering.sampled,
+        similarity_percent: scan.similarity.similarity,
+        page_offset_base: scan.bases.page_offset,
+        vmemmap_base: scan.bases.vmemmap,
+        read_ms: scan.read_time.as_millis() as u64,
+        scan_ms: scan.total_time.as_millis() as u64,
+        groups,
+        marking,
+    }
+}
+
+fn percent(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        (part as f64 * 1000.0 / whole as f64).round() / 10.0
+    }
+}
+
+/// Aligned 8-byte words that hold kernel image or module addresses (the top 2 GiB).
+fn kernel_words(bytes: &[u8]) -> impl Iterator<Item = (usize, u64)> + '_ {
+    bytes
+        .chunks_exact(8)
+        .enumerate()
+        .filter_map(|(index, word)| {
+            let word = u64::from_le_bytes(word.try_into().ok()?);
+            (word >= 0xffff_ffff_8000_0000 && word != u64::MAX).then_some((index * 8, word))
+        })
+}
+
+/// Runs of at least 4 printable ASCII characters.
+fn strings(bytes: &[u8]) -> Vec<ObjectString> {
+    let mut found = Vec::new();
+    let mut start = None;
+    for (index, &byte) in bytes.iter().chain(std::iter::once(&0)).enumerate() {
+        let printable = byte.is_ascii_graphic() || byte == b' ';
+        match (printable, start) {
+            (true, None) => start = Some(index),
+            (false, Some(first)) => {
+                if index - first >= 4 {
+                    found.push(ObjectString {
+                        offset: first,
+                        text: String::from_utf8_lossy(&bytes[first..index]).into_owned(),
+                    });
+                }
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    found
+}
+
+/// `kmalloc-64: 593,975 similar objects (71% of cache); suspected: f+0x7c/0x200 (62 of 66
+/// traced allocations similar)`.
+pub fn summary(report: &ScanReport) -> String {
+    let Some(group) = report.groups.first() else {
+        return format!(
+            "{}: no group of similar objects among {} objects",
+            report.cache,
+            thousands(report.objects)
+        );
+    };
+    let mut line = format!(
+        "{}: {} similar objects ({:.0}% of cache)",
+        report.cache,
+        thousands(group.objects),
+        group.share_percent
+    );
+    match &report.marking {
+        Some(Marking {
+            suspected: Some(suspect),
+            ..
+        }) => {
+            let _ = write!(
+                line,
+                "; suspected: {} ({} of {} traced allocations similar)",
+                suspect.call_site,
+                thousands(suspect.marked),
+                thousands(suspect.traced)
+            );
+        }
+        Some(marking) => {
+            let _ = write!(
+                line,
+                "; none of the {} traced allocations in this cache is similar",
+                thousands(marking.traced)
+            );
+        }
+        None => {}
+    }
+    line
+}
+
+pub fn render_json(report: &ScanReport) -> String {
+    let mut text = serde_json::to_string_pretty(report).unwrap_or_else(|error| {
+        // Serializing plain structs cannot fail; say so loudly if it ever does.
+        format!("{{\"error\": \"serializing the report failed: {error}\"}}")
+    });
+    text.push('\n');
+    text
+}
+
+pub fn render_text(report: &ScanReport) -> String {
+    let mut out = String::new();
+    let merged = if report.merged {
+        format!(" (merged by SLUB into {})", report.scanned_cache)
+    } else {
+        String::new()
+    };
+    let _ = writeln!(
+        out,
+        "memleak scan: {}{merged}, {}-byte objects: {} in use in {} slabs, read in {} (kernel {})",
+        report.cache,
+        report.object_size,
+        thousands(report.objects),
+        thousands(report.slabs),
+        duration::display(std::time::Duration::from_millis(report.read_ms)),
+        report.kernel,
+    );
+    let _ = writeln!(out, "{}", summary(report));
+    render_details(&mut out, report);
+    out
+}
+
+/// The scan's counters and its groups, for the scan command and the end of a trace report.
+pub fn render_details(out: &mut String, report: &ScanReport) {
+    let _ = writeln!(
+        out,
+        "scanned: {} free objects left out, {} unreadable pages, {} slabs changed while read, \
+         {} objects without content; similarity >= {}% of informative bytes, {} objects sampled",
+        thousands(report.free_objects),
+        thousands(report.unreadable_pages),
+        thousands(report.broken_freelists),
+        thousands(report.empty_objects),
+        report.similarity_percent,
+        thousands(report.sampled),
+    );
+    let _ = writeln!(
+        out,
+        "bases:   page_offset_base {:#x}, vmemmap_base {:#x} (verified)",
+        report.page_offset_base, report.vmemmap_base
+    );
+    for (rank, group) in report.groups.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "\n#{:<3} {} similar objects ({:.1}% of in-use objects, {}), like the one at {:#x}",
+            rank + 1,
+            thousands(group.objects),
+            group.share_percent,
+            human_bytes(group.bytes),
+            group.representative,
+        );
+        let bytes: Vec<u8> = (0..group.contents.len() / 2)
+            .filter_map(|index| {
+                u8::from_str_radix(&group.contents[index * 2..index * 2 + 2], 16).ok()
+            })
+            .collect();
+        for (line, chunk) in bytes.chunks(16).enumerate() {
+            let hex: Vec<String> = chunk.iter().map(|byte| format!("{byte:02x}")).collect();
+            let ascii: String = chunk
+                .iter()
+                .map(|&byte| {
+                    if byte.is_ascii_graphic() || byte == b' ' {
+                        byte as char
+                    } else {
+                        '.'
+                    }
+                })
+                .collect();
+            let _ = writeln!(
+                out,
+                "     {:04x}  {:<47}  |{ascii}|",
+                line * 16,
+                hex.join(" ")
+            );
+        }
+        for symbol in &group.symbols {
+            let _ = writeln!(out, "     +{:#06x}: {}", symbol.offset, symbol.frame);
+        }
+        for string in &group.strings {
+            let _ = writeln!(out, "     +{:#06x}: \"{}\"", string.offset, string.text);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_strings_and_kernel_words() {
+        let mut bytes = vec![0u8; 32];
+        bytes[8..16].copy_from_slice(&0xffff_ffff_8123_4567u64.to_le_bytes());
+        bytes[16..24].copy_from_slice(&0xffff_8880_0000_1000u64.to_le_bytes());
+        bytes[24..30].copy_from_slice(b"leaky!");
+        let words: Vec<(usize, u64)> = kernel_words(&bytes).collect();
+        assert_eq!(words, [(8, 0xffff_ffff_8123_4567)]);
+        let found = strings(&bytes);
+        assert_eq!(found.len(), 1);
+        assert_eq!((found[0].offset, found[0].text.as_str()), (24, "leaky!"));
+        assert_eq!(percent(71, 100), 71.0);
+        assert_eq!(percent(1, 3), 33.3);
+    }
+}

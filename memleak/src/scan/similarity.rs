@@ -1,0 +1,435 @@
+//! Content similarity of slab objects, and the largest groups of similar objects in a cache.
+//!
+//! Leaked objects keep the contents they were last written with: pointers to the same ops
+//! tables, the same magic values and strings. Two objects are similar when at least a given
+//! share of their informative bytes are equal, where the informative bytes are the positions
+//! at which either object holds something other than zero, all-ones or a slab poison or red
+//! zone value.
+//!
+//! Clustering is sample, then confirm: among a random sample of a few thousand objects, the
+//! object similar to the most others represents the largest group; its sampled neighbours are
+//! set aside and the next group is found the same way. One linear pass over every object then
+//! counts the members of each group.
+
+/// Default share of informative bytes two similar objects have in common (sysAK's value).
+pub const DEFAULT_THRESHOLD: f64 = 0.65;
+
+/// Bytes that say nothing about who wrote an object: zero, all-ones, and SLUB's poison
+/// (`POISON_FREE`, `POISON_INUSE`, `POISON_END`) and red zone (`SLUB_RED_ACTIVE`,
+/// `SLUB_RED_INACTIVE`) values.
+pub fn is_informative(byte: u8) -> bool {
+    !matches!(byte, 0x00 | 0xff | 0x6b | 0x5a | 0xa5 | 0xcc | 0xbb)
+}
+
+/// An object to compare others with, with its informative byte count per 8-byte word.
+#[derive(Debug, Clone)]
+pub struct Pattern {
+    bytes: Vec<u8>,
+    informative_per_word: Vec<u32>,
+}
+
+impl Pattern {
+    pub fn new(bytes: &[u8]) -> Self {
+        Self {
+            bytes: bytes.to_vec(),
+            informative_per_word: bytes
+                .chunks(8)
+                .map(|word| word.iter().filter(|&&byte| is_informative(byte)).count() as u32)
+                .collect(),
+        }
+    }
+
+    /// Equal and total informative positions between the pattern and `other` (same length).
+    pub fn compare(&self, other: &[u8]) -> (u32, u32) {
+        let (mut equal, mut union) = (0, 0);
+        for ((mine, theirs), &informative) in self
+            .bytes
+            .chunks(8)
+            .zip(other.chunks(8))
+            .zip(&self.informative_per_word)
+        {
+            if mine == theirs {
+                equal += informative;
+                union += informative;
+                continue;
+            }
+            for (&a, &b) in mine.iter().zip(theirs) {
+                let counts = is_informative(a) || is_informative(b);
+                union += u32::from(counts);
+                equal += u32::from(counts && a == b);
+            }
+        }
+        (equal, union)
+    }
+
+    /// Whether `other` is similar: at least `threshold` of the informative positions equal.
+    /// Objects with no informative byte between them are not similar to anything.
+    pub fn similar(&self, other: &[u8], threshold: f64) -> bool {
+        let (equal, union) = self.compare(other);
+        union > 0 && f64::from(equal) >= threshold * f64::from(union)
+    }
+}
+
+/// Whether an object holds any informative byte.
+pub fn has_content(object: &[u8]) -> bool {
+    object.iter().any(|&byte| is_informative(byte))
+}
+
+/// One group of similar objects.
+#[derive(Debug, Clone)]
+pub struct Group {
+    /// Index of the representative object.
+    pub representative: usize,
+    /// Objects similar to the representative (and not to a larger group's).
+    pub members: u64,
+    /// Sampled objects similar to the representative.
+    pub sample_support: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Clustering {
+    /// Largest first.
+    pub groups: Vec<Group>,
+    pub sampled: u64,
+    /// Objects without any informative byte (all zeros, say): in no group.
+    pub empty: u64,
+}
+
+/// Settings of [`cluster`].
+#[derive(Debug, Clone, Copy)]
+pub struct ClusterSettings {
+    pub threshold: f64,
+    /// Groups to find at most.
+    pub max_groups: usize,
+    /// A group needs at least this many similar sampled objects (besides its representative)
+    /// and this share of the sample.
+    pub min_support: u64,
+    pub min_sample_share: f64,
+    /// Budget of byte comparisons for the sample's all-pairs pass.
+    pub sample_budget: u64,
+    pub max_sample: usize,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        Self {
+            threshold: DEFAULT_THRESHOLD,
+            max_groups: 3,
+            min_support: 2,
+            min_sample_share: 0.01,
+            sample_budget: 400_000_000,
+            max_sample: 2_000,
+        }
+    }
+}
+
+/// Finds the largest groups of similar objects among the objects in `bytes`, `size` bytes
+/// each.
+pub fn cluster(bytes: &[u8], size: usize, settings: &ClusterSettings) -> Clustering {
+    if size == 0 || bytes.len() < size {
+        return Clustering::default();
+    }
+    let count = bytes.len() / size;
+    let object = |index: usize| &bytes[index * size..(index + 1) * size];
+    let by_budget = (settings.sample_budget as f64 / size as f64).sqrt() as usize;
+    let sample_len = count.min(settings.max_sample.min(by_budget.max(200)));
+    let sample: Vec<usize> = sample_indices(count, sample_len)
+        .into_iter()
+        .filter(|&index| has_content(object(index)))
+        .collect();
+    let neighbours = Neighbours::of(&sample, object, settings.threshold);
+    let needed = settings
+        .min_support
+        .max((settings.min_sample_share * sample.len() as f64).ceil() as u64);
+    let mut taken = BitSet::new(sample.len());
+    let mut found: Vec<(usize, u64)> = Vec::new();
+    while found.len() < settings.max_groups {
+        let best = (0..sample.len())
+            .filter(|&i| !taken.contains(i))
+            .map(|i| (neighbours.row(i).count_without(&taken), i))
+            .max_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+        let Some((support, i)) = best else { break };
+        if support < needed {
+            break;
+        }
+        taken.union_with(neighbours.row(i));
+        taken.insert(i);
+        found.push((sample[i], support));
+    }
+    let patterns: Vec<Pattern> = found
+        .iter()
+        .map(|&(index, _)| Pattern::new(object(index)))
+        .collect();
+    let mut members = vec![0u64; patterns.len()];
+    let mut empty = 0;
+    for index in 0..count {
+        let candidate = object(index);
+        if !has_content(candidate) {
+            empty += 1;
+            continue;
+        }
+        if let Some(group) = patterns
+            .iter()
+            .position(|pattern| pattern.similar(candidate, settings.threshold))
+        {
+            members[group] += 1;
+        }
+    }
+    let mut groups: Vec<Group> = found
+        .iter()
+        .zip(members)
+        .map(|(&(representative, sample_support), members)| Group {
+            representative,
+            members,
+            sample_support,
+        })
+        .collect();
+    groups.sort_by(|a, b| {
+        b.members
+            .cmp(&a.members)
+            .then(a.representative.cmp(&b.representative))
+    });
+    Clustering {
+        groups,
+        sampled: sample.len() as u64,
+        empty,
+    }
+}
+
+/// `len` distinct indices below `count`, chosen by a fixed-seed generator (Floyd's
+/// algorithm), in ascending order: the same objects give the same report.
+fn sample_indices(count: usize, len: usize) -> Vec<usize> {
+    if len >= count {
+        return (0..count).collect();
+    }
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = |bound: usize| {
+        // splitmix64
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        ((z ^ (z >> 31)) % bound as u64) as usize
+    };
+    let mut chosen = hashbrown::HashSet::with_capacity(len);
+    for upper in count - len..count {
+        let pick = next(upper + 1);
+        if !chosen.insert(pick) {
+            chosen.insert(upper);
+        }
+    }
+    let mut indices: Vec<usize> = chosen.into_iter().collect();
+    indices.sort_unstable();
+    indices
+}
+
+/// Which sampled objects are similar to which: one bit row per sampled object.
+struct Neighbours {
+    rows: Vec<BitSet>,
+}
+
+impl Neighbours {
+    fn of<'a>(sample: &[usize], object: impl Fn(usize) -> &'a [u8], threshold: f64) -> Self {
+        let mut rows: Vec<BitSet> = (0..sample.len())
+            .map(|_| BitSet::new(sample.len()))
+            .collect();
+        for i in 0..sample.len() {
+            let pattern = Pattern::new(object(sample[i]));
+            for j in i + 1..sample.len() {
+                if pattern.similar(object(sample[j]), threshold) {
+                    rows[i].insert(j);
+                    rows[j].insert(i);
+                }
+            }
+        }
+        Self { rows }
+    }
+
+    fn row(&self, index: usize) -> &BitSet {
+        &self.rows[index]
+    }
+}
+
+struct BitSet {
+    words: Vec<u64>,
+}
+
+impl BitSet {
+    fn new(len: usize) -> Self {
+        Self {
+            words: vec![0; len.div_ceil(64)],
+        }
+    }
+
+    fn insert(&mut self, index: usize) {
+        self.words[index / 64] |= 1 << (index % 64);
+    }
+
+    fn contains(&self, index: usize) -> bool {
+        self.words[index / 64] & (1 << (index % 64)) != 0
+    }
+
+    fn union_with(&mut self, other: &BitSet) {
+        for (mine, theirs) in self.words.iter_mut().zip(&other.words) {
+            *mine |= theirs;
+        }
+    }
+
+    /// Members of `self` not in `excluded`.
+    fn count_without(&self, excluded: &BitSet) -> u64 {
+        self.words
+            .iter()
+            .zip(&excluded.words)
+            .map(|(mine, theirs)| u64::from((mine & !theirs).count_ones()))
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 64-byte object like a leaked one: two per-object pointers, a type, a size, a string.
+    fn leaked_like(serial: u64) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&(0xffff_8880_1000_0000 + serial * 64).to_le_bytes());
+        bytes.extend_from_slice(&(0xffff_8880_2000_0000 + serial * 64).to_le_bytes());
+        bytes.extend_from_slice(&1u64.to_le_bytes());
+        bytes.extend_from_slice(&16u64.to_le_bytes());
+        bytes.extend_from_slice(&[0; 16]);
+        bytes.extend_from_slice(b"memleak-fixture!");
+        bytes
+    }
+
+    fn random_object(state: &mut u64, size: usize) -> Vec<u8> {
+        (0..size)
+            .map(|_| {
+                *state ^= *state << 13;
+                *state ^= *state >> 7;
+                *state ^= *state << 17;
+                *state as u8
+            })
+            .collect()
+    }
+
+    fn flat(objects: &[Vec<u8>]) -> Vec<u8> {
+        objects.concat()
+    }
+
+    #[test]
+    fn uninformative_bytes_are_ignored() {
+        let a = [0u8, 0xff, 0x6b, 0x41, 0x42, 0x43, 0x44, 0x45];
+        let b = [0x5a, 0xa5, 0xcc, 0x41, 0x42, 0x43, 0x44, 0x46];
+        let pattern = Pattern::new(&a);
+        assert_eq!(pattern.compare(&b), (4, 5));
+        assert!(pattern.similar(&b, 0.65));
+        assert!(!pattern.similar(&b, 0.9));
+    }
+
+    #[test]
+    fn comparison_is_symmetric() {
+        let mut state = 7;
+        for _ in 0..100 {
+            let a = random_object(&mut state, 24);
+            let mut b = random_object(&mut state, 24);
+            b[..8].copy_from_slice(&a[..8]);
+            assert_eq!(Pattern::new(&a).compare(&b), Pattern::new(&b).compare(&a));
+        }
+    }
+
+    #[test]
+    fn all_zero_objects_form_no_group() {
+        let bytes = vec![0u8; 64 * 5000];
+        let clustering = cluster(&bytes, 64, &ClusterSettings::default());
+        assert!(clustering.groups.is_empty());
+        assert_eq!(clustering.empty, 5000);
+        assert!(!Pattern::new(&[0; 8]).similar(&[0; 8], 0.65));
+    }
+
+    #[test]
+    fn all_random_objects_form_no_group() {
+        let mut state = 0x1234_5678;
+        let objects: Vec<Vec<u8>> = (0..5000).map(|_| random_object(&mut state, 64)).collect();
+        let clustering = cluster(&flat(&objects), 64, &ClusterSettings::default());
+        assert!(clustering.groups.is_empty(), "{:?}", clustering.groups);
+        assert_eq!(clustering.empty, 0);
+    }
+
+    #[test]
+    fn finds_the_dominant_pattern_among_noise() {
+        let mut state = 99;
+        let mut objects = Vec::new();
+        for serial in 0..30_000 {
+            if serial % 10 < 7 {
+                objects.push(leaked_like(serial));
+            } else {
+                objects.push(random_object(&mut state, 64));
+            }
+        }
+        let bytes = flat(&objects);
+        let clustering = cluster(&bytes, 64, &ClusterSettings::default());
+        let top = &clustering.groups[0];
+        assert_eq!(top.members, 21_000);
+        assert!(objects[top.representative].ends_with(b"memleak-fixture!"));
+        assert!(clustering.sampled >= 1_000);
+    }
+
+    #[test]
+    fn two_equal_groups_are_both_found() {
+        let mut objects = Vec::new();
+        for serial in 0..20_000u64 {
+            let mut object = leaked_like(serial);
+            if serial % 2 == 1 {
+                object[48..].copy_from_slice(b"another-leaker!!");
+                object[16..24].copy_from_slice(&7u64.to_le_bytes());
+                object[24..32].copy_from_slice(&0x77u64.to_le_bytes());
+            }
+            objects.push(object);
+        }
+        let clustering = cluster(&flat(&objects), 64, &ClusterSettings::default());
+        assert!(clustering.groups.len() >= 2, "{:?}", clustering.groups);
+        assert_eq!(clustering.groups[0].members, 10_000);
+        assert_eq!(clustering.groups[1].members, 10_000);
+        let texts: Vec<&[u8]> = clustering.groups[..2]
+            .iter()
+            .map(|group| &objects[group.representative][48..])
+            .collect();
+        assert!(texts.contains(&&b"memleak-fixture!"[..]));
+        assert!(texts.contains(&&b"another-leaker!!"[..]));
+    }
+
+    #[test]
+    fn objects_alternating_with_the_sample_stride_are_still_found() {
+        // Adversarial for stride sampling: every second object holds the pattern.
+        let mut state = 5;
+        let objects: Vec<Vec<u8>> = (0..40_000u64)
+            .map(|serial| {
+                if serial % 2 == 0 {
+                    leaked_like(serial)
+                } else {
+                    random_object(&mut state, 64)
+                }
+            })
+            .collect();
+        let clustering = cluster(&flat(&objects), 64, &ClusterSettings::default());
+        assert_eq!(clustering.groups[0].members, 20_000);
+    }
+
+    #[test]
+    fn a_single_repeated_pair_is_not_a_group() {
+        let mut state = 3;
+        let mut objects: Vec<Vec<u8>> = (0..5000).map(|_| random_object(&mut state, 64)).collect();
+        objects[10] = objects[20].clone();
+        let clustering = cluster(&flat(&objects), 64, &ClusterSettings::default());
+        assert!(clustering.groups.is_empty());
+    }
+
+    #[test]
+    fn sample_indices_are_distinct_sorted_and_in_range() {
+        let indices = sample_indices(1_000_000, 2_000);
+        assert_eq!(indices.len(), 2_000);
+        assert!(indices.windows(2).all(|pair| pair[0] < pair[1]));
+        assert!(*indices.last().unwrap() < 1_000_000);
+        assert_eq!(sample_indices(10, 50), (0..10).collect::<Vec<_>>());
+    }
+}
