@@ -6,7 +6,6 @@
 
 pub mod scan;
 
-
 /// Object slots per bucket of the outstanding-allocation table. An object can live only in the
 /// bucket its address hashes to, so a free scans one bucket: sixteen `u64` keys, two adjacent
 /// cache lines. At a quarter full, fewer than one bucket in a million overflows.

@@ -15,7 +15,7 @@ use crate::{
     tracefs::{self, ClassicProgram},
 };
 
-pub(crate) pub(crate) static EBPF_OBJECT: &[u8] =
+pub(crate) static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memleak"));
 
 /// Stack map entries: each holds up to 127 frames (1 KiB), preallocated by the kernel.
