@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs, once and idempotently, everything memleak needs to build:
-#   - the pinned stable toolchain for userspace (rust-toolchain.toml),
+#   - the pinned stable toolchain for userspace (rust-toolchain.toml), with the musl target,
 #   - the pinned nightly with rust-src for the eBPF crate,
 #   - bpf-linker built against that nightly's own libLLVM.
 # Everything is cached under $MEMLEAK_CACHE (default ~/.cache/memleak) so a fresh clone
@@ -25,6 +25,12 @@ fi
 if ! have_toolchain "$stable"; then
     log "installing Rust $stable (userspace)"
     rustup toolchain install "$stable" --profile minimal -c clippy,rustfmt >&2
+fi
+
+# Static musl binaries of memleak run inside the test VMs (cargo xtask vm-test).
+if ! rustup target list --installed --toolchain "$stable" | grep -x x86_64-unknown-linux-musl >/dev/null; then
+    log "installing the x86_64-unknown-linux-musl target for Rust $stable (VM tests)"
+    rustup target add x86_64-unknown-linux-musl --toolchain "$stable" >&2
 fi
 
 if ! have_toolchain "$nightly" || [ ! -d "$(rustup run "$nightly" rustc --print sysroot)/lib/rustlib/src/rust" ]; then

@@ -13,7 +13,11 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use clap::ValueEnum;
 
-use crate::tracer::{self, TracerExit};
+use crate::{
+    apt::Apt,
+    tracer::{self, TracerExit},
+    workspace,
+};
 
 /// The bpftrace script the `bpftrace` variant runs.
 const BPFTRACE_SCRIPT: &str = include_str!("memleak.bt");
@@ -107,20 +111,16 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         unsafe { libc::geteuid() } == 0,
         "the benchmark loads eBPF programs and must run as root (./x bench uses sudo)"
     );
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("xtask has no parent directory")?;
+    let root = workspace::root()?;
     build(root)?;
-    let release = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| root.join("target"), PathBuf::from)
-        .join("release");
+    let release = workspace::target_dir(root).join("release");
     let binaries = Binaries {
         memleak: release.join("memleak"),
         fixture: release.join("memleak-fixture"),
     };
     let mut variants = vec![Variant::Baseline, Variant::Memleak, Variant::MemleakSampled];
     if args.compare_bpftrace {
-        ensure_bpftrace()?;
+        Apt::default().install_missing(&["bpftrace"])?;
         variants.push(Variant::Bpftrace);
     }
     let workloads: &[Workload] = match args.workload {
@@ -157,53 +157,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 
 /// Builds the tracer and the fixture with the environment scripts/bootstrap.sh prints, as ./x does.
 fn build(root: &Path) -> Result<()> {
-    let bootstrap = Command::new(root.join("scripts/bootstrap.sh"))
-        .stderr(Stdio::inherit())
-        .output()
-        .context("running scripts/bootstrap.sh")?;
-    ensure!(
-        bootstrap.status.success(),
-        "scripts/bootstrap.sh failed ({})",
-        bootstrap.status
-    );
-    let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    for line in String::from_utf8_lossy(&bootstrap.stdout).lines() {
-        if let Some((key, value)) = line.split_once('=') {
-            cargo.env(key, value);
-        }
-    }
-    let status = cargo
-        .current_dir(root)
+    let status = workspace::cargo(root)?
         .args(["build", "--release", "-p", "memleak", "-p", "memleak-tests"])
         .status()
         .context("running cargo build")?;
     ensure!(status.success(), "cargo build failed ({status})");
-    Ok(())
-}
-
-fn ensure_bpftrace() -> Result<()> {
-    let installed = Command::new("bpftrace")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|status| status.success());
-    if installed {
-        return Ok(());
-    }
-    eprintln!("bench: installing bpftrace with apt-get");
-    for apt_args in [&["update"][..], &["install", "-y", "bpftrace"]] {
-        let status = Command::new("apt-get")
-            .args(apt_args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .context("running apt-get")?;
-        ensure!(
-            status.success(),
-            "apt-get {} failed ({status})",
-            apt_args.join(" ")
-        );
-    }
     Ok(())
 }
 

@@ -1,6 +1,9 @@
 //! memleak's project tasks, run as `cargo xtask TASK`.
+mod apt;
 mod bench;
 mod tracer;
+mod vm;
+mod workspace;
 
 use std::process::ExitCode;
 
@@ -19,12 +22,16 @@ enum Task {
     /// Measure how much tracing slows down allocation-heavy workloads, against no tracer
     /// (and optionally bpftrace), and print a table for the README.
     Bench(bench::BenchArgs),
+    /// Boot Debian's kernel under qemu and check that memleak, inside it, fails the leak check
+    /// of a module that leaks and passes that of its clean function.
+    VmTest(vm::VmTestArgs),
 }
 
 fn main() -> ExitCode {
     let Cli { task } = Cli::parse();
     let result = match task {
         Task::Bench(args) => bench::run(&args),
+        Task::VmTest(args) => vm::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,27 @@
+//! End-to-end on a second kernel: `cargo xtask vm-test` boots Debian's 6.1 kernel under qemu
+//! with memleak and tests/kmod/leaky inside, and fails unless memleak fails the module's leak
+//! check with its exact leaks and passes the check of its clean function. This test makes the
+//! VM run part of the suite (`./x test`); the runner prints its progress and verdict itself.
+use std::process::Command;
+
+use anyhow::{Context as _, Result, ensure};
+use memleak_tests::is_root;
+
+#[test]
+fn leaky_module_fails_and_clean_function_passes_in_a_debian_6_1_guest() -> Result<()> {
+    if !is_root() {
+        eprintln!("skipped: the VM test installs its tools with apt-get and needs root");
+        return Ok(());
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["xtask", "vm-test"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .context("running cargo xtask vm-test")?;
+    ensure!(
+        status.success(),
+        "cargo xtask vm-test failed ({status}); its output above says why"
+    );
+    Ok(())
+}

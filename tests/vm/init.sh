@@ -1,0 +1,47 @@
+#!/bin/busybox sh
+# /init of the guest that `cargo xtask vm-test` boots: it loads tests/kmod/leaky under two
+# memleak tracers at once and sends their exit statuses and reports to the host on the second
+# serial port (/dev/ttyS1), framed by "memleak-vm:" lines. The host judges; this script only
+# collects. LEAKY_N (objects per kind) comes from the kernel command line.
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t debugfs debugfs /sys/kernel/debug
+mount -t tracefs tracefs /sys/kernel/tracing
+mount -t bpf bpf /sys/fs/bpf
+mkdir -p /results
+exec 3>/dev/ttyS1
+stty -F /dev/ttyS1 raw
+
+say() { echo "memleak-vm: $*" >&3; }
+send() {
+    say "begin $1"
+    cat "/results/$1" >&3 2>/dev/null
+    echo >&3
+    say "end $1"
+}
+
+say "kernel $(uname -r)"
+# The module loads once per boot, so both checks trace the same load: the outer run is scoped to
+# the clean function (it must pass: exit 0), the inner one to the module (it must fail: exit 1).
+memleak run --fail-on-leak --function clean_alloc --grace 1s --top 1000000 --format json \
+    --output /results/clean.json -- \
+    sh -c 'memleak run --fail-on-leak --module leaky --grace 1s --top 1000000 --format json \
+               --output /results/leaky.json --junit /results/leaky.xml \
+               -- insmod /leaky.ko n="$LEAKY_N" 2>/results/leaky.stderr
+           echo $? >/results/leaky.status' \
+    2>/results/clean.stderr
+echo $? >/results/clean.status
+
+# The host reads which fields the classic event has: on Linux 6.1 it does not name the cache.
+cp /sys/kernel/tracing/events/kmem/kmem_cache_alloc/format /results/kmem_cache_alloc.format
+for file in kmem_cache_alloc.format leaky.status leaky.json leaky.xml leaky.stderr clean.status clean.json clean.stderr; do
+    send "$file"
+done
+dmesg >/results/dmesg
+send dmesg
+say done
+exec 3>&-
+poweroff -f

@@ -1,0 +1,271 @@
+//! The guest kernel: Debian's current linux-image-amd64 and the headers to build modules for
+//! it, downloaded with apt (not installed) and unpacked into memleak's cache directory.
+use std::{
+    fs,
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+
+use crate::apt::{self, Apt};
+
+/// The start of an xz stream: the compressed kernel inside a bzImage is one.
+const XZ_MAGIC: &[u8] = &[0xfd, b'7', b'z', b'X', b'Z', 0x00];
+
+/// An unpacked kernel in the cache: `usr/src/linux-headers-RELEASE` with an uncompressed
+/// `vmlinux` next to its Makefile (module BTF is generated against it, and qemu boots it).
+pub struct Kernel {
+    pub release: String,
+    pub headers: PathBuf,
+}
+
+impl Kernel {
+    pub fn vmlinux(&self) -> PathBuf {
+        self.headers.join("vmlinux")
+    }
+}
+
+/// The kernel linux-image-amd64 currently points at, from the cache or downloaded into it.
+pub fn fetch(apt: &mut Apt, cache: &Path) -> Result<Kernel> {
+    let release = match current_release() {
+        Ok(release) => release,
+        Err(_) => {
+            apt.update_once()?;
+            current_release()?
+        }
+    };
+    let unpacked = cache.join(&release);
+    if !unpacked.is_dir()
+        && let Err(error) = download_and_unpack(apt, &release, &unpacked)
+    {
+        // Stale package lists name files the archive no longer has.
+        if apt.updated() {
+            return Err(error);
+        }
+        eprintln!("vm-test: {error:#}; retrying with fresh package lists");
+        apt.update_once()?;
+        return fetch(apt, cache);
+    }
+    Ok(Kernel {
+        headers: unpacked.join(format!("usr/src/linux-headers-{release}")),
+        release,
+    })
+}
+
+/// `6.1.0-56-amd64`, from `linux-image-amd64`'s dependency on `linux-image-6.1.0-56-amd64`.
+fn current_release() -> Result<String> {
+    let depends = apt::cache(&["depends", "linux-image-amd64"])?;
+    dependencies(&depends, "linux-image-")
+        .into_iter()
+        .next()
+        .context("linux-image-amd64 depends on no linux-image-* package")
+}
+
+/// The names after `prefix` of the `Depends:` lines of `apt-cache depends` output.
+fn dependencies(depends: &str, prefix: &str) -> Vec<String> {
+    depends
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("Depends: "))
+        .filter_map(|package| package.strip_prefix(prefix))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn download_and_unpack(apt: &Apt, release: &str, unpacked: &Path) -> Result<()> {
+    let headers = format!("linux-headers-{release}");
+    // linux-headers-RELEASE depends on the -common headers and on linux-kbuild-X.Y.
+    let headers_depends = apt::cache(&["depends", &headers])?;
+    let mut packages = vec![format!("linux-image-{release}"), headers];
+    for prefix in ["linux-headers-", "linux-kbuild-"] {
+        packages.extend(
+            dependencies(&headers_depends, prefix)
+                .into_iter()
+                .map(|suffix| format!("{prefix}{suffix}")),
+        );
+    }
+    ensure!(
+        packages.len() == 4,
+        "expected linux-headers-{release} to depend on one -common headers package and one \
+         linux-kbuild package, found: {}",
+        packages[2..].join(" ")
+    );
+
+    // Everything happens in a staging directory that is renamed at the end, so an interrupted
+    // run leaves no half-unpacked kernel that a later run would trust.
+    let staging = unpacked.with_extension("partial");
+    if staging.exists() {
+        fs::remove_dir_all(&staging).with_context(|| format!("removing {}", staging.display()))?;
+    }
+    let debs = staging.join("debs");
+    fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
+    eprintln!("vm-test: downloading {}", packages.join(" "));
+    apt.download(&packages, &debs)?;
+
+    for entry in fs::read_dir(&debs).with_context(|| format!("listing {}", debs.display()))? {
+        let deb = entry?.path();
+        let name = deb.file_name().unwrap_or_default().to_string_lossy();
+        if name.starts_with("linux-image-") {
+            // Only the kernel; the image package's modules are 400 MB the guest does not need.
+            unpack_boot(&deb, &staging)?;
+        } else {
+            let status = Command::new("dpkg-deb")
+                .arg("--extract")
+                .arg(&deb)
+                .arg(&staging)
+                .status()
+                .context("running dpkg-deb")?;
+            ensure!(
+                status.success(),
+                "dpkg-deb --extract {name} failed ({status})"
+            );
+        }
+    }
+    fs::remove_dir_all(&debs)?;
+
+    let headers_dir = staging.join(format!("usr/src/linux-headers-{release}"));
+    point_makefile_at(&headers_dir, &unpacked.join("usr/src/"))?;
+    let vmlinuz = staging.join(format!("boot/vmlinuz-{release}"));
+    let compressed =
+        fs::read(&vmlinuz).with_context(|| format!("reading {}", vmlinuz.display()))?;
+    decompress_kernel(&compressed, &headers_dir.join("vmlinux"))?;
+    fs::rename(&staging, unpacked)
+        .with_context(|| format!("renaming {} to {}", staging.display(), unpacked.display()))
+}
+
+fn unpack_boot(deb: &Path, into: &Path) -> Result<()> {
+    let mut tar_stream = Command::new("dpkg-deb")
+        .arg("--fsys-tarfile")
+        .arg(deb)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running dpkg-deb")?;
+    let stream = tar_stream.stdout.take().context("dpkg-deb has no stdout")?;
+    let tar = Command::new("tar")
+        .arg("--extract")
+        .arg("--directory")
+        .arg(into)
+        .arg("./boot")
+        .stdin(stream)
+        .status()
+        .context("running tar")?;
+    let dpkg = tar_stream.wait()?;
+    ensure!(
+        dpkg.success() && tar.success(),
+        "unpacking /boot from {} failed (dpkg-deb {dpkg}, tar {tar})",
+        deb.display()
+    );
+    Ok(())
+}
+
+/// The per-flavour headers' Makefile includes the -common headers by their installed path,
+/// /usr/src/...; these are unpacked elsewhere.
+fn point_makefile_at(headers_dir: &Path, usr_src: &Path) -> Result<()> {
+    let makefile = headers_dir.join("Makefile");
+    let text =
+        fs::read_to_string(&makefile).with_context(|| format!("reading {}", makefile.display()))?;
+    ensure!(
+        text.contains("/usr/src/"),
+        "{} does not include anything from /usr/src/: {text}",
+        makefile.display()
+    );
+    let rewritten = text.replace("/usr/src/", &usr_src.to_string_lossy());
+    fs::write(&makefile, rewritten).with_context(|| format!("writing {}", makefile.display()))
+}
+
+/// Writes the ELF kernel inside a bzImage: the first xz stream after the setup code.
+/// qemu boots it directly through its PVH entry point, which skips the decompressor (slow
+/// under TCG).
+fn decompress_kernel(bzimage: &[u8], vmlinux: &Path) -> Result<()> {
+    let start = bzimage
+        .windows(XZ_MAGIC.len())
+        .position(|window| window == XZ_MAGIC)
+        .context("the kernel image holds no xz stream (not an xz-compressed bzImage?)")?;
+    let output =
+        fs::File::create(vmlinux).with_context(|| format!("creating {}", vmlinux.display()))?;
+    let mut xz = Command::new("xz")
+        .args(["--decompress", "--stdout", "--single-stream"])
+        .stdin(Stdio::piped())
+        .stdout(output)
+        .spawn()
+        .context("running xz")?;
+    let mut input = xz.stdin.take().context("xz has no stdin")?;
+    // With --single-stream xz stops reading after the stream; the bzImage's trailer may then
+    // meet a closed pipe.
+    match input.write_all(&bzimage[start..]) {
+        Err(error) if error.kind() != std::io::ErrorKind::BrokenPipe => {
+            return Err(error).context("writing to xz");
+        }
+        _ => drop(input),
+    }
+    let status = xz.wait().context("waiting for xz")?;
+    ensure!(
+        status.success(),
+        "xz failed to decompress the kernel ({status})"
+    );
+    let written = fs::read(vmlinux).with_context(|| format!("reading {}", vmlinux.display()))?;
+    if !written.starts_with(b"\x7fELF") || written.len() < 1 << 20 {
+        bail!(
+            "decompressing the kernel gave {} bytes that are not an ELF kernel",
+            written.len()
+        );
+    }
+    Ok(())
+}
+
+/// Builds the out-of-tree module in `source` against `kernel`'s headers, in `build_dir`, and
+/// returns the path of the .ko.
+pub fn build_module(
+    kernel: &Kernel,
+    source: &Path,
+    build_dir: &Path,
+    name: &str,
+) -> Result<PathBuf> {
+    fs::create_dir_all(build_dir).with_context(|| format!("creating {}", build_dir.display()))?;
+    for entry in fs::read_dir(source).with_context(|| format!("listing {}", source.display()))? {
+        let path = entry?.path();
+        let target = build_dir.join(path.file_name().unwrap_or_default());
+        // Unchanged sources keep their build-directory timestamps, so make rebuilds nothing.
+        if fs::read(&target).ok() != Some(fs::read(&path)?) {
+            fs::copy(&path, &target)
+                .with_context(|| format!("copying {} to {}", path.display(), target.display()))?;
+        }
+    }
+    let output = Command::new("make")
+        .arg("-C")
+        .arg(&kernel.headers)
+        .arg(format!("M={}", build_dir.display()))
+        // Debian's kbuild package has no resolve_btfids; a module without BTF ids needs none.
+        .arg("RESOLVE_BTFIDS=true")
+        .arg("modules")
+        .output()
+        .context("running make")?;
+    ensure!(
+        output.status.success(),
+        "building the {name} module against {} failed ({}):\n{}{}",
+        kernel.headers.display(),
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let module = build_dir.join(format!("{name}.ko"));
+    ensure!(module.exists(), "make built no {}", module.display());
+    Ok(module)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_release_from_apt_cache_depends() {
+        let depends = "linux-image-amd64\n  Depends: linux-image-6.1.0-56-amd64\n";
+        assert_eq!(dependencies(depends, "linux-image-"), ["6.1.0-56-amd64"]);
+        let headers = "linux-headers-6.1.0-56-amd64\n  Depends: linux-headers-6.1.0-56-common\n  \
+                       Depends: linux-kbuild-6.1\n  Depends: linux-compiler-gcc-12-x86\n";
+        assert_eq!(dependencies(headers, "linux-headers-"), ["6.1.0-56-common"]);
+        assert_eq!(dependencies(headers, "linux-kbuild-"), ["6.1"]);
+        assert!(dependencies("linux-image-amd64\n", "linux-image-").is_empty());
+    }
+}

@@ -1,0 +1,281 @@
+//! Judges what the guest sent: the statuses and reports of the two `memleak run` checks
+//! around one load of the leaky module (tests/vm/init.sh).
+use anyhow::{Context as _, Result, ensure};
+use serde_json::Value;
+
+use super::guest::GuestResults;
+
+/// One leaking function of tests/kmod/leaky and what memleak must report for it.
+struct ExpectedLeak {
+    function: &'static str,
+    kind: &'static str,
+    /// `None`: the slab cache named in the kernel's own event (see `cache_names_known`).
+    cache: Option<&'static str>,
+}
+
+const LEAKS: [ExpectedLeak; 2] = [
+    ExpectedLeak {
+        function: "leaky_kmalloc",
+        kind: "kmalloc",
+        cache: Some("kmalloc-64"),
+    },
+    ExpectedLeak {
+        function: "leaky_cache_alloc",
+        kind: "kmem_cache",
+        cache: None,
+    },
+];
+const OWN_CACHE: &str = "leaky_cache";
+const CLEAN_FUNCTION: &str = "clean_alloc";
+
+/// What the checks found, for the summary line.
+pub struct Findings {
+    pub kernel: String,
+    pub attach: String,
+    pub notes: Vec<String>,
+    /// `leaky_kmalloc+0x2b/0x42 [leaky]: 100 kmalloc objects in kmalloc-64`, one per leak.
+    pub leaks: Vec<String>,
+}
+
+/// `objects`: how many objects each leaking function allocated (the module's `n`).
+pub fn judge(results: &GuestResults, objects: u64) -> Result<Findings> {
+    let leaky_status = results.file("leaky.status")?;
+    let leaky_stderr = results.file("leaky.stderr").unwrap_or_default();
+    ensure!(
+        leaky_status == "1",
+        "`memleak run --fail-on-leak --module leaky -- insmod leaky.ko` exited {leaky_status}, \
+         expected 1 (leak found); its stderr:\n{leaky_stderr}"
+    );
+    let leaky = report(results, "leaky.json")?;
+    let check = &leaky["check"];
+    ensure!(
+        check["failed"] == true,
+        "the module-scoped check did not fail: {check:#}"
+    );
+    let sites = check["sites"]
+        .as_array()
+        .context("the check has no sites")?;
+    // Older kernels' classic kmem_cache_alloc event (Linux 6.1's among them) does not name the
+    // cache, and the tracer cannot know it there; where the event names it, it must be the
+    // module's own.
+    let cache_names_known = results
+        .file("kmem_cache_alloc.format")?
+        .lines()
+        .any(|line| line.contains(" name;"));
+    let mut leaks = Vec::new();
+    for leak in &LEAKS {
+        let site = sites
+            .iter()
+            .find(|site| is_in(site["call_site"].as_str(), leak.function))
+            .with_context(|| {
+                format!(
+                    "no {} site in the module-scoped check: {check:#}",
+                    leak.function
+                )
+            })?;
+        let expected_cache = match leak.cache {
+            Some(cache) => Value::from(cache),
+            None if cache_names_known => Value::from(OWN_CACHE),
+            None => Value::Null,
+        };
+        ensure!(
+            site["kind"] == leak.kind
+                && site["cache"] == expected_cache
+                && site["count"].as_u64() == Some(objects),
+            "{}: expected {objects} {} objects in {expected_cache}, memleak reported {site:#}",
+            leak.function,
+            leak.kind
+        );
+        leaks.push(format!(
+            "{}: {objects} {} objects in {}",
+            site["call_site"].as_str().unwrap_or_default(),
+            leak.kind,
+            expected_cache.as_str().unwrap_or("an unnamed cache")
+        ));
+    }
+    ensure!(
+        !sites
+            .iter()
+            .any(|site| is_in(site["call_site"].as_str(), CLEAN_FUNCTION)),
+        "{CLEAN_FUNCTION} frees what it allocates, yet the check lists it: {check:#}"
+    );
+    let junit = results.file("leaky.xml")?;
+    ensure!(
+        junit.contains("failures=\"1\"") && LEAKS.iter().all(|leak| junit.contains(leak.function)),
+        "the JUnit report does not name both leaks as one failure:\n{junit}"
+    );
+
+    let clean_status = results.file("clean.status")?;
+    ensure!(
+        clean_status == "0",
+        "`memleak run --fail-on-leak --function {CLEAN_FUNCTION}` exited {clean_status}, expected \
+         0; its stderr:\n{}",
+        results.file("clean.stderr").unwrap_or_default()
+    );
+    let clean = report(results, "clean.json")?;
+    ensure!(
+        clean["check"]["failed"] == false && clean["check"]["count"] == 0,
+        "the {CLEAN_FUNCTION} check: {:#}",
+        clean["check"]
+    );
+    // The passing check means something only if that tracer saw the module's allocations.
+    let seen = clean["stacks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|entry| is_in(entry["call_site"]["symbol"].as_str(), LEAKS[0].function))
+        .and_then(|entry| entry["count"].as_u64());
+    ensure!(
+        seen == Some(objects),
+        "the tracer scoped to {CLEAN_FUNCTION} did not see the module's {objects} {} objects \
+         (saw {seen:?})",
+        LEAKS[0].function
+    );
+
+    Ok(Findings {
+        kernel: leaky["kernel"].as_str().unwrap_or("?").to_owned(),
+        attach: leaky["attach"].as_str().unwrap_or("?").to_owned(),
+        notes: leaky["notes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|note| note.as_str().map(str::to_owned))
+            .collect(),
+        leaks,
+    })
+}
+
+fn report(results: &GuestResults, name: &str) -> Result<Value> {
+    serde_json::from_str(results.file(name)?).with_context(|| format!("parsing the guest's {name}"))
+}
+
+/// Whether a symbol (`leaky_kmalloc`) or a `%pS`-style frame (`leaky_kmalloc+0x2b/0x42 [leaky]`)
+/// is in `function`.
+fn is_in(frame: Option<&str>, function: &str) -> bool {
+    frame.is_some_and(|frame| {
+        frame == function
+            || frame
+                .strip_prefix(function)
+                .is_some_and(|rest| rest.starts_with('+'))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    const N: u64 = 100;
+
+    fn site(function: &str, kind: &str, cache: Value, count: u64) -> Value {
+        json!({"call_site": format!("{function}+0x2b/0x42 [leaky]"), "kind": kind,
+               "cache": cache, "bytes": count * 64, "count": count})
+    }
+
+    /// What a correct run on Linux 6.1 (no cache names in classic kmem_cache_alloc) sends.
+    fn guest(leaky_sites: Vec<Value>, clean_seen: u64) -> GuestResults {
+        let leaky = json!({"kernel": "6.1.0-56-amd64", "attach": "tracepoint", "notes": [],
+            "check": {"failed": true, "count": 2 * N, "sites": leaky_sites}, "stacks": []});
+        let clean = json!({"check": {"failed": false, "count": 0, "sites": []}, "stacks": [
+            {"call_site": {"symbol": "leaky_kmalloc"}, "count": clean_seen}]});
+        let files = [
+            ("leaky.status", "1".to_owned()),
+            ("leaky.json", leaky.to_string()),
+            (
+                "leaky.xml",
+                "failures=\"1\" leaky_kmalloc leaky_cache_alloc".to_owned(),
+            ),
+            ("clean.status", "0".to_owned()),
+            ("clean.json", clean.to_string()),
+            (
+                "kmem_cache_alloc.format",
+                "\tfield:const void * ptr;\toffset:16;".to_owned(),
+            ),
+        ];
+        GuestResults {
+            files: files
+                .into_iter()
+                .map(|(name, text)| (name.to_owned(), text))
+                .collect(),
+            done: true,
+        }
+    }
+
+    fn correct_sites() -> Vec<Value> {
+        vec![
+            site("leaky_cache_alloc", "kmem_cache", Value::Null, N),
+            site("leaky_kmalloc", "kmalloc", json!("kmalloc-64"), N),
+        ]
+    }
+
+    #[test]
+    fn accepts_both_leaks_with_exact_counts() {
+        let findings = judge(&guest(correct_sites(), N), N).unwrap();
+        assert_eq!(findings.leaks.len(), 2);
+        assert_eq!(findings.attach, "tracepoint");
+    }
+
+    #[test]
+    fn rejects_missing_or_miscounted_leaks() {
+        let mut one_missing = correct_sites();
+        one_missing.pop();
+        assert!(judge(&guest(one_missing, N), N).is_err());
+        let mut miscounted = correct_sites();
+        miscounted[0]["count"] = json!(N - 1);
+        assert!(judge(&guest(miscounted, N), N).is_err());
+        let mut wrong_cache = correct_sites();
+        wrong_cache[1]["cache"] = json!("kmalloc-128");
+        assert!(judge(&guest(wrong_cache, N), N).is_err());
+    }
+
+    #[test]
+    fn the_cache_must_be_named_where_the_kernel_names_it() {
+        let mut results = guest(correct_sites(), N);
+        results.files.insert(
+            "kmem_cache_alloc.format".into(),
+            "\tfield:__data_loc char[] name;\toffset:56;".into(),
+        );
+        assert!(judge(&results, N).is_err());
+        let mut named = correct_sites();
+        named[0]["cache"] = json!(OWN_CACHE);
+        results.files.insert(
+            "leaky.json".into(),
+            json!({"check": {"failed": true, "sites": named}}).to_string(),
+        );
+        assert!(judge(&results, N).is_ok());
+    }
+
+    #[test]
+    fn rejects_a_listed_clean_function_and_wrong_statuses() {
+        let mut with_clean = correct_sites();
+        with_clean.push(site(CLEAN_FUNCTION, "kmalloc", json!("kmalloc-64"), 1));
+        assert!(judge(&guest(with_clean, N), N).is_err());
+
+        for (file, status) in [
+            ("leaky.status", "0"),
+            ("leaky.status", "2"),
+            ("clean.status", "1"),
+        ] {
+            let mut results = guest(correct_sites(), N);
+            results.files.insert(file.into(), status.into());
+            assert!(judge(&results, N).is_err(), "{file} {status}");
+        }
+    }
+
+    #[test]
+    fn a_clean_pass_counts_only_if_that_tracer_saw_the_leaks() {
+        assert!(judge(&guest(correct_sites(), 0), N).is_err());
+    }
+
+    #[test]
+    fn matches_functions_not_prefixes() {
+        assert!(is_in(
+            Some("leaky_kmalloc+0x2b/0x42 [leaky]"),
+            "leaky_kmalloc"
+        ));
+        assert!(is_in(Some("leaky_kmalloc"), "leaky_kmalloc"));
+        assert!(!is_in(Some("leaky_kmalloc_more+0x1/0x2"), "leaky_kmalloc"));
+        assert!(!is_in(None, "leaky_kmalloc"));
+    }
+}
