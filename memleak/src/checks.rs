@@ -25,7 +25,10 @@ pub struct LeakCheckArgs {
     #[arg(long, value_name = "GLOB")]
     pub function: Option<String>,
 
-    /// Count only allocations from this slab cache (`kmalloc-64`, `filp`, ...).
+    /// Count only allocations from this slab cache (`kmalloc-64`, `filp`, ...). Also scans
+    /// the cache's objects when the window ends, finds its largest group of objects with
+    /// similar contents (as `memleak scan` does), and marks the traced allocations that look
+    /// like it: their call site is the suspected leaker.
     #[arg(long, value_name = "NAME")]
     pub cache: Option<String>,
 
@@ -284,6 +287,7 @@ mod tests {
             stack_failures: 0,
             other_stacks: vec![],
             processes: vec![],
+            marks: None,
         }
     }
 

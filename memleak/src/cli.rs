@@ -94,6 +94,9 @@ pub struct TracingOptions {
     #[arg(long, value_name = "DUR", value_parser = parse_age)]
     pub min_age: Option<Duration>,
 
+    #[command(flatten)]
+    pub similarity: crate::scan::SimilarityOptions,
+
     /// Track one object in N, chosen by a hash of its address (a power of two up to 65536).
     /// Cuts overhead for continuous use; counts become estimates, scaled by N.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = parse_power_of_two)]

@@ -39,6 +39,9 @@ pub struct Report {
     /// The leak check's result, when one was asked for (`--fail-on-leak`, `--junit`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub check: Option<crate::checks::Verdict>,
+    /// With `--cache`: the content scan of that cache at the end of the window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scan: Option<crate::scan::ScanReport>,
     pub stacks: Vec<Entry>,
 }
 
@@ -88,6 +91,10 @@ pub struct Entry {
     pub other_stacks: Vec<OtherStack>,
     /// Processes that allocated this site's objects, most bytes first (at most 5).
     pub processes: Vec<Process>,
+    /// With `--cache`: `marked` and `in_scanned_cache`, how this site's objects compare with
+    /// the scanned cache's largest group of similar objects.
+    #[serde(flatten)]
+    pub marks: Option<crate::scan::SiteMarks>,
 }
 
 /// Bytes and objects outstanding in one kind or one cache.
@@ -369,6 +376,7 @@ pub fn entry(site: &Site, context: &Context<'_>) -> Entry {
         stack_failures: site.failed_stacks,
         other_stacks,
         processes,
+        marks: None,
     }
 }
 
@@ -497,6 +505,9 @@ pub fn render_text(report: &Report) -> String {
     if !report.caches.is_empty() {
         let _ = writeln!(out, "caches:  {}", describe(&report.caches));
     }
+    if let Some(scan) = &report.scan {
+        let _ = writeln!(out, "similar: {}", crate::scan::summary(scan));
+    }
     if let Some(processes) = &report.processes {
         let _ = writeln!(
             out,
@@ -572,6 +583,13 @@ pub fn render_text(report: &Report) -> String {
                 .collect();
             let _ = writeln!(out, "     allocated by: {}", processes.join(", "));
         }
+        if let (Some(marks), Some(scan)) = (&entry.marks, &report.scan) {
+            let _ = writeln!(out, "     {}", crate::scan::describe_marks(marks, scan));
+        }
+    }
+    if let Some(scan) = &report.scan {
+        let _ = writeln!(out, "\ncontent scan of {}:", scan.cache);
+        crate::scan::render_details(&mut out, scan);
     }
     out
 }
@@ -667,6 +685,7 @@ mod tests {
             caches: Vec::new(),
             processes: None,
             check: None,
+            scan: None,
             stacks: sites.iter().map(|site| entry(site, &context)).collect(),
         }
     }

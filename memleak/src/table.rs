@@ -154,8 +154,12 @@ impl<T> Drop for MappedWindow<T> {
 /// Buckets read per step: whole pages of both arrays (128 KiB of keys, 768 KiB of records).
 const BUCKETS_PER_STEP: usize = 1024;
 
-/// Calls `visit` with the record of every outstanding object in the table.
-pub fn for_each_outstanding(maps: &TracerMaps, mut visit: impl FnMut(&AllocRecord)) -> Result<()> {
+/// Calls `visit` with the key (the object's address, for slab objects) and the record of
+/// every outstanding object in the table.
+pub fn for_each_outstanding(
+    maps: &TracerMaps,
+    mut visit: impl FnMut(u64, &AllocRecord),
+) -> Result<()> {
     const _: () = assert!(
         size_of::<KeyBucket>().is_multiple_of(8) && size_of::<RecordBucket>().is_multiple_of(8)
     );
@@ -167,7 +171,7 @@ pub fn for_each_outstanding(maps: &TracerMaps, mut visit: impl FnMut(&AllocRecor
         for (key_bucket, record_bucket) in keys.as_slice().iter().zip(records.as_slice()) {
             for (&key, record) in key_bucket.keys.iter().zip(&record_bucket.records) {
                 if key != 0 {
-                    visit(record);
+                    visit(key, record);
                 }
             }
         }

@@ -22,13 +22,14 @@ use crate::{
     privileges,
     probes::{self, Tracer, TracerSettings},
     report::{self, Report, Stats},
+    scan,
     symbolize::KernelSymbolizer,
     table::{self, TracerMaps},
 };
 
 /// `memleak trace`: traces for the window (or until SIGINT / SIGTERM), then reports.
 pub fn trace(args: &TraceArgs) -> Result<ExitCode> {
-    let session = Session::start(&args.tracing)?;
+    let session = Session::start(&args.tracing, args.checks.cache.as_deref())?;
     eprintln!(
         "memleak: attached to the kernel's allocation events ({}); tracing {}",
         session.tracer.attached,
@@ -55,7 +56,7 @@ pub fn trace(args: &TraceArgs) -> Result<ExitCode> {
 /// `memleak run`: traces while COMMAND runs and for the grace period after it, then reports.
 /// Exits with the command's status, unless the leak check fails (1).
 pub fn run(args: &RunArgs) -> Result<ExitCode> {
-    let session = Session::start(&args.tracing)?;
+    let session = Session::start(&args.tracing, args.checks.cache.as_deref())?;
     let (program, arguments) = args
         .command
         .split_first()
@@ -112,10 +113,12 @@ struct Session {
     sink: ReportSink,
     kernel: String,
     started: Instant,
+    /// With `--cache`: the content scanner, ready since before the programs attached.
+    scanner: Option<scan::Scanner>,
 }
 
 impl Session {
-    fn start(options: &TracingOptions) -> Result<Self> {
+    fn start(options: &TracingOptions, scanned_cache: Option<&str>) -> Result<Self> {
         privileges::require_root()?;
         if let Some(pid) = options.pid
             && !Path::new(&format!("/proc/{pid}")).exists()
@@ -129,6 +132,9 @@ impl Session {
             .enable_all()
             .build()
             .context("starting the async runtime")?;
+        // Before attaching: a cache that cannot be scanned fails now rather than after the
+        // window, and the scanner's own set-up is not traced.
+        let scanner = scanned_cache.map(scan::Scanner::prepare).transpose()?;
         let tracer = probes::attach(&TracerSettings {
             capacity: options.capacity,
             sample_rate: options.sample_rate,
@@ -146,6 +152,7 @@ impl Session {
             sink,
             kernel,
             started: Instant::now(),
+            scanner,
         })
     }
 
@@ -166,6 +173,10 @@ impl Session {
         drop(programs);
         let elapsed = self.started.elapsed();
         let now_ns = monotonic_now_ns();
+        let scan = self
+            .scanner
+            .map(|mut scanner| scanner.scan(options.similarity, scan::TRACE_GROUPS))
+            .transpose()?;
 
         let header = ReportHeader {
             skipped_runs,
@@ -174,7 +185,7 @@ impl Session {
             attach: attached.to_string(),
             notes,
         };
-        let mut report = build_report(options, &maps, now_ns, header)?;
+        let mut report = build_report(options, &maps, now_ns, header, scan.as_ref())?;
         let verdict = leak_checks.enabled().then(|| {
             let verdict = leak_checks.evaluate(&report.stacks);
             eprintln!("memleak: {}", verdict.summary());
@@ -211,15 +222,22 @@ fn build_report(
     maps: &TracerMaps,
     now_ns: u64,
     header: ReportHeader,
+    scan: Option<&scan::CacheScan>,
 ) -> Result<Report> {
     let counters = table::read_counters(maps)?;
-    let mut aggregator = aggregate::Aggregator::new(now_ns, args.min_age.unwrap_or(Duration::ZERO));
+    let min_age = args.min_age.unwrap_or(Duration::ZERO);
+    let mut aggregator = aggregate::Aggregator::new(now_ns, min_age);
+    let mut tally = scan.map(|scan| scan::MarkTally::new(scan, now_ns, min_age));
     let (mut outstanding, mut outstanding_bytes) = (0u64, 0u64);
-    table::for_each_outstanding(maps, |record| {
+    table::for_each_outstanding(maps, |key, record| {
         outstanding += 1;
         outstanding_bytes += u64::from(record.bytes_allocated);
         aggregator.add(record);
+        if let Some(tally) = &mut tally {
+            tally.add(key, record);
+        }
     })?;
+    let marks = tally.map(scan::MarkTally::finish);
     let aggregate = aggregator.finish();
     let mut sites = aggregate.sites;
     aggregate::rank(&mut sites, args.sort);
@@ -251,6 +269,16 @@ fn build_report(
         sample_rate: args.sample_rate,
         frame: &frame,
     };
+    let mut entries: Vec<report::Entry> = sites
+        .iter()
+        .map(|site| report::entry(site, &context))
+        .collect();
+    if let Some(marks) = &marks {
+        for (site, entry) in sites.iter().zip(&mut entries) {
+            entry.marks = marks.get(&site.key).copied();
+        }
+    }
+    let scan = scan.map(|scan| scan.report(&header.kernel, Some(scan::marking(&entries))));
     Ok(Report {
         schema: report::SCHEMA_VERSION,
         kernel: header.kernel,
@@ -277,10 +305,8 @@ fn build_report(
             processes
         }),
         check: None,
-        stacks: sites
-            .iter()
-            .map(|site| report::entry(site, &context))
-            .collect(),
+        scan,
+        stacks: entries,
     })
 }
 

@@ -14,12 +14,16 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::Args;
 use hashbrown::HashMap;
+use memleak_common::AllocRecord;
+use serde::Serialize;
 
 use crate::{
+    aggregate::{Aggregator, SiteKey},
     cli::{Format, ReportOptions},
     kernel,
     output::ReportSink,
     privileges,
+    report::Entry,
 };
 
 mod bases;
@@ -29,7 +33,7 @@ mod render;
 mod similarity;
 mod slabs;
 
-pub use render::{ScanReport, render_text};
+pub use render::{Marking, ScanReport, Suspect, render_details, render_text, summary};
 
 use self::{
     bases::KernelBases,
@@ -231,4 +235,94 @@ impl CacheScan {
     pub fn report(&self, kernel: &str, marking: Option<render::Marking>) -> ScanReport {
         render::build(self, kernel, marking)
     }
+}
+
+/// Groups a trace's content scan looks for: the report shows a few, marking uses the largest.
+pub const TRACE_GROUPS: usize = 3;
+
+/// How one allocation site's outstanding objects compare with the scanned cache.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct SiteMarks {
+    /// Objects similar to the largest group's representative.
+    pub marked: u64,
+    /// Objects found among the scanned cache's in-use objects.
+    pub in_scanned_cache: u64,
+}
+
+/// Tallies a trace's outstanding allocations against a scan, per allocation site. It groups
+/// them as the report does, so that the tallies line up with the report's entries.
+pub struct MarkTally<'a> {
+    scan: &'a CacheScan,
+    in_cache: Aggregator,
+    marked: Aggregator,
+}
+
+impl<'a> MarkTally<'a> {
+    pub fn new(scan: &'a CacheScan, now_ns: u64, min_age: Duration) -> Self {
+        Self {
+            scan,
+            in_cache: Aggregator::new(now_ns, min_age),
+            marked: Aggregator::new(now_ns, min_age),
+        }
+    }
+
+    /// Adds the outstanding object at `address`.
+    pub fn add(&mut self, address: u64, record: &AllocRecord) {
+        match self.scan.mark(address) {
+            Mark::Elsewhere => {}
+            Mark::Dissimilar => self.in_cache.add(record),
+            Mark::Similar => {
+                self.in_cache.add(record);
+                self.marked.add(record);
+            }
+        }
+    }
+
+    pub fn finish(self) -> HashMap<SiteKey, SiteMarks> {
+        let mut marks: HashMap<SiteKey, SiteMarks> = HashMap::new();
+        for site in self.in_cache.finish().sites {
+            marks.entry(site.key).or_default().in_scanned_cache = site.count;
+        }
+        for site in self.marked.finish().sites {
+            marks.entry(site.key).or_default().marked = site.count;
+        }
+        marks
+    }
+}
+
+/// Totals of the entries' marks, and the suspect: the site with the most marked objects,
+/// then the most objects in the cache.
+pub fn marking(entries: &[Entry]) -> Marking {
+    let marked: Vec<(&Entry, SiteMarks)> = entries
+        .iter()
+        .filter_map(|entry| Some((entry, entry.marks?)))
+        .collect();
+    let suspect = marked
+        .iter()
+        .filter(|(_, marks)| marks.marked > 0)
+        .max_by(|(a_entry, a), (b_entry, b)| {
+            (a.marked, a.in_scanned_cache)
+                .cmp(&(b.marked, b.in_scanned_cache))
+                .then_with(|| b_entry.call_site.addr.cmp(&a_entry.call_site.addr))
+        })
+        .map(|(entry, marks)| Suspect {
+            call_site: entry.call_site.clone(),
+            marked: marks.marked,
+            traced: marks.in_scanned_cache,
+        });
+    Marking {
+        traced: marked.iter().map(|(_, marks)| marks.in_scanned_cache).sum(),
+        marked: marked.iter().map(|(_, marks)| marks.marked).sum(),
+        suspected: suspect,
+    }
+}
+
+/// `similar: 62 of 66 objects in kmalloc-64 look like its largest group` for one entry.
+pub fn describe_marks(marks: &SiteMarks, scan: &ScanReport) -> String {
+    format!(
+        "similar: {} of {} objects in {} look like its largest group",
+        crate::report::thousands(marks.marked),
+        crate::report::thousands(marks.in_scanned_cache),
+        scan.cache
+    )
 }

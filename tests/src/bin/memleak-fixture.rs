@@ -24,6 +24,15 @@
 //! `grow-bpf-maps RATE SECONDS`: the same with 1 MiB BPF array maps (each one vmallocs its
 //! storage).
 //!
+//! Content similarity, for `memleak scan` and `trace --cache`:
+//! `similar-messages HELD MORE`: sends HELD identical 16-byte System V messages (each a 64-byte
+//! `struct msg_msg` with the same type, size and text, from alloc_msg), prints `ready`, waits
+//! for a line on standard input, sends MORE of the same, prints `sent`, and holds them all
+//! until standard input reaches EOF.
+//! `dissimilar-segments N`: sends N messages of 4,104 bytes, each with a different random
+//! tail: the tail lands in a 64-byte `struct msg_msgseg`, allocated in the same cache as the
+//! messages above but from another call site. Prints `sent` and holds them until EOF.
+//!
 //! Benchmark workloads (`cargo xtask bench`) run for MILLIS milliseconds, then print
 //! `ops=<N> seconds=<F>`:
 //! `bench-churn MILLIS`: creates and closes eventfds in a loop; one op per eventfd.
@@ -300,6 +309,16 @@ fn run_growth(command: &str, rate: &str, seconds: &str) -> Result<(), String> {
 }
 
 fn run(args: &[String]) -> Result<(), String> {
+    if let [command, held, more] = args
+        && command == "similar-messages"
+    {
+        return similar_messages(held, more);
+    }
+    if let [command, count] = args
+        && command == "dissimilar-segments"
+    {
+        return dissimilar_segments(count);
+    }
     if let [command, rate, seconds] = args
         && command.starts_with("grow-")
     {
@@ -436,4 +455,104 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The text of every `similar-messages` message: with the type and size, it makes each
+/// `struct msg_msg` alike and unlike anything else in the cache.
+const SIMILAR_TEXT: [u8; 16] = *b"memleak-scan-fix";
+const SIMILAR_TYPE: libc::c_long = 0x5ca7;
+
+fn parse_count(text: &str) -> Result<u64, String> {
+    text.parse().map_err(|_| format!("bad number `{text}`"))
+}
+
+/// System V message queues, a new one whenever the last is full (each holds msgmnb bytes
+/// of text, 16 KiB by default), all removed on drop.
+struct MessageQueues {
+    queues: Vec<libc::c_int>,
+}
+
+impl MessageQueues {
+    fn new() -> Self {
+        Self { queues: Vec::new() }
+    }
+
+    /// Sends a message as msgsnd takes it: the type, then the text.
+    fn send(&mut self, kind: libc::c_long, text: &[u8]) -> Result<(), String> {
+        let mut message = kind.to_ne_bytes().to_vec();
+        message.extend_from_slice(text);
+        loop {
+            if let Some(&queue) = self.queues.last() {
+                let sent = unsafe {
+                    libc::msgsnd(queue, message.as_ptr().cast(), text.len(), libc::IPC_NOWAIT)
+                };
+                if sent == 0 {
+                    return Ok(());
+                }
+                let error = std::io::Error::last_os_error();
+                if error.raw_os_error() != Some(libc::EAGAIN) {
+                    return Err(format!("msgsnd: {error}"));
+                }
+            }
+            let queue = unsafe { libc::msgget(libc::IPC_PRIVATE, libc::IPC_CREAT | 0o600) };
+            if queue < 0 {
+                return Err(format!("msgget: {}", std::io::Error::last_os_error()));
+            }
+            self.queues.push(queue);
+        }
+    }
+}
+
+impl Drop for MessageQueues {
+    fn drop(&mut self) {
+        for &queue in &self.queues {
+            let _ = remove_message_queue(queue);
+        }
+    }
+}
+
+fn hold_until_eof() {
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
+}
+
+fn similar_messages(held: &str, more: &str) -> Result<(), String> {
+    let (held, more) = (parse_count(held)?, parse_count(more)?);
+    let mut queues = MessageQueues::new();
+    for _ in 0..held {
+        queues.send(SIMILAR_TYPE, &SIMILAR_TEXT)?;
+    }
+    say("ready");
+    let mut go = String::new();
+    std::io::stdin()
+        .read_line(&mut go)
+        .map_err(|error| format!("reading stdin: {error}"))?;
+    for _ in 0..more {
+        queues.send(SIMILAR_TYPE, &SIMILAR_TEXT)?;
+    }
+    say("sent");
+    hold_until_eof();
+    Ok(())
+}
+
+fn dissimilar_segments(count: &str) -> Result<(), String> {
+    // A first part fills a page with its 48-byte header; the last 56 bytes go to a segment.
+    const FIRST_PART: usize = 4096 - 48;
+    const TAIL: usize = 56;
+    let count = parse_count(count)?;
+    let mut queues = MessageQueues::new();
+    let mut state = 0x2545_f491_4f6c_dd1du64 ^ u64::from(std::process::id());
+    let mut text = vec![0x20u8; FIRST_PART + TAIL];
+    for _ in 0..count {
+        for byte in &mut text[FIRST_PART..] {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            *byte = state as u8;
+        }
+        queues.send(1, &text)?;
+    }
+    say("sent");
+    hold_until_eof();
+    Ok(())
 }
