@@ -97,7 +97,8 @@ fn classic_program_name(program: ClassicProgram) -> &'static str {
 
 pub fn attach(settings: &TracerSettings) -> Result<Tracer> {
     let tracefs_root = tracefs::root()?;
-    let formats = |category: &str, event: &str| tracefs::read_format(&tracefs_root, category, event);
+    let formats =
+        |category: &str, event: &str| tracefs::read_format(&tracefs_root, category, event);
     let plan = tracefs::classic_plan(&formats)?;
     let mut notes = plan.missing.clone();
     // Page events are classic tracepoints whatever --attach says (see memleak-ebpf/src/page.rs).
@@ -141,7 +142,9 @@ pub fn attach(settings: &TracerSettings) -> Result<Tracer> {
         config.kmem_cache_object_size_offset = layout.object_size;
         config.kmem_cache_name_offset = layout.name;
     }
-    config.classic = page_plan.as_ref().map_or(plan.offsets, |pages| pages.offsets);
+    config.classic = page_plan
+        .as_ref()
+        .map_or(plan.offsets, |pages| pages.offsets);
 
     // Every program is loaded (verified) before any is attached, and frees are attached
     // before allocations: otherwise the verifier's own allocations while later programs load
