@@ -29,9 +29,9 @@
 //! `struct msg_msg` with the same type, size and text, from alloc_msg), prints `ready`, waits
 //! for a line on standard input, sends MORE of the same, prints `sent`, and holds them all
 //! until standard input reaches EOF.
-//! `dissimilar-segments N`: sends N messages of 4,104 bytes, each with a different random
-//! tail: the tail lands in a 64-byte `struct msg_msgseg`, allocated in the same cache as the
-//! messages above but from another call site. Prints `sent` and holds them until EOF.
+//! `dissimilar-messages N`: sends N 16-byte messages of random types and texts: objects in the
+//! same cache, from the same call site, unlike the ones above and unlike each other. Prints
+//! `sent` and holds them until EOF.
 //!
 //! Benchmark workloads (`cargo xtask bench`) run for MILLIS milliseconds, then print
 //! `ops=<N> seconds=<F>`:
@@ -294,16 +294,12 @@ fn run_growth(command: &str, rate: &str, seconds: &str) -> Result<(), String> {
         ));
     }
     match command {
-        "grow-eventfds" => {
-            grow(rate, seconds, || {
-                eventfd().map_err(|error| format!("eventfd: {error}"))
-            })
-        }
-        "grow-bpf-maps" => {
-            grow(rate, seconds, || {
-                create_bpf_map(BPF_MAP_TYPE_ARRAY, 4096, 256)
-            })
-        }
+        "grow-eventfds" => grow(rate, seconds, || {
+            eventfd().map_err(|error| format!("eventfd: {error}"))
+        }),
+        "grow-bpf-maps" => grow(rate, seconds, || {
+            create_bpf_map(BPF_MAP_TYPE_ARRAY, 4096, 256)
+        }),
         other => Err(format!("unknown workload `{other}`")),
     }
 }
@@ -315,9 +311,9 @@ fn run(args: &[String]) -> Result<(), String> {
         return similar_messages(held, more);
     }
     if let [command, count] = args
-        && command == "dissimilar-segments"
+        && command == "dissimilar-messages"
     {
-        return dissimilar_segments(count);
+        return dissimilar_messages(count);
     }
     if let [command, rate, seconds] = args
         && command.starts_with("grow-")
@@ -535,22 +531,24 @@ fn similar_messages(held: &str, more: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn dissimilar_segments(count: &str) -> Result<(), String> {
-    // A first part fills a page with its 48-byte header; the last 56 bytes go to a segment.
-    const FIRST_PART: usize = 4096 - 48;
-    const TAIL: usize = 56;
+fn dissimilar_messages(count: &str) -> Result<(), String> {
     let count = parse_count(count)?;
     let mut queues = MessageQueues::new();
     let mut state = 0x2545_f491_4f6c_dd1du64 ^ u64::from(std::process::id());
-    let mut text = vec![0x20u8; FIRST_PART + TAIL];
+    let mut random = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
     for _ in 0..count {
-        for byte in &mut text[FIRST_PART..] {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            *byte = state as u8;
-        }
-        queues.send(1, &text)?;
+        let text: Vec<u8> = [random(), random()]
+            .iter()
+            .flat_map(|word| word.to_le_bytes())
+            .collect();
+        // Message types must be positive.
+        let kind = (random() >> 33) as libc::c_long + 1;
+        queues.send(kind, &text)?;
     }
     say("sent");
     hold_until_eof();

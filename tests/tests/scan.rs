@@ -1,0 +1,255 @@
+//! End-to-end: slab content similarity. A fixture fills a cache with identical System V
+//! messages long before memleak looks; `memleak scan` must find them as one group, and
+//! `memleak trace --cache` must attribute the group to the function that allocates them, from
+//! the few more the fixture sends during the window, while another fixture's dissimilar
+//! messages, allocated in the same cache by the same function, stay unmarked.
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    path::Path,
+    process::{Child, ChildStdout, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use memleak_tests::{
+    finish_tracer, fixture_binary, is_root, loaded_program_names, memleak_binary, start_tracer,
+};
+use serde_json::Value;
+
+const HELD: u64 = 20_000;
+const MORE: u64 = 300;
+const DISSIMILAR: u64 = 200;
+/// The reader program's name as the kernel keeps it (BPF_OBJ_NAME_LEN).
+const READER: &str = "read_kernel_mem";
+
+fn require_root() -> bool {
+    if !is_root() {
+        eprintln!("skipped: end-to-end tests need root (they load eBPF programs)");
+    }
+    is_root()
+}
+
+/// Where 64-byte System V messages live: their own bucket caches since Linux 6.11, the
+/// accounted kmalloc caches before.
+fn message_cache() -> &'static str {
+    if Path::new("/sys/kernel/slab/msg_msg-64").exists() {
+        "msg_msg-64"
+    } else {
+        "kmalloc-cg-64"
+    }
+}
+
+/// A message fixture. System V queues outlive their process, so the fixture is never killed:
+/// closing its standard input makes it remove its queues and exit, pass or fail.
+struct Fixture {
+    child: Child,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Fixture {
+    /// Starts a fixture and waits for its first line, which must be `expected`.
+    fn start(args: &[&str], expected: &str) -> Result<Self> {
+        let mut child = Command::new(fixture_binary()?)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting the fixture")?;
+        let stdout = BufReader::new(child.stdout.take().context("fixture stdout")?);
+        let mut fixture = Self { child, stdout };
+        fixture.expect_line(expected)?;
+        Ok(fixture)
+    }
+
+    fn expect_line(&mut self, expected: &str) -> Result<()> {
+        let mut line = String::new();
+        self.stdout
+            .read_line(&mut line)
+            .context("reading the fixture")?;
+        ensure!(
+            line.trim() == expected,
+            "fixture said {line:?}, expected {expected}"
+        );
+        Ok(())
+    }
+
+    fn say(&mut self, line: &str) -> Result<()> {
+        let stdin = self.child.stdin.as_mut().context("fixture stdin")?;
+        writeln!(stdin, "{line}").context("writing to the fixture")
+    }
+
+    fn pid(&self) -> u64 {
+        u64::from(self.child.id())
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn scan_finds_identical_messages_as_one_group() -> Result<()> {
+    let _exclusive = memleak_tests::exclusive();
+    if !require_root() {
+        return Ok(());
+    }
+    let cache = message_cache();
+    let _fixture = Fixture::start(&["similar-messages", &HELD.to_string(), "0"], "ready")?;
+    let output = Command::new(memleak_binary()?)
+        .args(["scan", "--cache", cache, "--format", "json"])
+        .output()
+        .context("running memleak scan")?;
+    ensure!(
+        output.status.success(),
+        "memleak scan failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_slice(&output.stdout).context("parsing the report")?;
+    ensure!(report["cache"] == cache, "{report:#}");
+    ensure!(
+        report["objects"].as_u64().unwrap_or(0) >= HELD,
+        "{report:#}"
+    );
+    ensure!(report["unreadable_pages"] == 0, "{report:#}");
+    let top = &report["groups"][0];
+    ensure!(
+        top["objects"].as_u64().unwrap_or(0) >= HELD,
+        "the largest group should hold the {HELD} messages: {report:#}"
+    );
+    ensure!(
+        top["strings"]
+            .as_array()
+            .is_some_and(|strings| strings.iter().any(|s| s["text"] == "memleak-scan-fix")),
+        "the representative should hold the messages' text: {top:#}"
+    );
+    for base in ["page_offset_base", "vmemmap_base"] {
+        let value = report[base].as_str().unwrap_or_default();
+        ensure!(value.starts_with("0xff"), "{base} = {value:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn scan_of_an_unknown_cache_is_a_one_line_error() -> Result<()> {
+    let _exclusive = memleak_tests::exclusive();
+    if !require_root() {
+        return Ok(());
+    }
+    let output = Command::new(memleak_binary()?)
+        .args(["scan", "--cache", "no-such-cache"])
+        .output()
+        .context("running memleak scan")?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    ensure!(
+        output.status.code() == Some(2),
+        "status {}: {stderr}",
+        output.status
+    );
+    ensure!(
+        stderr.lines().count() == 1 && stderr.contains("no-such-cache"),
+        "{stderr}"
+    );
+    Ok(())
+}
+
+/// The trace report's entry for the allocation site through which `pid` allocated objects
+/// found in the scanned cache.
+fn entry_of(report: &Value, pid: u64) -> Option<&Value> {
+    report["stacks"].as_array()?.iter().find(|entry| {
+        entry["in_scanned_cache"].as_u64().unwrap_or(0) > 0
+            && entry["processes"]
+                .as_array()
+                .is_some_and(|processes| processes.iter().any(|p| p["pid"] == pid))
+    })
+}
+
+#[test]
+fn trace_with_cache_attributes_the_old_objects_to_their_allocating_function() -> Result<()> {
+    let _exclusive = memleak_tests::exclusive();
+    if !require_root() {
+        return Ok(());
+    }
+    let cache = message_cache();
+    // Long before the tracer: the objects a trace window cannot see being allocated.
+    let mut similar = Fixture::start(
+        &["similar-messages", &HELD.to_string(), &MORE.to_string()],
+        "ready",
+    )?;
+    ensure!(
+        !loaded_program_names()?.iter().any(|name| name == READER),
+        "the kernel memory reader is loaded before any scan"
+    );
+    let (tracer, _stderr) = start_tracer(&[
+        "--duration",
+        "5s",
+        "--format",
+        "json",
+        "--top",
+        "100000",
+        "--cache",
+        cache,
+    ])?;
+    ensure!(
+        loaded_program_names()?.iter().any(|name| name == READER),
+        "trace --cache loads the kernel memory reader"
+    );
+    // During the window: a few more of the same, and as many unlike them from another process
+    // through the same function.
+    similar.say("go")?;
+    similar.expect_line("sent")?;
+    let dissimilar = Fixture::start(&["dissimilar-messages", &DISSIMILAR.to_string()], "sent")?;
+    let report = finish_tracer(tracer)?;
+
+    let scan = &report["scan"];
+    ensure!(scan["cache"] == cache, "{scan:#}");
+    let group = scan["groups"][0]["objects"].as_u64().unwrap_or(0);
+    ensure!(
+        group >= HELD,
+        "the largest group holds {group} objects, expected >= {HELD}: {scan:#}"
+    );
+
+    let Some(leaker) = entry_of(&report, similar.pid()) else {
+        bail!("no entry for the similar messages' allocation site: {scan:#}");
+    };
+    let marked = leaker["marked"].as_u64().unwrap_or(0);
+    let traced = leaker["in_scanned_cache"].as_u64().unwrap_or(0);
+    ensure!(
+        marked >= MORE,
+        "the {MORE} messages sent during the window should be marked: {leaker:#}"
+    );
+    let suspect = &scan["marking"]["suspected"];
+    ensure!(
+        suspect["call_site"] == leaker["call_site"],
+        "the suspect should be the messages' allocation site: {suspect:#} vs {leaker:#}"
+    );
+    ensure!(
+        leaker["call_site"]["symbol"]
+            .as_str()
+            .is_some_and(|symbol| symbol.contains("msg")),
+        "messages are allocated in the System V message code: {leaker:#}"
+    );
+    // The dissimilar messages share the site, and are counted there but not marked.
+    ensure!(
+        entry_of(&report, dissimilar.pid())
+            .is_some_and(|entry| entry["call_site"] == leaker["call_site"]),
+        "the dissimilar messages should come through the same site: {report:#}"
+    );
+    ensure!(
+        traced >= MORE + DISSIMILAR && marked <= traced - DISSIMILAR,
+        "the {DISSIMILAR} dissimilar messages must not be marked: {leaker:#}"
+    );
+    Ok(())
+}
