@@ -11,6 +11,7 @@ mount -t devtmpfs devtmpfs /dev
 mount -t debugfs debugfs /sys/kernel/debug
 mount -t tracefs tracefs /sys/kernel/tracing
 mount -t bpf bpf /sys/fs/bpf
+ip link set lo up
 mkdir -p /results
 exec 3>/dev/ttyS1
 stty -F /dev/ttyS1 raw
