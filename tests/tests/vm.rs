@@ -14,8 +14,17 @@ fn leaky_module_fails_and_clean_function_passes_in_a_debian_6_1_guest() -> Resul
         return Ok(());
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    // `cargo xtask vm-test`, with the release build of xtask that `./x test` already made.
     let status = Command::new(cargo)
-        .args(["xtask", "vm-test"])
+        .args([
+            "run",
+            "--release",
+            "--quiet",
+            "--package",
+            "xtask",
+            "--",
+            "vm-test",
+        ])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .status()
         .context("running cargo xtask vm-test")?;
