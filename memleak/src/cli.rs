@@ -27,6 +27,10 @@ pub enum Command {
     /// Run a kmemleak scan on a debug kernel (or read a saved report) and group the
     /// unreferenced objects by allocation backtrace.
     Kmemleak(crate::kmemleak::KmemleakArgs),
+    /// Sample /proc/meminfo, /proc/slabinfo and /proc/vmallocinfo for a few seconds and say
+    /// which kind of kernel memory grows (slab, vmalloc, percpu, pages), which slab caches
+    /// grow, and which `memleak trace` to run next.
+    Classify(crate::classify::ClassifyArgs),
     /// Read every object of a slab cache from kernel memory and find the largest groups of
     /// objects with similar contents: what a long-running leak leaves behind.
     Scan(crate::scan::ScanArgs),

@@ -5,6 +5,7 @@ use clap::Parser as _;
 
 mod aggregate;
 mod checks;
+mod classify;
 mod cli;
 mod duration;
 mod frame;
@@ -26,6 +27,7 @@ fn main() -> ExitCode {
         cli::Command::Trace(args) => trace::trace(&args),
         cli::Command::Run(args) => trace::run(&args),
         cli::Command::Kmemleak(args) => kmemleak::run(&args),
+        cli::Command::Classify(args) => classify::run(&args),
         cli::Command::Scan(args) => scan::run(&args),
     };
     match result {

@@ -1,0 +1,143 @@
+//! The classify report as text and JSON.
+use std::fmt::Write as _;
+
+use super::analysis::Report;
+use crate::{duration, report::human_bytes};
+
+pub fn render_json(report: &Report) -> String {
+    let mut text = serde_json::to_string_pretty(report).unwrap_or_else(|error| {
+        // Serializing plain structs cannot fail; say so loudly if it ever does.
+        format!("{{\"error\": \"serializing the report failed: {error}\"}}")
+    });
+    text.push('\n');
+    text
+}
+
+/// `+1.5 MiB`, `-12.0 KiB`, `0 B`.
+fn signed_bytes(bytes: i64) -> String {
+    let sign = match bytes.signum() {
+        1 => "+",
+        -1 => "-",
+        _ => "",
+    };
+    format!("{sign}{}", human_bytes(bytes.unsigned_abs()))
+}
+
+fn growing_mark(growing: bool) -> &'static str {
+    if growing { "  growing" } else { "" }
+}
+
+pub fn render_text(report: &Report) -> String {
+    let mut out = String::new();
+    let window = duration::display(std::time::Duration::from_millis(report.duration_ms));
+    let _ = writeln!(
+        out,
+        "memleak classify: {} samples over {window} (kernel {})",
+        report.samples, report.kernel
+    );
+    let thresholds = &report.thresholds;
+    let _ = writeln!(
+        out,
+        "growing means a fitted trend of at least {}/s (--min-rate), {} over the window \
+         (--noise-floor) and {}x the samples' scatter",
+        human_bytes(thresholds.min_rate_bytes_per_second),
+        human_bytes(thresholds.noise_floor_bytes),
+        thresholds.scatter_factor,
+    );
+    for note in &report.notes {
+        let _ = writeln!(out, "note: {note}");
+    }
+
+    let _ = writeln!(
+        out,
+        "\n{:<24} {:>11} {:>14} {:>13}",
+        "kind", "size", "growth/s", "growth/h"
+    );
+    for kind in &report.kinds {
+        let name = if kind.estimate {
+            format!("{} (estimate)", kind.name)
+        } else {
+            kind.name.to_owned()
+        };
+        let _ = writeln!(
+            out,
+            "{name:<24} {:>11} {:>14} {:>13}{}",
+            human_bytes(kind.bytes),
+            signed_bytes(kind.growth_bytes_per_second),
+            signed_bytes(kind.growth_bytes_per_hour),
+            growing_mark(kind.growing),
+        );
+    }
+
+    let cache_name = |name: &str, aliases: &[String]| {
+        if aliases.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{name} (merged with {})", aliases.join(", "))
+        }
+    };
+    if !report.unreclaimable_caches.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nunreclaimable slab caches, largest first:\n{:>11} {:>12} {:>14}  cache",
+            "size", "objects", "growth/s"
+        );
+        for cache in &report.unreclaimable_caches {
+            let _ = writeln!(
+                out,
+                "{:>11} {:>12} {:>14}  {}{}",
+                human_bytes(cache.bytes),
+                crate::report::thousands(cache.active_objects),
+                signed_bytes(cache.growth_bytes_per_second),
+                cache_name(&cache.name, &cache.aliases),
+                growing_mark(cache.growing),
+            );
+        }
+    }
+    if !report.growing_caches.is_empty() {
+        let _ = writeln!(
+            out,
+            "\ngrowing slab caches, fastest first:\n{:>14} {:>12} {:>11}  cache",
+            "growth/s", "objects/s", "size"
+        );
+        for cache in &report.growing_caches {
+            let reclaimable = match cache.reclaimable {
+                Some(true) => " [reclaimable]",
+                Some(false) => "",
+                None => " [reclaimable?]",
+            };
+            let _ = writeln!(
+                out,
+                "{:>14} {:>12.1} {:>11}  {}{reclaimable}",
+                signed_bytes(cache.growth_bytes_per_second),
+                cache.growth_objects_per_second,
+                human_bytes(cache.bytes),
+                cache_name(&cache.name, &cache.aliases),
+            );
+        }
+    }
+    if !report.vmalloc_callers.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nvmalloc by caller, largest first:\n{:>11} {:>14}  caller",
+            "size", "growth/s"
+        );
+        for caller in &report.vmalloc_callers {
+            let _ = writeln!(
+                out,
+                "{:>11} {:>14}  {}{}",
+                human_bytes(caller.bytes),
+                signed_bytes(caller.growth_bytes_per_second),
+                caller.caller,
+                growing_mark(caller.growing),
+            );
+        }
+    }
+
+    let verdict = &report.verdict;
+    let _ = writeln!(out, "\nverdict: {}", verdict.summary);
+    if let Some(command) = &verdict.next_command {
+        let _ = writeln!(out, "next:    {command}");
+    }
+    out
+}

@@ -1,0 +1,634 @@
+//! Classify's analysis on series recorded on the development machine (see
+//! testdata/classify/record.sh), and its file-system readers on fake sysfs trees.
+use std::{collections::BTreeMap, fs, path::PathBuf, time::Duration};
+
+use clap::Parser as _;
+
+use super::{
+    analysis::{self, CacheFacts, Context, Report, Sample, Thresholds, fit},
+    parse, read_cache_facts, read_sys_slab, render,
+};
+use crate::cli::{Cli, Command};
+
+const PAGE: u64 = 4096;
+
+/// Parses `NAME VALUE` lines, the form record.sh writes /sys/kernel/slab/*/reclaim_account and
+/// the alias links in.
+pub fn parse_name_values(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|line| {
+            let (name, value) = line.trim().rsplit_once(' ')?;
+            Some((name.trim().to_owned(), value.to_owned()))
+        })
+        .collect()
+}
+
+fn recorded_dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata/classify")
+        .join(name)
+}
+
+fn read(path: PathBuf) -> String {
+    fs::read_to_string(&path).unwrap_or_else(|error| panic!("{}: {error}", path.display()))
+}
+
+/// The samples and cache facts recorded in testdata/classify/NAME.
+fn recorded(name: &str) -> (Vec<Sample>, CacheFacts) {
+    let dir = recorded_dir(name);
+    let samples = read(dir.join("times"))
+        .lines()
+        .enumerate()
+        .map(|(index, millis)| Sample {
+            at: Duration::from_millis(millis.trim().parse().expect("milliseconds")),
+            meminfo: parse::parse_meminfo(&read(dir.join(format!("meminfo.{index}")))),
+            pcp_free_bytes: parse::parse_zoneinfo_pcp_pages(&read(
+                dir.join(format!("zoneinfo.{index}")),
+            ))
+            .expect("recorded zoneinfo")
+                * PAGE,
+            slab: Some(
+                parse::parse_slabinfo(&read(dir.join(format!("slabinfo.{index}"))))
+                    .expect("recorded slabinfo")
+                    .caches,
+            ),
+            vmalloc: Some(parse::parse_vmallocinfo(
+                &read(dir.join(format!("vmallocinfo.{index}"))),
+                PAGE,
+            )),
+        })
+        .collect();
+    let facts = CacheFacts {
+        reclaimable: parse_name_values(&read(dir.join("reclaim_account")))
+            .into_iter()
+            .map(|(name, value)| (name, value == "1"))
+            .collect(),
+        merged_into: parse_name_values(&read(dir.join("aliases"))),
+    };
+    (samples, facts)
+}
+
+const DEFAULT_THRESHOLDS: Thresholds = Thresholds {
+    min_rate_bytes_per_second: 1024,
+    noise_floor_bytes: 256 * 1024,
+    scatter_factor: analysis::SCATTER_FACTOR,
+};
+
+fn context(facts: CacheFacts, thresholds: Thresholds) -> Context {
+    Context {
+        kernel: "6.18.0-test".into(),
+        page_size: PAGE,
+        thresholds,
+        facts,
+        notes: Vec::new(),
+        top: 10,
+        traceable: vec!["slab".into(), "vmalloc".into(), "percpu".into()],
+        requested: Duration::from_secs(10),
+        blame_reclaimable: false,
+    }
+}
+
+fn classify_recorded(name: &str) -> Report {
+    let (samples, facts) = recorded(name);
+    analysis::analyze(&samples, &context(facts, DEFAULT_THRESHOLDS))
+}
+
+#[test]
+fn fit_finds_the_slope_of_a_line_and_the_scatter_around_it() {
+    let line: Vec<(f64, f64)> = (0..5).map(|x| (x as f64, 100.0 + 8.0 * x as f64)).collect();
+    let trend = fit(&line).unwrap();
+    assert!((trend.slope - 8.0).abs() < 1e-9 && trend.scatter < 1e-9);
+
+    // A step in the middle: the slope is the least-squares one, not last minus first.
+    let step = [(0.0, 0.0), (1.0, 0.0), (2.0, 0.0), (3.0, 90.0), (4.0, 90.0)];
+    let trend = fit(&step).unwrap();
+    assert!((trend.slope - 27.0).abs() < 1e-9, "{trend:?}");
+    assert!(trend.scatter > 10.0);
+
+    let flat = [(0.0, 7.0), (1.0, 7.0), (2.0, 7.0)];
+    assert_eq!(fit(&flat).unwrap().slope, 0.0);
+    assert_eq!(fit(&[(1.0, 5.0)]), None);
+    assert_eq!(fit(&[]), None);
+    assert_eq!(fit(&[(1.0, 5.0), (1.0, 9.0)]), None, "no spread in time");
+}
+
+#[test]
+fn an_idle_machine_has_no_growth() {
+    // Idle as far as memleak's fixtures go: the others working on the machine ran compilers
+    // meanwhile, which grew the inode cache.
+    let report = classify_recorded("idle");
+    assert!(!report.verdict.growing, "{:#?}", report.verdict);
+    assert!(report.verdict.kinds.is_empty() && report.verdict.caches.is_empty());
+    assert!(
+        report
+            .kinds
+            .iter()
+            .all(|kind| !kind.growing || kind.name == "slab_reclaimable"),
+        "{:#?}",
+        report.kinds
+    );
+    assert!(
+        report
+            .growing_caches
+            .iter()
+            .all(|cache| cache.reclaimable == Some(true)),
+        "{:#?}",
+        report.growing_caches
+    );
+    assert!(report.verdict.summary.starts_with("no growth"));
+    assert_eq!(
+        report.verdict.next_command.as_deref(),
+        Some("memleak classify --duration 60s")
+    );
+}
+
+#[test]
+fn growing_eventfds_are_unreclaimable_slab_in_filp_and_kmalloc_64() {
+    let report = classify_recorded("grow-eventfds");
+    let verdict = &report.verdict;
+    assert!(verdict.growing);
+    assert_eq!(verdict.kinds, ["slab_unreclaimable"], "{verdict:#?}");
+    // Each eventfd is a struct file (filp) and a struct eventfd_ctx (kmalloc-64).
+    for cache in ["filp", "kmalloc-64"] {
+        assert!(
+            verdict.caches.iter().any(|name| name == cache),
+            "{cache} not named: {verdict:#?}"
+        );
+    }
+    assert_eq!(verdict.caches.first().map(String::as_str), Some("filp"));
+    let filp = report
+        .growing_caches
+        .iter()
+        .find(|cache| cache.name == "filp")
+        .unwrap();
+    assert_eq!(filp.reclaimable, Some(false));
+    // The fixture made 2500 eventfds a second for most of the window.
+    assert!(
+        (1500.0..3000.0).contains(&filp.growth_objects_per_second),
+        "{filp:#?}"
+    );
+    let unreclaimable = report
+        .kinds
+        .iter()
+        .find(|kind| kind.name == "slab_unreclaimable")
+        .unwrap();
+    assert!(unreclaimable.growth_bytes_per_second > 500 * 1024);
+    assert!(
+        verdict
+            .next_command
+            .as_deref()
+            .is_some_and(|command| command.starts_with("memleak trace --kinds slab")),
+        "{verdict:#?}"
+    );
+    // Each eventfd also pins a dentry, which is in a reclaimable cache: mentioned, not
+    // blamed.
+    assert!(
+        verdict
+            .reclaimable_caches
+            .iter()
+            .any(|name| name == "dentry"),
+        "{verdict:#?}"
+    );
+    assert!(!verdict.caches.iter().any(|name| name == "dentry"));
+    assert!(verdict.summary.contains("usually cache"));
+
+    let (samples, facts) = recorded("grow-eventfds");
+    let mut blaming = context(facts, DEFAULT_THRESHOLDS);
+    blaming.blame_reclaimable = true;
+    let verdict = analysis::analyze(&samples, &blaming).verdict;
+    assert!(verdict.kinds.contains(&"slab_reclaimable"), "{verdict:#?}");
+    assert!(verdict.caches.iter().any(|name| name == "dentry"));
+    assert!(verdict.reclaimable_caches.is_empty());
+}
+
+#[test]
+fn growing_bpf_arrays_are_vmalloc_from_array_map_alloc() {
+    let report = classify_recorded("grow-bpf-maps");
+    let verdict = &report.verdict;
+    assert_eq!(verdict.kinds, ["vmalloc"], "{verdict:#?}");
+    assert_eq!(verdict.vmalloc_callers, ["array_map_alloc"]);
+    assert!(verdict.caches.is_empty());
+    let vmalloc = report
+        .kinds
+        .iter()
+        .find(|kind| kind.name == "vmalloc")
+        .unwrap();
+    // 16 maps of 1 MiB (257 pages with the guard) a second.
+    assert!(
+        (8 << 20..20 << 20).contains(&vmalloc.growth_bytes_per_second),
+        "{vmalloc:#?}"
+    );
+    assert_eq!(
+        report.vmalloc_callers[0].caller, "array_map_alloc",
+        "largest caller first"
+    );
+    assert_eq!(
+        verdict.next_command.as_deref(),
+        Some("memleak trace --kinds vmalloc --duration 30s")
+    );
+}
+
+#[test]
+fn thresholds_are_overridable() {
+    let (samples, facts) = recorded("grow-eventfds");
+    let strict = Thresholds {
+        min_rate_bytes_per_second: 64 << 20,
+        ..DEFAULT_THRESHOLDS
+    };
+    let report = analysis::analyze(&samples, &context(facts.clone(), strict));
+    assert!(!report.verdict.growing, "{:#?}", report.verdict);
+
+    let high_floor = Thresholds {
+        noise_floor_bytes: 1 << 30,
+        ..DEFAULT_THRESHOLDS
+    };
+    let report = analysis::analyze(&samples, &context(facts.clone(), high_floor));
+    assert!(!report.verdict.growing);
+
+    // With no floor at all, the idle machine's small wobbles count.
+    let (idle, idle_facts) = recorded("idle");
+    let lax = Thresholds {
+        min_rate_bytes_per_second: 0,
+        noise_floor_bytes: 0,
+        scatter_factor: 0.0,
+    };
+    let report = analysis::analyze(&idle, &context(idle_facts, lax));
+    assert!(report.verdict.growing);
+}
+
+fn meminfo(fields: &[(&str, u64)]) -> parse::Meminfo {
+    let text: String = fields
+        .iter()
+        .map(|(name, kib)| format!("{name}: {kib} kB\n"))
+        .collect();
+    parse::parse_meminfo(&text)
+}
+
+fn cache(name: &str, slabs: u64) -> parse::SlabCache {
+    parse::SlabCache {
+        name: name.into(),
+        active_objects: slabs * 32,
+        objects: slabs * 32,
+        object_size: 128,
+        pages_per_slab: 1,
+        slabs,
+    }
+}
+
+/// Ten samples a second apart; `at(second)` gives meminfo and caches.
+fn synthetic(at: impl Fn(u64) -> (Vec<(&'static str, u64)>, Vec<parse::SlabCache>)) -> Vec<Sample> {
+    (0..10)
+        .map(|second| {
+            let (fields, caches) = at(second);
+            Sample {
+                at: Duration::from_secs(second),
+                meminfo: meminfo(&fields),
+                pcp_free_bytes: 0,
+                slab: Some(caches),
+                vmalloc: None,
+            }
+        })
+        .collect()
+}
+
+fn facts(caches: &[(&str, bool)]) -> CacheFacts {
+    CacheFacts {
+        reclaimable: caches
+            .iter()
+            .map(|(name, reclaimable)| ((*name).to_owned(), *reclaimable))
+            .collect(),
+        merged_into: caches
+            .iter()
+            .map(|(name, _)| ((*name).to_owned(), (*name).to_owned()))
+            .collect(),
+    }
+}
+
+#[test]
+fn large_kmallocs_are_what_the_caches_do_not_hold() {
+    // SUnreclaim grows 400 KiB/s while the one unreclaimable cache stays put.
+    let samples = synthetic(|second| {
+        (
+            vec![("MemTotal", 1 << 20), ("SUnreclaim", 1000 + 400 * second)],
+            vec![cache("kmalloc-128", 100)],
+        )
+    });
+    let report = analysis::analyze(
+        &samples,
+        &context(facts(&[("kmalloc-128", false)]), DEFAULT_THRESHOLDS),
+    );
+    assert_eq!(report.verdict.kinds, ["slab_unreclaimable"]);
+    assert_eq!(report.verdict.caches, ["large kmalloc"]);
+    assert_eq!(
+        report.verdict.next_command.as_deref(),
+        Some("memleak trace --kinds slab --duration 30s --min-size 8193")
+    );
+    let large = &report.growing_caches[0];
+    assert_eq!(large.growth_bytes_per_second, 400 * 1024);
+    assert_eq!(large.bytes, (1000 + 400 * 9 - 400) * 1024);
+}
+
+#[test]
+fn reclaimable_growth_is_reported_and_blamed_only_when_asked() {
+    let samples = synthetic(|second| {
+        (
+            vec![("MemTotal", 1 << 20), ("SReclaimable", 4000 + 400 * second)],
+            vec![cache("dentry", 1000 + 100 * second)],
+        )
+    });
+    let mut context = context(facts(&[("dentry", true)]), DEFAULT_THRESHOLDS);
+    let report = analysis::analyze(&samples, &context);
+    assert!(!report.verdict.growing);
+    assert!(report.verdict.kinds.is_empty());
+    assert_eq!(report.verdict.reclaimable_caches, ["dentry"]);
+    assert!(report.verdict.summary.starts_with("no growth"));
+    assert!(report.verdict.summary.contains("usually cache, not a leak"));
+    assert!(
+        report
+            .unreclaimable_caches
+            .iter()
+            .all(|c| c.name != "dentry")
+    );
+
+    context.blame_reclaimable = true;
+    let report = analysis::analyze(&samples, &context);
+    assert_eq!(report.verdict.kinds, ["slab_reclaimable"]);
+    assert_eq!(report.verdict.caches, ["dentry"]);
+    assert_eq!(
+        report.verdict.next_command.as_deref(),
+        Some("memleak trace --kinds slab --duration 30s")
+    );
+}
+
+#[test]
+fn caches_created_during_the_window_were_empty_before() {
+    let samples = synthetic(|second| {
+        let mut caches = vec![cache("old", 10)];
+        if second >= 5 {
+            caches.push(cache("new", 100 * (second - 4)));
+        }
+        (vec![("MemTotal", 1 << 20), ("SUnreclaim", 1000)], caches)
+    });
+    let report = analysis::analyze(
+        &samples,
+        &context(CacheFacts::default(), DEFAULT_THRESHOLDS),
+    );
+    let new = report
+        .growing_caches
+        .iter()
+        .find(|cache| cache.name == "new")
+        .expect("new grows");
+    assert_eq!(new.reclaimable, None);
+    assert_eq!(new.bytes, 500 * PAGE);
+    assert!(new.growth_bytes_per_second > 0);
+    // Without /sys/kernel/slab there is no large-kmalloc estimate.
+    assert!(
+        report
+            .unreclaimable_caches
+            .iter()
+            .all(|c| c.name != "large kmalloc")
+    );
+}
+
+#[test]
+fn other_pages_is_what_no_counter_explains() {
+    let fields = [
+        ("MemTotal", 10_000),
+        ("MemFree", 4_000),
+        ("Active", 1_000),
+        ("Inactive", 1_000),
+        ("Unevictable", 100),
+        ("KReclaimable", 600),
+        ("SReclaimable", 500),
+        ("SUnreclaim", 300),
+        ("PageTables", 50),
+        ("VmallocUsed", 200),
+        ("Percpu", 20),
+        ("KernelStack", 16),
+    ];
+    // 6000 in use - 3270 explained (KReclaimable covers SReclaimable; kernel stacks are in
+    // VmallocUsed).
+    assert_eq!(analysis::other_pages(&meminfo(&fields), 0), 2_730 * 1024);
+    assert_eq!(
+        analysis::other_pages(&meminfo(&fields), 730 * 1024),
+        2_000 * 1024,
+        "free pages on per-CPU lists are not in use"
+    );
+    assert_eq!(
+        analysis::other_pages(&meminfo(&[("MemTotal", 5)]), 0),
+        5 * 1024
+    );
+    assert_eq!(
+        analysis::other_pages(&meminfo(&[("MemTotal", 5), ("Active", 9)]), 0),
+        0,
+        "never negative"
+    );
+}
+
+#[test]
+fn page_growth_points_to_page_tracing_only_where_trace_has_it() {
+    let samples = synthetic(|second| {
+        (
+            vec![("MemTotal", 1 << 20), ("MemFree", 900_000 - 1000 * second)],
+            Vec::new(),
+        )
+    });
+    let mut without_pages = context(CacheFacts::default(), DEFAULT_THRESHOLDS);
+    let report = analysis::analyze(&samples, &without_pages);
+    assert_eq!(report.verdict.kinds, ["other_pages"]);
+    assert_eq!(report.verdict.next_command, None);
+    assert!(report.verdict.summary.contains("cannot follow"));
+
+    without_pages.traceable.push("page".into());
+    let report = analysis::analyze(&samples, &without_pages);
+    assert_eq!(
+        report.verdict.next_command.as_deref(),
+        Some("memleak trace --kinds page --duration 30s")
+    );
+}
+
+#[test]
+fn json_follows_the_conventions_of_the_other_reports() {
+    let report = classify_recorded("grow-eventfds");
+    let json: serde_json::Value =
+        serde_json::from_str(&render::render_json(&report)).expect("valid JSON");
+    assert_eq!(json["schema"], 1);
+    assert_eq!(json["kernel"], "6.18.0-test");
+    assert!(
+        json["duration_ms"]
+            .as_u64()
+            .is_some_and(|ms| (5_000..8_000).contains(&ms))
+    );
+    assert_eq!(json["samples"], 7);
+    assert_eq!(json["thresholds"]["noise_floor_bytes"], 256 * 1024);
+    assert_eq!(json["verdict"]["growing"], true);
+    assert_eq!(json["verdict"]["kinds"][0], "slab_unreclaimable");
+    let sorted = |array: &str, key: &str| {
+        let values: Vec<i64> = json[array]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|entry| entry[key].as_i64().unwrap())
+            .collect();
+        assert!(!values.is_empty(), "{array} is empty");
+        assert!(values.is_sorted_by(|a, b| a >= b), "{array}: {values:?}");
+    };
+    sorted("kinds", "bytes");
+    sorted("unreclaimable_caches", "bytes");
+    sorted("growing_caches", "growth_bytes_per_second");
+    sorted("vmalloc_callers", "bytes");
+    assert!(
+        json["unreclaimable_caches"].as_array().unwrap().len() <= 10,
+        "--top"
+    );
+}
+
+#[test]
+fn text_ends_with_the_verdict_and_the_next_command() {
+    let text = render::render_text(&classify_recorded("grow-eventfds"));
+    assert!(
+        text.starts_with("memleak classify: 7 samples over "),
+        "{text}"
+    );
+    assert!(text.contains("slab_unreclaimable"));
+    assert!(text.contains("other_pages (estimate)"));
+    let mut last_lines = text.lines().rev();
+    assert!(
+        last_lines
+            .next()
+            .unwrap()
+            .starts_with("next:    memleak trace --kinds slab")
+    );
+    assert!(
+        last_lines
+            .next()
+            .unwrap()
+            .starts_with("verdict: growing in ")
+    );
+}
+
+/// A fresh directory under the system temp dir, removed when dropped.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn new(name: &str) -> Self {
+        let path =
+            std::env::temp_dir().join(format!("memleak-classify-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(&path).expect("creating a scratch directory");
+        Self(path)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn fake_cache(root: &std::path::Path, directory: &str, reclaimable: bool, slabs: u64) {
+    let dir = root.join(directory);
+    fs::create_dir_all(&dir).unwrap();
+    for (file, text) in [
+        ("objects", format!("{} N0={}\n", slabs * 30, slabs * 30)),
+        (
+            "total_objects",
+            format!("{} N0={}\n", slabs * 32, slabs * 32),
+        ),
+        ("object_size", "64\n".into()),
+        ("order", "0\n".into()),
+        ("slabs", format!("{slabs} N0={slabs}\n")),
+        ("reclaim_account", format!("{}\n", u8::from(reclaimable))),
+    ] {
+        fs::write(dir.join(file), text).unwrap();
+    }
+}
+
+#[test]
+fn reads_a_sysfs_slab_tree_with_merged_caches() {
+    let scratch = ScratchDir::new("sysfs");
+    let root = &scratch.0;
+    fake_cache(root, "filp", false, 5);
+    fake_cache(root, "dentry", true, 7);
+    fake_cache(root, ":0000064", false, 3);
+    for alias in ["kmalloc-64", "Acpi-Namespace"] {
+        std::os::unix::fs::symlink(":0000064", root.join(alias)).unwrap();
+    }
+    // A directory missing its counters is skipped, not fatal.
+    fs::create_dir_all(root.join("broken")).unwrap();
+
+    let (facts, problem) = read_cache_facts(root);
+    assert_eq!(
+        problem.as_deref().map(|text| text.contains("broken")),
+        Some(true)
+    );
+    assert_eq!(facts.reclaimable.get("dentry"), Some(&true));
+    assert_eq!(facts.reclaimable.get("kmalloc-64"), Some(&false));
+    assert!(!facts.reclaimable.contains_key(":0000064"));
+    assert_eq!(facts.aliases("kmalloc-64"), ["Acpi-Namespace"]);
+    assert!(facts.aliases("filp").is_empty());
+
+    let mut caches = read_sys_slab(root, &facts).unwrap();
+    caches.sort_by(|a, b| a.name.cmp(&b.name));
+    let names: Vec<&str> = caches.iter().map(|cache| cache.name.as_str()).collect();
+    // The merged cache is named after its first alias, and counted once.
+    assert_eq!(names, ["Acpi-Namespace", "dentry", "filp"]);
+    assert_eq!(caches[2].bytes(PAGE), 5 * PAGE);
+    assert_eq!(caches[2].active_objects, 150);
+
+    let empty = ScratchDir::new("sysfs-empty");
+    assert!(read_sys_slab(&empty.0, &facts).is_err());
+    let missing = empty.0.join("no-such-dir");
+    assert!(read_sys_slab(&missing, &facts).is_err());
+    let (facts, problem) = read_cache_facts(&missing);
+    assert!(facts.reclaimable.is_empty() && problem.is_some());
+}
+
+#[test]
+fn cli_parses_classify_and_rejects_absurd_values() {
+    let cli = Cli::try_parse_from([
+        "memleak",
+        "classify",
+        "--duration",
+        "6s",
+        "--format",
+        "json",
+        "--min-rate",
+        "4096",
+    ])
+    .unwrap();
+    let Command::Classify(args) = cli.command else {
+        panic!("parsed as another command");
+    };
+    assert_eq!(args.duration, Duration::from_secs(6));
+    assert_eq!(args.interval, Duration::from_secs(1));
+    assert_eq!((args.min_rate, args.noise_floor), (4096, 256 * 1024));
+    for bad in [
+        &["memleak", "classify", "--duration", "0s"][..],
+        &["memleak", "classify", "--duration", "2d"],
+        &["memleak", "classify", "--duration", "10"],
+        &["memleak", "classify", "--interval", "1ms"],
+        &["memleak", "classify", "--min-rate", "-1"],
+        &["memleak", "classify", "--noise-floor", "lots"],
+    ] {
+        assert!(Cli::try_parse_from(bad).is_err(), "{bad:?} was accepted");
+    }
+}
+
+#[test]
+fn too_short_a_window_for_three_samples_is_refused() {
+    let cli = Cli::try_parse_from([
+        "memleak",
+        "classify",
+        "--duration",
+        "1s",
+        "--interval",
+        "1s",
+    ])
+    .unwrap();
+    let Command::Classify(args) = cli.command else {
+        panic!("parsed as another command");
+    };
+    let error = super::run(&args).expect_err("one interval is not a trend");
+    assert!(format!("{error:#}").contains("at least three samples"));
+}
