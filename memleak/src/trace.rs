@@ -115,6 +115,8 @@ struct Session {
     started: Instant,
     /// With `--cache`: the content scanner, ready since before the programs attached.
     scanner: Option<scan::Scanner>,
+    /// Why the content scan of `--cache` cannot be done, if it cannot.
+    scan_notes: Vec<String>,
 }
 
 impl Session {
@@ -134,7 +136,12 @@ impl Session {
             .context("starting the async runtime")?;
         // Before attaching: a cache that cannot be scanned fails now rather than after the
         // window, and the scanner's own set-up is not traced.
-        let scanner = scanned_cache.map(scan::Scanner::prepare).transpose()?;
+        let mut scan_notes = Vec::new();
+        let scanner = scanned_cache.and_then(|cache| {
+            scan::Scanner::prepare(cache)
+                .map_err(|error| scan_notes.push(scan::not_done(cache, &error)))
+                .ok()
+        });
         let tracer = probes::attach(&TracerSettings {
             capacity: options.capacity,
             sample_rate: options.sample_rate,
@@ -153,6 +160,7 @@ impl Session {
             kernel,
             started: Instant::now(),
             scanner,
+            scan_notes,
         })
     }
 
@@ -166,17 +174,20 @@ impl Session {
             programs,
             maps,
             attached,
-            notes,
+            mut notes,
         } = self.tracer;
+        notes.extend(self.scan_notes);
         let skipped_runs = probes::skipped_runs(&programs);
         // Detach before reading, so the table is a consistent snapshot.
         drop(programs);
         let elapsed = self.started.elapsed();
         let now_ns = monotonic_now_ns();
-        let scan = self
-            .scanner
-            .map(|mut scanner| scanner.scan(options.similarity, scan::TRACE_GROUPS))
-            .transpose()?;
+        let scan = self.scanner.and_then(|mut scanner| {
+            scanner
+                .scan(options.similarity, scan::TRACE_GROUPS)
+                .map_err(|error| notes.push(scan::not_done(scanner.cache_name(), &error)))
+                .ok()
+        });
 
         let header = ReportHeader {
             skipped_runs,

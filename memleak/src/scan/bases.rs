@@ -14,7 +14,7 @@
 //!   then lead to slab caches with readable names.
 use std::{
     fs::File,
-    io::{Read as _, Write as _},
+    io::Write as _,
     net::{TcpListener, TcpStream},
     os::unix::fs::FileExt as _,
 };
@@ -127,8 +127,8 @@ fn find_vmemmap(
 ) -> Result<u64> {
     let fail = |reason: String| BaseError::Vmemmap { reason };
     let payload = random_bytes::<64>()?;
-    let (_connection, frag_page, frag_offset) = send_over_loopback(reader, layout, &payload)?;
-    let (Some(frag_page), Some(frag_offset)) = (frag_page, frag_offset) else {
+    let sent = send_over_loopback(reader, layout, &payload)?;
+    let (Some(frag_page), Some(frag_offset)) = (sent.page, sent.offset) else {
         return Err(fail("current->task_frag is unreadable after a TCP send".into()).into());
     };
     if frag_page < page_offset || frag_offset < payload.len() as u64 {
@@ -171,18 +171,25 @@ fn find_vmemmap(
     Ok(base)
 }
 
+/// Where a TCP send of this thread put its data: `current->task_frag.page` and `.offset`.
+struct LoopbackSend {
+    page: Option<u64>,
+    offset: Option<u64>,
+    /// Both ends, open until the page has been looked at.
+    _connection: (TcpStream, TcpStream),
+}
+
 /// Sends `payload` over a loopback TCP connection from this thread, and reads where the kernel
-/// put it: `current->task_frag.page` and `.offset`. The connection is returned so that the page
-/// stays allocated while the caller looks at it.
+/// put it. The task keeps a reference to its frag page, so the bytes stay there.
 fn send_over_loopback(
     reader: &mut KernelReader,
     layout: &SlabLayout,
     payload: &[u8],
-) -> Result<((TcpStream, TcpStream), Option<u64>, Option<u64>)> {
+) -> Result<LoopbackSend> {
     let listener = TcpListener::bind("127.0.0.1:0").context("binding a loopback TCP socket")?;
     let mut client = TcpStream::connect(listener.local_addr().context("loopback address")?)
         .context("connecting over loopback TCP")?;
-    let (mut server, _) = listener.accept().context("accepting over loopback TCP")?;
+    let (server, _) = listener.accept().context("accepting over loopback TCP")?;
     client
         .write_all(payload)
         .context("sending over loopback TCP")?;
@@ -190,18 +197,12 @@ fn send_over_loopback(
     let page = reader.read_u64(task + layout.task_frag_page.offset as u64)?;
     let offset = reader
         .read(task + layout.task_frag_offset.offset as u64, 4)?
-        .and_then(|bytes| {
-            Some(u64::from(u32::from_le_bytes(
-                bytes.get(..4)?.try_into().ok()?,
-            )))
-        });
-    let mut echo = vec![0u8; payload.len()];
-    // Reading the data back afterwards keeps the socket buffers tidy; the page stays ours
-    // until the read.
-    server
-        .read_exact(&mut echo)
-        .context("receiving over loopback TCP")?;
-    Ok(((client, server), page, offset))
+        .and_then(|bytes| Some(u64::from(u32::from_le_bytes(*bytes.first_chunk()?))));
+    Ok(LoopbackSend {
+        page,
+        offset,
+        _connection: (client, server),
+    })
 }
 
 fn random_bytes<const N: usize>() -> Result<[u8; N]> {

@@ -141,7 +141,7 @@ fn find_member(
                     bit_shift: bits % 32,
                     bits: width,
                 },
-                _ if bits % 8 != 0 => bail!("member `{wanted}` is not byte aligned"),
+                _ if !bits.is_multiple_of(8) => bail!("member `{wanted}` is not byte aligned"),
                 _ => Field::bytes((bits / 8) as usize),
             }));
         }

@@ -147,6 +147,11 @@ impl Scanner {
         })
     }
 
+    /// The cache as the user named it.
+    pub fn cache_name(&self) -> &str {
+        &self.wanted
+    }
+
     /// Reads every object of the cache now and finds up to `groups` groups of similar ones.
     pub fn scan(&mut self, similarity: SimilarityOptions, groups: usize) -> Result<CacheScan> {
         let started = Instant::now();
@@ -235,6 +240,15 @@ impl CacheScan {
     pub fn report(&self, kernel: &str, marking: Option<render::Marking>) -> ScanReport {
         render::build(self, kernel, marking)
     }
+}
+
+/// Says on stderr, and returns for the report's notes, that the content scan of a trace was
+/// not done. It does not fail the trace: `--cache` also scopes leak checks, which must work
+/// where a scan cannot.
+pub fn not_done(cache: &str, error: &anyhow::Error) -> String {
+    let note = format!("content scan of {cache} not done: {error:#}");
+    eprintln!("memleak: {note}");
+    note
 }
 
 /// Groups a trace's content scan looks for: the report shows a few, marking uses the largest.

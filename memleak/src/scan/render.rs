@@ -180,10 +180,12 @@ fn percent(part: u64, whole: u64) -> f64 {
 /// Aligned 8-byte words that hold kernel image or module addresses (the top 2 GiB).
 fn kernel_words(bytes: &[u8]) -> impl Iterator<Item = (usize, u64)> + '_ {
     bytes
-        .chunks_exact(8)
+        .as_chunks::<8>()
+        .0
+        .iter()
         .enumerate()
-        .filter_map(|(index, word)| {
-            let word = u64::from_le_bytes(word.try_into().ok()?);
+        .filter_map(|(index, &word)| {
+            let word = u64::from_le_bytes(word);
             (word >= 0xffff_ffff_8000_0000 && word != u64::MAX).then_some((index * 8, word))
         })
 }

@@ -36,8 +36,8 @@ pub fn slab_pages() -> Result<SlabPages> {
             break;
         }
         // The kernel returns whole 8-byte entries.
-        for entry in buffer[..read - read % 8].chunks_exact(8) {
-            let flags = u64::from_le_bytes(entry.try_into().unwrap_or_default());
+        for &entry in buffer[..read].as_chunks::<8>().0 {
+            let flags = u64::from_le_bytes(entry);
             if flags & KPF_SLAB != 0 && flags & KPF_COMPOUND_TAIL == 0 {
                 heads.push(pfn);
             }
