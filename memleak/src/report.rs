@@ -380,7 +380,7 @@ pub fn entry(site: &Site, context: &Context<'_>) -> Entry {
     }
 }
 
-pub fn render_json(report: &Report) -> String {
+pub fn render_json(report: &impl Serialize) -> String {
     let mut text = serde_json::to_string_pretty(report).unwrap_or_else(|error| {
         // Serializing plain structs cannot fail; say so loudly if it ever does.
         format!("{{\"error\": \"serializing the report failed: {error}\"}}")

@@ -89,7 +89,7 @@ pub fn run(args: &ScanArgs) -> Result<ExitCode> {
     let report = scan.report(&kernel::release()?, None);
     let text = match args.report.format {
         Format::Text => render_text(&report),
-        Format::Json => render::render_json(&report),
+        Format::Json => crate::report::render_json(&report),
     };
     sink.write(&text)?;
     Ok(ExitCode::SUCCESS)

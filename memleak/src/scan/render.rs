@@ -190,8 +190,17 @@ fn kernel_words(bytes: &[u8]) -> impl Iterator<Item = (usize, u64)> + '_ {
         })
 }
 
-/// Runs of at least 4 printable ASCII characters.
+/// Runs of at least 4 printable ASCII characters, except those inside kernel pointers (whose
+/// low bytes are often printable by chance).
 fn strings(bytes: &[u8]) -> Vec<ObjectString> {
+    let (words, _) = bytes.as_chunks::<8>();
+    let in_pointer = |first: usize, end: usize| {
+        (first / 8..end.div_ceil(8)).all(|word| {
+            words
+                .get(word)
+                .is_some_and(|&word| u64::from_le_bytes(word) >= 0xffff_8000_0000_0000)
+        })
+    };
     let mut found = Vec::new();
     let mut start = None;
     for (index, &byte) in bytes.iter().chain(std::iter::once(&0)).enumerate() {
@@ -199,7 +208,7 @@ fn strings(bytes: &[u8]) -> Vec<ObjectString> {
         match (printable, start) {
             (true, None) => start = Some(index),
             (false, Some(first)) => {
-                if index - first >= 4 {
+                if index - first >= 4 && !in_pointer(first, index) {
                     found.push(ObjectString {
                         offset: first,
                         text: String::from_utf8_lossy(&bytes[first..index]).into_owned(),
@@ -242,6 +251,9 @@ pub fn summary(report: &ScanReport) -> String {
                 thousands(suspect.traced)
             );
         }
+        Some(marking) if marking.traced == 0 => {
+            line.push_str("; no traced allocation is still in this cache");
+        }
         Some(marking) => {
             let _ = write!(
                 line,
@@ -252,15 +264,6 @@ pub fn summary(report: &ScanReport) -> String {
         None => {}
     }
     line
-}
-
-pub fn render_json(report: &ScanReport) -> String {
-    let mut text = serde_json::to_string_pretty(report).unwrap_or_else(|error| {
-        // Serializing plain structs cannot fail; say so loudly if it ever does.
-        format!("{{\"error\": \"serializing the report failed: {error}\"}}")
-    });
-    text.push('\n');
-    text
 }
 
 pub fn render_text(report: &ScanReport) -> String {
@@ -356,6 +359,8 @@ mod tests {
         bytes[8..16].copy_from_slice(&0xffff_ffff_8123_4567u64.to_le_bytes());
         bytes[16..24].copy_from_slice(&0xffff_8880_0000_1000u64.to_le_bytes());
         bytes[24..30].copy_from_slice(b"leaky!");
+        // Printable low bytes of a pointer are not a string.
+        bytes[16..20].copy_from_slice(b"@nUJ");
         let words: Vec<(usize, u64)> = kernel_words(&bytes).collect();
         assert_eq!(words, [(8, 0xffff_ffff_8123_4567)]);
         let found = strings(&bytes);
