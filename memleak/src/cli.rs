@@ -30,6 +30,11 @@ pub enum Command {
     /// Sample /proc/meminfo, /proc/slabinfo and /proc/vmallocinfo for a few seconds and say
     /// which kind of kernel memory grows (slab, vmalloc, percpu, pages), which slab caches
     /// grow, and which `memleak trace` to run next.
+    ///
+    /// A kind, slab cache or vmalloc caller is growing when the least-squares line through its
+    /// samples rises at least --min-rate, by at least --noise-floor over the window, and by at
+    /// least 3 times the samples' scatter around the line. Reclaimable slab growth is reported
+    /// but not blamed unless --blame-reclaimable.
     Classify(crate::classify::ClassifyArgs),
     /// Read every object of a slab cache from kernel memory and find the largest groups of
     /// objects with similar contents: what a long-running leak leaves behind.

@@ -529,6 +529,19 @@ fn caller_trends(
         .collect()
 }
 
+/// `word` as a shell reads it back: as is when it has no special characters, else quoted.
+fn shell_word(word: &str) -> String {
+    let plain = !word.is_empty()
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:+@%/=,".contains(c));
+    if plain {
+        word.to_owned()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}
+
 /// The `memleak trace --kinds` value that follows a classify kind, if trace has it.
 fn trace_kind(kind: &str, traceable: &[String]) -> Option<&'static str> {
     let wanted = match kind {
@@ -656,7 +669,7 @@ fn verdict(
     };
     if let Some(kind) = reclaimable_growth {
         summary.push_str(&format!(
-            "; {RECLAIMABLE_KIND} grew too ({}{}), which the kernel frees under memory \
+            "; {RECLAIMABLE_KIND} grew too, {}{}, which the kernel frees under memory \
              pressure: usually cache, not a leak (drop caches with \
              `echo 2 > /proc/sys/vm/drop_caches` and classify again, or pass \
              --blame-reclaimable)",
@@ -689,14 +702,18 @@ fn verdict(
                 "memleak trace --kinds {} --duration {seconds}s",
                 trace_kinds.join(",")
             );
-            if trace_kinds == ["slab"]
-                && caches
-                    .first()
-                    .is_some_and(|cache| cache.name == LARGE_KMALLOC)
-            {
-                // kmalloc caches hold objects of up to two pages; larger requests are large
-                // kmallocs.
-                command.push_str(&format!(" --min-size {}", 2 * context.page_size + 1));
+            match caches.first() {
+                Some(cache) if trace_kinds == ["slab"] && cache.name == LARGE_KMALLOC => {
+                    // kmalloc caches hold objects of up to two pages; larger requests are
+                    // large kmallocs.
+                    command.push_str(&format!(" --min-size {}", 2 * context.page_size + 1));
+                }
+                // trace --cache scopes the report's leak check to the cache and looks for the
+                // largest group of similar objects in it.
+                Some(cache) if trace_kinds == ["slab"] => {
+                    command.push_str(&format!(" --cache {}", shell_word(&cache.name)));
+                }
+                _ => {}
             }
             command
         })

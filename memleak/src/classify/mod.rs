@@ -28,9 +28,7 @@ use crate::{
 
 const SYS_SLAB: &str = "/sys/kernel/slab";
 
-/// Thresholds (see the README): a kind, slab cache or vmalloc caller is called growing when
-/// the least-squares line through its samples rises at least --min-rate, by at least
-/// --noise-floor over the window, and by at least 3 times the samples' scatter around it.
+/// `memleak classify`'s options; the command's help text is in cli.rs.
 #[derive(Debug, clap::Args)]
 pub struct ClassifyArgs {
     /// How long to sample, like 10s or 5m (at least two intervals). Ctrl-C or SIGTERM end the

@@ -87,7 +87,12 @@ pub fn render_text(report: &Report) -> String {
                 out,
                 "{:>11} {:>12} {:>14}  {}{}",
                 human_bytes(cache.bytes),
-                crate::report::thousands(cache.active_objects),
+                // Large kmallocs are pages, not objects of a cache.
+                if cache.object_size == 0 {
+                    "-".to_owned()
+                } else {
+                    crate::report::thousands(cache.active_objects)
+                },
                 signed_bytes(cache.growth_bytes_per_second),
                 cache_name(&cache.name, &cache.aliases),
                 growing_mark(cache.growing),
@@ -106,11 +111,15 @@ pub fn render_text(report: &Report) -> String {
                 Some(false) => "",
                 None => " [reclaimable?]",
             };
+            let objects_per_second = if cache.object_size == 0 {
+                "-".to_owned()
+            } else {
+                format!("{:.1}", cache.growth_objects_per_second)
+            };
             let _ = writeln!(
                 out,
-                "{:>14} {:>12.1} {:>11}  {}{reclaimable}",
+                "{:>14} {objects_per_second:>12} {:>11}  {}{reclaimable}",
                 signed_bytes(cache.growth_bytes_per_second),
-                cache.growth_objects_per_second,
                 human_bytes(cache.bytes),
                 cache_name(&cache.name, &cache.aliases),
             );

@@ -173,12 +173,9 @@ fn growing_eventfds_are_unreclaimable_slab_in_filp_and_kmalloc_64() {
         .find(|kind| kind.name == "slab_unreclaimable")
         .unwrap();
     assert!(unreclaimable.growth_bytes_per_second > 500 * 1024);
-    assert!(
-        verdict
-            .next_command
-            .as_deref()
-            .is_some_and(|command| command.starts_with("memleak trace --kinds slab")),
-        "{verdict:#?}"
+    assert_eq!(
+        verdict.next_command.as_deref(),
+        Some("memleak trace --kinds slab --duration 30s --cache filp")
     );
     // Each eventfd also pins a dentry, which is in a reclaimable cache: mentioned, not
     // blamed.
@@ -356,7 +353,7 @@ fn reclaimable_growth_is_reported_and_blamed_only_when_asked() {
     assert_eq!(report.verdict.caches, ["dentry"]);
     assert_eq!(
         report.verdict.next_command.as_deref(),
-        Some("memleak trace --kinds slab --duration 30s")
+        Some("memleak trace --kinds slab --duration 30s --cache dentry")
     );
 }
 
@@ -631,4 +628,46 @@ fn too_short_a_window_for_three_samples_is_refused() {
     };
     let error = super::run(&args).expect_err("one interval is not a trend");
     assert!(format!("{error:#}").contains("at least three samples"));
+}
+
+#[test]
+fn suggested_commands_are_valid_memleak_commands() {
+    let mut suggestions: Vec<String> = ["idle", "grow-eventfds", "grow-bpf-maps"]
+        .into_iter()
+        .filter_map(|name| classify_recorded(name).verdict.next_command)
+        .collect();
+    let large = synthetic(|second| {
+        (
+            vec![("MemTotal", 1 << 20), ("SUnreclaim", 1000 + 400 * second)],
+            vec![cache("kmalloc-128", 100)],
+        )
+    });
+    let context = context(facts(&[("kmalloc-128", false)]), DEFAULT_THRESHOLDS);
+    suggestions.extend(analysis::analyze(&large, &context).verdict.next_command);
+    assert_eq!(suggestions.len(), 4);
+    for suggestion in suggestions {
+        let words: Vec<&str> = suggestion.split_whitespace().collect();
+        assert!(
+            Cli::try_parse_from(&words).is_ok(),
+            "`{suggestion}` does not parse"
+        );
+    }
+}
+
+#[test]
+fn cache_names_are_quoted_for_the_shell_when_needed() {
+    let samples = synthetic(|second| {
+        (
+            vec![("MemTotal", 1 << 20), ("SUnreclaim", 1000 + 400 * second)],
+            vec![cache("my cache's", 10 + 100 * second)],
+        )
+    });
+    let report = analysis::analyze(
+        &samples,
+        &context(CacheFacts::default(), DEFAULT_THRESHOLDS),
+    );
+    assert_eq!(
+        report.verdict.next_command.as_deref(),
+        Some(r"memleak trace --kinds slab --duration 30s --cache 'my cache'\''s'")
+    );
 }
