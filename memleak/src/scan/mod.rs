@@ -20,6 +20,7 @@ use serde::Serialize;
 use crate::{
     aggregate::{Aggregator, SiteKey},
     cli::{Format, ReportOptions},
+    frame::Frame,
     kernel,
     output::ReportSink,
     privileges,
@@ -304,23 +305,28 @@ impl<'a> MarkTally<'a> {
     }
 }
 
-/// Totals of the entries' marks, and the suspect: the site with the most marked objects,
-/// then the most objects in the cache.
+/// Totals of the report entries' marks, and the suspect: the site with the most marked
+/// objects, then the most objects in the cache.
 pub fn marking(entries: &[Entry]) -> Marking {
-    let marked: Vec<(&Entry, SiteMarks)> = entries
-        .iter()
-        .filter_map(|entry| Some((entry, entry.marks?)))
-        .collect();
+    rank_sites(
+        entries
+            .iter()
+            .filter_map(|entry| Some((&entry.call_site, entry.marks?))),
+    )
+}
+
+fn rank_sites<'a>(sites: impl IntoIterator<Item = (&'a Frame, SiteMarks)>) -> Marking {
+    let marked: Vec<(&Frame, SiteMarks)> = sites.into_iter().collect();
     let suspect = marked
         .iter()
         .filter(|(_, marks)| marks.marked > 0)
-        .max_by(|(a_entry, a), (b_entry, b)| {
+        .max_by(|(a_site, a), (b_site, b)| {
             (a.marked, a.in_scanned_cache)
                 .cmp(&(b.marked, b.in_scanned_cache))
-                .then_with(|| b_entry.call_site.addr.cmp(&a_entry.call_site.addr))
+                .then_with(|| b_site.addr.cmp(&a_site.addr))
         })
-        .map(|(entry, marks)| Suspect {
-            call_site: entry.call_site.clone(),
+        .map(|(call_site, marks)| Suspect {
+            call_site: (*call_site).clone(),
             marked: marks.marked,
             traced: marks.in_scanned_cache,
         });
@@ -339,4 +345,113 @@ pub fn describe_marks(marks: &SiteMarks, scan: &ScanReport) -> String {
         crate::report::thousands(marks.in_scanned_cache),
         scan.cache
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn site(symbol: &str, addr: u64) -> Frame {
+        Frame {
+            addr: Some(addr),
+            symbol: Some(symbol.into()),
+            offset: Some(0x41),
+            size: Some(0x1e0),
+            module: None,
+        }
+    }
+
+    fn marks(marked: u64, in_scanned_cache: u64) -> SiteMarks {
+        SiteMarks {
+            marked,
+            in_scanned_cache,
+        }
+    }
+
+    #[test]
+    fn the_suspect_has_the_most_marked_objects_then_the_most_in_the_cache() {
+        let (a, b, c) = (site("a", 0x10), site("b", 0x20), site("c", 0x30));
+        let ranked = rank_sites([
+            (&a, marks(3, 100)),
+            (&b, marks(62, 66)),
+            (&c, marks(62, 70)),
+        ]);
+        let suspect = ranked.suspected.unwrap();
+        assert_eq!(suspect.call_site, c);
+        assert_eq!((suspect.marked, suspect.traced), (62, 70));
+        assert_eq!((ranked.marked, ranked.traced), (127, 236));
+    }
+
+    #[test]
+    fn no_marked_object_means_no_suspect() {
+        let a = site("a", 0x10);
+        let ranked = rank_sites([(&a, marks(0, 40))]);
+        assert!(ranked.suspected.is_none());
+        assert_eq!(ranked.traced, 40);
+        assert!(rank_sites([]).suspected.is_none());
+    }
+
+    fn report(groups: u64, marking: Option<Marking>) -> ScanReport {
+        ScanReport {
+            kernel: "6.18.0-test".into(),
+            cache: "kmalloc-64".into(),
+            scanned_cache: "kmalloc-64".into(),
+            merged: false,
+            object_size: 64,
+            slot_size: 64,
+            slabs: 10,
+            objects: 640,
+            free_objects: 0,
+            inuse_by_counters: 640,
+            unreadable_pages: 0,
+            broken_freelists: 0,
+            failed_reads: 0,
+            empty_objects: 0,
+            sampled: 640,
+            similarity_percent: 65,
+            page_offset_base: 0xffff_8880_0000_0000,
+            vmemmap_base: 0xffff_ea00_0000_0000,
+            read_ms: 1,
+            scan_ms: 2,
+            groups: (0..groups)
+                .map(|_| render::GroupReport {
+                    objects: 455,
+                    share_percent: 71.1,
+                    bytes: 455 * 64,
+                    representative: 0xffff_8880_0123_4000,
+                    sample_support: 455,
+                    contents: "6d".repeat(64),
+                    symbols: Vec::new(),
+                    strings: Vec::new(),
+                })
+                .collect(),
+            marking,
+        }
+    }
+
+    #[test]
+    fn summary_names_the_suspect() {
+        let a = site("bond_vminfo_add", 0x10);
+        let marking = rank_sites([(&a, marks(62, 66))]);
+        assert_eq!(
+            render::summary(&report(1, Some(marking))),
+            "kmalloc-64: 455 similar objects (71% of cache); suspected: \
+             bond_vminfo_add+0x41/0x1e0 (62 of 66 traced allocations similar)"
+        );
+        let unmarked = rank_sites([(&a, marks(0, 66))]);
+        assert!(
+            render::summary(&report(1, Some(unmarked)))
+                .ends_with("; none of the 66 traced allocations in this cache is similar")
+        );
+        assert!(
+            render::summary(&report(1, Some(rank_sites([]))))
+                .ends_with("; no traced allocation is still in this cache")
+        );
+        assert_eq!(
+            render::summary(&report(0, None)),
+            "kmalloc-64: no group of similar objects among 640 objects"
+        );
+        let text = render_text(&report(1, None));
+        assert!(text.contains("0000  6d 6d 6d"), "{text}");
+    }
 }
