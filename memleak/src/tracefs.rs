@@ -416,8 +416,8 @@ impl WantedField {
         let Some(field) = format.field(name) else {
             return match self.kind {
                 FieldKind::Word | FieldKind::Int => {
-                Err(anyhow!("{CATEGORY}:{event} has no field `{name}`"))
-            }
+                    Err(anyhow!("{CATEGORY}:{event} has no field `{name}`"))
+                }
                 FieldKind::OptionalString => Ok(NO_FIELD),
             };
         };

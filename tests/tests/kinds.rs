@@ -85,14 +85,7 @@ fn kinds_selects_what_is_traced() -> Result<()> {
         eprintln!("skipped: end-to-end tests need root (they load eBPF programs)");
         return Ok(());
     }
-    let report = trace_held_maps(&[
-        "--duration",
-        "3s",
-        "--format",
-        "json",
-        "--kinds",
-        "slab",
-    ])?;
+    let report = trace_held_maps(&["--duration", "3s", "--format", "json", "--kinds", "slab"])?;
     let stacks = report["stacks"].as_array().context("no stacks")?;
     ensure!(
         stacks
@@ -136,10 +129,10 @@ fn held_pipe_pages_show_as_page_allocations() -> Result<()> {
         "expected {PIPE_PAGES} pages through the pipe write path: {pages:#?}"
     );
     ensure!(
-        pages
-            .iter()
-            .all(|entry| entry["bytes"].as_u64() == Some(count_of(entry) * 4096)
-                && entry["cache"].is_null()),
+        pages.iter().all(
+            |entry| entry["bytes"].as_u64() == Some(count_of(entry) * 4096)
+                && entry["cache"].is_null()
+        ),
         "pipe buffers are single pages, in no cache: {pages:#?}"
     );
     let slab_pages: Vec<_> = entries_through(&report, "allocate_slab")

@@ -8,12 +8,11 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use memleak_tests::{
-    Guard, count_of, entries_through, finish_tracer, is_root, loaded_program_names, start_tracer,
-    fixture_binary, trace_around,
+    Guard, count_of, entries_through, finish_tracer, fixture_binary, is_root, loaded_program_names,
+    start_tracer, trace_around,
 };
 
 const HELD: u64 = 2_000;
-
 
 fn require_root() -> bool {
     if !is_root() {
