@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, ensure};
-use memleak_tests::{Guard, is_root, memleak_binary};
+use memleak_tests::{Guard, finish_tracer, is_root, memleak_binary};
 use serde_json::Value;
 
 /// Far above the default thresholds (256 KiB over the window): 3000 eventfds a second are
@@ -22,7 +22,7 @@ const MAPS_PER_SECOND: u64 = 8;
 const GROWTH_SECONDS: u64 = 4;
 
 /// Runs `memleak classify --duration 6s --format json` while the fixture grows WORKLOAD for
-/// GROWTH_SECONDS, and returns the report.
+/// GROWTH_SECONDS, and returns the report (finish_tracer waits for any memleak subcommand).
 fn classify_while(workload: &str, rate: u64) -> Result<Value> {
     let classify = Guard::new(
         Command::new(memleak_binary()?)
@@ -58,20 +58,11 @@ fn classify_while(workload: &str, rate: u64) -> Result<Value> {
             "fixture said {line:?}, expected {expected:?}"
         );
     }
-    let output = classify
-        .into_child()
-        .wait_with_output()
-        .context("waiting for memleak classify")?;
+    let report = finish_tracer(classify)?;
     // Closing standard input lets the fixture free everything and exit.
     drop(fixture.child().stdin.take());
     fixture.child().wait()?;
-    ensure!(
-        output.status.success(),
-        "memleak classify failed ({}): {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).context("parsing memleak classify's JSON report")
+    Ok(report)
 }
 
 fn names(value: &Value) -> Vec<&str> {

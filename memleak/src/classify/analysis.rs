@@ -669,10 +669,11 @@ fn verdict(
     };
     if let Some(kind) = reclaimable_growth {
         summary.push_str(&format!(
-            "; {RECLAIMABLE_KIND} grew too, {}{}, which the kernel frees under memory \
+            "; {RECLAIMABLE_KIND} grew{}, {}{}, which the kernel frees under memory \
              pressure: usually cache, not a leak (drop caches with \
              `echo 2 > /proc/sys/vm/drop_caches` and classify again, or pass \
              --blame-reclaimable)",
+            if growing.is_empty() { "" } else { " too" },
             rate(kind.growth_bytes_per_second),
             named_caches(&reclaimable_caches)
         ));

@@ -117,7 +117,7 @@ pub fn run(args: &ClassifyArgs) -> Result<ExitCode> {
     let report = analysis::analyze(&samples, &context);
     let rendered = match args.report.format {
         Format::Text => render::render_text(&report),
-        Format::Json => render::render_json(&report),
+        Format::Json => crate::report::render_json(&report),
     };
     sink.write(&rendered)?;
     Ok(ExitCode::SUCCESS)
@@ -355,8 +355,13 @@ fn read_cache_facts(root: &Path) -> (CacheFacts, Option<String>) {
             .unwrap_or_else(|| name.clone());
         facts.merged_into.insert(name, target);
     }
+    let which = if facts.reclaimable.is_empty() {
+        "any"
+    } else {
+        "some"
+    };
     let problem = unreadable.map(|detail| {
-        format!("which caches are reclaimable is unknown for some caches (reading {detail})")
+        format!("whether {which} caches are reclaimable is unknown (reading {detail})")
     });
     (facts, problem)
 }

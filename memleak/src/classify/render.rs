@@ -4,15 +4,6 @@ use std::fmt::Write as _;
 use super::analysis::Report;
 use crate::{duration, report::human_bytes};
 
-pub fn render_json(report: &Report) -> String {
-    let mut text = serde_json::to_string_pretty(report).unwrap_or_else(|error| {
-        // Serializing plain structs cannot fail; say so loudly if it ever does.
-        format!("{{\"error\": \"serializing the report failed: {error}\"}}")
-    });
-    text.push('\n');
-    text
-}
-
 /// `+1.5 MiB`, `-12.0 KiB`, `0 B`.
 fn signed_bytes(bytes: i64) -> String {
     let sign = match bytes.signum() {

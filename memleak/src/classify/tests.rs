@@ -448,7 +448,7 @@ fn page_growth_points_to_page_tracing_only_where_trace_has_it() {
 fn json_follows_the_conventions_of_the_other_reports() {
     let report = classify_recorded("grow-eventfds");
     let json: serde_json::Value =
-        serde_json::from_str(&render::render_json(&report)).expect("valid JSON");
+        serde_json::from_str(&crate::report::render_json(&report)).expect("valid JSON");
     assert_eq!(json["schema"], 1);
     assert_eq!(json["kernel"], "6.18.0-test");
     assert!(
