@@ -41,7 +41,7 @@ use self::{
     layout::SlabLayout,
     reader::KernelReader,
     similarity::{ClusterSettings, Pattern},
-    slabs::{Cache, CacheObjects},
+    slabs::{Cache, CacheObjects, Slab},
 };
 
 #[derive(Debug, Args)]
@@ -84,9 +84,10 @@ pub fn run(args: &ScanArgs) -> Result<ExitCode> {
     privileges::require_root()?;
     privileges::lift_memlock_limit();
     let sink = ReportSink::open(args.report.output.as_deref())?;
-    let mut scanner = Scanner::prepare(&args.cache)?;
+    let (mut scanner, slabs) = Scanner::prepare_with_slabs(&args.cache)?;
+    let started = Instant::now();
     let groups = (args.report.top as usize).min(MAX_GROUPS);
-    let scan = scanner.scan(args.similarity, groups)?;
+    let scan = scanner.scan_slabs(&slabs, started, args.similarity, groups)?;
     let report = scan.report(&kernel::release()?, None);
     let text = match args.report.format {
         Format::Text => render_text(&report),
@@ -102,6 +103,8 @@ pub struct Scanner {
     layout: SlabLayout,
     bases: KernelBases,
     wanted: String,
+    /// Other names of the cache's slabs (caches SLUB merged with it).
+    shares_slabs_with: Vec<String>,
     cache: Cache,
 }
 
@@ -109,6 +112,12 @@ impl Scanner {
     /// Loads the reader, finds and verifies the kernel's bases, and finds the cache. Fails,
     /// before any object is read, when a base cannot be proven or the cache does not exist.
     pub fn prepare(wanted: &str) -> Result<Self> {
+        Self::prepare_with_slabs(wanted).map(|(scanner, _)| scanner)
+    }
+
+    /// [`Self::prepare`], also returning the slabs it read on the way, for a scan that
+    /// follows at once.
+    fn prepare_with_slabs(wanted: &str) -> Result<(Self, Vec<Slab>)> {
         if !kernel::has_btf() {
             bail!(
                 "scanning slab caches needs kernel BTF ({} not found)",
@@ -132,20 +141,15 @@ impl Scanner {
             }
             bail!("--cache {wanted}: no such slab cache (see /proc/slabinfo)");
         };
-        log::info!(
-            "bases: page_offset_base {:#x}, vmemmap_base {:#x}; {} slab pages, {} caches",
-            bases.page_offset,
-            bases.vmemmap,
-            slabs.len(),
-            caches.len()
-        );
-        Ok(Self {
+        let scanner = Self {
             reader,
             layout,
             bases,
             wanted: wanted.to_owned(),
+            shares_slabs_with: slabs::aliases(wanted),
             cache,
-        })
+        };
+        Ok((scanner, slabs))
     }
 
     /// The cache as the user named it.
@@ -158,7 +162,17 @@ impl Scanner {
         let started = Instant::now();
         let pages = slabs::slab_pages()?;
         let slabs = slabs::read_slabs(&mut self.reader, &self.layout, &self.bases, &pages.heads)?;
-        let objects = slabs::read_objects(&mut self.reader, &self.bases, &self.cache, &slabs)?;
+        self.scan_slabs(&slabs, started, similarity, groups)
+    }
+
+    fn scan_slabs(
+        &mut self,
+        slabs: &[Slab],
+        started: Instant,
+        similarity: SimilarityOptions,
+        groups: usize,
+    ) -> Result<CacheScan> {
+        let objects = slabs::read_objects(&mut self.reader, &self.bases, &self.cache, slabs)?;
         let read_time = started.elapsed();
         let settings = ClusterSettings {
             threshold: similarity.threshold(),
@@ -178,6 +192,7 @@ impl Scanner {
             .collect();
         Ok(CacheScan {
             wanted: self.wanted.clone(),
+            shares_slabs_with: self.shares_slabs_with.clone(),
             cache: self.cache.clone(),
             bases: self.bases,
             objects,
@@ -195,6 +210,7 @@ impl Scanner {
 /// One scan's objects and groups.
 pub struct CacheScan {
     wanted: String,
+    shares_slabs_with: Vec<String>,
     cache: Cache,
     bases: KernelBases,
     objects: CacheObjects,
@@ -397,6 +413,7 @@ mod tests {
             cache: "kmalloc-64".into(),
             scanned_cache: "kmalloc-64".into(),
             merged: false,
+            shares_slabs_with: vec!["anon_vma_chain".into()],
             object_size: 64,
             slot_size: 64,
             slabs: 10,
@@ -453,5 +470,9 @@ mod tests {
         );
         let text = render_text(&report(1, None));
         assert!(text.contains("0000  6d 6d 6d"), "{text}");
+        assert!(
+            text.contains("64-byte objects, read in 1ms; shares its slabs with anon_vma_chain"),
+            "{text}"
+        );
     }
 }

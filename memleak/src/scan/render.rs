@@ -19,6 +19,9 @@ pub struct ScanReport {
     /// The `struct kmem_cache` actually scanned: another name when SLUB merged `cache` into it.
     pub scanned_cache: String,
     pub merged: bool,
+    /// Other caches whose objects share these slabs (SLUB merged them): their objects are
+    /// scanned too.
+    pub shares_slabs_with: Vec<String>,
     pub object_size: u32,
     /// Object stride in the slab (object plus metadata and padding).
     pub slot_size: u32,
@@ -148,6 +151,7 @@ pub(super) fn build(scan: &CacheScan, kernel: &str, marking: Option<Marking>) ->
         cache: scan.wanted.clone(),
         scanned_cache: scan.cache.name.clone(),
         merged: scan.cache.name != scan.wanted,
+        shares_slabs_with: scan.shares_slabs_with.clone(),
         object_size: scan.cache.object_size,
         slot_size: scan.cache.size,
         slabs: objects.slabs,
@@ -268,20 +272,10 @@ pub fn summary(report: &ScanReport) -> String {
 
 pub fn render_text(report: &ScanReport) -> String {
     let mut out = String::new();
-    let merged = if report.merged {
-        format!(" (merged by SLUB into {})", report.scanned_cache)
-    } else {
-        String::new()
-    };
     let _ = writeln!(
         out,
-        "memleak scan: {}{merged}, {}-byte objects: {} in use in {} slabs, read in {} (kernel {})",
-        report.cache,
-        report.object_size,
-        thousands(report.objects),
-        thousands(report.slabs),
-        duration::display(std::time::Duration::from_millis(report.read_ms)),
-        report.kernel,
+        "memleak scan: {} (kernel {})",
+        report.cache, report.kernel
     );
     let _ = writeln!(out, "{}", summary(report));
     render_details(&mut out, report);
@@ -290,6 +284,25 @@ pub fn render_text(report: &ScanReport) -> String {
 
 /// The scan's counters and its groups, for the scan command and the end of a trace report.
 pub fn render_details(out: &mut String, report: &ScanReport) {
+    let mut sharing = String::new();
+    if report.merged {
+        let _ = write!(sharing, "; merged by SLUB into {}", report.scanned_cache);
+    }
+    if !report.shares_slabs_with.is_empty() {
+        let _ = write!(
+            sharing,
+            "; shares its slabs with {}",
+            report.shares_slabs_with.join(", ")
+        );
+    }
+    let _ = writeln!(
+        out,
+        "objects: {} in use in {} slabs, {}-byte objects, read in {}{sharing}",
+        thousands(report.objects),
+        thousands(report.slabs),
+        report.object_size,
+        duration::display(std::time::Duration::from_millis(report.read_ms)),
+    );
     let _ = writeln!(
         out,
         "scanned: {} free objects left out, {} unreadable pages, {} slabs changed while read, \

@@ -17,47 +17,99 @@ pub const DEFAULT_THRESHOLD: f64 = 0.65;
 /// Bytes that say nothing about who wrote an object: zero, all-ones, and SLUB's poison
 /// (`POISON_FREE`, `POISON_INUSE`, `POISON_END`) and red zone (`SLUB_RED_ACTIVE`,
 /// `SLUB_RED_INACTIVE`) values.
+const UNINFORMATIVE: [u8; 7] = [0x00, 0xff, 0x6b, 0x5a, 0xa5, 0xcc, 0xbb];
+
+const INFORMATIVE: [bool; 256] = {
+    let mut table = [true; 256];
+    let mut index = 0;
+    while index < UNINFORMATIVE.len() {
+        table[UNINFORMATIVE[index] as usize] = false;
+        index += 1;
+    }
+    table
+};
+
 pub fn is_informative(byte: u8) -> bool {
-    !matches!(byte, 0x00 | 0xff | 0x6b | 0x5a | 0xa5 | 0xcc | 0xbb)
+    INFORMATIVE[byte as usize]
 }
 
-/// An object to compare others with, with its informative byte count per 8-byte word.
+/// The top bit of every byte of a word: comparisons work on 8 bytes at once and mark each
+/// byte's result in its top bit.
+const HIGH_BITS: u64 = 0x8080_8080_8080_8080;
+
+/// The top bit of each informative byte of `word`.
+fn informative_bytes(word: u64) -> u64 {
+    word.to_le_bytes()
+        .into_iter()
+        .enumerate()
+        .filter(|&(_, byte)| is_informative(byte))
+        .fold(0, |mask, (index, _)| mask | 0x80 << (index * 8))
+}
+
+/// The top bit of each byte where `a` and `b` are equal.
+fn equal_bytes(a: u64, b: u64) -> u64 {
+    let differ = a ^ b;
+    // Per byte: bit 7 is set when the low 7 bits are not all zero (no carry crosses bytes),
+    // or when bit 7 itself is set.
+    let nonzero = ((differ & !HIGH_BITS).wrapping_add(!HIGH_BITS) | differ) & HIGH_BITS;
+    !nonzero & HIGH_BITS
+}
+
+/// An object's bytes as little-endian words; a partial last word is padded with zeros, which
+/// are not informative and so change no comparison.
+fn words(bytes: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    bytes.chunks(8).map(|chunk| {
+        let mut word = [0u8; 8];
+        word[..chunk.len()].copy_from_slice(chunk);
+        u64::from_le_bytes(word)
+    })
+}
+
+/// An object to compare others with: its words and the informative bytes of each.
 #[derive(Debug, Clone)]
 pub struct Pattern {
-    bytes: Vec<u8>,
-    informative_per_word: Vec<u32>,
+    words: Vec<u64>,
+    informative: Vec<u64>,
 }
 
 impl Pattern {
     pub fn new(bytes: &[u8]) -> Self {
-        Self {
-            bytes: bytes.to_vec(),
-            informative_per_word: bytes
-                .chunks(8)
-                .map(|word| word.iter().filter(|&&byte| is_informative(byte)).count() as u32)
-                .collect(),
-        }
+        let words: Vec<u64> = words(bytes).collect();
+        let informative = words.iter().map(|&word| informative_bytes(word)).collect();
+        Self { words, informative }
     }
 
     /// Equal and total informative positions between the pattern and `other` (same length).
     pub fn compare(&self, other: &[u8]) -> (u32, u32) {
+        self.count(words(other).map(|word| (word, None)))
+    }
+
+    /// [`Self::compare`] with another pattern, whose informative bytes are known.
+    fn compare_pattern(&self, other: &Pattern) -> (u32, u32) {
+        self.count(
+            other
+                .words
+                .iter()
+                .zip(&other.informative)
+                .map(|(&word, &informative)| (word, Some(informative))),
+        )
+    }
+
+    fn count(&self, theirs: impl Iterator<Item = (u64, Option<u64>)>) -> (u32, u32) {
         let (mut equal, mut union) = (0, 0);
-        for ((mine, theirs), &informative) in self
-            .bytes
-            .chunks(8)
-            .zip(other.chunks(8))
-            .zip(&self.informative_per_word)
+        for ((&mine, &my_informative), (their_word, their_informative)) in
+            self.words.iter().zip(&self.informative).zip(theirs)
         {
-            if mine == theirs {
-                equal += informative;
-                union += informative;
+            if mine == their_word {
+                let count = my_informative.count_ones();
+                equal += count;
+                union += count;
                 continue;
             }
-            for (&a, &b) in mine.iter().zip(theirs) {
-                let counts = is_informative(a) || is_informative(b);
-                union += u32::from(counts);
-                equal += u32::from(counts && a == b);
-            }
+            let either =
+                my_informative | their_informative.unwrap_or_else(|| informative_bytes(their_word));
+            union += either.count_ones();
+            equal += (equal_bytes(mine, their_word) & either).count_ones();
         }
         (equal, union)
     }
@@ -65,9 +117,12 @@ impl Pattern {
     /// Whether `other` is similar: at least `threshold` of the informative positions equal.
     /// Objects with no informative byte between them are not similar to anything.
     pub fn similar(&self, other: &[u8], threshold: f64) -> bool {
-        let (equal, union) = self.compare(other);
-        union > 0 && f64::from(equal) >= threshold * f64::from(union)
+        meets(self.compare(other), threshold)
     }
+}
+
+fn meets((equal, union): (u32, u32), threshold: f64) -> bool {
+    union > 0 && f64::from(equal) >= threshold * f64::from(union)
 }
 
 /// Whether an object holds any informative byte.
@@ -233,10 +288,13 @@ impl Neighbours {
         let mut rows: Vec<BitSet> = (0..sample.len())
             .map(|_| BitSet::new(sample.len()))
             .collect();
+        let patterns: Vec<Pattern> = sample
+            .iter()
+            .map(|&index| Pattern::new(object(index)))
+            .collect();
         for i in 0..sample.len() {
-            let pattern = Pattern::new(object(sample[i]));
             for j in i + 1..sample.len() {
-                if pattern.similar(object(sample[j]), threshold) {
+                if meets(patterns[i].compare_pattern(&patterns[j]), threshold) {
                     rows[i].insert(j);
                     rows[j].insert(i);
                 }
@@ -324,6 +382,37 @@ mod tests {
         assert_eq!(pattern.compare(&b), (4, 5));
         assert!(pattern.similar(&b, 0.65));
         assert!(!pattern.similar(&b, 0.9));
+    }
+
+    #[test]
+    fn word_comparisons_agree_with_byte_comparisons() {
+        let mut state = 11;
+        for size in [8, 12, 64, 61] {
+            for _ in 0..200 {
+                let a = random_object(&mut state, size);
+                let mut b = random_object(&mut state, size);
+                // Some equal bytes and some uninformative ones on both sides.
+                for index in (0..size).step_by(3) {
+                    b[index] = a[index];
+                }
+                for index in (0..size).step_by(5) {
+                    b[index] = 0;
+                }
+                let expected = a.iter().zip(&b).fold((0, 0), |(equal, union), (&x, &y)| {
+                    let counts = is_informative(x) || is_informative(y);
+                    (
+                        equal + u32::from(counts && x == y),
+                        union + u32::from(counts),
+                    )
+                });
+                assert_eq!(Pattern::new(&a).compare(&b), expected, "size {size}");
+                assert_eq!(
+                    Pattern::new(&a).compare_pattern(&Pattern::new(&b)),
+                    expected,
+                    "size {size}"
+                );
+            }
+        }
     }
 
     #[test]

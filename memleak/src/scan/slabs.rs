@@ -220,6 +220,30 @@ pub fn find_cache<'a>(caches: &'a HashMap<u64, Cache>, wanted: &str) -> Option<&
     matching.first().copied()
 }
 
+/// The other names of the slabs of cache `name`: the caches whose /sys/kernel/slab entry leads
+/// to the same directory (SLUB merged them), sorted.
+pub fn aliases(name: &str) -> Vec<String> {
+    let sysfs = Path::new("/sys/kernel/slab");
+    let Ok(target) = std::fs::canonicalize(sysfs.join(name)) else {
+        return Vec::new();
+    };
+    let Ok(entries) = std::fs::read_dir(sysfs) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let other = entry.file_name().into_string().ok()?;
+            // Only links name caches; the directories they lead to have generated names.
+            let is_link = entry.file_type().ok()?.is_symlink();
+            (is_link && other != name && std::fs::canonicalize(entry.path()).ok()? == target)
+                .then_some(other)
+        })
+        .collect();
+    names.sort();
+    names
+}
+
 /// The objects of one cache: addresses, and `object_size` bytes each, back to back.
 #[derive(Debug, Default)]
 pub struct CacheObjects {
