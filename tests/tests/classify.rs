@@ -1,6 +1,7 @@
 //! End-to-end: `memleak classify` against fixtures that grow one kind of kernel memory
 //! quickly: eventfds (a struct file from the filp cache and a struct eventfd_ctx from kmalloc
-//! each, unreclaimable slab) and 1 MiB BPF array maps (vmalloc'd by array_map_alloc).
+//! each, unreclaimable slab), 1 MiB BPF array maps (vmalloc'd by array_map_alloc) and full
+//! pipes (pages from the page allocator that no meminfo counter shows).
 //!
 //! Only positive assertions: other tests' fixtures may hold thousands of eventfds or BPF maps
 //! while this one runs, so "this cache did not grow" cannot be checked here; the unit tests
@@ -19,6 +20,8 @@ use serde_json::Value;
 /// process may open here.
 const EVENTFDS_PER_SECOND: u64 = 3_000;
 const MAPS_PER_SECOND: u64 = 8;
+/// 64 KiB each: 6.25 MiB/s.
+const PIPES_PER_SECOND: u64 = 100;
 const GROWTH_SECONDS: u64 = 4;
 
 /// Runs `memleak classify --duration 6s --format json` while the fixture grows WORKLOAD for
@@ -159,5 +162,36 @@ fn growing_bpf_arrays_are_blamed_on_vmalloc_and_array_map_alloc() -> Result<()> 
         .as_str()
         .context("no next command")?;
     ensure!(next.contains("vmalloc"), "{next}");
+    Ok(())
+}
+
+#[test]
+fn growing_pipe_buffers_are_blamed_on_other_pages() -> Result<()> {
+    let _exclusive = memleak_tests::exclusive();
+    if !is_root() {
+        eprintln!("skipped: /proc/slabinfo and /proc/vmallocinfo need root");
+        return Ok(());
+    }
+    let report = classify_while("grow-pipe-pages", PIPES_PER_SECOND)?;
+    let verdict = &report["verdict"];
+    ensure!(
+        names(&verdict["kinds"]).contains(&"other_pages"),
+        "{verdict:#}"
+    );
+    let other_pages = report["kinds"]
+        .as_array()
+        .and_then(|kinds| kinds.iter().find(|kind| kind["name"] == "other_pages"))
+        .context("no other_pages kind")?;
+    ensure!(other_pages["estimate"] == true, "{other_pages:#}");
+    // 6.25 MiB a second for 4 s of the 6 s window.
+    let rate = other_pages["growth_bytes_per_second"].as_i64().unwrap_or(0);
+    ensure!(
+        rate >= 3 << 20,
+        "other pages grew {rate} B/s: {other_pages:#}"
+    );
+    let next = verdict["next_command"]
+        .as_str()
+        .context("no next command")?;
+    ensure!(next.contains("page"), "{next}");
     Ok(())
 }

@@ -23,6 +23,8 @@
 //! input reaches EOF.
 //! `grow-bpf-maps RATE SECONDS`: the same with 1 MiB BPF array maps (each one vmallocs its
 //! storage).
+//! `grow-pipe-pages RATE SECONDS`: the same with full pipes, 16 pages (64 KiB) each, taken
+//! straight from the page allocator and in no meminfo counter.
 //!
 //! Content similarity, for `memleak scan` and `trace --cache`:
 //! `similar-messages HELD MORE`: sends HELD identical 16-byte System V messages (each a 64-byte
@@ -66,7 +68,12 @@ fn say(line: &str) {
     let _ = stdout.flush();
 }
 
+/// Makes room for `needed` more descriptors; never lowers the limit (grow-pipe-pages calls
+/// this once per pipe).
 fn raise_fd_limit(needed: u64) {
+    if open_files_limit() >= needed + 64 {
+        return;
+    }
     let limit = libc::rlimit {
         rlim_cur: needed + 64,
         rlim_max: needed + 64,
@@ -237,22 +244,24 @@ fn remove_message_queue(queue: libc::c_int) -> Result<(), String> {
     Ok(())
 }
 
-/// Calls `create` RATE times per second for `seconds`, keeping what it returns, then prints
-/// `done` and holds everything until standard input reaches EOF.
+/// Calls `create` RATE times per second for `seconds`, keeping the descriptors it returns,
+/// then prints `done` and holds everything until standard input reaches EOF.
 fn grow(
     rate: u64,
     seconds: u64,
-    mut create: impl FnMut() -> Result<libc::c_int, String>,
+    mut create: impl FnMut() -> Result<Vec<libc::c_int>, String>,
 ) -> Result<(), String> {
     let window = Duration::from_secs(seconds);
     let mut held = Vec::new();
+    let mut created = 0;
     say("started");
     let started = Instant::now();
     loop {
         let elapsed = started.elapsed().min(window);
         let due = (elapsed.as_secs_f64() * rate as f64) as usize;
-        while held.len() < due {
-            held.push(create()?);
+        while created < due {
+            held.extend(create()?);
+            created += 1;
         }
         if elapsed >= window {
             break;
@@ -279,27 +288,33 @@ fn open_files_limit() -> u64 {
     limit.rlim_cur
 }
 
-/// `grow-eventfds RATE SECONDS` and `grow-bpf-maps RATE SECONDS`.
+/// `grow-eventfds`, `grow-bpf-maps` and `grow-pipe-pages`, with RATE and SECONDS.
 fn run_growth(command: &str, rate: &str, seconds: &str) -> Result<(), String> {
     let rate: u64 = rate.parse().map_err(|_| format!("bad rate `{rate}`"))?;
     let seconds: u64 = seconds
         .parse()
         .map_err(|_| format!("bad number of seconds `{seconds}`"))?;
-    let objects = rate.saturating_mul(seconds);
-    raise_fd_limit(objects);
+    let descriptors_each = if command == "grow-pipe-pages" { 2 } else { 1 };
+    let descriptors = rate
+        .saturating_mul(seconds)
+        .saturating_mul(descriptors_each);
+    raise_fd_limit(descriptors);
     let limit = open_files_limit();
-    if objects + 64 > limit {
+    if descriptors + 64 > limit {
         return Err(format!(
-            "{objects} descriptors needed but this process may open only {limit}"
+            "{descriptors} descriptors needed but this process may open only {limit}"
         ));
     }
     match command {
         "grow-eventfds" => grow(rate, seconds, || {
-            eventfd().map_err(|error| format!("eventfd: {error}"))
+            Ok(vec![
+                eventfd().map_err(|error| format!("eventfd: {error}"))?,
+            ])
         }),
         "grow-bpf-maps" => grow(rate, seconds, || {
-            create_bpf_map(BPF_MAP_TYPE_ARRAY, 4096, 256)
+            Ok(vec![create_bpf_map(BPF_MAP_TYPE_ARRAY, 4096, 256)?])
         }),
+        "grow-pipe-pages" => grow(rate, seconds, || fill_pipes(PAGES_PER_PIPE)),
         other => Err(format!("unknown workload `{other}`")),
     }
 }
@@ -324,7 +339,7 @@ fn run(args: &[String]) -> Result<(), String> {
         return Err(
             "usage: memleak-fixture hold-eventfds|wait-then-hold-eventfds|churn-eventfds|hold-bpf-maps\
              |hold-pipe-pages|churn-pipe-pages|leave-messages|clean-messages N \
-             | bench-churn|bench-mixed MILLIS | grow-eventfds|grow-bpf-maps RATE SECONDS"
+             | bench-churn|bench-mixed MILLIS | grow-eventfds|grow-bpf-maps|grow-pipe-pages RATE SECONDS"
                 .into(),
         );
     };
