@@ -27,7 +27,8 @@ pub static READ_CHUNKS: Array<ReadChunk> = Array::with_max_entries(1, BPF_F_MMAP
 #[map]
 pub static READER_TASK: Array<u64> = Array::with_max_entries(1, 0);
 
-/// Runs `ctx.arg(0)` requests of `READ_REQUESTS` (at most `MAX_READS_PER_RUN`).
+/// Runs `ctx.arg(0)` requests of `READ_REQUESTS` (at most `MAX_READS_PER_RUN`). Linux 5.10+:
+/// `BPF_PROG_TEST_RUN` of raw tracepoint programs (mmap-able array maps are 5.5+).
 #[raw_tracepoint]
 pub fn read_kernel_memory(ctx: RawTracePointContext) -> i32 {
     let requests: u64 = ctx.arg(0);

@@ -52,7 +52,8 @@ pub struct ReportOptions {
     #[arg(short, long, value_name = "FILE")]
     pub output: Option<PathBuf>,
 
-    /// Number of entries (allocation sites, backtraces) to show.
+    /// Number of entries (allocation sites, backtraces; groups of similar objects for `scan`,
+    /// at most 5) to show.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub top: u32,
 }
