@@ -75,6 +75,25 @@ fn names(value: &Value) -> Vec<&str> {
         .unwrap_or_default()
 }
 
+/// Checks that the verdict blames `kind` and that its next command traces `trace_kind`;
+/// returns the kind's entry in `kinds`.
+fn blamed_kind<'a>(report: &'a Value, kind: &str, trace_kind: &str) -> Result<&'a Value> {
+    let verdict = &report["verdict"];
+    ensure!(verdict["growing"] == true, "{verdict:#}");
+    ensure!(names(&verdict["kinds"]).contains(&kind), "{verdict:#}");
+    let next = verdict["next_command"]
+        .as_str()
+        .context("no next command")?;
+    ensure!(
+        next.starts_with("memleak trace --kinds ") && next.contains(trace_kind),
+        "{next}"
+    );
+    report["kinds"]
+        .as_array()
+        .and_then(|kinds| kinds.iter().find(|entry| entry["name"] == kind))
+        .with_context(|| format!("no {kind} in kinds: {report:#}"))
+}
+
 #[test]
 fn growing_eventfds_are_blamed_on_unreclaimable_slab_and_filp() -> Result<()> {
     let _exclusive = memleak_tests::exclusive();
@@ -93,11 +112,7 @@ fn growing_eventfds_are_blamed_on_unreclaimable_slab_and_filp() -> Result<()> {
         "notes: {:#}",
         report["notes"]
     );
-    ensure!(verdict["growing"] == true, "{verdict:#}");
-    ensure!(
-        names(&verdict["kinds"]).contains(&"slab_unreclaimable"),
-        "{verdict:#}"
-    );
+    blamed_kind(&report, "slab_unreclaimable", "slab")?;
     ensure!(names(&verdict["caches"]).contains(&"filp"), "{verdict:#}");
     let growing = report["growing_caches"]
         .as_array()
@@ -127,13 +142,6 @@ fn growing_eventfds_are_blamed_on_unreclaimable_slab_and_filp() -> Result<()> {
         }),
         "no kmalloc cache grew by {expected} objects/s: {growing:#?}"
     );
-    let next = verdict["next_command"]
-        .as_str()
-        .context("no next command")?;
-    ensure!(
-        next.starts_with("memleak trace --kinds ") && next.contains("slab"),
-        "{next}"
-    );
     Ok(())
 }
 
@@ -146,22 +154,14 @@ fn growing_bpf_arrays_are_blamed_on_vmalloc_and_array_map_alloc() -> Result<()> 
     }
     let report = classify_while("grow-bpf-maps", MAPS_PER_SECOND)?;
     let verdict = &report["verdict"];
-    ensure!(names(&verdict["kinds"]).contains(&"vmalloc"), "{verdict:#}");
+    let vmalloc = blamed_kind(&report, "vmalloc", "vmalloc")?;
     ensure!(
         names(&verdict["vmalloc_callers"]).contains(&"array_map_alloc"),
         "{verdict:#}"
     );
-    let vmalloc = report["kinds"]
-        .as_array()
-        .and_then(|kinds| kinds.iter().find(|kind| kind["name"] == "vmalloc"))
-        .context("no vmalloc kind")?;
     // 8 MiB a second for 4 s of the 6 s window.
     let rate = vmalloc["growth_bytes_per_second"].as_i64().unwrap_or(0);
     ensure!(rate >= 4 << 20, "vmalloc grew {rate} B/s: {vmalloc:#}");
-    let next = verdict["next_command"]
-        .as_str()
-        .context("no next command")?;
-    ensure!(next.contains("vmalloc"), "{next}");
     Ok(())
 }
 
@@ -173,15 +173,7 @@ fn growing_pipe_buffers_are_blamed_on_other_pages() -> Result<()> {
         return Ok(());
     }
     let report = classify_while("grow-pipe-pages", PIPES_PER_SECOND)?;
-    let verdict = &report["verdict"];
-    ensure!(
-        names(&verdict["kinds"]).contains(&"other_pages"),
-        "{verdict:#}"
-    );
-    let other_pages = report["kinds"]
-        .as_array()
-        .and_then(|kinds| kinds.iter().find(|kind| kind["name"] == "other_pages"))
-        .context("no other_pages kind")?;
+    let other_pages = blamed_kind(&report, "other_pages", "page")?;
     ensure!(other_pages["estimate"] == true, "{other_pages:#}");
     // 6.25 MiB a second for 4 s of the 6 s window.
     let rate = other_pages["growth_bytes_per_second"].as_i64().unwrap_or(0);
@@ -189,9 +181,5 @@ fn growing_pipe_buffers_are_blamed_on_other_pages() -> Result<()> {
         rate >= 3 << 20,
         "other pages grew {rate} B/s: {other_pages:#}"
     );
-    let next = verdict["next_command"]
-        .as_str()
-        .context("no next command")?;
-    ensure!(next.contains("page"), "{next}");
     Ok(())
 }
