@@ -331,25 +331,33 @@ pub fn marking(entries: &[Entry]) -> Marking {
     )
 }
 
+/// Sites ranked in a trace's content scan at most.
+const RANKED_SITES: usize = 5;
+
 fn rank_sites<'a>(sites: impl IntoIterator<Item = (&'a Frame, SiteMarks)>) -> Marking {
-    let marked: Vec<(&Frame, SiteMarks)> = sites.into_iter().collect();
-    let suspect = marked
+    let mut sites: Vec<(&Frame, SiteMarks)> = sites
+        .into_iter()
+        .filter(|(_, marks)| marks.in_scanned_cache > 0)
+        .collect();
+    sites.sort_by(|(a_site, a), (b_site, b)| {
+        (b.marked, b.in_scanned_cache)
+            .cmp(&(a.marked, a.in_scanned_cache))
+            .then_with(|| a_site.addr.cmp(&b_site.addr))
+    });
+    let ranked: Vec<Suspect> = sites
         .iter()
-        .filter(|(_, marks)| marks.marked > 0)
-        .max_by(|(a_site, a), (b_site, b)| {
-            (a.marked, a.in_scanned_cache)
-                .cmp(&(b.marked, b.in_scanned_cache))
-                .then_with(|| b_site.addr.cmp(&a_site.addr))
-        })
+        .take(RANKED_SITES)
         .map(|(call_site, marks)| Suspect {
             call_site: (*call_site).clone(),
             marked: marks.marked,
             traced: marks.in_scanned_cache,
-        });
+        })
+        .collect();
     Marking {
-        traced: marked.iter().map(|(_, marks)| marks.in_scanned_cache).sum(),
-        marked: marked.iter().map(|(_, marks)| marks.marked).sum(),
-        suspected: suspect,
+        traced: sites.iter().map(|(_, marks)| marks.in_scanned_cache).sum(),
+        marked: sites.iter().map(|(_, marks)| marks.marked).sum(),
+        suspected: ranked.first().filter(|site| site.marked > 0).cloned(),
+        sites: ranked,
     }
 }
 
@@ -396,6 +404,8 @@ mod tests {
         assert_eq!(suspect.call_site, c);
         assert_eq!((suspect.marked, suspect.traced), (62, 70));
         assert_eq!((ranked.marked, ranked.traced), (127, 236));
+        let order: Vec<&Frame> = ranked.sites.iter().map(|site| &site.call_site).collect();
+        assert_eq!(order, [&c, &b, &a]);
     }
 
     #[test]

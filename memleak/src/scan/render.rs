@@ -93,6 +93,8 @@ pub struct Marking {
     pub marked: u64,
     /// The call site with the most marked allocations (then the most traced), if any is marked.
     pub suspected: Option<Suspect>,
+    /// Call sites with allocations in the cache, by marked, then traced allocations (at most 5).
+    pub sites: Vec<Suspect>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -319,6 +321,15 @@ pub fn render_details(out: &mut String, report: &ScanReport) {
         "bases:   page_offset_base {:#x}, vmemmap_base {:#x} (verified)",
         report.page_offset_base, report.vmemmap_base
     );
+    for site in report.marking.iter().flat_map(|marking| &marking.sites) {
+        let _ = writeln!(
+            out,
+            "marked:  {} of {} traced allocations from {}",
+            thousands(site.marked),
+            thousands(site.traced),
+            site.call_site
+        );
+    }
     for (rank, group) in report.groups.iter().enumerate() {
         let _ = writeln!(
             out,
