@@ -165,6 +165,74 @@ fn scan_of_an_unknown_cache_is_a_one_line_error() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn a_merged_cache_is_scanned_as_the_cache_it_was_merged_into() -> Result<()> {
+    let _exclusive = memleak_tests::exclusive();
+    if !require_root() {
+        return Ok(());
+    }
+    // SLUB names each cache's slabs with a link in /sys/kernel/slab; merged caches' links lead
+    // to the same directory.
+    let sysfs = Path::new("/sys/kernel/slab");
+    let mut by_slabs: std::collections::BTreeMap<std::path::PathBuf, Vec<String>> =
+        Default::default();
+    for entry in std::fs::read_dir(sysfs).context("listing /sys/kernel/slab")? {
+        let entry = entry?;
+        if entry.file_type()?.is_symlink()
+            && let (Ok(name), Ok(target)) = (
+                entry.file_name().into_string(),
+                std::fs::canonicalize(entry.path()),
+            )
+        {
+            by_slabs.entry(target).or_default().push(name);
+        }
+    }
+    let merged: Vec<Vec<String>> = by_slabs
+        .into_values()
+        .filter(|names| names.len() > 1)
+        .map(|mut names| {
+            names.sort();
+            names
+        })
+        .collect();
+    // Merged caches can be empty; the first group whose slabs hold objects will do. One name in
+    // each group owns the slabs; the others are scanned as that one.
+    for names in merged.iter().take(20) {
+        let mut saw_merged = false;
+        for alias in names {
+            let output = Command::new(memleak_binary()?)
+                .args(["scan", "--cache", alias, "--format", "json"])
+                .output()
+                .context("running memleak scan")?;
+            if !output.status.success() {
+                continue;
+            }
+            let report: Value =
+                serde_json::from_slice(&output.stdout).context("parsing the report")?;
+            let scanned = report["scanned_cache"].as_str().unwrap_or_default();
+            ensure!(
+                names.iter().any(|name| name == scanned),
+                "{alias} was scanned as {scanned}, not one of {names:?}: {report:#}"
+            );
+            ensure!(
+                report["merged"] == (scanned != alias.as_str()),
+                "{alias}: merged says {}, scanned as {scanned}",
+                report["merged"]
+            );
+            let others: Vec<&String> = names.iter().filter(|name| *name != alias).collect();
+            ensure!(
+                report["shares_slabs_with"] == serde_json::json!(others),
+                "{alias}: expected {others:?} to share its slabs: {report:#}"
+            );
+            saw_merged |= report["merged"] == true;
+        }
+        if saw_merged {
+            return Ok(());
+        }
+    }
+    bail!("none of these groups of merged caches could be scanned: {merged:?}")
+}
+
 /// The trace report's entry for the allocation site through which `pid` allocated objects
 /// found in the scanned cache.
 fn entry_of(report: &Value, pid: u64) -> Option<&Value> {
