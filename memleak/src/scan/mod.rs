@@ -129,6 +129,8 @@ impl Scanner {
         let pages = slabs::slab_pages()?;
         let mut reader = KernelReader::load()?;
         let bases = bases::find(&mut reader, &layout, pages.max_pfn)?;
+        // Failed reads while looking for the bases are expected; the scan counts its own.
+        reader.failed_reads = 0;
         let slabs = slabs::read_slabs(&mut reader, &layout, &bases, &pages.heads)?;
         let caches = slabs::read_caches(&mut reader, &layout, &slabs)?;
         slabs::verify_slabs_lead_to_caches(&slabs, &caches)?;
@@ -161,6 +163,7 @@ impl Scanner {
     pub fn scan(&mut self, similarity: SimilarityOptions, groups: usize) -> Result<CacheScan> {
         let started = Instant::now();
         let pages = slabs::slab_pages()?;
+        self.reader.failed_reads = 0;
         let slabs = slabs::read_slabs(&mut self.reader, &self.layout, &self.bases, &pages.heads)?;
         self.scan_slabs(&slabs, started, similarity, groups)
     }

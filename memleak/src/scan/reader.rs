@@ -23,9 +23,9 @@ pub struct KernelReader {
     requests: SharedMapping<ReadRequest>,
     chunks: SharedMapping<ReadChunk>,
     ebpf: Ebpf,
-    /// Reads that failed: unmapped addresses, or pages freed while the scan ran.
+    /// Reads that failed (unmapped addresses, pages freed while the scan ran) since the
+    /// count was last reset.
     pub failed_reads: u64,
-    pub reads: u64,
 }
 
 impl KernelReader {
@@ -53,7 +53,6 @@ impl KernelReader {
             chunks,
             ebpf,
             failed_reads: 0,
-            reads: 0,
         })
     }
 
@@ -97,7 +96,6 @@ impl KernelReader {
                 .take(batch.len())
                 .enumerate()
             {
-                self.reads += 1;
                 let position = batch_index * MAX_READS_PER_RUN as usize + index;
                 if request.address == 0 {
                     self.failed_reads += 1;

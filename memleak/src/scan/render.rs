@@ -35,6 +35,7 @@ pub struct ScanReport {
     pub inuse_by_counters: u64,
     pub unreadable_pages: u64,
     pub broken_freelists: u64,
+    /// Reads of `struct slab`s and slab pages that failed (pages freed while the scan ran).
     pub failed_reads: u64,
     /// Objects holding no informative byte (all zeros, say).
     pub empty_objects: u64,
