@@ -51,6 +51,10 @@ impl KernelBases {
     pub fn direct(&self, pfn: u64) -> u64 {
         self.page_offset + pfn * PAGE
     }
+
+    pub fn in_direct_map(&self, address: u64) -> bool {
+        (self.page_offset..self.direct(self.max_pfn)).contains(&address)
+    }
 }
 
 /// Candidate bases: `anchor` rounded down to 1 GiB, then each GiB below it, as far as a region
@@ -275,6 +279,20 @@ impl Drop for MarkerPage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_direct_map_ends_with_memory() {
+        let bases = KernelBases {
+            page_offset: 0xffff_9a00_0000_0000,
+            vmemmap: 0xffff_ea00_0000_0000,
+            max_pfn: 0x10_0000,
+        };
+        assert_eq!(bases.direct(3), 0xffff_9a00_0000_3000);
+        assert!(bases.in_direct_map(0xffff_9a00_0000_0000));
+        assert!(bases.in_direct_map(0xffff_9a00_ffff_fff8));
+        assert!(!bases.in_direct_map(0xffff_9a01_0000_0000));
+        assert!(!bases.in_direct_map(0xffff_99ff_ffff_fff8));
+    }
 
     #[test]
     fn candidates_cover_the_region_below_the_anchor() {

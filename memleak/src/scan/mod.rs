@@ -132,7 +132,7 @@ impl Scanner {
         // Failed reads while looking for the bases are expected; the scan counts its own.
         reader.failed_reads = 0;
         let slabs = slabs::read_slabs(&mut reader, &layout, &bases, &pages.heads)?;
-        let caches = slabs::read_caches(&mut reader, &layout, &slabs)?;
+        let caches = slabs::read_caches(&mut reader, &layout, &bases, &slabs)?;
         slabs::verify_slabs_lead_to_caches(&slabs, &caches)?;
         let Some(cache) = slabs::find_cache(&caches, wanted).cloned() else {
             if std::path::Path::new("/sys/kernel/slab")

@@ -122,14 +122,17 @@ pub struct Cache {
 pub fn read_caches(
     reader: &mut KernelReader,
     layout: &SlabLayout,
+    bases: &KernelBases,
     slabs: &[Slab],
 ) -> Result<HashMap<u64, Cache>> {
+    // Caches are slab objects themselves. A page freed since /proc/kpageflags was read holds
+    // anything where its slab_cache was, and is not followed.
     let mut addresses: Vec<u64> = slabs
         .iter()
         .map(|slab| slab.cache)
         .collect::<HashSet<_>>()
         .into_iter()
-        .filter(|&address| address >= 1 << 63)
+        .filter(|&address| bases.in_direct_map(address))
         .collect();
     addresses.sort_unstable();
     let reads: Vec<(u64, u32)> = addresses
@@ -281,13 +284,19 @@ pub fn read_objects(
     cache: &Cache,
     slabs: &[Slab],
 ) -> Result<CacheObjects> {
-    let slabs: Vec<&Slab> = slabs
-        .iter()
-        .filter(|slab| slab.cache == cache.address && slab.objects > 0)
-        .collect();
     let span = |slab: &Slab| {
         u64::from(cache.red_left_pad) + u64::from(slab.objects) * u64::from(cache.size)
     };
+    // Only slabs that lie within memory: a counter read from a page that stopped being a slab
+    // must not send the reader past the end of the direct map.
+    let slabs: Vec<&Slab> = slabs
+        .iter()
+        .filter(|slab| {
+            slab.cache == cache.address
+                && slab.objects > 0
+                && slab.pfn + span(slab).div_ceil(PAGE) <= bases.max_pfn
+        })
+        .collect();
     let mut reads = Vec::new();
     for slab in &slabs {
         let pages = span(slab).div_ceil(PAGE);
