@@ -6,7 +6,7 @@
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     path::Path,
-    process::{Child, ChildStdout, Command, Stdio},
+    process::{Child, ChildStdout, Command, Output, Stdio},
     thread,
     time::{Duration, Instant},
 };
@@ -98,6 +98,29 @@ impl Drop for Fixture {
     }
 }
 
+/// `memleak scan --cache CACHE --format json`.
+fn memleak_scan(cache: &str) -> Result<Output> {
+    Command::new(memleak_binary()?)
+        .args(["scan", "--cache", cache, "--format", "json"])
+        .output()
+        .context("running memleak scan")
+}
+
+/// The report of `memleak scan --cache CACHE`, or why there is none.
+fn scan_report(cache: &str) -> Result<Result<Value, String>> {
+    let output = memleak_scan(cache)?;
+    if !output.status.success() {
+        return Ok(Err(format!(
+            "memleak scan --cache {cache} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        )));
+    }
+    Ok(Ok(
+        serde_json::from_slice(&output.stdout).context("parsing the report")?
+    ))
+}
+
 #[test]
 fn scan_finds_identical_messages_as_one_group() -> Result<()> {
     let _exclusive = memleak_tests::exclusive();
@@ -106,17 +129,7 @@ fn scan_finds_identical_messages_as_one_group() -> Result<()> {
     }
     let cache = message_cache();
     let _fixture = Fixture::start(&["similar-messages", &HELD.to_string(), "0"], "ready")?;
-    let output = Command::new(memleak_binary()?)
-        .args(["scan", "--cache", cache, "--format", "json"])
-        .output()
-        .context("running memleak scan")?;
-    ensure!(
-        output.status.success(),
-        "memleak scan failed ({}): {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: Value = serde_json::from_slice(&output.stdout).context("parsing the report")?;
+    let report = scan_report(cache)?.map_err(anyhow::Error::msg)?;
     ensure!(report["cache"] == cache, "{report:#}");
     ensure!(
         report["objects"].as_u64().unwrap_or(0) >= HELD,
@@ -147,10 +160,7 @@ fn scan_of_an_unknown_cache_is_a_one_line_error() -> Result<()> {
     if !require_root() {
         return Ok(());
     }
-    let output = Command::new(memleak_binary()?)
-        .args(["scan", "--cache", "no-such-cache"])
-        .output()
-        .context("running memleak scan")?;
+    let output = memleak_scan("no-such-cache")?;
     let stderr = String::from_utf8_lossy(&output.stderr);
     ensure!(
         output.status.code() == Some(2),
@@ -199,15 +209,9 @@ fn a_merged_cache_is_scanned_as_the_cache_it_was_merged_into() -> Result<()> {
     for names in merged.iter().take(20) {
         let mut saw_merged = false;
         for alias in names {
-            let output = Command::new(memleak_binary()?)
-                .args(["scan", "--cache", alias, "--format", "json"])
-                .output()
-                .context("running memleak scan")?;
-            if !output.status.success() {
+            let Ok(report) = scan_report(alias)? else {
                 continue;
-            }
-            let report: Value =
-                serde_json::from_slice(&output.stdout).context("parsing the report")?;
+            };
             let scanned = report["scanned_cache"].as_str().unwrap_or_default();
             ensure!(
                 names.iter().any(|name| name == scanned),
