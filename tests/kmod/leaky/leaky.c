@@ -3,12 +3,14 @@
  * leaky: a kernel module whose leaks are known in advance, for memleak's VM tests.
  *
  * On load it makes three kinds of allocations, n of each (module parameter, default 100):
- *   - leaky_kmalloc:     kmalloc(64) objects that are never freed;
+ *   - leaky_kmalloc:     kzalloc(64) objects that are never freed;
  *   - leaky_cache_alloc: objects from its own kmem_cache "leaky_cache" that are never freed;
  *   - clean_alloc:       kmalloc(64) objects that are freed right away (not a leak).
  *
  * The leaked objects are deliberately unreferenced: no pointer to them is kept anywhere, so
- * kmemleak would report them too (memleak's future kmemleak comparison relies on this).
+ * kmemleak reports them too (cargo xtask vm-test compares the two). They are zeroed: a recycled
+ * kmalloc object may still hold its previous user's pointers to its neighbours, and such stale
+ * pointers chain the leaked objects to live memory, hiding all of them from kmemleak.
  * The three functions are noinline and outside .init.text, so they stay named frames in
  * stacks after the kernel discards the module's init code.
  *
@@ -38,7 +40,7 @@ static noinline unsigned int leaky_kmalloc(unsigned int count)
 	unsigned int i, done = 0;
 
 	for (i = 0; i < count; i++)
-		if (kmalloc(OBJECT_SIZE, GFP_KERNEL))
+		if (kzalloc(OBJECT_SIZE, GFP_KERNEL))
 			done++;
 	return done;
 }

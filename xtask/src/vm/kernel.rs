@@ -9,21 +9,32 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 
+use super::run_quietly;
 use crate::apt::{self, Apt};
 
 /// The start of an xz stream: the compressed kernel inside a bzImage is one.
 const XZ_MAGIC: &[u8] = &[0xfd, b'7', b'z', b'X', b'Z', 0x00];
 
-/// An unpacked kernel in the cache: `usr/src/linux-headers-RELEASE` with an uncompressed
-/// `vmlinux` next to its Makefile (module BTF is generated against it, and qemu boots it).
+/// A kernel to boot and build modules for: a tree modules build against (Debian's unpacked
+/// headers, or a whole build tree) with an uncompressed `vmlinux` next to its Makefile (module
+/// BTF is generated against it, and qemu boots it).
 pub struct Kernel {
     pub release: String,
-    pub headers: PathBuf,
+    pub tree: PathBuf,
 }
 
 impl Kernel {
     pub fn vmlinux(&self) -> PathBuf {
-        self.headers.join("vmlinux")
+        self.tree.join("vmlinux")
+    }
+
+    /// `6.1` for `6.1.0-56-amd64`: the series Debian names source and kbuild packages by.
+    pub fn series(&self) -> Result<&str> {
+        let mut dots = self.release.match_indices('.').map(|(index, _)| index);
+        let end = dots
+            .nth(1)
+            .with_context(|| format!("kernel release {} has no X.Y.Z", self.release))?;
+        Ok(&self.release[..end])
     }
 }
 
@@ -49,7 +60,7 @@ pub fn fetch(apt: &mut Apt, cache: &Path) -> Result<Kernel> {
         return fetch(apt, cache);
     }
     Ok(Kernel {
-        headers: unpacked.join(format!("usr/src/linux-headers-{release}")),
+        tree: unpacked.join(format!("usr/src/linux-headers-{release}")),
         release,
     })
 }
@@ -214,7 +225,7 @@ fn decompress_kernel(bzimage: &[u8], vmlinux: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Builds the out-of-tree module in `source` against `kernel`'s headers, in `build_dir`, and
+/// Builds the out-of-tree module in `source` against `kernel`'s tree, in `build_dir`, and
 /// returns the path of the .ko.
 pub fn build_module(
     kernel: &Kernel,
@@ -232,23 +243,21 @@ pub fn build_module(
                 .with_context(|| format!("copying {} to {}", path.display(), target.display()))?;
         }
     }
-    let output = Command::new("make")
-        .arg("-C")
-        .arg(&kernel.headers)
-        .arg(format!("M={}", build_dir.display()))
-        // Debian's kbuild package has no resolve_btfids; a module without BTF ids needs none.
-        .arg("RESOLVE_BTFIDS=true")
-        .arg("modules")
-        .output()
-        .context("running make")?;
-    ensure!(
-        output.status.success(),
-        "building the {name} module against {} failed ({}):\n{}{}",
-        kernel.headers.display(),
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    run_quietly(
+        Command::new("make")
+            .arg("-C")
+            .arg(&kernel.tree)
+            .arg(format!("M={}", build_dir.display()))
+            // Debian's kbuild package has no resolve_btfids; a module without BTF ids needs none.
+            .arg("RESOLVE_BTFIDS=true")
+            .arg("modules"),
+    )
+    .with_context(|| {
+        format!(
+            "building the {name} module against {}",
+            kernel.tree.display()
+        )
+    })?;
     let module = build_dir.join(format!("{name}.ko"));
     ensure!(module.exists(), "make built no {}", module.display());
     Ok(module)
@@ -257,6 +266,17 @@ pub fn build_module(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_the_series_of_a_release() {
+        let kernel = |release: &str| Kernel {
+            release: release.into(),
+            tree: PathBuf::new(),
+        };
+        assert_eq!(kernel("6.1.0-56-amd64").series().unwrap(), "6.1");
+        assert_eq!(kernel("6.12.48+deb13-amd64").series().unwrap(), "6.12");
+        assert!(kernel("6").series().is_err());
+    }
 
     #[test]
     fn reads_the_release_from_apt_cache_depends() {

@@ -1,5 +1,7 @@
 //! Judges what the guest sent: the statuses and reports of the two `memleak run` checks
 //! around one load of the leaky module (tests/vm/init.sh).
+use std::collections::BTreeMap;
+
 use anyhow::{Context as _, Result, ensure};
 use serde_json::Value;
 
@@ -25,6 +27,7 @@ const LEAKS: [ExpectedLeak; 2] = [
         cache: None,
     },
 ];
+const MODULE: &str = "leaky";
 const OWN_CACHE: &str = "leaky_cache";
 const CLEAN_FUNCTION: &str = "clean_alloc";
 
@@ -143,6 +146,59 @@ pub fn judge(results: &GuestResults, objects: u64) -> Result<Findings> {
             .collect(),
         leaks,
     })
+}
+
+impl Findings {
+    pub fn summary(&self) -> String {
+        format!(
+            "on Linux {} ({}) the module check failed with {}, and the {CLEAN_FUNCTION} check \
+             passed",
+            self.kernel,
+            self.attach,
+            self.leaks.join(", ")
+        )
+    }
+}
+
+/// Checks that kmemleak, asked after the checks, names the same leaking functions of the
+/// module as memleak did (`judge` has established memleak's). kmemleak's counts may be lower:
+/// a stale copy of a pointer anywhere in memory hides that object from it.
+pub fn compare_with_kmemleak(results: &GuestResults) -> Result<String> {
+    let status = results.file("kmemleak.status")?;
+    ensure!(
+        status == "0",
+        "`memleak kmemleak` exited {status}; its stderr:\n{}",
+        results.file("kmemleak.stderr").unwrap_or_default()
+    );
+    let report = report(results, "kmemleak.json")?;
+    let mut named: BTreeMap<&str, u64> = BTreeMap::new();
+    for stack in report["stacks"].as_array().into_iter().flatten() {
+        // The innermost frame in the module is the function that called the allocator.
+        let function = stack["frames"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|frame| frame["module"] == MODULE)
+            .and_then(|frame| frame["symbol"].as_str());
+        if let Some(function) = function {
+            *named.entry(function).or_default() += stack["count"].as_u64().unwrap_or(0);
+        }
+    }
+    let mut expected: Vec<&str> = LEAKS.iter().map(|leak| leak.function).collect();
+    expected.sort_unstable();
+    ensure!(
+        named.keys().copied().eq(expected.iter().copied()),
+        "kmemleak names {named:?} in the module, memleak names {expected:?}; kmemleak's report: \
+         {report:#}"
+    );
+    Ok(format!(
+        "kmemleak named the same functions ({})",
+        named
+            .iter()
+            .map(|(function, count)| format!("{function}: {count} objects"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
 }
 
 fn report(results: &GuestResults, name: &str) -> Result<Value> {
@@ -266,6 +322,48 @@ mod tests {
     #[test]
     fn a_clean_pass_counts_only_if_that_tracer_saw_the_leaks() {
         assert!(judge(&guest(correct_sites(), 0), N).is_err());
+    }
+
+    fn kmemleak_results(stacks: Value) -> GuestResults {
+        let mut results = GuestResults::default();
+        results.files.insert("kmemleak.status".into(), "0".into());
+        results.files.insert(
+            "kmemleak.json".into(),
+            json!({"source": "kmemleak", "stacks": stacks}).to_string(),
+        );
+        results
+    }
+
+    fn kmemleak_stack(function: &str, count: u64) -> Value {
+        json!({"count": count, "frames": [
+            {"symbol": function, "module": MODULE},
+            {"symbol": null, "module": null},
+            {"symbol": "do_one_initcall", "module": null}]})
+    }
+
+    #[test]
+    fn kmemleak_must_name_the_same_functions() {
+        let both = json!([
+            kmemleak_stack("leaky_cache_alloc", 99),
+            kmemleak_stack("leaky_kmalloc", 100)
+        ]);
+        let agreement = compare_with_kmemleak(&kmemleak_results(both)).unwrap();
+        assert!(
+            agreement.contains("leaky_cache_alloc: 99 objects"),
+            "{agreement}"
+        );
+
+        let one = json!([kmemleak_stack("leaky_cache_alloc", 100)]);
+        assert!(compare_with_kmemleak(&kmemleak_results(one)).is_err());
+        let extra = json!([
+            kmemleak_stack("leaky_cache_alloc", 100),
+            kmemleak_stack("leaky_kmalloc", 100),
+            kmemleak_stack(CLEAN_FUNCTION, 1)
+        ]);
+        assert!(compare_with_kmemleak(&kmemleak_results(extra)).is_err());
+        let mut failed = kmemleak_results(json!([]));
+        failed.files.insert("kmemleak.status".into(), "2".into());
+        assert!(compare_with_kmemleak(&failed).is_err());
     }
 
     #[test]
