@@ -47,7 +47,7 @@ pub struct VmTestArgs {
     /// Objects the test module leaks from each of its two leaking functions
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     objects: u64,
-    /// Seconds the guest may take from boot to power-off
+    /// Seconds each guest may take from boot to power-off
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(10..=3600))]
     timeout: u64,
     /// Skip the second guest: a kernel built from Debian's source with kmemleak, whose report
@@ -92,7 +92,16 @@ pub fn run(args: &VmTestArgs) -> Result<()> {
             kmemleak_kernel.tree.display()
         ));
         let (findings, results) = run.check(&kmemleak_kernel)?;
-        let kmemleak = verdict::compare_with_kmemleak(&results)?;
+        let kmemleak = verdict::compare_with_kmemleak(&results).with_context(|| {
+            format!(
+                "on {}: the guest's reports are in {}",
+                kmemleak_kernel.release,
+                workspace::target_dir(root)
+                    .join("vm")
+                    .join(&kmemleak_kernel.release)
+                    .display()
+            )
+        })?;
         summary.push(format!("{}; {kmemleak}", findings.summary()));
     }
     println!(
