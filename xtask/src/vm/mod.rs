@@ -96,10 +96,7 @@ pub fn run(args: &VmTestArgs) -> Result<()> {
             format!(
                 "on {}: the guest's reports are in {}",
                 kmemleak_kernel.release,
-                workspace::target_dir(root)
-                    .join("vm")
-                    .join(&kmemleak_kernel.release)
-                    .display()
+                work_dir(root, &kmemleak_kernel).display()
             )
         })?;
         summary.push(format!("{}; {kmemleak}", findings.summary()));
@@ -123,9 +120,7 @@ struct GuestRun<'a> {
 impl GuestRun<'_> {
     /// Builds the module for `kernel`, boots it, and judges the two checks inside.
     fn check(&self, kernel: &Kernel) -> Result<(verdict::Findings, guest::GuestResults)> {
-        let work = workspace::target_dir(self.root)
-            .join("vm")
-            .join(&kernel.release);
+        let work = work_dir(self.root, kernel);
         let module = kernel::build_module(
             kernel,
             &self.root.join("tests/kmod").join(MODULE),
@@ -169,6 +164,11 @@ impl GuestRun<'_> {
         }
         Ok((findings, results))
     }
+}
+
+/// Where a guest's module, initramfs, logs and reports go: `target/vm/RELEASE`.
+fn work_dir(root: &Path, kernel: &Kernel) -> PathBuf {
+    workspace::target_dir(root).join("vm").join(&kernel.release)
 }
 
 /// `$MEMLEAK_CACHE/vm`, by default ~/.cache/memleak/vm (where scripts/bootstrap.sh caches too).
