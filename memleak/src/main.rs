@@ -16,6 +16,7 @@ mod privileges;
 mod probes;
 mod report;
 mod scan;
+mod signals;
 mod symbolize;
 mod table;
 mod trace;

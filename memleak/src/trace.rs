@@ -9,7 +9,6 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use tokio::signal::unix::{SignalKind, signal};
 
 use memleak_common::AllocKind;
 
@@ -23,6 +22,7 @@ use crate::{
     probes::{self, Tracer, TracerSettings},
     report::{self, Report, Stats},
     scan,
+    signals::StopSignals,
     symbolize::KernelSymbolizer,
     table::{self, TracerMaps},
 };
@@ -328,8 +328,7 @@ async fn watch<T>(
     until: impl Future<Output = T>,
     mut on_signal: impl FnMut(libc::c_int) -> bool,
 ) -> Result<Option<T>> {
-    let mut interrupt = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
-    let mut terminate = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+    let mut signals = StopSignals::install()?;
     let started = tokio::time::Instant::now();
     let show_progress = std::io::stderr().is_terminal();
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
@@ -337,8 +336,7 @@ async fn watch<T>(
     tokio::pin!(until);
     let outcome = loop {
         tokio::select! {
-            _ = interrupt.recv() => if on_signal(libc::SIGINT) { break None },
-            _ = terminate.recv() => if on_signal(libc::SIGTERM) { break None },
+            signal = signals.next() => if on_signal(signal) { break None },
             output = &mut until => break Some(output),
             _ = ticker.tick() => {
                 if show_progress {

@@ -14,7 +14,6 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use clap::ValueEnum as _;
-use tokio::signal::unix::{SignalKind, signal};
 
 use self::{
     analysis::{CacheFacts, Context, Sample, Thresholds},
@@ -24,6 +23,7 @@ use crate::{
     cli::{Format, Kind, ReportOptions},
     duration, kernel,
     output::ReportSink,
+    signals::StopSignals,
 };
 
 const SYS_SLAB: &str = "/sys/kernel/slab";
@@ -133,8 +133,7 @@ fn page_size() -> Result<u64> {
 
 /// Samples every interval until the window ends or a signal arrives.
 async fn sample_window(sampler: &mut Sampler, args: &ClassifyArgs) -> Result<Vec<Sample>> {
-    let mut interrupt = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
-    let mut terminate = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+    let mut signals = StopSignals::install()?;
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + args.duration;
     let mut ticker = tokio::time::interval(args.interval);
@@ -142,8 +141,7 @@ async fn sample_window(sampler: &mut Sampler, args: &ClassifyArgs) -> Result<Vec
     let mut samples = Vec::new();
     loop {
         tokio::select! {
-            _ = interrupt.recv() => break,
-            _ = terminate.recv() => break,
+            _ = signals.next() => break,
             _ = ticker.tick() => {
                 samples.push(sampler.sample(started.elapsed())?);
                 if tokio::time::Instant::now() >= deadline {
