@@ -17,6 +17,29 @@ pub struct SiteKey {
     pub call_site: u64,
 }
 
+impl SiteKey {
+    /// The site `record` belongs to; `None` for an unknown kind.
+    pub fn of(record: &AllocRecord) -> Option<Self> {
+        let kind = AllocKind::from_u32(record.kind)?;
+        // kmalloc records carry no cache; their size class names it, so a call site that
+        // allocates several sizes shows once per cache. Records without a call site (vmalloc, pages)
+        // always have a stack, and group by it.
+        let cache_id = match kind {
+            AllocKind::Kmalloc => u64::from(record.bytes_allocated),
+            AllocKind::KmemCache => record.cache_id,
+            AllocKind::Vmalloc | AllocKind::Percpu | AllocKind::Page if record.call_site == 0 => {
+                u64::from(record.stack_id as u32)
+            }
+            AllocKind::Vmalloc | AllocKind::Percpu | AllocKind::Page => 0,
+        };
+        Some(Self {
+            kind,
+            cache_id,
+            call_site: record.call_site,
+        })
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProcessShare {
     pub count: u64,
@@ -94,24 +117,8 @@ impl Aggregator {
             self.hidden_younger += 1;
             return;
         }
-        let Some(kind) = AllocKind::from_u32(record.kind) else {
+        let Some(key) = SiteKey::of(record) else {
             return;
-        };
-        // kmalloc records carry no cache; their size class names it, so a call site that
-        // allocates several sizes shows once per cache. Records without a call site (vmalloc, pages)
-        // always have a stack, and group by it.
-        let cache_id = match kind {
-            AllocKind::Kmalloc => u64::from(record.bytes_allocated),
-            AllocKind::KmemCache => record.cache_id,
-            AllocKind::Vmalloc | AllocKind::Percpu | AllocKind::Page if record.call_site == 0 => {
-                u64::from(record.stack_id as u32)
-            }
-            AllocKind::Vmalloc | AllocKind::Percpu | AllocKind::Page => 0,
-        };
-        let key = SiteKey {
-            kind,
-            cache_id,
-            call_site: record.call_site,
         };
         let site = self.sites.entry(key).or_insert_with(|| Site::new(key));
         let bytes = u64::from(record.bytes_allocated);

@@ -10,6 +10,7 @@ mod cli;
 mod duration;
 mod frame;
 mod kernel;
+mod kmalloc_caches;
 mod kmemleak;
 mod output;
 mod privileges;

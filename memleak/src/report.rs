@@ -6,7 +6,7 @@ use memleak_common::AllocKind;
 use serde::Serialize;
 
 use crate::{
-    aggregate::{Site, trim_to_call_site},
+    aggregate::{Site, SiteKey, trim_to_call_site},
     duration,
     frame::Frame,
     table::Counters,
@@ -263,9 +263,9 @@ pub fn backs_another_kind(stack: &[u64], frame: &dyn Fn(u64) -> Frame) -> bool {
     })
 }
 
-/// The kmalloc cache serving an allocation of `bytes_allocated` bytes: sizes below 1 KiB are
+/// The kmalloc size class of an allocation of `bytes_allocated` bytes: sizes below 1 KiB are
 /// named in bytes, larger ones in KiB, as in /proc/slabinfo. Above 8 KiB kmalloc goes to the
-/// page allocator. Accounted allocations really sit in the `kmalloc-cg-*` twin.
+/// page allocator. It names a site whose real cache could not be read from the kernel.
 pub fn kmalloc_cache_name(bytes_allocated: u64) -> Option<String> {
     match bytes_allocated {
         0 => None,
@@ -279,6 +279,8 @@ pub fn kmalloc_cache_name(bytes_allocated: u64) -> Option<String> {
 pub struct Context<'a> {
     pub stacks: &'a HashMap<u32, Vec<u64>>,
     pub cache_names: &'a HashMap<u64, String>,
+    /// The caches of kmalloc sites read from kernel memory; the others get their size class.
+    pub kmalloc_caches: &'a HashMap<SiteKey, String>,
     pub comms: &'a HashMap<u32, String>,
     pub now_ns: u64,
     pub sample_rate: u32,
@@ -357,7 +359,11 @@ pub fn entry(site: &Site, context: &Context<'_>) -> Entry {
     processes.truncate(PROCESSES_SHOWN);
 
     let cache = match site.key.kind {
-        AllocKind::Kmalloc => kmalloc_cache_name(site.key.cache_id),
+        AllocKind::Kmalloc => context
+            .kmalloc_caches
+            .get(&site.key)
+            .cloned()
+            .or_else(|| kmalloc_cache_name(site.key.cache_id)),
         AllocKind::KmemCache => context.cache_names.get(&site.key.cache_id).cloned(),
         AllocKind::Vmalloc | AllocKind::Percpu | AllocKind::Page => None,
     };
@@ -658,6 +664,7 @@ mod tests {
         let context = Context {
             stacks: &stacks,
             cache_names: &cache_names,
+            kmalloc_caches: &HashMap::new(),
             comms: &comms,
             now_ns: 3_000_000_000,
             sample_rate,

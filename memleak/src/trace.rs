@@ -9,14 +9,15 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use hashbrown::HashMap;
 
 use memleak_common::AllocKind;
 
 use crate::{
     aggregate::{self, Site},
     checks::{self, LeakCheckArgs, Verdict},
-    cli::{Format, RunArgs, TraceArgs, TracingOptions},
-    duration, kernel,
+    cli::{Format, Kind, RunArgs, TraceArgs, TracingOptions},
+    duration, kernel, kmalloc_caches,
     output::ReportSink,
     privileges,
     probes::{self, Tracer, TracerSettings},
@@ -117,6 +118,8 @@ struct Session {
     scanner: Option<scan::Scanner>,
     /// Why the content scan of `--cache` cannot be done, if it cannot.
     scan_notes: Vec<String>,
+    /// Without a scanner, the slab layout for reading kmalloc sites' caches at report time.
+    slab_layout: Option<scan::PendingLayout>,
 }
 
 impl Session {
@@ -142,6 +145,8 @@ impl Session {
                 .map_err(|error| scan_notes.push(scan::not_done(cache, &error)))
                 .ok()
         });
+        let slab_layout = (scanner.is_none() && options.kinds.contains(&Kind::Slab))
+            .then(scan::PendingLayout::start);
         let tracer = probes::attach(&TracerSettings {
             capacity: options.capacity,
             sample_rate: options.sample_rate,
@@ -161,6 +166,7 @@ impl Session {
             started: Instant::now(),
             scanner,
             scan_notes,
+            slab_layout,
         })
     }
 
@@ -182,7 +188,8 @@ impl Session {
         drop(programs);
         let elapsed = self.started.elapsed();
         let now_ns = monotonic_now_ns();
-        let scan = self.scanner.and_then(|mut scanner| {
+        let mut scanner = self.scanner;
+        let scan = scanner.as_mut().and_then(|scanner| {
             scanner
                 .scan(options.similarity, scan::TRACE_GROUPS)
                 .map_err(|error| notes.push(scan::not_done(scanner.cache_name(), &error)))
@@ -196,7 +203,17 @@ impl Session {
             attach: attached.to_string(),
             notes,
         };
-        let mut report = build_report(options, &maps, now_ns, header, scan.as_ref())?;
+        let mut report = build_report(
+            options,
+            &maps,
+            now_ns,
+            header,
+            scan.as_ref(),
+            KmallocCacheReader {
+                view: scanner.as_mut().map(scan::Scanner::view),
+                layout: self.slab_layout,
+            },
+        )?;
         let verdict = leak_checks.enabled().then(|| {
             let verdict = leak_checks.evaluate(&report.stacks);
             eprintln!("memleak: {}", verdict.summary());
@@ -232,22 +249,28 @@ fn build_report(
     args: &TracingOptions,
     maps: &TracerMaps,
     now_ns: u64,
-    header: ReportHeader,
+    mut header: ReportHeader,
     scan: Option<&scan::CacheScan>,
+    cache_reader: KmallocCacheReader<'_>,
 ) -> Result<Report> {
     let counters = table::read_counters(maps)?;
     let min_age = args.min_age.unwrap_or(Duration::ZERO);
     let mut aggregator = aggregate::Aggregator::new(now_ns, min_age);
     let mut tally = scan.map(|scan| scan::MarkTally::new(scan, now_ns, min_age));
+    let mut kmalloc_picks = kmalloc_caches::Picks::default();
     let (mut outstanding, mut outstanding_bytes) = (0u64, 0u64);
     table::for_each_outstanding(maps, |key, record| {
         outstanding += 1;
         outstanding_bytes += u64::from(record.bytes_allocated);
         aggregator.add(record);
+        if let Some(site) = aggregate::SiteKey::of(record) {
+            kmalloc_picks.add(site, key);
+        }
         if let Some(tally) = &mut tally {
             tally.add(key, record);
         }
     })?;
+    let kmalloc_caches = cache_reader.resolve(&kmalloc_picks, &mut header.notes);
     let marks = tally.map(scan::MarkTally::finish);
     let aggregate = aggregator.finish();
     let mut sites = aggregate.sites;
@@ -275,6 +298,7 @@ fn build_report(
     let context = report::Context {
         stacks: &stacks,
         cache_names: &cache_names,
+        kmalloc_caches: &kmalloc_caches,
         comms: &comms,
         now_ns,
         sample_rate: args.sample_rate,
@@ -319,6 +343,45 @@ fn build_report(
         scan,
         stacks: entries,
     })
+}
+
+/// What reads the kmalloc sites' caches: the content scanner's reader, or one loaded at report
+/// time (after detaching, so its loading is not traced) with the layout parsed meanwhile.
+struct KmallocCacheReader<'a> {
+    view: Option<&'a mut scan::KernelView>,
+    layout: Option<scan::PendingLayout>,
+}
+
+impl KmallocCacheReader<'_> {
+    /// The real caches of the kmalloc sites. Where they cannot be read, the sites keep their
+    /// size class names and a note says why.
+    fn resolve(
+        self,
+        picks: &kmalloc_caches::Picks,
+        notes: &mut Vec<String>,
+    ) -> HashMap<aggregate::SiteKey, String> {
+        if picks.is_empty() {
+            return HashMap::new();
+        }
+        let mut opened = None;
+        let view = match (self.view, self.layout) {
+            (Some(view), _) => Ok(view),
+            (None, Some(layout)) => {
+                scan::KernelView::open_for_owners(layout).map(|view| opened.insert(view))
+            }
+            (None, None) => Err(anyhow::anyhow!("no slab layout")),
+        };
+        match view.and_then(|view| picks.resolve(view)) {
+            Ok(resolution) => {
+                notes.extend(resolution.note());
+                resolution.names
+            }
+            Err(error) => {
+                notes.push(kmalloc_caches::not_read(&error));
+                HashMap::new()
+            }
+        }
+    }
 }
 
 /// Waits for `until`, showing progress on a terminal. On SIGINT or SIGTERM, `on_signal`

@@ -29,11 +29,13 @@ use crate::{
 
 mod bases;
 mod layout;
+mod owners;
 mod reader;
 mod render;
 mod similarity;
 mod slabs;
 
+pub use owners::Object;
 pub use render::{Marking, ScanReport, Suspect, render_details, render_text, summary};
 
 use self::{
@@ -97,11 +99,70 @@ pub fn run(args: &ScanArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// A reader with proven bases, and the cache to scan.
-pub struct Scanner {
+/// The kernel memory reader, with proven bases and the slab layout from BTF.
+pub struct KernelView {
     reader: KernelReader,
     layout: SlabLayout,
     bases: KernelBases,
+}
+
+/// The slab layout from kernel BTF, parsed on a thread of its own: parsing all of the kernel's
+/// BTF takes about 150 ms, which a trace spends while its programs load rather than at report
+/// time.
+pub struct PendingLayout(std::thread::JoinHandle<Result<SlabLayout>>);
+
+impl PendingLayout {
+    pub fn start() -> Self {
+        Self(std::thread::spawn(slab_layout))
+    }
+
+    fn wait(self) -> Result<SlabLayout> {
+        self.0
+            .join()
+            .map_err(|_| anyhow::anyhow!("parsing kernel BTF failed"))?
+    }
+}
+
+fn slab_layout() -> Result<SlabLayout> {
+    if !kernel::has_btf() {
+        bail!(
+            "reading slab caches needs kernel BTF ({} not found)",
+            kernel::BTF_PATH
+        );
+    }
+    let btf = btf_rs::Btf::from_file(kernel::BTF_PATH).context("parsing kernel BTF")?;
+    SlabLayout::from_btf(&btf)
+}
+
+impl KernelView {
+    /// Loads the reader and finds and verifies the bases; `max_pfn` is one past the highest
+    /// page frame number.
+    fn open(layout: SlabLayout, max_pfn: u64) -> Result<Self> {
+        let mut reader = KernelReader::load()?;
+        let bases = bases::find(&mut reader, &layout, max_pfn)?;
+        // Failed reads while looking for the bases are expected; the scan counts its own.
+        reader.failed_reads = 0;
+        Ok(Self {
+            reader,
+            layout,
+            bases,
+        })
+    }
+
+    /// [`Self::open`] without reading all of /proc/kpageflags first.
+    pub fn open_for_owners(layout: PendingLayout) -> Result<Self> {
+        Self::open(layout.wait()?, slabs::page_frames()?)
+    }
+
+    /// The name of the slab cache that holds each object, `None` where it cannot be proven.
+    pub fn cache_names(&mut self, objects: &[owners::Object]) -> Result<Vec<Option<String>>> {
+        owners::cache_names(&mut self.reader, &self.layout, &self.bases, objects)
+    }
+}
+
+/// A reader with proven bases, and the cache to scan.
+pub struct Scanner {
+    view: KernelView,
     wanted: String,
     /// Other names of the cache's slabs (caches SLUB merged with it).
     shares_slabs_with: Vec<String>,
@@ -118,21 +179,16 @@ impl Scanner {
     /// [`Self::prepare`], also returning the slabs it read on the way, for a scan that
     /// follows at once.
     fn prepare_with_slabs(wanted: &str) -> Result<(Self, Vec<Slab>)> {
-        if !kernel::has_btf() {
-            bail!(
-                "scanning slab caches needs kernel BTF ({} not found)",
-                kernel::BTF_PATH
-            );
-        }
-        let btf = btf_rs::Btf::from_file(kernel::BTF_PATH).context("parsing kernel BTF")?;
-        let layout = SlabLayout::from_btf(&btf)?;
+        let layout = slab_layout()?;
         let pages = slabs::slab_pages()?;
-        let mut reader = KernelReader::load()?;
-        let bases = bases::find(&mut reader, &layout, pages.max_pfn)?;
-        // Failed reads while looking for the bases are expected; the scan counts its own.
-        reader.failed_reads = 0;
-        let slabs = slabs::read_slabs(&mut reader, &layout, &bases, &pages.heads)?;
-        let caches = slabs::read_caches(&mut reader, &layout, &bases, &slabs)?;
+        let mut view = KernelView::open(layout, pages.max_pfn)?;
+        let KernelView {
+            reader,
+            layout,
+            bases,
+        } = &mut view;
+        let slabs = slabs::read_slabs(reader, layout, bases, &pages.heads)?;
+        let caches = slabs::read_caches(reader, layout, bases, &slabs)?;
         slabs::verify_slabs_lead_to_caches(&slabs, &caches)?;
         let Some(cache) = slabs::find_cache(&caches, wanted).cloned() else {
             if std::path::Path::new("/sys/kernel/slab")
@@ -144,9 +200,7 @@ impl Scanner {
             bail!("--cache {wanted}: no such slab cache (see /proc/slabinfo)");
         };
         let scanner = Self {
-            reader,
-            layout,
-            bases,
+            view,
             wanted: wanted.to_owned(),
             shares_slabs_with: slabs::aliases(wanted),
             cache,
@@ -159,12 +213,18 @@ impl Scanner {
         &self.wanted
     }
 
+    /// The reader, for other reads after the scan.
+    pub fn view(&mut self) -> &mut KernelView {
+        &mut self.view
+    }
+
     /// Reads every object of the cache now and finds up to `groups` groups of similar ones.
     pub fn scan(&mut self, similarity: SimilarityOptions, groups: usize) -> Result<CacheScan> {
         let started = Instant::now();
         let pages = slabs::slab_pages()?;
-        self.reader.failed_reads = 0;
-        let slabs = slabs::read_slabs(&mut self.reader, &self.layout, &self.bases, &pages.heads)?;
+        let view = &mut self.view;
+        view.reader.failed_reads = 0;
+        let slabs = slabs::read_slabs(&mut view.reader, &view.layout, &view.bases, &pages.heads)?;
         self.scan_slabs(&slabs, started, similarity, groups)
     }
 
@@ -175,7 +235,8 @@ impl Scanner {
         similarity: SimilarityOptions,
         groups: usize,
     ) -> Result<CacheScan> {
-        let objects = slabs::read_objects(&mut self.reader, &self.bases, &self.cache, slabs)?;
+        let view = &mut self.view;
+        let objects = slabs::read_objects(&mut view.reader, &view.bases, &self.cache, slabs)?;
         let read_time = started.elapsed();
         let settings = ClusterSettings {
             threshold: similarity.threshold(),
@@ -197,13 +258,13 @@ impl Scanner {
             wanted: self.wanted.clone(),
             shares_slabs_with: self.shares_slabs_with.clone(),
             cache: self.cache.clone(),
-            bases: self.bases,
+            bases: self.view.bases,
             objects,
             clustering,
             similarity,
             read_time,
             total_time: started.elapsed(),
-            failed_reads: self.reader.failed_reads,
+            failed_reads: self.view.reader.failed_reads,
             index,
             leader,
         })

@@ -1,6 +1,6 @@
 //! Finds a cache's slab pages and reads its objects: slab pages from /proc/kpageflags, their
 //! `struct slab` from the vmemmap, the cache's `struct kmem_cache`, then the pages themselves.
-use std::{fs::File, io::Read as _, path::Path};
+use std::{fs::File, io::Read as _, os::unix::fs::FileExt as _, path::Path};
 
 use anyhow::{Context as _, Result};
 use hashbrown::{HashMap, HashSet};
@@ -12,9 +12,54 @@ use super::{
 };
 
 const PAGE: u64 = 4096;
-const KPF_SLAB: u64 = 1 << 7;
-const KPF_COMPOUND_TAIL: u64 = 1 << 16;
+pub const KPF_SLAB: u64 = 1 << 7;
+pub const KPF_COMPOUND_TAIL: u64 = 1 << 16;
 const KPAGEFLAGS: &str = "/proc/kpageflags";
+
+pub fn open_page_flags() -> Result<File> {
+    File::open(KPAGEFLAGS).with_context(|| format!("opening {KPAGEFLAGS}"))
+}
+
+/// The /proc/kpageflags entries of page frames `first..first + count` (fewer past the last).
+pub fn page_flags(file: &File, first: u64, count: u64) -> Result<Vec<u64>> {
+    let mut bytes = vec![0u8; (count * 8) as usize];
+    let mut filled = 0;
+    while filled < bytes.len() {
+        let read = file
+            .read_at(&mut bytes[filled..], first * 8 + filled as u64)
+            .with_context(|| format!("reading {KPAGEFLAGS}"))?;
+        if read == 0 {
+            break;
+        }
+        filled += read;
+    }
+    Ok(bytes[..filled / 8 * 8]
+        .as_chunks::<8>()
+        .0
+        .iter()
+        .map(|&entry| u64::from_le_bytes(entry))
+        .collect())
+}
+
+/// One past the highest page frame number: /proc/kpageflags reads nothing from there on. A
+/// binary search over single entries, instead of reading the whole file.
+pub fn page_frames() -> Result<u64> {
+    let file = open_page_flags()?;
+    // 2^40 page frames is 4 PiB of memory, beyond what x86_64 addresses.
+    let (mut readable, mut beyond) = (0u64, 1u64 << 40);
+    if page_flags(&file, 0, 1)?.is_empty() {
+        return Ok(0);
+    }
+    while beyond - readable > 1 {
+        let middle = readable + (beyond - readable) / 2;
+        if page_flags(&file, middle, 1)?.is_empty() {
+            beyond = middle;
+        } else {
+            readable = middle;
+        }
+    }
+    Ok(beyond)
+}
 
 /// The first page frame of every slab (order-0 slab pages and heads of compound ones), and
 /// how many page frames the machine has.
@@ -24,7 +69,7 @@ pub struct SlabPages {
 }
 
 pub fn slab_pages() -> Result<SlabPages> {
-    let mut file = File::open(KPAGEFLAGS).with_context(|| format!("opening {KPAGEFLAGS}"))?;
+    let mut file = open_page_flags()?;
     let mut buffer = vec![0u8; 1 << 20];
     let mut heads = Vec::new();
     let mut pfn = 0u64;
@@ -470,6 +515,15 @@ mod tests {
         assert_eq!(objects.addresses[0], start);
         assert_eq!(objects.addresses[2], start + 3 * 64);
         assert_eq!(objects.object(1), &bytes[64..128]);
+    }
+
+    #[test]
+    fn the_binary_search_for_page_frames_agrees_with_reading_every_entry() {
+        // /proc/kpageflags opens for root only.
+        if open_page_flags().is_err() {
+            return;
+        }
+        assert_eq!(page_frames().unwrap(), slab_pages().unwrap().max_pfn);
     }
 
     #[test]
