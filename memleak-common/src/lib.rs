@@ -109,7 +109,9 @@ pub struct AllocRecord {
     pub tgid: u32,
     /// An [`AllocKind`].
     pub kind: u32,
-    pub _reserved: u32,
+    /// The low 32 bits of the allocation's gfp flags for kmalloc (they choose among its cache
+    /// variants: `__GFP_DMA`, `__GFP_RECLAIMABLE`, `__GFP_ACCOUNT`); 0 for the other kinds.
+    pub gfp_flags: u32,
 }
 
 /// Slab cache name as found in `struct kmem_cache::name` or the tracepoint's `name` field.
@@ -168,6 +170,7 @@ pub struct ClassicOffsets {
     pub kmalloc_ptr: u16,
     pub kmalloc_bytes_req: u16,
     pub kmalloc_bytes_alloc: u16,
+    pub kmalloc_gfp_flags: u16,
     pub cache_alloc_call_site: u16,
     pub cache_alloc_ptr: u16,
     pub cache_alloc_bytes_req: u16,
@@ -188,6 +191,7 @@ impl ClassicOffsets {
         kmalloc_ptr: NO_FIELD,
         kmalloc_bytes_req: NO_FIELD,
         kmalloc_bytes_alloc: NO_FIELD,
+        kmalloc_gfp_flags: NO_FIELD,
         cache_alloc_call_site: NO_FIELD,
         cache_alloc_ptr: NO_FIELD,
         cache_alloc_bytes_req: NO_FIELD,

@@ -42,6 +42,7 @@ fn try_page_alloc(ctx: &TracePointContext) {
             cache_id: 0,
             bytes_requested: bytes,
             bytes_allocated: bytes,
+            gfp_flags: 0,
         }
     };
     on_alloc(ctx, page_key(pfn), describe, |_| None);

@@ -15,6 +15,7 @@ pub fn percpu_alloc_btf(ctx: BtfTracePointContext) -> i32 {
         bytes_requested: ctx.arg::<u64>(3) as u32,
         // Across all possible CPUs.
         bytes_allocated: ctx.arg::<u64>(8) as u32,
+        gfp_flags: 0,
     };
     let ptr = ctx.arg::<u64>(7);
     if ptr != 0 {

@@ -13,7 +13,7 @@ use aya_ebpf::{
 use memleak_common::{AllocKind, CacheName, NO_FIELD};
 
 use crate::{
-    classic::read_u64,
+    classic::{read_u32, read_u64},
     maps::{SCRATCH, config},
     tracker::{Allocation, on_alloc, on_free},
 };
@@ -27,6 +27,7 @@ pub fn kmalloc_btf(ctx: BtfTracePointContext) -> i32 {
         cache_id: 0,
         bytes_requested: ctx.arg::<u64>(2) as u32,
         bytes_allocated: ctx.arg::<u64>(3) as u32,
+        gfp_flags: ctx.arg::<u64>(4) as u32,
     };
     on_alloc(&ctx, ctx.arg::<u64>(1), describe, |_| None);
     0
@@ -46,6 +47,7 @@ pub fn kmem_cache_alloc_btf(ctx: BtfTracePointContext) -> i32 {
             cache_id: scalar(cache),
             bytes_requested: read_u32(config!(kmem_cache_object_size_offset)),
             bytes_allocated: read_u32(config!(kmem_cache_size_offset)),
+            gfp_flags: 0,
         }
     };
     on_alloc(&ctx, ctx.arg::<u64>(1), describe, |cache| {
@@ -97,6 +99,8 @@ pub fn kmalloc_classic(ctx: TracePointContext) -> u32 {
         cache_id: 0,
         bytes_requested: read_u64(&ctx, config!(classic.kmalloc_bytes_req)) as u32,
         bytes_allocated: read_u64(&ctx, config!(classic.kmalloc_bytes_alloc)) as u32,
+        // 8 bytes on Linux 6.1 and 6.18, 4 (gfp_t) on 5.15: the low half either way.
+        gfp_flags: read_u32(&ctx, config!(classic.kmalloc_gfp_flags)),
     };
     let key = read_u64(&ctx, config!(classic.kmalloc_ptr));
     on_alloc(&ctx, key, describe, |_| None);
@@ -125,6 +129,7 @@ pub fn kmem_cache_alloc_classic(ctx: TracePointContext) -> u32 {
         cache_id: name().map_or(0, |name| fnv1a(&name.bytes) | 1),
         bytes_requested: read_u64(&ctx, config!(classic.cache_alloc_bytes_req)) as u32,
         bytes_allocated: read_u64(&ctx, config!(classic.cache_alloc_bytes_alloc)) as u32,
+        gfp_flags: 0,
     };
     let key = read_u64(&ctx, config!(classic.cache_alloc_ptr));
     on_alloc(&ctx, key, describe, |_| name());

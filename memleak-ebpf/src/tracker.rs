@@ -28,6 +28,8 @@ pub struct Allocation {
     pub cache_id: u64,
     pub bytes_requested: u32,
     pub bytes_allocated: u32,
+    /// Low 32 bits of the gfp flags (kmalloc only).
+    pub gfp_flags: u32,
 }
 
 #[inline(always)]
@@ -151,7 +153,7 @@ pub fn on_alloc<C: StackIdContext>(
         stack_id,
         tgid,
         kind: allocation.kind as u32,
-        _reserved: 0,
+        gfp_flags: allocation.gfp_flags,
     };
 }
 

@@ -20,6 +20,7 @@ pub fn vmap_alloc_btf(ctx: BtfTracePointContext) -> i32 {
             cache_id: 0,
             bytes_requested: size,
             bytes_allocated: size,
+            gfp_flags: 0,
         }
     };
     on_alloc(&ctx, ctx.arg::<u64>(0), describe, |_| None);

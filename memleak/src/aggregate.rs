@@ -15,6 +15,9 @@ pub struct SiteKey {
     /// objects without a call site.
     pub cache_id: u64,
     pub call_site: u64,
+    /// For kmalloc, the gfp flags that choose among the size class's cache variants
+    /// (accounted, reclaimable, DMA): a site allocating both kinds shows twice.
+    pub kmalloc_gfp: u32,
 }
 
 impl SiteKey {
@@ -32,10 +35,15 @@ impl SiteKey {
             }
             AllocKind::Vmalloc | AllocKind::Percpu | AllocKind::Page => 0,
         };
+        let kmalloc_gfp = match kind {
+            AllocKind::Kmalloc => record.gfp_flags & crate::kmalloc_caches::CACHE_TYPE_GFP,
+            _ => 0,
+        };
         Some(Self {
             kind,
             cache_id,
             call_site: record.call_site,
+            kmalloc_gfp,
         })
     }
 }
@@ -190,7 +198,7 @@ mod tests {
             stack_id,
             tgid,
             kind: AllocKind::Kmalloc as u32,
-            _reserved: 0,
+            gfp_flags: 0,
         }
     }
 

@@ -3,9 +3,12 @@
 //! `kmalloc-cg-64`, `kmalloc-rcl-64`, `dma-kmalloc-64` or a dedicated bucket set such as
 //! `msg_msg-64`. A call site allocating one size always lands in one cache (its size class, gfp
 //! type and bucket set are fixed), so reading the cache of one of its outstanding objects from
-//! kernel memory, at report time, names it for the whole site.
+//! kernel memory, at report time, names it for the whole site. Where that is impossible, the
+//! site's size and gfp flags name it as the kernel's kmalloc_type() would.
+use std::path::Path;
+
 use anyhow::Result;
-use hashbrown::HashMap;
+use hashbrown::{HashMap, HashSet};
 use memleak_common::AllocKind;
 
 use crate::{
@@ -13,6 +16,55 @@ use crate::{
     report,
     scan::{KernelView, Object},
 };
+
+const GFP_DMA: u32 = 1 << 0;
+const GFP_RECLAIMABLE: u32 = 1 << 4;
+const GFP_ACCOUNT: u32 = 1 << 22;
+/// The gfp flags kmalloc_type() chooses a cache variant by (the same bits from Linux 6.1 to
+/// 6.18, see the kmem:kmalloc format's print fmt).
+pub const CACHE_TYPE_GFP: u32 = GFP_DMA | GFP_RECLAIMABLE | GFP_ACCOUNT;
+
+/// The cache that kmalloc_type() picks for an allocation of `size` bytes with `gfp` flags,
+/// among the variants `exists`: `__GFP_DMA` goes to `dma-kmalloc-*` (when the kernel has a DMA
+/// zone), then `__GFP_RECLAIMABLE` to `kmalloc-rcl-*`, then `__GFP_ACCOUNT` to `kmalloc-cg-*`
+/// (when it has memcg accounting). Dedicated bucket sets (`msg_msg-*`) and random kmalloc
+/// caches (`kmalloc-rnd-*`) do not follow from the flags.
+pub fn size_class_cache(size: u64, gfp: u32, exists: impl Fn(&str) -> bool) -> Option<String> {
+    let normal = report::kmalloc_cache_name(size)?;
+    let class = normal.strip_prefix("kmalloc-")?;
+    let variant = |prefix: &str| {
+        let name = format!("{prefix}{class}");
+        exists(&name).then_some(name)
+    };
+    let chosen = if gfp & GFP_DMA != 0
+        && let Some(dma) = variant("dma-kmalloc-")
+    {
+        Some(dma)
+    } else if gfp & GFP_RECLAIMABLE != 0 {
+        variant("kmalloc-rcl-")
+    } else if gfp & GFP_ACCOUNT != 0 {
+        variant("kmalloc-cg-")
+    } else {
+        None
+    };
+    Some(chosen.unwrap_or(normal))
+}
+
+/// The names of the kernel's slab caches: /sys/kernel/slab (merged caches too), else
+/// /proc/slabinfo.
+fn known_caches() -> HashSet<String> {
+    if let Ok(entries) = std::fs::read_dir(Path::new("/sys/kernel/slab")) {
+        return entries
+            .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+            .collect();
+    }
+    std::fs::read_to_string("/proc/slabinfo")
+        .unwrap_or_default()
+        .lines()
+        .skip(2)
+        .filter_map(|line| Some(line.split_whitespace().next()?.to_owned()))
+        .collect()
+}
 
 /// Objects kept per site: when the first one's slab cannot be read or has changed (the object
 /// was freed after the window and its page reused), the next one is tried.
@@ -61,6 +113,23 @@ impl Picks {
         })
     }
 
+    /// A name for every site: `read` where it has one, else from the site's size and gfp flags.
+    pub fn names(&self, mut read: HashMap<SiteKey, String>) -> HashMap<SiteKey, String> {
+        let mut known = None;
+        for key in self.sites.keys() {
+            if read.contains_key(key) {
+                continue;
+            }
+            let known = known.get_or_insert_with(known_caches);
+            if let Some(name) =
+                size_class_cache(key.cache_id, key.kmalloc_gfp, |name| known.contains(name))
+            {
+                read.insert(*key, name);
+            }
+        }
+        read
+    }
+
     /// The objects to read in round `round`: each unnamed site's pick of that index.
     fn round(&self, round: usize, named: &HashMap<SiteKey, String>) -> Vec<(SiteKey, Object)> {
         self.sites
@@ -85,12 +154,12 @@ pub struct Resolution {
 }
 
 impl Resolution {
-    /// The report note for sites that keep their size class name, if any.
+    /// The report note for sites named from their size and gfp flags, if any.
     pub fn note(&self) -> Option<String> {
         (self.unnamed > 0).then(|| {
             format!(
-                "{} kmalloc call sites are named by size class (kmalloc-N): none of their \
-                 objects was still in a slab of that size when the report was made",
+                "{} kmalloc call sites are named from their size and gfp flags, not read from \
+                 the kernel: none of their objects was still in a slab of that size at report time",
                 self.unnamed
             )
         })
@@ -100,7 +169,8 @@ impl Resolution {
 /// The note when no kmalloc cache could be read at all.
 pub fn not_read(error: &anyhow::Error) -> String {
     format!(
-        "kmalloc caches are named by size class (kmalloc-N), not read from the kernel: {error:#}"
+        "kmalloc caches are named from size and gfp flags, not read from the kernel (dedicated \
+         buckets such as msg_msg-* do not show): {error:#}"
     )
 }
 
@@ -113,6 +183,7 @@ mod tests {
             kind,
             cache_id: size,
             call_site,
+            kmalloc_gfp: 0,
         }
     }
 
@@ -149,6 +220,46 @@ mod tests {
                 }
             )]
         );
+    }
+
+    #[test]
+    fn names_the_variant_kmalloc_type_picks_when_the_kernel_has_it() {
+        let all = |_: &str| true;
+        let name = |size, gfp, exists: &dyn Fn(&str) -> bool| size_class_cache(size, gfp, exists);
+        assert_eq!(name(64, 0, &all).as_deref(), Some("kmalloc-64"));
+        let gfp_kernel_account = 0xcc0 | GFP_ACCOUNT;
+        assert_eq!(
+            name(64, gfp_kernel_account, &all).as_deref(),
+            Some("kmalloc-cg-64")
+        );
+        assert_eq!(
+            name(2048, GFP_RECLAIMABLE | GFP_ACCOUNT, &all).as_deref(),
+            Some("kmalloc-rcl-2k")
+        );
+        assert_eq!(
+            name(192, GFP_DMA | GFP_ACCOUNT, &all).as_deref(),
+            Some("dma-kmalloc-192")
+        );
+        // No DMA zone: the DMA bit does not count, the others still do.
+        let no_dma = |name: &str| !name.starts_with("dma-");
+        assert_eq!(
+            name(192, GFP_DMA | GFP_ACCOUNT, &no_dma).as_deref(),
+            Some("kmalloc-cg-192")
+        );
+        assert_eq!(name(192, GFP_DMA, &no_dma).as_deref(), Some("kmalloc-192"));
+        // No memcg accounting: accounted allocations use the plain caches.
+        let no_memcg = |name: &str| !name.contains("-cg-");
+        assert_eq!(
+            name(64, gfp_kernel_account, &no_memcg).as_deref(),
+            Some("kmalloc-64")
+        );
+        // Reclaimable wins over accounted, and without rcl caches it is the plain one.
+        let no_rcl = |name: &str| !name.contains("-rcl-");
+        assert_eq!(
+            name(64, GFP_RECLAIMABLE | GFP_ACCOUNT, &no_rcl).as_deref(),
+            Some("kmalloc-64")
+        );
+        assert_eq!(name(16384, GFP_ACCOUNT, &all), None);
     }
 
     #[test]

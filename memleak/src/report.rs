@@ -625,7 +625,7 @@ mod tests {
             stack_id,
             tgid,
             kind: kind as u32,
-            _reserved: 0,
+            gfp_flags: 0,
         }
     }
 

@@ -353,8 +353,8 @@ struct KmallocCacheReader<'a> {
 }
 
 impl KmallocCacheReader<'_> {
-    /// The real caches of the kmalloc sites. Where they cannot be read, the sites keep their
-    /// size class names and a note says why.
+    /// The real caches of the kmalloc sites. Where they cannot be read, the sites are named
+    /// from their size and gfp flags, and a note says why.
     fn resolve(
         self,
         picks: &kmalloc_caches::Picks,
@@ -371,7 +371,7 @@ impl KmallocCacheReader<'_> {
             }
             (None, None) => Err(anyhow::anyhow!("no slab layout")),
         };
-        match view.and_then(|view| picks.resolve(view)) {
+        let read = match view.and_then(|view| picks.resolve(view)) {
             Ok(resolution) => {
                 notes.extend(resolution.note());
                 resolution.names
@@ -380,7 +380,8 @@ impl KmallocCacheReader<'_> {
                 notes.push(kmalloc_caches::not_read(&error));
                 HashMap::new()
             }
-        }
+        };
+        picks.names(read)
     }
 }
 

@@ -262,6 +262,9 @@ enum FieldKind {
     /// A `__data_loc char[]` (4 bytes: the string's offset and length in the record), which
     /// older kernels do not have.
     OptionalString,
+    /// Flags read as a u32: 4 bytes (`gfp_t`, Linux 5.15), or 8 (`unsigned long`, 6.1 and
+    /// 6.18), whose low half comes first on little-endian.
+    Flags,
 }
 
 /// A field a program reads, and where in [`ClassicOffsets`] its offset goes.
@@ -308,6 +311,11 @@ const SLAB_PROGRAMS: [ProgramSpec; 4] = [
                 name: "bytes_alloc",
                 kind: FieldKind::Word,
                 slot: |offsets| &mut offsets.kmalloc_bytes_alloc,
+            },
+            WantedField {
+                name: "gfp_flags",
+                kind: FieldKind::Flags,
+                slot: |offsets| &mut offsets.kmalloc_gfp_flags,
             },
         ],
     },
@@ -415,7 +423,7 @@ impl WantedField {
         let name = self.name;
         let Some(field) = format.field(name) else {
             return match self.kind {
-                FieldKind::Word | FieldKind::Int => {
+                FieldKind::Word | FieldKind::Int | FieldKind::Flags => {
                     Err(anyhow!("{CATEGORY}:{event} has no field `{name}`"))
                 }
                 FieldKind::OptionalString => Ok(NO_FIELD),
@@ -425,6 +433,11 @@ impl WantedField {
             FieldKind::Word if field.size != 8 => bail!(
                 "{CATEGORY}:{event} field `{name}` is {} bytes, but this tracer reads it as a \
                  64-bit value (only 64-bit kernels are supported)",
+                field.size
+            ),
+            FieldKind::Flags if field.size != 4 && field.size != 8 => bail!(
+                "{CATEGORY}:{event} field `{name}` is {} bytes, but this tracer reads flags of \
+                 4 or 8 bytes",
                 field.size
             ),
             FieldKind::Int if field.size != 4 => bail!(
@@ -808,8 +821,9 @@ mod tests {
                 offsets.kmalloc_ptr,
                 offsets.kmalloc_bytes_req,
                 offsets.kmalloc_bytes_alloc,
+                offsets.kmalloc_gfp_flags,
             ],
-            [8, 16, 24, 32]
+            [8, 16, 24, 32, 40]
         );
         assert_eq!(
             [
@@ -890,8 +904,9 @@ mod tests {
                 offsets.kmalloc_ptr,
                 offsets.kmalloc_bytes_req,
                 offsets.kmalloc_bytes_alloc,
+                offsets.kmalloc_gfp_flags,
             ],
-            [8, 16, 24, 32]
+            [8, 16, 24, 32, 40]
         );
         assert_eq!(
             [
@@ -913,6 +928,8 @@ mod tests {
         let plan = classic_plan(&recorded(owned(KERNEL_5_15))).unwrap();
         assert_eq!(plan.offsets.cache_alloc_name, NO_FIELD);
         assert_eq!(plan.offsets.cache_alloc_bytes_alloc, 32);
+        // A 4-byte gfp_t here, 8 bytes on 6.1 and 6.18: both are read as 32 bits.
+        assert_eq!(plan.offsets.kmalloc_gfp_flags, 40);
         assert_eq!(
             attached(&plan),
             [
