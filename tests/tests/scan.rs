@@ -258,7 +258,7 @@ fn readers_held(tracer: &mut Guard) -> Result<usize> {
 }
 
 #[test]
-fn only_trace_with_cache_loads_the_kernel_memory_reader() -> Result<()> {
+fn only_trace_with_cache_holds_the_kernel_memory_reader_while_tracing() -> Result<()> {
     let _exclusive = memleak_tests::exclusive();
     if !require_root() {
         return Ok(());
@@ -266,7 +266,7 @@ fn only_trace_with_cache_loads_the_kernel_memory_reader() -> Result<()> {
     let (mut plain, _stderr) = start_tracer(&["--duration", "1s", "--format", "json"])?;
     ensure!(
         readers_held(&mut plain)? == 0,
-        "memleak trace loaded the reader"
+        "memleak trace loaded the reader before detaching"
     );
     finish_tracer(plain)?;
     let (mut scanning, _stderr) = start_tracer(&[
