@@ -21,14 +21,27 @@ pub struct SiteKey {
 }
 
 impl SiteKey {
+    /// The slot size that stands in for the cache of a site whose cache is not known from the
+    /// event: every kmalloc site, and kmem_cache sites without a cache name. Known kmem_cache
+    /// ids are kernel pointers or name hashes with the low bit set, never below 2^32.
+    pub fn unnamed_slot_size(&self) -> Option<u32> {
+        match self.kind {
+            AllocKind::Kmalloc | AllocKind::KmemCache => u32::try_from(self.cache_id).ok(),
+            AllocKind::Vmalloc | AllocKind::Percpu | AllocKind::Page => None,
+        }
+    }
+
     /// The site `record` belongs to; `None` for an unknown kind.
     pub fn of(record: &AllocRecord) -> Option<Self> {
         let kind = AllocKind::from_u32(record.kind)?;
         // kmalloc records carry no cache; their size class names it, so a call site that
-        // allocates several sizes shows once per cache. Records without a call site (vmalloc, pages)
-        // always have a stack, and group by it.
+        // allocates several sizes shows once per cache. So do kmem_cache records from kernels
+        // whose classic event does not name the cache (before Linux 6.2): their slot size stands
+        // in for the cache (see `unnamed_slot_size`). Records without a call site (vmalloc,
+        // pages) always have a stack, and group by it.
         let cache_id = match kind {
             AllocKind::Kmalloc => u64::from(record.bytes_allocated),
+            AllocKind::KmemCache if record.cache_id == 0 => u64::from(record.bytes_allocated),
             AllocKind::KmemCache => record.cache_id,
             AllocKind::Vmalloc | AllocKind::Percpu | AllocKind::Page if record.call_site == 0 => {
                 u64::from(record.stack_id as u32)
@@ -36,7 +49,7 @@ impl SiteKey {
             AllocKind::Vmalloc | AllocKind::Percpu | AllocKind::Page => 0,
         };
         let kmalloc_gfp = match kind {
-            AllocKind::Kmalloc => record.gfp_flags & crate::kmalloc_caches::CACHE_TYPE_GFP,
+            AllocKind::Kmalloc => record.gfp_flags & crate::site_caches::CACHE_TYPE_GFP,
             _ => 0,
         };
         Some(Self {

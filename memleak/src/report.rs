@@ -279,8 +279,9 @@ pub fn kmalloc_cache_name(bytes_allocated: u64) -> Option<String> {
 pub struct Context<'a> {
     pub stacks: &'a HashMap<u32, Vec<u64>>,
     pub cache_names: &'a HashMap<u64, String>,
-    /// The caches of kmalloc sites read from kernel memory; the others get their size class.
-    pub kmalloc_caches: &'a HashMap<SiteKey, String>,
+    /// The caches of kmalloc sites, and of kmem_cache sites whose event names no cache, read
+    /// from kernel memory or (kmalloc only) named from size and gfp flags.
+    pub site_caches: &'a HashMap<SiteKey, String>,
     pub comms: &'a HashMap<u32, String>,
     pub now_ns: u64,
     pub sample_rate: u32,
@@ -360,11 +361,15 @@ pub fn entry(site: &Site, context: &Context<'_>) -> Entry {
 
     let cache = match site.key.kind {
         AllocKind::Kmalloc => context
-            .kmalloc_caches
+            .site_caches
             .get(&site.key)
             .cloned()
             .or_else(|| kmalloc_cache_name(site.key.cache_id)),
-        AllocKind::KmemCache => context.cache_names.get(&site.key.cache_id).cloned(),
+        AllocKind::KmemCache => context
+            .cache_names
+            .get(&site.key.cache_id)
+            .or_else(|| context.site_caches.get(&site.key))
+            .cloned(),
         AllocKind::Vmalloc | AllocKind::Percpu | AllocKind::Page => None,
     };
     Entry {
@@ -664,7 +669,7 @@ mod tests {
         let context = Context {
             stacks: &stacks,
             cache_names: &cache_names,
-            kmalloc_caches: &HashMap::new(),
+            site_caches: &HashMap::new(),
             comms: &comms,
             now_ns: 3_000_000_000,
             sample_rate,

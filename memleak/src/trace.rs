@@ -17,13 +17,14 @@ use crate::{
     aggregate::{self, Site},
     checks::{self, LeakCheckArgs, Verdict},
     cli::{Format, Kind, RunArgs, TraceArgs, TracingOptions},
-    duration, kernel, kmalloc_caches,
+    duration, kernel,
     output::ReportSink,
     privileges,
     probes::{self, Tracer, TracerSettings},
     report::{self, Report, Stats},
     scan,
     signals::StopSignals,
+    site_caches,
     symbolize::KernelSymbolizer,
     table::{self, TracerMaps},
 };
@@ -209,7 +210,7 @@ impl Session {
             now_ns,
             header,
             scan.as_ref(),
-            KmallocCacheReader {
+            SiteCacheReader {
                 view: scanner.as_mut().map(scan::Scanner::view),
                 layout: self.slab_layout,
             },
@@ -251,26 +252,26 @@ fn build_report(
     now_ns: u64,
     mut header: ReportHeader,
     scan: Option<&scan::CacheScan>,
-    cache_reader: KmallocCacheReader<'_>,
+    cache_reader: SiteCacheReader<'_>,
 ) -> Result<Report> {
     let counters = table::read_counters(maps)?;
     let min_age = args.min_age.unwrap_or(Duration::ZERO);
     let mut aggregator = aggregate::Aggregator::new(now_ns, min_age);
     let mut tally = scan.map(|scan| scan::MarkTally::new(scan, now_ns, min_age));
-    let mut kmalloc_picks = kmalloc_caches::Picks::default();
+    let mut cache_picks = site_caches::Picks::default();
     let (mut outstanding, mut outstanding_bytes) = (0u64, 0u64);
     table::for_each_outstanding(maps, |key, record| {
         outstanding += 1;
         outstanding_bytes += u64::from(record.bytes_allocated);
         aggregator.add(record);
         if let Some(site) = aggregate::SiteKey::of(record) {
-            kmalloc_picks.add(site, key);
+            cache_picks.add(site, key);
         }
         if let Some(tally) = &mut tally {
             tally.add(key, record);
         }
     })?;
-    let kmalloc_caches = cache_reader.resolve(&kmalloc_picks, &mut header.notes);
+    let site_caches = cache_reader.resolve(&cache_picks, &mut header.notes);
     let marks = tally.map(scan::MarkTally::finish);
     let aggregate = aggregator.finish();
     let mut sites = aggregate.sites;
@@ -298,7 +299,7 @@ fn build_report(
     let context = report::Context {
         stacks: &stacks,
         cache_names: &cache_names,
-        kmalloc_caches: &kmalloc_caches,
+        site_caches: &site_caches,
         comms: &comms,
         now_ns,
         sample_rate: args.sample_rate,
@@ -345,19 +346,20 @@ fn build_report(
     })
 }
 
-/// What reads the kmalloc sites' caches: the content scanner's reader, or one loaded at report
+/// What reads the sites' caches: the content scanner's reader, or one loaded at report
 /// time (after detaching, so its loading is not traced) with the layout parsed meanwhile.
-struct KmallocCacheReader<'a> {
+struct SiteCacheReader<'a> {
     view: Option<&'a mut scan::KernelView>,
     layout: Option<scan::PendingLayout>,
 }
 
-impl KmallocCacheReader<'_> {
-    /// The real caches of the kmalloc sites. Where they cannot be read, the sites are named
-    /// from their size and gfp flags, and a note says why.
+impl SiteCacheReader<'_> {
+    /// The real caches of the kmalloc sites and of the kmem_cache sites whose event names no
+    /// cache. Where they cannot be read, kmalloc sites are named from their size and gfp flags,
+    /// and a note says why.
     fn resolve(
         self,
-        picks: &kmalloc_caches::Picks,
+        picks: &site_caches::Picks,
         notes: &mut Vec<String>,
     ) -> HashMap<aggregate::SiteKey, String> {
         if picks.is_empty() {
@@ -377,7 +379,7 @@ impl KmallocCacheReader<'_> {
                 resolution.names
             }
             Err(error) => {
-                notes.push(kmalloc_caches::not_read(&error));
+                notes.push(site_caches::not_read(&error));
                 HashMap::new()
             }
         };

@@ -59,12 +59,20 @@ pub fn judge(results: &GuestResults, objects: u64) -> Result<Findings> {
         .as_array()
         .context("the check has no sites")?;
     // Older kernels' classic kmem_cache_alloc event (Linux 6.1's among them) does not name the
-    // cache, and the tracer cannot know it there; where the event names it, it must be the
-    // module's own.
-    let cache_names_known = results
+    // cache; memleak then reads it from kernel memory at report time, which needs kernel BTF.
+    // Only where the event names no cache and the report says the read was impossible may the
+    // cache stay unnamed; otherwise it must be the module's own.
+    let event_names_caches = results
         .file("kmem_cache_alloc.format")?
         .lines()
         .any(|line| line.contains(" name;"));
+    let caches_not_read = leaky["notes"].as_array().is_some_and(|notes| {
+        notes.iter().any(|note| {
+            note.as_str()
+                .is_some_and(|note| note.contains("not read from the kernel"))
+        })
+    });
+    let cache_names_known = event_names_caches || !caches_not_read;
     let mut leaks = Vec::new();
     for leak in &LEAKS {
         let site = sites
@@ -229,9 +237,12 @@ mod tests {
                "cache": cache, "bytes": count * 64, "count": count})
     }
 
-    /// What a correct run on Linux 6.1 (no cache names in classic kmem_cache_alloc) sends.
+    const NOT_READ: &str = "slab caches are not read from the kernel: no BTF";
+
+    /// What a correct run on Linux 6.1 (no cache names in classic kmem_cache_alloc) without
+    /// kernel BTF (so no cache read from kernel memory either) sends.
     fn guest(leaky_sites: Vec<Value>, clean_seen: u64) -> GuestResults {
-        let leaky = json!({"kernel": "6.1.0-56-amd64", "attach": "tracepoint", "notes": [],
+        let leaky = json!({"kernel": "6.1.0-56-amd64", "attach": "tracepoint", "notes": [NOT_READ],
             "check": {"failed": true, "count": 2 * N, "sites": leaky_sites}, "stacks": []});
         let clean = json!({"check": {"failed": false, "count": 0, "sites": []}, "stacks": [
             {"call_site": {"symbol": "leaky_kmalloc"}, "count": clean_seen}]});
@@ -299,6 +310,22 @@ mod tests {
             "leaky.json".into(),
             json!({"check": {"failed": true, "sites": named}}).to_string(),
         );
+        assert!(judge(&results, N).is_ok());
+    }
+
+    #[test]
+    fn the_cache_must_be_named_where_memleak_could_read_it() {
+        let mut results = guest(correct_sites(), N);
+        let read = |sites: &[Value]| {
+            json!({"notes": [], "check": {"failed": true, "sites": sites}}).to_string()
+        };
+        results
+            .files
+            .insert("leaky.json".into(), read(&correct_sites()));
+        assert!(judge(&results, N).is_err());
+        let mut named = correct_sites();
+        named[0]["cache"] = json!(OWN_CACHE);
+        results.files.insert("leaky.json".into(), read(&named));
         assert!(judge(&results, N).is_ok());
     }
 

@@ -5,6 +5,10 @@
 //! type and bucket set are fixed), so reading the cache of one of its outstanding objects from
 //! kernel memory, at report time, names it for the whole site. Where that is impossible, the
 //! site's size and gfp flags name it as the kernel's kmalloc_type() would.
+//!
+//! The same read names the cache of kmem_cache sites on kernels whose classic
+//! `kmem_cache_alloc` event has no cache name (before Linux 6.2); where it is impossible they
+//! stay unnamed.
 use std::path::Path;
 
 use anyhow::Result;
@@ -78,7 +82,11 @@ pub struct Picks {
 
 impl Picks {
     pub fn add(&mut self, key: SiteKey, address: u64) {
-        if key.kind != AllocKind::Kmalloc || report::kmalloc_cache_name(key.cache_id).is_none() {
+        let served_by_a_slab = match key.kind {
+            AllocKind::Kmalloc => report::kmalloc_cache_name(key.cache_id).is_some(),
+            _ => key.unnamed_slot_size().is_some(),
+        };
+        if !served_by_a_slab {
             return;
         }
         let picks = self.sites.entry(key).or_default();
@@ -117,7 +125,7 @@ impl Picks {
     pub fn names(&self, mut read: HashMap<SiteKey, String>) -> HashMap<SiteKey, String> {
         let mut known = None;
         for key in self.sites.keys() {
-            if read.contains_key(key) {
+            if read.contains_key(key) || key.kind != AllocKind::Kmalloc {
                 continue;
             }
             let known = known.get_or_insert_with(known_caches);
@@ -138,7 +146,7 @@ impl Picks {
             .filter_map(|(key, picks)| {
                 let object = Object {
                     address: *picks.get(round)?,
-                    size: u32::try_from(key.cache_id).ok()?,
+                    size: key.unnamed_slot_size()?,
                 };
                 Some((*key, object))
             })
@@ -158,19 +166,22 @@ impl Resolution {
     pub fn note(&self) -> Option<String> {
         (self.unnamed > 0).then(|| {
             format!(
-                "{} kmalloc call sites are named from their size and gfp flags, not read from \
-                 the kernel: none of their objects was still in a slab of that size at report time",
+                "{} call sites have no cache read from the kernel (none of their objects was \
+                 still in a slab of that size at report time): kmalloc ones are named from \
+                 their size and gfp flags, kmem_cache ones whose event names no cache stay \
+                 unnamed",
                 self.unnamed
             )
         })
     }
 }
 
-/// The note when no kmalloc cache could be read at all.
+/// The note when no cache could be read at all.
 pub fn not_read(error: &anyhow::Error) -> String {
     format!(
-        "kmalloc caches are named from size and gfp flags, not read from the kernel (dedicated \
-         buckets such as msg_msg-* do not show): {error:#}"
+        "slab caches are not read from the kernel: kmalloc ones are named from size and gfp \
+         flags (dedicated buckets such as msg_msg-* do not show), and kmem_cache ones whose \
+         event names no cache stay unnamed: {error:#}"
     )
 }
 
@@ -195,7 +206,7 @@ mod tests {
             picks.add(site, 0x1000 + address);
         }
         picks.add(key(AllocKind::Kmalloc, 128, 0x10), 0x2000);
-        // Above 8 KiB kmalloc uses the page allocator; other kinds name their cache already.
+        // Above 8 KiB kmalloc uses the page allocator; named kmem_cache sites know their cache.
         picks.add(key(AllocKind::Kmalloc, 16384, 0x10), 0x3000);
         picks.add(
             key(AllocKind::KmemCache, 0xffff_8880_0000_1000, 0x10),
@@ -263,6 +274,28 @@ mod tests {
     }
 
     #[test]
+    fn kmem_cache_sites_without_a_cache_name_are_read_by_slot_size_but_never_guessed() {
+        let mut picks = Picks::default();
+        // A classic event without a name field: the record's slot size stands in for the cache.
+        let unnamed = key(AllocKind::KmemCache, 192, 0x20);
+        picks.add(unnamed, 0x5000);
+        assert_eq!(
+            picks.round(0, &HashMap::new()),
+            [(
+                unnamed,
+                Object {
+                    address: 0x5000,
+                    size: 192
+                }
+            )]
+        );
+        // Unread, it is not given a kmalloc name from its size.
+        assert!(picks.names(HashMap::new()).is_empty());
+        let read = HashMap::from([(unnamed, "leaky_cache".to_owned())]);
+        assert_eq!(picks.names(read)[&unnamed], "leaky_cache");
+    }
+
+    #[test]
     fn notes_only_unnamed_sites() {
         let resolution = Resolution {
             names: HashMap::new(),
@@ -277,7 +310,7 @@ mod tests {
             resolution
                 .note()
                 .unwrap()
-                .starts_with("2 kmalloc call sites")
+                .starts_with("2 call sites have no cache read")
         );
     }
 }
