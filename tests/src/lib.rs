@@ -20,6 +20,16 @@ pub fn exclusive() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Starts an end-to-end test: the lock that keeps end-to-end tests apart (see [`exclusive`]),
+/// or `None`, after saying that the test is skipped, when not running as root.
+pub fn end_to_end() -> Option<MutexGuard<'static, ()>> {
+    if !is_root() {
+        eprintln!("skipped: end-to-end tests need root (they load eBPF programs and read /proc)");
+        return None;
+    }
+    Some(exclusive())
+}
+
 /// The memleak binary of this workspace, built once per test run with the same profile.
 pub fn memleak_binary() -> Result<PathBuf> {
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();

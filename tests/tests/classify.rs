@@ -12,7 +12,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, ensure};
-use memleak_tests::{Guard, finish_tracer, is_root, memleak_binary};
+use memleak_tests::{Guard, finish_tracer, memleak_binary};
 use serde_json::Value;
 
 /// Far above the default thresholds (256 KiB over the window): 3000 eventfds a second are
@@ -96,11 +96,9 @@ fn blamed_kind<'a>(report: &'a Value, kind: &str, trace_kind: &str) -> Result<&'
 
 #[test]
 fn growing_eventfds_are_blamed_on_unreclaimable_slab_and_filp() -> Result<()> {
-    let _exclusive = memleak_tests::exclusive();
-    if !is_root() {
-        eprintln!("skipped: /proc/slabinfo and /proc/vmallocinfo need root");
+    let Some(_exclusive) = memleak_tests::end_to_end() else {
         return Ok(());
-    }
+    };
     let report = classify_while("grow-eventfds", EVENTFDS_PER_SECOND)?;
     let verdict = &report["verdict"];
     ensure!(
@@ -147,11 +145,9 @@ fn growing_eventfds_are_blamed_on_unreclaimable_slab_and_filp() -> Result<()> {
 
 #[test]
 fn growing_bpf_arrays_are_blamed_on_vmalloc_and_array_map_alloc() -> Result<()> {
-    let _exclusive = memleak_tests::exclusive();
-    if !is_root() {
-        eprintln!("skipped: /proc/slabinfo and /proc/vmallocinfo need root");
+    let Some(_exclusive) = memleak_tests::end_to_end() else {
         return Ok(());
-    }
+    };
     let report = classify_while("grow-bpf-maps", MAPS_PER_SECOND)?;
     let verdict = &report["verdict"];
     let vmalloc = blamed_kind(&report, "vmalloc", "vmalloc")?;
@@ -167,11 +163,9 @@ fn growing_bpf_arrays_are_blamed_on_vmalloc_and_array_map_alloc() -> Result<()> 
 
 #[test]
 fn growing_pipe_buffers_are_blamed_on_other_pages() -> Result<()> {
-    let _exclusive = memleak_tests::exclusive();
-    if !is_root() {
-        eprintln!("skipped: /proc/slabinfo and /proc/vmallocinfo need root");
+    let Some(_exclusive) = memleak_tests::end_to_end() else {
         return Ok(());
-    }
+    };
     let report = classify_while("grow-pipe-pages", PIPES_PER_SECOND)?;
     let other_pages = blamed_kind(&report, "other_pages", "page")?;
     ensure!(other_pages["estimate"] == true, "{other_pages:#}");

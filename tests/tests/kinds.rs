@@ -2,7 +2,7 @@
 //! fixture that holds BPF maps: a 1 MiB array map vmallocs its storage, and a percpu array map
 //! makes one percpu allocation per element. Pages come from a fixture that fills pipes.
 use anyhow::{Context as _, Result, ensure};
-use memleak_tests::{Guard, count_of, entries_through, is_root, trace_around};
+use memleak_tests::{Guard, count_of, entries_through, trace_around};
 
 const MAPS: u64 = 20;
 const PERCPU_ENTRIES: u64 = 16;
@@ -51,11 +51,9 @@ fn of_kind<'a>(
 
 #[test]
 fn vmalloc_and_percpu_allocations_are_attributed_by_kind() -> Result<()> {
-    let _exclusive = memleak_tests::exclusive();
-    if !is_root() {
-        eprintln!("skipped: end-to-end tests need root (they load eBPF programs)");
+    let Some(_exclusive) = memleak_tests::end_to_end() else {
         return Ok(());
-    }
+    };
     let (report, fixture) = trace_held_maps(&["--duration", "4s", "--format", "json"])?;
     ensure!(
         report["notes"].as_array().is_some_and(Vec::is_empty),
@@ -96,11 +94,9 @@ fn vmalloc_and_percpu_allocations_are_attributed_by_kind() -> Result<()> {
 
 #[test]
 fn kinds_selects_what_is_traced() -> Result<()> {
-    let _exclusive = memleak_tests::exclusive();
-    if !is_root() {
-        eprintln!("skipped: end-to-end tests need root (they load eBPF programs)");
+    let Some(_exclusive) = memleak_tests::end_to_end() else {
         return Ok(());
-    }
+    };
     let (report, _) =
         trace_held_maps(&["--duration", "3s", "--format", "json", "--kinds", "slab"])?;
     let stacks = report["stacks"].as_array().context("no stacks")?;
@@ -128,11 +124,9 @@ fn pages_through_pipe_writes(report: &serde_json::Value) -> u64 {
 
 #[test]
 fn held_pipe_pages_show_as_page_allocations() -> Result<()> {
-    let _exclusive = memleak_tests::exclusive();
-    if !is_root() {
-        eprintln!("skipped: end-to-end tests need root (they load eBPF programs)");
+    let Some(_exclusive) = memleak_tests::end_to_end() else {
         return Ok(());
-    }
+    };
     let (report, fixture) = trace_around(
         &["--duration", "4s", "--format", "json"],
         "hold-pipe-pages",
@@ -170,11 +164,9 @@ fn held_pipe_pages_show_as_page_allocations() -> Result<()> {
 
 #[test]
 fn freed_pipe_pages_do_not_show() -> Result<()> {
-    let _exclusive = memleak_tests::exclusive();
-    if !is_root() {
-        eprintln!("skipped: end-to-end tests need root (they load eBPF programs)");
+    let Some(_exclusive) = memleak_tests::end_to_end() else {
         return Ok(());
-    }
+    };
     let (report, _fixture) = trace_around(
         &["--duration", "3s", "--format", "json"],
         "churn-pipe-pages",

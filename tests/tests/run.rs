@@ -3,7 +3,7 @@
 use std::process::Command;
 
 use anyhow::{Context as _, Result, ensure};
-use memleak_tests::{count_of, entries_through, is_root, memleak_binary};
+use memleak_tests::{count_of, entries_through, memleak_binary};
 
 const MESSAGES: u64 = 200;
 
@@ -69,11 +69,9 @@ fn run_checked(
 
 #[test]
 fn messages_left_behind_fail_the_check() -> Result<()> {
-    let _exclusive = memleak_tests::exclusive();
-    if !is_root() {
-        eprintln!("skipped: end-to-end tests need root (they load eBPF programs)");
+    let Some(_exclusive) = memleak_tests::end_to_end() else {
         return Ok(());
-    }
+    };
     let junit = std::env::temp_dir().join(format!("memleak-run-leak-{}.xml", std::process::id()));
     let (status, report, fixture_output) = run_checked("leave-messages", &junit)?;
     // Remove the queue the fixture left, whatever the assertions say.
@@ -108,11 +106,9 @@ fn messages_left_behind_fail_the_check() -> Result<()> {
 
 #[test]
 fn messages_cleaned_up_pass_the_check_with_the_commands_status() -> Result<()> {
-    let _exclusive = memleak_tests::exclusive();
-    if !is_root() {
-        eprintln!("skipped: end-to-end tests need root (they load eBPF programs)");
+    let Some(_exclusive) = memleak_tests::end_to_end() else {
         return Ok(());
-    }
+    };
     let junit = std::env::temp_dir().join(format!("memleak-run-clean-{}.xml", std::process::id()));
     let (status, report, _) = run_checked("clean-messages", &junit)?;
     let xml = std::fs::read_to_string(&junit).context("reading the JUnit file")?;

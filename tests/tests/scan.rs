@@ -12,7 +12,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use memleak_tests::{Guard, finish_tracer, fixture_binary, is_root, memleak_binary, start_tracer};
+use memleak_tests::{Guard, finish_tracer, fixture_binary, memleak_binary, start_tracer};
 use serde_json::Value;
 
 const HELD: u64 = 20_000;
@@ -21,13 +21,6 @@ const DISSIMILAR: u64 = 200;
 /// `BPF_PROG_TYPE_RAW_TRACEPOINT`: the kernel memory reader is memleak's only program of
 /// this type.
 const RAW_TRACEPOINT: &str = "17";
-
-fn require_root() -> bool {
-    if !is_root() {
-        eprintln!("skipped: end-to-end tests need root (they load eBPF programs)");
-    }
-    is_root()
-}
 
 /// Where 64-byte System V messages live: their own bucket caches since Linux 6.11, the
 /// accounted kmalloc caches before.
@@ -123,10 +116,9 @@ fn scan_report(cache: &str) -> Result<Result<Value, String>> {
 
 #[test]
 fn scan_finds_identical_messages_as_one_group() -> Result<()> {
-    let _exclusive = memleak_tests::exclusive();
-    if !require_root() {
+    let Some(_exclusive) = memleak_tests::end_to_end() else {
         return Ok(());
-    }
+    };
     let cache = message_cache();
     let _fixture = Fixture::start(&["similar-messages", &HELD.to_string(), "0"], "ready")?;
     let report = scan_report(cache)?.map_err(anyhow::Error::msg)?;
@@ -156,10 +148,9 @@ fn scan_finds_identical_messages_as_one_group() -> Result<()> {
 
 #[test]
 fn scan_of_an_unknown_cache_is_a_one_line_error() -> Result<()> {
-    let _exclusive = memleak_tests::exclusive();
-    if !require_root() {
+    let Some(_exclusive) = memleak_tests::end_to_end() else {
         return Ok(());
-    }
+    };
     let output = memleak_scan("no-such-cache")?;
     let stderr = String::from_utf8_lossy(&output.stderr);
     ensure!(
@@ -176,10 +167,9 @@ fn scan_of_an_unknown_cache_is_a_one_line_error() -> Result<()> {
 
 #[test]
 fn a_merged_cache_is_scanned_as_the_cache_it_was_merged_into() -> Result<()> {
-    let _exclusive = memleak_tests::exclusive();
-    if !require_root() {
+    let Some(_exclusive) = memleak_tests::end_to_end() else {
         return Ok(());
-    }
+    };
     // SLUB names each cache's slabs with a link in /sys/kernel/slab; merged caches' links lead
     // to the same directory.
     let sysfs = Path::new("/sys/kernel/slab");
@@ -259,10 +249,9 @@ fn readers_held(tracer: &mut Guard) -> Result<usize> {
 
 #[test]
 fn only_trace_with_cache_holds_the_kernel_memory_reader_while_tracing() -> Result<()> {
-    let _exclusive = memleak_tests::exclusive();
-    if !require_root() {
+    let Some(_exclusive) = memleak_tests::end_to_end() else {
         return Ok(());
-    }
+    };
     let (mut plain, _stderr) = start_tracer(&["--duration", "1s", "--format", "json"])?;
     ensure!(
         readers_held(&mut plain)? == 0,
@@ -303,10 +292,9 @@ fn entry_of(report: &Value, pid: u64) -> Option<&Value> {
 
 #[test]
 fn trace_with_cache_attributes_the_old_objects_to_their_allocating_function() -> Result<()> {
-    let _exclusive = memleak_tests::exclusive();
-    if !require_root() {
+    let Some(_exclusive) = memleak_tests::end_to_end() else {
         return Ok(());
-    }
+    };
     let cache = message_cache();
     // Long before the tracer: the objects a trace window cannot see being allocated.
     let mut similar = Fixture::start(

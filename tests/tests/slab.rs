@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use memleak_tests::{
-    Guard, count_of, entries_through, finish_tracer, fixture_binary, is_root, loaded_program_names,
+    Guard, count_of, entries_through, finish_tracer, fixture_binary, loaded_program_names,
     start_tracer, trace_around,
 };
 
@@ -27,19 +27,11 @@ fn slab_objects() -> Result<std::collections::HashMap<String, u64>> {
         .collect())
 }
 
-fn require_root() -> bool {
-    if !is_root() {
-        eprintln!("skipped: end-to-end tests need root (they load eBPF programs)");
-    }
-    is_root()
-}
-
 #[test]
 fn held_eventfds_show_as_outstanding_through_eventfd_creation() -> Result<()> {
-    let _exclusive = memleak_tests::exclusive();
-    if !require_root() {
+    let Some(_exclusive) = memleak_tests::end_to_end() else {
         return Ok(());
-    }
+    };
     for args in [
         &["--duration", "4s", "--format", "json"][..],
         &[
@@ -106,10 +98,9 @@ fn held_eventfds_show_as_outstanding_through_eventfd_creation() -> Result<()> {
 
 #[test]
 fn sampling_estimates_held_objects_within_20_percent() -> Result<()> {
-    let _exclusive = memleak_tests::exclusive();
-    if !require_root() {
+    let Some(_exclusive) = memleak_tests::end_to_end() else {
         return Ok(());
-    }
+    };
     const MANY: u64 = 10_000;
     let (report, mut fixture) = trace_around(
         &[
@@ -151,10 +142,9 @@ fn sampling_estimates_held_objects_within_20_percent() -> Result<()> {
 
 #[test]
 fn churned_eventfds_do_not_show_as_outstanding() -> Result<()> {
-    let _exclusive = memleak_tests::exclusive();
-    if !require_root() {
+    let Some(_exclusive) = memleak_tests::end_to_end() else {
         return Ok(());
-    }
+    };
     let (report, _fixture) = trace_around(
         &["--duration", "3s", "--format", "json"],
         "churn-eventfds",
@@ -176,10 +166,9 @@ fn churned_eventfds_do_not_show_as_outstanding() -> Result<()> {
 
 #[test]
 fn pid_filter_keeps_only_that_process() -> Result<()> {
-    let _exclusive = memleak_tests::exclusive();
-    if !require_root() {
+    let Some(_exclusive) = memleak_tests::end_to_end() else {
         return Ok(());
-    }
+    };
     let mut fixture = Guard::new(
         Command::new(fixture_binary()?)
             .args(["wait-then-hold-eventfds", &HELD.to_string()])
@@ -251,10 +240,9 @@ fn memleak_programs() -> Result<usize> {
 
 #[test]
 fn ctrl_c_prints_the_report_and_detaches() -> Result<()> {
-    let _exclusive = memleak_tests::exclusive();
-    if !require_root() {
+    let Some(_exclusive) = memleak_tests::end_to_end() else {
         return Ok(());
-    }
+    };
     let before = memleak_programs()?;
     let (mut tracer, _stderr) = start_tracer(&["--format", "json"])?;
     let during = memleak_programs()?;
