@@ -268,13 +268,7 @@ fn grow(
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    say("done");
-    let mut sink = Vec::new();
-    let _ = std::io::stdin().read_to_end(&mut sink);
-    for fd in held {
-        unsafe { libc::close(fd) };
-    }
-    Ok(())
+    announce_and_hold("done", held)
 }
 
 /// The soft limit on open files (RLIMIT_NOFILE), which raise_fd_limit may fail to raise
@@ -353,13 +347,7 @@ fn run(args: &[String]) -> Result<(), String> {
                 .map(|_| eventfd())
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|error| format!("eventfd: {error}"))?;
-            say("ready");
-            let mut sink = Vec::new();
-            let _ = std::io::stdin().read_to_end(&mut sink);
-            for fd in fds {
-                unsafe { libc::close(fd) };
-            }
-            Ok(())
+            announce_and_hold("ready", fds)
         }
         "wait-then-hold-eventfds" => {
             // Allocates nothing until told to, so a tracer filtering on this pid can attach
@@ -393,24 +381,9 @@ fn run(args: &[String]) -> Result<(), String> {
                     ])
                 })
                 .collect::<Result<Vec<_>, String>>()?;
-            say("ready");
-            let mut sink = Vec::new();
-            let _ = std::io::stdin().read_to_end(&mut sink);
-            for fd in maps.into_iter().flatten() {
-                unsafe { libc::close(fd) };
-            }
-            Ok(())
+            announce_and_hold("ready", maps.into_iter().flatten())
         }
-        "hold-pipe-pages" => {
-            let pipes = fill_pipes(number)?;
-            say("ready");
-            let mut sink = Vec::new();
-            let _ = std::io::stdin().read_to_end(&mut sink);
-            for fd in pipes {
-                unsafe { libc::close(fd) };
-            }
-            Ok(())
-        }
+        "hold-pipe-pages" => announce_and_hold("ready", fill_pipes(number)?),
         "churn-pipe-pages" => {
             for fd in fill_pipes(number)? {
                 unsafe { libc::close(fd) };
@@ -525,6 +498,16 @@ impl Drop for MessageQueues {
 fn hold_until_eof() {
     let mut sink = Vec::new();
     let _ = std::io::stdin().read_to_end(&mut sink);
+}
+
+/// Prints `line`, holds `fds` until standard input reaches EOF, then closes them.
+fn announce_and_hold(line: &str, fds: impl IntoIterator<Item = libc::c_int>) -> Result<(), String> {
+    say(line);
+    hold_until_eof();
+    for fd in fds {
+        unsafe { libc::close(fd) };
+    }
+    Ok(())
 }
 
 fn similar_messages(held: &str, more: &str) -> Result<(), String> {
