@@ -1,7 +1,9 @@
 //! Facts about the running kernel: its release, its BTF, its loaded modules.
 use std::{fs, path::Path};
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Context as _, Result, anyhow};
+
+use crate::btf;
 
 pub const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
 
@@ -16,6 +18,17 @@ pub fn has_btf() -> bool {
     Path::new(BTF_PATH).exists()
 }
 
+/// The running kernel's BTF, or `None` when it has none. Parsing takes about 150 ms and tens
+/// of megabytes, so a command parses it once and derives every layout it needs from it.
+pub fn parse_btf() -> Result<Option<btf_rs::Btf>> {
+    if !has_btf() {
+        return Ok(None);
+    }
+    btf_rs::Btf::from_file(BTF_PATH)
+        .context("parsing kernel BTF")
+        .map(Some)
+}
+
 /// Offsets in `struct kmem_cache` that the tp_btf programs read through the cache pointer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KmemCacheLayout {
@@ -26,27 +39,11 @@ pub struct KmemCacheLayout {
 
 impl KmemCacheLayout {
     pub fn from_btf(btf: &btf_rs::Btf) -> Result<Self> {
-        let types = btf
-            .resolve_types_by_name("kmem_cache")
-            .context("looking up struct kmem_cache in kernel BTF")?;
-        let layout = types
-            .iter()
-            .find_map(|candidate| match candidate {
-                btf_rs::Type::Struct(structure) if !structure.members.is_empty() => Some(structure),
-                _ => None,
-            })
-            .ok_or_else(|| anyhow!("kernel BTF has no definition of struct kmem_cache"))?;
+        let layout = btf::find_struct(btf, "kmem_cache")?;
         let offset_of = |wanted: &str| -> Result<u32> {
-            for member in &layout.members {
-                if btf.resolve_name(member).ok().as_deref() == Some(wanted) {
-                    let bits = member.bit_offset();
-                    if bits % 8 != 0 {
-                        bail!("struct kmem_cache::{wanted} is a bit field");
-                    }
-                    return Ok(bits / 8);
-                }
-            }
-            bail!("struct kmem_cache has no member `{wanted}` in this kernel's BTF")
+            btf::member(btf, &layout, wanted)?
+                .byte_offset()
+                .ok_or_else(|| anyhow!("struct kmem_cache::{wanted} is a bit field"))
         };
         Ok(Self {
             size: offset_of("size")?,

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use clap::Parser as _;
 
 mod aggregate;
+mod btf;
 mod checks;
 mod classify;
 mod cli;

@@ -95,7 +95,8 @@ fn classic_program_name(program: ClassicProgram) -> &'static str {
     }
 }
 
-pub fn attach(settings: &TracerSettings) -> Result<Tracer> {
+/// Loads and attaches the programs; `btf` is the kernel's BTF ([`kernel::parse_btf`]).
+pub fn attach(settings: &TracerSettings, btf: Option<&btf_rs::Btf>) -> Result<Tracer> {
     let tracefs_root = tracefs::root()?;
     let formats =
         |category: &str, event: &str| tracefs::read_format(&tracefs_root, category, event);
@@ -110,16 +111,13 @@ pub fn attach(settings: &TracerSettings) -> Result<Tracer> {
         None
     };
 
-    let btf = if kernel::has_btf() {
-        Some(btf_rs::Btf::from_file(kernel::BTF_PATH).context("parsing kernel BTF")?)
-    } else {
+    if btf.is_none() {
         notes.push(format!(
             "{} not found: kernel has no BTF, using classic tracepoints",
             kernel::BTF_PATH
         ));
-        None
-    };
-    let layout = btf.as_ref().map(KmemCacheLayout::from_btf).transpose()?;
+    }
+    let layout = btf.map(KmemCacheLayout::from_btf).transpose()?;
 
     let buckets = settings.buckets();
     let mut config = TracerConfig::DEFAULT;

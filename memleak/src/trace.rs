@@ -119,8 +119,8 @@ struct Session {
     scanner: Option<scan::Scanner>,
     /// Why the content scan of `--cache` cannot be done, if it cannot.
     scan_notes: Vec<String>,
-    /// Without a scanner, the slab layout for reading kmalloc sites' caches at report time.
-    slab_layout: Option<scan::PendingLayout>,
+    /// Without a scanner, the slab layout for reading the sites' caches at report time.
+    slab_layout: Option<Result<scan::SlabLayout>>,
 }
 
 impl Session {
@@ -138,27 +138,33 @@ impl Session {
             .enable_all()
             .build()
             .context("starting the async runtime")?;
+        // Parsed once, before attaching, for the programs and for reading slab caches.
+        let btf = kernel::parse_btf()?;
         // Before attaching: a cache that cannot be scanned fails now rather than after the
         // window, and the scanner's own set-up is not traced.
         let mut scan_notes = Vec::new();
         let scanner = scanned_cache.and_then(|cache| {
-            scan::Scanner::prepare(cache)
+            scan::slab_layout(btf.as_ref())
+                .and_then(|layout| scan::Scanner::prepare(cache, layout))
                 .map_err(|error| scan_notes.push(scan::not_done(cache, &error)))
                 .ok()
         });
         let slab_layout = (scanner.is_none() && options.kinds.contains(&Kind::Slab))
-            .then(scan::PendingLayout::start);
-        let tracer = probes::attach(&TracerSettings {
-            capacity: options.capacity,
-            sample_rate: options.sample_rate,
-            stack_sample_rate: options.stack_sample_rate,
-            filter_tgid: options.pid,
-            filter_comm: options.comm.clone(),
-            min_size: options.min_size,
-            max_size: options.max_size,
-            method: options.attach,
-            kinds: options.kinds.clone(),
-        })?;
+            .then(|| scan::slab_layout(btf.as_ref()));
+        let tracer = probes::attach(
+            &TracerSettings {
+                capacity: options.capacity,
+                sample_rate: options.sample_rate,
+                stack_sample_rate: options.stack_sample_rate,
+                filter_tgid: options.pid,
+                filter_comm: options.comm.clone(),
+                min_size: options.min_size,
+                max_size: options.max_size,
+                method: options.attach,
+                kinds: options.kinds.clone(),
+            },
+            btf.as_ref(),
+        )?;
         Ok(Self {
             tracer,
             runtime,
@@ -350,7 +356,7 @@ fn build_report(
 /// time (after detaching, so its loading is not traced) with the layout parsed meanwhile.
 struct SiteCacheReader<'a> {
     view: Option<&'a mut scan::KernelView>,
-    layout: Option<scan::PendingLayout>,
+    layout: Option<Result<scan::SlabLayout>>,
 }
 
 impl SiteCacheReader<'_> {
@@ -368,9 +374,9 @@ impl SiteCacheReader<'_> {
         let mut opened = None;
         let view = match (self.view, self.layout) {
             (Some(view), _) => Ok(view),
-            (None, Some(layout)) => {
-                scan::KernelView::open_for_owners(layout).map(|view| opened.insert(view))
-            }
+            (None, Some(layout)) => layout
+                .and_then(scan::KernelView::open_for_owners)
+                .map(|view| opened.insert(view)),
             (None, None) => Err(anyhow::anyhow!("no slab layout")),
         };
         let read = match view.and_then(|view| picks.resolve(view)) {

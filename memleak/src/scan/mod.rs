@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Result, bail};
 use clap::Args;
 use hashbrown::HashMap;
 use memleak_common::AllocRecord;
@@ -35,12 +35,12 @@ mod render;
 mod similarity;
 mod slabs;
 
+pub use layout::SlabLayout;
 pub use owners::Object;
 pub use render::{Marking, ScanReport, Suspect, render_details, render_text, summary};
 
 use self::{
     bases::KernelBases,
-    layout::SlabLayout,
     reader::KernelReader,
     similarity::{ClusterSettings, Pattern},
     slabs::{Cache, CacheObjects, Slab},
@@ -86,7 +86,8 @@ pub fn run(args: &ScanArgs) -> Result<ExitCode> {
     privileges::require_root()?;
     privileges::lift_memlock_limit();
     let sink = ReportSink::open(args.report.output.as_deref())?;
-    let (mut scanner, slabs) = Scanner::prepare_with_slabs(&args.cache)?;
+    let layout = slab_layout(kernel::parse_btf()?.as_ref())?;
+    let (mut scanner, slabs) = Scanner::prepare_with_slabs(&args.cache, layout)?;
     let started = Instant::now();
     let groups = (args.report.top as usize).min(MAX_GROUPS);
     let scan = scanner.scan_slabs(&slabs, started, args.similarity, groups)?;
@@ -106,32 +107,16 @@ pub struct KernelView {
     bases: KernelBases,
 }
 
-/// The slab layout from kernel BTF, parsed on a thread of its own: parsing all of the kernel's
-/// BTF takes about 150 ms, which a trace spends while its programs load rather than at report
-/// time.
-pub struct PendingLayout(std::thread::JoinHandle<Result<SlabLayout>>);
-
-impl PendingLayout {
-    pub fn start() -> Self {
-        Self(std::thread::spawn(slab_layout))
-    }
-
-    fn wait(self) -> Result<SlabLayout> {
-        self.0
-            .join()
-            .map_err(|_| anyhow::anyhow!("parsing kernel BTF failed"))?
-    }
-}
-
-fn slab_layout() -> Result<SlabLayout> {
-    if !kernel::has_btf() {
+/// The slab layout from the kernel's BTF ([`kernel::parse_btf`]); an error saying so where
+/// the kernel has none.
+pub fn slab_layout(btf: Option<&btf_rs::Btf>) -> Result<SlabLayout> {
+    let Some(btf) = btf else {
         bail!(
             "reading slab caches needs kernel BTF ({} not found)",
             kernel::BTF_PATH
         );
-    }
-    let btf = btf_rs::Btf::from_file(kernel::BTF_PATH).context("parsing kernel BTF")?;
-    SlabLayout::from_btf(&btf)
+    };
+    SlabLayout::from_btf(btf)
 }
 
 impl KernelView {
@@ -150,8 +135,8 @@ impl KernelView {
     }
 
     /// [`Self::open`] without reading all of /proc/kpageflags first.
-    pub fn open_for_owners(layout: PendingLayout) -> Result<Self> {
-        Self::open(layout.wait()?, slabs::page_frames()?)
+    pub fn open_for_owners(layout: SlabLayout) -> Result<Self> {
+        Self::open(layout, slabs::page_frames()?)
     }
 
     /// The name of the slab cache that holds each object, `None` where it cannot be proven.
@@ -172,14 +157,13 @@ pub struct Scanner {
 impl Scanner {
     /// Loads the reader, finds and verifies the kernel's bases, and finds the cache. Fails,
     /// before any object is read, when a base cannot be proven or the cache does not exist.
-    pub fn prepare(wanted: &str) -> Result<Self> {
-        Self::prepare_with_slabs(wanted).map(|(scanner, _)| scanner)
+    pub fn prepare(wanted: &str, layout: SlabLayout) -> Result<Self> {
+        Self::prepare_with_slabs(wanted, layout).map(|(scanner, _)| scanner)
     }
 
     /// [`Self::prepare`], also returning the slabs it read on the way, for a scan that
     /// follows at once.
-    fn prepare_with_slabs(wanted: &str) -> Result<(Self, Vec<Slab>)> {
-        let layout = slab_layout()?;
+    fn prepare_with_slabs(wanted: &str, layout: SlabLayout) -> Result<(Self, Vec<Slab>)> {
         let pages = slabs::slab_pages()?;
         let mut view = KernelView::open(layout, pages.max_pfn)?;
         let KernelView {

@@ -136,7 +136,7 @@ pub fn read_slabs(
         let Some(bytes) = page.get(offset..offset + layout.page_size) else {
             continue;
         };
-        let read = |field: super::layout::Field| field.read(bytes).unwrap_or(0);
+        let read = |field: crate::btf::Field| field.read(bytes).unwrap_or(0);
         slabs.push(Slab {
             pfn,
             cache: read(layout.slab_cache),
@@ -201,7 +201,7 @@ pub fn read_caches(
     let mut caches = HashMap::new();
     for ((address, bytes), name) in structs.into_iter().zip(names) {
         let Some(name) = name else { continue };
-        let read_u32 = |field: super::layout::Field| field.read_u32(&bytes).unwrap_or(0);
+        let read_u32 = |field: crate::btf::Field| field.read_u32(&bytes).unwrap_or(0);
         let cache = Cache {
             address,
             name,
