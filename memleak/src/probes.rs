@@ -148,6 +148,7 @@ pub fn attach(settings: &TracerSettings, btf: Option<&btf_rs::Btf>) -> Result<Tr
     // before allocations: otherwise the verifier's own allocations while later programs load
     // would be recorded with no free hook to see them go.
     let mut ebpf = load_object(&config, buckets)?;
+    let tp_btf = LazyBtf::default();
     let mut hooks = Vec::new();
     let mut attached = Attached::BtfTracepoints;
     if settings.kinds.contains(&Kind::Slab) {
@@ -155,6 +156,7 @@ pub fn attach(settings: &TracerSettings, btf: Option<&btf_rs::Btf>) -> Result<Tr
             &mut ebpf,
             settings.method,
             layout.is_some(),
+            &tp_btf,
             &plan,
             &mut hooks,
             &mut notes,
@@ -167,7 +169,7 @@ pub fn attach(settings: &TracerSettings, btf: Option<&btf_rs::Btf>) -> Result<Tr
         if !settings.kinds.contains(&kind) {
             continue;
         }
-        match load_btf(&mut ebpf, programs) {
+        match load_btf(&mut ebpf, programs, &tp_btf) {
             Ok(()) => hooks.extend(
                 programs
                     .iter()
@@ -253,6 +255,7 @@ fn load_slab<'a>(
     ebpf: &mut Ebpf,
     method: AttachMethod,
     has_layout: bool,
+    tp_btf: &LazyBtf,
     plan: &'a tracefs::ClassicPlan,
     hooks: &mut Vec<Hook<'a>>,
     notes: &mut Vec<String>,
@@ -268,7 +271,7 @@ fn load_slab<'a>(
         AttachMethod::Classic => false,
     };
     if try_btf {
-        match load_btf(ebpf, &SLAB_PROGRAMS) {
+        match load_btf(ebpf, &SLAB_PROGRAMS, tp_btf) {
             Ok(()) => {
                 hooks.extend(
                     SLAB_PROGRAMS
@@ -341,15 +344,36 @@ fn load_object(config: &TracerConfig, buckets: u32) -> Result<Ebpf> {
 
 /// Loads (verifies) tp_btf programs: Linux 5.5+. The 6.1 verifier rejects the BTF that Rust
 /// emits for them, so slab tracing falls back to classic tracepoints there.
-fn load_btf(ebpf: &mut Ebpf, programs: &[(&str, &str)]) -> Result<()> {
-    let btf = Btf::from_sys_fs().context("loading kernel BTF")?;
+fn load_btf(ebpf: &mut Ebpf, programs: &[(&str, &str)], btf: &LazyBtf) -> Result<()> {
+    let btf = btf.get()?;
     for &(name, event) in programs {
         let program: &mut BtfTracePoint = program_mut(ebpf, name)?.try_into()?;
         program
-            .load(event, &btf)
+            .load(event, btf)
             .map_err(|error| explain_load_error(name, error))?;
     }
     Ok(())
+}
+
+/// aya's parse of the kernel's BTF, which loading tp_btf programs needs: made once, on first
+/// use (a trace may load no tp_btf program at all), for every kind that loads them.
+#[derive(Default)]
+struct LazyBtf(std::cell::OnceCell<Result<Btf, String>>);
+
+impl LazyBtf {
+    fn get(&self) -> Result<&Btf> {
+        self.0
+            .get_or_init(|| {
+                Btf::from_sys_fs().map_err(|error| {
+                    format!(
+                        "{:#}",
+                        anyhow::Error::new(error).context("loading kernel BTF")
+                    )
+                })
+            })
+            .as_ref()
+            .map_err(|message| anyhow!("{message}"))
+    }
 }
 
 fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {
