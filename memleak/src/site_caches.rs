@@ -17,6 +17,7 @@ use memleak_common::AllocKind;
 
 use crate::{
     aggregate::SiteKey,
+    classify::parse::parse_slabinfo,
     report,
     scan::{KernelView, Object},
 };
@@ -63,11 +64,16 @@ fn known_caches() -> HashSet<String> {
             .collect();
     }
     std::fs::read_to_string("/proc/slabinfo")
+        .ok()
+        .and_then(|text| parse_slabinfo(&text).ok())
+        .map(|slabinfo| {
+            slabinfo
+                .caches
+                .into_iter()
+                .map(|cache| cache.name)
+                .collect()
+        })
         .unwrap_or_default()
-        .lines()
-        .skip(2)
-        .filter_map(|line| Some(line.split_whitespace().next()?.to_owned()))
-        .collect()
 }
 
 /// Objects kept per site: when the first one's slab cannot be read or has changed (the object

@@ -2,7 +2,7 @@
 //! /proc/vmallocinfo for a few seconds and says which kind of kernel memory grows, without
 //! tracing anything.
 mod analysis;
-mod parse;
+pub(crate) mod parse;
 mod render;
 
 use std::{
