@@ -3,7 +3,7 @@
 use aya_ebpf::{
     Global,
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, StackTrace},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, StackTrace},
 };
 use memleak_common::{COUNTER_COUNT, CacheName, KeyBucket, RecordBucket, TaskComm, TracerConfig};
 
@@ -66,6 +66,12 @@ pub static CACHE_NAMES: HashMap<u64, CacheName> = HashMap::with_max_entries(4096
 /// Thread-group id to the command name of the first thread seen allocating in it.
 #[map]
 pub static COMMS: HashMap<u32, TaskComm> = HashMap::with_max_entries(16384, 0);
+
+/// Call site to the number of its objects allocated again at the same address with no free
+/// seen in between: the sites whose objects leave by a path the tracer does not follow. Per
+/// CPU, so increments need no atomics; only the missed-free path touches it.
+#[map]
+pub static MISSED_FREE_SITES: PerCpuHashMap<u64, u64> = PerCpuHashMap::with_max_entries(4096, 0);
 
 /// One word per CPU for `slab::scalar`.
 #[map]

@@ -5,7 +5,7 @@
 use aya_ebpf::{
     helpers::{bpf_get_current_task, generated::bpf_probe_read_kernel},
     macros::{map, raw_tracepoint},
-    maps::Array,
+    maps::{Array, PerCpuArray},
     programs::RawTracePointContext,
 };
 use memleak_common::scan::{MAX_READS_PER_RUN, READ_CHUNK_BYTES, ReadChunk, ReadRequest};
@@ -27,6 +27,18 @@ pub static READ_CHUNKS: Array<ReadChunk> = Array::with_max_entries(1, BPF_F_MMAP
 #[map]
 pub static READER_TASK: Array<u64> = Array::with_max_entries(1, 0);
 
+/// A per-CPU word whose addresses tell userspace where each CPU's per-CPU area lies: the
+/// element's address on the CPU the reader runs on is the map's per-CPU pointer plus that CPU's
+/// `__per_cpu_offset`, which kallsyms does not show without CONFIG_KALLSYMS_ALL.
+#[map]
+pub static READER_PERCPU: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// `[0]`: this CPU's `READER_PERCPU` element address; `[1]`: the address of that map's
+/// `struct bpf_array`, whose `pptrs[0]` is the per-CPU pointer (storing kernel pointers in a
+/// map needs CAP_PERFMON, which the reader's users have).
+#[map]
+pub static READER_PERCPU_ADDRESSES: Array<u64> = Array::with_max_entries(2, 0);
+
 /// Runs `ctx.arg(0)` requests of `READ_REQUESTS` (at most `MAX_READS_PER_RUN`). Linux 5.10+:
 /// `BPF_PROG_TEST_RUN` of raw tracepoint programs (mmap-able array maps are 5.5+).
 #[raw_tracepoint]
@@ -35,6 +47,7 @@ pub fn read_kernel_memory(ctx: RawTracePointContext) -> i32 {
     if let Some(slot) = READER_TASK.get_ptr_mut(0) {
         unsafe { *slot = bpf_get_current_task() };
     }
+    record_percpu_addresses();
     for index in 0..MAX_READS_PER_RUN {
         if u64::from(index) >= requests {
             break;
@@ -42,6 +55,20 @@ pub fn read_kernel_memory(ctx: RawTracePointContext) -> i32 {
         try_read(index);
     }
     0
+}
+
+#[inline(always)]
+fn record_percpu_addresses() {
+    let Some(element) = READER_PERCPU.get_ptr_mut(0) else {
+        return;
+    };
+    let map = core::ptr::addr_of!(READER_PERCPU);
+    if let Some(slot) = READER_PERCPU_ADDRESSES.get_ptr_mut(0) {
+        unsafe { slot.write_volatile(element as u64) };
+    }
+    if let Some(slot) = READER_PERCPU_ADDRESSES.get_ptr_mut(1) {
+        unsafe { slot.write_volatile(map as u64) };
+    }
 }
 
 /// Copies one request's bytes; a failed read (unmapped address, bad request) zeroes the

@@ -17,8 +17,8 @@ use memleak_common::{
 };
 
 use crate::maps::{
-    CACHE_NAMES, COMMS, COUNTERS, OBJECT_KEYS, OBJECT_RECORDS, SEEN_CACHES, SEEN_CACHES_LEN,
-    SEEN_SITES, SEEN_SITES_LEN, SEEN_TGIDS, SEEN_TGIDS_LEN, STACKS, config,
+    CACHE_NAMES, COMMS, COUNTERS, MISSED_FREE_SITES, OBJECT_KEYS, OBJECT_RECORDS, SEEN_CACHES,
+    SEEN_CACHES_LEN, SEEN_SITES, SEEN_SITES_LEN, SEEN_TGIDS, SEEN_TGIDS_LEN, STACKS, config,
 };
 
 /// What a hook reads about an allocation once it is known to be tracked.
@@ -112,6 +112,7 @@ pub fn on_alloc<C: StackIdContext>(
     for i in 0..SLOTS_PER_BUCKET {
         if load_key(keys, i) == key {
             count(Counter::MissedFrees);
+            count_missed_free(unsafe { (*records).records[i].call_site });
             slot = i;
             break;
         }
@@ -181,6 +182,17 @@ pub fn on_free(key: u64) {
         }
     }
     count(Counter::UntrackedFrees);
+}
+
+/// Counts a missed free against the call site of the record being replaced.
+#[inline(always)]
+fn count_missed_free(call_site: u64) {
+    match MISSED_FREE_SITES.get_ptr_mut(&call_site) {
+        Some(missed) => unsafe { *missed += 1 },
+        None => {
+            let _ = MISSED_FREE_SITES.insert(&call_site, &1, 0);
+        }
+    }
 }
 
 #[inline(always)]

@@ -79,6 +79,8 @@ pub struct Site {
     /// Objects whose stack capture failed.
     pub failed_stacks: u64,
     pub processes: HashMap<u32, ProcessShare>,
+    /// Objects the liveness check could not verify as still allocated.
+    pub unverified: u64,
 }
 
 impl Site {
@@ -92,6 +94,7 @@ impl Site {
             stacks: HashMap::new(),
             failed_stacks: 0,
             processes: HashMap::new(),
+            unverified: 0,
         }
     }
 
@@ -155,6 +158,17 @@ impl Aggregator {
         let process = site.processes.entry(record.tgid).or_default();
         process.count += 1;
         process.bytes += bytes;
+    }
+
+    /// [`Self::add`] for an object that the liveness check could not verify as allocated.
+    pub fn add_unverified(&mut self, record: &AllocRecord) {
+        let hidden = self.hidden_younger;
+        self.add(record);
+        if self.hidden_younger == hidden
+            && let Some(site) = SiteKey::of(record).and_then(|key| self.sites.get_mut(&key))
+        {
+            site.unverified += 1;
+        }
     }
 
     pub fn finish(self) -> Aggregate {

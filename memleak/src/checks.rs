@@ -287,6 +287,8 @@ mod tests {
             stack_failures: 0,
             other_stacks: vec![],
             processes: vec![],
+            unverified: 0,
+            unreliable: false,
             marks: None,
         }
     }

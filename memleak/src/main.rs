@@ -3,6 +3,7 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 
+mod accounting;
 mod aggregate;
 mod btf;
 mod checks;

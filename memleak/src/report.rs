@@ -42,7 +42,39 @@ pub struct Report {
     /// With `--cache`: the content scan of that cache at the end of the window.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scan: Option<crate::scan::ScanReport>,
+    /// Call sites whose objects were allocated again at the same address with no free seen
+    /// (`missed_frees`), most first: where objects leave by a path the tracer does not follow.
+    pub missed_free_sites: Vec<MissedFreeSite>,
+    /// The traced net change per cache and kind beside the kernel's counters over the window,
+    /// largest traced excess first.
+    pub accounting: Vec<crate::accounting::Accounting>,
     pub stacks: Vec<Entry>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MissedFreeSite {
+    pub call_site: Frame,
+    pub count: u64,
+}
+
+/// Missed-free call sites shown at most.
+const MISSED_FREE_SITES_SHOWN: usize = 20;
+
+/// The call sites with the most missed frees, most first, symbolized.
+pub fn missed_free_sites(
+    counts: &HashMap<u64, u64>,
+    frame: &dyn Fn(u64) -> Frame,
+) -> Vec<MissedFreeSite> {
+    let mut sites: Vec<(u64, u64)> = counts.iter().map(|(&site, &count)| (site, count)).collect();
+    sites.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    sites
+        .into_iter()
+        .take(MISSED_FREE_SITES_SHOWN)
+        .map(|(call_site, count)| MissedFreeSite {
+            call_site: frame(call_site),
+            count,
+        })
+        .collect()
 }
 
 #[derive(Debug, Serialize)]
@@ -63,6 +95,52 @@ pub struct Stats {
     /// percpu chunks: counted under those kinds, left out of `outstanding` and the entries.
     pub backing_pages: u64,
     pub backing_pages_bytes: u64,
+    #[serde(flatten)]
+    pub liveness: LivenessStats,
+}
+
+/// What the liveness check found of the outstanding slab objects (tracked objects, before
+/// scaling by the sample rate).
+#[derive(Debug, Default, Serialize)]
+pub struct LivenessStats {
+    /// Objects found free in kernel memory, left out of `outstanding` and the entries.
+    pub verified_free: u64,
+    /// Where they were found: their page no longer a slab of their cache, their slab's
+    /// freelist, a CPU's freelist, a sheaf or barn.
+    pub verified_free_where: FreeWhere,
+    /// Objects found allocated: slots of a slab of their cache on none of the free lists.
+    pub verified_allocated: u64,
+    /// Objects that could not be checked (unreadable, a slab changing while read, per-CPU
+    /// structures that could not be walked); they stay in the entries, counted in each
+    /// entry's `unverified`.
+    pub unverified: u64,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct FreeWhere {
+    pub slab_gone: u64,
+    pub slab_freelist: u64,
+    pub cpu_freelist: u64,
+    pub sheaf: u64,
+}
+
+impl LivenessStats {
+    pub fn count(&mut self, state: crate::scan::Liveness) {
+        use crate::scan::{FreeReason, Liveness};
+        match state {
+            Liveness::Allocated => self.verified_allocated += 1,
+            Liveness::Unverified => self.unverified += 1,
+            Liveness::Free(reason) => {
+                self.verified_free += 1;
+                *match reason {
+                    FreeReason::SlabGone => &mut self.verified_free_where.slab_gone,
+                    FreeReason::SlabFreelist => &mut self.verified_free_where.slab_freelist,
+                    FreeReason::CpuFreelist => &mut self.verified_free_where.cpu_freelist,
+                    FreeReason::Sheaf => &mut self.verified_free_where.sheaf,
+                } += 1;
+            }
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -91,6 +169,13 @@ pub struct Entry {
     pub other_stacks: Vec<OtherStack>,
     /// Processes that allocated this site's objects, most bytes first (at most 5).
     pub processes: Vec<Process>,
+    /// Objects of this entry the liveness check could not verify as still allocated (scaled
+    /// like `count`).
+    pub unverified: u64,
+    /// The kernel's counters for this entry's cache (or kind) grew by less than the trace
+    /// says, beyond noise, and some objects could not be verified: the entry may list freed
+    /// objects.
+    pub unreliable: bool,
     /// With `--cache`: `marked` and `in_scanned_cache`, how this site's objects compare with
     /// the scanned cache's largest group of similar objects.
     #[serde(flatten)]
@@ -387,6 +472,8 @@ pub fn entry(site: &Site, context: &Context<'_>) -> Entry {
         stack_failures: site.failed_stacks,
         other_stacks,
         processes,
+        unverified: 0,
+        unreliable: false,
         marks: None,
     }
 }
@@ -466,6 +553,51 @@ pub fn render_text(report: &Report) -> String {
         thousands(counters.stack_captures),
         thousands(counters.missed_frees),
     );
+    let liveness = &stats.liveness;
+    if liveness.verified_free + liveness.verified_allocated + liveness.unverified > 0 {
+        let found = &liveness.verified_free_where;
+        let _ = writeln!(
+            out,
+            "checked: {} slab objects found free in kernel memory and left out (slab gone {}, \
+             slab freelists {}, CPU freelists {}, sheaves {}); {} verified allocated, {} unverified",
+            thousands(liveness.verified_free),
+            thousands(found.slab_gone),
+            thousands(found.slab_freelist),
+            thousands(found.cpu_freelist),
+            thousands(found.sheaf),
+            thousands(liveness.verified_allocated),
+            thousands(liveness.unverified),
+        );
+    }
+    if !report.missed_free_sites.is_empty() {
+        let sites: Vec<String> = report
+            .missed_free_sites
+            .iter()
+            .take(3)
+            .map(|site| format!("{} ({})", site.call_site, thousands(site.count)))
+            .collect();
+        let _ = writeln!(out, "missed:  most missed frees at {}", sites.join(", "));
+    }
+    for line in report
+        .accounting
+        .iter()
+        .filter(|line| line.unreliable || line.explained_by_turnover)
+        .take(5)
+    {
+        let _ = writeln!(
+            out,
+            "kernel:  {} traced {approx}{} {}, the kernel counted {:+}{}",
+            line.cache.as_deref().unwrap_or(line.kind),
+            thousands(line.traced),
+            line.unit,
+            line.kernel,
+            if line.unreliable {
+                " (entries unreliable)"
+            } else {
+                " (all verified allocated: older objects were freed meanwhile)"
+            }
+        );
+    }
     if counters.movable_pages > 0 || stats.backing_pages > 0 {
         let _ = writeln!(
             out,
@@ -556,6 +688,25 @@ pub fn render_text(report: &Report) -> String {
             duration::display(std::time::Duration::from_millis(entry.oldest_age_ms)),
         );
         let _ = writeln!(out, "     call site: {}", entry.call_site);
+        if entry.unreliable {
+            let _ = writeln!(
+                out,
+                "     UNRELIABLE: the kernel's counters for this {} grew by less than traced; \
+                 these objects may have been freed by a path memleak does not follow",
+                if entry.cache.is_some() {
+                    "cache"
+                } else {
+                    "kind"
+                }
+            );
+        }
+        if entry.unverified > 0 {
+            let _ = writeln!(
+                out,
+                "     unverified: {approx}{} of these objects could not be checked in kernel memory",
+                thousands(entry.unverified)
+            );
+        }
         let stack_note = if entry.stack_samples == 0 {
             "no stack captured".to_owned()
         } else {
@@ -691,6 +842,7 @@ mod tests {
                 sites: sites.len() as u64,
                 backing_pages: 0,
                 backing_pages_bytes: 0,
+                liveness: LivenessStats::default(),
             },
             notes: vec!["kmem:kmem_cache_free missing".into()],
             kinds: Vec::new(),
@@ -698,6 +850,8 @@ mod tests {
             processes: None,
             check: None,
             scan: None,
+            missed_free_sites: Vec::new(),
+            accounting: Vec::new(),
             stacks: sites.iter().map(|site| entry(site, &context)).collect(),
         }
     }

@@ -72,6 +72,7 @@ pub struct TracerMaps {
     stacks: Map,
     cache_names: Map,
     comms: Map,
+    missed_free_sites: Map,
     buckets: u32,
 }
 
@@ -88,6 +89,7 @@ impl TracerMaps {
             stacks: take("STACKS")?,
             cache_names: take("CACHE_NAMES")?,
             comms: take("COMMS")?,
+            missed_free_sites: take("MISSED_FREE_SITES")?,
             buckets,
         })
     }
@@ -190,6 +192,18 @@ pub fn read_cache_names(maps: &TracerMaps) -> Result<HashMap<u64, String>> {
         .map(|entry| {
             let (id, name) = entry.context("reading CACHE_NAMES")?;
             Ok((id, c_string(&name.bytes)))
+        })
+        .collect()
+}
+
+/// Missed frees by the call site of the object whose free was missed, summed over CPUs.
+pub fn read_missed_free_sites(maps: &TracerMaps) -> Result<HashMap<u64, u64>> {
+    let map: aya::maps::PerCpuHashMap<&MapData, u64, u64> =
+        aya::maps::PerCpuHashMap::try_from(&maps.missed_free_sites)?;
+    map.iter()
+        .map(|entry| {
+            let (call_site, counts) = entry.context("reading MISSED_FREE_SITES")?;
+            Ok((call_site, counts.iter().sum()))
         })
         .collect()
 }

@@ -14,6 +14,7 @@ use hashbrown::HashMap;
 use memleak_common::AllocKind;
 
 use crate::{
+    accounting,
     aggregate::{self, Site},
     checks::{self, LeakCheckArgs, Verdict},
     cli::{Format, Kind, RunArgs, TraceArgs, TracingOptions},
@@ -21,7 +22,7 @@ use crate::{
     output::ReportSink,
     privileges,
     probes::{self, Tracer, TracerSettings},
-    report::{self, Report, Stats},
+    report::{self, LivenessStats, Report, Stats},
     scan,
     signals::StopSignals,
     site_caches,
@@ -121,6 +122,8 @@ struct Session {
     scan_notes: Vec<String>,
     /// Without a scanner, the slab layout for reading the sites' caches at report time.
     slab_layout: Option<Result<scan::SlabLayout>>,
+    /// The kernel's counters before attaching, to set the trace against (or why not).
+    counts_at_start: Result<accounting::KernelCounts, String>,
 }
 
 impl Session {
@@ -151,6 +154,8 @@ impl Session {
         });
         let slab_layout = (scanner.is_none() && options.kinds.contains(&Kind::Slab))
             .then(|| scan::slab_layout(btf.as_ref()));
+        let counts_at_start =
+            accounting::KernelCounts::read().map_err(|error| format!("{error:#}"));
         let tracer = probes::attach(
             &TracerSettings {
                 capacity: options.capacity,
@@ -174,6 +179,7 @@ impl Session {
             scanner,
             scan_notes,
             slab_layout,
+            counts_at_start,
         })
     }
 
@@ -195,6 +201,7 @@ impl Session {
         drop(programs);
         let elapsed = self.started.elapsed();
         let now_ns = monotonic_now_ns();
+        let counts_at_end = accounting::KernelCounts::read().map_err(|error| format!("{error:#}"));
         let mut scanner = self.scanner;
         let scan = scanner.as_mut().and_then(|scanner| {
             scanner
@@ -208,6 +215,7 @@ impl Session {
             kernel: self.kernel,
             elapsed,
             attach: attached.to_string(),
+            cache_ids_are_pointers: attached == probes::Attached::BtfTracepoints,
             notes,
         };
         let mut report = build_report(
@@ -216,9 +224,11 @@ impl Session {
             now_ns,
             header,
             scan.as_ref(),
-            SiteCacheReader {
+            KernelMemory {
                 view: scanner.as_mut().map(scan::Scanner::view),
                 layout: self.slab_layout,
+                opened: None,
+                error: None,
             },
         )?;
         let verdict = leak_checks.enabled().then(|| {
@@ -231,6 +241,12 @@ impl Session {
                 .with_context(|| format!("writing JUnit XML to {}", path.display()))?;
         }
         report.check.clone_from(&verdict);
+        match (&self.counts_at_start, &counts_at_end) {
+            (Ok(start), Ok(end)) => compare_with_kernel(&mut report, start, end),
+            (Err(error), _) | (_, Err(error)) => report.notes.push(format!(
+                "the trace is not compared with the kernel's counters: {error}"
+            )),
+        }
         (report.kinds, report.caches) = report::totals(&report.stacks);
         report.stacks.truncate(options.report.top as usize);
         let text = match options.report.format {
@@ -247,6 +263,9 @@ struct ReportHeader {
     kernel: String,
     elapsed: Duration,
     attach: String,
+    /// kmem_cache records name their cache by its `struct kmem_cache *` (tp_btf), rather
+    /// than by a hash of its name.
+    cache_ids_are_pointers: bool,
     notes: Vec<String>,
 }
 
@@ -258,18 +277,29 @@ fn build_report(
     now_ns: u64,
     mut header: ReportHeader,
     scan: Option<&scan::CacheScan>,
-    cache_reader: SiteCacheReader<'_>,
+    cache_reader: KernelMemory<'_>,
 ) -> Result<Report> {
     let counters = table::read_counters(maps)?;
     let min_age = args.min_age.unwrap_or(Duration::ZERO);
+    let mut memory = cache_reader;
+    let liveness = check_liveness(
+        maps,
+        &mut memory,
+        header.cache_ids_are_pointers,
+        &mut header.notes,
+    )?;
     let mut aggregator = aggregate::Aggregator::new(now_ns, min_age);
     let mut tally = scan.map(|scan| scan::MarkTally::new(scan, now_ns, min_age));
     let mut cache_picks = site_caches::Picks::default();
     let (mut outstanding, mut outstanding_bytes) = (0u64, 0u64);
     table::for_each_outstanding(maps, |key, record| {
+        match liveness.states.get(&key) {
+            Some(scan::Liveness::Free(_)) => return,
+            Some(scan::Liveness::Unverified) => aggregator.add_unverified(record),
+            Some(scan::Liveness::Allocated) | None => aggregator.add(record),
+        }
         outstanding += 1;
         outstanding_bytes += u64::from(record.bytes_allocated);
-        aggregator.add(record);
         if let Some(site) = aggregate::SiteKey::of(record) {
             cache_picks.add(site, key);
         }
@@ -277,7 +307,7 @@ fn build_report(
             tally.add(key, record);
         }
     })?;
-    let site_caches = cache_reader.resolve(&cache_picks, &mut header.notes);
+    let site_caches = memory.resolve(&cache_picks, &mut header.notes);
     let marks = tally.map(scan::MarkTally::finish);
     let aggregate = aggregator.finish();
     let mut sites = aggregate.sites;
@@ -285,8 +315,13 @@ fn build_report(
 
     let stack_ids = sites.iter().flat_map(|site| site.stacks.keys().copied());
     let stacks = table::read_stacks(maps, stack_ids)?;
+    let missed_free_sites = table::read_missed_free_sites(maps)?;
     let mut symbolizer = KernelSymbolizer::new();
-    symbolizer.resolve(report::addresses_to_symbolize(&sites, &stacks))?;
+    symbolizer.resolve(
+        report::addresses_to_symbolize(&sites, &stacks)
+            .into_iter()
+            .chain(missed_free_sites.keys().copied()),
+    )?;
     let cache_names = table::read_cache_names(maps)?;
     let comms = table::read_comms(maps)?;
     let frame = |addr| symbolizer.frame(addr);
@@ -320,6 +355,9 @@ fn build_report(
             entry.marks = marks.get(&site.key).copied();
         }
     }
+    for (site, entry) in sites.iter().zip(&mut entries) {
+        entry.unverified = site.unverified * u64::from(args.sample_rate);
+    }
     let scan = scan.map(|scan| scan.report(&header.kernel, Some(scan::marking(&entries))));
     Ok(Report {
         schema: report::SCHEMA_VERSION,
@@ -337,6 +375,7 @@ fn build_report(
             sites: site_count,
             backing_pages,
             backing_pages_bytes,
+            liveness: liveness.stats,
         },
         notes: header.notes,
         kinds: Vec::new(),
@@ -348,38 +387,117 @@ fn build_report(
         }),
         check: None,
         scan,
+        missed_free_sites: report::missed_free_sites(&missed_free_sites, &frame),
+        accounting: Vec::new(),
         stacks: entries,
     })
 }
 
-/// What reads the sites' caches: the content scanner's reader, or one loaded at report
-/// time (after detaching, so its loading is not traced) with the layout parsed meanwhile.
-struct SiteCacheReader<'a> {
-    view: Option<&'a mut scan::KernelView>,
-    layout: Option<Result<scan::SlabLayout>>,
+/// Puts the traced net change per cache and kind beside the kernel's counters, and flags the
+/// entries of the caches and kinds whose traced growth the kernel does not show.
+fn compare_with_kernel(
+    report: &mut Report,
+    start: &accounting::KernelCounts,
+    end: &accounting::KernelCounts,
+) {
+    let mut caches: std::collections::BTreeMap<String, accounting::Traced> = Default::default();
+    let (mut vmalloc, mut percpu) = (accounting::Traced::default(), accounting::Traced::default());
+    for entry in &report.stacks {
+        let traced = match (entry.kind, &entry.cache) {
+            ("kmalloc" | "kmem_cache", Some(cache)) => caches.entry(cache.clone()).or_default(),
+            ("vmalloc", _) => &mut vmalloc,
+            ("percpu", _) => &mut percpu,
+            _ => continue,
+        };
+        traced.amount += if entry.kind == "vmalloc" || entry.kind == "percpu" {
+            entry.bytes
+        } else {
+            entry.count
+        };
+        traced.unverified |= entry.unverified > 0;
+    }
+    let cpus = aya::util::nr_cpus().map_or(1, |cpus| cpus.get() as u64);
+    let lines = accounting::compare(start, end, &caches, vmalloc, percpu, cpus);
+    for entry in &mut report.stacks {
+        entry.unreliable = lines.iter().any(|line| {
+            line.unreliable
+                && match &line.cache {
+                    Some(cache) => entry.cache.as_ref() == Some(cache),
+                    None => entry.kind == line.kind,
+                }
+        });
+    }
+    let flagged: Vec<String> = lines
+        .iter()
+        .filter(|line| line.unreliable)
+        .map(|line| {
+            format!(
+                "{} (traced {} {}, the kernel counted {:+})",
+                line.cache.as_deref().unwrap_or(line.kind),
+                report::thousands(line.traced),
+                line.unit,
+                line.kernel
+            )
+        })
+        .collect();
+    if !flagged.is_empty() {
+        report.notes.push(format!(
+            "traced growth exceeds the kernel's own counters beyond noise in {}: their entries \
+             are marked unreliable (objects freed by a path memleak does not follow may be \
+             listed)",
+            flagged.join(", ")
+        ));
+    }
+    report.accounting = lines;
 }
 
-impl SiteCacheReader<'_> {
+/// Reads kernel memory at report time, for the liveness check and the sites' caches: through
+/// the content scanner's reader, or one loaded when first needed (after detaching, so its
+/// loading is not traced) with the layout parsed meanwhile.
+struct KernelMemory<'a> {
+    view: Option<&'a mut scan::KernelView>,
+    layout: Option<Result<scan::SlabLayout>>,
+    opened: Option<scan::KernelView>,
+    /// Why the reader could not be opened, once it has failed.
+    error: Option<String>,
+}
+
+impl KernelMemory<'_> {
+    fn view(&mut self) -> Result<&mut scan::KernelView> {
+        if self.view.is_some() {
+            return Ok(self.view.as_deref_mut().expect("checked above"));
+        }
+        if self.opened.is_none() && self.error.is_none() {
+            let opened = match self.layout.take() {
+                Some(layout) => layout.and_then(scan::KernelView::open_for_owners),
+                None => Err(anyhow::anyhow!("no slab layout")),
+            };
+            match opened {
+                Ok(view) => self.opened = Some(view),
+                Err(error) => self.error = Some(format!("{error:#}")),
+            }
+        }
+        match (&mut self.opened, &self.error) {
+            (Some(view), _) => Ok(view),
+            (None, error) => Err(anyhow::anyhow!(
+                "{}",
+                error.as_deref().unwrap_or("no kernel memory reader")
+            )),
+        }
+    }
+
     /// The real caches of the kmalloc sites and of the kmem_cache sites whose event names no
     /// cache. Where they cannot be read, kmalloc sites are named from their size and gfp flags,
     /// and a note says why.
     fn resolve(
-        self,
+        &mut self,
         picks: &site_caches::Picks,
         notes: &mut Vec<String>,
     ) -> HashMap<aggregate::SiteKey, String> {
         if picks.is_empty() {
             return HashMap::new();
         }
-        let mut opened = None;
-        let view = match (self.view, self.layout) {
-            (Some(view), _) => Ok(view),
-            (None, Some(layout)) => layout
-                .and_then(scan::KernelView::open_for_owners)
-                .map(|view| opened.insert(view)),
-            (None, None) => Err(anyhow::anyhow!("no slab layout")),
-        };
-        let read = match view.and_then(|view| picks.resolve(view)) {
+        let read = match self.view().and_then(|view| picks.resolve(view)) {
             Ok(resolution) => {
                 notes.extend(resolution.note());
                 resolution.names
@@ -391,6 +509,82 @@ impl SiteCacheReader<'_> {
         };
         picks.names(read)
     }
+}
+
+/// What the liveness check found of every outstanding slab object, by address.
+struct LivenessResult {
+    states: HashMap<u64, scan::Liveness>,
+    stats: LivenessStats,
+}
+
+/// Checks in kernel memory that every outstanding slab object is still allocated (see
+/// `scan::liveness`); objects found free are left out of the report and counted.
+fn check_liveness(
+    maps: &TracerMaps,
+    memory: &mut KernelMemory<'_>,
+    cache_ids_are_pointers: bool,
+    notes: &mut Vec<String>,
+) -> Result<LivenessResult> {
+    let mut queries = Vec::new();
+    table::for_each_outstanding(maps, |key, record| {
+        let slab_served = match AllocKind::from_u32(record.kind) {
+            Some(AllocKind::Kmalloc) => {
+                report::kmalloc_cache_name(u64::from(record.bytes_allocated)).is_some()
+            }
+            Some(AllocKind::KmemCache) => true,
+            _ => false,
+        };
+        if slab_served {
+            queries.push(scan::LivenessQuery {
+                object: scan::Object {
+                    address: key,
+                    size: record.bytes_allocated,
+                },
+                cache: (record.kind == AllocKind::KmemCache as u32
+                    && cache_ids_are_pointers
+                    && record.cache_id != 0)
+                    .then_some(record.cache_id),
+            });
+        }
+    })?;
+    let mut stats = LivenessStats::default();
+    if queries.is_empty() {
+        return Ok(LivenessResult {
+            states: HashMap::new(),
+            stats,
+        });
+    }
+    let check = match memory.view().and_then(|view| view.liveness(&queries)) {
+        Ok(check) => check,
+        Err(error) => {
+            notes.push(format!(
+                "outstanding slab objects are not checked in kernel memory ({error:#}): objects \
+                 freed without a kmem event (kfree_rcu batches, bulk frees, slab sheaves) may be \
+                 listed, and every slab entry counts as unverified"
+            ));
+            scan::LivenessCheck {
+                states: vec![scan::Liveness::Unverified; queries.len()],
+                notes: Vec::new(),
+            }
+        }
+    };
+    notes.extend(check.notes.iter().cloned());
+    for state in &check.states {
+        stats.count(*state);
+    }
+    if stats.verified_free > 0 {
+        notes.push(format!(
+            "{} outstanding slab objects were found free in kernel memory (freed without a kmem \
+             event: kfree_rcu batches, bulk frees, slab sheaves) and are left out",
+            report::thousands(stats.verified_free)
+        ));
+    }
+    let states = queries
+        .iter()
+        .zip(check.states)
+        .map(|(query, state)| (query.object.address, state))
+        .collect();
+    Ok(LivenessResult { states, stats })
 }
 
 /// Waits for `until`, showing progress on a terminal. On SIGINT or SIGTERM, `on_signal`

@@ -28,6 +28,79 @@ pub struct SlabLayout {
     pub task_frag_page: Field,
     /// `task_struct::task_frag.offset`: where the next send's data goes in that page.
     pub task_frag_offset: Field,
+    /// Where SLUB keeps free objects outside their slab's own freelist; `None` on a kernel
+    /// whose structures memleak does not know.
+    pub free_lists: Option<FreeListLayout>,
+}
+
+/// The structures the liveness check walks besides `struct slab`'s freelist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FreeListLayout {
+    /// `struct slab::frozen`: the slab is some CPU's slab, whose free objects are on that CPU's
+    /// lockless freelist rather than the slab's.
+    pub slab_frozen: Field,
+    /// `kmem_cache::cpu_slab`, a per-CPU `struct kmem_cache_cpu *`.
+    pub cache_cpu_slab: Field,
+    pub cpu_freelist: Field,
+    pub cpu_slab: Field,
+    /// `kmem_cache::node[]`, the per-node `struct kmem_cache_node *` array.
+    pub cache_node: Field,
+    /// `offsetof(struct bpf_array, pptrs)`, to find the per-CPU offsets.
+    pub bpf_array_pptrs: Field,
+    /// Linux 6.18+: per-CPU sheaves and per-node barns of freed objects.
+    pub sheaves: Option<SheafLayout>,
+}
+
+/// Slab sheaves (Linux 6.18+): arrays of free objects held per CPU, and full ones in each
+/// node's barn, that SLUB hands out before touching a slab.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SheafLayout {
+    /// `kmem_cache::cpu_sheaves`, a per-CPU `struct slub_percpu_sheaves *` (NULL when the cache
+    /// has no sheaves).
+    pub cache_cpu_sheaves: Field,
+    /// `slub_percpu_sheaves::{main, spare, rcu_free}`.
+    pub percpu_sheaves: [Field; 3],
+    pub sheaf_size: Field,
+    pub sheaf_objects: Field,
+    pub sheaf_barn_list: Field,
+    pub node_barn: Field,
+    pub barn_sheaves_full: Field,
+}
+
+impl FreeListLayout {
+    fn from_btf(btf: &Btf, slab: &btf_rs::Struct, cache: &btf_rs::Struct) -> Result<Self> {
+        let cpu = find_struct(btf, "kmem_cache_cpu")?;
+        let array = find_struct(btf, "bpf_array")?;
+        let sheaves = (|| -> Result<SheafLayout> {
+            let percpu = find_struct(btf, "slub_percpu_sheaves")?;
+            let sheaf = find_struct(btf, "slab_sheaf")?;
+            let node = find_struct(btf, "kmem_cache_node")?;
+            let barn = find_struct(btf, "node_barn")?;
+            Ok(SheafLayout {
+                cache_cpu_sheaves: member(btf, cache, "cpu_sheaves")?,
+                percpu_sheaves: [
+                    member(btf, &percpu, "main")?,
+                    member(btf, &percpu, "spare")?,
+                    member(btf, &percpu, "rcu_free")?,
+                ],
+                sheaf_size: member(btf, &sheaf, "size")?,
+                sheaf_objects: member(btf, &sheaf, "objects")?,
+                sheaf_barn_list: member(btf, &sheaf, "barn_list")?,
+                node_barn: member(btf, &node, "barn")?,
+                barn_sheaves_full: member(btf, &barn, "sheaves_full")?,
+            })
+        })()
+        .ok();
+        Ok(Self {
+            slab_frozen: member(btf, slab, "frozen")?,
+            cache_cpu_slab: member(btf, cache, "cpu_slab")?,
+            cpu_freelist: member(btf, &cpu, "freelist")?,
+            cpu_slab: member(btf, &cpu, "slab")?,
+            cache_node: member(btf, cache, "node")?,
+            bpf_array_pptrs: member(btf, &array, "pptrs")?,
+            sheaves,
+        })
+    }
 }
 
 impl SlabLayout {
@@ -42,9 +115,18 @@ impl SlabLayout {
             .map(|name| member(btf, &cache, name));
         let [size, object_size, offset, red_left_pad, name] = cache_fields;
         let random = member(btf, &cache, "random").ok();
+        let free_lists = FreeListLayout::from_btf(btf, &slab, &cache).ok();
+        let cpu_pointers = free_lists.map(|layout| {
+            [
+                Some(layout.cache_cpu_slab),
+                layout.sheaves.map(|sheaves| sheaves.cache_cpu_sheaves),
+            ]
+        });
         let cache_bytes = [name.as_ref().ok(), random.as_ref()]
             .into_iter()
             .flatten()
+            .copied()
+            .chain(cpu_pointers.into_iter().flatten().flatten())
             .map(|field| field.offset + 8)
             .max()
             .unwrap_or(0);
@@ -69,6 +151,7 @@ impl SlabLayout {
                 bit_shift: 0,
                 bits: 32,
             },
+            free_lists,
         })
     }
 }
@@ -93,5 +176,8 @@ mod tests {
             layout.cache_object_size.offset,
             layout.cache_size.offset + 4
         );
+        // The liveness check knows this kernel's free lists.
+        let free_lists = layout.free_lists.expect("SLUB's free list structures");
+        assert_eq!(free_lists.slab_frozen.bits, 1);
     }
 }

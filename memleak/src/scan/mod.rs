@@ -29,6 +29,7 @@ use crate::{
 
 mod bases;
 mod layout;
+mod liveness;
 mod owners;
 mod reader;
 mod render;
@@ -36,6 +37,7 @@ mod similarity;
 mod slabs;
 
 pub use layout::SlabLayout;
+pub use liveness::{Check as LivenessCheck, FreeReason, Query as LivenessQuery, State as Liveness};
 pub use owners::Object;
 pub use render::{Marking, ScanReport, Suspect, render_details, render_text, summary};
 
@@ -105,6 +107,8 @@ pub struct KernelView {
     reader: KernelReader,
     layout: SlabLayout,
     bases: KernelBases,
+    /// Each online CPU's per-CPU offset, once the liveness check has looked for them.
+    percpu_offsets: Option<Result<Vec<(u32, u64)>, String>>,
 }
 
 /// The slab layout from the kernel's BTF ([`kernel::parse_btf`]); an error saying so where
@@ -131,6 +135,7 @@ impl KernelView {
             reader,
             layout,
             bases,
+            percpu_offsets: None,
         })
     }
 
@@ -170,6 +175,7 @@ impl Scanner {
             reader,
             layout,
             bases,
+            ..
         } = &mut view;
         let slabs = slabs::read_slabs(reader, layout, bases, &pages.heads)?;
         let caches = slabs::read_caches(reader, layout, bases, &slabs)?;

@@ -53,34 +53,40 @@ fn find_head(flags: &[u64]) -> Head {
     }
 }
 
-/// The page frame number of the head of the slab holding page frame `pfn`.
-fn head_pfn(page_flags: &File, pfn: u64) -> Result<Option<u64>> {
+/// What the page flags say of the page frame holding an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageHead {
+    /// The page belongs to the slab whose first page frame this is.
+    Slab(u64),
+    /// The page is not part of a slab (any more).
+    NotSlab,
+    /// The flags could not be read, or the head lies beyond the largest slab.
+    Unknown,
+}
+
+/// Where the slab holding page frame `pfn` starts, if the page belongs to a slab.
+pub fn slab_head(page_flags: &File, pfn: u64) -> Result<PageHead> {
     let mut window = FIRST_WINDOW;
     loop {
         let first = pfn.saturating_sub(window - 1);
         let flags = slabs::page_flags(page_flags, first, pfn - first + 1)?;
         if flags.len() as u64 != pfn - first + 1 {
-            return Ok(None);
+            return Ok(PageHead::Unknown);
         }
         match find_head(&flags) {
-            Head::At(index) => return Ok(Some(first + index as u64)),
+            Head::At(index) => return Ok(PageHead::Slab(first + index as u64)),
+            Head::NotSlab => return Ok(PageHead::NotSlab),
             Head::Further if first > 0 && window < MAX_SLAB_PAGES => window *= 4,
-            Head::NotSlab | Head::Further => return Ok(None),
+            Head::Further => return Ok(PageHead::Unknown),
         }
     }
 }
 
 /// Whether `object` is one of the object slots of `slab`, a slab of `cache` starting at
 /// `slab_start`, with the slot size the allocator reported.
-fn holds(slab_start: u64, cache: &Cache, slab: &Slab, object: &Object) -> bool {
-    let size = u64::from(cache.size);
-    if object.size != cache.size && object.size != cache.object_size {
-        return false;
-    }
-    object
-        .address
-        .checked_sub(slab_start + u64::from(cache.red_left_pad))
-        .is_some_and(|offset| offset % size == 0 && offset / size < u64::from(slab.objects))
+pub fn holds(slab_start: u64, cache: &Cache, slab: &Slab, object: &Object) -> bool {
+    (object.size == cache.size || object.size == cache.object_size)
+        && cache.is_slot(slab_start, slab.objects, object.address)
 }
 
 /// The name of the cache holding each of `objects`, `None` where it cannot be established.
@@ -94,7 +100,10 @@ pub fn cache_names(
     let mut heads = Vec::with_capacity(objects.len());
     for object in objects {
         heads.push(if bases.in_direct_map(object.address) {
-            head_pfn(&page_flags, (object.address - bases.page_offset) / PAGE)?
+            match slab_head(&page_flags, (object.address - bases.page_offset) / PAGE)? {
+                PageHead::Slab(head) => Some(head),
+                PageHead::NotSlab | PageHead::Unknown => None,
+            }
         } else {
             None
         });
@@ -143,6 +152,8 @@ mod tests {
             offset: 0,
             red_left_pad,
             random: 0,
+            cpu_slab: 0,
+            cpu_sheaves: 0,
         }
     }
 
@@ -154,6 +165,7 @@ mod tests {
             freelist: 0,
             inuse: 21,
             objects: 21,
+            frozen: false,
         };
         let start = 0xffff_8880_0010_0000;
         let object = |address, size| Object { address, size };

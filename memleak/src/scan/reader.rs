@@ -5,7 +5,7 @@ use std::{
     ptr::NonNull,
 };
 
-use anyhow::{Context as _, Result, anyhow};
+use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::Map,
@@ -37,6 +37,7 @@ impl KernelReader {
             .map_max_entries("READ_CHUNKS", MAX_READS_PER_RUN)
             .map_max_entries("CACHE_NAMES", 1)
             .map_max_entries("COMMS", 1)
+            .map_max_entries("MISSED_FREE_SITES", 1)
             .load(EBPF_OBJECT)
             .context("creating the kernel memory reader's eBPF maps")?;
         let program: &mut RawTracePoint = ebpf
@@ -57,6 +58,10 @@ impl KernelReader {
     }
 
     fn run(&mut self, requests: usize) -> Result<()> {
+        self.run_on(requests, None)
+    }
+
+    fn run_on(&mut self, requests: usize, cpu: Option<u32>) -> Result<()> {
         let program: &RawTracePoint = self
             .ebpf
             .program(PROGRAM)
@@ -64,10 +69,64 @@ impl KernelReader {
             .try_into()?;
         let mut options = RawTracePointRunOptions::new();
         options.args[0] = requests as u64;
+        options.cpu = cpu;
         program
             .test_run(options)
             .context("running the kernel memory reader (BPF_PROG_TEST_RUN)")?;
         Ok(())
+    }
+
+    /// Each online CPU's `__per_cpu_offset`, proven: a value memleak writes into each CPU's
+    /// slot of a per-CPU map must read back at the map's per-CPU pointer plus the offset.
+    /// `pptrs_offset` is `offsetof(struct bpf_array, pptrs)`.
+    pub fn percpu_offsets(&mut self, pptrs_offset: u64) -> Result<Vec<(u32, u64)>> {
+        let cpus =
+            aya::util::online_cpus().map_err(|(path, error)| anyhow!("reading {path}: {error}"))?;
+        let possible = aya::util::nr_cpus()
+            .map_err(|(path, error)| anyhow!("reading {path}: {error}"))?
+            .get() as usize;
+        let mut elements = Vec::with_capacity(cpus.len());
+        let mut map_address = 0;
+        for &cpu in &cpus {
+            self.run_on(0, Some(cpu))
+                .with_context(|| format!("running the reader on CPU {cpu}"))?;
+            let addresses: aya::maps::Array<&aya::maps::MapData, u64> =
+                aya::maps::Array::try_from(map(&self.ebpf, "READER_PERCPU_ADDRESSES")?)?;
+            elements.push(
+                addresses
+                    .get(&0, 0)
+                    .context("reading READER_PERCPU_ADDRESSES")?,
+            );
+            map_address = addresses
+                .get(&1, 0)
+                .context("reading READER_PERCPU_ADDRESSES")?;
+        }
+        let pointer = self
+            .read_u64(map_address.wrapping_add(pptrs_offset))?
+            .ok_or_else(|| anyhow!("the per-CPU map at {map_address:#x} cannot be read"))?;
+        let markers: Vec<u64> = (0..possible)
+            .map(|cpu| 0x6d65_6d6c_6561_6b00 ^ (cpu as u64) << 8 ^ u64::from(std::process::id()))
+            .collect();
+        let mut slots: aya::maps::PerCpuArray<&mut aya::maps::MapData, u64> =
+            aya::maps::PerCpuArray::try_from(map_mut(&mut self.ebpf, "READER_PERCPU")?)?;
+        slots
+            .set(0, markers.clone().try_into()?, 0)
+            .context("writing READER_PERCPU")?;
+        let offsets: Vec<(u32, u64)> = cpus
+            .iter()
+            .zip(elements)
+            .map(|(&cpu, element)| (cpu, element.wrapping_sub(pointer)))
+            .collect();
+        for &(cpu, offset) in &offsets {
+            let read = self.read_u64(pointer.wrapping_add(offset))?;
+            if read != Some(markers[cpu as usize]) {
+                bail!(
+                    "CPU {cpu}'s per-CPU offset {offset:#x} does not lead to memleak's marker \
+                     (per-CPU pointer {pointer:#x})"
+                );
+            }
+        }
+        Ok(offsets)
     }
 
     /// Reads each `(address, length)` (length at most one page) and calls `visit` with its
@@ -135,6 +194,11 @@ impl KernelReader {
 
 fn map<'a>(ebpf: &'a Ebpf, name: &str) -> Result<&'a Map> {
     ebpf.map(name)
+        .ok_or_else(|| anyhow!("eBPF object has no {name} map"))
+}
+
+fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Map> {
+    ebpf.map_mut(name)
         .ok_or_else(|| anyhow!("eBPF object has no {name} map"))
 }
 

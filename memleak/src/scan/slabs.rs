@@ -103,6 +103,8 @@ pub struct Slab {
     pub freelist: u64,
     pub inuse: u32,
     pub objects: u32,
+    /// Some CPU's slab: its free objects are on that CPU's lockless freelist.
+    pub frozen: bool,
 }
 
 /// Reads the `struct slab` of every page in `heads`, 64 at a time (one vmemmap page).
@@ -143,6 +145,9 @@ pub fn read_slabs(
             freelist: read(layout.slab_freelist),
             inuse: read(layout.slab_inuse) as u32,
             objects: read(layout.slab_objects) as u32,
+            frozen: layout
+                .free_lists
+                .is_some_and(|free| read(free.slab_frozen) != 0),
         });
     }
     Ok(slabs)
@@ -160,6 +165,32 @@ pub struct Cache {
     pub red_left_pad: u32,
     /// Free pointer obfuscation key (CONFIG_SLAB_FREELIST_HARDENED), 0 without.
     pub random: u64,
+    /// The per-CPU `struct kmem_cache_cpu *` (0 where the layout is not known).
+    pub cpu_slab: u64,
+    /// The per-CPU `struct slub_percpu_sheaves *`, 0 when the cache has no sheaves.
+    pub cpu_sheaves: u64,
+}
+
+impl Cache {
+    /// The next object of a freelist, from the free pointer `stored` at `pointer_address`
+    /// (an object's address plus `offset`), decoded as SLUB encodes it with
+    /// CONFIG_SLAB_FREELIST_HARDENED: `next ^ random ^ swab(pointer_address)`.
+    pub fn decode_free_pointer(&self, pointer_address: u64, stored: u64) -> u64 {
+        if self.random != 0 {
+            stored ^ self.random ^ pointer_address.swap_bytes()
+        } else {
+            stored
+        }
+    }
+
+    /// Whether `address` is one of the object slots of the slab of `objects` objects whose
+    /// first page is at `slab_start`.
+    pub fn is_slot(&self, slab_start: u64, objects: u32, address: u64) -> bool {
+        let size = u64::from(self.size);
+        address
+            .checked_sub(slab_start + u64::from(self.red_left_pad))
+            .is_some_and(|offset| offset % size == 0 && offset / size < u64::from(objects))
+    }
 }
 
 /// Reads the caches that `slabs` belong to. A cache whose name does not read back as a
@@ -212,6 +243,15 @@ pub fn read_caches(
             random: layout
                 .cache_random
                 .and_then(|field| field.read(&bytes))
+                .unwrap_or(0),
+            cpu_slab: layout
+                .free_lists
+                .and_then(|free| free.cache_cpu_slab.read(&bytes))
+                .unwrap_or(0),
+            cpu_sheaves: layout
+                .free_lists
+                .and_then(|free| free.sheaves)
+                .and_then(|sheaves| sheaves.cache_cpu_sheaves.read(&bytes))
                 .unwrap_or(0),
         };
         if cache.size > 0 && cache.object_size > 0 && cache.object_size <= cache.size {
@@ -428,11 +468,7 @@ fn free_objects(cache: &Cache, slab: &Slab, start: u64, bytes: &[u8]) -> Option<
         let pointer_address = object + u64::from(cache.offset);
         let at = (pointer_address - start + u64::from(cache.red_left_pad)) as usize;
         let stored = u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?);
-        object = if cache.random != 0 {
-            stored ^ cache.random ^ pointer_address.swap_bytes()
-        } else {
-            stored
-        };
+        object = cache.decode_free_pointer(pointer_address, stored);
     }
     Some(free)
 }
@@ -450,6 +486,8 @@ mod tests {
             offset: 32,
             red_left_pad: 0,
             random,
+            cpu_slab: 0,
+            cpu_sheaves: 0,
         }
     }
 
@@ -474,6 +512,7 @@ mod tests {
             freelist: start + 5 * 64,
             inuse: 5,
             objects: 8,
+            frozen: false,
         };
         (slab, bytes)
     }
