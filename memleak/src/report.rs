@@ -114,6 +114,8 @@ pub struct LivenessStats {
     /// structures that could not be walked); they stay in the entries, counted in each
     /// entry's `unverified`.
     pub unverified: u64,
+    /// How long the check took.
+    pub liveness_check_ms: u64,
 }
 
 #[derive(Debug, Default, Serialize)]

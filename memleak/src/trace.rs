@@ -554,6 +554,7 @@ fn check_liveness(
             stats,
         });
     }
+    let started = Instant::now();
     let check = match memory.view().and_then(|view| view.liveness(&queries)) {
         Ok(check) => check,
         Err(error) => {
@@ -572,6 +573,7 @@ fn check_liveness(
     for state in &check.states {
         stats.count(*state);
     }
+    stats.liveness_check_ms = started.elapsed().as_millis() as u64;
     if stats.verified_free > 0 {
         notes.push(format!(
             "{} outstanding slab objects were found free in kernel memory (freed without a kmem \

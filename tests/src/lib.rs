@@ -222,3 +222,93 @@ pub fn loaded_program_names() -> Result<Vec<String>> {
 pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
+
+/// What [`trace_churn_beside_held`] saw: the report, and the pid of the fixture that held
+/// its eventfds through the whole window.
+pub struct ChurnTrace {
+    pub report: Value,
+    pub holder_pid: u32,
+}
+
+/// Starts `memleak trace --duration WINDOW --format json --top 100000`, then the fixture
+/// `hold-eventfds HELD` and, once it is `ready`, the fixture `CHURN COUNT`, which must say `done`
+/// at least two seconds before the window ends (it frees all it allocates before that). Waits
+/// for the report, then lets the holder release its eventfds.
+pub fn trace_churn_beside_held(
+    window: Duration,
+    held: u64,
+    churn: &str,
+    count: u64,
+) -> Result<ChurnTrace> {
+    let duration = format!("{}ms", window.as_millis());
+    let (tracer, _stderr) = start_tracer(&[
+        "--duration",
+        &duration,
+        "--format",
+        "json",
+        "--top",
+        "100000",
+    ])?;
+    let started = Instant::now();
+    let mut holder = Guard::new(
+        Command::new(fixture_binary()?)
+            .args(["hold-eventfds", &held.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting the holding fixture")?,
+    );
+    let holder_pid = holder.child().id();
+    let stdout = holder.child().stdout.take().context("fixture stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .context("reading the holding fixture")?;
+    ensure!(line.trim() == "ready", "holding fixture said {line:?}");
+    let churned = Command::new(fixture_binary()?)
+        .args([churn, &count.to_string()])
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running the fixture {churn} {count}"))?;
+    ensure!(
+        churned.status.success() && String::from_utf8_lossy(&churned.stdout).trim() == "done",
+        "{churn} {count} failed ({}): {}{}",
+        churned.status,
+        String::from_utf8_lossy(&churned.stdout),
+        String::from_utf8_lossy(&churned.stderr)
+    );
+    let took = started.elapsed();
+    ensure!(
+        took + Duration::from_secs(2) <= window,
+        "{churn} {count} took {took:?} of the {window:?} window: too close to its end for its \
+         frees to be seen"
+    );
+    let report = finish_tracer(tracer)?;
+    drop(holder.child().stdin.take());
+    holder.child().wait()?;
+    Ok(ChurnTrace { report, holder_pid })
+}
+
+/// Entries of `report.stacks` allocated (in part) by processes named `comm`, each with the
+/// most of its objects those processes can hold: its count less what the other processes
+/// listed for it hold (an entry lists at most five processes, so a workload of many short
+/// processes is mostly unlisted).
+pub fn entries_of_comm<'a>(report: &'a Value, comm: &str) -> Vec<(&'a Value, u64)> {
+    let Some(stacks) = report["stacks"].as_array() else {
+        return Vec::new();
+    };
+    stacks
+        .iter()
+        .filter_map(|entry| {
+            let processes = entry["processes"].as_array()?;
+            let (mine, others): (Vec<&Value>, Vec<&Value>) = processes
+                .iter()
+                .partition(|process| process["comm"].as_str() == Some(comm));
+            if mine.is_empty() {
+                return None;
+            }
+            let others: u64 = others.iter().map(|process| count_of(process)).sum();
+            Some((entry, count_of(entry).saturating_sub(others)))
+        })
+        .collect()
+}

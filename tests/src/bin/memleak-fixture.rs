@@ -16,6 +16,32 @@
 //! `struct msg_msg` in load_msg), prints the queue id and exits, leaving the queue behind.
 //! `clean-messages N`: the same, but removes the queue before exiting.
 //!
+//! Free-path churn, for the liveness check (every object these allocate is freed before they
+//! print `done`, but through kernel paths that fire no per-object free tracepoint on 6.18:
+//! kfree_rcu batches, bulk frees, slab sheaves). Each names its task after itself with
+//! prctl(PR_SET_NAME), then does its work in a child process, which inherits the name from its
+//! start (as do its own children), so reports attribute entries by `processes[].comm`:
+//! `churn-epolls N`: epoll_create1 and close, N times (a `struct eventpoll`, kmalloc-256, freed
+//! with kfree_rcu).
+//! `churn-processes N`: N child processes, one at a time, each mmapping and touching 32
+//! anonymous regions, then munmapping them, before it exits (maple nodes and VMAs, freed through
+//! sheaves and kfree_rcu).
+//! `churn-threads N`: N threads, one at a time, each spawned and joined (its stack is mmapped
+//! and munmapped: VMAs and maple nodes).
+//! `churn-timerfds N`: timerfd_create, armed, and closed, N times (a `struct timerfd_ctx`,
+//! freed with kfree_rcu).
+//! `churn-tcp N`: N loopback TCP connections, each connected, accepted and closed with a reset
+//! (SO_LINGER 0), so no TIME_WAIT socket outlives it.
+//! `churn-udp N`, `churn-unix N`: N UDP sockets bound to loopback / N unix socketpairs, each
+//! sending one datagram, then closed.
+//! `churn-io-uring N`: io_uring_setup (8 entries) and close, N times.
+//! `churn-bpf-hash N`: N BPF hash maps of 64 entries allocated on update (BPF_F_NO_PREALLOC),
+//! each filled, emptied and closed.
+//! `churn-inotify N`: inotify_init1 with a watch on /tmp, and close, N times.
+//! `churn-mount-ns N`: N child processes, one at a time, each unsharing its mount namespace
+//! (copying the mount tree) before it exits.
+//! `churn-pidfds N`: N child processes, each opened as a pidfd, reaped, and closed.
+//!
 //! Steady growth, for `memleak classify` (RATE per second for SECONDS, then hold):
 //! `grow-eventfds RATE SECONDS`: prints `started`, creates RATE eventfds per second (each one
 //! a `struct eventfd_ctx` from kmalloc, a `struct file` from the filp cache, both unreclaimable
@@ -166,6 +192,15 @@ const PERCPU_ENTRIES: u32 = 16;
 /// Creates a BPF array map. A 1 MiB array (256 values of 4 KiB) has its storage vmalloc'ed
 /// (bpf_map_area_alloc); a percpu array allocates each element with __alloc_percpu_gfp.
 fn create_bpf_map(map_type: u32, value_size: u32, max_entries: u32) -> Result<libc::c_int, String> {
+    create_bpf_map_with_flags(map_type, value_size, max_entries, 0)
+}
+
+fn create_bpf_map_with_flags(
+    map_type: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+) -> Result<libc::c_int, String> {
     #[repr(C)]
     struct MapCreate {
         map_type: u32,
@@ -179,7 +214,7 @@ fn create_bpf_map(map_type: u32, value_size: u32, max_entries: u32) -> Result<li
         key_size: 4,
         value_size,
         max_entries,
-        map_flags: 0,
+        map_flags,
     };
     const BPF_MAP_CREATE: libc::c_long = 0;
     let fd = unsafe {
@@ -333,6 +368,8 @@ fn run(args: &[String]) -> Result<(), String> {
         return Err(
             "usage: memleak-fixture hold-eventfds|wait-then-hold-eventfds|churn-eventfds|hold-bpf-maps\
              |hold-pipe-pages|churn-pipe-pages|leave-messages|clean-messages N \
+             | churn-epolls|churn-processes|churn-threads|churn-timerfds|churn-tcp|churn-udp\
+             |churn-unix|churn-io-uring|churn-bpf-hash|churn-inotify|churn-mount-ns|churn-pidfds N \
              | bench-churn|bench-mixed MILLIS | grow-eventfds|grow-bpf-maps|grow-pipe-pages RATE SECONDS"
                 .into(),
         );
@@ -365,6 +402,9 @@ fn run(args: &[String]) -> Result<(), String> {
             }
             say("done");
             Ok(())
+        }
+        churn if churn.starts_with("churn-") && churn != "churn-pipe-pages" => {
+            free_path_churn(churn, number)
         }
         "bench-churn" => bench(Duration::from_millis(number), || {
             let fd = eventfd().map_err(|error| format!("eventfd: {error}"))?;
@@ -551,4 +591,339 @@ fn dissimilar_messages(count: &str) -> Result<(), String> {
     say("sent");
     hold_until_eof();
     Ok(())
+}
+
+/// Names this task (and the children it forks) `name`, as `/proc/PID/comm` and the kernel's
+/// `current->comm` show it; the kernel keeps the first 15 bytes.
+fn set_task_name(name: &str) -> Result<(), String> {
+    let mut bytes = [0u8; 16];
+    for (to, from) in bytes.iter_mut().zip(name.bytes().take(15)) {
+        *to = from;
+    }
+    if unsafe { libc::prctl(libc::PR_SET_NAME, bytes.as_ptr()) } != 0 {
+        return Err(format!(
+            "prctl(PR_SET_NAME): {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+fn last_error(what: &str) -> String {
+    format!("{what}: {}", std::io::Error::last_os_error())
+}
+
+/// A syscall's descriptor result, or the error it set.
+fn fd_or_error(fd: libc::c_long, what: &str) -> Result<libc::c_int, String> {
+    if fd < 0 {
+        return Err(last_error(what));
+    }
+    Ok(fd as libc::c_int)
+}
+
+/// The `churn-*` workloads that free through RCU, bulk or sheaf paths: names the task after the
+/// workload, runs one cycle `count` times (every cycle frees all it allocated), prints `done`.
+fn free_path_churn(workload: &str, count: u64) -> Result<(), String> {
+    let cycle: fn() -> Result<(), String> = match workload {
+        "churn-epolls" => epoll_cycle,
+        "churn-processes" => || run_child(touch_anonymous_regions),
+        "churn-threads" => || {
+            std::thread::Builder::new()
+                .stack_size(256 * 1024)
+                .spawn(|| std::hint::black_box(0))
+                .map_err(|error| format!("spawning a thread: {error}"))?
+                .join()
+                .map(drop)
+                .map_err(|_| "a thread panicked".to_owned())
+        },
+        "churn-timerfds" => timerfd_cycle,
+        "churn-tcp" => tcp_cycle,
+        "churn-udp" => udp_cycle,
+        "churn-unix" => unix_cycle,
+        "churn-io-uring" => io_uring_cycle,
+        "churn-bpf-hash" => bpf_hash_cycle,
+        "churn-inotify" => inotify_cycle,
+        "churn-mount-ns" => || run_child(|| unsafe { libc::unshare(libc::CLONE_NEWNS) } == 0),
+        "churn-pidfds" => pidfd_cycle,
+        other => return Err(format!("unknown workload `{other}`")),
+    };
+    set_task_name(workload)?;
+    // The work runs in a child: memleak names a process by its task name at the first
+    // allocation it sees from it, which for this process came before prctl, at exec.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(last_error("fork"));
+    }
+    if pid == 0 {
+        let status = match (0..count).try_for_each(|_| cycle()) {
+            Ok(()) => 0,
+            Err(message) => {
+                eprintln!("memleak-fixture: {message}");
+                1
+            }
+        };
+        unsafe { libc::_exit(status) };
+    }
+    reap(pid)?;
+    say("done");
+    Ok(())
+}
+
+fn epoll_cycle() -> Result<(), String> {
+    let fd = fd_or_error(
+        unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) }.into(),
+        "epoll_create1",
+    )?;
+    unsafe { libc::close(fd) };
+    Ok(())
+}
+
+/// Forks a child that runs `work` (async-signal-safe calls only: this process may have
+/// threads) and exits with its verdict; waits for it.
+fn run_child(work: fn() -> bool) -> Result<(), String> {
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(last_error("fork"));
+    }
+    if pid == 0 {
+        let status = if work() { 0 } else { 1 };
+        unsafe { libc::_exit(status) };
+    }
+    reap(pid)
+}
+
+fn reap(pid: libc::pid_t) -> Result<(), String> {
+    let mut status = 0;
+    if unsafe { libc::waitpid(pid, &mut status, 0) } != pid {
+        return Err(last_error("waitpid"));
+    }
+    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        return Err(format!("child {pid} failed: wait status {status:#x}"));
+    }
+    Ok(())
+}
+
+/// Anonymous regions each `churn-processes` child maps, and the pages of each. Neighbours get
+/// different protections, so that each is a VMA of its own (and a maple tree entry).
+const CHILD_REGIONS: usize = 32;
+const CHILD_REGION_PAGES: usize = 4;
+
+/// In a forked child: maps CHILD_REGIONS regions, writes a byte to each of their pages, then
+/// unmaps them all.
+fn touch_anonymous_regions() -> bool {
+    let length = CHILD_REGION_PAGES * 4096;
+    let mut regions = [std::ptr::null_mut(); CHILD_REGIONS];
+    for (index, region) in regions.iter_mut().enumerate() {
+        let protection = if index % 2 == 0 {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC
+        };
+        let mapped = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                length,
+                protection,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if mapped == libc::MAP_FAILED {
+            return false;
+        }
+        for page in 0..CHILD_REGION_PAGES {
+            unsafe { mapped.cast::<u8>().add(page * 4096).write_volatile(1) };
+        }
+        *region = mapped;
+    }
+    regions
+        .iter()
+        .all(|&region| unsafe { libc::munmap(region, length) } == 0)
+}
+
+fn timerfd_cycle() -> Result<(), String> {
+    let fd = fd_or_error(
+        unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_CLOEXEC) }.into(),
+        "timerfd_create",
+    )?;
+    let spec = libc::itimerspec {
+        it_interval: libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        },
+        it_value: libc::timespec {
+            tv_sec: 3600,
+            tv_nsec: 0,
+        },
+    };
+    let armed = unsafe { libc::timerfd_settime(fd, 0, &spec, std::ptr::null_mut()) };
+    unsafe { libc::close(fd) };
+    if armed != 0 {
+        return Err(last_error("timerfd_settime"));
+    }
+    Ok(())
+}
+
+fn set_socket_option<T>(fd: libc::c_int, level: libc::c_int, name: libc::c_int, value: &T) {
+    unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            std::ptr::from_ref(value).cast(),
+            size_of::<T>() as libc::socklen_t,
+        )
+    };
+}
+
+/// One loopback TCP connection: listen, connect, accept, then close all three with a reset
+/// (linger 0) so that no TIME_WAIT socket is left behind.
+fn tcp_cycle() -> Result<(), String> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .map_err(|error| format!("listening on 127.0.0.1: {error}"))?;
+    let address = listener
+        .local_addr()
+        .map_err(|error| format!("listener address: {error}"))?;
+    let client =
+        TcpStream::connect(address).map_err(|error| format!("connecting to {address}: {error}"))?;
+    let (server, _) = listener
+        .accept()
+        .map_err(|error| format!("accepting on {address}: {error}"))?;
+    let reset = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    use std::os::fd::AsRawFd as _;
+    for stream in [&client, &server] {
+        set_socket_option(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &reset,
+        );
+    }
+    drop((client, server, listener));
+    Ok(())
+}
+
+fn udp_cycle() -> Result<(), String> {
+    let socket = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
+        .map_err(|error| format!("binding a UDP socket: {error}"))?;
+    let address = socket
+        .local_addr()
+        .map_err(|error| format!("UDP address: {error}"))?;
+    socket
+        .send_to(b"memleak", address)
+        .map_err(|error| format!("sending to {address}: {error}"))?;
+    let mut buffer = [0; 16];
+    socket
+        .recv(&mut buffer)
+        .map_err(|error| format!("receiving on {address}: {error}"))?;
+    Ok(())
+}
+
+fn unix_cycle() -> Result<(), String> {
+    let (one, other) =
+        std::os::unix::net::UnixDatagram::pair().map_err(|error| format!("socketpair: {error}"))?;
+    one.send(b"memleak")
+        .map_err(|error| format!("unix send: {error}"))?;
+    let mut buffer = [0; 16];
+    other
+        .recv(&mut buffer)
+        .map_err(|error| format!("unix recv: {error}"))?;
+    Ok(())
+}
+
+fn io_uring_cycle() -> Result<(), String> {
+    // struct io_uring_params: 120 bytes, all zero but what the kernel fills in.
+    let mut params = [0u8; 120];
+    let fd = fd_or_error(
+        unsafe { libc::syscall(libc::SYS_io_uring_setup, 8u32, params.as_mut_ptr()) },
+        "io_uring_setup",
+    )?;
+    unsafe { libc::close(fd) };
+    Ok(())
+}
+
+const BPF_MAP_TYPE_HASH: u32 = 1;
+const HASH_ENTRIES: u32 = 64;
+
+/// A BPF hash map: created, filled with HASH_ENTRIES elements, emptied, closed.
+fn bpf_hash_cycle() -> Result<(), String> {
+    #[repr(C)]
+    struct ElementAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+    const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+    /// Elements allocated on update and freed on delete, instead of preallocated with the map.
+    const BPF_F_NO_PREALLOC: u32 = 1;
+    let map = create_bpf_map_with_flags(BPF_MAP_TYPE_HASH, 8, HASH_ENTRIES, BPF_F_NO_PREALLOC)?;
+    let value = 0u64;
+    let mut result = Ok(());
+    'elements: for command in [BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM] {
+        for key in 0..HASH_ENTRIES {
+            let attr = ElementAttr {
+                map_fd: map as u32,
+                _pad: 0,
+                key: std::ptr::from_ref(&key) as u64,
+                // Deleting takes no value: the field must be zero.
+                value: if command == BPF_MAP_UPDATE_ELEM {
+                    std::ptr::from_ref(&value) as u64
+                } else {
+                    0
+                },
+                flags: 0,
+            };
+            let done = unsafe {
+                libc::syscall(
+                    libc::SYS_bpf,
+                    command,
+                    std::ptr::from_ref(&attr),
+                    size_of::<ElementAttr>(),
+                )
+            };
+            if done != 0 {
+                result = Err(last_error("bpf map element"));
+                break 'elements;
+            }
+        }
+    }
+    unsafe { libc::close(map) };
+    result
+}
+
+fn inotify_cycle() -> Result<(), String> {
+    let fd = fd_or_error(
+        unsafe { libc::inotify_init1(libc::IN_CLOEXEC) }.into(),
+        "inotify_init1",
+    )?;
+    let watched = unsafe { libc::inotify_add_watch(fd, c"/tmp".as_ptr(), libc::IN_CREATE) };
+    unsafe { libc::close(fd) };
+    if watched < 0 {
+        return Err(last_error("inotify_add_watch"));
+    }
+    Ok(())
+}
+
+fn pidfd_cycle() -> Result<(), String> {
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(last_error("fork"));
+    }
+    if pid == 0 {
+        unsafe { libc::_exit(0) };
+    }
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let reaped = reap(pid);
+    if pidfd >= 0 {
+        unsafe { libc::close(pidfd as libc::c_int) };
+    }
+    fd_or_error(pidfd, "pidfd_open")?;
+    reaped
 }
