@@ -234,7 +234,9 @@ pub struct TracerConfig {
     pub kmem_cache_object_size_offset: u32,
     /// `offsetof(struct kmem_cache, name)`.
     pub kmem_cache_name_offset: u32,
-    pub _reserved: u32,
+    /// Nonzero before Linux 6.3, where `kvfree_call_rcu`'s second argument is the offset of
+    /// the object's rcu_head (or the object itself when the head is NULL), not the object.
+    pub kvfree_rcu_passes_offset: u32,
     pub classic: ClassicOffsets,
 }
 
@@ -251,7 +253,7 @@ impl TracerConfig {
         kmem_cache_size_offset: 0,
         kmem_cache_object_size_offset: 0,
         kmem_cache_name_offset: 0,
-        _reserved: 0,
+        kvfree_rcu_passes_offset: 0,
         classic: ClassicOffsets::NONE,
     };
 }

@@ -8,6 +8,7 @@
 #![allow(internal_features)]
 
 mod classic;
+mod free_paths;
 mod maps;
 mod page;
 mod percpu;

@@ -29,6 +29,27 @@ pub fn parse_btf() -> Result<Option<btf_rs::Btf>> {
         .map(Some)
 }
 
+/// Whether `kvfree_call_rcu` takes the offset of the object's rcu_head as its second argument
+/// (`rcu_callback_t func`, before Linux 6.3) rather than the object (`void *ptr`), from the
+/// name of that parameter in the kernel's BTF.
+pub fn kvfree_rcu_passes_offset(btf: &btf_rs::Btf) -> bool {
+    let second_parameter = || -> Option<String> {
+        let function = btf
+            .resolve_types_by_name("kvfree_call_rcu")
+            .ok()?
+            .into_iter()
+            .find_map(|candidate| match candidate {
+                btf_rs::Type::Func(function) => Some(function),
+                _ => None,
+            })?;
+        let btf_rs::Type::FuncProto(prototype) = btf.resolve_chained_type(&function).ok()? else {
+            return None;
+        };
+        btf.resolve_name(prototype.parameters.get(1)?).ok()
+    };
+    second_parameter().as_deref() == Some("func")
+}
+
 /// Offsets in `struct kmem_cache` that the tp_btf programs read through the cache pointer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KmemCacheLayout {

@@ -4,7 +4,7 @@ use std::{fmt, os::fd::AsFd as _};
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    programs::{BtfTracePoint, ProgramError, TracePoint},
+    programs::{BtfTracePoint, FEntry, ProgramError, TracePoint},
 };
 use memleak_common::{SLOTS_PER_BUCKET, TracerConfig};
 
@@ -58,6 +58,9 @@ pub struct Tracer {
     pub attached: Attached,
     /// Events this kernel lacks, and why the tp_btf attempt failed when it fell back.
     pub notes: Vec<String>,
+    /// The free paths followed, each with how: `kmem:kfree (tp_btf)`,
+    /// `kvfree_call_rcu (fentry)`.
+    pub free_paths: Vec<String>,
 }
 
 impl TracerSettings {
@@ -81,6 +84,14 @@ const VMALLOC_PROGRAMS: [(&str, &str); 2] = [
 const PERCPU_PROGRAMS: [(&str, &str); 2] = [
     ("percpu_alloc_btf", "percpu_alloc_percpu"),
     ("percpu_free_btf", "percpu_free_percpu"),
+];
+
+/// Frees that fire no per-object kmem event, followed with fentry (Linux 5.5+, kernel BTF,
+/// ftrace direct calls): kfree_rcu and kvfree_rcu, and bulk frees (kfree_bulk, kfree_rcu's
+/// batches; Linux 5.17+ for the bpf_loop over the objects).
+const FREE_PATH_PROGRAMS: [(&str, &str); 2] = [
+    ("kvfree_call_rcu_fentry", "kvfree_call_rcu"),
+    ("kmem_cache_free_bulk_fentry", "kmem_cache_free_bulk"),
 ];
 
 /// Classic tracepoint programs: Linux 4.7+ (the table's atomics need 5.12+).
@@ -143,6 +154,7 @@ pub fn attach(settings: &TracerSettings, btf: Option<&btf_rs::Btf>) -> Result<Tr
     config.classic = page_plan
         .as_ref()
         .map_or(plan.offsets, |pages| pages.offsets);
+    config.kvfree_rcu_passes_offset = btf.is_some_and(kernel::kvfree_rcu_passes_offset).into();
 
     // Every program is loaded (verified) before any is attached, and frees are attached
     // before allocations: otherwise the verifier's own allocations while later programs load
@@ -161,6 +173,22 @@ pub fn attach(settings: &TracerSettings, btf: Option<&btf_rs::Btf>) -> Result<Tr
             &mut hooks,
             &mut notes,
         )?;
+    }
+    if attached == Attached::ClassicTracepoints && settings.kinds.contains(&Kind::Slab) {
+        prefer_fentry_for_frees(&mut ebpf, &tp_btf, &mut hooks);
+    }
+    if settings.kinds.contains(&Kind::Slab) {
+        for &(name, function) in &FREE_PATH_PROGRAMS {
+            match load_fentry(&mut ebpf, name, function, &tp_btf) {
+                Ok(()) => hooks.push(Hook::FEntry { name, function }),
+                Err(error) => notes.push(format!(
+                    "frees through {function} are not followed as they happen ({}): slab \
+                     objects freed that way are found free in kernel memory at report time \
+                     instead",
+                    one_line(&format!("{error:#}"))
+                )),
+            }
+        }
     }
     for (kind, programs) in [
         (Kind::Vmalloc, &VMALLOC_PROGRAMS),
@@ -188,7 +216,46 @@ pub fn attach(settings: &TracerSettings, btf: Option<&btf_rs::Btf>) -> Result<Tr
     for hook in &hooks {
         hook.attach(&mut ebpf)?;
     }
-    Tracer::new(ebpf, attached, buckets, notes)
+    let free_paths = hooks
+        .iter()
+        .filter(|hook| hook.event().contains("free"))
+        .map(Hook::describe)
+        .collect();
+    Tracer::new(ebpf, attached, buckets, notes, free_paths)
+}
+
+/// The slab free hooks as fentry programs, for kernels where the slab hooks are classic
+/// tracepoints (see memleak-ebpf/src/free_paths.rs for why).
+const FENTRY_FREE_PROGRAMS: [(&str, &str); 2] = [
+    ("kfree_fentry", "kfree"),
+    ("kmem_cache_free_fentry", "kmem_cache_free"),
+];
+
+/// Replaces the classic kfree and kmem_cache_free hooks with fentry ones, when both load.
+fn prefer_fentry_for_frees(ebpf: &mut Ebpf, btf: &LazyBtf, hooks: &mut Vec<Hook<'_>>) {
+    for &(name, function) in &FENTRY_FREE_PROGRAMS {
+        if let Err(error) = load_fentry(ebpf, name, function, btf) {
+            log::info!("frees stay on classic tracepoints: {error:#}");
+            return;
+        }
+    }
+    hooks.retain(|hook| {
+        !matches!(hook, Hook::Classic { event, .. }
+            if FENTRY_FREE_PROGRAMS.iter().any(|&(_, function)| function == *event))
+    });
+    hooks.extend(
+        FENTRY_FREE_PROGRAMS
+            .iter()
+            .map(|&(name, function)| Hook::FEntry { name, function }),
+    );
+}
+
+/// Loads (verifies) one fentry program of the free paths without a kmem event.
+fn load_fentry(ebpf: &mut Ebpf, name: &str, function: &str, btf: &LazyBtf) -> Result<()> {
+    let program: &mut FEntry = program_mut(ebpf, name)?.try_into()?;
+    program
+        .load(function, btf.get()?)
+        .map_err(|error| explain_load_error(name, error))
 }
 
 /// Records in the report's notes that a kind of memory is not followed, and why.
@@ -217,6 +284,10 @@ enum Hook<'a> {
         category: &'a str,
         event: &'a str,
     },
+    FEntry {
+        name: &'static str,
+        function: &'static str,
+    },
 }
 
 impl<'a> Hook<'a> {
@@ -224,6 +295,18 @@ impl<'a> Hook<'a> {
         match *self {
             Self::Btf { event, .. } => event,
             Self::Classic { event, .. } => event,
+            Self::FEntry { function, .. } => function,
+        }
+    }
+
+    /// The event or function, and how it is hooked, for the report.
+    fn describe(&self) -> String {
+        match *self {
+            Self::Btf { event, .. } => format!("{event} (tp_btf)"),
+            Self::Classic {
+                category, event, ..
+            } => format!("{category}:{event} (tracepoint)"),
+            Self::FEntry { function, .. } => format!("{function} (fentry)"),
         }
     }
 
@@ -244,6 +327,12 @@ impl<'a> Hook<'a> {
                 program.attach(category, event).with_context(|| {
                     format!("attaching {name} to tracepoint {category}:{event}")
                 })?;
+            }
+            Self::FEntry { name, function } => {
+                let program: &mut FEntry = program_mut(ebpf, name)?.try_into()?;
+                program
+                    .attach()
+                    .with_context(|| format!("attaching {name} to fentry/{function}"))?;
             }
         }
         Ok(())
@@ -321,6 +410,7 @@ impl Tracer {
         attached: Attached,
         buckets: u32,
         notes: Vec<String>,
+        free_paths: Vec<String>,
     ) -> Result<Self> {
         let maps = TracerMaps::take(&mut programs, buckets)?;
         Ok(Self {
@@ -328,6 +418,7 @@ impl Tracer {
             maps,
             attached,
             notes,
+            free_paths,
         })
     }
 }
@@ -401,6 +492,9 @@ fn explain_load_error(program: &str, error: ProgramError) -> anyhow::Error {
                 .take(3)
                 .collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
+            if tail.is_empty() {
+                return anyhow!("the kernel refused to load {program}: {io_error}");
+            }
             anyhow!(
                 "the kernel's verifier rejected {program} ({io_error}): {}",
                 tail.join(" | ")

@@ -23,6 +23,10 @@ pub struct Report {
     pub duration_ms: u64,
     /// `tp_btf` or `tracepoint`.
     pub attach: String,
+    /// The free paths followed as they happen, each with its hook: `kfree (tp_btf)`,
+    /// `kvfree_call_rcu (fentry)`. Frees by other paths are found at report time by the
+    /// liveness check (slab) or not at all (see `notes`).
+    pub free_paths: Vec<String>,
     /// One object in `sample_rate` is tracked; counts and bytes are scaled up by it.
     pub sample_rate: u32,
     pub stack_sample_rate: u32,
@@ -339,6 +343,8 @@ pub fn backs_another_kind(stack: &[u64], frame: &dyn Fn(u64) -> Frame) -> bool {
         "kmalloc_large_node",
         "vm_area_alloc_pages",
         "__vmalloc_area_node",
+        // Linux 6.18 inlines the two above into it.
+        "__vmalloc_node_range",
         "pcpu_alloc_pages",
         "pcpu_populate_chunk",
     ];
@@ -833,6 +839,7 @@ mod tests {
             kernel: "6.18.0-test".into(),
             duration_ms: 2_000,
             attach: "tp_btf".into(),
+            free_paths: Vec::new(),
             sample_rate,
             stack_sample_rate: 64,
             stats: Stats {

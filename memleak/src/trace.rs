@@ -194,6 +194,7 @@ impl Session {
             maps,
             attached,
             mut notes,
+            free_paths,
         } = self.tracer;
         notes.extend(self.scan_notes);
         let skipped_runs = probes::skipped_runs(&programs);
@@ -217,6 +218,7 @@ impl Session {
             attach: attached.to_string(),
             cache_ids_are_pointers: attached == probes::Attached::BtfTracepoints,
             notes,
+            free_paths,
         };
         let mut report = build_report(
             options,
@@ -267,6 +269,7 @@ struct ReportHeader {
     /// than by a hash of its name.
     cache_ids_are_pointers: bool,
     notes: Vec<String>,
+    free_paths: Vec<String>,
 }
 
 /// Builds the report with an entry for every site (leak checks see them all; the caller
@@ -364,6 +367,7 @@ fn build_report(
         kernel: header.kernel,
         duration_ms: header.elapsed.as_millis() as u64,
         attach: header.attach,
+        free_paths: header.free_paths,
         sample_rate: args.sample_rate,
         stack_sample_rate: args.stack_sample_rate,
         stats: Stats {
@@ -574,13 +578,6 @@ fn check_liveness(
         stats.count(*state);
     }
     stats.liveness_check_ms = started.elapsed().as_millis() as u64;
-    if stats.verified_free > 0 {
-        notes.push(format!(
-            "{} outstanding slab objects were found free in kernel memory (freed without a kmem \
-             event: kfree_rcu batches, bulk frees, slab sheaves) and are left out",
-            report::thousands(stats.verified_free)
-        ));
-    }
     let states = queries
         .iter()
         .zip(check.states)

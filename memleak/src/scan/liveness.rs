@@ -25,6 +25,8 @@ use super::{
 const PAGE: u64 = 4096;
 /// Sheaves walked per barn list at most: a barn keeps a handful (MAX_FULL_SHEAVES is 10).
 const MAX_BARN_SHEAVES: usize = 256;
+/// Page frames whose /proc/kpageflags entries are read at once (32 KiB).
+const FLAGS_CHUNK: u64 = 4096;
 /// NUMA nodes whose `kmem_cache_node` is read.
 const MAX_NODES: usize = 64;
 
@@ -186,9 +188,26 @@ impl KernelView {
         Ok(Check { states, notes })
     }
 
-    /// The slab head of each object's page, reading /proc/kpageflags once per page.
+    /// The slab head of each object's page, reading /proc/kpageflags in chunks of
+    /// [`FLAGS_CHUNK`] entries, each once.
     fn page_heads(&self, queries: &[Query]) -> Result<Vec<PageHead>> {
         let page_flags = slabs::open_page_flags()?;
+        let mut chunks: HashMap<u64, Vec<u64>> = HashMap::new();
+        let mut read = |first: u64, count: u64| -> Result<Vec<u64>> {
+            let mut flags = Vec::with_capacity(count as usize);
+            for pfn in first..first + count {
+                let chunk = pfn / FLAGS_CHUNK;
+                if !chunks.contains_key(&chunk) {
+                    let entries = slabs::page_flags(&page_flags, chunk * FLAGS_CHUNK, FLAGS_CHUNK)?;
+                    chunks.insert(chunk, entries);
+                }
+                match chunks[&chunk].get((pfn % FLAGS_CHUNK) as usize) {
+                    Some(&entry) => flags.push(entry),
+                    None => break,
+                }
+            }
+            Ok(flags)
+        };
         let mut by_page: HashMap<u64, PageHead> = HashMap::new();
         let mut heads = Vec::with_capacity(queries.len());
         for query in queries {
@@ -201,7 +220,7 @@ impl KernelView {
             let head = match by_page.get(&pfn) {
                 Some(&head) => head,
                 None => {
-                    let head = owners::slab_head(&page_flags, pfn)?;
+                    let head = owners::slab_head_from(&mut read, pfn)?;
                     by_page.insert(pfn, head);
                     head
                 }
@@ -437,21 +456,21 @@ pub struct FreeSet {
 
 /// One freelist being followed: the slab's own, or a CPU's lockless one.
 #[derive(Debug)]
-struct FreelistWalk {
+struct FreelistWalk<'a> {
     slab_start: u64,
     objects: u32,
-    cache: Cache,
+    cache: &'a Cache,
     current: u64,
     found: HashSet<u64>,
     broken: bool,
 }
 
-impl FreelistWalk {
-    fn new(slab: &Slab, cache: &Cache, slab_start: u64, first: u64) -> Self {
+impl<'a> FreelistWalk<'a> {
+    fn new(slab: &Slab, cache: &'a Cache, slab_start: u64, first: u64) -> Self {
         Self {
             slab_start,
             objects: slab.objects,
-            cache: cache.clone(),
+            cache,
             current: first,
             found: HashSet::new(),
             broken: false,
@@ -489,11 +508,11 @@ impl FreelistWalk {
 }
 
 /// Follows every walk to its end, one hop of all of them per batch of reads.
-fn walk_all<'a>(
+fn walk_all<'a, 'c: 'a>(
     view: &mut KernelView,
-    walks: impl Iterator<Item = &'a mut FreelistWalk>,
+    walks: impl Iterator<Item = &'a mut FreelistWalk<'c>>,
 ) -> Result<()> {
-    let mut walks: Vec<&mut FreelistWalk> = walks.collect();
+    let mut walks: Vec<&mut FreelistWalk<'c>> = walks.collect();
     loop {
         walks.retain(|walk| walk.pending());
         if walks.is_empty() {

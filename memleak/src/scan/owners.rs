@@ -66,10 +66,21 @@ pub enum PageHead {
 
 /// Where the slab holding page frame `pfn` starts, if the page belongs to a slab.
 pub fn slab_head(page_flags: &File, pfn: u64) -> Result<PageHead> {
+    slab_head_from(
+        |first, count| slabs::page_flags(page_flags, first, count),
+        pfn,
+    )
+}
+
+/// [`slab_head`] with the page flags of `count` frames from `first` read by `flags`.
+pub fn slab_head_from(
+    mut flags: impl FnMut(u64, u64) -> Result<Vec<u64>>,
+    pfn: u64,
+) -> Result<PageHead> {
     let mut window = FIRST_WINDOW;
     loop {
         let first = pfn.saturating_sub(window - 1);
-        let flags = slabs::page_flags(page_flags, first, pfn - first + 1)?;
+        let flags = flags(first, pfn - first + 1)?;
         if flags.len() as u64 != pfn - first + 1 {
             return Ok(PageHead::Unknown);
         }

@@ -1,0 +1,152 @@
+//! Judges the free-path churn the guest runs under `memleak run` (tests/vm/init.sh): workloads
+//! that free everything they allocate through kfree_rcu and bulk frees. On a guest kernel where
+//! fentry works, memleak follows those frees as they happen: almost no free may be missed, and
+//! no entry of the workload may stay in the report.
+use anyhow::{Context as _, Result, bail, ensure};
+use serde_json::Value;
+
+use super::guest::GuestResults;
+
+/// One churn workload of the fixture, and a lower bound of the slab allocations each of its
+/// cycles makes.
+pub struct Churn {
+    /// `memleak-fixture churn-NAME`; the fixture names its processes `churn-NAME`.
+    pub name: &'static str,
+    pub cycles: u64,
+    pub allocations_per_cycle: u64,
+}
+
+/// Small enough for TCG: each runs in a few seconds in the guest.
+pub const CHURNS: [Churn; 4] = [
+    Churn {
+        name: "epolls",
+        cycles: 1000,
+        allocations_per_cycle: 1,
+    },
+    Churn {
+        name: "timerfds",
+        cycles: 1000,
+        allocations_per_cycle: 1,
+    },
+    Churn {
+        name: "tcp",
+        cycles: 300,
+        allocations_per_cycle: 3,
+    },
+    Churn {
+        name: "processes",
+        cycles: 100,
+        allocations_per_cycle: 32,
+    },
+];
+
+/// The hooks that must be in the report's `free_paths` for the verdict to hold.
+const FREE_PATH_HOOKS: [&str; 2] = ["kvfree_call_rcu (fentry)", "kmem_cache_free_bulk (fentry)"];
+/// Missed frees allowed, as a fraction of all allocations seen.
+const MISSED_FREES_ALLOWED: f64 = 0.005;
+
+/// The `CHURN` word of the guest's kernel command line: `epolls:1000,timerfds:1000,...`.
+pub fn command_line() -> String {
+    let workloads: Vec<String> = CHURNS
+        .iter()
+        .map(|churn| format!("{}:{}", churn.name, churn.cycles))
+        .collect();
+    format!("CHURN={}", workloads.join(","))
+}
+
+/// One line per workload: its missed frees and what is left of it in the report.
+pub fn judge(results: &GuestResults) -> Result<Vec<String>> {
+    if results.files.contains_key("churn.skipped") {
+        bail!(
+            "the guest skipped the free-path churn: {}",
+            results.file("churn.skipped")?
+        );
+    }
+    CHURNS
+        .iter()
+        .map(|churn| judge_one(results, churn))
+        .collect()
+}
+
+fn judge_one(results: &GuestResults, churn: &Churn) -> Result<String> {
+    let name = churn.name;
+    let status = results.file(&format!("churn-{name}.status"))?;
+    let stderr = results
+        .file(&format!("churn-{name}.stderr"))
+        .unwrap_or_default();
+    ensure!(
+        status.trim() == "0",
+        "`memleak run -- memleak-fixture churn-{name}` exited {status}; its stderr:\n{stderr}"
+    );
+    let text = results.file(&format!("churn-{name}.json"))?;
+    let report: Value =
+        serde_json::from_str(text).with_context(|| format!("parsing churn-{name}.json"))?;
+    let free_paths: Vec<&str> = report["free_paths"]
+        .as_array()
+        .context("the report has no free_paths")?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for hook in FREE_PATH_HOOKS {
+        ensure!(
+            free_paths.contains(&hook),
+            "churn-{name}: {hook} is not among the free paths followed ({free_paths:?}); \
+             notes: {}",
+            report["notes"]
+        );
+    }
+    let stats = &report["stats"];
+    let allocations = stats["allocs"].as_u64().context("no stats.allocs")?;
+    let missed = stats["missed_frees"]
+        .as_u64()
+        .context("no stats.missed_frees")?;
+    let made = churn.cycles * churn.allocations_per_cycle;
+    ensure!(
+        allocations >= made,
+        "churn-{name}: memleak saw {allocations} allocations, fewer than the {made} the \
+         workload makes at least"
+    );
+    ensure!(
+        (missed as f64) < MISSED_FREES_ALLOWED * allocations as f64,
+        "churn-{name}: {missed} missed frees of {allocations} allocations (at most {:.1}% \
+         allowed); sites: {}",
+        MISSED_FREES_ALLOWED * 100.0,
+        report["missed_free_sites"]
+    );
+    let comm = format!("churn-{name}");
+    let limit = made / 100;
+    let left = largest_entry_of(&report, &comm);
+    if let Some((count, site)) = &left {
+        ensure!(
+            *count <= limit,
+            "churn-{name}: {count} objects at {site} are reported outstanding although the \
+             workload freed everything (at most {limit} allowed)"
+        );
+    }
+    Ok(format!(
+        "churn-{name}: {missed} missed frees of {allocations} allocations, largest entry left {}",
+        left.map_or(0, |(count, _)| count)
+    ))
+}
+
+/// The largest number of objects an entry attributes to processes named `comm`, with the
+/// entry's call site.
+fn largest_entry_of(report: &Value, comm: &str) -> Option<(u64, String)> {
+    report["stacks"]
+        .as_array()?
+        .iter()
+        .filter_map(|entry| {
+            let processes = entry["processes"].as_array()?;
+            let own: u64 = processes
+                .iter()
+                .filter(|process| process["comm"] == comm)
+                .filter_map(|process| process["count"].as_u64())
+                .sum();
+            let site = entry["call_site"]["symbol"]
+                .as_str()
+                .unwrap_or("?")
+                .to_owned();
+            (own > 0).then_some((own, site))
+        })
+        .max_by_key(|(count, _)| *count)
+}
