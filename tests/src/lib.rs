@@ -20,14 +20,45 @@ pub fn exclusive() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// The environment variable that skips the end-to-end and VM tests on purpose (`1`): without
+/// it, running them as another user than root is a failure, not a silent pass.
+pub const SKIP_VARIABLE: &str = "MEMLEAK_SKIP_E2E";
+
 /// Starts an end-to-end test: the lock that keeps end-to-end tests apart (see [`exclusive`]),
-/// or `None`, after saying that the test is skipped, when not running as root.
+/// or `None`, after a `skipped:` line (see [`skip`]), when MEMLEAK_SKIP_E2E=1 asks to skip them.
+/// Panics when not running as root without that variable: a test that loads no eBPF program
+/// proves nothing and must not pass.
 pub fn end_to_end() -> Option<MutexGuard<'static, ()>> {
-    if !is_root() {
-        eprintln!("skipped: end-to-end tests need root (they load eBPF programs and read /proc)");
+    if skip_requested() {
+        skip("MEMLEAK_SKIP_E2E=1");
         return None;
     }
+    require_root("end-to-end tests load eBPF programs and read /proc");
     Some(exclusive())
+}
+
+/// Whether MEMLEAK_SKIP_E2E=1 asks to skip the tests that need root.
+pub fn skip_requested() -> bool {
+    std::env::var(SKIP_VARIABLE).is_ok_and(|value| value == "1")
+}
+
+/// Panics, saying how to skip on purpose, unless running as root.
+pub fn require_root(why: &str) {
+    assert!(
+        is_root(),
+        "this test needs root ({why}); run it as root (`./x test` uses sudo), or set \
+         {SKIP_VARIABLE}=1 to skip it knowingly"
+    );
+}
+
+/// Says that the current test is skipped, on a line of its own that `./x test` counts:
+/// `skipped: TEST: REASON`. It goes straight to standard error, which the test harness does
+/// not capture (it captures only `eprintln!`), so it shows for passing tests too.
+pub fn skip(reason: &str) {
+    use std::io::Write as _;
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("a test");
+    let _ = std::io::stderr().write_all(format!("\nskipped: {test}: {reason}\n").as_bytes());
 }
 
 /// The memleak binary of this workspace, built once per test run with the same profile.
@@ -311,4 +342,102 @@ pub fn entries_of_comm<'a>(report: &'a Value, comm: &str) -> Vec<(&'a Value, u64
             Some((entry, count_of(entry).saturating_sub(others)))
         })
         .collect()
+}
+
+/// The objects and bytes that process `pid` holds in `entries`, from each entry's `processes`
+/// (other processes may allocate through the same stacks while the test runs).
+pub fn share_of<'a>(entries: impl IntoIterator<Item = &'a Value>, pid: u64) -> (u64, u64) {
+    entries
+        .into_iter()
+        .filter_map(|entry| entry["processes"].as_array())
+        .flatten()
+        .filter(|process| process["pid"].as_u64() == Some(pid))
+        .fold((0, 0), |(count, bytes), process| {
+            (
+                count + process["count"].as_u64().unwrap_or(0),
+                bytes + process["bytes"].as_u64().unwrap_or(0),
+            )
+        })
+}
+
+/// Entries of `report.stacks` of `kind` whose call site (the function that called the
+/// allocator) is `symbol`.
+pub fn entries_at<'a>(report: &'a Value, kind: &str, symbol: &str) -> Vec<&'a Value> {
+    report["stacks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|entry| entry["kind"] == kind && entry["call_site"]["symbol"] == symbol)
+        .collect()
+}
+
+/// A fixture started as `wait-then-WORKLOAD COUNT`: it allocates nothing until [`Waiting::go`],
+/// so a tracer filtering on its pid (or its name) can attach first.
+pub struct Waiting {
+    pub fixture: Guard,
+    pub pid: u32,
+}
+
+impl Waiting {
+    pub fn start(workload: &str, count: u64) -> Result<Self> {
+        let mut fixture = Guard::new(
+            Command::new(fixture_binary()?)
+                .args([&format!("wait-then-{workload}"), &count.to_string()])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .context("starting the fixture")?,
+        );
+        let pid = fixture.child().id();
+        Ok(Self { fixture, pid })
+    }
+
+    /// Tells the fixture to start and returns its first line (`ready` or `done`).
+    pub fn go(&mut self) -> Result<String> {
+        use std::io::Write as _;
+        let stdin = self
+            .fixture
+            .child()
+            .stdin
+            .as_mut()
+            .context("fixture stdin")?;
+        writeln!(stdin, "go")?;
+        stdin.flush()?;
+        let stdout = self
+            .fixture
+            .child()
+            .stdout
+            .take()
+            .context("fixture stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .context("reading the fixture")?;
+        Ok(line.trim().to_owned())
+    }
+
+    /// Closes the fixture's standard input (it frees what it holds) and waits for it.
+    pub fn release(mut self) -> Result<()> {
+        drop(self.fixture.child().stdin.take());
+        let status = self.fixture.child().wait()?;
+        ensure!(status.success(), "the fixture failed: {status}");
+        Ok(())
+    }
+}
+
+/// The report's notes, as strings.
+pub fn notes(report: &Value) -> Vec<&str> {
+    report["notes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect()
+}
+
+/// A counter of `report.stats`, or an error naming it when it is missing.
+pub fn stat(report: &Value, name: &str) -> Result<u64> {
+    report["stats"][name]
+        .as_u64()
+        .with_context(|| format!("stats.{name} missing: {:#}", report["stats"]))
 }

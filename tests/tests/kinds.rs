@@ -2,7 +2,10 @@
 //! fixture that holds BPF maps: a 1 MiB array map vmallocs its storage, and a percpu array map
 //! makes one percpu allocation per element. Pages come from a fixture that fills pipes.
 use anyhow::{Context as _, Result, ensure};
-use memleak_tests::{Guard, count_of, entries_through, trace_around};
+use memleak_tests::{
+    Guard, Waiting, count_of, entries_through, finish_tracer, notes, share_of, start_tracer, stat,
+    trace_around,
+};
 
 const MAPS: u64 = 20;
 const PERCPU_ENTRIES: u64 = 16;
@@ -13,22 +16,6 @@ fn trace_held_maps(tracer_args: &[&str]) -> Result<(serde_json::Value, u64)> {
     let pid = u64::from(fixture.child().id());
     release(fixture)?;
     Ok((report, pid))
-}
-
-/// The objects and bytes that process `pid` holds in `entries` (other processes may allocate
-/// through the same stacks while the test runs).
-fn share_of(entries: &[&serde_json::Value], pid: u64) -> (u64, u64) {
-    entries
-        .iter()
-        .filter_map(|entry| entry["processes"].as_array())
-        .flatten()
-        .filter(|process| process["pid"].as_u64() == Some(pid))
-        .fold((0, 0), |(count, bytes), process| {
-            (
-                count + process["count"].as_u64().unwrap_or(0),
-                bytes + process["bytes"].as_u64().unwrap_or(0),
-            )
-        })
 }
 
 /// Closes the fixture's standard input, which makes it free what it holds and exit.
@@ -54,41 +41,87 @@ fn vmalloc_and_percpu_allocations_are_attributed_by_kind() -> Result<()> {
     let Some(_exclusive) = memleak_tests::end_to_end() else {
         return Ok(());
     };
-    let (report, fixture) = trace_held_maps(&["--duration", "4s", "--format", "json"])?;
-    ensure!(
-        report["notes"].as_array().is_some_and(Vec::is_empty),
-        "notes: {:#}",
-        report["notes"]
-    );
-
-    let vmalloc = of_kind(&report, "vmalloc", "array_map_alloc");
-    let (areas, bytes) = share_of(&vmalloc, fixture);
-    ensure!(
-        areas >= MAPS,
-        "expected {MAPS} vmalloc areas through array_map_alloc by pid {fixture}: {vmalloc:#?}"
-    );
-    ensure!(
-        bytes >= areas << 20,
-        "each area holds at least 1 MiB: {vmalloc:#?}"
-    );
-    ensure!(
-        vmalloc.iter().all(
-            |entry| entry["call_site"]["symbol"] != serde_json::Value::Null
-                && !entry["call_site"]["symbol"]
-                    .as_str()
-                    .unwrap_or("")
-                    .contains("vmap")
+    // vmalloc and percpu events are BTF tracepoints whatever --attach says (--attach chooses
+    // for the slab events); both ways must count each area and element exactly once.
+    for (args, attach) in [
+        (&["--duration", "4s", "--format", "json"][..], "tp_btf"),
+        (
+            &[
+                "--duration",
+                "4s",
+                "--format",
+                "json",
+                "--attach",
+                "classic",
+            ],
+            "tracepoint",
         ),
-        "the call site is past the vmalloc internals: {vmalloc:#?}"
-    );
+    ] {
+        let (report, fixture) = trace_held_maps(args)?;
+        ensure!(
+            report["attach"] == attach,
+            "with {args:?}: attach {}",
+            report["attach"]
+        );
+        let left_out: Vec<&str> = notes(&report)
+            .into_iter()
+            .filter(|note| {
+                note.contains("vmalloc") || note.contains("percpu") || note.contains("BTF trace")
+            })
+            .collect();
+        ensure!(
+            left_out.is_empty(),
+            "with {args:?}: nothing is left out on this kernel: {left_out:?}"
+        );
 
-    let percpu = of_kind(&report, "percpu", "array_map_alloc");
-    let (elements, _) = share_of(&percpu, fixture);
-    ensure!(
-        elements >= MAPS * PERCPU_ENTRIES,
-        "expected {} percpu allocations through array_map_alloc: {percpu:#?}",
-        MAPS * PERCPU_ENTRIES
-    );
+        let vmalloc = of_kind(&report, "vmalloc", "array_map_alloc");
+        let (areas, bytes) = share_of(vmalloc.iter().copied(), fixture);
+        ensure!(
+            areas == MAPS,
+            "with {args:?}: pid {fixture} holds exactly {MAPS} vmalloc areas through \
+             array_map_alloc, the report says {areas}: {vmalloc:#?}"
+        );
+        ensure!(
+            bytes >= areas << 20,
+            "each area holds at least 1 MiB: {vmalloc:#?}"
+        );
+        ensure!(
+            vmalloc.iter().all(
+                |entry| entry["call_site"]["symbol"] != serde_json::Value::Null
+                    && !entry["call_site"]["symbol"]
+                        .as_str()
+                        .unwrap_or("")
+                        .contains("vmap")
+            ),
+            "the call site is past the vmalloc internals: {vmalloc:#?}"
+        );
+        // The pages of those areas are vmalloc memory: counted as pages too, the areas would
+        // count twice (README: pages backing a vmalloc area are only `backing_pages`).
+        let pages = of_kind(&report, "page", "array_map_alloc");
+        let (backing, _) = share_of(pages.iter().copied(), fixture);
+        ensure!(
+            backing == 0,
+            "with {args:?}: the {MAPS} vmalloc areas' pages are counted again as {backing} \
+             page allocations: {}",
+            pages
+                .iter()
+                .map(|entry| format!(
+                    "{} pages at {}",
+                    entry["count"], entry["call_site"]["symbol"]
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+
+        let percpu = of_kind(&report, "percpu", "array_map_alloc");
+        let (elements, _) = share_of(percpu.iter().copied(), fixture);
+        ensure!(
+            elements == MAPS * PERCPU_ENTRIES,
+            "with {args:?}: expected exactly {} percpu allocations through array_map_alloc by \
+             pid {fixture}, the report says {elements}: {percpu:#?}",
+            MAPS * PERCPU_ENTRIES
+        );
+    }
     Ok(())
 }
 
@@ -97,7 +130,7 @@ fn kinds_selects_what_is_traced() -> Result<()> {
     let Some(_exclusive) = memleak_tests::end_to_end() else {
         return Ok(());
     };
-    let (report, _) =
+    let (report, fixture) =
         trace_held_maps(&["--duration", "3s", "--format", "json", "--kinds", "slab"])?;
     let stacks = report["stacks"].as_array().context("no stacks")?;
     ensure!(
@@ -109,6 +142,28 @@ fn kinds_selects_what_is_traced() -> Result<()> {
             .iter()
             .map(|entry| &entry["kind"])
             .collect::<Vec<_>>()
+    );
+    let kinds: Vec<&serde_json::Value> = report["kinds"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|total| &total["name"])
+        .collect();
+    ensure!(
+        kinds
+            .iter()
+            .all(|kind| *kind == "kmalloc" || *kind == "kmem_cache"),
+        "--kinds slab totals other kinds: {kinds:?}"
+    );
+    // The same fixture was seen: each map's struct is a slab object allocated through
+    // array_map_alloc (an empty report would pass the checks above).
+    let slab: Vec<&serde_json::Value> = entries_through(&report, "array_map_alloc");
+    let (structs, _) = share_of(slab.iter().copied(), fixture);
+    ensure!(
+        structs >= 2 * MAPS,
+        "the fixture's {} maps were not seen in slab: {structs} objects through \
+         array_map_alloc: {slab:#?}",
+        2 * MAPS
     );
     Ok(())
 }
@@ -127,17 +182,21 @@ fn held_pipe_pages_show_as_page_allocations() -> Result<()> {
     let Some(_exclusive) = memleak_tests::end_to_end() else {
         return Ok(());
     };
-    let (report, fixture) = trace_around(
+    let (report, mut fixture) = trace_around(
         &["--duration", "4s", "--format", "json"],
         "hold-pipe-pages",
         PIPE_PAGES,
     )?;
+    let pid = u64::from(fixture.child().id());
     release(fixture)?;
     let pages = of_kind(&report, "page", "pipe_write");
-    let held = pages_through_pipe_writes(&report);
+    let (held, _) = share_of(pages.iter().copied(), pid);
+    // Its `ready` line, written to the pipe of its standard output, may hold one more page
+    // (the pipe keeps a page it has read for reuse).
     ensure!(
-        held >= PIPE_PAGES,
-        "expected {PIPE_PAGES} pages through the pipe write path: {pages:#?}"
+        (PIPE_PAGES..=PIPE_PAGES + 1).contains(&held),
+        "pid {pid} holds {PIPE_PAGES} pages through the pipe write path (one more for its \
+         standard output), the report says {held}: {pages:#?}"
     );
     ensure!(
         pages.iter().all(
@@ -167,16 +226,38 @@ fn freed_pipe_pages_do_not_show() -> Result<()> {
     let Some(_exclusive) = memleak_tests::end_to_end() else {
         return Ok(());
     };
-    let (report, _fixture) = trace_around(
-        &["--duration", "3s", "--format", "json"],
-        "churn-pipe-pages",
-        PIPE_PAGES,
-    )?;
+    // Filtered on the fixture, so that the counters prove its pages were seen and freed.
+    let mut churn = Waiting::start("churn-pipe-pages", PIPE_PAGES)?;
+    let pid = churn.pid;
+    let (tracer, _stderr) = start_tracer(&[
+        "--duration",
+        "3s",
+        "--format",
+        "json",
+        "--top",
+        "100000",
+        "--pid",
+        &pid.to_string(),
+    ])?;
+    let said = churn.go()?;
+    ensure!(said == "done", "fixture said {said:?}");
+    churn.release()?;
+    let report = finish_tracer(tracer)?;
     let held = pages_through_pipe_writes(&report);
     ensure!(
         held < PIPE_PAGES / 10,
         "{held} pipe pages reported after the pipes were closed: {:#?}",
         of_kind(&report, "page", "pipe_write")
+    );
+    let (tracked, freed) = (
+        stat(&report, "tracked_allocs")?,
+        stat(&report, "tracked_frees")?,
+    );
+    ensure!(
+        tracked >= PIPE_PAGES && freed >= PIPE_PAGES,
+        "the fixture's {PIPE_PAGES} pipe pages were not seen allocated ({tracked} tracked) and \
+         freed ({freed}): {:#}",
+        report["stats"]
     );
     Ok(())
 }

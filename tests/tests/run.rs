@@ -3,9 +3,50 @@
 use std::process::Command;
 
 use anyhow::{Context as _, Result, ensure};
-use memleak_tests::{count_of, entries_through, memleak_binary};
+use memleak_tests::{count_of, entries_through, memleak_binary, stat};
 
 const MESSAGES: u64 = 200;
+/// The fixture's task name: `memleak-fixture`, which fits the kernel's 15 characters.
+const FIXTURE_COMM: &str = "memleak-fixture";
+
+/// The `<failure>` element of a JUnit file: its `message` attribute and its text, unescaped.
+/// A hand parse of the one shape memleak writes; anything else is an error.
+fn junit_failure(xml: &str) -> Result<Option<(String, String)>> {
+    let unescape = |text: &str| {
+        text.replace("&lt;", "<")
+            .replace("&gt;", ">")
+            .replace("&quot;", "\"")
+            .replace("&apos;", "'")
+            .replace("&amp;", "&")
+    };
+    let Some(start) = xml.find("<failure") else {
+        return Ok(None);
+    };
+    let rest = &xml[start..];
+    let tag_end = rest.find('>').context("an unterminated <failure> tag")?;
+    let tag = &rest[..tag_end];
+    ensure!(!tag.ends_with('/'), "an empty <failure/>: {xml}");
+    let message = tag
+        .split_once("message=\"")
+        .and_then(|(_, value)| value.split_once('"'))
+        .map(|(value, _)| unescape(value))
+        .context("a <failure> without a message")?;
+    let body = &rest[tag_end + 1..];
+    let body = &body[..body.find("</failure>").context("no </failure>")?];
+    ensure!(
+        rest[tag_end..].matches("<failure").count() == 0,
+        "more than one <failure>: {xml}"
+    );
+    Ok(Some((message, unescape(body))))
+}
+
+/// The value of `attribute` in the first `<element ...>` tag of `xml`.
+fn xml_attribute<'a>(xml: &'a str, element: &str, attribute: &str) -> Option<&'a str> {
+    let start = xml.find(&format!("<{element} "))?;
+    let tag = &xml[start..start + xml[start..].find('>')?];
+    let (_, value) = tag.split_once(&format!(" {attribute}=\""))?;
+    value.split_once('"').map(|(value, _)| value)
+}
 
 fn fixture() -> &'static str {
     env!("CARGO_BIN_EXE_memleak-fixture")
@@ -38,6 +79,9 @@ fn run_checked(
         // A wide --top: on a busy machine (a build running beside the tests) other sites can
         // outgrow the 200 messages within the window.
         .args(["run", "--grace", "1s", "--format", "json", "--top", "1000"])
+        // Only the fixture's allocations: its counts are then exact, and the counters prove
+        // that its messages were seen even when none is left.
+        .args(["--comm", FIXTURE_COMM])
         .arg("--fail-on-leak")
         .args([
             "--function",
@@ -84,22 +128,47 @@ fn messages_left_behind_fail_the_check() -> Result<()> {
     let check = &report["check"];
     ensure!(check["failed"] == true, "check: {check:#}");
     ensure!(
-        check["count"].as_u64().unwrap_or(0) >= MESSAGES,
-        "check counts {MESSAGES} messages: {check:#}"
+        check["count"].as_u64() == Some(MESSAGES),
+        "check counts exactly the fixture's {MESSAGES} messages: {check:#}"
     );
     let messages = entries_through(&report, "load_msg")
         .into_iter()
         .max_by_key(|entry| count_of(entry))
-        .filter(|entry| count_of(entry) >= MESSAGES)
-        .with_context(|| format!("no load_msg stack with {MESSAGES} objects: {report:#}"))?;
+        .filter(|entry| count_of(entry) == MESSAGES)
+        .with_context(|| {
+            format!("no load_msg stack with exactly {MESSAGES} objects: {report:#}")
+        })?;
+    ensure!(
+        messages["processes"]
+            .as_array()
+            .is_some_and(|processes| processes
+                .iter()
+                .all(|process| process["comm"] == FIXTURE_COMM)),
+        "--comm {FIXTURE_COMM} let other processes in: {messages:#}"
+    );
     ensure!(
         messages["cache"] == message_cache(),
         "the messages are named in their real cache {}: {messages:#}",
         message_cache()
     );
+    // The JUnit file: one failing test case, whose failure names the leaking function and
+    // its count (the test case's name, the scope, names load_msg too: that is not enough).
     ensure!(
-        xml.contains("failures=\"1\"") && xml.contains("load_msg"),
-        "JUnit: {xml}"
+        xml_attribute(&xml, "testsuite", "failures") == Some("1")
+            && xml_attribute(&xml, "testsuite", "tests") == Some("1"),
+        "JUnit: one failing test case expected: {xml}"
+    );
+    let (message, details) = junit_failure(&xml)?.with_context(|| format!("no failure: {xml}"))?;
+    ensure!(
+        message.contains(&format!("in {MESSAGES} objects")),
+        "the failure message gives the count {MESSAGES}: {message:?}"
+    );
+    ensure!(
+        details
+            .lines()
+            .any(|line| line.contains(&format!("in {MESSAGES} objects"))
+                && line.contains(" at load_msg+")),
+        "the failure lists load_msg with its {MESSAGES} objects: {details:?}"
     );
     Ok(())
 }
@@ -124,7 +193,21 @@ fn messages_cleaned_up_pass_the_check_with_the_commands_status() -> Result<()> {
         "check: {:#}",
         report["check"]
     );
-    ensure!(xml.contains("failures=\"0\""), "JUnit: {xml}");
+    ensure!(
+        xml_attribute(&xml, "testsuite", "failures") == Some("0") && junit_failure(&xml)?.is_none(),
+        "JUnit: {xml}"
+    );
+    // The pass means something only if the fixture's messages were seen, allocated and freed.
+    let (tracked, freed) = (
+        stat(&report, "tracked_allocs")?,
+        stat(&report, "tracked_frees")?,
+    );
+    ensure!(
+        tracked >= MESSAGES && freed >= MESSAGES,
+        "the fixture's {MESSAGES} messages were not seen allocated ({tracked}) and freed \
+         ({freed}): {:#}",
+        report["stats"]
+    );
 
     // And the command's own failure comes through.
     let output = Command::new(memleak_binary()?)

@@ -42,6 +42,27 @@ echo $? >/results/clean.status
 cp /sys/kernel/tracing/events/kmem/kmem_cache_alloc/format /results/kmem_cache_alloc.format
 files="kmem_cache_alloc.format leaky.status leaky.json leaky.xml leaky.stderr clean.status"
 files="$files clean.json clean.stderr"
+# Whether the guest has kernel BTF: where it does, the host requires memleak to have read the
+# module's cache name from kernel memory (it cannot take memleak's note that it could not).
+if [ -e /sys/kernel/btf/vmlinux ]; then echo yes; else echo no; fi >/results/btf
+files="$files btf"
+
+# Free-path churn (CHURN from the kernel command line: NAME:CYCLES,...): workloads that free all
+# they allocate through kfree_rcu and bulk frees. memleak follows those frees with fentry, which
+# needs kernel BTF; the host requires that none of them is reported.
+if [ -e /sys/kernel/btf/vmlinux ]; then
+    for workload in $(echo "$CHURN" | tr , ' '); do
+        name=${workload%%:*}
+        memleak run --grace 2s --top 1000000 --format json --output "/results/churn-$name.json" \
+            -- memleak-fixture "churn-$name" "${workload#*:}" \
+            >/dev/null 2>"/results/churn-$name.stderr"
+        echo $? >"/results/churn-$name.status"
+        files="$files churn-$name.status churn-$name.json churn-$name.stderr"
+    done
+else
+    echo "no kernel BTF (/sys/kernel/btf/vmlinux)" >/results/churn.skipped
+    files="$files churn.skipped"
+fi
 
 # A kernel with kmemleak: its verdict on the same load, for the host to compare. kmemleak
 # reports objects only once they are 5 s old.

@@ -2,7 +2,8 @@
 //!
 //! `hold-eventfds N`: creates N eventfds (each kmallocs one `struct eventfd_ctx` in
 //! do_eventfd), prints `ready`, and holds them until standard input reaches EOF.
-//! `wait-then-hold-eventfds N`: reads one line from standard input, then does `hold-eventfds N`.
+//! `wait-then-WORKLOAD N` (such as `wait-then-hold-eventfds N`): reads one line from standard
+//! input, then does `WORKLOAD N`.
 //! `churn-eventfds N`: creates and closes N eventfds, one at a time, then prints `done`.
 //! `hold-bpf-maps N`: creates N 1 MiB BPF array maps (each vmallocs its storage) and N percpu
 //! array maps of 16 elements (each element a percpu allocation), prints `ready`, and holds them
@@ -15,6 +16,10 @@
 //! `leave-messages N`: sends N messages to a new System V message queue (each kmallocs a
 //! `struct msg_msg` in load_msg), prints the queue id and exits, leaving the queue behind.
 //! `clean-messages N`: the same, but removes the queue before exiting.
+//! `hold-messages N`: sends N 16-byte messages (each a 64-byte `struct msg_msg` kmalloc'ed in
+//! load_msg) to as many System V message queues as they need, prints `ready`, and holds them
+//! until standard input reaches EOF (no open files: more objects than RLIMIT_NOFILE allows
+//! eventfds).
 //!
 //! Free-path churn, for the liveness check (every object these allocate is freed before they
 //! print `done`, but through kernel paths that fire no per-object free tracepoint on 6.18:
@@ -366,8 +371,8 @@ fn run(args: &[String]) -> Result<(), String> {
     }
     let [command, number] = args else {
         return Err(
-            "usage: memleak-fixture hold-eventfds|wait-then-hold-eventfds|churn-eventfds|hold-bpf-maps\
-             |hold-pipe-pages|churn-pipe-pages|leave-messages|clean-messages N \
+            "usage: memleak-fixture [wait-then-]hold-eventfds|churn-eventfds|hold-bpf-maps\
+             |hold-pipe-pages|churn-pipe-pages|leave-messages|clean-messages|hold-messages N \
              | churn-epolls|churn-processes|churn-threads|churn-timerfds|churn-tcp|churn-udp\
              |churn-unix|churn-io-uring|churn-bpf-hash|churn-inotify|churn-mount-ns|churn-pidfds N \
              | bench-churn|bench-mixed MILLIS | grow-eventfds|grow-bpf-maps|grow-pipe-pages RATE SECONDS"
@@ -386,14 +391,15 @@ fn run(args: &[String]) -> Result<(), String> {
                 .map_err(|error| format!("eventfd: {error}"))?;
             announce_and_hold("ready", fds)
         }
-        "wait-then-hold-eventfds" => {
-            // Allocates nothing until told to, so a tracer filtering on this pid can attach
-            // first.
+        waiting if waiting.starts_with("wait-then-") => {
+            // Allocates nothing until told to, so a tracer filtering on this pid (or name) can
+            // attach first.
             let mut go = String::new();
             std::io::stdin()
                 .read_line(&mut go)
                 .map_err(|error| format!("reading stdin: {error}"))?;
-            run(&["hold-eventfds".to_owned(), number.to_string()])
+            let workload = &waiting["wait-then-".len()..];
+            run(&[workload.to_owned(), number.to_string()])
         }
         "churn-eventfds" => {
             for _ in 0..number {
@@ -429,6 +435,16 @@ fn run(args: &[String]) -> Result<(), String> {
                 unsafe { libc::close(fd) };
             }
             say("done");
+            Ok(())
+        }
+        "hold-messages" => {
+            // Limited by the message queues (msgmni), not by open files like eventfds.
+            let mut queues = MessageQueues::new();
+            for _ in 0..number {
+                queues.send(1, &SIMILAR_TEXT)?;
+            }
+            say("ready");
+            hold_until_eof();
             Ok(())
         }
         "leave-messages" => {

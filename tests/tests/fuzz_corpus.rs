@@ -1,0 +1,139 @@
+//! The fuzz target's corpus as a plain test: every file of fuzz/corpus/kmemleak_parse (the
+//! seeds from memleak/testdata/kmemleak, and whatever `./x fuzz` found and kept locally) and
+//! every kmemleak sample goes through the kmemleak report parser and the clustering, with the
+//! fuzz target's checks (fuzz/fuzz_targets/kmemleak_parse.rs; keep the two alike). This runs
+//! on stable Rust, without cargo-fuzz, in every `./x test`.
+//!
+//! memleak is a binary crate, so its parser and clustering are compiled in here from their
+//! source files, as the fuzz target does. (Their own unit tests come along and run here too.)
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result, ensure};
+
+#[path = "../../memleak/src/frame.rs"]
+#[allow(dead_code)]
+mod frame;
+
+#[path = "../../memleak/src/kmemleak"]
+#[allow(dead_code)]
+mod kmemleak {
+    pub mod cluster;
+    pub mod parse;
+}
+
+use kmemleak::{cluster::cluster, parse::parse};
+
+/// The fuzz target's body: nothing panics, and the report's counts add up.
+fn check(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let parsed = parse(&text);
+    assert!(parsed.truncated_records() <= parsed.objects.len());
+
+    let clusters = cluster(&parsed.objects);
+    let clustered: u64 = clusters.iter().map(|cluster| cluster.count).sum();
+    assert_eq!(
+        clustered,
+        parsed.objects.len() as u64,
+        "every object in one cluster"
+    );
+    let mut previous_rank = u128::MAX;
+    for cluster in &clusters {
+        assert!(cluster.count > 0);
+        assert_eq!(cluster.sizes.values().sum::<u64>(), cluster.count);
+        assert!(
+            cluster
+                .processes
+                .iter()
+                .map(|process| process.count)
+                .sum::<u64>()
+                <= cluster.count
+        );
+        let rank = u128::from(cluster.count) * u128::from(cluster.bytes);
+        assert!(
+            rank <= previous_rank,
+            "clusters ranked by count times bytes"
+        );
+        previous_rank = rank;
+        if let Some(suspect) = cluster.suspect() {
+            assert_eq!(Some(suspect), cluster.frames.first());
+        }
+        for frame in &cluster.frames {
+            let _ = frame.to_string();
+        }
+    }
+
+    // Cutting the input anywhere (where the first bytes say) never adds objects.
+    if let [high, low, ..] = data {
+        let mut end = usize::from(u16::from_be_bytes([*high, *low])) % (text.len() + 1);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        assert!(parse(&text[..end]).objects.len() <= parsed.objects.len());
+    }
+}
+
+fn workspace() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+fn files_in(directory: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = std::fs::read_dir(directory)
+        .with_context(|| format!("listing {}", directory.display()))?
+        .map(|entry| Ok(entry?.path()))
+        .collect::<Result<Vec<_>>>()?;
+    files.retain(|path| path.is_file());
+    files.sort();
+    Ok(files)
+}
+
+/// Feeds `file` to the checks; a panic is reported with the file that caused it.
+fn replay(file: &Path) -> Result<()> {
+    let data = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    std::panic::catch_unwind(|| check(&data)).map_err(|panic| {
+        let message = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("a panic");
+        anyhow::anyhow!("{}: {message}", file.display())
+    })
+}
+
+#[test]
+fn the_fuzz_corpus_replays_without_a_failure() -> Result<()> {
+    let corpus = workspace().join("fuzz/corpus/kmemleak_parse");
+    let files = files_in(&corpus)?;
+    let seeds = files
+        .iter()
+        .filter(|file| {
+            file.file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| name.starts_with("seed-"))
+        })
+        .count();
+    ensure!(
+        seeds >= 5,
+        "{} holds {seeds} seeds (seed-*), expected the 5 kmemleak samples at least",
+        corpus.display()
+    );
+    for file in &files {
+        replay(file)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn the_kmemleak_samples_replay_and_parse_to_objects() -> Result<()> {
+    let samples = files_in(&workspace().join("memleak/testdata/kmemleak"))?;
+    ensure!(!samples.is_empty(), "no kmemleak samples");
+    for sample in &samples {
+        replay(sample)?;
+        let text = std::fs::read_to_string(sample)?;
+        ensure!(
+            !parse(&text).objects.is_empty(),
+            "{}: no objects parsed",
+            sample.display()
+        );
+    }
+    Ok(())
+}
