@@ -41,6 +41,10 @@ pub struct BenchArgs {
     /// Also run an equivalent bpftrace script (installs bpftrace with apt-get if missing)
     #[arg(long)]
     compare_bpftrace: bool,
+    /// Also run this memleak binary with default settings (an earlier build, for a before and
+    /// after in one run)
+    #[arg(long, value_name = "PATH")]
+    compare_memleak: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -74,6 +78,8 @@ enum Variant {
     Memleak,
     MemleakSampled,
     Bpftrace,
+    /// The binary given with `--compare-memleak`.
+    OtherMemleak,
 }
 
 impl Variant {
@@ -83,6 +89,7 @@ impl Variant {
             Variant::Memleak => "memleak",
             Variant::MemleakSampled => "memleak --sample-rate 64",
             Variant::Bpftrace => "bpftrace",
+            Variant::OtherMemleak => "memleak (--compare-memleak)",
         }
     }
 }
@@ -90,6 +97,7 @@ impl Variant {
 struct Binaries {
     memleak: PathBuf,
     fixture: PathBuf,
+    other_memleak: Option<PathBuf>,
 }
 
 /// One run of a workload under one variant.
@@ -117,11 +125,20 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let binaries = Binaries {
         memleak: release.join("memleak"),
         fixture: release.join("memleak-fixture"),
+        other_memleak: args.compare_memleak.clone(),
     };
     let mut variants = vec![Variant::Baseline, Variant::Memleak, Variant::MemleakSampled];
     if args.compare_bpftrace {
         Apt::default().install_missing(&["bpftrace"])?;
         variants.push(Variant::Bpftrace);
+    }
+    if let Some(other) = &args.compare_memleak {
+        ensure!(
+            other.exists(),
+            "--compare-memleak {}: no such file",
+            other.display()
+        );
+        variants.push(Variant::OtherMemleak);
     }
     let workloads: &[Workload] = match args.workload {
         WorkloadChoice::Churn => &[Workload::Churn],
@@ -175,8 +192,12 @@ fn run_once(
         std::env::temp_dir().join(format!("memleak-bench-{}.json", std::process::id()));
     let tracer = match variant {
         Variant::Baseline => None,
-        Variant::Memleak | Variant::MemleakSampled => {
-            let mut command = Command::new(&binaries.memleak);
+        Variant::Memleak | Variant::MemleakSampled | Variant::OtherMemleak => {
+            let binary = match (variant, &binaries.other_memleak) {
+                (Variant::OtherMemleak, Some(other)) => other,
+                _ => &binaries.memleak,
+            };
+            let mut command = Command::new(binary);
             command
                 .args(["trace", "--format", "json", "--output"])
                 .arg(&report_path);
