@@ -13,6 +13,11 @@ pub const EXIT_ERROR: u8 = 2;
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None, propagate_version = true)]
 pub struct Cli {
+    /// Say more on standard error: -v for what memleak decides (attach methods, fallbacks),
+    /// -vv for debugging. RUST_LOG overrides it.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
     #[command(subcommand)]
     pub command: Command,
 }

@@ -27,6 +27,7 @@ mod tracefs;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
+    init_logger(cli.verbose);
     let result = match cli.command {
         cli::Command::Trace(args) => trace::trace(&args),
         cli::Command::Run(args) => trace::run(&args),
@@ -42,4 +43,20 @@ fn main() -> ExitCode {
             ExitCode::from(cli::EXIT_ERROR)
         }
     }
+}
+
+/// Warnings always reach standard error; `-v` adds what memleak decides, `-vv` debugging.
+/// RUST_LOG, where set, wins.
+fn init_logger(verbose: u8) {
+    let level = match verbose {
+        0 => log::LevelFilter::Warn,
+        1 => log::LevelFilter::Info,
+        _ => log::LevelFilter::Debug,
+    };
+    env_logger::Builder::new()
+        .filter_module("memleak", level)
+        .parse_env("RUST_LOG")
+        .format_timestamp(None)
+        .format_target(false)
+        .init();
 }

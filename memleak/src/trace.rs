@@ -128,6 +128,11 @@ struct Session {
 
 impl Session {
     fn start(options: &TracingOptions, scanned_cache: Option<&str>) -> Result<Self> {
+        if let (Some(min), Some(max)) = (options.min_size, options.max_size)
+            && min > max
+        {
+            bail!("--min-size {min} is larger than --max-size {max}: nothing would be traced");
+        }
         privileges::require_root()?;
         if let Some(pid) = options.pid
             && !Path::new(&format!("/proc/{pid}")).exists()
@@ -578,6 +583,14 @@ fn check_liveness(
         stats.count(*state);
     }
     stats.liveness_check_ms = started.elapsed().as_millis() as u64;
+    log::info!(
+        "liveness check: {} slab objects, {} free, {} allocated, {} unverified, in {} ms",
+        queries.len(),
+        stats.verified_free,
+        stats.verified_allocated,
+        stats.unverified,
+        stats.liveness_check_ms
+    );
     let states = queries
         .iter()
         .zip(check.states)

@@ -397,6 +397,10 @@ fn bad_input_gets_one_line_errors() -> Result<()> {
             &["trace", "--pid", "999999999", "--duration", "1s"],
             "no such process",
         ),
+        (
+            &["trace", "--min-size", "100", "--max-size", "10"],
+            "larger than --max-size",
+        ),
     ] {
         let output = Command::new(&memleak).args(args).output()?;
         let stderr = String::from_utf8_lossy(&output.stderr);
