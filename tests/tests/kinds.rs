@@ -96,7 +96,7 @@ fn vmalloc_and_percpu_allocations_are_attributed_by_kind() -> Result<()> {
             "the call site is past the vmalloc internals: {vmalloc:#?}"
         );
         // The pages of those areas are vmalloc memory: counted as pages too, the areas would
-        // count twice (README: pages backing a vmalloc area are only `backing_pages`).
+        // count twice (docs/design.md: pages backing a vmalloc area are only `backing_pages`).
         let pages = of_kind(&report, "page", "array_map_alloc");
         let (backing, _) = share_of(pages.iter().copied(), fixture);
         ensure!(

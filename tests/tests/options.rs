@@ -1,4 +1,4 @@
-//! End-to-end: the README's claims about options and signals that no other test checks. Each
+//! End-to-end: the claims of docs/cli.md about options and signals that no other test checks. Each
 //! trace is short (2-3 s) and attributes what it finds to the fixture's pid, so that other
 //! processes' allocations (a build beside the tests) change nothing.
 use std::{
