@@ -300,8 +300,14 @@ fn build_report(
     let mut tally = scan.map(|scan| scan::MarkTally::new(scan, now_ns, min_age));
     let mut cache_picks = site_caches::Picks::default();
     let (mut outstanding, mut outstanding_bytes) = (0u64, 0u64);
+    let mut states = liveness.states.iter();
     table::for_each_outstanding(maps, |key, record| {
-        match liveness.states.get(&key) {
+        let state = if is_slab_object(record) {
+            states.next()
+        } else {
+            None
+        };
+        match state {
             Some(scan::Liveness::Free(_)) => return,
             Some(scan::Liveness::Unverified) => aggregator.add_unverified(record),
             Some(scan::Liveness::Allocated) | None => aggregator.add(record),
@@ -520,10 +526,22 @@ impl KernelMemory<'_> {
     }
 }
 
-/// What the liveness check found of every outstanding slab object, by address.
+/// What the liveness check found of every outstanding slab object, in the order
+/// [`table::for_each_outstanding`] visits them (the table no longer changes once detached).
 struct LivenessResult {
-    states: HashMap<u64, scan::Liveness>,
+    states: Vec<scan::Liveness>,
     stats: LivenessStats,
+}
+
+/// Whether the liveness check looks at this record: slab objects only.
+fn is_slab_object(record: &memleak_common::AllocRecord) -> bool {
+    match AllocKind::from_u32(record.kind) {
+        Some(AllocKind::Kmalloc) => {
+            report::kmalloc_cache_name(u64::from(record.bytes_allocated)).is_some()
+        }
+        Some(AllocKind::KmemCache) => true,
+        _ => false,
+    }
 }
 
 /// Checks in kernel memory that every outstanding slab object is still allocated (see
@@ -536,14 +554,7 @@ fn check_liveness(
 ) -> Result<LivenessResult> {
     let mut queries = Vec::new();
     table::for_each_outstanding(maps, |key, record| {
-        let slab_served = match AllocKind::from_u32(record.kind) {
-            Some(AllocKind::Kmalloc) => {
-                report::kmalloc_cache_name(u64::from(record.bytes_allocated)).is_some()
-            }
-            Some(AllocKind::KmemCache) => true,
-            _ => false,
-        };
-        if slab_served {
+        if is_slab_object(record) {
             queries.push(scan::LivenessQuery {
                 object: scan::Object {
                     address: key,
@@ -559,7 +570,7 @@ fn check_liveness(
     let mut stats = LivenessStats::default();
     if queries.is_empty() {
         return Ok(LivenessResult {
-            states: HashMap::new(),
+            states: Vec::new(),
             stats,
         });
     }
@@ -591,12 +602,10 @@ fn check_liveness(
         stats.unverified,
         stats.liveness_check_ms
     );
-    let states = queries
-        .iter()
-        .zip(check.states)
-        .map(|(query, state)| (query.object.address, state))
-        .collect();
-    Ok(LivenessResult { states, stats })
+    Ok(LivenessResult {
+        states: check.states,
+        stats,
+    })
 }
 
 /// Waits for `until`, showing progress on a terminal. On SIGINT or SIGTERM, `on_signal`
