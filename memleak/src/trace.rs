@@ -139,6 +139,15 @@ impl Session {
         {
             bail!("--pid {pid}: no such process");
         }
+        if let Some(pid) = options.pid
+            && let Some(tgid) = thread_group_of(pid)
+            && tgid != pid
+        {
+            bail!(
+                "--pid {pid} is a thread of process {tgid}; memleak follows whole processes: \
+                 use --pid {tgid}"
+            );
+        }
         privileges::lift_memlock_limit();
         let kernel = kernel::release()?;
         let sink = ReportSink::open(options.report.output.as_deref())?;
@@ -653,6 +662,17 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
     }
+}
+
+/// The process (thread group) a task id belongs to, from /proc/ID/status.
+fn thread_group_of(id: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{id}/status"))
+        .ok()?
+        .lines()
+        .find_map(|line| line.strip_prefix("Tgid:"))?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.

@@ -416,6 +416,55 @@ fn bad_input_gets_one_line_errors() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn a_thread_id_or_a_file_that_is_not_a_kmemleak_report_gets_a_one_line_error() -> Result<()> {
+    let _exclusive = memleak_tests::exclusive();
+    let memleak = memleak_tests::memleak_binary()?;
+    let (sender, receiver) = std::sync::mpsc::channel();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let _ = sender.send(unsafe { libc::gettid() });
+        let _ = released.recv();
+    });
+    let tid = receiver.recv()?;
+    let not_a_report = std::env::temp_dir().join(format!("memleak-not-kmemleak-{}", tid));
+    std::fs::write(&not_a_report, "MemTotal: 1 kB\nthis is not kmemleak\n")?;
+    let cases: [(Vec<String>, String); 2] = [
+        (
+            ["trace", "--pid", &tid.to_string(), "--duration", "1s"]
+                .map(String::from)
+                .to_vec(),
+            format!("is a thread of process {}", std::process::id()),
+        ),
+        (
+            vec![
+                "kmemleak".into(),
+                "--from".into(),
+                not_a_report.display().to_string(),
+            ],
+            "not a kmemleak report".into(),
+        ),
+    ];
+    for (args, expected) in cases {
+        let output = Command::new(&memleak).args(&args).output()?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        ensure!(
+            output.status.code() == Some(2),
+            "{args:?}: status {}",
+            output.status
+        );
+        ensure!(stderr.contains(&expected), "{args:?}: stderr {stderr:?}");
+        ensure!(
+            stderr.trim().lines().count() == 1,
+            "{args:?}: not one line: {stderr}"
+        );
+    }
+    let _ = std::fs::remove_file(&not_a_report);
+    let _ = release.send(());
+    let _ = thread.join();
+    Ok(())
+}
+
 fn summarize(entry: &serde_json::Value) -> String {
     format!(
         "{} x {} ({}) at {}",

@@ -12,7 +12,7 @@ use std::{
     process::ExitCode,
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 
 use crate::{
     cli::{Format, ReportOptions},
@@ -79,6 +79,17 @@ pub fn run(args: &KmemleakArgs) -> Result<ExitCode> {
         }
     };
     let parsed = parse::parse(&text);
+    if let Some(path) = &args.from
+        && parsed.objects.is_empty()
+        && parsed.unparsed_records == 0
+        && !text.trim().is_empty()
+    {
+        // An empty report means no leak; text without a single record is another file.
+        bail!(
+            "{}: not a kmemleak report (no `unreferenced object 0x...` record in it)",
+            path.display()
+        );
+    }
     let report = render::build(kernel, &parsed, args.report.top as usize);
     let rendered = match args.report.format {
         Format::Text => render::render_text(&report),
