@@ -425,6 +425,29 @@ impl Waiting {
     }
 }
 
+/// Traces, filtered on its pid for `window`, a fixture running `WORKLOAD COUNT` that frees all
+/// it allocates, and returns the JSON report. Filtered so that the counters are the fixture's
+/// own: they prove the churn was seen and its frees matched, which no machine-wide counter can.
+/// Also returns the fixture's pid.
+pub fn trace_churning_fixture(workload: &str, count: u64, window: &str) -> Result<(Value, u32)> {
+    let mut churn = Waiting::start(workload, count)?;
+    let pid = churn.pid;
+    let (tracer, _stderr) = start_tracer(&[
+        "--duration",
+        window,
+        "--format",
+        "json",
+        "--top",
+        "100000",
+        "--pid",
+        &pid.to_string(),
+    ])?;
+    let said = churn.go()?;
+    ensure!(said == "done", "fixture said {said:?}");
+    churn.release()?;
+    Ok((finish_tracer(tracer)?, pid))
+}
+
 /// The report's notes, as strings.
 pub fn notes(report: &Value) -> Vec<&str> {
     report["notes"]

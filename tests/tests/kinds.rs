@@ -3,8 +3,7 @@
 //! makes one percpu allocation per element. Pages come from a fixture that fills pipes.
 use anyhow::{Context as _, Result, ensure};
 use memleak_tests::{
-    Guard, Waiting, count_of, entries_through, finish_tracer, notes, share_of, start_tracer, stat,
-    trace_around,
+    Guard, count_of, entries_through, notes, share_of, stat, trace_around, trace_churning_fixture,
 };
 
 const MAPS: u64 = 20;
@@ -226,23 +225,7 @@ fn freed_pipe_pages_do_not_show() -> Result<()> {
     let Some(_exclusive) = memleak_tests::end_to_end() else {
         return Ok(());
     };
-    // Filtered on the fixture, so that the counters prove its pages were seen and freed.
-    let mut churn = Waiting::start("churn-pipe-pages", PIPE_PAGES)?;
-    let pid = churn.pid;
-    let (tracer, _stderr) = start_tracer(&[
-        "--duration",
-        "3s",
-        "--format",
-        "json",
-        "--top",
-        "100000",
-        "--pid",
-        &pid.to_string(),
-    ])?;
-    let said = churn.go()?;
-    ensure!(said == "done", "fixture said {said:?}");
-    churn.release()?;
-    let report = finish_tracer(tracer)?;
+    let (report, _) = trace_churning_fixture("churn-pipe-pages", PIPE_PAGES, "3s")?;
     let held = pages_through_pipe_writes(&report);
     ensure!(
         held < PIPE_PAGES / 10,

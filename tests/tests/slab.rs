@@ -10,6 +10,7 @@ use anyhow::{Context as _, Result, ensure};
 use memleak_tests::{
     Guard, Waiting, count_of, entries_at, entries_through, finish_tracer, fixture_binary,
     loaded_program_names, notes, share_of, start_tracer, stat, trace_around,
+    trace_churning_fixture,
 };
 
 const HELD: u64 = 2_000;
@@ -215,24 +216,7 @@ fn churned_eventfds_do_not_show_as_outstanding() -> Result<()> {
     let Some(_exclusive) = memleak_tests::end_to_end() else {
         return Ok(());
     };
-    // Filtered on the churning fixture, so that the counters are its own: they prove the churn
-    // was seen and its frees matched, which no machine-wide counter can.
-    let mut churn = Waiting::start("churn-eventfds", HELD)?;
-    let pid = churn.pid;
-    let (tracer, _stderr) = start_tracer(&[
-        "--duration",
-        "3s",
-        "--format",
-        "json",
-        "--top",
-        "100000",
-        "--pid",
-        &pid.to_string(),
-    ])?;
-    let said = churn.go()?;
-    ensure!(said == "done", "fixture said {said:?}");
-    churn.release()?;
-    let report = finish_tracer(tracer)?;
+    let (report, pid) = trace_churning_fixture("churn-eventfds", HELD, "3s")?;
     let summary: Vec<String> = entries_through(&report, "eventfd")
         .iter()
         .map(|entry| summarize(entry))
