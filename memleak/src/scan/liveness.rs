@@ -411,16 +411,26 @@ impl KernelView {
         let Some(sheaf_layout) = layout.sheaves else {
             return Ok(HashSet::new());
         };
-        let objects_offset = sheaf_layout.sheaf_objects.offset;
-        let reads: Vec<(u64, u32)> = sheaves.iter().map(|&sheaf| (sheaf, PAGE as u32)).collect();
+        // The header first, for how many objects each holds; then exactly that many pointers,
+        // so that no read runs past the sheaf.
+        let objects_offset = sheaf_layout.sheaf_objects.offset as u64;
+        let headers: Vec<(u64, u32)> = sheaves
+            .iter()
+            .map(|&sheaf| (sheaf, objects_offset as u32))
+            .collect();
+        let mut arrays = Vec::new();
+        self.reader.read_each(&headers, |index, bytes| {
+            let size = bytes
+                .and_then(|bytes| sheaf_layout.sheaf_size.read_u32(bytes))
+                .unwrap_or(0);
+            let length = (u64::from(size) * 8).min(PAGE);
+            if length > 0 {
+                arrays.push((sheaves[index] + objects_offset, length as u32));
+            }
+        })?;
         let mut objects = HashSet::new();
-        self.reader.read_each(&reads, |_, bytes| {
-            let Some(bytes) = bytes else { return };
-            let size = sheaf_layout.sheaf_size.read_u32(bytes).unwrap_or(0) as usize;
-            let Some(array) = bytes.get(objects_offset..) else {
-                return;
-            };
-            for word in array.as_chunks::<8>().0.iter().take(size) {
+        self.reader.read_each(&arrays, |_, bytes| {
+            for word in bytes.unwrap_or_default().as_chunks::<8>().0 {
                 objects.insert(u64::from_le_bytes(*word));
             }
         })?;
