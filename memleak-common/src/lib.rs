@@ -237,6 +237,9 @@ pub struct TracerConfig {
     /// Nonzero before Linux 6.3, where `kvfree_call_rcu`'s second argument is the offset of
     /// the object's rcu_head (or the object itself when the head is NULL), not the object.
     pub kvfree_rcu_passes_offset: u32,
+    /// Nonzero: every hook returns as soon as it runs (the benchmark's floor).
+    pub return_at_once: u32,
+    pub _reserved: u32,
     pub classic: ClassicOffsets,
 }
 
@@ -254,6 +257,8 @@ impl TracerConfig {
         kmem_cache_object_size_offset: 0,
         kmem_cache_name_offset: 0,
         kvfree_rcu_passes_offset: 0,
+        return_at_once: 0,
+        _reserved: 0,
         classic: ClassicOffsets::NONE,
     };
 }

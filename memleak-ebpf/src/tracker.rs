@@ -69,6 +69,9 @@ pub fn on_alloc<C: StackIdContext>(
     describe: impl FnOnce() -> Allocation,
     name_of_cache: impl FnOnce(u64) -> Option<CacheName>,
 ) {
+    if config!(return_at_once) != 0 {
+        return;
+    }
     count(Counter::Allocs);
     if key == 0 {
         return;
@@ -161,6 +164,9 @@ pub fn on_alloc<C: StackIdContext>(
 /// Forgets a freed object, if the table holds it.
 #[inline(always)]
 pub fn on_free(key: u64) {
+    if config!(return_at_once) != 0 {
+        return;
+    }
     // Before any map access: with --sample-rate, most frees end here, at the cost of a hash.
     if !sampled_object(key, config!(sample_shift)) {
         return;

@@ -162,6 +162,12 @@ pub struct TracingOptions {
     /// BTF and a verifier that accepts them), classic tracepoints, or the first that works.
     #[arg(long, value_enum, default_value_t = AttachMethod::Auto)]
     pub attach: AttachMethod,
+
+    /// Benchmark floor: attach the same programs, but make each return as soon as it runs, so
+    /// the report stays empty. What remains is the kernel's cost of running them
+    /// (`cargo xtask bench` prints it beside memleak's).
+    #[arg(long, hide = true)]
+    pub empty_programs: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -48,6 +48,8 @@ pub struct TracerSettings {
     pub max_size: Option<u32>,
     pub method: AttachMethod,
     pub kinds: Vec<Kind>,
+    /// The benchmark's floor: programs that return at once.
+    pub empty_programs: bool,
 }
 
 /// The attached programs and their maps. Dropping `programs` detaches every program; `maps`
@@ -154,6 +156,7 @@ pub fn attach(settings: &TracerSettings, btf: Option<&btf_rs::Btf>) -> Result<Tr
     config.classic = page_plan
         .as_ref()
         .map_or(plan.offsets, |pages| pages.offsets);
+    config.return_at_once = settings.empty_programs.into();
     config.kvfree_rcu_passes_offset = btf.is_some_and(kernel::kvfree_rcu_passes_offset).into();
 
     // Every program is loaded (verified) before any is attached, and frees are attached

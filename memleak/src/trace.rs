@@ -181,6 +181,7 @@ impl Session {
                 max_size: options.max_size,
                 method: options.attach,
                 kinds: options.kinds.clone(),
+                empty_programs: options.empty_programs,
             },
             btf.as_ref(),
         )?;

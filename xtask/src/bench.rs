@@ -75,6 +75,8 @@ impl Workload {
 #[derive(Clone, Copy, PartialEq)]
 enum Variant {
     Baseline,
+    /// memleak's programs attached, each returning at once: the kernel's dispatch cost.
+    Floor,
     Memleak,
     MemleakSampled,
     Bpftrace,
@@ -86,6 +88,7 @@ impl Variant {
     fn label(self) -> &'static str {
         match self {
             Variant::Baseline => "baseline",
+            Variant::Floor => "empty programs (floor)",
             Variant::Memleak => "memleak",
             Variant::MemleakSampled => "memleak --sample-rate 64",
             Variant::Bpftrace => "bpftrace",
@@ -127,7 +130,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         fixture: release.join("memleak-fixture"),
         other_memleak: args.compare_memleak.clone(),
     };
-    let mut variants = vec![Variant::Baseline, Variant::Memleak, Variant::MemleakSampled];
+    let mut variants = vec![
+        Variant::Baseline,
+        Variant::Floor,
+        Variant::Memleak,
+        Variant::MemleakSampled,
+    ];
     if args.compare_bpftrace {
         Apt::default().install_missing(&["bpftrace"])?;
         variants.push(Variant::Bpftrace);
@@ -192,7 +200,7 @@ fn run_once(
         std::env::temp_dir().join(format!("memleak-bench-{}.json", std::process::id()));
     let tracer = match variant {
         Variant::Baseline => None,
-        Variant::Memleak | Variant::MemleakSampled | Variant::OtherMemleak => {
+        Variant::Floor | Variant::Memleak | Variant::MemleakSampled | Variant::OtherMemleak => {
             let binary = match (variant, &binaries.other_memleak) {
                 (Variant::OtherMemleak, Some(other)) => other,
                 _ => &binaries.memleak,
@@ -203,6 +211,9 @@ fn run_once(
                 .arg(&report_path);
             if variant == Variant::MemleakSampled {
                 command.args(["--sample-rate", SAMPLE_RATE]);
+            }
+            if variant == Variant::Floor {
+                command.arg("--empty-programs");
             }
             Some(tracer::start(command, "memleak: attached", Duration::ZERO)?)
         }
@@ -310,6 +321,7 @@ fn print_report(
         "variant",
         "median ops/s",
         "slowdown",
+        "over floor",
         "min ops/s",
         "max ops/s",
         "report time",
@@ -321,9 +333,14 @@ fn print_report(
         .iter()
         .position(|&variant| variant == Variant::Baseline)
         .context("no baseline variant")?;
+    let floor_index = variants
+        .iter()
+        .position(|&variant| variant == Variant::Floor);
     let mut rows = Vec::new();
     for (workload, samples) in results {
         let baseline_median = median(samples[baseline_index].iter().map(|s| s.ops_per_second));
+        let floor_median =
+            floor_index.map(|index| median(samples[index].iter().map(|s| s.ops_per_second)));
         for (variant, samples) in variants.iter().zip(samples) {
             let ops: Vec<f64> = samples.iter().map(|s| s.ops_per_second).collect();
             let variant_median = median(ops.iter().copied());
@@ -334,6 +351,15 @@ fn print_report(
                 variant.label().to_owned(),
                 thousands(variant_median),
                 format!("{:.2}x", baseline_median / variant_median),
+                match (floor_median, variant) {
+                    (
+                        Some(floor),
+                        Variant::Memleak | Variant::MemleakSampled | Variant::OtherMemleak,
+                    ) => {
+                        format!("{:.2}x", floor / variant_median)
+                    }
+                    _ => "-".to_owned(),
+                },
                 thousands(ops.iter().copied().fold(f64::INFINITY, f64::min)),
                 thousands(ops.iter().copied().fold(0.0, f64::max)),
             ];
@@ -357,7 +383,9 @@ fn print_report(
     print_markdown_table(&header, &rows);
     println!();
     println!(
-        "slowdown: baseline median / variant median. report time: median time from SIGINT to exit \
+        "slowdown: baseline median / variant median. over floor: median with memleak's programs \
+         returning at once / variant median, the share of the slowdown that memleak's programs \
+         cause beyond the kernel's dispatch. report time: median time from SIGINT to exit \
          (detach, read the table, symbolize, write JSON). max RSS, drops and stack failures: \
          the largest of any round."
     );
