@@ -33,6 +33,9 @@ struct Churn {
     /// Objects the liveness check must find free at the least: those memleak reported
     /// outstanding without it, with a margin.
     verified_free_at_least: u64,
+    /// Some of them must be found in slab sheaves (per-CPU or in a node's barn), where the
+    /// kernel has sheaves (Linux 6.18+): maple nodes are freed into them.
+    in_sheaves: bool,
     window: Duration,
 }
 
@@ -109,8 +112,22 @@ fn check_churn(churn: &Churn) -> Result<()> {
         churn.verified_free_at_least
     );
     check_liveness_fields(&report)?;
+    if churn.in_sheaves && kernel_has_sheaves()? {
+        let sheaf = stats["verified_free_where"]["sheaf"].as_u64();
+        ensure!(
+            sheaf.is_some_and(|found| found > 0),
+            "{workload}: this kernel frees maple nodes into slab sheaves, yet the liveness check \
+             found none there: {stats:#}"
+        );
+    }
 
     Ok(())
+}
+
+/// Whether the running kernel has slab sheaves: its BTF names `struct slab_sheaf`.
+fn kernel_has_sheaves() -> Result<bool> {
+    let btf = std::fs::read("/sys/kernel/btf/vmlinux").context("reading kernel BTF")?;
+    Ok(btf.windows(11).any(|window| window == b"slab_sheaf\0"))
 }
 
 /// The report fields of the liveness check, as the report documents them.
@@ -179,6 +196,7 @@ fn closed_epolls_are_not_outstanding() -> Result<()> {
         cycles: 3_000,
         allocations_per_cycle: 1,
         verified_free_at_least: 1_500,
+        in_sheaves: false,
         window: Duration::from_secs(5),
     })
 }
@@ -195,6 +213,7 @@ fn closed_timerfds_are_not_outstanding() -> Result<()> {
         cycles: 3_000,
         allocations_per_cycle: 1,
         verified_free_at_least: 1_500,
+        in_sheaves: false,
         window: Duration::from_secs(5),
     })
 }
@@ -212,6 +231,7 @@ fn reset_tcp_connections_are_not_outstanding() -> Result<()> {
         // The listening socket, the client's and the accepted one, at the least.
         allocations_per_cycle: 3,
         verified_free_at_least: 1_500,
+        in_sheaves: false,
         window: Duration::from_secs(6),
     })
 }
@@ -230,6 +250,7 @@ fn exited_processes_maple_nodes_are_not_outstanding() -> Result<()> {
         // tree, its task_struct, mm_struct and VMAs: far more than 32 slab objects.
         allocations_per_cycle: 32,
         verified_free_at_least: 1_000,
+        in_sheaves: true,
         window: Duration::from_secs(9),
     })
 }
