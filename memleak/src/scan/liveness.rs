@@ -545,20 +545,7 @@ fn walk_all<'a, 'c: 'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn cache(random: u64) -> Cache {
-        Cache {
-            address: 0xffff_8880_0100_0000,
-            name: "kmalloc-64".into(),
-            size: 64,
-            object_size: 64,
-            offset: 32,
-            red_left_pad: 0,
-            random,
-            cpu_slab: 0,
-            cpu_sheaves: 0,
-        }
-    }
+    use crate::scan::slabs::tests::cache;
 
     fn slab(objects: u32) -> Slab {
         Slab {

@@ -474,10 +474,11 @@ fn free_objects(cache: &Cache, slab: &Slab, start: u64, bytes: &[u8]) -> Option<
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn cache(random: u64) -> Cache {
+    /// A cache of 64-byte objects whose free pointer sits at 32, hardened with `random`.
+    pub(in crate::scan) fn cache(random: u64) -> Cache {
         Cache {
             address: 0xffff_8880_0100_0000,
             name: "test".into(),
