@@ -277,4 +277,119 @@ mod tests {
         assert_eq!((lines[0].kind, lines[0].unit), ("vmalloc", "bytes"));
         assert!(lines[0].unreliable, "{:?}", lines[0]);
     }
+
+    fn slab(active: u64, per_slab: u64) -> SlabCount {
+        SlabCount { active, per_slab }
+    }
+
+    fn kernel_counts(slabs: &[(&str, SlabCount)], vmalloc: u64, percpu: u64) -> KernelCounts {
+        KernelCounts {
+            slabs: slabs
+                .iter()
+                .map(|&(name, count)| (name.to_owned(), count))
+                .collect(),
+            vmalloc_bytes: Some(vmalloc),
+            percpu_bytes: Some(percpu),
+        }
+    }
+
+    #[test]
+    fn kernel_change_noise_flags_and_order_are_exact() {
+        let start = kernel_counts(
+            &[
+                ("a", slab(5_000, 32)),
+                ("m", slab(1_000, 16)),
+                ("z", slab(100, 8)),
+            ],
+            1_000_000,
+            50_000,
+        );
+        let end = kernel_counts(
+            &[
+                ("a", slab(5_000, 32)),
+                ("m", slab(1_200, 16)),
+                ("z", slab(110, 8)),
+            ],
+            1_100_000,
+            40_000,
+        );
+        let caches = BTreeMap::from([
+            // Verified, well within the noise.
+            ("a".to_owned(), traced(5, false)),
+            // Exactly at the noise: not flagged.
+            ("m".to_owned(), traced(340, true)),
+            // Beyond the noise, unverified.
+            ("z".to_owned(), traced(100, true)),
+        ]);
+        let lines = compare(
+            &start,
+            &end,
+            &caches,
+            traced(300_000, true),
+            traced(1_000, false),
+            2,
+        );
+        let summary: Vec<_> = lines
+            .iter()
+            .map(|line| {
+                (
+                    line.kind,
+                    line.cache.as_deref(),
+                    line.unit,
+                    line.traced,
+                    line.kernel,
+                    line.noise,
+                    excess(line),
+                    line.unreliable,
+                    line.explained_by_turnover,
+                )
+            })
+            .collect();
+        // Slab noise: max(per_slab * 4 * cpus, 32) + active / 100; bytes: 16 pages per CPU
+        // plus a percent. Largest excess first.
+        assert_eq!(
+            summary,
+            [
+                (
+                    "vmalloc", None, "bytes", 300_000, 100_000, 142_072, 200_000, true, false
+                ),
+                (
+                    "percpu", None, "bytes", 1_000, -10_000, 131_472, 11_000, false, false
+                ),
+                (
+                    "slab",
+                    Some("m"),
+                    "objects",
+                    340,
+                    200,
+                    140,
+                    140,
+                    false,
+                    false
+                ),
+                ("slab", Some("z"), "objects", 100, 10, 65, 90, true, false),
+                ("slab", Some("a"), "objects", 5, 0, 306, 5, false, false),
+            ]
+        );
+        // The same excess, verified: turnover.
+        let caches = BTreeMap::from([("z".to_owned(), traced(100, false))]);
+        let lines = compare(
+            &start,
+            &end,
+            &caches,
+            Traced::default(),
+            Traced::default(),
+            2,
+        );
+        assert!(!lines[0].unreliable && lines[0].explained_by_turnover);
+    }
+
+    #[test]
+    fn reads_this_kernel_when_allowed() {
+        // /proc/slabinfo is root's only: without root there is nothing to check.
+        if let Ok(counts) = KernelCounts::read() {
+            assert!(counts.slabs.values().any(|count| count.active > 0));
+            assert!(counts.vmalloc_bytes.is_some());
+        }
+    }
 }

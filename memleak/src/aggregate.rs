@@ -306,4 +306,115 @@ mod tests {
             1_000_000
         );
     }
+
+    fn record(
+        kind: AllocKind,
+        call_site: u64,
+        cache_id: u64,
+        bytes: u32,
+        stack_id: i32,
+    ) -> AllocRecord {
+        AllocRecord {
+            call_site,
+            cache_id,
+            timestamp_ns: 0,
+            bytes_requested: bytes,
+            bytes_allocated: bytes,
+            stack_id,
+            tgid: 1,
+            kind: kind as u32,
+            gfp_flags: 0x0040_0cd1,
+        }
+    }
+
+    #[test]
+    fn site_keys_by_kind() {
+        let key = |record: &AllocRecord| SiteKey::of(record).unwrap();
+        // kmalloc: the size class and the gfp bits that choose the cache variant.
+        let kmalloc = key(&record(AllocKind::Kmalloc, 0xa, 0, 64, 3));
+        assert_eq!((kmalloc.cache_id, kmalloc.kmalloc_gfp), (64, 0x0040_0011));
+        assert_eq!(kmalloc.unnamed_slot_size(), Some(64));
+        // kmem_cache: the cache id, or the slot size when the event names no cache.
+        let named = key(&record(
+            AllocKind::KmemCache,
+            0xa,
+            0xffff_8880_0000_1001,
+            192,
+            3,
+        ));
+        assert_eq!(
+            (named.cache_id, named.kmalloc_gfp),
+            (0xffff_8880_0000_1001, 0)
+        );
+        let unnamed = key(&record(AllocKind::KmemCache, 0xa, 0, 192, 3));
+        assert_eq!(unnamed.cache_id, 192);
+        assert_eq!(unnamed.unnamed_slot_size(), Some(192));
+        assert_eq!(named.unnamed_slot_size(), None);
+        // No call site: the stack; with one: the call site alone.
+        let by_stack = key(&record(AllocKind::Vmalloc, 0, 0, 8192, 9));
+        assert_eq!((by_stack.cache_id, by_stack.call_site), (9, 0));
+        let by_site = key(&record(AllocKind::Page, 0xb, 0, 4096, 9));
+        assert_eq!((by_site.cache_id, by_site.call_site), (0, 0xb));
+        assert_eq!(by_site.unnamed_slot_size(), None);
+        let mut unknown = record(AllocKind::Kmalloc, 0xa, 0, 64, 3);
+        unknown.kind = 99;
+        assert_eq!(SiteKey::of(&unknown), None);
+    }
+
+    #[test]
+    fn unverified_objects_count_only_when_kept() {
+        let mut aggregator = Aggregator::new(1_000, Duration::from_nanos(500));
+        let old = object(0xa, 64, 1, 1, 500);
+        aggregator.add_unverified(&old);
+        aggregator.add(&old);
+        // Exactly min_age old counts; younger is hidden, unverified or not, and marks no
+        // site (not even one of another object).
+        aggregator.add_unverified(&object(0xa, 64, 1, 1, 501));
+        aggregator.add(&object(0xb, 64, 1, 1, 500));
+        aggregator.add_unverified(&object(0xb, 64, 1, 1, 501));
+        let aggregate = aggregator.finish();
+        assert_eq!(aggregate.hidden_younger, 2);
+        let mut sites = aggregate.sites;
+        rank(&mut sites, SortKey::Count);
+        let counts: Vec<_> = sites
+            .iter()
+            .map(|site| (site.key.call_site, site.count, site.unverified))
+            .collect();
+        assert_eq!(counts, [(0xa, 2, 1), (0xb, 1, 0)]);
+    }
+
+    #[test]
+    fn stacks_by_weight_most_first_then_by_id() {
+        let objects = [
+            object(0xa, 64, 5, 1, 0),
+            object(0xa, 64, 9, 1, 0),
+            object(0xa, 64, 9, 1, 0),
+            object(0xa, 64, 2, 1, 0),
+        ];
+        let sites = by_site(&objects, 0, Duration::ZERO).sites;
+        assert_eq!(sites[0].stacks_by_weight(), vec![(9, 2), (2, 1), (5, 1)]);
+        assert_eq!(sites[0].stack_samples(), 4);
+    }
+
+    #[test]
+    fn ranks_ties_by_the_other_measure_then_by_site() {
+        let objects = [
+            object(0xc, 64, -1, 1, 0),
+            object(0xc, 64, -1, 1, 0),
+            object(0xb, 128, -1, 1, 0),
+            object(0xa, 128, -1, 1, 0),
+            object(0xd, 32, -1, 1, 0),
+            object(0xd, 32, -1, 1, 0),
+            object(0xd, 32, -1, 1, 0),
+            object(0xd, 32, -1, 1, 0),
+        ];
+        let mut sites = by_site(&objects, 0, Duration::ZERO).sites;
+        // Unsampled stacks are not failed captures.
+        assert!(sites.iter().all(|site| site.failed_stacks == 0));
+        let order = |sites: &[Site]| sites.iter().map(|s| s.key.call_site).collect::<Vec<_>>();
+        rank(&mut sites, SortKey::Size);
+        assert_eq!(order(&sites), [0xd, 0xc, 0xa, 0xb]);
+        rank(&mut sites, SortKey::Count);
+        assert_eq!(order(&sites), [0xd, 0xc, 0xa, 0xb]);
+    }
 }

@@ -394,4 +394,90 @@ mod tests {
         assert!(!glob_match("leaky", "leaky_kmalloc"));
         assert!(!glob_match("?", ""));
     }
+
+    #[test]
+    fn enabled_by_either_the_exit_status_or_junit() {
+        let fail_on_leak = LeakCheckArgs {
+            fail_on_leak: true,
+            ..Default::default()
+        };
+        assert!(fail_on_leak.enabled());
+        let junit = LeakCheckArgs {
+            junit: Some("check.xml".into()),
+            ..Default::default()
+        };
+        assert!(junit.enabled());
+    }
+
+    #[test]
+    fn each_threshold_fails_alone_and_only_above_its_value() {
+        let lenient = LeakCheckArgs {
+            max_count: 1_000,
+            max_bytes: 1 << 20,
+            ..Default::default()
+        };
+        assert!(!lenient.evaluate(&entries()).failed);
+        let strict_count = LeakCheckArgs {
+            max_count: 156,
+            ..lenient
+        };
+        assert!(strict_count.evaluate(&entries()).failed);
+    }
+
+    #[test]
+    fn scopes_need_every_filter_to_match() {
+        let wrong_cache = LeakCheckArgs {
+            module: Some("leaky".into()),
+            function: Some("leaky_*".into()),
+            cache: Some("ext4_inode_cache".into()),
+            ..Default::default()
+        };
+        assert_eq!(wrong_cache.evaluate(&entries()).count, 0);
+        let wrong_module = LeakCheckArgs {
+            module: Some("ext4".into()),
+            function: Some("leaky_*".into()),
+            ..Default::default()
+        };
+        assert_eq!(wrong_module.evaluate(&entries()).count, 0);
+        let wrong_function = LeakCheckArgs {
+            module: Some("leaky".into()),
+            function: Some("ext4_*".into()),
+            cache: Some("kmalloc-64".into()),
+            ..Default::default()
+        };
+        assert_eq!(wrong_function.evaluate(&entries()).count, 0);
+    }
+
+    #[test]
+    fn summaries_say_what_was_found_and_allowed() {
+        let args = LeakCheckArgs {
+            module: Some("leaky".into()),
+            max_count: 10,
+            ..Default::default()
+        };
+        assert_eq!(
+            args.evaluate(&entries()).summary(),
+            "leak check failed (module=leaky function=* cache=*): 9.4 KiB in 150 objects from 2 \
+             allocation sites outstanding (allowed: 0 bytes, 10 objects)"
+        );
+        let passing = LeakCheckArgs {
+            function: Some("clean_alloc".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            passing.evaluate(&entries()).summary(),
+            "leak check passed (module=* function=clean_alloc cache=*): 0 B in 0 objects \
+             outstanding"
+        );
+        let details = args.evaluate(&entries()).details();
+        assert!(
+            details.starts_with("6.2 KiB in 100 objects, kmalloc (kmalloc-64) at leaky_kmalloc"),
+            "{details}"
+        );
+    }
+
+    #[test]
+    fn escapes_keep_newlines_and_tabs() {
+        assert_eq!(escape("a\n\tb"), "a\n\tb");
+    }
 }

@@ -319,4 +319,36 @@ mod tests {
                 .starts_with("2 call sites have no cache read")
         );
     }
+
+    #[test]
+    fn names_unread_kmalloc_sites_from_their_size_and_keeps_what_was_read() {
+        let mut picks = Picks::default();
+        assert!(picks.is_empty());
+        let read_site = key(AllocKind::Kmalloc, 64, 0x10);
+        let unread = key(AllocKind::Kmalloc, 128, 0x20);
+        picks.add(read_site, 0x1000);
+        picks.add(unread, 0x2000);
+        assert!(!picks.is_empty());
+        let names = picks.names(HashMap::from([(read_site, "msg_msg-64".to_owned())]));
+        assert_eq!(names.len(), 2);
+        assert_eq!(names[&read_site], "msg_msg-64");
+        // gfp 0 picks the plain cache whatever variants this kernel has.
+        assert_eq!(names[&unread], "kmalloc-128");
+    }
+
+    #[test]
+    fn the_note_without_reads_says_why() {
+        let note = not_read(&anyhow::anyhow!("no BTF"));
+        assert!(note.starts_with("slab caches are not read from the kernel"));
+        assert!(note.ends_with(": no BTF"), "{note}");
+    }
+
+    #[test]
+    fn knows_this_kernels_caches() {
+        // SLUB kernels list every cache, merged ones too, in /sys/kernel/slab.
+        if Path::new("/sys/kernel/slab/kmalloc-64").exists() {
+            let known = known_caches();
+            assert!(known.contains("kmalloc-64"), "{} caches", known.len());
+        }
+    }
 }
