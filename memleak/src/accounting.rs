@@ -191,6 +191,15 @@ mod tests {
         Traced { amount, unverified }
     }
 
+    /// The comparison of slab caches alone, on 2 CPUs.
+    fn compare_caches(
+        start: &KernelCounts,
+        end: &KernelCounts,
+        caches: &BTreeMap<String, Traced>,
+    ) -> Vec<Accounting> {
+        compare(start, end, caches, Traced::default(), Traced::default(), 2)
+    }
+
     #[test]
     fn reads_active_objects_and_objects_per_slab() {
         let (start, _) = counts();
@@ -205,14 +214,7 @@ mod tests {
         // Recorded around 3,000 epoll instances created and closed: kmalloc-256 did not grow.
         let (start, end) = counts();
         let caches = BTreeMap::from([("kmalloc-256".to_owned(), traced(2_999, true))]);
-        let lines = compare(
-            &start,
-            &end,
-            &caches,
-            Traced::default(),
-            Traced::default(),
-            2,
-        );
+        let lines = compare_caches(&start, &end, &caches);
         let [line] = &lines[..] else {
             panic!("one line per traced cache: {lines:?}")
         };
@@ -221,14 +223,7 @@ mod tests {
         assert!(line.unreliable && !line.explained_by_turnover, "{line:?}");
         // The same growth with every object verified allocated is turnover, not a gap.
         let caches = BTreeMap::from([("kmalloc-256".to_owned(), traced(2_999, false))]);
-        let lines = compare(
-            &start,
-            &end,
-            &caches,
-            Traced::default(),
-            Traced::default(),
-            2,
-        );
+        let lines = compare_caches(&start, &end, &caches);
         assert!(!lines[0].unreliable && lines[0].explained_by_turnover);
     }
 
@@ -239,14 +234,7 @@ mod tests {
             end.slabs["kmalloc-256"].active as i64 - start.slabs["kmalloc-256"].active as i64;
         let amount = grown.max(0) as u64 + 10;
         let caches = BTreeMap::from([("kmalloc-256".to_owned(), traced(amount, true))]);
-        let lines = compare(
-            &start,
-            &end,
-            &caches,
-            Traced::default(),
-            Traced::default(),
-            2,
-        );
+        let lines = compare_caches(&start, &end, &caches);
         assert!(
             !lines[0].unreliable && !lines[0].explained_by_turnover,
             "{:?}",
@@ -373,14 +361,7 @@ mod tests {
         );
         // The same excess, verified: turnover.
         let caches = BTreeMap::from([("z".to_owned(), traced(100, false))]);
-        let lines = compare(
-            &start,
-            &end,
-            &caches,
-            Traced::default(),
-            Traced::default(),
-            2,
-        );
+        let lines = compare_caches(&start, &end, &caches);
         assert!(!lines[0].unreliable && lines[0].explained_by_turnover);
     }
 

@@ -24,6 +24,23 @@ pub fn exclusive() -> MutexGuard<'static, ()> {
 /// it, running them as another user than root is a failure, not a silent pass.
 pub const SKIP_VARIABLE: &str = "MEMLEAK_SKIP_E2E";
 
+/// A 4-second JSON trace in each slab attach mode, with the `attach` its report must name:
+/// BTF tracepoints (the default here) and classic tracepoints.
+pub const ATTACH_MODES: [(&[&str], &str); 2] = [
+    (&["--duration", "4s", "--format", "json"], "tp_btf"),
+    (
+        &[
+            "--duration",
+            "4s",
+            "--format",
+            "json",
+            "--attach",
+            "classic",
+        ],
+        "tracepoint",
+    ),
+];
+
 /// Starts an end-to-end test: the lock that keeps end-to-end tests apart (see [`exclusive`]),
 /// or `None`, after a `skipped:` line (see [`skip`]), when MEMLEAK_SKIP_E2E=1 asks to skip them.
 /// Panics when not running as root without that variable: a test that loads no eBPF program

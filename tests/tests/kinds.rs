@@ -42,20 +42,7 @@ fn vmalloc_and_percpu_allocations_are_attributed_by_kind() -> Result<()> {
     };
     // vmalloc and percpu events are BTF tracepoints whatever --attach says (--attach chooses
     // for the slab events); both ways must count each area and element exactly once.
-    for (args, attach) in [
-        (&["--duration", "4s", "--format", "json"][..], "tp_btf"),
-        (
-            &[
-                "--duration",
-                "4s",
-                "--format",
-                "json",
-                "--attach",
-                "classic",
-            ],
-            "tracepoint",
-        ),
-    ] {
+    for (args, attach) in memleak_tests::ATTACH_MODES {
         let (report, fixture) = trace_held_maps(args)?;
         ensure!(
             report["attach"] == attach,

@@ -45,20 +45,7 @@ fn held_eventfds_show_as_outstanding_through_eventfd_creation() -> Result<()> {
     let Some(_exclusive) = memleak_tests::end_to_end() else {
         return Ok(());
     };
-    for (args, attach) in [
-        (&["--duration", "4s", "--format", "json"][..], "tp_btf"),
-        (
-            &[
-                "--duration",
-                "4s",
-                "--format",
-                "json",
-                "--attach",
-                "classic",
-            ],
-            "tracepoint",
-        ),
-    ] {
+    for (args, attach) in memleak_tests::ATTACH_MODES {
         let before = slab_objects()?;
         let (report, mut fixture) = trace_around(args, "hold-eventfds", HELD)?;
         let pid = u64::from(fixture.child().id());
