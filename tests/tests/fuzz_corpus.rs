@@ -1,7 +1,7 @@
 //! The fuzz target's corpus as a plain test: every file of fuzz/corpus/kmemleak_parse (the
 //! seeds from memleak/testdata/kmemleak, and whatever `./x fuzz` found and kept locally) and
 //! every kmemleak sample goes through the kmemleak report parser and the clustering, with the
-//! fuzz target's checks (fuzz/fuzz_targets/kmemleak_parse.rs; keep the two alike). This runs
+//! fuzz target's checks (fuzz/kmemleak_check.rs, shared with the fuzz target). This runs
 //! on stable Rust, without cargo-fuzz, in every `./x test`.
 //!
 //! memleak is a binary crate, so its parser and clustering are compiled in here from their
@@ -21,56 +21,12 @@ mod kmemleak {
     pub mod parse;
 }
 
-use kmemleak::{cluster::cluster, parse::parse};
+use kmemleak::parse::parse;
 
-/// The fuzz target's body: nothing panics, and the report's counts add up.
-fn check(data: &[u8]) {
-    let text = String::from_utf8_lossy(data);
-    let parsed = parse(&text);
-    assert!(parsed.truncated_records() <= parsed.objects.len());
+#[path = "../../fuzz/kmemleak_check.rs"]
+mod kmemleak_check;
 
-    let clusters = cluster(&parsed.objects);
-    let clustered: u64 = clusters.iter().map(|cluster| cluster.count).sum();
-    assert_eq!(
-        clustered,
-        parsed.objects.len() as u64,
-        "every object in one cluster"
-    );
-    let mut previous_rank = u128::MAX;
-    for cluster in &clusters {
-        assert!(cluster.count > 0);
-        assert_eq!(cluster.sizes.values().sum::<u64>(), cluster.count);
-        assert!(
-            cluster
-                .processes
-                .iter()
-                .map(|process| process.count)
-                .sum::<u64>()
-                <= cluster.count
-        );
-        let rank = u128::from(cluster.count) * u128::from(cluster.bytes);
-        assert!(
-            rank <= previous_rank,
-            "clusters ranked by count times bytes"
-        );
-        previous_rank = rank;
-        if let Some(suspect) = cluster.suspect() {
-            assert_eq!(Some(suspect), cluster.frames.first());
-        }
-        for frame in &cluster.frames {
-            let _ = frame.to_string();
-        }
-    }
-
-    // Cutting the input anywhere (where the first bytes say) never adds objects.
-    if let [high, low, ..] = data {
-        let mut end = usize::from(u16::from_be_bytes([*high, *low])) % (text.len() + 1);
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        assert!(parse(&text[..end]).objects.len() <= parsed.objects.len());
-    }
-}
+use kmemleak_check::check;
 
 fn workspace() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
