@@ -3,37 +3,18 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 
-mod accounting;
-mod aggregate;
-mod btf;
-mod checks;
-mod classify;
 mod cli;
-mod duration;
-mod frame;
-mod kernel;
-mod kmemleak;
-mod output;
-mod privileges;
-mod probes;
-mod report;
-mod scan;
-mod signals;
-mod site_caches;
-mod symbolize;
-mod table;
-mod trace;
-mod tracefs;
+mod commands;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     init_logger(cli.verbose);
     let result = match cli.command {
-        cli::Command::Trace(args) => trace::trace(&args),
-        cli::Command::Run(args) => trace::run(&args),
-        cli::Command::Kmemleak(args) => kmemleak::run(&args),
-        cli::Command::Classify(args) => classify::run(&args),
-        cli::Command::Scan(args) => scan::run(&args),
+        cli::Command::Trace(args) => commands::trace::trace(&args),
+        cli::Command::Run(args) => commands::trace::run(&args),
+        cli::Command::Kmemleak(args) => commands::kmemleak::run(&args),
+        cli::Command::Classify(args) => commands::classify::run(&args),
+        cli::Command::Scan(args) => commands::scan::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -1,32 +1,14 @@
 //! The fuzz target's corpus as a plain test: every file of fuzz/corpus/kmemleak_parse (the
 //! seeds from memleak/testdata/kmemleak, and whatever `./x fuzz` found and kept locally) and
 //! every kmemleak sample goes through the kmemleak report parser and the clustering, with the
-//! fuzz target's checks (fuzz/kmemleak_check.rs, shared with the fuzz target). This runs
+//! fuzz target's checks (memleak::kmemleak::invariants). This runs
 //! on stable Rust, without cargo-fuzz, in every `./x test`.
-//!
-//! memleak is a binary crate, so its parser and clustering are compiled in here from their
-//! source files, as the fuzz target does. (Their own unit tests come along and run here too.)
+
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result, ensure};
 
-#[path = "../../memleak/src/frame.rs"]
-#[allow(dead_code)]
-mod frame;
-
-#[path = "../../memleak/src/kmemleak"]
-#[allow(dead_code)]
-mod kmemleak {
-    pub mod cluster;
-    pub mod parse;
-}
-
-use kmemleak::parse::parse;
-
-#[path = "../../fuzz/kmemleak_check.rs"]
-mod kmemleak_check;
-
-use kmemleak_check::check;
+use memleak::kmemleak::{invariants::check, parse::parse};
 
 fn workspace() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))

@@ -4,7 +4,7 @@ use std::{cmp::Reverse, collections::BTreeMap, time::Duration};
 
 use serde::Serialize;
 
-use super::parse::{Meminfo, SlabCache, VmallocUsage};
+use crate::kernel::procfs::{Meminfo, SlabCache, VmallocUsage};
 
 /// Version of the JSON layout; bumped only for incompatible changes.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -613,7 +613,7 @@ fn verdict(
     let rate = |bytes_per_second: i64| {
         format!(
             "+{}/s",
-            crate::report::human_bytes(bytes_per_second.max(0) as u64)
+            crate::util::units::human_bytes(bytes_per_second.max(0) as u64)
         )
     };
     let named_caches = |caches: &[&CacheTrend]| -> String {
@@ -628,7 +628,7 @@ fn verdict(
             format!(" ({})", names.join(", "))
         }
     };
-    let window_text = crate::duration::display(window);
+    let window_text = crate::util::duration::display(window);
     let mut summary = if growing.is_empty() {
         format!("no growth: no kind of kernel memory grew above the thresholds in {window_text}")
     } else {

@@ -1,129 +1,62 @@
 //! `memleak classify`: samples /proc/meminfo, /proc/slabinfo (or /sys/kernel/slab) and
 //! /proc/vmallocinfo for a few seconds and says which kind of kernel memory grows, without
 //! tracing anything.
-mod analysis;
-pub(crate) mod parse;
-mod render;
+pub mod analysis;
+#[doc(hidden)]
+pub mod fixtures;
+#[cfg(test)]
+mod tests;
 
-use std::{
-    fs,
-    path::Path,
-    process::ExitCode,
-    time::{Duration, Instant},
-};
+use std::{fs, path::Path, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
-use clap::ValueEnum as _;
 
-use self::{
-    analysis::{CacheFacts, Context, Sample, Thresholds},
-    parse::{Meminfo, SlabCache, SysSlabFiles, VmallocUsage},
-};
-use crate::{
-    cli::{Format, Kind, ReportOptions},
-    duration, kernel,
-    output::ReportSink,
-    signals::StopSignals,
-};
+use self::analysis::{CacheFacts, Context, Report, Sample, Thresholds};
+use crate::kernel::procfs::{self, Meminfo, SlabCache, SysSlabFiles, VmallocUsage};
 
-const SYS_SLAB: &str = "/sys/kernel/slab";
-
-/// `memleak classify`'s options; the command's help text is in cli.rs.
-#[derive(Debug, clap::Args)]
-pub struct ClassifyArgs {
-    /// How long to sample, like 10s or 5m (at least two intervals). Ctrl-C or SIGTERM end the
-    /// window early; the report is printed either way.
-    #[arg(short, long, default_value = "10s", value_parser = parse_window)]
-    pub duration: Duration,
-
-    /// Time between samples, like 1s or 500ms.
-    #[arg(long, value_name = "DUR", default_value = "1s", value_parser = parse_interval)]
+/// What `classify` samples and how it judges growth.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// How long to sample.
+    pub window: Duration,
+    /// Time between samples.
     pub interval: Duration,
-
-    /// Growth slower than this many bytes per second is not growth (1024 B/s is about
-    /// 3.5 MiB an hour).
-    #[arg(long, value_name = "BYTES", default_value_t = 1024,
-          value_parser = clap::value_parser!(u64).range(0..=1 << 40))]
-    pub min_rate: u64,
-
-    /// Growth of less than this many bytes over the whole window is noise.
-    #[arg(long, value_name = "BYTES", default_value_t = 256 * 1024,
-          value_parser = clap::value_parser!(u64).range(0..=1 << 50))]
-    pub noise_floor: u64,
-
-    /// Blame growth of reclaimable slab (dentries, inodes: caches the kernel frees under
-    /// memory pressure) in the verdict too. Without it, such growth is reported but not
-    /// called a leak.
-    #[arg(long)]
+    pub min_rate_bytes_per_second: u64,
+    pub noise_floor_bytes: u64,
+    /// Blame reclaimable slab growth too.
     pub blame_reclaimable: bool,
-
-    #[command(flatten)]
-    pub report: ReportOptions,
 }
 
-fn parse_window(text: &str) -> Result<Duration, String> {
-    duration::parse_in_range(
-        text,
-        Duration::from_millis(200),
-        Duration::from_secs(86_400),
-    )
-    .map_err(|error| error.to_string())
-}
-
-fn parse_interval(text: &str) -> Result<Duration, String> {
-    duration::parse_in_range(text, Duration::from_millis(100), Duration::from_secs(3_600))
-        .map_err(|error| error.to_string())
-}
-
-pub fn run(args: &ClassifyArgs) -> Result<ExitCode> {
-    if args.interval * 2 > args.duration {
-        bail!(
-            "--duration {} is shorter than two --interval {}: a trend needs at least three samples",
-            duration::display(args.duration),
-            duration::display(args.interval)
-        );
-    }
-    let sink = ReportSink::open(args.report.output.as_deref())?;
-    let kernel = kernel::release()?;
-    let page_size = page_size()?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    let mut sampler = Sampler::new(page_size);
-    let samples = runtime.block_on(sample_window(&mut sampler, args))?;
-    if samples.len() < 2 {
-        bail!("interrupted before a second sample: no trend to report");
-    }
+/// The report over `samples`: which kinds and caches grow. `traceable` names the kinds
+/// `memleak trace --kinds` takes, for the suggested next command.
+pub fn classify(
+    samples: &[Sample],
+    sampler: &Sampler,
+    options: &Options,
+    kernel: String,
+    top: usize,
+    traceable: Vec<String>,
+) -> Report {
     let context = Context {
         kernel,
-        page_size,
+        page_size: sampler.page_size,
         thresholds: Thresholds {
-            min_rate_bytes_per_second: args.min_rate,
-            noise_floor_bytes: args.noise_floor,
+            min_rate_bytes_per_second: options.min_rate_bytes_per_second,
+            noise_floor_bytes: options.noise_floor_bytes,
             scatter_factor: analysis::SCATTER_FACTOR,
         },
         facts: sampler.facts.clone(),
         notes: sampler.notes(),
-        top: args.report.top as usize,
-        traceable: Kind::value_variants()
-            .iter()
-            .filter_map(|kind| kind.to_possible_value())
-            .map(|value| value.get_name().to_owned())
-            .collect(),
-        requested: args.duration,
-        blame_reclaimable: args.blame_reclaimable,
+        top,
+        traceable,
+        requested: options.window,
+        blame_reclaimable: options.blame_reclaimable,
     };
-    let report = analysis::analyze(&samples, &context);
-    let rendered = match args.report.format {
-        Format::Text => render::render_text(&report),
-        Format::Json => crate::report::render_json(&report),
-    };
-    sink.write(&rendered)?;
-    Ok(ExitCode::SUCCESS)
+    analysis::analyze(samples, &context)
 }
 
-fn page_size() -> Result<u64> {
+/// The kernel's page size.
+pub fn page_size() -> Result<u64> {
     let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     u64::try_from(size)
         .ok()
@@ -131,31 +64,7 @@ fn page_size() -> Result<u64> {
         .context("sysconf(_SC_PAGESIZE) failed")
 }
 
-/// Samples every interval until the window ends or a signal arrives.
-async fn sample_window(sampler: &mut Sampler, args: &ClassifyArgs) -> Result<Vec<Sample>> {
-    let mut signals = StopSignals::install()?;
-    let started = Instant::now();
-    let deadline = tokio::time::Instant::now() + args.duration;
-    let mut ticker = tokio::time::interval(args.interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut samples = Vec::new();
-    loop {
-        tokio::select! {
-            _ = signals.next() => break,
-            _ = ticker.tick() => {
-                samples.push(sampler.sample(started.elapsed())?);
-                if tokio::time::Instant::now() >= deadline {
-                    break;
-                }
-            }
-            () = tokio::time::sleep_until(deadline) => {
-                samples.push(sampler.sample(started.elapsed())?);
-                break;
-            }
-        }
-    }
-    Ok(samples)
-}
+const SYS_SLAB: &str = "/sys/kernel/slab";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SlabSource {
@@ -165,7 +74,7 @@ enum SlabSource {
 }
 
 /// Reads the sources, remembering after the first sample which slab source works.
-struct Sampler {
+pub struct Sampler {
     page_size: u64,
     slab_source: Option<SlabSource>,
     facts: CacheFacts,
@@ -178,7 +87,7 @@ struct Sampler {
 }
 
 impl Sampler {
-    fn new(page_size: u64) -> Self {
+    pub fn new(page_size: u64) -> Self {
         let (facts, problem) = read_cache_facts(Path::new(SYS_SLAB));
         Self {
             page_size,
@@ -192,7 +101,7 @@ impl Sampler {
         }
     }
 
-    fn sample(&mut self, at: Duration) -> Result<Sample> {
+    pub fn sample(&mut self, at: Duration) -> Result<Sample> {
         let meminfo = read_meminfo()?;
         let pcp_free_bytes = self.read_pcp_free_pages().saturating_mul(self.page_size);
         let slab = self.read_slab();
@@ -210,7 +119,7 @@ impl Sampler {
         let pages = fs::read_to_string("/proc/zoneinfo")
             .context("reading /proc/zoneinfo")
             .and_then(|text| {
-                parse::parse_zoneinfo_pcp_pages(&text)
+                procfs::parse_zoneinfo_pcp_pages(&text)
                     .context("/proc/zoneinfo has no per-CPU page counts")
             });
         pages.unwrap_or_else(|error| {
@@ -260,7 +169,7 @@ impl Sampler {
 
     fn read_slabinfo(&mut self) -> Result<Vec<SlabCache>> {
         let text = fs::read_to_string("/proc/slabinfo").context("reading /proc/slabinfo")?;
-        let slabinfo = parse::parse_slabinfo(&text).context("parsing /proc/slabinfo")?;
+        let slabinfo = procfs::parse_slabinfo(&text).context("parsing /proc/slabinfo")?;
         self.slabinfo_unparsed_lines += slabinfo.unparsed_lines;
         Ok(slabinfo.caches)
     }
@@ -271,7 +180,7 @@ impl Sampler {
         }
         match fs::read_to_string("/proc/vmallocinfo") {
             Ok(text) => {
-                let usage = parse::parse_vmallocinfo(&text, self.page_size);
+                let usage = procfs::parse_vmallocinfo(&text, self.page_size);
                 self.vmallocinfo_unparsed_lines += usage.lines_unparsed;
                 Some(usage)
             }
@@ -305,7 +214,7 @@ impl Sampler {
 
 fn read_meminfo() -> Result<Meminfo> {
     let text = fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?;
-    let meminfo = parse::parse_meminfo(&text);
+    let meminfo = procfs::parse_meminfo(&text);
     if meminfo.get("MemTotal").is_none() {
         bail!("/proc/meminfo has no MemTotal line");
     }
@@ -407,7 +316,7 @@ fn read_sys_slab(root: &Path, facts: &CacheFacts) -> Result<Vec<SlabCache>> {
         } else {
             directory
         };
-        if let Some(cache) = parse::parse_sys_slab(&name, &files) {
+        if let Some(cache) = procfs::parse_sys_slab(&name, &files) {
             caches.push(cache);
         }
     }
@@ -420,6 +329,3 @@ fn read_sys_slab(root: &Path, facts: &CacheFacts) -> Result<Vec<SlabCache>> {
     }
     Ok(caches)
 }
-
-#[cfg(test)]
-mod tests;

@@ -1,97 +1,13 @@
 //! Classify's analysis on series recorded on the development machine (see
 //! testdata/classify/record.sh), and its file-system readers on fake sysfs trees.
-use std::{collections::BTreeMap, fs, path::PathBuf, time::Duration};
-
-use clap::Parser as _;
+use std::fs;
 
 use super::{
-    analysis::{self, CacheFacts, Context, Report, Sample, Thresholds, fit},
-    parse, read_cache_facts, read_sys_slab, render,
+    analysis::{self, CacheFacts, Thresholds, fit},
+    fixtures::*,
+    read_cache_facts, read_sys_slab,
 };
-use crate::cli::{Cli, Command};
-
-const PAGE: u64 = 4096;
-
-/// Parses `NAME VALUE` lines, the form record.sh writes /sys/kernel/slab/*/reclaim_account and
-/// the alias links in.
-pub fn parse_name_values(text: &str) -> BTreeMap<String, String> {
-    text.lines()
-        .filter_map(|line| {
-            let (name, value) = line.trim().rsplit_once(' ')?;
-            Some((name.trim().to_owned(), value.to_owned()))
-        })
-        .collect()
-}
-
-fn recorded_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("testdata/classify")
-        .join(name)
-}
-
-fn read(path: PathBuf) -> String {
-    fs::read_to_string(&path).unwrap_or_else(|error| panic!("{}: {error}", path.display()))
-}
-
-/// The samples and cache facts recorded in testdata/classify/NAME.
-fn recorded(name: &str) -> (Vec<Sample>, CacheFacts) {
-    let dir = recorded_dir(name);
-    let samples = read(dir.join("times"))
-        .lines()
-        .enumerate()
-        .map(|(index, millis)| Sample {
-            at: Duration::from_millis(millis.trim().parse().expect("milliseconds")),
-            meminfo: parse::parse_meminfo(&read(dir.join(format!("meminfo.{index}")))),
-            pcp_free_bytes: parse::parse_zoneinfo_pcp_pages(&read(
-                dir.join(format!("zoneinfo.{index}")),
-            ))
-            .expect("recorded zoneinfo")
-                * PAGE,
-            slab: Some(
-                parse::parse_slabinfo(&read(dir.join(format!("slabinfo.{index}"))))
-                    .expect("recorded slabinfo")
-                    .caches,
-            ),
-            vmalloc: Some(parse::parse_vmallocinfo(
-                &read(dir.join(format!("vmallocinfo.{index}"))),
-                PAGE,
-            )),
-        })
-        .collect();
-    let facts = CacheFacts {
-        reclaimable: parse_name_values(&read(dir.join("reclaim_account")))
-            .into_iter()
-            .map(|(name, value)| (name, value == "1"))
-            .collect(),
-        merged_into: parse_name_values(&read(dir.join("aliases"))),
-    };
-    (samples, facts)
-}
-
-const DEFAULT_THRESHOLDS: Thresholds = Thresholds {
-    min_rate_bytes_per_second: 1024,
-    noise_floor_bytes: 256 * 1024,
-    scatter_factor: analysis::SCATTER_FACTOR,
-};
-
-fn context(facts: CacheFacts, thresholds: Thresholds) -> Context {
-    Context {
-        kernel: "6.18.0-test".into(),
-        page_size: PAGE,
-        thresholds,
-        facts,
-        notes: Vec::new(),
-        top: 10,
-        traceable: vec!["slab".into(), "vmalloc".into(), "percpu".into()],
-        requested: Duration::from_secs(10),
-        blame_reclaimable: false,
-    }
-}
-
-fn classify_recorded(name: &str) -> Report {
-    let (samples, facts) = recorded(name);
-    analysis::analyze(&samples, &context(facts, DEFAULT_THRESHOLDS))
-}
+use crate::util::scratch::ScratchDir;
 
 #[test]
 fn fit_finds_the_slope_of_a_line_and_the_scatter_around_it() {
@@ -253,54 +169,6 @@ fn thresholds_are_overridable() {
     assert!(report.verdict.growing);
 }
 
-fn meminfo(fields: &[(&str, u64)]) -> parse::Meminfo {
-    let text: String = fields
-        .iter()
-        .map(|(name, kib)| format!("{name}: {kib} kB\n"))
-        .collect();
-    parse::parse_meminfo(&text)
-}
-
-fn cache(name: &str, slabs: u64) -> parse::SlabCache {
-    parse::SlabCache {
-        name: name.into(),
-        active_objects: slabs * 32,
-        objects: slabs * 32,
-        object_size: 128,
-        pages_per_slab: 1,
-        slabs,
-    }
-}
-
-/// Ten samples a second apart; `at(second)` gives meminfo and caches.
-fn synthetic(at: impl Fn(u64) -> (Vec<(&'static str, u64)>, Vec<parse::SlabCache>)) -> Vec<Sample> {
-    (0..10)
-        .map(|second| {
-            let (fields, caches) = at(second);
-            Sample {
-                at: Duration::from_secs(second),
-                meminfo: meminfo(&fields),
-                pcp_free_bytes: 0,
-                slab: Some(caches),
-                vmalloc: None,
-            }
-        })
-        .collect()
-}
-
-fn facts(caches: &[(&str, bool)]) -> CacheFacts {
-    CacheFacts {
-        reclaimable: caches
-            .iter()
-            .map(|(name, reclaimable)| ((*name).to_owned(), *reclaimable))
-            .collect(),
-        merged_into: caches
-            .iter()
-            .map(|(name, _)| ((*name).to_owned(), (*name).to_owned()))
-            .collect(),
-    }
-}
-
 #[test]
 fn large_kmallocs_are_what_the_caches_do_not_hold() {
     // SUnreclaim grows 400 KiB/s while the one unreclaimable cache stays put.
@@ -444,85 +312,6 @@ fn page_growth_points_to_page_tracing_only_where_trace_has_it() {
     );
 }
 
-#[test]
-fn json_follows_the_conventions_of_the_other_reports() {
-    let report = classify_recorded("grow-eventfds");
-    let json: serde_json::Value =
-        serde_json::from_str(&crate::report::render_json(&report)).expect("valid JSON");
-    assert_eq!(json["schema"], 1);
-    assert_eq!(json["kernel"], "6.18.0-test");
-    assert!(
-        json["duration_ms"]
-            .as_u64()
-            .is_some_and(|ms| (5_000..8_000).contains(&ms))
-    );
-    assert_eq!(json["samples"], 7);
-    assert_eq!(json["thresholds"]["noise_floor_bytes"], 256 * 1024);
-    assert_eq!(json["verdict"]["growing"], true);
-    assert_eq!(json["verdict"]["kinds"][0], "slab_unreclaimable");
-    let sorted = |array: &str, key: &str| {
-        let values: Vec<i64> = json[array]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|entry| entry[key].as_i64().unwrap())
-            .collect();
-        assert!(!values.is_empty(), "{array} is empty");
-        assert!(values.is_sorted_by(|a, b| a >= b), "{array}: {values:?}");
-    };
-    sorted("kinds", "bytes");
-    sorted("unreclaimable_caches", "bytes");
-    sorted("growing_caches", "growth_bytes_per_second");
-    sorted("vmalloc_callers", "bytes");
-    assert!(
-        json["unreclaimable_caches"].as_array().unwrap().len() <= 10,
-        "--top"
-    );
-}
-
-#[test]
-fn text_ends_with_the_verdict_and_the_next_command() {
-    let text = render::render_text(&classify_recorded("grow-eventfds"));
-    assert!(
-        text.starts_with("memleak classify: 7 samples over "),
-        "{text}"
-    );
-    assert!(text.contains("slab_unreclaimable"));
-    assert!(text.contains("other_pages (estimate)"));
-    let mut last_lines = text.lines().rev();
-    assert!(
-        last_lines
-            .next()
-            .unwrap()
-            .starts_with("next:    memleak trace --kinds slab")
-    );
-    assert!(
-        last_lines
-            .next()
-            .unwrap()
-            .starts_with("verdict: growing in ")
-    );
-}
-
-/// A fresh directory under the system temp dir, removed when dropped.
-struct ScratchDir(PathBuf);
-
-impl ScratchDir {
-    fn new(name: &str) -> Self {
-        let path =
-            std::env::temp_dir().join(format!("memleak-classify-{}-{name}", std::process::id()));
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path).expect("creating a scratch directory");
-        Self(path)
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
 fn fake_cache(root: &std::path::Path, directory: &str, reclaimable: bool, slabs: u64) {
     let dir = root.join(directory);
     fs::create_dir_all(&dir).unwrap();
@@ -544,7 +333,7 @@ fn fake_cache(root: &std::path::Path, directory: &str, reclaimable: bool, slabs:
 #[test]
 fn reads_a_sysfs_slab_tree_with_merged_caches() {
     let scratch = ScratchDir::new("sysfs");
-    let root = &scratch.0;
+    let root = scratch.path();
     fake_cache(root, "filp", false, 5);
     fake_cache(root, "dentry", true, 7);
     fake_cache(root, ":0000064", false, 3);
@@ -574,84 +363,11 @@ fn reads_a_sysfs_slab_tree_with_merged_caches() {
     assert_eq!(caches[2].active_objects, 150);
 
     let empty = ScratchDir::new("sysfs-empty");
-    assert!(read_sys_slab(&empty.0, &facts).is_err());
-    let missing = empty.0.join("no-such-dir");
+    assert!(read_sys_slab(empty.path(), &facts).is_err());
+    let missing = empty.path().join("no-such-dir");
     assert!(read_sys_slab(&missing, &facts).is_err());
     let (facts, problem) = read_cache_facts(&missing);
     assert!(facts.reclaimable.is_empty() && problem.is_some());
-}
-
-#[test]
-fn cli_parses_classify_and_rejects_absurd_values() {
-    let cli = Cli::try_parse_from([
-        "memleak",
-        "classify",
-        "--duration",
-        "6s",
-        "--format",
-        "json",
-        "--min-rate",
-        "4096",
-    ])
-    .unwrap();
-    let Command::Classify(args) = cli.command else {
-        panic!("parsed as another command");
-    };
-    assert_eq!(args.duration, Duration::from_secs(6));
-    assert_eq!(args.interval, Duration::from_secs(1));
-    assert_eq!((args.min_rate, args.noise_floor), (4096, 256 * 1024));
-    for bad in [
-        &["memleak", "classify", "--duration", "0s"][..],
-        &["memleak", "classify", "--duration", "2d"],
-        &["memleak", "classify", "--duration", "10"],
-        &["memleak", "classify", "--interval", "1ms"],
-        &["memleak", "classify", "--min-rate", "-1"],
-        &["memleak", "classify", "--noise-floor", "lots"],
-    ] {
-        assert!(Cli::try_parse_from(bad).is_err(), "{bad:?} was accepted");
-    }
-}
-
-#[test]
-fn too_short_a_window_for_three_samples_is_refused() {
-    let cli = Cli::try_parse_from([
-        "memleak",
-        "classify",
-        "--duration",
-        "1s",
-        "--interval",
-        "1s",
-    ])
-    .unwrap();
-    let Command::Classify(args) = cli.command else {
-        panic!("parsed as another command");
-    };
-    let error = super::run(&args).expect_err("one interval is not a trend");
-    assert!(format!("{error:#}").contains("at least three samples"));
-}
-
-#[test]
-fn suggested_commands_are_valid_memleak_commands() {
-    let mut suggestions: Vec<String> = ["idle", "grow-eventfds", "grow-bpf-maps"]
-        .into_iter()
-        .filter_map(|name| classify_recorded(name).verdict.next_command)
-        .collect();
-    let large = synthetic(|second| {
-        (
-            vec![("MemTotal", 1 << 20), ("SUnreclaim", 1000 + 400 * second)],
-            vec![cache("kmalloc-128", 100)],
-        )
-    });
-    let context = context(facts(&[("kmalloc-128", false)]), DEFAULT_THRESHOLDS);
-    suggestions.extend(analysis::analyze(&large, &context).verdict.next_command);
-    assert_eq!(suggestions.len(), 4);
-    for suggestion in suggestions {
-        let words: Vec<&str> = suggestion.split_whitespace().collect();
-        assert!(
-            Cli::try_parse_from(&words).is_ok(),
-            "`{suggestion}` does not parse"
-        );
-    }
 }
 
 #[test]

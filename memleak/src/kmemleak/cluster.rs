@@ -1,14 +1,11 @@
 //! Groups leaked objects by the code that allocated them, so that a report of thousands of
 //! objects reads as a handful of call sites.
-//!
-//! This file is also compiled into the fuzz target (fuzz/), so it only names `crate::frame`
-//! and its sibling `parse`.
 use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 
 use super::parse::LeakedObject;
-use crate::frame::Frame;
+use crate::symbols::frame::Frame;
 
 /// Objects allocated through the same backtrace below the allocator.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -155,7 +155,7 @@ fn access_error(path: &Path, access: Access<'_>, error: io::Error) -> anyhow::Er
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kmemleak::scratch::ScratchDir;
+    use crate::util::scratch::ScratchDir;
 
     #[test]
     fn scans_reads_and_clears_in_that_order() {

@@ -15,9 +15,7 @@
 //! (`[  302.118725] `, `<4>`, `Nov 23 11:46:00 host kernel: `, `kmemleak: `) and Windows line
 //! endings are stripped, and lines that belong to no record are skipped. Nothing here panics
 //! on any input: what cannot be read is counted or flagged instead.
-//!
-//! This file is also compiled into the fuzz target (fuzz/), so it only names `crate::frame`.
-use crate::frame::Frame;
+use crate::symbols::frame::Frame;
 
 /// One object kmemleak found no reference to.
 #[derive(Debug, Clone, PartialEq, Eq)]

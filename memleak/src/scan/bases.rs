@@ -21,7 +21,8 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use super::{layout::SlabLayout, reader::KernelReader};
+use super::layout::SlabLayout;
+use crate::bpf::reader::KernelReader;
 
 pub const GIB: u64 = 1 << 30;
 const PAGE: u64 = 4096;

@@ -2,7 +2,7 @@
 use anyhow::Result;
 use btf_rs::Btf;
 
-use crate::btf::{Field, find_struct, member};
+use crate::kernel::btf::{Field, find_struct, member};
 
 /// The fields of `struct slab`, `struct kmem_cache`, `struct page` and `struct task_struct`
 /// the scanner reads.

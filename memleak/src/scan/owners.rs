@@ -11,9 +11,9 @@ use hashbrown::HashMap;
 use super::{
     bases::KernelBases,
     layout::SlabLayout,
-    reader::KernelReader,
     slabs::{self, Cache, KPF_COMPOUND_TAIL, KPF_SLAB, Slab},
 };
+use crate::bpf::reader::KernelReader;
 
 const PAGE: u64 = 4096;
 /// Page flags read back from an object's page at first while looking for its slab's head:

@@ -8,8 +8,8 @@ use hashbrown::{HashMap, HashSet};
 use super::{
     bases::{BaseError, KernelBases},
     layout::SlabLayout,
-    reader::KernelReader,
 };
+use crate::bpf::reader::KernelReader;
 
 const PAGE: u64 = 4096;
 pub const KPF_SLAB: u64 = 1 << 7;
@@ -138,7 +138,7 @@ pub fn read_slabs(
         let Some(bytes) = page.get(offset..offset + layout.page_size) else {
             continue;
         };
-        let read = |field: crate::btf::Field| field.read(bytes).unwrap_or(0);
+        let read = |field: crate::kernel::btf::Field| field.read(bytes).unwrap_or(0);
         slabs.push(Slab {
             pfn,
             cache: read(layout.slab_cache),
@@ -232,7 +232,7 @@ pub fn read_caches(
     let mut caches = HashMap::new();
     for ((address, bytes), name) in structs.into_iter().zip(names) {
         let Some(name) = name else { continue };
-        let read_u32 = |field: crate::btf::Field| field.read_u32(&bytes).unwrap_or(0);
+        let read_u32 = |field: crate::kernel::btf::Field| field.read_u32(&bytes).unwrap_or(0);
         let cache = Cache {
             address,
             name,

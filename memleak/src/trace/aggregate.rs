@@ -6,7 +6,12 @@ use std::time::Duration;
 use hashbrown::HashMap;
 use memleak_common::{AllocKind, AllocRecord, STACK_FAILED};
 
-use crate::cli::SortKey;
+/// What ranks allocation sites: outstanding bytes or outstanding objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SortKey {
+    Size,
+    Count,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SiteKey {
@@ -49,7 +54,7 @@ impl SiteKey {
             AllocKind::Vmalloc | AllocKind::Percpu | AllocKind::Page => 0,
         };
         let kmalloc_gfp = match kind {
-            AllocKind::Kmalloc => record.gfp_flags & crate::site_caches::CACHE_TYPE_GFP,
+            AllocKind::Kmalloc => record.gfp_flags & crate::trace::site_caches::CACHE_TYPE_GFP,
             _ => 0,
         };
         Some(Self {

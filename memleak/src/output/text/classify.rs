@@ -1,8 +1,10 @@
 //! The classify report as text and JSON.
 use std::fmt::Write as _;
 
-use super::analysis::Report;
-use crate::{duration, report::human_bytes};
+use crate::{
+    classify::analysis::Report,
+    util::{duration, units::human_bytes},
+};
 
 /// `+1.5 MiB`, `-12.0 KiB`, `0 B`.
 fn signed_bytes(bytes: i64) -> String {
@@ -82,7 +84,7 @@ pub fn render_text(report: &Report) -> String {
                 if cache.object_size == 0 {
                     "-".to_owned()
                 } else {
-                    crate::report::thousands(cache.active_objects)
+                    crate::util::units::thousands(cache.active_objects)
                 },
                 signed_bytes(cache.growth_bytes_per_second),
                 cache_name(&cache.name, &cache.aliases),
@@ -140,4 +142,70 @@ pub fn render_text(report: &Report) -> String {
         let _ = writeln!(out, "next:    {command}");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classify::fixtures::classify_recorded;
+
+    #[test]
+    fn json_follows_the_conventions_of_the_other_reports() {
+        let report = classify_recorded("grow-eventfds");
+        let json: serde_json::Value =
+            serde_json::from_str(&crate::output::json::render_json(&report)).expect("valid JSON");
+        assert_eq!(json["schema"], 1);
+        assert_eq!(json["kernel"], "6.18.0-test");
+        assert!(
+            json["duration_ms"]
+                .as_u64()
+                .is_some_and(|ms| (5_000..8_000).contains(&ms))
+        );
+        assert_eq!(json["samples"], 7);
+        assert_eq!(json["thresholds"]["noise_floor_bytes"], 256 * 1024);
+        assert_eq!(json["verdict"]["growing"], true);
+        assert_eq!(json["verdict"]["kinds"][0], "slab_unreclaimable");
+        let sorted = |array: &str, key: &str| {
+            let values: Vec<i64> = json[array]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|entry| entry[key].as_i64().unwrap())
+                .collect();
+            assert!(!values.is_empty(), "{array} is empty");
+            assert!(values.is_sorted_by(|a, b| a >= b), "{array}: {values:?}");
+        };
+        sorted("kinds", "bytes");
+        sorted("unreclaimable_caches", "bytes");
+        sorted("growing_caches", "growth_bytes_per_second");
+        sorted("vmalloc_callers", "bytes");
+        assert!(
+            json["unreclaimable_caches"].as_array().unwrap().len() <= 10,
+            "--top"
+        );
+    }
+
+    #[test]
+    fn text_ends_with_the_verdict_and_the_next_command() {
+        let text = render_text(&classify_recorded("grow-eventfds"));
+        assert!(
+            text.starts_with("memleak classify: 7 samples over "),
+            "{text}"
+        );
+        assert!(text.contains("slab_unreclaimable"));
+        assert!(text.contains("other_pages (estimate)"));
+        let mut last_lines = text.lines().rev();
+        assert!(
+            last_lines
+                .next()
+                .unwrap()
+                .starts_with("next:    memleak trace --kinds slab")
+        );
+        assert!(
+            last_lines
+                .next()
+                .unwrap()
+                .starts_with("verdict: growing in ")
+        );
+    }
 }

@@ -1,51 +1,43 @@
-//! Leak checks for CI: which report entries are in scope, whether they exceed the thresholds,
-//! and the JUnit XML that CI systems display.
-use std::{fmt::Write as _, path::PathBuf};
+//! Leak checks for CI: which report entries are in scope and whether they exceed the
+//! thresholds (`output::junit` writes the JUnit XML CI systems display).
+use std::path::PathBuf;
 
-use clap::Args;
 use serde::Serialize;
 
-use crate::report::{Entry, human_bytes, thousands};
+use super::report::Entry;
 
 /// Exit status when a leak check fails (errors exit 2, a clean check 0).
 pub const EXIT_LEAK: u8 = 1;
 
-#[derive(Debug, Default, Args)]
-pub struct LeakCheckArgs {
+#[derive(Debug, Default, Clone)]
+pub struct LeakCheck {
     /// Exit with status 1 when the outstanding allocations in scope exceed --max-bytes or
     /// --max-count.
-    #[arg(long)]
     pub fail_on_leak: bool,
 
     /// Count only allocations with a stack frame in this kernel module.
-    #[arg(long, value_name = "NAME")]
     pub module: Option<String>,
 
     /// Count only allocations with a stack frame in a function matching GLOB (`*`, `?`).
-    #[arg(long, value_name = "GLOB")]
     pub function: Option<String>,
 
     /// Count only allocations from this slab cache (`kmalloc-64`, `filp`, ...). Also scans
     /// the cache's objects when the window ends, finds its largest group of objects with
     /// similar contents (as `memleak scan` does), and marks the traced allocations that look
     /// like it: their call site is the suspected leaker.
-    #[arg(long, value_name = "NAME")]
     pub cache: Option<String>,
 
     /// Outstanding bytes allowed in scope.
-    #[arg(long, value_name = "BYTES", default_value_t = 0)]
     pub max_bytes: u64,
 
     /// Outstanding objects allowed in scope.
-    #[arg(long, value_name = "N", default_value_t = 0)]
     pub max_count: u64,
 
     /// Write the check's result as JUnit XML to FILE (implies the check, not the exit status).
-    #[arg(long, value_name = "FILE")]
     pub junit: Option<PathBuf>,
 }
 
-impl LeakCheckArgs {
+impl LeakCheck {
     pub fn enabled(&self) -> bool {
         self.fail_on_leak || self.junit.is_some()
     }
@@ -135,97 +127,6 @@ pub struct Verdict {
     pub sites: Vec<LeakingSite>,
 }
 
-impl Verdict {
-    pub fn summary(&self) -> String {
-        if self.failed {
-            format!(
-                "leak check failed ({}): {} in {} objects from {} allocation sites outstanding \
-                 (allowed: {} bytes, {} objects)",
-                self.scope,
-                human_bytes(self.bytes),
-                thousands(self.count),
-                self.sites.len(),
-                self.max_bytes,
-                self.max_count
-            )
-        } else {
-            format!(
-                "leak check passed ({}): {} in {} objects outstanding",
-                self.scope,
-                human_bytes(self.bytes),
-                thousands(self.count)
-            )
-        }
-    }
-
-    fn details(&self) -> String {
-        let mut text = String::new();
-        for site in &self.sites {
-            let _ = writeln!(
-                text,
-                "{} in {} objects, {}{} at {}",
-                human_bytes(site.bytes),
-                thousands(site.count),
-                site.kind,
-                site.cache
-                    .as_deref()
-                    .map(|cache| format!(" ({cache})"))
-                    .unwrap_or_default(),
-                site.call_site
-            );
-        }
-        text
-    }
-
-    /// One test suite with one test case for the scope.
-    pub fn junit_xml(&self, seconds: f64) -> String {
-        let failures = u32::from(self.failed);
-        let mut xml = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
-        let _ = writeln!(
-            xml,
-            "<testsuites name=\"memleak\" tests=\"1\" failures=\"{failures}\" time=\"{seconds:.3}\">"
-        );
-        let _ = writeln!(
-            xml,
-            "  <testsuite name=\"memleak\" tests=\"1\" failures=\"{failures}\" time=\"{seconds:.3}\">"
-        );
-        let _ = write!(
-            xml,
-            "    <testcase classname=\"memleak\" name=\"no kernel memory leaks ({})\" time=\"{seconds:.3}\"",
-            escape(&self.scope)
-        );
-        if self.failed {
-            let _ = writeln!(
-                xml,
-                ">\n      <failure type=\"leak\" message=\"{}\">{}</failure>\n    </testcase>",
-                escape(&self.summary()),
-                escape(&self.details())
-            );
-        } else {
-            xml.push_str("/>\n");
-        }
-        xml.push_str("  </testsuite>\n</testsuites>\n");
-        xml
-    }
-}
-
-fn escape(text: &str) -> String {
-    let mut escaped = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => escaped.push_str("&amp;"),
-            '<' => escaped.push_str("&lt;"),
-            '>' => escaped.push_str("&gt;"),
-            '"' => escaped.push_str("&quot;"),
-            '\'' => escaped.push_str("&apos;"),
-            // Control characters other than tab and newline are not allowed in XML 1.0.
-            c if c.is_control() && c != '\n' && c != '\t' => escaped.push('?'),
-            c => escaped.push(c),
-        }
-    }
-    escaped
-}
-
 /// Shell-style glob: `*` matches any run of characters, `?` any one character.
 pub fn glob_match(pattern: &str, text: &str) -> bool {
     let pattern: Vec<char> = pattern.chars().collect();
@@ -256,10 +157,11 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
     pattern[p..].iter().all(|&c| c == '*')
 }
 
+/// Report entries for the leak check's tests and its renderers'.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::frame::Frame;
+pub(crate) mod fixtures {
+    use super::Entry;
+    use crate::symbols::Frame;
 
     fn frame(symbol: &str, module: Option<&str>) -> Frame {
         Frame {
@@ -293,17 +195,24 @@ mod tests {
         }
     }
 
-    fn entries() -> Vec<Entry> {
+    pub fn entries() -> Vec<Entry> {
         vec![
             entry("leaky_kmalloc", Some("leaky"), "kmalloc-64", 100),
             entry("leaky_cache_alloc", Some("leaky"), "leaky_cache", 50),
             entry("ext4_alloc_inode", None, "ext4_inode_cache", 7),
         ]
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use super::fixtures::entries;
 
     #[test]
     fn scopes_by_module_function_and_cache() {
-        let by_module = LeakCheckArgs {
+        let by_module = LeakCheck {
             module: Some("leaky".into()),
             ..Default::default()
         };
@@ -311,20 +220,20 @@ mod tests {
         assert_eq!((verdict.count, verdict.sites.len()), (150, 2));
         assert!(verdict.failed);
 
-        let by_function = LeakCheckArgs {
+        let by_function = LeakCheck {
             function: Some("leaky_cache_*".into()),
             ..Default::default()
         };
         assert_eq!(by_function.evaluate(&entries()).count, 50);
 
-        let by_cache = LeakCheckArgs {
+        let by_cache = LeakCheck {
             module: Some("leaky".into()),
             cache: Some("kmalloc-64".into()),
             ..Default::default()
         };
         assert_eq!(by_cache.evaluate(&entries()).count, 100);
 
-        let clean = LeakCheckArgs {
+        let clean = LeakCheck {
             function: Some("clean_alloc".into()),
             ..Default::default()
         };
@@ -335,14 +244,14 @@ mod tests {
 
     #[test]
     fn thresholds_allow_up_to_their_value() {
-        let lenient = LeakCheckArgs {
+        let lenient = LeakCheck {
             module: Some("leaky".into()),
             max_count: 150,
             max_bytes: 150 * 64,
             ..Default::default()
         };
         assert!(!lenient.evaluate(&entries()).failed);
-        let strict_bytes = LeakCheckArgs {
+        let strict_bytes = LeakCheck {
             max_bytes: 150 * 64 - 1,
             ..lenient
         };
@@ -351,36 +260,10 @@ mod tests {
 
     #[test]
     fn no_scope_counts_everything() {
-        let everything = LeakCheckArgs::default();
+        let everything = LeakCheck::default();
         assert_eq!(everything.scope(), "module=* function=* cache=*");
         assert_eq!(everything.evaluate(&entries()).count, 157);
         assert!(!everything.enabled());
-    }
-
-    #[test]
-    fn junit_reports_failures_with_the_leaking_sites() {
-        let args = LeakCheckArgs {
-            module: Some("leaky".into()),
-            ..Default::default()
-        };
-        let xml = args.evaluate(&entries()).junit_xml(1.5);
-        assert!(xml.starts_with("<?xml"));
-        assert!(xml.contains("tests=\"1\" failures=\"1\" time=\"1.500\""));
-        assert!(xml.contains("name=\"no kernel memory leaks (module=leaky function=* cache=*)\""));
-        assert!(xml.contains("<failure type=\"leak\""));
-        assert!(xml.contains("leaky_kmalloc+0x10/0x40 [leaky]"));
-        let passing = LeakCheckArgs {
-            function: Some("clean_alloc".into()),
-            ..Default::default()
-        };
-        let xml = passing.evaluate(&entries()).junit_xml(0.2);
-        assert!(xml.contains("failures=\"0\""));
-        assert!(!xml.contains("<failure"));
-    }
-
-    #[test]
-    fn escapes_xml() {
-        assert_eq!(escape("a<b>&\"c'\u{1}"), "a&lt;b&gt;&amp;&quot;c&apos;?");
     }
 
     #[test]
@@ -397,12 +280,12 @@ mod tests {
 
     #[test]
     fn enabled_by_either_the_exit_status_or_junit() {
-        let fail_on_leak = LeakCheckArgs {
+        let fail_on_leak = LeakCheck {
             fail_on_leak: true,
             ..Default::default()
         };
         assert!(fail_on_leak.enabled());
-        let junit = LeakCheckArgs {
+        let junit = LeakCheck {
             junit: Some("check.xml".into()),
             ..Default::default()
         };
@@ -411,13 +294,13 @@ mod tests {
 
     #[test]
     fn each_threshold_fails_alone_and_only_above_its_value() {
-        let lenient = LeakCheckArgs {
+        let lenient = LeakCheck {
             max_count: 1_000,
             max_bytes: 1 << 20,
             ..Default::default()
         };
         assert!(!lenient.evaluate(&entries()).failed);
-        let strict_count = LeakCheckArgs {
+        let strict_count = LeakCheck {
             max_count: 156,
             ..lenient
         };
@@ -426,58 +309,25 @@ mod tests {
 
     #[test]
     fn scopes_need_every_filter_to_match() {
-        let wrong_cache = LeakCheckArgs {
+        let wrong_cache = LeakCheck {
             module: Some("leaky".into()),
             function: Some("leaky_*".into()),
             cache: Some("ext4_inode_cache".into()),
             ..Default::default()
         };
         assert_eq!(wrong_cache.evaluate(&entries()).count, 0);
-        let wrong_module = LeakCheckArgs {
+        let wrong_module = LeakCheck {
             module: Some("ext4".into()),
             function: Some("leaky_*".into()),
             ..Default::default()
         };
         assert_eq!(wrong_module.evaluate(&entries()).count, 0);
-        let wrong_function = LeakCheckArgs {
+        let wrong_function = LeakCheck {
             module: Some("leaky".into()),
             function: Some("ext4_*".into()),
             cache: Some("kmalloc-64".into()),
             ..Default::default()
         };
         assert_eq!(wrong_function.evaluate(&entries()).count, 0);
-    }
-
-    #[test]
-    fn summaries_say_what_was_found_and_allowed() {
-        let args = LeakCheckArgs {
-            module: Some("leaky".into()),
-            max_count: 10,
-            ..Default::default()
-        };
-        assert_eq!(
-            args.evaluate(&entries()).summary(),
-            "leak check failed (module=leaky function=* cache=*): 9.4 KiB in 150 objects from 2 \
-             allocation sites outstanding (allowed: 0 bytes, 10 objects)"
-        );
-        let passing = LeakCheckArgs {
-            function: Some("clean_alloc".into()),
-            ..Default::default()
-        };
-        assert_eq!(
-            passing.evaluate(&entries()).summary(),
-            "leak check passed (module=* function=clean_alloc cache=*): 0 B in 0 objects \
-             outstanding"
-        );
-        let details = args.evaluate(&entries()).details();
-        assert!(
-            details.starts_with("6.2 KiB in 100 objects, kmalloc (kmalloc-64) at leaky_kmalloc"),
-            "{details}"
-        );
-    }
-
-    #[test]
-    fn escapes_keep_newlines_and_tabs() {
-        assert_eq!(escape("a\n\tb"), "a\n\tb");
     }
 }

@@ -1,15 +1,8 @@
-//! The scan report: built from a [`CacheScan`], rendered as text (JSON through serde).
-use std::fmt::Write as _;
-
+//! The scan report: built from a [`CacheScan`]; `output` renders it.
 use serde::Serialize;
 
 use super::CacheScan;
-use crate::{
-    duration,
-    frame::Frame,
-    report::{human_bytes, thousands},
-    symbolize::KernelSymbolizer,
-};
+use crate::symbols::{Frame, KernelSymbolizer};
 
 #[derive(Debug, Serialize)]
 pub struct ScanReport {
@@ -109,7 +102,7 @@ fn hex<S: serde::Serializer>(value: &u64, serializer: S) -> Result<S::Ok, S::Err
     serializer.serialize_str(&format!("{value:#x}"))
 }
 
-pub(super) fn build(scan: &CacheScan, kernel: &str, marking: Option<Marking>) -> ScanReport {
+pub fn build(scan: &CacheScan, kernel: &str, marking: Option<Marking>) -> ScanReport {
     let objects = &scan.objects;
     let total = objects.len() as u64;
     let mut symbolizer = KernelSymbolizer::new();
@@ -166,7 +159,7 @@ pub(super) fn build(scan: &CacheScan, kernel: &str, marking: Option<Marking>) ->
         failed_reads: scan.failed_reads,
         empty_objects: scan.clustering.empty,
         sampled: scan.clustering.sampled,
-        similarity_percent: scan.similarity.similarity,
+        similarity_percent: scan.similarity.percent,
         page_offset_base: scan.bases.page_offset,
         vmemmap_base: scan.bases.vmemmap,
         read_ms: scan.read_time.as_millis() as u64,
@@ -227,151 +220,6 @@ fn strings(bytes: &[u8]) -> Vec<ObjectString> {
         }
     }
     found
-}
-
-/// `kmalloc-64: 593,975 similar objects (71% of cache); suspected: f+0x7c/0x200 (62 of 66
-/// traced allocations similar)`.
-pub fn summary(report: &ScanReport) -> String {
-    let Some(group) = report.groups.first() else {
-        return format!(
-            "{}: no group of similar objects among {} objects",
-            report.cache,
-            thousands(report.objects)
-        );
-    };
-    let mut line = format!(
-        "{}: {} similar objects ({:.0}% of cache)",
-        report.cache,
-        thousands(group.objects),
-        group.share_percent
-    );
-    match &report.marking {
-        Some(Marking {
-            suspected: Some(suspect),
-            ..
-        }) => {
-            let _ = write!(
-                line,
-                "; suspected: {} ({} of {} traced allocations similar)",
-                suspect.call_site,
-                thousands(suspect.marked),
-                thousands(suspect.traced)
-            );
-        }
-        Some(marking) if marking.traced == 0 => {
-            line.push_str("; no traced allocation is still in this cache");
-        }
-        Some(marking) => {
-            let _ = write!(
-                line,
-                "; none of the {} traced allocations in this cache is similar",
-                thousands(marking.traced)
-            );
-        }
-        None => {}
-    }
-    line
-}
-
-pub fn render_text(report: &ScanReport) -> String {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "memleak scan: {} (kernel {})",
-        report.cache, report.kernel
-    );
-    let _ = writeln!(out, "{}", summary(report));
-    render_details(&mut out, report);
-    out
-}
-
-/// The scan's counters and its groups, for the scan command and the end of a trace report.
-pub fn render_details(out: &mut String, report: &ScanReport) {
-    let mut sharing = String::new();
-    if report.merged {
-        let _ = write!(sharing, "; merged by SLUB into {}", report.scanned_cache);
-    }
-    if !report.shares_slabs_with.is_empty() {
-        let _ = write!(
-            sharing,
-            "; shares its slabs with {}",
-            report.shares_slabs_with.join(", ")
-        );
-    }
-    let _ = writeln!(
-        out,
-        "objects: {} in use in {} slabs, {}-byte objects, read in {}{sharing}",
-        thousands(report.objects),
-        thousands(report.slabs),
-        report.object_size,
-        duration::display(std::time::Duration::from_millis(report.read_ms)),
-    );
-    let _ = writeln!(
-        out,
-        "scanned: {} free objects left out, {} unreadable pages, {} slabs changed while read, \
-         {} objects without content; similarity >= {}% of informative bytes, {} objects sampled",
-        thousands(report.free_objects),
-        thousands(report.unreadable_pages),
-        thousands(report.broken_freelists),
-        thousands(report.empty_objects),
-        report.similarity_percent,
-        thousands(report.sampled),
-    );
-    let _ = writeln!(
-        out,
-        "bases:   page_offset_base {:#x}, vmemmap_base {:#x} (verified)",
-        report.page_offset_base, report.vmemmap_base
-    );
-    for site in report.marking.iter().flat_map(|marking| &marking.sites) {
-        let _ = writeln!(
-            out,
-            "marked:  {} of {} traced allocations from {}",
-            thousands(site.marked),
-            thousands(site.traced),
-            site.call_site
-        );
-    }
-    for (rank, group) in report.groups.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "\n#{:<3} {} similar objects ({:.1}% of in-use objects, {}), like the one at {:#x}",
-            rank + 1,
-            thousands(group.objects),
-            group.share_percent,
-            human_bytes(group.bytes),
-            group.representative,
-        );
-        let bytes: Vec<u8> = (0..group.contents.len() / 2)
-            .filter_map(|index| {
-                u8::from_str_radix(&group.contents[index * 2..index * 2 + 2], 16).ok()
-            })
-            .collect();
-        for (line, chunk) in bytes.chunks(16).enumerate() {
-            let hex: Vec<String> = chunk.iter().map(|byte| format!("{byte:02x}")).collect();
-            let ascii: String = chunk
-                .iter()
-                .map(|&byte| {
-                    if byte.is_ascii_graphic() || byte == b' ' {
-                        byte as char
-                    } else {
-                        '.'
-                    }
-                })
-                .collect();
-            let _ = writeln!(
-                out,
-                "     {:04x}  {:<47}  |{ascii}|",
-                line * 16,
-                hex.join(" ")
-            );
-        }
-        for symbol in &group.symbols {
-            let _ = writeln!(out, "     +{:#06x}: {}", symbol.offset, symbol.frame);
-        }
-        for string in &group.strings {
-            let _ = writeln!(out, "     +{:#06x}: \"{}\"", string.offset, string.text);
-        }
-    }
 }
 
 #[cfg(test)]

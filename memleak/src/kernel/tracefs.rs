@@ -554,71 +554,71 @@ mod tests {
     const KERNEL_6_18: &[(&str, &str)] = &[
         (
             "kmalloc",
-            include_str!("../testdata/tracefs/6.18/kmalloc.format"),
+            include_str!("../../testdata/tracefs/6.18/kmalloc.format"),
         ),
         (
             "kfree",
-            include_str!("../testdata/tracefs/6.18/kfree.format"),
+            include_str!("../../testdata/tracefs/6.18/kfree.format"),
         ),
         (
             "kmem_cache_alloc",
-            include_str!("../testdata/tracefs/6.18/kmem_cache_alloc.format"),
+            include_str!("../../testdata/tracefs/6.18/kmem_cache_alloc.format"),
         ),
         (
             "kmem_cache_free",
-            include_str!("../testdata/tracefs/6.18/kmem_cache_free.format"),
+            include_str!("../../testdata/tracefs/6.18/kmem_cache_free.format"),
         ),
         (
             "mm_page_alloc",
-            include_str!("../testdata/tracefs/6.18/mm_page_alloc.format"),
+            include_str!("../../testdata/tracefs/6.18/mm_page_alloc.format"),
         ),
         (
             "mm_page_free",
-            include_str!("../testdata/tracefs/6.18/mm_page_free.format"),
+            include_str!("../../testdata/tracefs/6.18/mm_page_free.format"),
         ),
     ];
     const KERNEL_6_1: &[(&str, &str)] = &[
         (
             "kmalloc",
-            include_str!("../testdata/tracefs/6.1/kmalloc.format"),
+            include_str!("../../testdata/tracefs/6.1/kmalloc.format"),
         ),
         (
             "kfree",
-            include_str!("../testdata/tracefs/6.1/kfree.format"),
+            include_str!("../../testdata/tracefs/6.1/kfree.format"),
         ),
         (
             "kmem_cache_alloc",
-            include_str!("../testdata/tracefs/6.1/kmem_cache_alloc.format"),
+            include_str!("../../testdata/tracefs/6.1/kmem_cache_alloc.format"),
         ),
         (
             "kmem_cache_free",
-            include_str!("../testdata/tracefs/6.1/kmem_cache_free.format"),
+            include_str!("../../testdata/tracefs/6.1/kmem_cache_free.format"),
         ),
     ];
     const KERNEL_5_15: &[(&str, &str)] = &[
         (
             "kmalloc",
-            include_str!("../testdata/tracefs/5.15/kmalloc.format"),
+            include_str!("../../testdata/tracefs/5.15/kmalloc.format"),
         ),
         (
             "kmalloc_node",
-            include_str!("../testdata/tracefs/5.15/kmalloc_node.format"),
+            include_str!("../../testdata/tracefs/5.15/kmalloc_node.format"),
         ),
         (
             "kfree",
-            include_str!("../testdata/tracefs/5.15/kfree.format"),
+            include_str!("../../testdata/tracefs/5.15/kfree.format"),
         ),
         (
             "kmem_cache_alloc",
-            include_str!("../testdata/tracefs/5.15/kmem_cache_alloc.format"),
+            include_str!("../../testdata/tracefs/5.15/kmem_cache_alloc.format"),
         ),
         (
             "kmem_cache_alloc_node",
-            include_str!("../testdata/tracefs/5.15/kmem_cache_alloc_node.format"),
+            include_str!("../../testdata/tracefs/5.15/kmem_cache_alloc_node.format"),
         ),
         (
             "kmem_cache_free",
-            include_str!("../testdata/tracefs/5.15/kmem_cache_free.format"),
+            include_str!("../../testdata/tracefs/5.15/kmem_cache_free.format"),
         ),
     ];
 

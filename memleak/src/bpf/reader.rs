@@ -13,7 +13,7 @@ use aya::{
 };
 use memleak_common::scan::{MAX_READS_PER_RUN, READ_CHUNK_BYTES, ReadChunk, ReadRequest};
 
-use crate::probes::EBPF_OBJECT;
+use super::probes::ebpf_object;
 
 const PROGRAM: &str = "read_kernel_memory";
 
@@ -38,7 +38,7 @@ impl KernelReader {
             .map_max_entries("CACHE_NAMES", 1)
             .map_max_entries("COMMS", 1)
             .map_max_entries("MISSED_FREE_SITES", 1)
-            .load(EBPF_OBJECT)
+            .load(ebpf_object()?)
             .context("creating the kernel memory reader's eBPF maps")?;
         let program: &mut RawTracePoint = ebpf
             .program_mut(PROGRAM)

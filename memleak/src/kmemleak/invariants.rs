@@ -1,8 +1,7 @@
-//! The kmemleak fuzz target's checks, shared by fuzz/fuzz_targets/kmemleak_parse.rs and by
-//! tests/tests/fuzz_corpus.rs, which replays the corpus on stable Rust in every `./x test`.
-//! Both compile memleak's kmemleak parser and clustering in from their source files as
-//! `crate::kmemleak`, and include this file beside them with `#[path]`.
-use crate::kmemleak::{cluster::cluster, parse::parse};
+//! What must hold for any input to the kmemleak parser and clustering: the fuzz target's
+//! checks (fuzz/fuzz_targets/kmemleak_parse.rs), replayed over the corpus on stable Rust in
+//! every `./x test` (tests/tests/fuzz_corpus.rs). They panic on a violation, as fuzzers expect.
+use super::{cluster::cluster, parse::parse};
 
 /// Nothing panics, and the report's counts add up.
 pub fn check(data: &[u8]) {

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use anyhow::{Context as _, Result};
 use serde::Serialize;
 
-use crate::classify::parse::{parse_meminfo, parse_slabinfo};
+use crate::kernel::procfs::{parse_meminfo, parse_slabinfo};
 
 /// What the kernel counted at one moment.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -175,10 +175,10 @@ pub fn excess(line: &Accounting) -> i64 {
 mod tests {
     use super::*;
 
-    const START: &str = include_str!("../testdata/accounting/start.slabinfo");
-    const END: &str = include_str!("../testdata/accounting/end.slabinfo");
-    const MEMINFO_START: &str = include_str!("../testdata/accounting/start.meminfo");
-    const MEMINFO_END: &str = include_str!("../testdata/accounting/end.meminfo");
+    const START: &str = include_str!("../../testdata/accounting/start.slabinfo");
+    const END: &str = include_str!("../../testdata/accounting/end.slabinfo");
+    const MEMINFO_START: &str = include_str!("../../testdata/accounting/start.meminfo");
+    const MEMINFO_END: &str = include_str!("../../testdata/accounting/end.meminfo");
 
     fn counts() -> (KernelCounts, KernelCounts) {
         (

@@ -208,6 +208,17 @@ pub fn parse_zoneinfo_pcp_pages(text: &str) -> Option<u64> {
         .reduce(u64::saturating_add)
 }
 
+/// Parses `NAME VALUE` lines, the form record.sh writes /sys/kernel/slab/*/reclaim_account and
+/// the alias links in.
+pub fn parse_name_values(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|line| {
+            let (name, value) = line.trim().rsplit_once(' ')?;
+            Some((name.trim().to_owned(), value.to_owned()))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -274,7 +285,7 @@ mod tests {
         // SLUB accounts every slab page of a cache to SReclaimable or SUnreclaim; the
         // reclaimable caches add up to SReclaimable, within what changed between the two
         // reads and what per-CPU counter deltas meminfo has not folded in yet.
-        let reclaimable = crate::classify::tests::parse_name_values(RECLAIM_ACCOUNT);
+        let reclaimable = parse_name_values(RECLAIM_ACCOUNT);
         let reclaimable_bytes: u64 = slabinfo
             .caches
             .iter()

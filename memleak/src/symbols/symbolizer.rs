@@ -9,8 +9,8 @@ use blazesym::symbolize::{
 use hashbrown::HashMap;
 
 use crate::{
-    frame::Frame,
     kernel::{self, Module},
+    symbols::frame::Frame,
 };
 
 pub struct KernelSymbolizer {
@@ -22,6 +22,12 @@ pub struct KernelSymbolizer {
     /// prints one, so a symbol's size is taken to run up to the next symbol.
     symbol_starts: Vec<u64>,
     frames: HashMap<u64, Frame>,
+}
+
+impl Default for KernelSymbolizer {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl KernelSymbolizer {

@@ -3,7 +3,10 @@ use std::{fs, path::Path};
 
 use anyhow::{Context as _, Result, anyhow};
 
-use crate::btf;
+pub mod btf;
+pub mod privileges;
+pub mod procfs;
+pub mod tracefs;
 
 pub const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
 

@@ -15,10 +15,9 @@ use anyhow::Result;
 use hashbrown::{HashMap, HashSet};
 use memleak_common::AllocKind;
 
+use super::aggregate::SiteKey;
 use crate::{
-    aggregate::SiteKey,
-    classify::parse::parse_slabinfo,
-    report,
+    kernel::procfs::parse_slabinfo,
     scan::{KernelView, Object},
 };
 
@@ -35,7 +34,7 @@ pub const CACHE_TYPE_GFP: u32 = GFP_DMA | GFP_RECLAIMABLE | GFP_ACCOUNT;
 /// (when it has memcg accounting). Dedicated bucket sets (`msg_msg-*`) and random kmalloc
 /// caches (`kmalloc-rnd-*`) do not follow from the flags.
 pub fn size_class_cache(size: u64, gfp: u32, exists: impl Fn(&str) -> bool) -> Option<String> {
-    let normal = report::kmalloc_cache_name(size)?;
+    let normal = kmalloc_cache_name(size)?;
     let class = normal.strip_prefix("kmalloc-")?;
     let variant = |prefix: &str| {
         let name = format!("{prefix}{class}");
@@ -89,7 +88,7 @@ pub struct Picks {
 impl Picks {
     pub fn add(&mut self, key: SiteKey, address: u64) {
         let served_by_a_slab = match key.kind {
-            AllocKind::Kmalloc => report::kmalloc_cache_name(key.cache_id).is_some(),
+            AllocKind::Kmalloc => kmalloc_cache_name(key.cache_id).is_some(),
             _ => key.unnamed_slot_size().is_some(),
         };
         if !served_by_a_slab {
@@ -189,6 +188,18 @@ pub fn not_read(error: &anyhow::Error) -> String {
          flags (dedicated buckets such as msg_msg-* do not show), and kmem_cache ones whose \
          event names no cache stay unnamed: {error:#}"
     )
+}
+
+/// The kmalloc size class of an allocation of `bytes_allocated` bytes: sizes below 1 KiB are
+/// named in bytes, larger ones in KiB, as in /proc/slabinfo. Above 8 KiB kmalloc goes to the
+/// page allocator. It names a site whose real cache could not be read from the kernel.
+pub fn kmalloc_cache_name(bytes_allocated: u64) -> Option<String> {
+    match bytes_allocated {
+        0 => None,
+        1..1024 => Some(format!("kmalloc-{bytes_allocated}")),
+        1024..=8192 => Some(format!("kmalloc-{}k", bytes_allocated / 1024)),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -350,5 +361,15 @@ mod tests {
             let known = known_caches();
             assert!(known.contains("kmalloc-64"), "{} caches", known.len());
         }
+    }
+
+    #[test]
+    fn names_kmalloc_size_classes() {
+        assert_eq!(kmalloc_cache_name(8).as_deref(), Some("kmalloc-8"));
+        assert_eq!(kmalloc_cache_name(192).as_deref(), Some("kmalloc-192"));
+        assert_eq!(kmalloc_cache_name(1024).as_deref(), Some("kmalloc-1k"));
+        assert_eq!(kmalloc_cache_name(8192).as_deref(), Some("kmalloc-8k"));
+        assert_eq!(kmalloc_cache_name(16384), None);
+        assert_eq!(kmalloc_cache_name(0), None);
     }
 }

@@ -8,15 +8,37 @@ use aya::{
 };
 use memleak_common::{SLOTS_PER_BUCKET, TracerConfig};
 
+use super::maps::TracerMaps;
 use crate::{
-    cli::{AttachMethod, Kind},
-    kernel::{self, KmemCacheLayout},
-    table::TracerMaps,
-    tracefs::{self, ClassicProgram},
+    kernel::{
+        self, KmemCacheLayout,
+        tracefs::{self, ClassicProgram},
+    },
+    kinds::Kind,
 };
 
-pub(crate) static EBPF_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memleak"));
+/// The eBPF object memory/build.rs compiled. Without the `ebpf` feature (the fuzz targets,
+/// which link only the parsers) it is empty, and loading it fails with an error saying so.
+#[cfg(feature = "ebpf")]
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memleak"));
+#[cfg(not(feature = "ebpf"))]
+static EBPF_OBJECT: &[u8] = &[];
+
+/// The eBPF object, or an error where this build has none.
+pub(crate) fn ebpf_object() -> Result<&'static [u8]> {
+    if EBPF_OBJECT.is_empty() {
+        bail!("this memleak was built without its eBPF object (cargo feature `ebpf`)");
+    }
+    Ok(EBPF_OBJECT)
+}
+
+/// How to attach to the kernel's allocation events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachMethod {
+    Auto,
+    Btf,
+    Classic,
+}
 
 /// Stack map entries: each holds up to 127 frames (1 KiB), preallocated by the kernel.
 const STACK_MAP_ENTRIES: u32 = 16_384;
@@ -38,6 +60,7 @@ impl fmt::Display for Attached {
 }
 
 /// What the tracer is asked to do, in the units of the command line.
+#[derive(Debug, Clone)]
 pub struct TracerSettings {
     pub capacity: u32,
     pub sample_rate: u32,
@@ -432,7 +455,7 @@ fn load_object(config: &TracerConfig, buckets: u32) -> Result<Ebpf> {
         .map_max_entries("OBJECT_KEYS", buckets)
         .map_max_entries("OBJECT_RECORDS", buckets)
         .map_max_entries("STACKS", STACK_MAP_ENTRIES)
-        .load(EBPF_OBJECT)
+        .load(ebpf_object()?)
         .context("creating eBPF maps")
 }
 

@@ -1,0 +1,320 @@
+//! Every clap structure: what the command line accepts, with its help text. `convert.rs`
+//! turns them into the library's option types; nothing below the commands sees these.
+use std::{path::PathBuf, time::Duration};
+
+use clap::Args;
+use memleak::{
+    bpf::probes::AttachMethod, kinds::Kind, output::Format, trace::aggregate::SortKey,
+    util::duration,
+};
+
+/// How and where a report is written; shared by every subcommand that reports.
+#[derive(Debug, Args)]
+pub struct ReportOptions {
+    /// Report format.
+    #[arg(short, long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+
+    /// Write the report to FILE instead of standard output.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+
+    /// Number of entries (allocation sites, backtraces; groups of similar objects for `scan`,
+    /// at most 5) to show.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub top: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    /// How long to trace, like 200s, 5m or 500ms. Without it, trace until Ctrl-C or SIGTERM
+    /// (which also end a timed window early; the report is printed either way).
+    #[arg(short, long, value_parser = parse_window)]
+    pub duration: Option<Duration>,
+
+    #[command(flatten)]
+    pub tracing: TracingOptions,
+
+    #[command(flatten)]
+    pub checks: LeakCheckArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// After the command exits, keep tracing this long for deferred frees (RCU callbacks,
+    /// work items).
+    #[arg(long, value_name = "DUR", default_value = "3s", value_parser = parse_age)]
+    pub grace: Duration,
+
+    #[command(flatten)]
+    pub tracing: TracingOptions,
+
+    #[command(flatten)]
+    pub checks: LeakCheckArgs,
+
+    /// The command to run, after `--`.
+    #[arg(required = true, last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+/// How to trace and how to report, shared by `trace` and `run`.
+#[derive(Debug, Args)]
+pub struct TracingOptions {
+    #[command(flatten)]
+    pub report: ReportOptions,
+
+    /// Rank allocation sites by outstanding bytes or by outstanding object count.
+    #[arg(long, value_enum, default_value_t = SortKey::Size)]
+    pub sort: SortKey,
+
+    /// Hide allocations younger than this at report time (they are likely still in use).
+    #[arg(long, value_name = "DUR", value_parser = parse_age)]
+    pub min_age: Option<Duration>,
+
+    #[command(flatten)]
+    pub similarity: SimilarityOptions,
+
+    /// Track one object in N, chosen by a hash of its address (a power of two up to 65536).
+    /// Cuts overhead for continuous use; counts become estimates, scaled by N.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = parse_power_of_two)]
+    pub sample_rate: u32,
+
+    /// Capture the full kernel stack of one allocation in N (a power of two up to 65536; with
+    /// --sample-rate M >= N, of every tracked object), and of the first allocation from each
+    /// call site. Every allocation is still counted
+    /// exactly per call site; N=1 gives exact per-stack counts at several times the overhead.
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = parse_power_of_two)]
+    pub stack_sample_rate: u32,
+
+    /// Kinds of kernel memory to follow, comma-separated. Kinds this kernel cannot trace are
+    /// left out, and the report says so.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Kind::Slab, Kind::Page, Kind::Vmalloc, Kind::Percpu])]
+    pub kinds: Vec<Kind>,
+
+    /// Record only allocations made by this process (thread-group id).
+    #[arg(short, long)]
+    pub pid: Option<u32>,
+
+    /// Record only allocations made by tasks with this command name (as in /proc/PID/comm, at
+    /// most 15 characters).
+    #[arg(long, value_name = "NAME", value_parser = parse_comm)]
+    pub comm: Option<String>,
+
+    /// Record only allocations of at least this many bytes (as allocated).
+    #[arg(long, value_name = "BYTES")]
+    pub min_size: Option<u32>,
+
+    /// Record only allocations of at most this many bytes (as allocated).
+    #[arg(long, value_name = "BYTES")]
+    pub max_size: Option<u32>,
+
+    /// Also rank processes by the outstanding kernel memory they allocated (a "top" for
+    /// kernel allocations).
+    #[arg(long)]
+    pub by_process: bool,
+
+    /// Outstanding objects the in-kernel table can hold (rounded up to a power of two).
+    /// The table takes 56 bytes of kernel memory per object; allocations that do not fit are
+    /// counted as dropped.
+    #[arg(long, value_name = "OBJECTS", default_value_t = 1 << 20,
+          value_parser = clap::value_parser!(u32).range(1024..=(1 << 26)))]
+    pub capacity: u32,
+
+    /// How to attach to the kernel's allocation events: BTF tracepoints (cheapest, needs kernel
+    /// BTF and a verifier that accepts them), classic tracepoints, or the first that works.
+    #[arg(long, value_enum, default_value_t = AttachMethod::Auto)]
+    pub attach: AttachMethod,
+
+    /// Benchmark floor: attach the same programs, but make each return as soon as it runs, so
+    /// the report stays empty. What remains is the kernel's cost of running them
+    /// (`cargo xtask bench` prints it beside memleak's).
+    #[arg(long, hide = true)]
+    pub empty_programs: bool,
+}
+
+const MAX_WINDOW: Duration = Duration::from_secs(30 * 86_400);
+
+fn parse_window(text: &str) -> Result<Duration, String> {
+    duration::parse_in_range(text, Duration::from_millis(100), MAX_WINDOW)
+        .map_err(|error| error.to_string())
+}
+
+fn parse_age(text: &str) -> Result<Duration, String> {
+    duration::parse_in_range(text, Duration::ZERO, MAX_WINDOW).map_err(|error| error.to_string())
+}
+
+/// The kernel keeps 15 characters of a command name (TASK_COMM_LEN - 1).
+fn parse_comm(text: &str) -> Result<String, String> {
+    if text.is_empty() || text.len() > 15 {
+        return Err(format!(
+            "`{text}` is not a command name as the kernel stores it (1 to 15 bytes)"
+        ));
+    }
+    Ok(text.to_owned())
+}
+
+fn parse_power_of_two(text: &str) -> Result<u32, String> {
+    let value: u32 = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a whole number"))?;
+    if value == 0 || !value.is_power_of_two() || value > 1 << memleak_common::MAX_SAMPLE_SHIFT {
+        return Err(format!("`{text}` must be a power of two from 1 to 65536"));
+    }
+    Ok(value)
+}
+
+#[derive(Debug, Default, Args)]
+pub struct LeakCheckArgs {
+    /// Exit with status 1 when the outstanding allocations in scope exceed --max-bytes or
+    /// --max-count.
+    #[arg(long)]
+    pub fail_on_leak: bool,
+
+    /// Count only allocations with a stack frame in this kernel module.
+    #[arg(long, value_name = "NAME")]
+    pub module: Option<String>,
+
+    /// Count only allocations with a stack frame in a function matching GLOB (`*`, `?`).
+    #[arg(long, value_name = "GLOB")]
+    pub function: Option<String>,
+
+    /// Count only allocations from this slab cache (`kmalloc-64`, `filp`, ...). Also scans
+    /// the cache's objects when the window ends, finds its largest group of objects with
+    /// similar contents (as `memleak scan` does), and marks the traced allocations that look
+    /// like it: their call site is the suspected leaker.
+    #[arg(long, value_name = "NAME")]
+    pub cache: Option<String>,
+
+    /// Outstanding bytes allowed in scope.
+    #[arg(long, value_name = "BYTES", default_value_t = 0)]
+    pub max_bytes: u64,
+
+    /// Outstanding objects allowed in scope.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub max_count: u64,
+
+    /// Write the check's result as JUnit XML to FILE (implies the check, not the exit status).
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ScanArgs {
+    /// The slab cache to scan, by its name in /proc/slabinfo (`kmalloc-64`, `msg_msg-64`,
+    /// `filp`). A cache that SLUB merged into another is scanned as that one, and the report
+    /// says so.
+    #[arg(long, value_name = "NAME")]
+    pub cache: String,
+
+    #[command(flatten)]
+    pub similarity: SimilarityOptions,
+
+    #[command(flatten)]
+    pub report: ReportOptions,
+}
+
+/// How similar two objects must be; shared by `scan` and `trace --cache`.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct SimilarityOptions {
+    /// Two slab objects are similar when at least this percentage of their informative bytes
+    /// (bytes other than 0x00, 0xff and slab poison values) are equal.
+    #[arg(long, value_name = "PERCENT", default_value_t = 65,
+          value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub similarity: u8,
+}
+
+/// `memleak classify`'s options; the command's help text is in cli.rs.
+#[derive(Debug, Args)]
+pub struct ClassifyArgs {
+    /// How long to sample, like 10s or 5m (at least two intervals). Ctrl-C or SIGTERM end the
+    /// window early; the report is printed either way.
+    #[arg(short, long, default_value = "10s", value_parser = parse_sample_window)]
+    pub duration: Duration,
+
+    /// Time between samples, like 1s or 500ms.
+    #[arg(long, value_name = "DUR", default_value = "1s", value_parser = parse_interval)]
+    pub interval: Duration,
+
+    /// Growth slower than this many bytes per second is not growth (1024 B/s is about
+    /// 3.5 MiB an hour).
+    #[arg(long, value_name = "BYTES", default_value_t = 1024,
+          value_parser = clap::value_parser!(u64).range(0..=1 << 40))]
+    pub min_rate: u64,
+
+    /// Growth of less than this many bytes over the whole window is noise.
+    #[arg(long, value_name = "BYTES", default_value_t = 256 * 1024,
+          value_parser = clap::value_parser!(u64).range(0..=1 << 50))]
+    pub noise_floor: u64,
+
+    /// Blame growth of reclaimable slab (dentries, inodes: caches the kernel frees under
+    /// memory pressure) in the verdict too. Without it, such growth is reported but not
+    /// called a leak.
+    #[arg(long)]
+    pub blame_reclaimable: bool,
+
+    #[command(flatten)]
+    pub report: ReportOptions,
+}
+
+fn parse_sample_window(text: &str) -> Result<Duration, String> {
+    duration::parse_in_range(
+        text,
+        Duration::from_millis(200),
+        Duration::from_secs(86_400),
+    )
+    .map_err(|error| error.to_string())
+}
+
+fn parse_interval(text: &str) -> Result<Duration, String> {
+    duration::parse_in_range(text, Duration::from_millis(100), Duration::from_secs(3_600))
+        .map_err(|error| error.to_string())
+}
+
+#[derive(Debug, Args)]
+pub struct KmemleakArgs {
+    /// Read a saved report from FILE (`-` for standard input) instead of scanning the running
+    /// kernel. Reports copied from dmesg or the journal, with text around them, are fine.
+    #[arg(long, value_name = "FILE")]
+    pub from: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub report: ReportOptions,
+
+    /// After reading the report, tell kmemleak to stop reporting these objects, so that the
+    /// next run shows only new suspects.
+    #[arg(long, conflicts_with = "from")]
+    pub clear: bool,
+
+    /// Set the period of kmemleak's background scans, in whole seconds like 600s or 10m
+    /// (0s stops them).
+    #[arg(long = "scan-interval", value_name = "DUR", value_parser = parse_scan_interval,
+          conflicts_with = "from")]
+    pub scan_interval_secs: Option<u32>,
+
+    /// Where debugfs is mounted. By default /sys/kernel/debug, mounted there if needed.
+    #[arg(long, value_name = "DIR", conflicts_with = "from")]
+    pub debugfs: Option<PathBuf>,
+}
+
+/// kmemleak takes its scan period in whole seconds, as an unsigned int.
+fn parse_scan_interval(text: &str) -> Result<u32, String> {
+    let interval = duration::parse(text).map_err(|error| error.to_string())?;
+    if interval.subsec_nanos() != 0 {
+        return Err(format!("`{text}` is not a whole number of seconds"));
+    }
+    u32::try_from(interval.as_secs()).map_err(|_| format!("`{text}` is too long"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn takes_the_scan_interval_in_whole_seconds() {
+        assert_eq!(parse_scan_interval("10m"), Ok(600));
+        assert_eq!(parse_scan_interval("0s"), Ok(0));
+        assert!(parse_scan_interval("1500ms").is_err());
+        assert!(parse_scan_interval("200").is_err());
+        assert!(parse_scan_interval("50000d").is_err());
+    }
+}

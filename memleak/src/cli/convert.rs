@@ -1,0 +1,103 @@
+//! The command line's structures converted once into the library's options (as kunai turns
+//! its clap options into a `Config`): below the commands nothing knows about clap.
+use memleak::{
+    bpf::probes::TracerSettings,
+    classify, kmemleak, output,
+    scan::Similarity,
+    trace::{self, check::LeakCheck},
+};
+
+use super::args::{
+    ClassifyArgs, KmemleakArgs, LeakCheckArgs, ReportOptions, SimilarityOptions, TracingOptions,
+};
+
+impl From<&ReportOptions> for output::ReportOptions {
+    fn from(args: &ReportOptions) -> Self {
+        Self {
+            format: args.format,
+            output: args.output.clone(),
+            top: args.top as usize,
+        }
+    }
+}
+
+impl From<&SimilarityOptions> for Similarity {
+    fn from(args: &SimilarityOptions) -> Self {
+        Self {
+            percent: args.similarity,
+        }
+    }
+}
+
+impl From<&LeakCheckArgs> for LeakCheck {
+    fn from(args: &LeakCheckArgs) -> Self {
+        Self {
+            fail_on_leak: args.fail_on_leak,
+            module: args.module.clone(),
+            function: args.function.clone(),
+            cache: args.cache.clone(),
+            max_bytes: args.max_bytes,
+            max_count: args.max_count,
+            junit: args.junit.clone(),
+        }
+    }
+}
+
+/// What `trace` and `run` take from their shared options: how to trace and build the report,
+/// and how to write it.
+pub struct TraceOptions {
+    pub trace: trace::Options,
+    pub report: output::ReportOptions,
+}
+
+impl From<&TracingOptions> for TraceOptions {
+    fn from(args: &TracingOptions) -> Self {
+        Self {
+            trace: trace::Options {
+                tracer: TracerSettings {
+                    capacity: args.capacity,
+                    sample_rate: args.sample_rate,
+                    stack_sample_rate: args.stack_sample_rate,
+                    filter_tgid: args.pid,
+                    filter_comm: args.comm.clone(),
+                    min_size: args.min_size,
+                    max_size: args.max_size,
+                    method: args.attach,
+                    kinds: args.kinds.clone(),
+                    empty_programs: args.empty_programs,
+                },
+                sort: args.sort,
+                min_age: args.min_age.unwrap_or_default(),
+                similarity: Similarity::from(&args.similarity),
+                by_process: args.by_process,
+                top: args.report.top as usize,
+            },
+            report: output::ReportOptions::from(&args.report),
+        }
+    }
+}
+
+impl From<&ClassifyArgs> for classify::Options {
+    fn from(args: &ClassifyArgs) -> Self {
+        Self {
+            window: args.duration,
+            interval: args.interval,
+            min_rate_bytes_per_second: args.min_rate,
+            noise_floor_bytes: args.noise_floor,
+            blame_reclaimable: args.blame_reclaimable,
+        }
+    }
+}
+
+impl From<&KmemleakArgs> for kmemleak::Options {
+    fn from(args: &KmemleakArgs) -> Self {
+        Self {
+            from: args.from.clone(),
+            live: kmemleak::live::Options {
+                clear: args.clear,
+                scan_interval_secs: args.scan_interval_secs,
+            },
+            debugfs: args.debugfs.clone(),
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! The command line: clap's structures (args.rs) and their conversion into the library's
+//! options (convert.rs). Doc comments are the help text. Only main.rs and commands/ import it.
+use clap::{Parser, Subcommand};
+
+mod args;
+mod convert;
+
+pub use args::{ClassifyArgs, KmemleakArgs, RunArgs, ScanArgs, TraceArgs};
+pub use convert::TraceOptions;
+
+/// Exit status for errors (bad input, missing kernel features, failures to load). Usage errors
+/// found by the argument parser exit with the same status.
+pub const EXIT_ERROR: u8 = 2;
+
+/// Find kernel memory leaks with eBPF, on kernels without kmemleak.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// Say more on standard error: -v for what memleak decides (attach methods, fallbacks),
+    /// -vv for debugging. RUST_LOG overrides it.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Trace kernel allocations and frees for a window, then report what is still allocated.
+    Trace(TraceArgs),
+    /// Trace while a command runs (and a grace period after it), report, and exit with the
+    /// command's status, or 1 if a leak check (--fail-on-leak) fails.
+    Run(RunArgs),
+    /// Run a kmemleak scan on a debug kernel (or read a saved report) and group the
+    /// unreferenced objects by allocation backtrace.
+    Kmemleak(KmemleakArgs),
+    /// Sample /proc/meminfo, /proc/slabinfo and /proc/vmallocinfo for a few seconds and say
+    /// which kind of kernel memory grows (slab, vmalloc, percpu, pages), which slab caches
+    /// grow, and which `memleak trace` to run next.
+    ///
+    /// A kind, slab cache or vmalloc caller is growing when the least-squares line through its
+    /// samples rises at least --min-rate, by at least --noise-floor over the window, and by at
+    /// least 3 times the samples' scatter around the line. Reclaimable slab growth is reported
+    /// but not blamed unless --blame-reclaimable.
+    Classify(ClassifyArgs),
+    /// Read every object of a slab cache from kernel memory and find the largest groups of
+    /// objects with similar contents: what a long-running leak leaves behind.
+    Scan(ScanArgs),
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use clap::CommandFactory as _;
+    use memleak::{output::Format, trace::aggregate::SortKey};
+
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_a_typical_trace_command() {
+        let cli = Cli::try_parse_from([
+            "memleak",
+            "trace",
+            "--duration",
+            "200s",
+            "--format",
+            "json",
+            "--top",
+            "5",
+            "--sort",
+            "count",
+            "--min-age",
+            "500ms",
+        ])
+        .unwrap();
+        let Command::Trace(args) = cli.command else {
+            panic!("parsed as another command");
+        };
+        assert_eq!(args.duration, Some(Duration::from_secs(200)));
+        assert_eq!(args.tracing.report.format, Format::Json);
+        assert_eq!(args.tracing.report.top, 5);
+        assert_eq!(args.tracing.sort, SortKey::Count);
+        assert_eq!(args.tracing.min_age, Some(Duration::from_millis(500)));
+        assert_eq!(args.tracing.sample_rate, 1);
+        assert!(!memleak::trace::check::LeakCheck::from(&args.checks).enabled());
+    }
+
+    #[test]
+    fn parses_a_ci_run_command() {
+        let cli = Cli::try_parse_from([
+            "memleak",
+            "run",
+            "--fail-on-leak",
+            "--module",
+            "leaky",
+            "--junit",
+            "out.xml",
+            "--grace",
+            "1s",
+            "--",
+            "insmod",
+            "leaky.ko",
+            "n=100",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("parsed as another command");
+        };
+        assert_eq!(args.command, ["insmod", "leaky.ko", "n=100"]);
+        assert_eq!(args.grace, Duration::from_secs(1));
+        assert!(args.checks.fail_on_leak);
+        assert_eq!(args.checks.module.as_deref(), Some("leaky"));
+        assert!(Cli::try_parse_from(["memleak", "run", "--fail-on-leak"]).is_err());
+    }
+
+    #[test]
+    fn rejects_absurd_values() {
+        for bad in [
+            &["memleak", "trace", "--duration", "0s"][..],
+            &["memleak", "trace", "--duration", "400d"],
+            &["memleak", "trace", "--duration", "10"],
+            &["memleak", "trace", "--top", "0"],
+            &["memleak", "trace", "--sample-rate", "3"],
+            &["memleak", "trace", "--sample-rate", "131072"],
+            &["memleak", "trace", "--capacity", "10"],
+            &["memleak", "trace", "--no-such-flag"],
+            &["memleak", "trace", "--comm", "a-name-longer-than-15"],
+            &["memleak", "trace", "--min-size", "-1"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+}

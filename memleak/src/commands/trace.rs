@@ -1,0 +1,335 @@
+//! `memleak trace` and `memleak run`: attach, wait (for a window or a command) with a progress
+//! line, detach, report, check.
+use std::{
+    io::IsTerminal as _,
+    os::unix::process::ExitStatusExt as _,
+    path::Path,
+    process::{ExitCode, ExitStatus},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use memleak::{
+    bpf::{
+        maps::{self as table, TracerMaps},
+        probes::{self, Tracer},
+    },
+    kernel::{self, privileges},
+    kinds::Kind,
+    output::{self, ReportSink},
+    scan,
+    trace::{
+        accounting,
+        build::{self as report_build, KernelMemory, ReportHeader},
+        check::{self, LeakCheck, Verdict},
+        report,
+    },
+    util::{duration, units::thousands},
+};
+
+use super::signals::StopSignals;
+use crate::cli::{RunArgs, TraceArgs, TraceOptions};
+
+/// `memleak trace`: traces for the window (or until SIGINT / SIGTERM), then reports.
+pub fn trace(args: &TraceArgs) -> Result<ExitCode> {
+    let options = TraceOptions::from(&args.tracing);
+    let leak_check = LeakCheck::from(&args.checks);
+    let session = Session::start(&options, leak_check.cache.as_deref())?;
+    eprintln!(
+        "memleak: attached to the kernel's allocation events ({}); tracing {}",
+        session.tracer.attached,
+        match args.duration {
+            Some(window) => format!("for {}, Ctrl-C ends early", duration::display(window)),
+            None => "until Ctrl-C".to_owned(),
+        }
+    );
+    let deadline = args
+        .duration
+        .map(|window| tokio::time::Instant::now() + window);
+    session
+        .runtime
+        .block_on(watch(&session.tracer.maps, sleep_until(deadline), |_| true))?;
+    let verdict = session.finish(&options, &leak_check)?;
+    Ok(match verdict {
+        Some(verdict) if verdict.failed && leak_check.fail_on_leak => {
+            ExitCode::from(check::EXIT_LEAK)
+        }
+        _ => ExitCode::SUCCESS,
+    })
+}
+
+/// `memleak run`: traces while COMMAND runs and for the grace period after it, then reports.
+/// Exits with the command's status, unless the leak check fails (1).
+pub fn run(args: &RunArgs) -> Result<ExitCode> {
+    let options = TraceOptions::from(&args.tracing);
+    let leak_check = LeakCheck::from(&args.checks);
+    let session = Session::start(&options, leak_check.cache.as_deref())?;
+    let (program, arguments) = args
+        .command
+        .split_first()
+        .context("no command given after --")?;
+    eprintln!(
+        "memleak: attached to the kernel's allocation events ({}); running {}",
+        session.tracer.attached,
+        args.command.join(" ")
+    );
+    let mut child = std::process::Command::new(program)
+        .args(arguments)
+        .spawn()
+        .with_context(|| format!("starting {program}"))?;
+    let pid = child.id() as libc::pid_t;
+    let grace = args.grace;
+    let command_then_grace = async move {
+        let status = tokio::task::spawn_blocking(move || child.wait()).await;
+        tokio::time::sleep(grace).await;
+        anyhow::Ok(status??)
+    };
+    // Signals go to the command; memleak reports once it has exited.
+    let forward = |signal: libc::c_int| {
+        unsafe { libc::kill(pid, signal) };
+        false
+    };
+    let status = session
+        .runtime
+        .block_on(watch(&session.tracer.maps, command_then_grace, forward))?
+        .context("signal handling stopped the wait")?
+        .with_context(|| format!("waiting for {program}"))?;
+    let verdict = session.finish(&options, &leak_check)?;
+    if let Some(verdict) = verdict
+        && verdict.failed
+        && leak_check.fail_on_leak
+    {
+        return Ok(ExitCode::from(check::EXIT_LEAK));
+    }
+    Ok(exit_code_of(status))
+}
+
+/// The exit status a shell would report for the command: its code, or 128 + the signal.
+fn exit_code_of(status: ExitStatus) -> ExitCode {
+    let code = status
+        .code()
+        .or_else(|| status.signal().map(|signal| 128 + signal))
+        .unwrap_or(1);
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+/// Everything a tracing subcommand holds from attach to report.
+struct Session {
+    tracer: Tracer,
+    runtime: tokio::runtime::Runtime,
+    sink: ReportSink,
+    kernel: String,
+    started: Instant,
+    /// With `--cache`: the content scanner, ready since before the programs attached.
+    scanner: Option<scan::Scanner>,
+    /// Why the content scan of `--cache` cannot be done, if it cannot.
+    scan_notes: Vec<String>,
+    /// Without a scanner, the slab layout for reading the sites' caches at report time.
+    slab_layout: Option<Result<scan::SlabLayout>>,
+    /// The kernel's counters before attaching, to set the trace against (or why not).
+    counts_at_start: Result<accounting::KernelCounts, String>,
+}
+
+impl Session {
+    fn start(options: &TraceOptions, scanned_cache: Option<&str>) -> Result<Self> {
+        let TraceOptions {
+            trace: trace_options,
+            report: report_options,
+        } = options;
+        let tracer_settings = &trace_options.tracer;
+        if let (Some(min), Some(max)) = (tracer_settings.min_size, tracer_settings.max_size)
+            && min > max
+        {
+            bail!("--min-size {min} is larger than --max-size {max}: nothing would be traced");
+        }
+        privileges::require_root()?;
+        if let Some(pid) = tracer_settings.filter_tgid
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            bail!("--pid {pid}: no such process");
+        }
+        if let Some(pid) = tracer_settings.filter_tgid
+            && let Some(tgid) = thread_group_of(pid)
+            && tgid != pid
+        {
+            bail!(
+                "--pid {pid} is a thread of process {tgid}; memleak follows whole processes: \
+                 use --pid {tgid}"
+            );
+        }
+        privileges::lift_memlock_limit();
+        let kernel = kernel::release()?;
+        let sink = ReportSink::open(report_options.output.as_deref())?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        // Parsed once, before attaching, for the programs and for reading slab caches.
+        let btf = kernel::parse_btf()?;
+        // Before attaching: a cache that cannot be scanned fails now rather than after the
+        // window, and the scanner's own set-up is not traced.
+        let mut scan_notes = Vec::new();
+        let scanner = scanned_cache.and_then(|cache| {
+            scan::slab_layout(btf.as_ref())
+                .and_then(|layout| scan::Scanner::prepare(cache, layout))
+                .map_err(|error| scan_notes.push(scan::not_done(cache, &error)))
+                .ok()
+        });
+        let slab_layout = (scanner.is_none() && tracer_settings.kinds.contains(&Kind::Slab))
+            .then(|| scan::slab_layout(btf.as_ref()));
+        let counts_at_start =
+            accounting::KernelCounts::read().map_err(|error| format!("{error:#}"));
+        let tracer = probes::attach(tracer_settings, btf.as_ref())?;
+        Ok(Self {
+            tracer,
+            runtime,
+            sink,
+            kernel,
+            started: Instant::now(),
+            scanner,
+            scan_notes,
+            slab_layout,
+            counts_at_start,
+        })
+    }
+
+    /// Detaches, reports and runs the leak check.
+    fn finish(self, options: &TraceOptions, leak_checks: &LeakCheck) -> Result<Option<Verdict>> {
+        let Tracer {
+            programs,
+            maps,
+            attached,
+            mut notes,
+            free_paths,
+        } = self.tracer;
+        notes.extend(self.scan_notes);
+        let skipped_runs = probes::skipped_runs(&programs);
+        // Detach before reading, so the table is a consistent snapshot.
+        drop(programs);
+        let elapsed = self.started.elapsed();
+        let now_ns = monotonic_now_ns();
+        let counts_at_end = accounting::KernelCounts::read().map_err(|error| format!("{error:#}"));
+        let mut scanner = self.scanner;
+        let scan = scanner.as_mut().and_then(|scanner| {
+            scanner
+                .scan(options.trace.similarity, scan::TRACE_GROUPS)
+                .map_err(|error| notes.push(scan::not_done(scanner.cache_name(), &error)))
+                .ok()
+        });
+
+        let header = ReportHeader {
+            skipped_runs,
+            kernel: self.kernel,
+            elapsed,
+            attach: attached.to_string(),
+            cache_ids_are_pointers: attached == probes::Attached::BtfTracepoints,
+            notes,
+            free_paths,
+        };
+        let mut report = report_build::build_report(
+            &options.trace,
+            &maps,
+            now_ns,
+            header,
+            scan.as_ref(),
+            KernelMemory::new(scanner.as_mut().map(scan::Scanner::view), self.slab_layout),
+        )?;
+        let verdict = leak_checks.enabled().then(|| {
+            let verdict = leak_checks.evaluate(&report.stacks);
+            eprintln!(
+                "memleak: {}",
+                output::text::trace::verdict_summary(&verdict)
+            );
+            verdict
+        });
+        if let (Some(verdict), Some(path)) = (&verdict, &leak_checks.junit) {
+            std::fs::write(path, output::junit::render(verdict, elapsed.as_secs_f64()))
+                .with_context(|| format!("writing JUnit XML to {}", path.display()))?;
+        }
+        report.check.clone_from(&verdict);
+        match (&self.counts_at_start, &counts_at_end) {
+            (Ok(start), Ok(end)) => report_build::compare_with_kernel(&mut report, start, end),
+            (Err(error), _) | (_, Err(error)) => report.notes.push(format!(
+                "the trace is not compared with the kernel's counters: {error}"
+            )),
+        }
+        (report.kinds, report.caches) = report::totals(&report.stacks);
+        report.stacks.truncate(options.report.top);
+        let text = output::render(
+            &report,
+            options.report.format,
+            output::text::trace::render_text,
+        );
+        self.sink.write(&text)?;
+        Ok(verdict)
+    }
+}
+
+/// Waits for `until`, showing progress on a terminal. On SIGINT or SIGTERM, `on_signal`
+/// decides whether to stop waiting (`None`) or to go on.
+async fn watch<T>(
+    maps: &TracerMaps,
+    until: impl Future<Output = T>,
+    mut on_signal: impl FnMut(libc::c_int) -> bool,
+) -> Result<Option<T>> {
+    let mut signals = StopSignals::install()?;
+    let started = tokio::time::Instant::now();
+    let show_progress = std::io::stderr().is_terminal();
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    let mut last_events = 0;
+    tokio::pin!(until);
+    let outcome = loop {
+        tokio::select! {
+            signal = signals.next() => if on_signal(signal) { break None },
+            output = &mut until => break Some(output),
+            _ = ticker.tick() => {
+                if show_progress {
+                    let counters = table::read_counters(maps)?;
+                    let events = counters.allocs + counters.frees;
+                    eprint!(
+                        "\r\x1b[Ktracing {}: {}/s events, {} outstanding, {} dropped, {} stack failures",
+                        duration::display(started.elapsed()),
+                        thousands(events - last_events),
+                        thousands(counters.outstanding()),
+                        thousands(counters.dropped_table_full),
+                        thousands(counters.stack_failures),
+                    );
+                    last_events = events;
+                }
+            }
+        }
+    };
+    if show_progress {
+        eprint!("\r\x1b[K");
+    }
+    Ok(outcome)
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The process (thread group) a task id belongs to, from /proc/ID/status.
+fn thread_group_of(id: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{id}/status"))
+        .ok()?
+        .lines()
+        .find_map(|line| line.strip_prefix("Tgid:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
+fn monotonic_now_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}

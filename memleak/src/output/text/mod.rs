@@ -1,0 +1,5 @@
+//! Reports as text, one file per model.
+pub mod classify;
+pub mod kmemleak;
+pub mod scan;
+pub mod trace;

@@ -1,0 +1,353 @@
+//! The trace report as text, with the leak check's one-line verdict.
+use std::fmt::Write as _;
+
+use super::scan::{describe_marks, render_details, summary};
+use crate::{
+    trace::{
+        check::Verdict,
+        report::{Report, Total},
+    },
+    util::{
+        duration,
+        units::{human_bytes, thousands},
+    },
+};
+
+pub fn render_text(report: &Report) -> String {
+    let mut out = String::new();
+    let stats = &report.stats;
+    let counters = &stats.counters;
+    let window = duration::display(std::time::Duration::from_millis(report.duration_ms));
+    let approx = if report.sample_rate > 1 { "~" } else { "" };
+    let _ = writeln!(
+        out,
+        "memleak: {approx}{} in {approx}{} objects still allocated after {window}, from {} allocation sites (kernel {}, {})",
+        human_bytes(stats.outstanding_bytes * u64::from(report.sample_rate)),
+        thousands(stats.outstanding * u64::from(report.sample_rate)),
+        thousands(stats.sites),
+        report.kernel,
+        report.attach,
+    );
+    let per_second = |events: u64| {
+        let seconds = (report.duration_ms as f64 / 1000.0).max(0.001);
+        thousands((events as f64 / seconds) as u64)
+    };
+    let _ = writeln!(
+        out,
+        "events:  {} allocs, {} frees ({}/s); {} frees of objects allocated before tracing",
+        thousands(counters.allocs),
+        thousands(counters.frees),
+        per_second(counters.allocs + counters.frees),
+        thousands(counters.untracked_frees),
+    );
+    let _ = writeln!(
+        out,
+        "dropped: {} (table full), {} events skipped by the kernel (nested), {} of {} stack \
+         captures failed, {} missed frees (address reallocated)",
+        thousands(counters.dropped_table_full),
+        thousands(stats.skipped_runs),
+        thousands(counters.stack_failures),
+        thousands(counters.stack_captures),
+        thousands(counters.missed_frees),
+    );
+    let liveness = &stats.liveness;
+    if liveness.verified_free + liveness.verified_allocated + liveness.unverified > 0 {
+        let found = &liveness.verified_free_where;
+        let _ = writeln!(
+            out,
+            "checked: {} slab objects found free in kernel memory and left out (slab gone {}, \
+             slab freelists {}, CPU freelists {}, sheaves {}); {} verified allocated, {} unverified",
+            thousands(liveness.verified_free),
+            thousands(found.slab_gone),
+            thousands(found.slab_freelist),
+            thousands(found.cpu_freelist),
+            thousands(found.sheaf),
+            thousands(liveness.verified_allocated),
+            thousands(liveness.unverified),
+        );
+    }
+    if !report.missed_free_sites.is_empty() {
+        let sites: Vec<String> = report
+            .missed_free_sites
+            .iter()
+            .take(3)
+            .map(|site| format!("{} ({})", site.call_site, thousands(site.count)))
+            .collect();
+        let _ = writeln!(out, "missed:  most missed frees at {}", sites.join(", "));
+    }
+    for line in report
+        .accounting
+        .iter()
+        .filter(|line| line.unreliable || line.explained_by_turnover)
+        .take(5)
+    {
+        let _ = writeln!(
+            out,
+            "kernel:  {} traced {approx}{} {}, the kernel counted {:+}{}",
+            line.cache.as_deref().unwrap_or(line.kind),
+            thousands(line.traced),
+            line.unit,
+            line.kernel,
+            if line.unreliable {
+                " (entries unreliable)"
+            } else {
+                " (all verified allocated: older objects were freed meanwhile)"
+            }
+        );
+    }
+    if counters.movable_pages > 0 || stats.backing_pages > 0 {
+        let _ = writeln!(
+            out,
+            "pages:   {} movable page allocations (user, page cache) not followed; {} pages \
+             ({}) backing slabs, large kmallocs, vmalloc and percpu counted under those kinds",
+            thousands(counters.movable_pages),
+            thousands(stats.backing_pages),
+            human_bytes(stats.backing_pages_bytes),
+        );
+    }
+    if report.sample_rate > 1 {
+        let _ = writeln!(
+            out,
+            "sampling: 1 object in {} tracked by address hash; counts marked ~ are estimates",
+            report.sample_rate
+        );
+    }
+    if stats.hidden_younger > 0 {
+        let _ = writeln!(
+            out,
+            "hidden:  {} objects younger than --min-age",
+            thousands(stats.hidden_younger)
+        );
+    }
+    for note in &report.notes {
+        let _ = writeln!(out, "note:    {note}");
+    }
+    if let Some(check) = &report.check {
+        let _ = writeln!(out, "check:   {}", verdict_summary(check));
+    }
+    let describe = |totals: &[Total]| {
+        totals
+            .iter()
+            .map(|total| {
+                format!(
+                    "{} {approx}{} ({approx}{})",
+                    total.name,
+                    human_bytes(total.bytes),
+                    thousands(total.count)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if !report.kinds.is_empty() {
+        let _ = writeln!(out, "kinds:   {}", describe(&report.kinds));
+    }
+    if !report.caches.is_empty() {
+        let _ = writeln!(out, "caches:  {}", describe(&report.caches));
+    }
+    if let Some(scan) = &report.scan {
+        let _ = writeln!(out, "similar: {}", summary(scan));
+    }
+    if let Some(processes) = &report.processes {
+        let _ = writeln!(
+            out,
+            "\n{:>8}  {:<16} {:>12} {:>10}",
+            "PID", "COMMAND", "BYTES", "OBJECTS"
+        );
+        for process in processes {
+            let _ = writeln!(
+                out,
+                "{:>8}  {:<16} {:>12} {:>10}",
+                process.pid,
+                process.comm.as_deref().unwrap_or("?"),
+                format!("{approx}{}", human_bytes(process.bytes)),
+                format!("{approx}{}", thousands(process.count)),
+            );
+        }
+    }
+    if report.stacks.is_empty() {
+        let _ = writeln!(out, "\nno outstanding allocations to report");
+    }
+    for (rank, entry) in report.stacks.iter().enumerate() {
+        let approx = if entry.estimated { "~" } else { "" };
+        let cache = entry
+            .cache
+            .as_deref()
+            .map(|cache| format!(" in {cache}"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "\n#{:<3} {approx}{} in {approx}{} objects, {}{cache}, oldest {}",
+            rank + 1,
+            human_bytes(entry.bytes),
+            thousands(entry.count),
+            entry.kind,
+            duration::display(std::time::Duration::from_millis(entry.oldest_age_ms)),
+        );
+        let _ = writeln!(out, "     call site: {}", entry.call_site);
+        if entry.unreliable {
+            let _ = writeln!(
+                out,
+                "     UNRELIABLE: the kernel's counters for this {} grew by less than traced; \
+                 these objects may have been freed by a path memleak does not follow",
+                if entry.cache.is_some() {
+                    "cache"
+                } else {
+                    "kind"
+                }
+            );
+        }
+        if entry.unverified > 0 {
+            let _ = writeln!(
+                out,
+                "     unverified: {approx}{} of these objects could not be checked in kernel memory",
+                thousands(entry.unverified)
+            );
+        }
+        let stack_note = if entry.stack_samples == 0 {
+            "no stack captured".to_owned()
+        } else {
+            format!(
+                "stack of {} of {} sampled objects",
+                thousands(entry.frames_samples),
+                thousands(entry.stack_samples)
+            )
+        };
+        let _ = writeln!(out, "     {stack_note}:");
+        for frame in &entry.frames {
+            let _ = writeln!(out, "         {frame}");
+        }
+        for other in &entry.other_stacks {
+            let _ = writeln!(
+                out,
+                "     also via ({} sampled objects):",
+                thousands(other.samples)
+            );
+            for frame in other.frames.iter().take(6) {
+                let _ = writeln!(out, "         {frame}");
+            }
+        }
+        if !entry.processes.is_empty() {
+            let processes: Vec<String> = entry
+                .processes
+                .iter()
+                .map(|process| {
+                    format!(
+                        "{} ({}) {approx}{}",
+                        process.pid,
+                        process.comm.as_deref().unwrap_or("?"),
+                        thousands(process.count)
+                    )
+                })
+                .collect();
+            let _ = writeln!(out, "     allocated by: {}", processes.join(", "));
+        }
+        if let (Some(marks), Some(scan)) = (&entry.marks, &report.scan) {
+            let _ = writeln!(out, "     {}", describe_marks(marks, scan));
+        }
+    }
+    if let Some(scan) = &report.scan {
+        let _ = writeln!(out, "\ncontent scan of {}:", scan.cache);
+        render_details(&mut out, scan);
+    }
+    out
+}
+
+pub fn verdict_summary(verdict: &Verdict) -> String {
+    if verdict.failed {
+        format!(
+            "leak check failed ({}): {} in {} objects from {} allocation sites outstanding \
+             (allowed: {} bytes, {} objects)",
+            verdict.scope,
+            human_bytes(verdict.bytes),
+            thousands(verdict.count),
+            verdict.sites.len(),
+            verdict.max_bytes,
+            verdict.max_count
+        )
+    } else {
+        format!(
+            "leak check passed ({}): {} in {} objects outstanding",
+            verdict.scope,
+            human_bytes(verdict.bytes),
+            thousands(verdict.count)
+        )
+    }
+}
+
+/// One line per site in scope, for the JUnit failure's body.
+pub fn verdict_details(verdict: &Verdict) -> String {
+    let mut text = String::new();
+    for site in &verdict.sites {
+        let _ = writeln!(
+            text,
+            "{} in {} objects, {}{} at {}",
+            human_bytes(site.bytes),
+            thousands(site.count),
+            site.kind,
+            site.cache
+                .as_deref()
+                .map(|cache| format!(" ({cache})"))
+                .unwrap_or_default(),
+            site.call_site
+        );
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trace::report::fixtures::sample_report;
+
+    #[test]
+    fn sampled_reports_scale_and_mark_estimates() {
+        let report = sample_report(64);
+        let top = &report.stacks[0];
+        assert_eq!((top.count, top.bytes), (4 * 64, 256 * 64));
+        assert!(top.estimated);
+        assert!(render_text(&report).contains("~16.0 KiB in ~256 objects"));
+    }
+
+    #[test]
+    fn json_follows_the_documented_schema() {
+        let json: serde_json::Value =
+            serde_json::from_str(&crate::output::json::render_json(&sample_report(1))).unwrap();
+        assert_eq!(json["schema"], 1);
+        assert_eq!(json["kernel"], "6.18.0-test");
+        assert_eq!(json["duration_ms"], 2_000);
+        for counter in [
+            "allocs",
+            "frees",
+            "outstanding",
+            "dropped_table_full",
+            "stack_failures",
+        ] {
+            assert!(json["stats"][counter].is_u64(), "stats.{counter}");
+        }
+        let top = &json["stacks"][0];
+        assert_eq!(top["bytes"], 256);
+        assert_eq!(top["count"], 4);
+        assert_eq!(top["kind"], "kmalloc");
+        assert_eq!(top["cache"], "kmalloc-64");
+        assert_eq!(top["frames"][0]["addr"], "0x10");
+        assert_eq!(top["frames"][0]["symbol"], "alloc_site");
+        assert_eq!(top["frames"][0]["offset"], 4);
+        assert!(top["frames"][0]["module"].is_null());
+        assert!(json["stacks"][1]["frames"][0]["symbol"].is_null());
+    }
+
+    #[test]
+    fn text_report_shows_counters_notes_and_stacks() {
+        let text = render_text(&sample_report(1));
+        assert!(text.starts_with("memleak: 320 B in 5 objects still allocated after 2.0s"));
+        assert!(text.contains(
+            "dropped: 0 (table full), 0 events skipped by the kernel (nested), 0 of 0 stack \
+             captures failed"
+        ));
+        assert!(text.contains("note:    kmem:kmem_cache_free missing"));
+        assert!(text.contains("#1   256 B in 4 objects, kmalloc in kmalloc-64, oldest 2.0s"));
+        assert!(text.contains("stack of 2 of 3 sampled objects:\n         alloc_site+0x4/0x40\n"));
+        assert!(text.contains("allocated by: 7 (leaker) 2, 8 (?) 2"));
+    }
+}

@@ -1,0 +1,378 @@
+//! Builds the trace report from the detached tracer's table: liveness check, aggregation,
+//! site caches, symbolization, and the comparison with the kernel's own counters.
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use hashbrown::HashMap;
+use memleak_common::AllocKind;
+
+use super::{
+    Options, accounting,
+    aggregate::{self, Site},
+    marks::{self, MarkTally},
+    report::{self, LivenessStats, Report, Stats},
+    site_caches,
+};
+use crate::{
+    bpf::maps::{self as table, TracerMaps},
+    scan,
+    symbols::{KernelSymbolizer, allocators},
+    util::units::thousands,
+};
+
+pub struct ReportHeader {
+    pub skipped_runs: u64,
+    pub kernel: String,
+    pub elapsed: Duration,
+    pub attach: String,
+    /// kmem_cache records name their cache by its `struct kmem_cache *` (tp_btf), rather
+    /// than by a hash of its name.
+    pub cache_ids_are_pointers: bool,
+    pub notes: Vec<String>,
+    pub free_paths: Vec<String>,
+}
+
+/// Builds the report with an entry for every site (leak checks see them all; the caller
+/// truncates to `--top` for display).
+pub fn build_report(
+    options: &Options,
+    maps: &TracerMaps,
+    now_ns: u64,
+    mut header: ReportHeader,
+    scan: Option<&scan::CacheScan>,
+    cache_reader: KernelMemory<'_>,
+) -> Result<Report> {
+    let counters = table::read_counters(maps)?;
+    let min_age = options.min_age;
+    let mut memory = cache_reader;
+    let liveness = check_liveness(
+        maps,
+        &mut memory,
+        header.cache_ids_are_pointers,
+        &mut header.notes,
+    )?;
+    let mut aggregator = aggregate::Aggregator::new(now_ns, min_age);
+    let mut tally = scan.map(|scan| MarkTally::new(scan, now_ns, min_age));
+    let mut cache_picks = site_caches::Picks::default();
+    let (mut outstanding, mut outstanding_bytes) = (0u64, 0u64);
+    let mut states = liveness.states.iter();
+    table::for_each_outstanding(maps, |key, record| {
+        let state = if is_slab_object(record) {
+            states.next()
+        } else {
+            None
+        };
+        match state {
+            Some(scan::Liveness::Free(_)) => return,
+            Some(scan::Liveness::Unverified) => aggregator.add_unverified(record),
+            Some(scan::Liveness::Allocated) | None => aggregator.add(record),
+        }
+        outstanding += 1;
+        outstanding_bytes += u64::from(record.bytes_allocated);
+        if let Some(site) = aggregate::SiteKey::of(record) {
+            cache_picks.add(site, key);
+        }
+        if let Some(tally) = &mut tally {
+            tally.add(key, record);
+        }
+    })?;
+    let site_caches = memory.resolve(&cache_picks, &mut header.notes);
+    let marks = tally.map(MarkTally::finish);
+    let aggregate = aggregator.finish();
+    let mut sites = aggregate.sites;
+    aggregate::rank(&mut sites, options.sort);
+
+    let stack_ids = sites.iter().flat_map(|site| site.stacks.keys().copied());
+    let stacks = table::read_stacks(maps, stack_ids)?;
+    let missed_free_sites = table::read_missed_free_sites(maps)?;
+    let mut symbolizer = KernelSymbolizer::new();
+    symbolizer.resolve(
+        report::addresses_to_symbolize(&sites, &stacks)
+            .into_iter()
+            .chain(missed_free_sites.keys().copied()),
+    )?;
+    let cache_names = table::read_cache_names(maps)?;
+    let comms = table::read_comms(maps)?;
+    let frame = |addr| symbolizer.frame(addr);
+
+    let (backing, sites): (Vec<Site>, Vec<Site>) = sites.into_iter().partition(|site| {
+        site.key.kind == AllocKind::Page
+            && site.stacks.keys().any(|id| {
+                stacks
+                    .get(id)
+                    .is_some_and(|stack| allocators::backs_another_kind(stack, &frame))
+            })
+    });
+    let backing_pages: u64 = backing.iter().map(|site| site.count).sum();
+    let backing_pages_bytes: u64 = backing.iter().map(|site| site.bytes).sum();
+    let site_count = sites.len() as u64;
+    let context = report::Context {
+        stacks: &stacks,
+        cache_names: &cache_names,
+        site_caches: &site_caches,
+        comms: &comms,
+        now_ns,
+        sample_rate: options.tracer.sample_rate,
+        frame: &frame,
+    };
+    let mut entries: Vec<report::Entry> = sites
+        .iter()
+        .map(|site| report::entry(site, &context))
+        .collect();
+    if let Some(marks) = &marks {
+        for (site, entry) in sites.iter().zip(&mut entries) {
+            entry.marks = marks.get(&site.key).copied();
+        }
+    }
+    for (site, entry) in sites.iter().zip(&mut entries) {
+        entry.unverified = site.unverified * u64::from(options.tracer.sample_rate);
+    }
+    let scan = scan.map(|scan| scan.report(&header.kernel, Some(marks::marking(&entries))));
+    Ok(Report {
+        schema: report::SCHEMA_VERSION,
+        kernel: header.kernel,
+        duration_ms: header.elapsed.as_millis() as u64,
+        attach: header.attach,
+        free_paths: header.free_paths,
+        sample_rate: options.tracer.sample_rate,
+        stack_sample_rate: options.tracer.stack_sample_rate,
+        stats: Stats {
+            counters,
+            outstanding: outstanding - backing_pages,
+            outstanding_bytes: outstanding_bytes - backing_pages_bytes,
+            hidden_younger: aggregate.hidden_younger,
+            skipped_runs: header.skipped_runs,
+            sites: site_count,
+            backing_pages,
+            backing_pages_bytes,
+            liveness: liveness.stats,
+        },
+        notes: header.notes,
+        kinds: Vec::new(),
+        caches: Vec::new(),
+        processes: options.by_process.then(|| {
+            let mut processes = report::processes(&sites, &comms, options.tracer.sample_rate);
+            processes.truncate(options.top);
+            processes
+        }),
+        check: None,
+        scan,
+        missed_free_sites: report::missed_free_sites(&missed_free_sites, &frame),
+        accounting: Vec::new(),
+        stacks: entries,
+    })
+}
+
+/// Puts the traced net change per cache and kind beside the kernel's counters, and flags the
+/// entries of the caches and kinds whose traced growth the kernel does not show.
+pub fn compare_with_kernel(
+    report: &mut Report,
+    start: &accounting::KernelCounts,
+    end: &accounting::KernelCounts,
+) {
+    let mut caches: std::collections::BTreeMap<String, accounting::Traced> = Default::default();
+    let (mut vmalloc, mut percpu) = (accounting::Traced::default(), accounting::Traced::default());
+    for entry in &report.stacks {
+        let traced = match (entry.kind, &entry.cache) {
+            ("kmalloc" | "kmem_cache", Some(cache)) => caches.entry(cache.clone()).or_default(),
+            ("vmalloc", _) => &mut vmalloc,
+            ("percpu", _) => &mut percpu,
+            _ => continue,
+        };
+        traced.amount += if entry.kind == "vmalloc" || entry.kind == "percpu" {
+            entry.bytes
+        } else {
+            entry.count
+        };
+        traced.unverified |= entry.unverified > 0;
+    }
+    let cpus = aya::util::nr_cpus().map_or(1, |cpus| cpus.get() as u64);
+    let lines = accounting::compare(start, end, &caches, vmalloc, percpu, cpus);
+    for entry in &mut report.stacks {
+        entry.unreliable = lines.iter().any(|line| {
+            line.unreliable
+                && match &line.cache {
+                    Some(cache) => entry.cache.as_ref() == Some(cache),
+                    None => entry.kind == line.kind,
+                }
+        });
+    }
+    let flagged: Vec<String> = lines
+        .iter()
+        .filter(|line| line.unreliable)
+        .map(|line| {
+            format!(
+                "{} (traced {} {}, the kernel counted {:+})",
+                line.cache.as_deref().unwrap_or(line.kind),
+                thousands(line.traced),
+                line.unit,
+                line.kernel
+            )
+        })
+        .collect();
+    if !flagged.is_empty() {
+        report.notes.push(format!(
+            "traced growth exceeds the kernel's own counters beyond noise in {}: their entries \
+             are marked unreliable (objects freed by a path memleak does not follow may be \
+             listed)",
+            flagged.join(", ")
+        ));
+    }
+    report.accounting = lines;
+}
+
+/// Reads kernel memory at report time, for the liveness check and the sites' caches: through
+/// the content scanner's reader, or one loaded when first needed (after detaching, so its
+/// loading is not traced) with the layout parsed meanwhile.
+pub struct KernelMemory<'a> {
+    view: Option<&'a mut scan::KernelView>,
+    layout: Option<Result<scan::SlabLayout>>,
+    opened: Option<scan::KernelView>,
+    /// Why the reader could not be opened, once it has failed.
+    error: Option<String>,
+}
+
+impl<'a> KernelMemory<'a> {
+    /// Reads through `view` when there is one (the content scanner's), otherwise through a
+    /// reader opened on first use with `layout`.
+    pub fn new(
+        view: Option<&'a mut scan::KernelView>,
+        layout: Option<Result<scan::SlabLayout>>,
+    ) -> Self {
+        Self {
+            view,
+            layout,
+            opened: None,
+            error: None,
+        }
+    }
+
+    fn view(&mut self) -> Result<&mut scan::KernelView> {
+        if self.view.is_some() {
+            return Ok(self.view.as_deref_mut().expect("checked above"));
+        }
+        if self.opened.is_none() && self.error.is_none() {
+            let opened = match self.layout.take() {
+                Some(layout) => layout.and_then(scan::KernelView::open_for_owners),
+                None => Err(anyhow::anyhow!("no slab layout")),
+            };
+            match opened {
+                Ok(view) => self.opened = Some(view),
+                Err(error) => self.error = Some(format!("{error:#}")),
+            }
+        }
+        match (&mut self.opened, &self.error) {
+            (Some(view), _) => Ok(view),
+            (None, error) => Err(anyhow::anyhow!(
+                "{}",
+                error.as_deref().unwrap_or("no kernel memory reader")
+            )),
+        }
+    }
+
+    /// The real caches of the kmalloc sites and of the kmem_cache sites whose event names no
+    /// cache. Where they cannot be read, kmalloc sites are named from their size and gfp flags,
+    /// and a note says why.
+    fn resolve(
+        &mut self,
+        picks: &site_caches::Picks,
+        notes: &mut Vec<String>,
+    ) -> HashMap<aggregate::SiteKey, String> {
+        if picks.is_empty() {
+            return HashMap::new();
+        }
+        let read = match self.view().and_then(|view| picks.resolve(view)) {
+            Ok(resolution) => {
+                notes.extend(resolution.note());
+                resolution.names
+            }
+            Err(error) => {
+                notes.push(site_caches::not_read(&error));
+                HashMap::new()
+            }
+        };
+        picks.names(read)
+    }
+}
+
+/// What the liveness check found of every outstanding slab object, in the order
+/// [`table::for_each_outstanding`] visits them (the table no longer changes once detached).
+struct LivenessResult {
+    states: Vec<scan::Liveness>,
+    stats: LivenessStats,
+}
+
+/// Whether the liveness check looks at this record: slab objects only.
+fn is_slab_object(record: &memleak_common::AllocRecord) -> bool {
+    match AllocKind::from_u32(record.kind) {
+        Some(AllocKind::Kmalloc) => {
+            site_caches::kmalloc_cache_name(u64::from(record.bytes_allocated)).is_some()
+        }
+        Some(AllocKind::KmemCache) => true,
+        _ => false,
+    }
+}
+
+/// Checks in kernel memory that every outstanding slab object is still allocated (see
+/// `scan::liveness`); objects found free are left out of the report and counted.
+fn check_liveness(
+    maps: &TracerMaps,
+    memory: &mut KernelMemory<'_>,
+    cache_ids_are_pointers: bool,
+    notes: &mut Vec<String>,
+) -> Result<LivenessResult> {
+    let mut queries = Vec::new();
+    table::for_each_outstanding(maps, |key, record| {
+        if is_slab_object(record) {
+            queries.push(scan::LivenessQuery {
+                object: scan::Object {
+                    address: key,
+                    size: record.bytes_allocated,
+                },
+                cache: (record.kind == AllocKind::KmemCache as u32
+                    && cache_ids_are_pointers
+                    && record.cache_id != 0)
+                    .then_some(record.cache_id),
+            });
+        }
+    })?;
+    let mut stats = LivenessStats::default();
+    if queries.is_empty() {
+        return Ok(LivenessResult {
+            states: Vec::new(),
+            stats,
+        });
+    }
+    let started = Instant::now();
+    let check = match memory.view().and_then(|view| view.liveness(&queries)) {
+        Ok(check) => check,
+        Err(error) => {
+            notes.push(format!(
+                "outstanding slab objects are not checked in kernel memory ({error:#}): objects \
+                 freed without a kmem event (kfree_rcu batches, bulk frees, slab sheaves) may be \
+                 listed, and every slab entry counts as unverified"
+            ));
+            scan::LivenessCheck {
+                states: vec![scan::Liveness::Unverified; queries.len()],
+                notes: Vec::new(),
+            }
+        }
+    };
+    notes.extend(check.notes.iter().cloned());
+    for state in &check.states {
+        stats.count(*state);
+    }
+    stats.liveness_check_ms = started.elapsed().as_millis() as u64;
+    log::info!(
+        "liveness check: {} slab objects, {} free, {} allocated, {} unverified, in {} ms",
+        queries.len(),
+        stats.verified_free,
+        stats.verified_allocated,
+        stats.unverified,
+        stats.liveness_check_ms
+    );
+    Ok(LivenessResult {
+        states: check.states,
+        stats,
+    })
+}
