@@ -1,12 +1,5 @@
 //! Reads what the eBPF programs collected: counters, the outstanding-object table, cache names,
 //! process names and stacks.
-use std::{
-    io,
-    os::fd::{AsFd as _, AsRawFd as _},
-    ptr::NonNull,
-    slice,
-};
-
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf,
@@ -17,6 +10,8 @@ use memleak_common::{
     AllocRecord, COUNTER_COUNT, CacheName, Counter, KeyBucket, RecordBucket, TaskComm,
 };
 use serde::Serialize;
+
+use super::mmap::{Access, MappedArray};
 
 /// Event counters summed over CPUs. Serialized by these names in every report.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -107,52 +102,6 @@ pub fn read_counters(maps: &TracerMaps) -> Result<Counters> {
     Ok(Counters::from_values(&values))
 }
 
-/// A read-only mapping of a window of a `BPF_F_MMAPABLE` array map. The kernel maps every
-/// page of the window at mmap time, so windows stay small: the table is read in steps and
-/// never becomes resident in memleak all at once, however large `--capacity` is.
-struct MappedWindow<T> {
-    base: NonNull<T>,
-    elements: usize,
-}
-
-impl<T> MappedWindow<T> {
-    /// Maps elements `range` of `map`, whose value type must be `T` with a size that is a
-    /// multiple of 8 (array maps pad values to 8 bytes) and makes `range.start` page-aligned.
-    fn new(map: &Map, range: std::ops::Range<usize>) -> Result<Self> {
-        let Map::Array(data) = map else {
-            return Err(anyhow!("expected an array map"));
-        };
-        let elements = range.end - range.start;
-        let address = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                elements * size_of::<T>(),
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                data.fd().as_fd().as_raw_fd(),
-                (range.start * size_of::<T>()) as libc::off_t,
-            )
-        };
-        if address == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error()).context("mmap of the object table");
-        }
-        let base = NonNull::new(address.cast()).ok_or_else(|| anyhow!("mmap returned NULL"))?;
-        Ok(Self { base, elements })
-    }
-
-    fn as_slice(&self) -> &[T] {
-        // The mapping is `elements` values of `T`, alive until drop; the kernel writes no more
-        // (every program is detached before the table is read).
-        unsafe { slice::from_raw_parts(self.base.as_ptr(), self.elements) }
-    }
-}
-
-impl<T> Drop for MappedWindow<T> {
-    fn drop(&mut self) {
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.elements * size_of::<T>()) };
-    }
-}
-
 /// Buckets read per step: whole pages of both arrays (128 KiB of keys, 768 KiB of records).
 const BUCKETS_PER_STEP: usize = 1024;
 
@@ -168,8 +117,18 @@ pub fn for_each_outstanding(
     let buckets = maps.buckets as usize;
     for start in (0..buckets).step_by(BUCKETS_PER_STEP) {
         let step = start..(start + BUCKETS_PER_STEP).min(buckets);
-        let keys = MappedWindow::<KeyBucket>::new(&maps.keys, step.clone())?;
-        let records = MappedWindow::<RecordBucket>::new(&maps.records, step)?;
+        let keys = MappedArray::<KeyBucket>::new(
+            &maps.keys,
+            step.clone(),
+            Access::Read,
+            "the table's keys",
+        )?;
+        let records = MappedArray::<RecordBucket>::new(
+            &maps.records,
+            step,
+            Access::Read,
+            "the table's records",
+        )?;
         for (key_bucket, record_bucket) in keys.as_slice().iter().zip(records.as_slice()) {
             for (&key, record) in key_bucket.keys.iter().zip(&record_bucket.records) {
                 if key != 0 {

@@ -1,10 +1,4 @@
 //! Reads kernel memory through the `read_kernel_memory` eBPF program, in batches.
-use std::{
-    io,
-    os::fd::{AsFd as _, AsRawFd as _},
-    ptr::NonNull,
-};
-
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
@@ -13,15 +7,18 @@ use aya::{
 };
 use memleak_common::scan::{MAX_READS_PER_RUN, READ_CHUNK_BYTES, ReadChunk, ReadRequest};
 
-use super::probes::ebpf_object;
+use super::{
+    mmap::{Access, MappedArray},
+    probes::ebpf_object,
+};
 
 const PROGRAM: &str = "read_kernel_memory";
 
 /// A loaded reader program and the mappings of its request and chunk maps.
 pub struct KernelReader {
     // Field order: the mappings go before the object that owns the maps.
-    requests: SharedMapping<ReadRequest>,
-    chunks: SharedMapping<ReadChunk>,
+    requests: MappedArray<ReadRequest>,
+    chunks: MappedArray<ReadChunk>,
     ebpf: Ebpf,
     /// Reads that failed (unmapped addresses, pages freed while the scan ran) since the
     /// count was last reset.
@@ -47,8 +44,18 @@ impl KernelReader {
         program
             .load()
             .with_context(|| format!("loading the kernel memory reader ({PROGRAM})"))?;
-        let requests = SharedMapping::new(map(&ebpf, "READ_REQUESTS")?, MAX_READS_PER_RUN)?;
-        let chunks = SharedMapping::new(map(&ebpf, "READ_CHUNKS")?, MAX_READS_PER_RUN)?;
+        let requests = MappedArray::new(
+            map(&ebpf, "READ_REQUESTS")?,
+            0..MAX_READS_PER_RUN as usize,
+            Access::ReadWrite,
+            "READ_REQUESTS",
+        )?;
+        let chunks = MappedArray::new(
+            map(&ebpf, "READ_CHUNKS")?,
+            0..MAX_READS_PER_RUN as usize,
+            Access::ReadWrite,
+            "READ_CHUNKS",
+        )?;
         Ok(Self {
             requests,
             chunks,
@@ -200,46 +207,4 @@ fn map<'a>(ebpf: &'a Ebpf, name: &str) -> Result<&'a Map> {
 fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Map> {
     ebpf.map_mut(name)
         .ok_or_else(|| anyhow!("eBPF object has no {name} map"))
-}
-
-/// A read-write shared mapping of a whole `BPF_F_MMAPABLE` array map.
-struct SharedMapping<T> {
-    base: NonNull<T>,
-    elements: usize,
-}
-
-impl<T> SharedMapping<T> {
-    fn new(map: &Map, elements: u32) -> Result<Self> {
-        let Map::Array(data) = map else {
-            return Err(anyhow!("expected an array map"));
-        };
-        let elements = elements as usize;
-        let address = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                elements * size_of::<T>(),
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                data.fd().as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if address == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error()).context("mmap of a kernel reader map");
-        }
-        let base = NonNull::new(address.cast()).ok_or_else(|| anyhow!("mmap returned NULL"))?;
-        Ok(Self { base, elements })
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [T] {
-        // The mapping holds `elements` values of `T` until drop; the kernel writes it only
-        // during a test run, which this thread waits for.
-        unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr(), self.elements) }
-    }
-}
-
-impl<T> Drop for SharedMapping<T> {
-    fn drop(&mut self) {
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.elements * size_of::<T>()) };
-    }
 }

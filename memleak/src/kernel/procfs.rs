@@ -229,7 +229,7 @@ mod tests {
     const BPF_VMALLOCINFO: &str =
         include_str!("../../testdata/classify/grow-bpf-maps/vmallocinfo.6");
     const RECLAIM_ACCOUNT: &str = include_str!("../../testdata/classify/idle/reclaim_account");
-    const PAGE: u64 = 4096;
+    const PAGE: u64 = memleak_common::PAGE_SIZE as u64;
 
     #[test]
     fn meminfo_fields_are_bytes() {

@@ -12,48 +12,34 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use memleak_common::{ClassicOffsets, NO_FIELD};
 
+use super::mounts;
+
 /// Where tracefs lives on Linux 4.1+, and where this module mounts it if nobody has.
 const DEFAULT_TRACEFS: &str = "/sys/kernel/tracing";
 
 /// Finds the mounted tracefs, mounting it at /sys/kernel/tracing if it is mounted nowhere.
 pub fn root() -> Result<PathBuf> {
-    let mounts = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
-    if let Some(dir) = tracing_dirs(&mounts).find(|dir| dir.join("events").is_dir()) {
+    let table = mounts::read_table()?;
+    if let Some(dir) = tracing_dirs(&table).find(|dir| dir.join("events").is_dir()) {
         return Ok(dir);
     }
     log::info!("mounting tracefs at {DEFAULT_TRACEFS}");
-    // SAFETY: every pointer is a NUL-terminated string literal; tracefs takes no mount data.
-    let result = unsafe {
-        libc::mount(
-            c"tracefs".as_ptr(),
-            c"/sys/kernel/tracing".as_ptr(),
-            c"tracefs".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if result != 0 {
+    if let Err(error) = mounts::mount_pseudo(c"tracefs", c"/sys/kernel/tracing") {
         bail!(
-            "tracefs is not mounted, and mounting it at {DEFAULT_TRACEFS} failed: {}; \
-             mount it by hand with `mount -t tracefs tracefs {DEFAULT_TRACEFS}`",
-            io::Error::last_os_error()
+            "tracefs is not mounted, and mounting it at {DEFAULT_TRACEFS} failed: {error}; \
+             mount it by hand with `mount -t tracefs tracefs {DEFAULT_TRACEFS}`"
         );
     }
     Ok(PathBuf::from(DEFAULT_TRACEFS))
 }
 
-/// The directories of a mount table (`source target fstype options 0 0` lines) that may hold
-/// the tracing files: tracefs mounts, and `tracing/` under debugfs, where kernels before 4.1
-/// kept them.
-fn tracing_dirs(mounts: &str) -> impl Iterator<Item = PathBuf> {
-    mounts.lines().filter_map(|line| {
-        let mut fields = line.split_whitespace().skip(1);
-        let (target, fstype) = (fields.next()?, fields.next()?);
-        match fstype {
-            "tracefs" => Some(PathBuf::from(target)),
-            "debugfs" => Some(Path::new(target).join("tracing")),
-            _ => None,
-        }
+/// The directories of a mount table that may hold the tracing files: tracefs mounts, and
+/// `tracing/` under debugfs, where kernels before 4.1 kept them.
+fn tracing_dirs(table: &str) -> impl Iterator<Item = PathBuf> {
+    mounts::entries(table).filter_map(|(target, fstype)| match fstype {
+        "tracefs" => Some(PathBuf::from(target)),
+        "debugfs" => Some(Path::new(target).join("tracing")),
+        _ => None,
     })
 }
 

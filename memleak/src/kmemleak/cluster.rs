@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde::Serialize;
 
 use super::parse::LeakedObject;
-use crate::symbols::frame::Frame;
+use crate::symbols::{allocators::is_allocator_internal, frame::Frame};
 
 /// Objects allocated through the same backtrace below the allocator.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -169,54 +169,6 @@ fn caller_frames(frames: &[Frame]) -> &[Frame] {
     }
 }
 
-/// Name prefixes of the allocators' own functions and their thin wrappers (the caller of
-/// `kstrdup` or `kvmalloc` is the code to look at), without leading underscores. Prefixes also
-/// cover the `_node`, `_noprof` (memory allocation profiling, 6.10) and `.cold` variants.
-const ALLOCATOR_PREFIXES: &[&str] = &[
-    "kmemleak_",
-    "kmalloc",
-    "kmem_cache_alloc",
-    "kzalloc",
-    "kcalloc",
-    "krealloc",
-    "kvmalloc",
-    "kvzalloc",
-    "kvcalloc",
-    "kvrealloc",
-    "kmemdup",
-    "kvmemdup",
-    "kstrdup",
-    "kstrndup",
-    "kasprintf",
-    "kvasprintf",
-    "do_kmalloc",
-    "slab_",
-    "alloc_slab",
-    "new_slab",
-    "allocate_slab",
-    "pcpu_alloc",
-    "alloc_percpu",
-    "alloc_pages",
-    "alloc_frozen_pages",
-    "get_free_pages",
-    "folio_alloc",
-    "vmalloc",
-    "vzalloc",
-    "memblock_alloc",
-    "memblock_phys_alloc",
-];
-
-/// Whether `frame` is inside an allocator, or is kmemleak's hook in it.
-fn is_allocator_internal(frame: &Frame) -> bool {
-    let Some(symbol) = frame.symbol.as_deref() else {
-        return false;
-    };
-    let name = symbol.trim_start_matches('_');
-    ALLOCATOR_PREFIXES
-        .iter()
-        .any(|prefix| name.starts_with(prefix))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,44 +297,6 @@ mod tests {
         );
         // Nothing but allocator frames: all of them are kept, none is a suspect.
         assert_eq!(clusters[1].frames.len(), 3);
-    }
-
-    #[test]
-    fn recognizes_allocator_entry_points_across_kernel_versions() {
-        for internal in [
-            "kmemleak_alloc",
-            "__kmalloc",
-            "__kmalloc_cache_noprof",
-            "kmalloc_trace",
-            "kmalloc_node_trace_noprof",
-            "__do_kmalloc_node",
-            "kmem_cache_alloc_node",
-            "__kmem_cache_alloc_node",
-            "slab_alloc_node.constprop.0",
-            "kvmalloc_node_noprof",
-            "__vmalloc_node_range_noprof",
-            "vzalloc",
-            "pcpu_alloc",
-            "__alloc_pages",
-            "alloc_pages_mpol_noprof",
-            "__get_free_pages",
-            "kstrdup",
-            "kmemdup_noprof",
-        ] {
-            assert!(is_allocator_internal(&frame(internal)), "{internal}");
-        }
-        for caller in [
-            "leaky_alloc",
-            "alloc_fdtable",
-            "dup_fd",
-            "skb_clone",
-            "do_slab_free",
-        ] {
-            assert!(!is_allocator_internal(&frame(caller)), "{caller}");
-        }
-        assert!(!is_allocator_internal(&Frame::unknown(
-            0xffff_ffff_c000_0000
-        )));
     }
 
     #[test]

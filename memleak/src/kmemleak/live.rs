@@ -1,14 +1,15 @@
 //! Drives the running kernel's kmemleak through its debugfs file: one command per write
 //! (`scan`, `clear`, `scan=<secs>`), the report on read.
 use std::{
-    ffi::CString,
-    fs::{self, File, OpenOptions},
+    fs::{File, OpenOptions},
     io::{self, Read as _, Write as _},
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context as _, Result};
 use thiserror::Error;
+
+use crate::kernel::mounts;
 
 pub const DEFAULT_DEBUGFS: &str = "/sys/kernel/debug";
 
@@ -57,36 +58,16 @@ pub fn collect(debugfs: &Path, options: Options) -> Result<String> {
 /// Mounts debugfs at its usual place unless it is there already, as distributions that do not
 /// mount it at boot require.
 pub fn mount_default_debugfs() -> Result<()> {
-    let mounts = fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
-    if is_debugfs_mounted_at(&mounts, DEFAULT_DEBUGFS) {
+    if mounts::is_mounted_at(
+        &mounts::read_table()?,
+        Path::new(DEFAULT_DEBUGFS),
+        "debugfs",
+    ) {
         return Ok(());
     }
     log::info!("mounting debugfs at {DEFAULT_DEBUGFS}");
-    let target = CString::new(DEFAULT_DEBUGFS)?;
-    // SAFETY: every pointer is a NUL-terminated string that outlives the call; debugfs takes
-    // no mount data.
-    let result = unsafe {
-        libc::mount(
-            c"debugfs".as_ptr(),
-            target.as_ptr(),
-            c"debugfs".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if result != 0 {
-        return Err(io::Error::last_os_error())
-            .with_context(|| format!("mounting debugfs at {DEFAULT_DEBUGFS} to reach kmemleak"));
-    }
-    Ok(())
-}
-
-/// Whether /proc/self/mounts (`source target fstype options 0 0` lines) lists debugfs at `dir`.
-fn is_debugfs_mounted_at(mounts: &str, dir: &str) -> bool {
-    mounts.lines().any(|line| {
-        let mut fields = line.split_whitespace().skip(1);
-        fields.next() == Some(dir) && fields.next() == Some("debugfs")
-    })
+    mounts::mount_pseudo(c"debugfs", c"/sys/kernel/debug")
+        .with_context(|| format!("mounting debugfs at {DEFAULT_DEBUGFS} to reach kmemleak"))
 }
 
 /// Writes one command, with the newline `echo` would add (the kernel accepts both). Opened in
@@ -154,6 +135,8 @@ fn access_error(path: &Path, access: Access<'_>, error: io::Error) -> anyhow::Er
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
     use crate::util::scratch::ScratchDir;
 
@@ -230,21 +213,5 @@ mod tests {
         let other = classify(Access::Read, libc::EIO);
         assert!(other.downcast_ref::<KmemleakError>().is_none());
         assert!(format!("{other:#}").starts_with("reading /sys/kernel/debug/kmemleak: "));
-    }
-
-    #[test]
-    fn finds_debugfs_in_the_mount_table() {
-        let mounts = "\
-sysfs /sys sysfs rw,nosuid,nodev,noexec,relatime 0 0
-tracefs /sys/kernel/tracing tracefs rw,nosuid,nodev,noexec,relatime 0 0
-debugfs /sys/kernel/debug debugfs rw,nosuid,nodev,noexec,relatime 0 0
-";
-        assert!(is_debugfs_mounted_at(mounts, "/sys/kernel/debug"));
-        assert!(!is_debugfs_mounted_at(mounts, "/debug"));
-        assert!(!is_debugfs_mounted_at(
-            "none /sys/kernel/debug tmpfs rw 0 0\n",
-            "/sys/kernel/debug"
-        ));
-        assert!(!is_debugfs_mounted_at("", "/sys/kernel/debug"));
     }
 }

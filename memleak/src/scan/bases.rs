@@ -25,7 +25,7 @@ use super::layout::SlabLayout;
 use crate::bpf::reader::KernelReader;
 
 pub const GIB: u64 = 1 << 30;
-const PAGE: u64 = 4096;
+use super::PAGE;
 /// The lowest address KASLR gives the direct map, with 4-level and with 5-level page tables.
 const DIRECT_MAP_FLOOR_L4: u64 = 0xffff_8880_0000_0000;
 const DIRECT_MAP_FLOOR_L5: u64 = 0xff11_0000_0000_0000;

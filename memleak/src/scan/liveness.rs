@@ -22,7 +22,7 @@ use super::{
     slabs::{self, Cache, Slab},
 };
 
-const PAGE: u64 = 4096;
+use super::PAGE;
 /// Sheaves walked per barn list at most: a barn keeps a handful (MAX_FULL_SHEAVES is 10).
 const MAX_BARN_SHEAVES: usize = 256;
 /// Page frames whose /proc/kpageflags entries are read at once (32 KiB).

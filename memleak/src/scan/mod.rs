@@ -13,6 +13,9 @@ use hashbrown::HashMap;
 
 use crate::{bpf::reader::KernelReader, kernel};
 
+/// The base page size the slab layout is read with (x86_64's).
+pub const PAGE: u64 = memleak_common::PAGE_SIZE as u64;
+
 mod bases;
 mod layout;
 mod liveness;

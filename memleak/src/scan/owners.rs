@@ -15,7 +15,7 @@ use super::{
 };
 use crate::bpf::reader::KernelReader;
 
-const PAGE: u64 = 4096;
+use super::PAGE;
 /// Page flags read back from an object's page at first while looking for its slab's head:
 /// SLUB's slabs are at most 8 pages (order 3) unless `slub_max_order` says otherwise.
 const FIRST_WINDOW: u64 = 16;

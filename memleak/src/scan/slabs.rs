@@ -11,7 +11,7 @@ use super::{
 };
 use crate::bpf::reader::KernelReader;
 
-const PAGE: u64 = 4096;
+use super::PAGE;
 pub const KPF_SLAB: u64 = 1 << 7;
 pub const KPF_COMPOUND_TAIL: u64 = 1 << 16;
 const KPAGEFLAGS: &str = "/proc/kpageflags";

@@ -3,51 +3,61 @@
 //! kind of memory.
 use super::frame::Frame;
 
-/// Functions of the tracing and allocation machinery that a stack passes through before it
-/// reaches the code that asked for memory (for events that do not name their call site).
+/// Name prefixes of the allocators' own functions and their thin wrappers (the caller of
+/// `kstrdup` or `kvmalloc` is the code to look at), without leading underscores. Prefixes also
+/// cover the `_node`, `_noprof` (memory allocation profiling, 6.10) and `.cold` variants.
+const ALLOCATOR_PREFIXES: &[&str] = &[
+    "kmemleak_",
+    "kmalloc",
+    "kmem_cache_alloc",
+    "kzalloc",
+    "kcalloc",
+    "krealloc",
+    "kvmalloc",
+    "kvzalloc",
+    "kvcalloc",
+    "kvrealloc",
+    "kmemdup",
+    "kvmemdup",
+    "kstrdup",
+    "kstrndup",
+    "kasprintf",
+    "kvasprintf",
+    "do_kmalloc",
+    "slab_",
+    "alloc_slab",
+    "new_slab",
+    "allocate_slab",
+    "pcpu_alloc",
+    "alloc_percpu",
+    "alloc_pages",
+    "alloc_frozen_pages",
+    "get_free_pages",
+    "get_zeroed_page",
+    "folio_alloc",
+    "vmalloc",
+    "vzalloc",
+    "alloc_vmap_area",
+    "get_vm_area",
+    "memblock_alloc",
+    "memblock_phys_alloc",
+];
+
+/// Name prefixes of the tracing machinery between an allocator and a BPF program, without
+/// leading underscores: stacks captured in the program start there.
+const TRACING_PREFIXES: &[&str] = &["bpf_trace_", "traceiter_", "trace_call_bpf", "perf_trace_"];
+
+/// Whether `frame` is inside an allocator or the tracing machinery (or is kmemleak's hook in
+/// an allocator): the frames a stack passes through before the code that asked for memory.
 pub fn is_allocator_internal(frame: &Frame) -> bool {
-    const INTERNAL: &[&str] = &[
-        "__bpf_trace_run",
-        "bpf_trace_run6",
-        "bpf_trace_run5",
-        "bpf_trace_run4",
-        "bpf_trace_run3",
-        "bpf_trace_run2",
-        "trace_call_bpf",
-        "perf_trace_run_bpf_submit",
-        "perf_trace_mm_page_alloc",
-        "__alloc_pages",
-        "__alloc_frozen_pages",
-        "alloc_pages",
-        "alloc_pages_mpol",
-        "alloc_frozen_pages",
-        "alloc_pages_node",
-        "__alloc_pages_node",
-        "alloc_pages_exact",
-        "__get_free_pages",
-        "get_zeroed_page",
-        "__folio_alloc",
-        "folio_alloc",
-        "folio_alloc_mpol",
-        "alloc_vmap_area",
-        "__get_vm_area_node",
-        "get_vm_area",
-        "get_vm_area_caller",
-        "__vmalloc_node_range",
-        "__vmalloc_node",
-        "__vmalloc",
-        "vmalloc",
-        "vzalloc",
-        "vmalloc_user",
-        "__kvmalloc_node",
-        "kvmalloc_node",
-    ];
     let Some(symbol) = frame.symbol.as_deref() else {
         return false;
     };
-    // Strip compiler suffixes (`.isra.0`, `.constprop.0`) and allocation-profiling wrappers.
-    let base = base_name(symbol);
-    INTERNAL.contains(&base) || base.starts_with("__traceiter_") || base.starts_with("__bpf_trace_")
+    let name = symbol.trim_start_matches('_');
+    ALLOCATOR_PREFIXES
+        .iter()
+        .chain(TRACING_PREFIXES)
+        .any(|prefix| name.starts_with(prefix))
 }
 
 /// A function's name without compiler suffixes (`.isra.0`, `.constprop.0`) and the
@@ -82,4 +92,63 @@ pub fn backs_another_kind(stack: &[u64], frame: &dyn Fn(u64) -> Frame) -> bool {
             .as_deref()
             .is_some_and(|symbol| BACKING.contains(&base_name(symbol)))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(symbol: &str) -> Frame {
+        Frame {
+            addr: None,
+            symbol: Some(symbol.to_owned()),
+            offset: Some(0x10),
+            size: Some(0x80),
+            module: None,
+        }
+    }
+
+    #[test]
+    fn recognizes_allocator_entry_points_across_kernel_versions() {
+        for internal in [
+            "kmemleak_alloc",
+            "__kmalloc",
+            "__kmalloc_cache_noprof",
+            "kmalloc_trace",
+            "kmalloc_node_trace_noprof",
+            "__do_kmalloc_node",
+            "kmem_cache_alloc_node",
+            "__kmem_cache_alloc_node",
+            "slab_alloc_node.constprop.0",
+            "kvmalloc_node_noprof",
+            "__vmalloc_node_range_noprof",
+            "vzalloc",
+            "pcpu_alloc",
+            "__alloc_pages",
+            "alloc_pages_mpol_noprof",
+            "__get_free_pages",
+            "kstrdup",
+            "kmemdup_noprof",
+            "__bpf_trace_run",
+            "bpf_trace_run4",
+            "__traceiter_kmalloc",
+            "perf_trace_mm_page_alloc",
+            "alloc_vmap_area",
+            "get_zeroed_page",
+        ] {
+            assert!(is_allocator_internal(&frame(internal)), "{internal}");
+        }
+        for caller in [
+            "leaky_alloc",
+            "alloc_fdtable",
+            "dup_fd",
+            "skb_clone",
+            "do_slab_free",
+        ] {
+            assert!(!is_allocator_internal(&frame(caller)), "{caller}");
+        }
+        assert!(!is_allocator_internal(&Frame::unknown(
+            0xffff_ffff_c000_0000
+        )));
+    }
 }
