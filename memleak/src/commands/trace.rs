@@ -22,8 +22,8 @@ use memleak::{
     trace::{
         accounting,
         build::{self as report_build, KernelMemory, ReportHeader},
-        check::{self, LeakCheck, Verdict},
-        report,
+        check::{self, LeakCheck},
+        report::{self, Verdict},
     },
     util::{duration, units::thousands},
 };

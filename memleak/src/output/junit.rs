@@ -2,7 +2,7 @@
 use std::fmt::Write as _;
 
 use super::text::trace::{verdict_details, verdict_summary};
-use crate::trace::check::Verdict;
+use crate::trace::report::Verdict;
 
 /// One test suite with one test case for the scope.
 pub fn render(verdict: &Verdict, seconds: f64) -> String {

@@ -6,6 +6,13 @@ use std::time::Duration;
 use hashbrown::HashMap;
 use memleak_common::{AllocKind, AllocRecord, STACK_FAILED};
 
+pub const GFP_DMA: u32 = 1 << 0;
+pub const GFP_RECLAIMABLE: u32 = 1 << 4;
+pub const GFP_ACCOUNT: u32 = 1 << 22;
+/// The gfp flags kmalloc_type() chooses a cache variant by (the same bits from Linux 6.1 to
+/// 6.18, see the kmem:kmalloc format's print fmt).
+pub const CACHE_TYPE_GFP: u32 = GFP_DMA | GFP_RECLAIMABLE | GFP_ACCOUNT;
+
 /// What ranks allocation sites: outstanding bytes or outstanding objects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SortKey {
@@ -54,7 +61,7 @@ impl SiteKey {
             AllocKind::Vmalloc | AllocKind::Percpu | AllocKind::Page => 0,
         };
         let kmalloc_gfp = match kind {
-            AllocKind::Kmalloc => record.gfp_flags & crate::trace::site_caches::CACHE_TYPE_GFP,
+            AllocKind::Kmalloc => record.gfp_flags & CACHE_TYPE_GFP,
             _ => 0,
         };
         Some(Self {

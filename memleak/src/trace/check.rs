@@ -2,9 +2,7 @@
 //! thresholds (`output::junit` writes the JUnit XML CI systems display).
 use std::path::PathBuf;
 
-use serde::Serialize;
-
-use super::report::Entry;
+use super::report::{Entry, LeakingSite, Verdict};
 
 /// Exit status when a leak check fails (errors exit 2, a clean check 0).
 pub const EXIT_LEAK: u8 = 1;
@@ -103,28 +101,6 @@ impl LeakCheck {
             sites: leaking,
         }
     }
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct LeakingSite {
-    pub call_site: String,
-    pub kind: &'static str,
-    pub cache: Option<String>,
-    pub bytes: u64,
-    pub count: u64,
-}
-
-/// The result of a leak check, serialized as the report's `check` field.
-#[derive(Debug, Clone, Serialize)]
-pub struct Verdict {
-    pub scope: String,
-    pub bytes: u64,
-    pub count: u64,
-    pub max_bytes: u64,
-    pub max_count: u64,
-    pub failed: bool,
-    /// The allocation sites in scope, largest first.
-    pub sites: Vec<LeakingSite>,
 }
 
 /// Shell-style glob: `*` matches any run of characters, `?` any one character.

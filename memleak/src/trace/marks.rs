@@ -4,25 +4,15 @@ use std::time::Duration;
 
 use hashbrown::HashMap;
 use memleak_common::AllocRecord;
-use serde::Serialize;
 
 use super::{
     aggregate::{Aggregator, SiteKey},
-    report::Entry,
+    report::{Entry, SiteMarks},
 };
 use crate::{
     scan::{CacheScan, Mark, Marking, Suspect},
     symbols::Frame,
 };
-
-/// How one allocation site's outstanding objects compare with the scanned cache.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct SiteMarks {
-    /// Objects similar to the largest group's representative.
-    pub marked: u64,
-    /// Objects found among the scanned cache's in-use objects.
-    pub in_scanned_cache: u64,
-}
 
 /// Tallies a trace's outstanding allocations against a scan, per allocation site. It groups
 /// them as the report does, so that the tallies line up with the report's entries.

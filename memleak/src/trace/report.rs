@@ -7,8 +7,6 @@ use super::site_caches::kmalloc_cache_name;
 use super::{
     accounting::Accounting,
     aggregate::{Site, SiteKey, trim_to_call_site},
-    check::Verdict,
-    marks::SiteMarks,
 };
 use crate::{
     bpf::maps::Counters,
@@ -190,6 +188,37 @@ pub struct Entry {
     /// the scanned cache's largest group of similar objects.
     #[serde(flatten)]
     pub marks: Option<SiteMarks>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LeakingSite {
+    pub call_site: String,
+    pub kind: &'static str,
+    pub cache: Option<String>,
+    pub bytes: u64,
+    pub count: u64,
+}
+
+/// The result of a leak check, serialized as the report's `check` field.
+#[derive(Debug, Clone, Serialize)]
+pub struct Verdict {
+    pub scope: String,
+    pub bytes: u64,
+    pub count: u64,
+    pub max_bytes: u64,
+    pub max_count: u64,
+    pub failed: bool,
+    /// The allocation sites in scope, largest first.
+    pub sites: Vec<LeakingSite>,
+}
+
+/// How one allocation site's outstanding objects compare with the scanned cache.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct SiteMarks {
+    /// Objects similar to the largest group's representative.
+    pub marked: u64,
+    /// Objects found among the scanned cache's in-use objects.
+    pub in_scanned_cache: u64,
 }
 
 /// Bytes and objects outstanding in one kind or one cache.

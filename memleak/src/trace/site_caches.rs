@@ -15,18 +15,11 @@ use anyhow::Result;
 use hashbrown::{HashMap, HashSet};
 use memleak_common::AllocKind;
 
-use super::aggregate::SiteKey;
+use super::aggregate::{GFP_ACCOUNT, GFP_DMA, GFP_RECLAIMABLE, SiteKey};
 use crate::{
     kernel::procfs::parse_slabinfo,
     scan::{KernelView, Object},
 };
-
-const GFP_DMA: u32 = 1 << 0;
-const GFP_RECLAIMABLE: u32 = 1 << 4;
-const GFP_ACCOUNT: u32 = 1 << 22;
-/// The gfp flags kmalloc_type() chooses a cache variant by (the same bits from Linux 6.1 to
-/// 6.18, see the kmem:kmalloc format's print fmt).
-pub const CACHE_TYPE_GFP: u32 = GFP_DMA | GFP_RECLAIMABLE | GFP_ACCOUNT;
 
 /// The cache that kmalloc_type() picks for an allocation of `size` bytes with `gfp` flags,
 /// among the variants `exists`: `__GFP_DMA` goes to `dma-kmalloc-*` (when the kernel has a DMA

@@ -3,7 +3,7 @@ use std::fmt::Write as _;
 
 use crate::{
     scan::report::{Marking, ScanReport},
-    trace::marks::SiteMarks,
+    trace::report::SiteMarks,
     util::{
         duration,
         units::{human_bytes, thousands},
@@ -170,7 +170,7 @@ mod tests {
     use super::*;
     use crate::scan::report::GroupReport;
     use crate::symbols::Frame;
-    use crate::trace::marks::{SiteMarks, rank_sites};
+    use crate::trace::{marks::rank_sites, report::SiteMarks};
 
     fn site(symbol: &str, addr: u64) -> Frame {
         Frame {

@@ -3,10 +3,7 @@ use std::fmt::Write as _;
 
 use super::scan::{describe_marks, render_details, summary};
 use crate::{
-    trace::{
-        check::Verdict,
-        report::{Report, Total},
-    },
+    trace::report::{Report, Total, Verdict},
     util::{
         duration,
         units::{human_bytes, thousands},
