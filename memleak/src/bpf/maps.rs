@@ -9,12 +9,12 @@ use hashbrown::HashMap;
 use memleak_common::{
     AllocRecord, COUNTER_COUNT, CacheName, Counter, KeyBucket, RecordBucket, TaskComm,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::mmap::{Access, MappedArray};
 
 /// Event counters summed over CPUs. Serialized by these names in every report.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {
     pub allocs: u64,
     pub frees: u64,

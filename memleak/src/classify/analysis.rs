@@ -2,7 +2,7 @@
 //! verdict. Pure: the samples come in, the report goes out.
 use std::{cmp::Reverse, collections::BTreeMap, time::Duration};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::kernel::procfs::{Meminfo, SlabCache, VmallocUsage};
 
@@ -66,7 +66,7 @@ impl CacheFacts {
 }
 
 /// What growth counts as growing.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Thresholds {
     /// The fitted growth rate must be at least this.
     pub min_rate_bytes_per_second: u64,
@@ -130,7 +130,7 @@ pub fn fit(points: &[(f64, f64)]) -> Option<Trend> {
     })
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Report {
     pub schema: u32,
     /// Kernel release (`uname -r`).
@@ -154,9 +154,9 @@ pub struct Report {
 }
 
 /// Sizes are from the last sample; growth is the least-squares slope over all samples.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct KindTrend {
-    pub name: &'static str,
+    pub name: String,
     pub bytes: u64,
     pub growth_bytes_per_second: i64,
     pub growth_bytes_per_hour: i64,
@@ -167,7 +167,7 @@ pub struct KindTrend {
     pub estimate: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CacheTrend {
     pub name: String,
     /// Other caches SLUB merged with this one: their objects are counted here too.
@@ -184,7 +184,7 @@ pub struct CacheTrend {
     pub growing: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CallerTrend {
     pub caller: String,
     pub bytes: u64,
@@ -193,13 +193,13 @@ pub struct CallerTrend {
     pub growing: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Verdict {
     /// Whether any kind grew above the thresholds (reclaimable slab only with
     /// --blame-reclaimable).
     pub growing: bool,
     /// The growing kinds, fastest first.
-    pub kinds: Vec<&'static str>,
+    pub kinds: Vec<String>,
     /// The growing slab caches of the growing slab kinds, fastest first.
     pub caches: Vec<String>,
     /// Growing reclaimable caches, when reclaimable slab grew but is not blamed.
@@ -329,7 +329,7 @@ pub fn analyze(samples: &[Sample], context: &Context) -> Report {
                 .collect();
             let trend = fit(&points).unwrap_or(Trend::FLAT);
             KindTrend {
-                name: kind.name,
+                name: kind.name.to_owned(),
                 bytes: samples.last().map_or(0, kind.bytes),
                 growth_bytes_per_second: rounded(trend.slope),
                 growth_bytes_per_hour: rounded(trend.slope * 3600.0),
@@ -339,7 +339,7 @@ pub fn analyze(samples: &[Sample], context: &Context) -> Report {
             }
         })
         .collect();
-    kinds.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.name.cmp(b.name)));
+    kinds.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.name.cmp(&b.name)));
 
     let caches = cache_trends(samples, context, window_seconds);
     let mut unreclaimable_caches: Vec<CacheTrend> = caches
@@ -635,7 +635,7 @@ fn verdict(
         let parts: Vec<String> = growing
             .iter()
             .map(|kind| {
-                let named = match kind.name {
+                let named = match kind.name.as_str() {
                     UNRECLAIMABLE_KIND => named_caches(&caches_of(false)),
                     RECLAIMABLE_KIND => named_caches(&caches_of(true)),
                     "vmalloc" => {
@@ -686,7 +686,7 @@ fn verdict(
     } else {
         let mut trace_kinds: Vec<&'static str> = Vec::new();
         for kind in &growing {
-            if let Some(trace) = trace_kind(kind.name, &context.traceable)
+            if let Some(trace) = trace_kind(&kind.name, &context.traceable)
                 && !trace_kinds.contains(&trace)
             {
                 trace_kinds.push(trace);
@@ -721,7 +721,7 @@ fn verdict(
     };
     Verdict {
         growing: !growing.is_empty(),
-        kinds: growing.iter().map(|kind| kind.name).collect(),
+        kinds: growing.iter().map(|kind| kind.name.clone()).collect(),
         caches: caches.iter().map(|cache| cache.name.clone()).collect(),
         reclaimable_caches: reclaimable_caches
             .iter()

@@ -2,7 +2,7 @@
 //! objects reads as a handful of call sites.
 use std::collections::{BTreeMap, HashMap};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::parse::LeakedObject;
 use crate::symbols::{allocators::is_allocator_internal, frame::Frame};
@@ -30,7 +30,7 @@ pub struct Cluster {
     pub hex_prefix: Vec<u8>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcessCount {
     pub pid: u32,
     pub comm: String,

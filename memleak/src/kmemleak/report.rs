@@ -1,6 +1,6 @@
 //! The kmemleak report's model, laid out like `memleak trace`'s report so that
 //! scripts and readers handle both alike.
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{
     cluster::{self, Cluster, ProcessCount},
@@ -8,10 +8,10 @@ use super::{
 };
 use crate::symbols::Frame;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Report {
     /// Always `kmemleak`: tells this report from `memleak trace`'s.
-    pub source: &'static str,
+    pub source: String,
     /// Kernel release (`uname -r`) when read live; unknown for a saved report.
     pub kernel: Option<String>,
     pub stats: Stats,
@@ -19,7 +19,7 @@ pub struct Report {
     pub stacks: Vec<Stack>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Stats {
     pub objects: u64,
     /// Clusters found (before `--top`).
@@ -30,11 +30,11 @@ pub struct Stats {
 }
 
 /// One cluster: objects allocated through one backtrace.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Stack {
     pub bytes: u64,
     pub count: u64,
-    pub kind: &'static str,
+    pub kind: String,
     /// kmemleak does not name the slab cache.
     pub cache: Option<String>,
     /// `percpu` or `phys` for the objects the kernel labels so.
@@ -51,7 +51,7 @@ pub struct Stack {
     pub frames: Vec<Frame>,
 }
 
-#[derive(Debug, PartialEq, Eq, Serialize)]
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Sizes {
     pub min: u64,
     pub max: u64,
@@ -59,7 +59,7 @@ pub struct Sizes {
     pub distinct: Vec<SizeCount>,
 }
 
-#[derive(Debug, PartialEq, Eq, Serialize)]
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SizeCount {
     pub size: u64,
     pub count: u64,
@@ -83,7 +83,7 @@ pub fn build(kernel: Option<String>, parsed: &ParsedReport, top: usize) -> Repor
             .fold(0, |total: u64, object| total.saturating_add(object.size)),
     };
     Report {
-        source: "kmemleak",
+        source: "kmemleak".to_owned(),
         kernel,
         stats,
         stacks: clusters.iter().take(top).map(stack).collect(),
@@ -99,7 +99,7 @@ fn stack(cluster: &Cluster) -> Stack {
     Stack {
         bytes: cluster.bytes,
         count: cluster.count,
-        kind: "kmemleak",
+        kind: "kmemleak".to_owned(),
         cache: None,
         object_type: cluster.object_type.clone(),
         suspect: cluster.suspect().cloned(),

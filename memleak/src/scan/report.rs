@@ -1,10 +1,10 @@
 //! The scan report: built from a [`CacheScan`]; `output` renders it.
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::CacheScan;
 use crate::symbols::{Frame, KernelSymbolizer};
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct ScanReport {
     pub kernel: String,
     /// The cache as named on the command line.
@@ -34,9 +34,9 @@ pub struct ScanReport {
     pub empty_objects: u64,
     pub sampled: u64,
     pub similarity_percent: u8,
-    #[serde(serialize_with = "hex")]
+    #[serde(with = "crate::util::hex")]
     pub page_offset_base: u64,
-    #[serde(serialize_with = "hex")]
+    #[serde(with = "crate::util::hex")]
     pub vmemmap_base: u64,
     pub read_ms: u64,
     pub scan_ms: u64,
@@ -47,14 +47,14 @@ pub struct ScanReport {
     pub marking: Option<Marking>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct GroupReport {
     /// Objects similar to the representative.
     pub objects: u64,
     /// Share of the cache's in-use objects, in percent.
     pub share_percent: f64,
     pub bytes: u64,
-    #[serde(serialize_with = "hex")]
+    #[serde(with = "crate::util::hex")]
     pub representative: u64,
     /// Sampled objects similar to the representative, of `sampled`.
     pub sample_support: u64,
@@ -66,20 +66,20 @@ pub struct GroupReport {
     pub strings: Vec<ObjectString>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct WordSymbol {
     pub offset: usize,
     pub frame: Frame,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct ObjectString {
     pub offset: usize,
     pub text: String,
 }
 
 /// How the traced allocations compare with the largest group.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Marking {
     /// Outstanding traced allocations found among the cache's in-use objects.
     pub traced: u64,
@@ -91,15 +91,11 @@ pub struct Marking {
     pub sites: Vec<Suspect>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Suspect {
     pub call_site: Frame,
     pub marked: u64,
     pub traced: u64,
-}
-
-fn hex<S: serde::Serializer>(value: &u64, serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.serialize_str(&format!("{value:#x}"))
 }
 
 pub fn build(scan: &CacheScan, kernel: &str, marking: Option<Marking>) -> ScanReport {

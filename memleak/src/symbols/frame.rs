@@ -1,13 +1,13 @@
 //! One symbolized kernel stack frame, as every report (trace, kmemleak) prints and serializes it.
 use std::fmt;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Frame {
     /// The return address, as a `0x`-prefixed hex string (JSON numbers lose precision past
     /// 2^53). `None` where the source gives no address (newer kmemleak reports).
-    #[serde(serialize_with = "serialize_hex")]
+    #[serde(with = "crate::util::hex::option")]
     pub addr: Option<u64>,
     /// Function name, or `None` when the address could not be symbolized.
     pub symbol: Option<String>,
@@ -17,16 +17,6 @@ pub struct Frame {
     pub size: Option<u64>,
     /// Loadable module holding the function; `None` for the core kernel.
     pub module: Option<String>,
-}
-
-fn serialize_hex<S: serde::Serializer>(
-    addr: &Option<u64>,
-    serializer: S,
-) -> Result<S::Ok, S::Error> {
-    match addr {
-        Some(addr) => serializer.serialize_str(&format!("{addr:#x}")),
-        None => serializer.serialize_none(),
-    }
 }
 
 impl Frame {

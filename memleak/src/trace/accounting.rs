@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Context as _, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::kernel::procfs::{parse_meminfo, parse_slabinfo};
 
@@ -58,14 +58,14 @@ impl KernelCounts {
 }
 
 /// One line of the comparison.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Accounting {
     /// `slab`, `vmalloc` or `percpu`.
-    pub kind: &'static str,
+    pub kind: String,
     /// The slab cache; `None` for vmalloc and percpu.
     pub cache: Option<String>,
     /// `objects` for slab caches, `bytes` for the others.
-    pub unit: &'static str,
+    pub unit: String,
     /// Outstanding at the end of the window, allocated during it (scaled by the sample rate).
     pub traced: u64,
     /// The kernel's change over the window (negative when it shrank).
@@ -139,7 +139,7 @@ pub fn compare(
     lines.sort_by(|a, b| {
         excess(b)
             .cmp(&excess(a))
-            .then_with(|| a.kind.cmp(b.kind))
+            .then_with(|| a.kind.cmp(&b.kind))
             .then_with(|| a.cache.cmp(&b.cache))
     });
     lines
@@ -155,9 +155,9 @@ fn line(
 ) -> Accounting {
     let exceeds = traced.amount as i64 - kernel > noise as i64;
     Accounting {
-        kind,
+        kind: kind.to_owned(),
         cache,
-        unit,
+        unit: unit.to_owned(),
         traced: traced.amount,
         kernel,
         noise,
@@ -262,7 +262,10 @@ mod tests {
             2,
         );
         assert_eq!(lines.len(), 1);
-        assert_eq!((lines[0].kind, lines[0].unit), ("vmalloc", "bytes"));
+        assert_eq!(
+            (lines[0].kind.as_str(), lines[0].unit.as_str()),
+            ("vmalloc", "bytes")
+        );
         assert!(lines[0].unreliable, "{:?}", lines[0]);
     }
 
@@ -321,9 +324,9 @@ mod tests {
             .iter()
             .map(|line| {
                 (
-                    line.kind,
+                    line.kind.as_str(),
                     line.cache.as_deref(),
-                    line.unit,
+                    line.unit.as_str(),
                     line.traced,
                     line.kernel,
                     line.noise,

@@ -173,7 +173,7 @@ pub fn compare_with_kernel(
     let mut caches: std::collections::BTreeMap<String, accounting::Traced> = Default::default();
     let (mut vmalloc, mut percpu) = (accounting::Traced::default(), accounting::Traced::default());
     for entry in &report.stacks {
-        let traced = match (entry.kind, &entry.cache) {
+        let traced = match (entry.kind.as_str(), &entry.cache) {
             ("kmalloc" | "kmem_cache", Some(cache)) => caches.entry(cache.clone()).or_default(),
             ("vmalloc", _) => &mut vmalloc,
             ("percpu", _) => &mut percpu,
@@ -203,7 +203,7 @@ pub fn compare_with_kernel(
         .map(|line| {
             format!(
                 "{} (traced {} {}, the kernel counted {:+})",
-                line.cache.as_deref().unwrap_or(line.kind),
+                line.cache.as_deref().unwrap_or(&line.kind),
                 thousands(line.traced),
                 line.unit,
                 line.kernel

@@ -83,7 +83,7 @@ impl LeakCheck {
             .filter(|entry| self.in_scope(entry))
             .map(|entry| LeakingSite {
                 call_site: entry.call_site.to_string(),
-                kind: entry.kind,
+                kind: entry.kind.clone(),
                 cache: entry.cache.clone(),
                 bytes: entry.bytes,
                 count: entry.count,
@@ -155,7 +155,7 @@ pub(crate) mod fixtures {
             count,
             bytes_requested: count * 60,
             estimated: false,
-            kind: "kmalloc",
+            kind: "kmalloc".into(),
             cache: Some(cache.into()),
             oldest_age_ms: 1000,
             call_site: frame(symbol, module),

@@ -1,7 +1,7 @@
 //! The trace report's model: built once from the aggregate; `output` renders it.
 use hashbrown::HashMap;
 use memleak_common::AllocKind;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::site_caches::kmalloc_cache_name;
 use super::{
@@ -18,7 +18,7 @@ use crate::{
 /// Version of the JSON layout; bumped only for incompatible changes.
 pub const SCHEMA_VERSION: u32 = 1;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Report {
     pub schema: u32,
     /// Kernel release (`uname -r`).
@@ -58,7 +58,7 @@ pub struct Report {
     pub stacks: Vec<Entry>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct MissedFreeSite {
     pub call_site: Frame,
     pub count: u64,
@@ -84,7 +84,7 @@ pub fn missed_free_sites(
         .collect()
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Stats {
     #[serde(flatten)]
     pub counters: Counters,
@@ -108,7 +108,7 @@ pub struct Stats {
 
 /// What the liveness check found of the outstanding slab objects (tracked objects, before
 /// scaling by the sample rate).
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct LivenessStats {
     /// Objects found free in kernel memory, left out of `outstanding` and the entries.
     pub verified_free: u64,
@@ -125,7 +125,7 @@ pub struct LivenessStats {
     pub liveness_check_ms: u64,
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct FreeWhere {
     pub slab_gone: u64,
     pub slab_freelist: u64,
@@ -151,7 +151,7 @@ impl LivenessStats {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Entry {
     /// Outstanding bytes (as allocated, i.e. rounded up to the slab object size).
     pub bytes: u64,
@@ -159,7 +159,7 @@ pub struct Entry {
     pub bytes_requested: u64,
     /// Whether `bytes` and `count` are estimates scaled from a sample (`--sample-rate`).
     pub estimated: bool,
-    pub kind: &'static str,
+    pub kind: String,
     pub cache: Option<String>,
     pub oldest_age_ms: u64,
     /// Where the allocator was called from: the frame the stacks below all pass through.
@@ -190,17 +190,17 @@ pub struct Entry {
     pub marks: Option<SiteMarks>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LeakingSite {
     pub call_site: String,
-    pub kind: &'static str,
+    pub kind: String,
     pub cache: Option<String>,
     pub bytes: u64,
     pub count: u64,
 }
 
 /// The result of a leak check, serialized as the report's `check` field.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Verdict {
     pub scope: String,
     pub bytes: u64,
@@ -213,7 +213,7 @@ pub struct Verdict {
 }
 
 /// How one allocation site's outstanding objects compare with the scanned cache.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SiteMarks {
     /// Objects similar to the largest group's representative.
     pub marked: u64,
@@ -222,7 +222,7 @@ pub struct SiteMarks {
 }
 
 /// Bytes and objects outstanding in one kind or one cache.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Total {
     pub name: String,
     pub bytes: u64,
@@ -250,7 +250,7 @@ pub fn totals(entries: &[Entry]) -> (Vec<Total>, Vec<Total>) {
     let mut kinds = HashMap::new();
     let mut caches = HashMap::new();
     for entry in entries {
-        add(&mut kinds, entry.kind, entry);
+        add(&mut kinds, &entry.kind, entry);
         if let Some(cache) = &entry.cache {
             add(&mut caches, cache, entry);
         }
@@ -260,13 +260,13 @@ pub fn totals(entries: &[Entry]) -> (Vec<Total>, Vec<Total>) {
     (largest_first(kinds), caches)
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct OtherStack {
     pub samples: u64,
     pub frames: Vec<Frame>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Process {
     pub pid: u32,
     pub comm: Option<String>,
@@ -400,7 +400,7 @@ pub fn entry(site: &Site, context: &Context<'_>) -> Entry {
         count: site.count * scale,
         bytes_requested: site.bytes_requested * scale,
         estimated: scale > 1,
-        kind: kind_name(site.key.kind),
+        kind: kind_name(site.key.kind).to_owned(),
         cache,
         oldest_age_ms: context.now_ns.saturating_sub(site.oldest_timestamp_ns) / 1_000_000,
         call_site,

@@ -1,5 +1,6 @@
 //! Units and durations, shared by every layer; imports nothing of memleak.
 pub mod duration;
+pub mod hex;
 #[doc(hidden)]
 pub mod scratch;
 pub mod units;

@@ -208,4 +208,11 @@ mod tests {
                 .starts_with("verdict: growing in ")
         );
     }
+
+    #[test]
+    fn json_reads_back_into_the_report_it_came_from() {
+        let json = crate::output::json::render_json(&classify_recorded("grow-eventfds"));
+        let read: Report = serde_json::from_str(&json).expect("a report reads back");
+        assert_eq!(crate::output::json::render_json(&read), json);
+    }
 }

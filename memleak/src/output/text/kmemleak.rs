@@ -281,4 +281,11 @@ records: 0 truncated (kept with what they hold), 0 unparsed (skipped)
             "8 B to 4.0 KiB, 5 sizes"
         );
     }
+
+    #[test]
+    fn json_reads_back_into_the_report_it_came_from() {
+        let json = crate::output::json::render_json(&build(None, &parse(MODERN), 10));
+        let read: Report = serde_json::from_str(&json).expect("a report reads back");
+        assert_eq!(crate::output::json::render_json(&read), json);
+    }
 }

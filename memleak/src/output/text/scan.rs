@@ -257,4 +257,13 @@ mod tests {
             "{text}"
         );
     }
+
+    #[test]
+    fn json_reads_back_into_the_report_it_came_from() {
+        let a = site("bond_vminfo_add", 0x10);
+        let json =
+            crate::output::json::render_json(&report(2, Some(rank_sites([(&a, marks(62, 66))]))));
+        let read: ScanReport = serde_json::from_str(&json).expect("a report reads back");
+        assert_eq!(crate::output::json::render_json(&read), json);
+    }
 }

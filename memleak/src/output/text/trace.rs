@@ -81,7 +81,7 @@ pub fn render_text(report: &Report) -> String {
         let _ = writeln!(
             out,
             "kernel:  {} traced {approx}{} {}, the kernel counted {:+}{}",
-            line.cache.as_deref().unwrap_or(line.kind),
+            line.cache.as_deref().unwrap_or(&line.kind),
             thousands(line.traced),
             line.unit,
             line.kernel,
@@ -346,5 +346,15 @@ mod tests {
         assert!(text.contains("#1   256 B in 4 objects, kmalloc in kmalloc-64, oldest 2.0s"));
         assert!(text.contains("stack of 2 of 3 sampled objects:\n         alloc_site+0x4/0x40\n"));
         assert!(text.contains("allocated by: 7 (leaker) 2, 8 (?) 2"));
+    }
+
+    /// Tests and scripts read the JSON back into the same types: nothing is lost on the way.
+    #[test]
+    fn json_reads_back_into_the_report_it_came_from() {
+        for sample_rate in [1, 64] {
+            let json = crate::output::json::render_json(&sample_report(sample_rate));
+            let read: Report = serde_json::from_str(&json).expect("a report reads back");
+            assert_eq!(crate::output::json::render_json(&read), json);
+        }
     }
 }
