@@ -122,7 +122,7 @@ impl KernelView {
             });
         }
         walk_all(self, walks.values_mut())?;
-        let mut slab_free: HashMap<u64, FreeSet> = walks
+        let slab_free: HashMap<u64, FreeSet> = walks
             .into_iter()
             .map(|(pfn, walk)| (pfn, walk.into_free_set()))
             .collect();
@@ -145,46 +145,19 @@ impl KernelView {
         };
         let barns = self.barn_objects(&free_layout, &used)?;
 
-        let mut states = Vec::with_capacity(queries.len());
-        for ((query, head), owner) in queries.iter().zip(&heads).zip(&owners) {
-            let address = query.object.address;
-            let state = match (head, owner) {
-                (PageHead::Unknown, _) => State::Unverified,
-                (PageHead::NotSlab, _) => State::Free(FreeReason::SlabGone),
-                (PageHead::Slab(pfn), None) => match slabs.get(pfn) {
-                    // Read, and not a slot of its cache and size: the page was reused.
-                    Some(slab) if caches.contains_key(&slab.cache) => {
-                        State::Free(FreeReason::SlabGone)
-                    }
-                    _ => State::Unverified,
-                },
-                (PageHead::Slab(_), Some((slab, cache))) => {
-                    let own = slab_free.entry(slab.pfn).or_default();
-                    if own.broken {
-                        State::Unverified
-                    } else if own.objects.contains(&address) {
-                        State::Free(FreeReason::SlabFreelist)
-                    } else if barns.contains(&address) {
-                        State::Free(FreeReason::Sheaf)
-                    } else if let Some(per_cpu) = &per_cpu {
-                        if per_cpu.sheaves.contains(&address) {
-                            State::Free(FreeReason::Sheaf)
-                        } else if per_cpu.broken_slabs.contains(&slab.pfn) {
-                            State::Unverified
-                        } else if per_cpu.freelists.contains(&address) {
-                            State::Free(FreeReason::CpuFreelist)
-                        } else {
-                            State::Allocated
-                        }
-                    } else if slab.frozen || cache.cpu_sheaves != 0 {
-                        State::Unverified
-                    } else {
-                        State::Allocated
-                    }
-                }
-            };
-            states.push(state);
-        }
+        let evidence = Evidence {
+            slabs: &slabs,
+            caches: &caches,
+            slab_free: &slab_free,
+            barns: &barns,
+            per_cpu: per_cpu.as_ref(),
+        };
+        let states = queries
+            .iter()
+            .zip(&heads)
+            .zip(&owners)
+            .map(|((query, head), owner)| evidence.state(query.object.address, *head, *owner))
+            .collect();
         Ok(Check { states, notes })
     }
 
@@ -438,6 +411,62 @@ impl KernelView {
     }
 }
 
+/// Everything read about the objects' slabs, from which each object's state is decided.
+struct Evidence<'a> {
+    /// The slabs read, by first page frame.
+    slabs: &'a HashMap<u64, Slab>,
+    /// Their caches, by `struct kmem_cache *`.
+    caches: &'a HashMap<u64, Cache>,
+    /// Each owning slab's own freelist.
+    slab_free: &'a HashMap<u64, FreeSet>,
+    /// Objects in the nodes' barns (full sheaves).
+    barns: &'a HashSet<u64>,
+    /// The CPUs' lockless freelists and sheaves; `None` when they could not be read.
+    per_cpu: Option<&'a PerCpuFree>,
+}
+
+impl Evidence<'_> {
+    /// The state of the object at `address`, whose page has slab head `head` and which is a
+    /// slot of `owner` when that is known. Anything unsure is unverified, never free.
+    fn state(&self, address: u64, head: PageHead, owner: Option<(&Slab, &Cache)>) -> State {
+        match (head, owner) {
+            (PageHead::Unknown, _) => State::Unverified,
+            (PageHead::NotSlab, _) => State::Free(FreeReason::SlabGone),
+            (PageHead::Slab(pfn), None) => match self.slabs.get(&pfn) {
+                // Read, and not a slot of its cache and size: the page was reused.
+                Some(slab) if self.caches.contains_key(&slab.cache) => {
+                    State::Free(FreeReason::SlabGone)
+                }
+                _ => State::Unverified,
+            },
+            (PageHead::Slab(_), Some((slab, cache))) => {
+                let own = self.slab_free.get(&slab.pfn);
+                if own.is_some_and(|own| own.broken) {
+                    State::Unverified
+                } else if own.is_some_and(|own| own.objects.contains(&address)) {
+                    State::Free(FreeReason::SlabFreelist)
+                } else if self.barns.contains(&address) {
+                    State::Free(FreeReason::Sheaf)
+                } else if let Some(per_cpu) = self.per_cpu {
+                    if per_cpu.sheaves.contains(&address) {
+                        State::Free(FreeReason::Sheaf)
+                    } else if per_cpu.broken_slabs.contains(&slab.pfn) {
+                        State::Unverified
+                    } else if per_cpu.freelists.contains(&address) {
+                        State::Free(FreeReason::CpuFreelist)
+                    } else {
+                        State::Allocated
+                    }
+                } else if slab.frozen || cache.cpu_sheaves != 0 {
+                    State::Unverified
+                } else {
+                    State::Allocated
+                }
+            }
+        }
+    }
+}
+
 /// The little-endian word at the start of a read, `None` when the read failed.
 fn word(bytes: Option<&[u8]>) -> Option<u64> {
     Some(u64::from_le_bytes(bytes?.get(..8)?.try_into().ok()?))
@@ -589,5 +618,162 @@ mod tests {
         let mut unreadable = FreelistWalk::new(&slab(8), &cache, start, start + 64);
         unreadable.advance(None);
         assert!(unreadable.into_free_set().broken);
+    }
+
+    /// One object of a slab of `cache(0)`, and evidence about it that each test varies.
+    struct Case {
+        slabs: HashMap<u64, Slab>,
+        caches: HashMap<u64, Cache>,
+        slab_free: HashMap<u64, FreeSet>,
+        barns: HashSet<u64>,
+        per_cpu: Option<PerCpuFree>,
+    }
+
+    const OBJECT: u64 = 0xffff_8880_0040_0080;
+
+    impl Case {
+        fn new() -> Self {
+            let slab = slab(8);
+            let cache = cache(0);
+            Self {
+                slabs: [(slab.pfn, slab)].into(),
+                caches: [(cache.address, cache)].into(),
+                slab_free: HashMap::new(),
+                barns: HashSet::new(),
+                per_cpu: Some(PerCpuFree::default()),
+            }
+        }
+
+        fn state_of_slot(&self) -> State {
+            let slab = &self.slabs[&0x100];
+            let cache = &self.caches[&slab.cache];
+            self.evidence()
+                .state(OBJECT, PageHead::Slab(slab.pfn), Some((slab, cache)))
+        }
+
+        fn evidence(&self) -> Evidence<'_> {
+            Evidence {
+                slabs: &self.slabs,
+                caches: &self.caches,
+                slab_free: &self.slab_free,
+                barns: &self.barns,
+                per_cpu: self.per_cpu.as_ref(),
+            }
+        }
+
+        fn free_on_slab_list(mut self, broken: bool) -> Self {
+            self.slab_free.insert(
+                0x100,
+                FreeSet {
+                    objects: [OBJECT].into(),
+                    broken,
+                },
+            );
+            self
+        }
+    }
+
+    #[test]
+    fn an_object_on_no_free_list_is_allocated() {
+        assert_eq!(Case::new().state_of_slot(), State::Allocated);
+        // Another object's slab freelist says nothing of this one.
+        let mut other = Case::new();
+        other.slab_free.insert(
+            0x100,
+            FreeSet {
+                objects: [OBJECT + 64].into(),
+                broken: false,
+            },
+        );
+        assert_eq!(other.state_of_slot(), State::Allocated);
+    }
+
+    #[test]
+    fn each_free_list_frees_the_object_with_its_reason() {
+        assert_eq!(
+            Case::new().free_on_slab_list(false).state_of_slot(),
+            State::Free(FreeReason::SlabFreelist)
+        );
+        let mut barn = Case::new();
+        barn.barns.insert(OBJECT);
+        assert_eq!(barn.state_of_slot(), State::Free(FreeReason::Sheaf));
+        let mut sheaf = Case::new();
+        sheaf.per_cpu.as_mut().unwrap().sheaves.insert(OBJECT);
+        assert_eq!(sheaf.state_of_slot(), State::Free(FreeReason::Sheaf));
+        let mut cpu = Case::new();
+        cpu.per_cpu.as_mut().unwrap().freelists.insert(OBJECT);
+        assert_eq!(cpu.state_of_slot(), State::Free(FreeReason::CpuFreelist));
+        // Without per-CPU data the barns still count.
+        let mut barn_only = Case::new();
+        barn_only.per_cpu = None;
+        barn_only.barns.insert(OBJECT);
+        assert_eq!(barn_only.state_of_slot(), State::Free(FreeReason::Sheaf));
+    }
+
+    #[test]
+    fn a_list_that_could_not_be_followed_makes_the_object_unverified_not_free() {
+        assert_eq!(
+            Case::new().free_on_slab_list(true).state_of_slot(),
+            State::Unverified
+        );
+        let mut cpu_broken = Case::new();
+        let per_cpu = cpu_broken.per_cpu.as_mut().unwrap();
+        per_cpu.broken_slabs.insert(0x100);
+        per_cpu.freelists.insert(OBJECT);
+        assert_eq!(cpu_broken.state_of_slot(), State::Unverified);
+        // A sheaf is not a slab's list: a broken CPU freelist does not hide it.
+        cpu_broken.per_cpu.as_mut().unwrap().sheaves.insert(OBJECT);
+        assert_eq!(cpu_broken.state_of_slot(), State::Free(FreeReason::Sheaf));
+    }
+
+    #[test]
+    fn without_per_cpu_data_only_slabs_no_cpu_can_hold_are_verified() {
+        let mut plain = Case::new();
+        plain.per_cpu = None;
+        assert_eq!(plain.state_of_slot(), State::Allocated);
+        let mut frozen = Case::new();
+        frozen.per_cpu = None;
+        frozen.slabs.get_mut(&0x100).unwrap().frozen = true;
+        assert_eq!(frozen.state_of_slot(), State::Unverified);
+        let mut sheaves = Case::new();
+        sheaves.per_cpu = None;
+        sheaves.caches.values_mut().next().unwrap().cpu_sheaves = 0xffff_8880_0200_0000;
+        assert_eq!(sheaves.state_of_slot(), State::Unverified);
+        // With per-CPU data, a frozen slab's object on no list is allocated.
+        let mut read = Case::new();
+        read.slabs.get_mut(&0x100).unwrap().frozen = true;
+        assert_eq!(read.state_of_slot(), State::Allocated);
+    }
+
+    #[test]
+    fn pages_that_are_no_longer_its_slab_free_the_object() {
+        let case = Case::new();
+        let evidence = case.evidence();
+        assert_eq!(
+            evidence.state(OBJECT, PageHead::NotSlab, None),
+            State::Free(FreeReason::SlabGone)
+        );
+        assert_eq!(
+            evidence.state(OBJECT, PageHead::Unknown, None),
+            State::Unverified
+        );
+        // A slab that was read, of a known cache, but the object is no slot of it.
+        assert_eq!(
+            evidence.state(OBJECT, PageHead::Slab(0x100), None),
+            State::Free(FreeReason::SlabGone)
+        );
+        // A slab that could not be read, or whose cache was not: unverified.
+        assert_eq!(
+            evidence.state(OBJECT, PageHead::Slab(0x200), None),
+            State::Unverified
+        );
+        let mut unknown_cache = Case::new();
+        unknown_cache.caches.clear();
+        assert_eq!(
+            unknown_cache
+                .evidence()
+                .state(OBJECT, PageHead::Slab(0x100), None),
+            State::Unverified
+        );
     }
 }
