@@ -6,6 +6,7 @@
 //!
 //! ```text
 //! output            text, JSON and JUnit: the only place that formats
+//! watch             continuous detection: snapshots, series, verdicts, history
 //! trace             the trace report: aggregation, liveness, accounting, leak checks
 //! scan classify kmemleak   the other domains
 //! bpf symbols       the eBPF object and its maps; kernel addresses to functions
@@ -22,3 +23,4 @@ pub mod scan;
 pub mod symbols;
 pub mod trace;
 pub mod util;
+pub mod watch;

@@ -18,22 +18,26 @@ const LAYERS: &[(&str, &[&str])] = &[
     (
         "commands",
         &[
-            "cli", "output", "trace", "scan", "classify", "kmemleak", "bpf", "kernel", "symbols",
-            "kinds", "util",
+            "cli", "output", "watch", "trace", "scan", "classify", "kmemleak", "bpf", "kernel",
+            "symbols", "kinds", "util",
         ],
     ),
     (
         "cli",
         &[
-            "output", "trace", "scan", "classify", "kmemleak", "bpf", "kernel", "symbols", "kinds",
-            "util",
+            "output", "watch", "trace", "scan", "classify", "kmemleak", "bpf", "kernel", "symbols",
+            "kinds", "util",
         ],
     ),
     (
         "output",
         &[
-            "trace", "scan", "classify", "kmemleak", "symbols", "kinds", "util",
+            "watch", "trace", "scan", "classify", "kmemleak", "symbols", "kinds", "util",
         ],
+    ),
+    (
+        "watch",
+        &["trace", "scan", "bpf", "kernel", "symbols", "kinds", "util"],
     ),
     (
         "trace",
