@@ -1,5 +1,7 @@
 //! Reads what the eBPF programs collected: counters, the outstanding-object table, cache names,
 //! process names and stacks.
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf,
@@ -138,6 +140,52 @@ pub fn for_each_outstanding(
         }
     }
     Ok(())
+}
+
+/// Removes objects from the table: those found free in kernel memory whose free the tracer
+/// did not see, so that a long watch does not fill its table with them. `objects` maps each
+/// address to the allocation time it was recorded with; a slot is cleared only while it still
+/// holds that address and time, by a compare-and-swap on the key like the programs' own, so an
+/// object the programs freed or re-recorded meanwhile is left alone. Returns how many were
+/// removed.
+pub fn remove_objects(maps: &TracerMaps, objects: &HashMap<u64, u64>) -> Result<u64> {
+    if objects.is_empty() {
+        return Ok(0);
+    }
+    let mut removed = 0;
+    let buckets = maps.buckets as usize;
+    for start in (0..buckets).step_by(BUCKETS_PER_STEP) {
+        let step = start..(start + BUCKETS_PER_STEP).min(buckets);
+        let mut keys = MappedArray::<KeyBucket>::new(
+            &maps.keys,
+            step.clone(),
+            Access::ReadWrite,
+            "the table's keys",
+        )?;
+        let records = MappedArray::<RecordBucket>::new(
+            &maps.records,
+            step,
+            Access::Read,
+            "the table's records",
+        )?;
+        for (key_bucket, record_bucket) in keys.as_mut_slice().iter_mut().zip(records.as_slice()) {
+            for (key, record) in key_bucket.keys.iter_mut().zip(&record_bucket.records) {
+                // SAFETY: the slot is an aligned u64 of the shared mapping, which the programs
+                // also change only atomically.
+                let slot = unsafe { AtomicU64::from_ptr(key) };
+                let address = slot.load(Ordering::Relaxed);
+                if address != 0
+                    && objects.get(&address) == Some(&record.timestamp_ns)
+                    && slot
+                        .compare_exchange(address, 0, Ordering::Relaxed, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    removed += 1;
+                }
+            }
+        }
+    }
+    Ok(removed)
 }
 
 fn c_string(bytes: &[u8]) -> String {

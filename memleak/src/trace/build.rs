@@ -46,7 +46,7 @@ pub fn build_report(
     let min_age = options.min_age;
     let mut memory = cache_reader;
     let liveness = check_liveness(
-        maps,
+        |visit| table::for_each_outstanding(maps, visit),
         &mut memory,
         header.cache_ids_are_pointers,
         &mut header.notes,
@@ -273,7 +273,7 @@ impl<'a> KernelMemory<'a> {
     /// The real caches of the kmalloc sites and of the kmem_cache sites whose event names no
     /// cache. Where they cannot be read, kmalloc sites are named from their size and gfp flags,
     /// and a note says why.
-    fn resolve(
+    pub fn resolve(
         &mut self,
         picks: &site_caches::Picks,
         notes: &mut Vec<String>,
@@ -297,13 +297,13 @@ impl<'a> KernelMemory<'a> {
 
 /// What the liveness check found of every outstanding slab object, in the order
 /// [`table::for_each_outstanding`] visits them (the table no longer changes once detached).
-struct LivenessResult {
-    states: Vec<scan::Liveness>,
-    stats: LivenessStats,
+pub struct LivenessResult {
+    pub states: Vec<scan::Liveness>,
+    pub stats: LivenessStats,
 }
 
 /// Whether the liveness check looks at this record: slab objects only.
-fn is_slab_object(record: &memleak_common::AllocRecord) -> bool {
+pub fn is_slab_object(record: &memleak_common::AllocRecord) -> bool {
     match AllocKind::from_u32(record.kind) {
         Some(AllocKind::Kmalloc) => {
             site_caches::kmalloc_cache_name(u64::from(record.bytes_allocated)).is_some()
@@ -315,14 +315,14 @@ fn is_slab_object(record: &memleak_common::AllocRecord) -> bool {
 
 /// Checks in kernel memory that every outstanding slab object is still allocated (see
 /// `scan::liveness`); objects found free are left out of the report and counted.
-fn check_liveness(
-    maps: &TracerMaps,
+pub fn check_liveness(
+    records: impl FnOnce(&mut dyn FnMut(u64, &memleak_common::AllocRecord)) -> Result<()>,
     memory: &mut KernelMemory<'_>,
     cache_ids_are_pointers: bool,
     notes: &mut Vec<String>,
 ) -> Result<LivenessResult> {
     let mut queries = Vec::new();
-    table::for_each_outstanding(maps, |key, record| {
+    records(&mut |key, record| {
         if is_slab_object(record) {
             queries.push(scan::LivenessQuery {
                 object: scan::Object {

@@ -1,0 +1,462 @@
+//! The watch's history: every site's series and every verdict, in an SQLite file (by default
+//! /var/lib/memleak/history.sqlite), so that a restarted watch continues its series and
+//! `memleak history` can look back. Bounded by age (`--retain`).
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OptionalExtension as _, params};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use super::{Leak, Series, SiteFigures, SiteName};
+
+/// The store's layout version, in its `meta` table.
+const STORE_VERSION: i64 = 1;
+
+pub const DEFAULT_PATH: &str = "/var/lib/memleak/history.sqlite";
+
+#[derive(Debug, Error)]
+pub enum HistoryError {
+    #[error("history store {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("history store {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("history store {path}: creating its directory: {source}")]
+    Directory {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One verdict as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredVerdict {
+    pub at_ms: u64,
+    #[serde(flatten)]
+    pub site: SiteName,
+    pub severity: String,
+    pub confidence: f64,
+    pub objects_per_second: f64,
+    pub bytes_per_second: f64,
+    pub count: u64,
+    pub bytes: u64,
+}
+
+/// One point of a site's series as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredPoint {
+    pub at_ms: u64,
+    pub count: u64,
+    pub bytes: u64,
+    pub oldest_age_ms: u64,
+}
+
+pub struct History {
+    connection: Connection,
+    path: PathBuf,
+}
+
+impl History {
+    /// Opens (creating if needed) the store at `path`. A file that is not a memleak store, or
+    /// of another version, is an error: it is never overwritten.
+    pub fn open(path: &Path) -> Result<Self, HistoryError> {
+        if let Some(parent) = path
+            .parent()
+            .filter(|parent| !parent.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(parent).map_err(|source| HistoryError::Directory {
+                path: path.to_owned(),
+                source,
+            })?;
+        }
+        let connection = Connection::open(path).map_err(|source| HistoryError::Sqlite {
+            path: path.to_owned(),
+            source,
+        })?;
+        let history = Self {
+            connection,
+            path: path.to_owned(),
+        };
+        history.prepare()?;
+        Ok(history)
+    }
+
+    /// Opens an existing store read-only (for `memleak history`).
+    pub fn open_existing(path: &Path) -> Result<Self, HistoryError> {
+        if !path.exists() {
+            return Err(HistoryError::Invalid {
+                path: path.to_owned(),
+                message: "no such file (has `memleak watch` run with this --history?)".into(),
+            });
+        }
+        let connection =
+            Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(
+                |source| HistoryError::Sqlite {
+                    path: path.to_owned(),
+                    source,
+                },
+            )?;
+        let history = Self {
+            connection,
+            path: path.to_owned(),
+        };
+        history.check_version()?;
+        Ok(history)
+    }
+
+    fn sqlite(&self, source: rusqlite::Error) -> HistoryError {
+        HistoryError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn prepare(&self) -> Result<(), HistoryError> {
+        self.connection
+            .execute_batch(
+                "PRAGMA journal_mode = WAL;
+                 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+                 CREATE TABLE IF NOT EXISTS sites (
+                     id INTEGER PRIMARY KEY,
+                     kind TEXT NOT NULL,
+                     cache TEXT NOT NULL,
+                     call_site TEXT NOT NULL,
+                     UNIQUE (kind, cache, call_site));
+                 CREATE TABLE IF NOT EXISTS points (
+                     site INTEGER NOT NULL REFERENCES sites(id),
+                     at_ms INTEGER NOT NULL,
+                     count INTEGER NOT NULL,
+                     bytes INTEGER NOT NULL,
+                     oldest_age_ms INTEGER NOT NULL,
+                     PRIMARY KEY (site, at_ms));
+                 CREATE INDEX IF NOT EXISTS points_at ON points (at_ms);
+                 CREATE TABLE IF NOT EXISTS verdicts (
+                     site INTEGER NOT NULL REFERENCES sites(id),
+                     at_ms INTEGER NOT NULL,
+                     severity TEXT NOT NULL,
+                     confidence REAL NOT NULL,
+                     objects_per_second REAL NOT NULL,
+                     bytes_per_second REAL NOT NULL,
+                     count INTEGER NOT NULL,
+                     bytes INTEGER NOT NULL,
+                     PRIMARY KEY (site, at_ms));
+                 CREATE INDEX IF NOT EXISTS verdicts_at ON verdicts (at_ms);",
+            )
+            .map_err(|error| self.sqlite(error))?;
+        self.connection
+            .execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('version', ?1)",
+                params![STORE_VERSION],
+            )
+            .map_err(|error| self.sqlite(error))?;
+        self.check_version()
+    }
+
+    fn check_version(&self) -> Result<(), HistoryError> {
+        let version: Option<i64> = self
+            .connection
+            .query_row("SELECT value FROM meta WHERE key = 'version'", [], |row| {
+                row.get(0)
+            })
+            .optional()
+            .map_err(|error| self.sqlite(error))?;
+        match version {
+            Some(STORE_VERSION) => Ok(()),
+            other => Err(HistoryError::Invalid {
+                path: self.path.clone(),
+                message: format!(
+                    "store version {other:?}, this memleak reads version {STORE_VERSION}"
+                ),
+            }),
+        }
+    }
+
+    fn site_id(&self, site: &SiteName) -> Result<i64, HistoryError> {
+        let cache = site.cache.as_deref().unwrap_or("");
+        self.connection
+            .execute(
+                "INSERT OR IGNORE INTO sites (kind, cache, call_site) VALUES (?1, ?2, ?3)",
+                params![site.kind, cache, site.call_site],
+            )
+            .map_err(|error| self.sqlite(error))?;
+        self.connection
+            .query_row(
+                "SELECT id FROM sites WHERE kind = ?1 AND cache = ?2 AND call_site = ?3",
+                params![site.kind, cache, site.call_site],
+                |row| row.get(0),
+            )
+            .map_err(|error| self.sqlite(error))
+    }
+
+    /// Stores one interval: every site's point and the verdicts, in one transaction, and
+    /// drops what is older than `retain_ms`.
+    pub fn record(
+        &mut self,
+        at_ms: u64,
+        sites: &[&SiteFigures],
+        leaks: &[Leak],
+        retain_ms: u64,
+    ) -> Result<(), HistoryError> {
+        let transaction = self
+            .connection
+            .unchecked_transaction()
+            .map_err(|error| self.sqlite(error))?;
+        for figures in sites {
+            let id = self.site_id(&figures.site)?;
+            self.connection
+                .execute(
+                    "INSERT OR REPLACE INTO points (site, at_ms, count, bytes, oldest_age_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![
+                        id,
+                        at_ms,
+                        figures.count,
+                        figures.bytes,
+                        figures.oldest_age_ms
+                    ],
+                )
+                .map_err(|error| self.sqlite(error))?;
+        }
+        for leak in leaks {
+            let id = self.site_id(&leak.site)?;
+            self.connection
+                .execute(
+                    "INSERT OR REPLACE INTO verdicts (site, at_ms, severity, confidence,
+                         objects_per_second, bytes_per_second, count, bytes)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    params![
+                        id,
+                        at_ms,
+                        leak.judgement.severity.name(),
+                        leak.judgement.confidence,
+                        leak.judgement.objects_per_second,
+                        leak.judgement.bytes_per_second,
+                        leak.count,
+                        leak.bytes
+                    ],
+                )
+                .map_err(|error| self.sqlite(error))?;
+        }
+        let oldest = at_ms.saturating_sub(retain_ms);
+        for statement in [
+            "DELETE FROM points WHERE at_ms < ?1",
+            "DELETE FROM verdicts WHERE at_ms < ?1",
+        ] {
+            self.connection
+                .execute(statement, params![oldest])
+                .map_err(|error| self.sqlite(error))?;
+        }
+        self.connection
+            .execute(
+                "DELETE FROM sites WHERE id NOT IN (SELECT site FROM points)
+                     AND id NOT IN (SELECT site FROM verdicts)",
+                [],
+            )
+            .map_err(|error| self.sqlite(error))?;
+        transaction.commit().map_err(|error| self.sqlite(error))
+    }
+
+    /// Replays into `series` the points of the last `window_ms` before `now_ms`: a restarted
+    /// watch continues its series. Returns how many points were read.
+    pub fn restore(
+        &self,
+        series: &mut Series,
+        now_ms: u64,
+        window_ms: u64,
+    ) -> Result<u64, HistoryError> {
+        let mut statement = self
+            .connection
+            .prepare(
+                "SELECT s.kind, s.cache, s.call_site, p.at_ms, p.count, p.bytes, p.oldest_age_ms
+                 FROM points p JOIN sites s ON s.id = p.site
+                 WHERE p.at_ms >= ?1 ORDER BY p.at_ms",
+            )
+            .map_err(|error| self.sqlite(error))?;
+        let rows = statement
+            .query_map(params![now_ms.saturating_sub(window_ms)], |row| {
+                let cache: String = row.get(1)?;
+                Ok((
+                    SiteName {
+                        kind: row.get(0)?,
+                        cache: (!cache.is_empty()).then_some(cache),
+                        call_site: row.get(2)?,
+                    },
+                    row.get::<_, u64>(3)?,
+                    row.get::<_, u64>(4)?,
+                    row.get::<_, u64>(5)?,
+                    row.get::<_, u64>(6)?,
+                ))
+            })
+            .map_err(|error| self.sqlite(error))?;
+        let mut restored = 0;
+        for row in rows {
+            let (site, at_ms, count, bytes, oldest_age_ms) =
+                row.map_err(|error| self.sqlite(error))?;
+            series.add_point(site, at_ms, count, bytes, oldest_age_ms);
+            restored += 1;
+        }
+        Ok(restored)
+    }
+
+    /// The verdicts stored since `since_ms`, newest first.
+    pub fn verdicts(&self, since_ms: u64) -> Result<Vec<StoredVerdict>, HistoryError> {
+        let mut statement = self
+            .connection
+            .prepare(
+                "SELECT v.at_ms, s.kind, s.cache, s.call_site, v.severity, v.confidence,
+                        v.objects_per_second, v.bytes_per_second, v.count, v.bytes
+                 FROM verdicts v JOIN sites s ON s.id = v.site
+                 WHERE v.at_ms >= ?1 ORDER BY v.at_ms DESC, s.call_site",
+            )
+            .map_err(|error| self.sqlite(error))?;
+        let rows = statement
+            .query_map(params![since_ms], |row| {
+                let cache: String = row.get(2)?;
+                Ok(StoredVerdict {
+                    at_ms: row.get(0)?,
+                    site: SiteName {
+                        kind: row.get(1)?,
+                        cache: (!cache.is_empty()).then_some(cache),
+                        call_site: row.get(3)?,
+                    },
+                    severity: row.get(4)?,
+                    confidence: row.get(5)?,
+                    objects_per_second: row.get(6)?,
+                    bytes_per_second: row.get(7)?,
+                    count: row.get(8)?,
+                    bytes: row.get(9)?,
+                })
+            })
+            .map_err(|error| self.sqlite(error))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(|error| self.sqlite(error))
+    }
+
+    /// The series of the sites whose call site contains `pattern`, oldest point first.
+    pub fn series(&self, pattern: &str) -> Result<Vec<(SiteName, Vec<StoredPoint>)>, HistoryError> {
+        let mut statement = self
+            .connection
+            .prepare(
+                "SELECT s.kind, s.cache, s.call_site, p.at_ms, p.count, p.bytes, p.oldest_age_ms
+                 FROM points p JOIN sites s ON s.id = p.site
+                 WHERE instr(s.call_site, ?1) > 0 ORDER BY s.id, p.at_ms",
+            )
+            .map_err(|error| self.sqlite(error))?;
+        let rows = statement
+            .query_map(params![pattern], |row| {
+                let cache: String = row.get(1)?;
+                Ok((
+                    SiteName {
+                        kind: row.get(0)?,
+                        cache: (!cache.is_empty()).then_some(cache),
+                        call_site: row.get(2)?,
+                    },
+                    StoredPoint {
+                        at_ms: row.get(3)?,
+                        count: row.get(4)?,
+                        bytes: row.get(5)?,
+                        oldest_age_ms: row.get(6)?,
+                    },
+                ))
+            })
+            .map_err(|error| self.sqlite(error))?;
+        let mut series: Vec<(SiteName, Vec<StoredPoint>)> = Vec::new();
+        for row in rows {
+            let (site, point) = row.map_err(|error| self.sqlite(error))?;
+            match series.last_mut() {
+                Some((last, points)) if *last == site => points.push(point),
+                _ => series.push((site, vec![point])),
+            }
+        }
+        Ok(series)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::util::scratch::ScratchDir;
+
+    fn figures(call_site: &str, count: u64) -> SiteFigures {
+        SiteFigures {
+            site: SiteName {
+                kind: "kmalloc".into(),
+                cache: Some("kmalloc-64".into()),
+                call_site: call_site.into(),
+            },
+            count,
+            bytes: count * 64,
+            new: 0,
+            oldest_age_ms: 1000,
+            unverified: 0,
+        }
+    }
+
+    #[test]
+    fn a_reopened_store_continues_the_series_and_keeps_verdicts() {
+        let scratch = ScratchDir::new("history");
+        let path = scratch.path().join("state/history.sqlite");
+        {
+            let mut history = History::open(&path).expect("a new store");
+            for second in 0..5u64 {
+                let leak = figures("leaky+0x10/0x40", 10 * second);
+                let pool = figures("pool+0x8/0x20", 500);
+                history
+                    .record(1000 * second, &[&leak, &pool], &[], 3_600_000)
+                    .expect("recorded");
+            }
+        }
+        let history = History::open(&path).expect("the same store");
+        let mut series = Series::new(60);
+        assert_eq!(history.restore(&mut series, 5000, 60_000).unwrap(), 10);
+        let leak = figures("leaky+0x10/0x40", 0).site;
+        let points = series.of(&leak);
+        assert_eq!(points.len(), 5);
+        assert_eq!((points[4].0, points[4].1.count), (4000, 40));
+        // Only the window asked for comes back: both sites' points at 4 s.
+        let mut recent = Series::new(60);
+        assert_eq!(history.restore(&mut recent, 5000, 1500).unwrap(), 2);
+
+        let stored = history.series("leaky").unwrap();
+        assert_eq!(stored.len(), 1);
+        assert_eq!(
+            stored[0].1.iter().map(|point| point.count).sum::<u64>(),
+            100
+        );
+        assert!(history.verdicts(0).unwrap().is_empty());
+    }
+
+    #[test]
+    fn old_points_are_dropped_and_foreign_files_refused() {
+        let scratch = ScratchDir::new("history-retain");
+        let path = scratch.path().join("history.sqlite");
+        let mut history = History::open(&path).unwrap();
+        let site = figures("f+0x1/0x2", 1);
+        history.record(1_000, &[&site], &[], 10_000).unwrap();
+        history.record(20_000, &[&site], &[], 10_000).unwrap();
+        let stored = history.series("f+").unwrap();
+        assert_eq!(
+            stored[0].1.len(),
+            1,
+            "the point at 1 s is past retention at 20 s"
+        );
+
+        let foreign = scratch.path().join("notes.txt");
+        std::fs::write(&foreign, "not a database, just text that is long enough").unwrap();
+        let error = History::open(&foreign).err().expect("refused");
+        assert!(
+            error
+                .to_string()
+                .starts_with(&format!("history store {}", foreign.display()))
+        );
+        assert_eq!(
+            std::fs::read_to_string(&foreign).unwrap(),
+            "not a database, just text that is long enough"
+        );
+        assert!(History::open_existing(&scratch.path().join("missing.sqlite")).is_err());
+    }
+}

@@ -1,0 +1,202 @@
+//! One interval's snapshot of the live tracer table: every outstanding object checked in
+//! kernel memory, grouped by allocation site, named and symbolized like the trace report.
+//! Objects found free (their free was not seen: kfree_rcu batches, bulk frees, sheaves) are
+//! counted and removed from the table, so that a watch of days does not fill it with them.
+use anyhow::Result;
+use hashbrown::HashMap;
+use memleak_common::AllocRecord;
+
+use super::{IntervalStats, SiteFigures, SiteName};
+use crate::{
+    bpf::maps::{self as table, Counters, TracerMaps},
+    scan::Liveness,
+    symbols::{Frame, KernelSymbolizer},
+    trace::{
+        aggregate::{Aggregator, SiteKey},
+        build::{self, KernelMemory},
+        report::{self, Entry},
+        site_caches::Picks,
+    },
+};
+
+/// A site in a snapshot: its figures and the report entry they came from (stack, frames).
+#[derive(Debug)]
+pub struct SnapshotSite {
+    pub figures: SiteFigures,
+    pub entry: Entry,
+}
+
+/// What one interval found.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Largest first (bytes, then count).
+    pub sites: Vec<SnapshotSite>,
+    pub stats: IntervalStats,
+    pub notes: Vec<String>,
+}
+
+/// Takes snapshots, keeping what does not change between them: the symbolizer, the caches'
+/// names, the counters of the previous interval.
+pub struct Snapshotter {
+    symbolizer: KernelSymbolizer,
+    site_caches: HashMap<SiteKey, String>,
+    previous: Counters,
+    sample_rate: u32,
+    /// kmem_cache records name their cache by its `struct kmem_cache *` (tp_btf).
+    cache_ids_are_pointers: bool,
+}
+
+impl Snapshotter {
+    pub fn new(sample_rate: u32, cache_ids_are_pointers: bool) -> Self {
+        Self {
+            symbolizer: KernelSymbolizer::new(),
+            site_caches: HashMap::new(),
+            previous: Counters::default(),
+            sample_rate,
+            cache_ids_are_pointers,
+        }
+    }
+
+    /// Snapshots the table at `now_ns` (CLOCK_MONOTONIC); objects allocated after
+    /// `interval_start_ns` count as new.
+    pub fn take(
+        &mut self,
+        maps: &TracerMaps,
+        memory: &mut KernelMemory<'_>,
+        now_ns: u64,
+        interval_start_ns: u64,
+    ) -> Result<Snapshot> {
+        let mut notes = Vec::new();
+        // One pass over the live table: the programs keep changing it, so the liveness states
+        // are paired with this copy, not with a second pass.
+        let mut records: Vec<(u64, AllocRecord)> = Vec::new();
+        table::for_each_outstanding(maps, |address, record| records.push((address, *record)))?;
+        let liveness = build::check_liveness(
+            |visit| {
+                records
+                    .iter()
+                    .for_each(|(address, record)| visit(*address, record));
+                Ok(())
+            },
+            memory,
+            self.cache_ids_are_pointers,
+            &mut notes,
+        )?;
+
+        let mut aggregator = Aggregator::new(now_ns, std::time::Duration::ZERO);
+        let mut new_objects: HashMap<SiteKey, u64> = HashMap::new();
+        let mut found_free: HashMap<u64, u64> = HashMap::new();
+        let mut picks = Picks::default();
+        let mut states = liveness.states.iter();
+        for (address, record) in &records {
+            let state = build::is_slab_object(record)
+                .then(|| states.next())
+                .flatten();
+            match state {
+                Some(Liveness::Free(_)) => {
+                    found_free.insert(*address, record.timestamp_ns);
+                    continue;
+                }
+                Some(Liveness::Unverified) => aggregator.add_unverified(record),
+                Some(Liveness::Allocated) | None => aggregator.add(record),
+            }
+            if let Some(key) = SiteKey::of(record) {
+                if !self.site_caches.contains_key(&key) {
+                    picks.add(key, *address);
+                }
+                if record.timestamp_ns > interval_start_ns {
+                    *new_objects.entry(key).or_default() += 1;
+                }
+            }
+        }
+        let removed = table::remove_objects(maps, &found_free)?;
+        if !picks.is_empty() {
+            self.site_caches.extend(memory.resolve(&picks, &mut notes));
+        }
+
+        let mut sites = aggregator.finish().sites;
+        sites.sort_by(|a, b| {
+            b.bytes
+                .cmp(&a.bytes)
+                .then(b.count.cmp(&a.count))
+                .then(a.key.call_site.cmp(&b.key.call_site))
+        });
+        let stack_ids = sites.iter().flat_map(|site| site.stacks.keys().copied());
+        let stacks = table::read_stacks(maps, stack_ids)?;
+        self.symbolizer
+            .resolve(report::addresses_to_symbolize(&sites, &stacks))?;
+        let cache_names = table::read_cache_names(maps)?;
+        let comms = HashMap::new();
+        let symbolizer = &self.symbolizer;
+        let frame = |address| -> Frame { symbolizer.frame(address) };
+        let context = report::Context {
+            stacks: &stacks,
+            cache_names: &cache_names,
+            site_caches: &self.site_caches,
+            comms: &comms,
+            now_ns,
+            sample_rate: self.sample_rate,
+            frame: &frame,
+        };
+        let scale = u64::from(self.sample_rate);
+        // Sites the aggregate keeps apart (kmalloc gfp variants, unnamed caches) can share a
+        // name: the series are kept per name, so their figures are summed.
+        let mut by_name: HashMap<SiteName, usize> = HashMap::new();
+        let mut named: Vec<SnapshotSite> = Vec::new();
+        for site in &sites {
+            let entry = report::entry(site, &context);
+            let name = SiteName {
+                kind: entry.kind.clone(),
+                cache: entry.cache.clone(),
+                call_site: entry.call_site.to_string(),
+            };
+            let figures = SiteFigures {
+                site: name.clone(),
+                count: entry.count,
+                bytes: entry.bytes,
+                new: new_objects.get(&site.key).copied().unwrap_or(0) * scale,
+                oldest_age_ms: entry.oldest_age_ms,
+                unverified: site.unverified * scale,
+            };
+            match by_name.get(&name) {
+                Some(&index) => {
+                    let merged = &mut named[index].figures;
+                    merged.count += figures.count;
+                    merged.bytes += figures.bytes;
+                    merged.new += figures.new;
+                    merged.unverified += figures.unverified;
+                    merged.oldest_age_ms = merged.oldest_age_ms.max(figures.oldest_age_ms);
+                }
+                None => {
+                    by_name.insert(name, named.len());
+                    named.push(SnapshotSite { figures, entry });
+                }
+            }
+        }
+        let sites = named;
+
+        let counters = table::read_counters(maps)?;
+        let delta = |now: u64, before: u64| now.saturating_sub(before);
+        let stats = IntervalStats {
+            allocs: delta(counters.allocs, self.previous.allocs),
+            frees: delta(counters.frees, self.previous.frees),
+            dropped_table_full: delta(
+                counters.dropped_table_full,
+                self.previous.dropped_table_full,
+            ),
+            missed_frees: delta(counters.missed_frees, self.previous.missed_frees),
+            stack_failures: delta(counters.stack_failures, self.previous.stack_failures),
+            outstanding: sites.iter().map(|site| site.figures.count).sum(),
+            outstanding_bytes: sites.iter().map(|site| site.figures.bytes).sum(),
+            found_free: removed * scale,
+            unverified: liveness.stats.unverified * scale,
+            sites: sites.len() as u64,
+        };
+        self.previous = counters;
+        Ok(Snapshot {
+            sites,
+            stats,
+            notes,
+        })
+    }
+}
