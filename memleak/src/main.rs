@@ -15,6 +15,8 @@ fn main() -> ExitCode {
         cli::Command::Kmemleak(args) => commands::kmemleak::run(&args),
         cli::Command::Classify(args) => commands::classify::run(&args),
         cli::Command::Scan(args) => commands::scan::run(&args),
+        cli::Command::Watch(args) => commands::watch::run(&args),
+        cli::Command::History(args) => commands::watch::history(&args),
     };
     match result {
         Ok(code) => code,

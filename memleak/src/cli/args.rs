@@ -305,6 +305,132 @@ fn parse_scan_interval(text: &str) -> Result<u32, String> {
     u32::try_from(interval.as_secs()).map_err(|_| format!("`{text}` is too long"))
 }
 
+/// `memleak watch`'s options.
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// Time between snapshots, like 60s or 5m (at least 200ms).
+    #[arg(long, value_name = "DUR", default_value = "60s", value_parser = parse_watch_interval)]
+    pub interval: Duration,
+
+    /// Stop after this long, like 12h. Without it, watch until Ctrl-C or SIGTERM; the final
+    /// verdicts are printed either way.
+    #[arg(short, long, value_name = "DUR", value_parser = parse_window)]
+    pub duration: Option<Duration>,
+
+    /// Track one object in N, chosen by a hash of its address (a power of two up to 65536).
+    /// The default keeps the watch cheap enough to leave on; counts are estimates, scaled by N.
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = parse_power_of_two)]
+    pub sample_rate: u32,
+
+    /// Capture the full kernel stack of one allocation in N (and of the first allocation
+    /// from each call site).
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = parse_power_of_two)]
+    pub stack_sample_rate: u32,
+
+    /// Kinds of kernel memory to follow, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Kind::Slab, Kind::Vmalloc, Kind::Percpu])]
+    pub kinds: Vec<Kind>,
+
+    /// Outstanding objects the in-kernel table can hold (rounded up to a power of two).
+    #[arg(long, value_name = "OBJECTS", default_value_t = 1 << 18,
+          value_parser = clap::value_parser!(u32).range(1024..=(1 << 26)))]
+    pub capacity: u32,
+
+    /// How to attach to the kernel's allocation events.
+    #[arg(long, value_enum, default_value_t = AttachMethod::Auto)]
+    pub attach: AttachMethod,
+
+    /// The history store (SQLite), created if missing; a restarted watch continues its series.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/var/lib/memleak/history.sqlite",
+        conflicts_with = "no_history"
+    )]
+    pub history: PathBuf,
+
+    /// Keep the series in memory only.
+    #[arg(long)]
+    pub no_history: bool,
+
+    /// How long the store keeps points and verdicts, like 7d.
+    #[arg(long, value_name = "DUR", default_value = "7d", value_parser = parse_window)]
+    pub retain: Duration,
+
+    /// Intervals each verdict looks back over.
+    #[arg(long, value_name = "N", default_value_t = 60,
+          value_parser = clap::value_parser!(u32).range(4..=10_000))]
+    pub window: u32,
+
+    /// Intervals of sustained growth of aging objects before a site is a leak (warning).
+    #[arg(long, value_name = "N", default_value_t = 6,
+          value_parser = clap::value_parser!(u32).range(3..=10_000))]
+    pub warning_intervals: u32,
+
+    /// Growth, in objects over the window, below which a site is not reported.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub min_growth: u64,
+
+    /// The Mann-Kendall p-value below which growth is beyond chance.
+    #[arg(long, value_name = "P", default_value_t = 0.01, value_parser = parse_probability)]
+    pub significance: f64,
+
+    /// A leak is critical past this many leaked bytes...
+    #[arg(long, value_name = "BYTES", default_value_t = 64 << 20)]
+    pub critical_bytes: u64,
+
+    /// ...or once it has grown this long, like 1h.
+    #[arg(long, value_name = "DUR", default_value = "1h", value_parser = parse_window)]
+    pub critical_after: Duration,
+
+    /// Exit with status 1 when a site was judged leaking (warning or critical).
+    #[arg(long)]
+    pub fail_on_leak: bool,
+
+    #[command(flatten)]
+    pub report: ReportOptions,
+}
+
+fn parse_watch_interval(text: &str) -> Result<Duration, String> {
+    duration::parse_in_range(
+        text,
+        Duration::from_millis(200),
+        Duration::from_secs(86_400),
+    )
+    .map_err(|error| error.to_string())
+}
+
+fn parse_probability(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(value) if value > 0.0 && value < 1.0 => Ok(value),
+        _ => Err(format!("`{text}` is not a probability between 0 and 1")),
+    }
+}
+
+/// `memleak history`'s options.
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    /// The history store `memleak watch` wrote.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/var/lib/memleak/history.sqlite"
+    )]
+    pub history: PathBuf,
+
+    /// Verdicts of this long ago and since, like 1d.
+    #[arg(long, value_name = "DUR", default_value = "1d", value_parser = parse_window)]
+    pub since: Duration,
+
+    /// Also print the series of the sites whose call site contains TEXT.
+    #[arg(long, value_name = "TEXT")]
+    pub site: Option<String>,
+
+    /// Report format.
+    #[arg(short, long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,10 +5,12 @@ use memleak::{
     classify, kmemleak, output,
     scan::Similarity,
     trace::{self, check::LeakCheck},
+    watch::{self, verdict::Thresholds},
 };
 
 use super::args::{
     ClassifyArgs, KmemleakArgs, LeakCheckArgs, ReportOptions, SimilarityOptions, TracingOptions,
+    WatchArgs,
 };
 
 impl From<&ReportOptions> for output::ReportOptions {
@@ -98,6 +100,39 @@ impl From<&KmemleakArgs> for kmemleak::Options {
                 scan_interval_secs: args.scan_interval_secs,
             },
             debugfs: args.debugfs.clone(),
+        }
+    }
+}
+
+impl From<&WatchArgs> for watch::Options {
+    fn from(args: &WatchArgs) -> Self {
+        Self {
+            tracer: TracerSettings {
+                capacity: args.capacity,
+                sample_rate: args.sample_rate,
+                stack_sample_rate: args.stack_sample_rate,
+                filter_tgid: None,
+                filter_comm: None,
+                min_size: None,
+                max_size: None,
+                method: args.attach,
+                kinds: args.kinds.clone(),
+                empty_programs: false,
+            },
+            interval: args.interval,
+            duration: args.duration,
+            thresholds: Thresholds {
+                min_points: 4,
+                significance: args.significance,
+                min_growth_objects: args.min_growth,
+                warning_points: args.warning_intervals as usize,
+                critical_bytes: args.critical_bytes,
+                critical_seconds: args.critical_after.as_secs_f64(),
+            },
+            window_points: args.window as usize,
+            history: (!args.no_history).then(|| args.history.clone()),
+            retain: args.retain,
+            top: args.report.top as usize,
         }
     }
 }

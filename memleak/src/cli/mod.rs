@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 mod args;
 mod convert;
 
-pub use args::{ClassifyArgs, KmemleakArgs, RunArgs, ScanArgs, TraceArgs};
+pub use args::{ClassifyArgs, HistoryArgs, KmemleakArgs, RunArgs, ScanArgs, TraceArgs, WatchArgs};
 pub use convert::TraceOptions;
 
 /// Exit status for errors (bad input, missing kernel features, failures to load). Usage errors
@@ -47,6 +47,13 @@ pub enum Command {
     /// Read every object of a slab cache from kernel memory and find the largest groups of
     /// objects with similar contents: what a long-running leak leaves behind.
     Scan(ScanArgs),
+    /// Watch continuously: snapshot every allocation site each interval, keep the series, and
+    /// judge which sites leak (growth beyond chance, objects that keep aging, growth that does
+    /// not level off) rather than which are merely outstanding. Cheap enough to leave on: by
+    /// default one object in 64 is tracked.
+    Watch(WatchArgs),
+    /// Print the verdicts and series a watch stored.
+    History(HistoryArgs),
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ pub fn run(args: &ClassifyArgs) -> Result<ExitCode> {
             duration::display(options.interval)
         );
     }
-    let sink = ReportSink::open(report_options.output.as_deref())?;
+    let mut sink = ReportSink::open(report_options.output.as_deref())?;
     let kernel = kernel::release()?;
     let page_size = classify::page_size()?;
     let runtime = tokio::runtime::Builder::new_current_thread()

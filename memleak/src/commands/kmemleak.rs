@@ -12,7 +12,7 @@ use crate::cli::KmemleakArgs;
 
 pub fn run(args: &KmemleakArgs) -> Result<ExitCode> {
     let report_options = ReportOptions::from(&args.report);
-    let sink = ReportSink::open(report_options.output.as_deref())?;
+    let mut sink = ReportSink::open(report_options.output.as_deref())?;
     let report = kmemleak::read(&kmemleak::Options::from(args), report_options.top)?;
     sink.write(&output::render(
         &report,

@@ -5,3 +5,4 @@ pub mod kmemleak;
 pub mod scan;
 pub mod signals;
 pub mod trace;
+pub mod watch;

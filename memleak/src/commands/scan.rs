@@ -15,7 +15,7 @@ pub fn run(args: &ScanArgs) -> Result<ExitCode> {
     let report_options = ReportOptions::from(&args.report);
     privileges::require_root()?;
     privileges::lift_memlock_limit();
-    let sink = ReportSink::open(report_options.output.as_deref())?;
+    let mut sink = ReportSink::open(report_options.output.as_deref())?;
     let layout = scan::slab_layout(kernel::parse_btf()?.as_ref())?;
     let groups = report_options.top.min(scan::MAX_GROUPS);
     let similarity = Similarity::from(&args.similarity);

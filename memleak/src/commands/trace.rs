@@ -25,7 +25,7 @@ use memleak::{
         check::{self, LeakCheck},
         report::{self, Verdict},
     },
-    util::{duration, units::thousands},
+    util::{clock::monotonic_now_ns, duration, units::thousands},
 };
 
 use super::signals::StopSignals;
@@ -195,7 +195,11 @@ impl Session {
     }
 
     /// Detaches, reports and runs the leak check.
-    fn finish(self, options: &TraceOptions, leak_checks: &LeakCheck) -> Result<Option<Verdict>> {
+    fn finish(
+        mut self,
+        options: &TraceOptions,
+        leak_checks: &LeakCheck,
+    ) -> Result<Option<Verdict>> {
         let Tracer {
             programs,
             maps,
@@ -322,14 +326,4 @@ fn thread_group_of(id: u32) -> Option<u32> {
         .trim()
         .parse()
         .ok()
-}
-
-/// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
-fn monotonic_now_ns() -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }

@@ -9,3 +9,11 @@ pub fn render_json(report: &impl Serialize) -> String {
     text.push('\n');
     text
 }
+
+/// One JSON object on one line (JSON Lines), for reports that stream.
+pub fn render_json_line(model: &impl Serialize) -> String {
+    let mut line = serde_json::to_string(model)
+        .unwrap_or_else(|error| format!("{{\"error\": \"serializing failed: {error}\"}}"));
+    line.push('\n');
+    line
+}

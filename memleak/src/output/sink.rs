@@ -25,9 +25,10 @@ impl ReportSink {
         }
     }
 
-    pub fn write(self, text: &str) -> Result<()> {
+    /// Writes `text`; called again, appends (the watch's lines).
+    pub fn write(&mut self, text: &str) -> Result<()> {
         match self {
-            Self::File { mut file, path } => file
+            Self::File { file, path } => file
                 .write_all(text.as_bytes())
                 .with_context(|| format!("writing the report to {}", path.display())),
             Self::Stdout => {

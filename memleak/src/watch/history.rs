@@ -55,6 +55,22 @@ pub struct StoredPoint {
     pub oldest_age_ms: u64,
 }
 
+/// What `memleak history` prints.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryReport {
+    /// Newest first.
+    pub verdicts: Vec<StoredVerdict>,
+    /// The series asked for (`--site`), oldest point first.
+    pub series: Vec<StoredSeries>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredSeries {
+    #[serde(flatten)]
+    pub site: SiteName,
+    pub points: Vec<StoredPoint>,
+}
+
 pub struct History {
     connection: Connection,
     path: PathBuf,
@@ -337,7 +353,7 @@ impl History {
     }
 
     /// The series of the sites whose call site contains `pattern`, oldest point first.
-    pub fn series(&self, pattern: &str) -> Result<Vec<(SiteName, Vec<StoredPoint>)>, HistoryError> {
+    pub fn series(&self, pattern: &str) -> Result<Vec<StoredSeries>, HistoryError> {
         let mut statement = self
             .connection
             .prepare(
@@ -364,12 +380,15 @@ impl History {
                 ))
             })
             .map_err(|error| self.sqlite(error))?;
-        let mut series: Vec<(SiteName, Vec<StoredPoint>)> = Vec::new();
+        let mut series: Vec<StoredSeries> = Vec::new();
         for row in rows {
             let (site, point) = row.map_err(|error| self.sqlite(error))?;
             match series.last_mut() {
-                Some((last, points)) if *last == site => points.push(point),
-                _ => series.push((site, vec![point])),
+                Some(last) if last.site == site => last.points.push(point),
+                _ => series.push(StoredSeries {
+                    site,
+                    points: vec![point],
+                }),
             }
         }
         Ok(series)
@@ -424,7 +443,11 @@ mod tests {
         let stored = history.series("leaky").unwrap();
         assert_eq!(stored.len(), 1);
         assert_eq!(
-            stored[0].1.iter().map(|point| point.count).sum::<u64>(),
+            stored[0]
+                .points
+                .iter()
+                .map(|point| point.count)
+                .sum::<u64>(),
             100
         );
         assert!(history.verdicts(0).unwrap().is_empty());
@@ -440,7 +463,7 @@ mod tests {
         history.record(20_000, &[&site], &[], 10_000).unwrap();
         let stored = history.series("f+").unwrap();
         assert_eq!(
-            stored[0].1.len(),
+            stored[0].points.len(),
             1,
             "the point at 1 s is past retention at 20 s"
         );

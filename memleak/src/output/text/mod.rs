@@ -3,3 +3,4 @@ pub mod classify;
 pub mod kmemleak;
 pub mod scan;
 pub mod trace;
+pub mod watch;

@@ -1,0 +1,242 @@
+//! `memleak watch`: attach once, snapshot every interval, judge each site from its series,
+//! print a line (or a JSON object) per interval, keep the history; `memleak history` reads it.
+use std::process::ExitCode;
+
+use anyhow::{Context as _, Result};
+use hashbrown::{HashMap, HashSet};
+use memleak::{
+    bpf::probes::{self, Attached},
+    kernel::{self, privileges},
+    kinds::Kind,
+    output::{self, Format, ReportOptions, ReportSink},
+    scan,
+    trace::build::KernelMemory,
+    util::{
+        clock::{monotonic_now_ns, unix_now_ms},
+        duration,
+    },
+    watch::{
+        self, Interval, Leak, SCHEMA_VERSION, Series, SiteName,
+        history::{History, HistoryReport},
+        snapshot::{SnapshotSite, Snapshotter},
+        verdict::Severity,
+    },
+};
+
+use super::signals::StopSignals;
+use crate::cli::{HistoryArgs, WatchArgs};
+
+pub fn run(args: &WatchArgs) -> Result<ExitCode> {
+    let options = watch::Options::from(args);
+    let report_options = ReportOptions::from(&args.report);
+    privileges::require_root()?;
+    privileges::lift_memlock_limit();
+    let mut sink = ReportSink::open(report_options.output.as_deref())?;
+    // Opened before attaching: a store that cannot be used fails the watch now, not later.
+    let mut history = options.history.as_deref().map(History::open).transpose()?;
+    let mut series = Series::new(options.window_points);
+    let window_ms = (options.interval * options.window_points as u32).as_millis() as u64;
+    if let Some(history) = &history {
+        let restored = history.restore(&mut series, unix_now_ms(), window_ms)?;
+        if restored > 0 {
+            eprintln!(
+                "memleak: continuing the series of {} sites ({restored} points) from {}",
+                series.sites(),
+                args.history.display()
+            );
+        }
+    }
+    let btf = kernel::parse_btf()?;
+    let slab_layout = options
+        .tracer
+        .kinds
+        .contains(&Kind::Slab)
+        .then(|| scan::slab_layout(btf.as_ref()));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let tracer = probes::attach(&options.tracer, btf.as_ref())?;
+    drop(btf);
+    eprintln!(
+        "memleak: watching the kernel's allocations ({}, 1 object in {}) every {}; {}",
+        tracer.attached,
+        options.tracer.sample_rate,
+        duration::display(options.interval),
+        match options.duration {
+            Some(window) => format!("for {}, Ctrl-C ends early", duration::display(window)),
+            None => "until Ctrl-C or SIGTERM".to_owned(),
+        }
+    );
+    let mut watcher = Watcher {
+        snapshotter: Snapshotter::new(
+            options.tracer.sample_rate,
+            tracer.attached == Attached::BtfTracepoints,
+        ),
+        memory: KernelMemory::new(None, slab_layout),
+        series,
+        history: history.take(),
+        history_failed: false,
+        started_ns: monotonic_now_ns(),
+        previous_ns: monotonic_now_ns(),
+        notes: tracer.notes.clone(),
+        leaked: false,
+        last: None,
+    };
+    let format = report_options.format;
+    runtime.block_on(async {
+        let mut signals = StopSignals::install()?;
+        let start = tokio::time::Instant::now();
+        let mut ticker = tokio::time::interval_at(start + options.interval, options.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let deadline = options.duration.map(|window| start + window);
+        loop {
+            tokio::select! {
+                _ = signals.next() => break,
+                () = sleep_until(deadline) => break,
+                _ = ticker.tick() => {
+                    let interval = watcher.interval(&tracer.maps, &options)?;
+                    sink.write(&match format {
+                        Format::Text => output::text::watch::render_interval(&interval),
+                        Format::Json => output::json::render_json_line(&interval),
+                    })?;
+                    watcher.last = Some(interval);
+                }
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    drop(tracer);
+    if format == Format::Text {
+        sink.write(&output::text::watch::render_final(watcher.last.as_ref()))?;
+    }
+    Ok(if watcher.leaked && args.fail_on_leak {
+        ExitCode::from(memleak::trace::check::EXIT_LEAK)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Everything the watch keeps between intervals.
+struct Watcher<'a> {
+    snapshotter: Snapshotter,
+    memory: KernelMemory<'a>,
+    series: Series,
+    history: Option<History>,
+    /// Whether writing the history has failed (said once on standard error).
+    history_failed: bool,
+    started_ns: u64,
+    previous_ns: u64,
+    /// What the tracer could not attach, repeated in the first interval.
+    notes: Vec<String>,
+    /// A site reached warning or critical at some point.
+    leaked: bool,
+    last: Option<Interval>,
+}
+
+impl Watcher<'_> {
+    fn interval(
+        &mut self,
+        maps: &memleak::bpf::maps::TracerMaps,
+        options: &watch::Options,
+    ) -> Result<Interval> {
+        let now_ns = monotonic_now_ns();
+        let at_ms = unix_now_ms();
+        let snapshot = self
+            .snapshotter
+            .take(maps, &mut self.memory, now_ns, self.previous_ns)?;
+        let interval_ms = now_ns.saturating_sub(self.previous_ns) / 1_000_000;
+        self.previous_ns = now_ns;
+
+        let mut present = HashSet::new();
+        for site in &snapshot.sites {
+            self.series.add(at_ms, &site.figures);
+            present.insert(site.figures.site.clone());
+        }
+        self.series.mark_absent(at_ms, &present);
+        let current: HashMap<&SiteName, &SnapshotSite> = snapshot
+            .sites
+            .iter()
+            .map(|site| (&site.figures.site, site))
+            .collect();
+        let leaks: Vec<Leak> = self
+            .series
+            .judge(at_ms, &options.thresholds)
+            .into_iter()
+            .map(|(site, judgement, since_ms)| {
+                let now = current.get(&site);
+                Leak {
+                    count: now.map_or(0, |now| now.figures.count),
+                    bytes: now.map_or(0, |now| now.figures.bytes),
+                    frames: now.map(|now| now.entry.frames.clone()).unwrap_or_default(),
+                    judgement,
+                    since_ms,
+                    site,
+                }
+            })
+            .collect();
+        self.leaked |= leaks
+            .iter()
+            .any(|leak| leak.judgement.severity >= Severity::Warning);
+
+        let mut notes = std::mem::take(&mut self.notes);
+        notes.extend(snapshot.notes);
+        if let Some(history) = &mut self.history {
+            let figures: Vec<_> = snapshot.sites.iter().map(|site| &site.figures).collect();
+            let retain_ms = options.retain.as_millis() as u64;
+            if let Err(error) = history.record(at_ms, &figures, &leaks, retain_ms) {
+                // The watch goes on in memory; every interval says the history is not kept.
+                if !self.history_failed {
+                    eprintln!("memleak: warning: {error}; the watch goes on without history");
+                    self.history_failed = true;
+                }
+                notes.push(format!("history not written: {error}"));
+            }
+        }
+        let sample_rate = options.tracer.sample_rate;
+        Ok(Interval {
+            schema: SCHEMA_VERSION,
+            at_ms,
+            elapsed_ms: now_ns.saturating_sub(self.started_ns) / 1_000_000,
+            interval_ms,
+            sample_rate,
+            estimated: sample_rate > 1,
+            stats: snapshot.stats,
+            sites: snapshot
+                .sites
+                .iter()
+                .take(options.top)
+                .map(|site| site.figures.clone())
+                .collect(),
+            leaks,
+            notes,
+        })
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// `memleak history`.
+pub fn history(args: &HistoryArgs) -> Result<ExitCode> {
+    let history = History::open_existing(&args.history)?;
+    let since_ms = unix_now_ms().saturating_sub(args.since.as_millis() as u64);
+    let report = HistoryReport {
+        verdicts: history.verdicts(since_ms)?,
+        series: match &args.site {
+            Some(pattern) => history.series(pattern)?,
+            None => Vec::new(),
+        },
+    };
+    let mut sink = ReportSink::open(None)?;
+    sink.write(&output::render(
+        &report,
+        args.format,
+        output::text::watch::render_history,
+    ))?;
+    Ok(ExitCode::SUCCESS)
+}
