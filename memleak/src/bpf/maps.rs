@@ -9,7 +9,7 @@ use aya::{
 };
 use hashbrown::HashMap;
 use memleak_common::{
-    AllocRecord, COUNTER_COUNT, CacheName, Counter, KeyBucket, RecordBucket, TaskComm,
+    AllocRecord, COUNTER_COUNT, CacheName, Counter, KeyBucket, RecordBucket, TaskComm, mix64,
 };
 use serde::{Deserialize, Serialize};
 
@@ -186,6 +186,55 @@ pub fn remove_objects(maps: &TracerMaps, objects: &HashMap<u64, u64>) -> Result<
         }
     }
     Ok(removed)
+}
+
+/// Puts objects back into the table, as the programs record them: a watch restarted from its
+/// history re-seeds the objects it had (checked still allocated), so that their frees are
+/// seen again. A slot is claimed by a compare-and-swap of an empty key, as the programs do;
+/// an object whose bucket is full is left out. Returns how many were put back.
+pub fn insert_objects(maps: &TracerMaps, objects: &[(u64, AllocRecord)]) -> Result<u64> {
+    if objects.is_empty() {
+        return Ok(0);
+    }
+    let buckets = maps.buckets as usize;
+    let mut keys = MappedArray::<KeyBucket>::new(
+        &maps.keys,
+        0..buckets,
+        Access::ReadWrite,
+        "the table's keys",
+    )?;
+    let mut records = MappedArray::<RecordBucket>::new(
+        &maps.records,
+        0..buckets,
+        Access::ReadWrite,
+        "the table's records",
+    )?;
+    let (keys, records) = (keys.as_mut_slice(), records.as_mut_slice());
+    let mut inserted = 0;
+    for (address, record) in objects {
+        // The programs' bucket: the low bits of the address's hash (`bucket_mask`).
+        let bucket = (mix64(*address) as u32 as usize) & (buckets - 1);
+        for (key, slot) in keys[bucket]
+            .keys
+            .iter_mut()
+            .zip(&mut records[bucket].records)
+        {
+            // SAFETY: as in `remove_objects`.
+            let key = unsafe { AtomicU64::from_ptr(key) };
+            if key.load(Ordering::Relaxed) == *address {
+                break;
+            }
+            if key
+                .compare_exchange(0, *address, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+            {
+                *slot = *record;
+                inserted += 1;
+                break;
+            }
+        }
+    }
+    Ok(inserted)
 }
 
 fn c_string(bytes: &[u8]) -> String {

@@ -331,6 +331,10 @@ pub struct WatchArgs {
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Kind::Slab, Kind::Vmalloc, Kind::Percpu])]
     pub kinds: Vec<Kind>,
 
+    /// Record only allocations made by this process (thread-group id).
+    #[arg(short, long)]
+    pub pid: Option<u32>,
+
     /// Outstanding objects the in-kernel table can hold (rounded up to a power of two).
     #[arg(long, value_name = "OBJECTS", default_value_t = 1 << 18,
           value_parser = clap::value_parser!(u32).range(1024..=(1 << 26)))]

@@ -111,7 +111,7 @@ impl From<&WatchArgs> for watch::Options {
                 capacity: args.capacity,
                 sample_rate: args.sample_rate,
                 stack_sample_rate: args.stack_sample_rate,
-                filter_tgid: None,
+                filter_tgid: args.pid,
                 filter_comm: None,
                 min_size: None,
                 max_size: None,

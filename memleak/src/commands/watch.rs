@@ -10,14 +10,15 @@ use memleak::{
     kinds::Kind,
     output::{self, Format, ReportOptions, ReportSink},
     scan,
-    trace::build::KernelMemory,
+    scan::Liveness,
+    trace::build::{KernelMemory, check_liveness},
     util::{
         clock::{monotonic_now_ns, unix_now_ms},
         duration,
     },
     watch::{
         self, Interval, Leak, SCHEMA_VERSION, Series, SiteName,
-        history::{History, HistoryReport},
+        history::{History, HistoryReport, StoredObjects},
         snapshot::{SnapshotSite, Snapshotter},
         verdict::Severity,
     },
@@ -30,6 +31,11 @@ pub fn run(args: &WatchArgs) -> Result<ExitCode> {
     let options = watch::Options::from(args);
     let report_options = ReportOptions::from(&args.report);
     privileges::require_root()?;
+    if let Some(pid) = options.tracer.filter_tgid
+        && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    {
+        anyhow::bail!("--pid {pid}: no such process");
+    }
     privileges::lift_memlock_limit();
     let mut sink = ReportSink::open(report_options.output.as_deref())?;
     // Opened before attaching: a store that cannot be used fails the watch now, not later.
@@ -68,12 +74,26 @@ pub fn run(args: &WatchArgs) -> Result<ExitCode> {
             None => "until Ctrl-C or SIGTERM".to_owned(),
         }
     );
+    let boot_id = kernel::boot_id()?;
+    let mut memory = KernelMemory::new(None, slab_layout);
+    let mut snapshotter = Snapshotter::new(
+        options.tracer.sample_rate,
+        tracer.attached == Attached::BtfTracepoints,
+    );
+    if let Some(history) = &history {
+        reseed(
+            history,
+            &boot_id,
+            &tracer.maps,
+            &mut memory,
+            &mut snapshotter,
+            &tracer,
+        )?;
+    }
     let mut watcher = Watcher {
-        snapshotter: Snapshotter::new(
-            options.tracer.sample_rate,
-            tracer.attached == Attached::BtfTracepoints,
-        ),
-        memory: KernelMemory::new(None, slab_layout),
+        snapshotter,
+        memory,
+        boot_id,
         series,
         history: history.take(),
         history_failed: false,
@@ -122,6 +142,7 @@ struct Watcher<'a> {
     snapshotter: Snapshotter,
     memory: KernelMemory<'a>,
     series: Series,
+    boot_id: String,
     history: Option<History>,
     /// Whether writing the history has failed (said once on standard error).
     history_failed: bool,
@@ -184,7 +205,14 @@ impl Watcher<'_> {
         if let Some(history) = &mut self.history {
             let figures: Vec<_> = snapshot.sites.iter().map(|site| &site.figures).collect();
             let retain_ms = options.retain.as_millis() as u64;
-            if let Err(error) = history.record(at_ms, &figures, &leaks, retain_ms) {
+            let objects = StoredObjects {
+                boot_id: &self.boot_id,
+                objects: &snapshot.allocated_slab_objects,
+                cache_names: self.snapshotter.cache_names(),
+            };
+            if let Err(error) =
+                history.record_with_objects(at_ms, &figures, &leaks, retain_ms, Some(objects))
+            {
                 // The watch goes on in memory; every interval says the history is not kept.
                 if !self.history_failed {
                     eprintln!("memleak: warning: {error}; the watch goes on without history");
@@ -212,6 +240,52 @@ impl Watcher<'_> {
             notes,
         })
     }
+}
+
+/// Puts the objects of the last stored interval back into the fresh table, those that kernel
+/// memory shows still allocated: their count continues the series, and their frees are seen
+/// again. Objects of other kinds cannot be checked, and are left out.
+fn reseed(
+    history: &History,
+    boot_id: &str,
+    maps: &memleak::bpf::maps::TracerMaps,
+    memory: &mut KernelMemory<'_>,
+    snapshotter: &mut Snapshotter,
+    tracer: &probes::Tracer,
+) -> Result<()> {
+    let (objects, cache_names) = history.objects(boot_id)?;
+    snapshotter.remember_cache_names(cache_names);
+    if objects.is_empty() {
+        return Ok(());
+    }
+    let mut notes = Vec::new();
+    let liveness = check_liveness(
+        |visit| {
+            objects
+                .iter()
+                .for_each(|(address, record)| visit(*address, record));
+            Ok(())
+        },
+        memory,
+        tracer.attached == Attached::BtfTracepoints,
+        &mut notes,
+    )?;
+    let allocated: Vec<(u64, memleak_common::AllocRecord)> = objects
+        .iter()
+        .zip(&liveness.states)
+        .filter(|(_, state)| **state == Liveness::Allocated)
+        .map(|(object, _)| *object)
+        .collect();
+    let inserted = memleak::bpf::maps::insert_objects(maps, &allocated)?;
+    eprintln!(
+        "memleak: {inserted} of the {} objects stored by the last interval are still allocated \
+         and tracked again",
+        objects.len()
+    );
+    for note in notes {
+        log::info!("re-seeding: {note}");
+    }
+    Ok(())
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {

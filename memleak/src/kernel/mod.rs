@@ -18,6 +18,14 @@ pub fn release() -> Result<String> {
     Ok(text.trim().to_owned())
 }
 
+/// This boot's random id: kernel addresses and monotonic timestamps mean the same only
+/// within one boot.
+pub fn boot_id() -> Result<String> {
+    let text = fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .context("reading /proc/sys/kernel/random/boot_id")?;
+    Ok(text.trim().to_owned())
+}
+
 pub fn has_btf() -> bool {
     Path::new(BTF_PATH).exists()
 }

@@ -3,6 +3,8 @@
 //! `memleak history` can look back. Bounded by age (`--retain`).
 use std::path::{Path, PathBuf};
 
+use hashbrown::HashMap;
+use memleak_common::{AllocRecord, STACK_NOT_SAMPLED};
 use rusqlite::{Connection, OptionalExtension as _, params};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -69,6 +71,17 @@ pub struct StoredSeries {
     #[serde(flatten)]
     pub site: SiteName,
     pub points: Vec<StoredPoint>,
+}
+
+/// The objects of the last interval (address, record) and their caches' names (id, name).
+pub type RestoredTable = (Vec<(u64, AllocRecord)>, Vec<(u64, String)>);
+
+/// The table's objects to store with an interval, and the names of their caches.
+#[derive(Debug, Clone, Copy)]
+pub struct StoredObjects<'a> {
+    pub boot_id: &'a str,
+    pub objects: &'a [(u64, AllocRecord)],
+    pub cache_names: &'a HashMap<u64, String>,
 }
 
 pub struct History {
@@ -160,7 +173,19 @@ impl History {
                      count INTEGER NOT NULL,
                      bytes INTEGER NOT NULL,
                      PRIMARY KEY (site, at_ms));
-                 CREATE INDEX IF NOT EXISTS verdicts_at ON verdicts (at_ms);",
+                 CREATE INDEX IF NOT EXISTS verdicts_at ON verdicts (at_ms);
+                 CREATE TABLE IF NOT EXISTS boot (id TEXT NOT NULL);
+                 CREATE TABLE IF NOT EXISTS objects (
+                     address INTEGER PRIMARY KEY,
+                     call_site INTEGER NOT NULL,
+                     cache_id INTEGER NOT NULL,
+                     timestamp_ns INTEGER NOT NULL,
+                     bytes_requested INTEGER NOT NULL,
+                     bytes_allocated INTEGER NOT NULL,
+                     tgid INTEGER NOT NULL,
+                     kind INTEGER NOT NULL,
+                     gfp_flags INTEGER NOT NULL);
+                 CREATE TABLE IF NOT EXISTS caches (id INTEGER PRIMARY KEY, name TEXT NOT NULL);",
             )
             .map_err(|error| self.sqlite(error))?;
         self.connection
@@ -216,6 +241,19 @@ impl History {
         sites: &[&SiteFigures],
         leaks: &[Leak],
         retain_ms: u64,
+    ) -> Result<(), HistoryError> {
+        self.record_with_objects(at_ms, sites, leaks, retain_ms, None)
+    }
+
+    /// [`Self::record`], also replacing the stored table of objects (and the caches' names)
+    /// with `objects`, stamped with this boot's id, for [`Self::objects`] after a restart.
+    pub fn record_with_objects(
+        &mut self,
+        at_ms: u64,
+        sites: &[&SiteFigures],
+        leaks: &[Leak],
+        retain_ms: u64,
+        objects: Option<StoredObjects<'_>>,
     ) -> Result<(), HistoryError> {
         let transaction = self
             .connection
@@ -273,7 +311,108 @@ impl History {
                 [],
             )
             .map_err(|error| self.sqlite(error))?;
+        if let Some(objects) = objects {
+            self.replace_objects(objects)?;
+        }
         transaction.commit().map_err(|error| self.sqlite(error))
+    }
+
+    fn replace_objects(&self, objects: StoredObjects<'_>) -> Result<(), HistoryError> {
+        let sqlite = |error| self.sqlite(error);
+        self.connection
+            .execute_batch("DELETE FROM objects; DELETE FROM boot;")
+            .map_err(sqlite)?;
+        self.connection
+            .execute(
+                "INSERT INTO boot (id) VALUES (?1)",
+                params![objects.boot_id],
+            )
+            .map_err(sqlite)?;
+        let mut insert = self
+            .connection
+            .prepare_cached(
+                "INSERT OR REPLACE INTO objects (address, call_site, cache_id, timestamp_ns,
+                     bytes_requested, bytes_allocated, tgid, kind, gfp_flags)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )
+            .map_err(sqlite)?;
+        for (address, record) in objects.objects {
+            // Addresses and call sites are kernel addresses above i64::MAX: stored as their
+            // two's-complement i64, read back the same way.
+            insert
+                .execute(params![
+                    *address as i64,
+                    record.call_site as i64,
+                    record.cache_id as i64,
+                    record.timestamp_ns,
+                    record.bytes_requested,
+                    record.bytes_allocated,
+                    record.tgid,
+                    record.kind,
+                    record.gfp_flags
+                ])
+                .map_err(sqlite)?;
+        }
+        let mut name = self
+            .connection
+            .prepare_cached("INSERT OR REPLACE INTO caches (id, name) VALUES (?1, ?2)")
+            .map_err(sqlite)?;
+        for (id, cache) in objects.cache_names {
+            name.execute(params![*id as i64, cache]).map_err(sqlite)?;
+        }
+        Ok(())
+    }
+
+    /// The objects stored by the last interval, if it ran in this boot (`boot_id`), with the
+    /// caches' names; nothing after a reboot.
+    pub fn objects(&self, boot_id: &str) -> Result<RestoredTable, HistoryError> {
+        let sqlite = |error| self.sqlite(error);
+        let stored_boot: Option<String> = self
+            .connection
+            .query_row("SELECT id FROM boot", [], |row| row.get(0))
+            .optional()
+            .map_err(sqlite)?;
+        if stored_boot.as_deref() != Some(boot_id) {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let mut statement = self
+            .connection
+            .prepare(
+                "SELECT address, call_site, cache_id, timestamp_ns, bytes_requested,
+                     bytes_allocated, tgid, kind, gfp_flags FROM objects",
+            )
+            .map_err(sqlite)?;
+        let objects = statement
+            .query_map([], |row| {
+                Ok((
+                    row.get::<_, i64>(0)? as u64,
+                    AllocRecord {
+                        call_site: row.get::<_, i64>(1)? as u64,
+                        cache_id: row.get::<_, i64>(2)? as u64,
+                        timestamp_ns: row.get(3)?,
+                        bytes_requested: row.get(4)?,
+                        bytes_allocated: row.get(5)?,
+                        // The stack map is the old tracer's: its ids mean nothing now.
+                        stack_id: STACK_NOT_SAMPLED,
+                        tgid: row.get(6)?,
+                        kind: row.get(7)?,
+                        gfp_flags: row.get(8)?,
+                    },
+                ))
+            })
+            .map_err(sqlite)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(sqlite)?;
+        let mut statement = self
+            .connection
+            .prepare("SELECT id, name FROM caches")
+            .map_err(sqlite)?;
+        let names = statement
+            .query_map([], |row| Ok((row.get::<_, i64>(0)? as u64, row.get(1)?)))
+            .map_err(sqlite)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(sqlite)?;
+        Ok((objects, names))
     }
 
     /// Replays into `series` the points of the last `window_ms` before `now_ms`: a restarted
@@ -481,5 +620,48 @@ mod tests {
             "not a database, just text that is long enough"
         );
         assert!(History::open_existing(&scratch.path().join("missing.sqlite")).is_err());
+    }
+
+    #[test]
+    fn objects_come_back_in_the_same_boot_only() {
+        let scratch = ScratchDir::new("history-objects");
+        let path = scratch.path().join("history.sqlite");
+        let record = AllocRecord {
+            call_site: 0xffff_ffff_8123_4567,
+            cache_id: 0xffff_8880_0100_0000,
+            timestamp_ns: 123_456_789,
+            bytes_requested: 40,
+            bytes_allocated: 64,
+            stack_id: 7,
+            tgid: 42,
+            kind: 1,
+            gfp_flags: 0xcc0,
+        };
+        let names: HashMap<u64, String> = [(record.cache_id, "filp".to_owned())].into();
+        let objects = [(0xffff_8880_0123_4000u64, record)];
+        let mut history = History::open(&path).unwrap();
+        history
+            .record_with_objects(
+                1_000,
+                &[],
+                &[],
+                60_000,
+                Some(StoredObjects {
+                    boot_id: "boot-a",
+                    objects: &objects,
+                    cache_names: &names,
+                }),
+            )
+            .unwrap();
+        let (read, read_names) = history.objects("boot-a").unwrap();
+        assert_eq!(read.len(), 1);
+        assert_eq!(read[0].0, 0xffff_8880_0123_4000);
+        let expected = AllocRecord {
+            stack_id: STACK_NOT_SAMPLED,
+            ..record
+        };
+        assert_eq!(format!("{:?}", read[0].1), format!("{expected:?}"));
+        assert_eq!(read_names, [(record.cache_id, "filp".to_owned())]);
+        assert!(history.objects("boot-b").unwrap().0.is_empty());
     }
 }

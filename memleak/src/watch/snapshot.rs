@@ -33,6 +33,9 @@ pub struct Snapshot {
     pub sites: Vec<SnapshotSite>,
     pub stats: IntervalStats,
     pub notes: Vec<String>,
+    /// The slab objects found still allocated, as the table records them: what the history
+    /// keeps to re-seed the table after a restart.
+    pub allocated_slab_objects: Vec<(u64, AllocRecord)>,
 }
 
 /// Takes snapshots, keeping what does not change between them: the symbolizer, the caches'
@@ -40,6 +43,9 @@ pub struct Snapshot {
 pub struct Snapshotter {
     symbolizer: KernelSymbolizer,
     site_caches: HashMap<SiteKey, String>,
+    /// The names of the caches of kmem_cache records, from the programs' map, kept across
+    /// intervals and restarts (a re-seeded object's cache may see no allocation again).
+    cache_names: HashMap<u64, String>,
     previous: Counters,
     sample_rate: u32,
     /// kmem_cache records name their cache by its `struct kmem_cache *` (tp_btf).
@@ -51,10 +57,21 @@ impl Snapshotter {
         Self {
             symbolizer: KernelSymbolizer::new(),
             site_caches: HashMap::new(),
+            cache_names: HashMap::new(),
             previous: Counters::default(),
             sample_rate,
             cache_ids_are_pointers,
         }
+    }
+
+    /// The names of the caches seen so far, by cache id.
+    pub fn cache_names(&self) -> &HashMap<u64, String> {
+        &self.cache_names
+    }
+
+    /// Names learned before (a restarted watch's history).
+    pub fn remember_cache_names(&mut self, names: impl IntoIterator<Item = (u64, String)>) {
+        self.cache_names.extend(names);
     }
 
     /// Snapshots the table at `now_ns` (CLOCK_MONOTONIC); objects allocated after
@@ -87,6 +104,7 @@ impl Snapshotter {
         let mut new_objects: HashMap<SiteKey, u64> = HashMap::new();
         let mut found_free: HashMap<u64, u64> = HashMap::new();
         let mut picks = Picks::default();
+        let mut allocated_slab_objects = Vec::new();
         let mut states = liveness.states.iter();
         for (address, record) in &records {
             let state = build::is_slab_object(record)
@@ -98,7 +116,11 @@ impl Snapshotter {
                     continue;
                 }
                 Some(Liveness::Unverified) => aggregator.add_unverified(record),
-                Some(Liveness::Allocated) | None => aggregator.add(record),
+                Some(Liveness::Allocated) => {
+                    allocated_slab_objects.push((*address, *record));
+                    aggregator.add(record);
+                }
+                None => aggregator.add(record),
             }
             if let Some(key) = SiteKey::of(record) {
                 if !self.site_caches.contains_key(&key) {
@@ -125,13 +147,13 @@ impl Snapshotter {
         let stacks = table::read_stacks(maps, stack_ids)?;
         self.symbolizer
             .resolve(report::addresses_to_symbolize(&sites, &stacks))?;
-        let cache_names = table::read_cache_names(maps)?;
+        self.cache_names.extend(table::read_cache_names(maps)?);
         let comms = HashMap::new();
         let symbolizer = &self.symbolizer;
         let frame = |address| -> Frame { symbolizer.frame(address) };
         let context = report::Context {
             stacks: &stacks,
-            cache_names: &cache_names,
+            cache_names: &self.cache_names,
             site_caches: &self.site_caches,
             comms: &comms,
             now_ns,
@@ -197,6 +219,7 @@ impl Snapshotter {
             sites,
             stats,
             notes,
+            allocated_slab_objects,
         })
     }
 }

@@ -353,6 +353,54 @@ fn run_growth(command: &str, rate: &str, seconds: &str) -> Result<(), String> {
     }
 }
 
+/// The workload `memleak watch` must judge: for SECONDS, a leak of RATE eventfds a second
+/// (never closed: `struct eventfd_ctx` from do_eventfd), among a pool of 300 pipes that fills
+/// over its first 3 seconds and then replaces its oldest pipe every 10 ms (each lives about
+/// 3 s: alloc_pipe_info's objects grow, level off and never age), and epoll instances
+/// created and closed all the time (churn, freed through RCU). Prints `ready` first.
+fn watch_mix(rate: &str, seconds: &str) -> Result<(), String> {
+    let rate: u64 = rate.parse().map_err(|_| format!("bad rate `{rate}`"))?;
+    let seconds: u64 = seconds
+        .parse()
+        .map_err(|_| format!("bad number of seconds `{seconds}`"))?;
+    raise_fd_limit(rate * seconds + 2 * POOL_PIPES + 64);
+    const POOL_PIPES: u64 = 300;
+    const STEP: Duration = Duration::from_millis(10);
+    let mut leaked = Vec::new();
+    let mut pool: std::collections::VecDeque<[libc::c_int; 2]> = std::collections::VecDeque::new();
+    say("ready");
+    let started = Instant::now();
+    let mut next_leak = Duration::ZERO;
+    let mut step = 0u32;
+    while started.elapsed() < Duration::from_secs(seconds) {
+        while started.elapsed() >= next_leak && rate > 0 {
+            leaked.push(eventfd().map_err(|error| format!("eventfd: {error}"))?);
+            next_leak += Duration::from_secs(1) / rate as u32;
+        }
+        let mut ends = [0; 2];
+        if unsafe { libc::pipe(ends.as_mut_ptr()) } != 0 {
+            return Err(last_error("pipe"));
+        }
+        pool.push_back(ends);
+        if pool.len() as u64 > POOL_PIPES
+            && let Some(oldest) = pool.pop_front()
+        {
+            oldest.iter().for_each(|&fd| unsafe {
+                libc::close(fd);
+            });
+        }
+        epoll_cycle()?;
+        step += 1;
+        let due = STEP * step;
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+    std::hint::black_box(&leaked);
+    say("done");
+    Ok(())
+}
+
 fn run(args: &[String]) -> Result<(), String> {
     if let [command, held, more] = args
         && command == "similar-messages"
@@ -369,13 +417,18 @@ fn run(args: &[String]) -> Result<(), String> {
     {
         return run_growth(command, rate, seconds);
     }
+    if let [command, rate, seconds] = args
+        && command == "watch-mix"
+    {
+        return watch_mix(rate, seconds);
+    }
     let [command, number] = args else {
         return Err(
             "usage: memleak-fixture [wait-then-]hold-eventfds|churn-eventfds|hold-bpf-maps\
              |hold-pipe-pages|churn-pipe-pages|leave-messages|clean-messages|hold-messages N \
              | churn-epolls|churn-processes|churn-threads|churn-timerfds|churn-tcp|churn-udp\
              |churn-unix|churn-io-uring|churn-bpf-hash|churn-inotify|churn-mount-ns|churn-pidfds N \
-             | bench-churn|bench-mixed MILLIS | grow-eventfds|grow-bpf-maps|grow-pipe-pages RATE SECONDS"
+             | bench-churn|bench-mixed MILLIS | grow-eventfds|grow-bpf-maps|grow-pipe-pages|watch-mix RATE SECONDS"
                 .into(),
         );
     };

@@ -1,0 +1,240 @@
+//! `memleak watch` on a workload whose leak is known by construction (`memleak-fixture
+//! watch-mix`): 20 eventfds a second never closed (`struct eventfd_ctx`, kmalloc in
+//! do_eventfd), among a pool of 300 pipes that fills over 3 s and then replaces its oldest
+//! member every 10 ms (alloc_pipe_info: warm-up that levels off, members that never age), and
+//! epoll instances created and closed all the time (churn, freed through RCU).
+//!
+//! The leak must be judged a leak (warning or worse) within a few 1-second intervals, with its
+//! stack and a rate near 20/s; the pool and the churn never at warning or above. A second
+//! watch on the same history store continues the series: it judges the leak before it could
+//! have from its own intervals.
+use std::{
+    io::{BufRead as _, BufReader},
+    path::Path,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, Result, ensure};
+use memleak::watch::{Interval, Leak, verdict::Severity};
+use memleak_tests::{Guard, end_to_end, fixture_binary, memleak_binary};
+
+const LEAK_SITE: &str = "do_eventfd";
+const POOL_SITE: &str = "alloc_pipe_info";
+const CHURN_SITES: &[&str] = &["ep_alloc", "do_epoll_create"];
+
+/// Starts the fixture for `seconds` and waits until it says `ready`.
+fn start_workload(seconds: u32) -> Result<Guard> {
+    let mut child = Command::new(fixture_binary()?)
+        .args(["watch-mix", "20", &seconds.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting memleak-fixture watch-mix")?;
+    let stdout = child.stdout.take().context("the fixture's stdout")?;
+    let guard = Guard::new(child);
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .context("reading the fixture's first line")?;
+    ensure!(line.trim() == "ready", "the fixture said `{}`", line.trim());
+    Ok(guard)
+}
+
+/// Runs `memleak watch --format json --pid PID` with 1-second intervals and reads its lines.
+/// (The pid keeps other tests' eventfds, and the machine's, out of the sites judged.)
+fn watch(seconds: u32, pid: u32, history: Option<&Path>) -> Result<Vec<Interval>> {
+    let duration = format!("{seconds}s");
+    let pid = pid.to_string();
+    let mut args = vec![
+        "watch",
+        "--pid",
+        &pid,
+        "--interval",
+        "1s",
+        "--duration",
+        &duration,
+        "--sample-rate",
+        "1",
+        "--format",
+        "json",
+        "--top",
+        "1000",
+    ];
+    let history_arg;
+    match history {
+        Some(path) => {
+            history_arg = path.display().to_string();
+            args.extend(["--history", &history_arg]);
+        }
+        None => args.push("--no-history"),
+    }
+    let output = Command::new(memleak_binary()?)
+        .args(&args)
+        .output()
+        .context("running memleak watch")?;
+    ensure!(
+        output.status.success(),
+        "memleak watch exited {}: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout)?
+        .lines()
+        .map(|line| serde_json::from_str(line).with_context(|| format!("parsing `{line}`")))
+        .collect()
+}
+
+fn leak_at<'a>(interval: &'a Interval, function: &str) -> Option<&'a Leak> {
+    interval
+        .leaks
+        .iter()
+        .find(|leak| leak.site.call_site.starts_with(function))
+}
+
+#[test]
+fn a_leak_among_a_pool_and_churn_is_judged_and_they_are_not() -> Result<()> {
+    let Some(_lock) = end_to_end() else {
+        return Ok(());
+    };
+    let mut workload = start_workload(30)?;
+    let intervals = watch(12, workload.child().id(), None)?;
+    drop(workload);
+    ensure!(
+        intervals.len() >= 10,
+        "{} intervals in 12 s",
+        intervals.len()
+    );
+
+    // The workload was seen: the pool's 300 pipes and the leaked eventfds are in the figures.
+    let last = intervals.last().expect("checked above");
+    let figures = |function: &str| {
+        last.sites
+            .iter()
+            .filter(|site| site.site.call_site.starts_with(function))
+            .map(|site| site.count)
+            .sum::<u64>()
+    };
+    ensure!(
+        figures(POOL_SITE) >= 250,
+        "pool: {} pipes seen",
+        figures(POOL_SITE)
+    );
+    ensure!(
+        figures(LEAK_SITE) >= 150,
+        "leak: {} eventfds seen",
+        figures(LEAK_SITE)
+    );
+
+    let first_warning = intervals.iter().position(|interval| {
+        leak_at(interval, LEAK_SITE)
+            .is_some_and(|leak| leak.judgement.severity >= Severity::Warning)
+    });
+    let first = first_warning.context("the eventfd leak was never judged leaking")?;
+    ensure!(first <= 8, "judged leaking only at interval {}", first + 1);
+    let leak = leak_at(last, LEAK_SITE).context("the leak is gone from the last interval")?;
+    ensure!(leak.judgement.severity >= Severity::Warning, "{leak:?}");
+    ensure!(
+        (15.0..=25.0).contains(&leak.judgement.objects_per_second),
+        "rate {} objects/s for a leak of 20/s",
+        leak.judgement.objects_per_second
+    );
+    ensure!(
+        leak.judgement.aging && !leak.judgement.levelled_off,
+        "{leak:?}"
+    );
+    ensure!(
+        leak.frames.iter().any(|frame| frame
+            .symbol
+            .as_deref()
+            .is_some_and(|symbol| symbol.contains("eventfd"))),
+        "no eventfd frame in {:?}",
+        leak.frames
+    );
+
+    for interval in &intervals {
+        for site in std::iter::once(POOL_SITE).chain(CHURN_SITES.iter().copied()) {
+            if let Some(judged) = leak_at(interval, site) {
+                ensure!(
+                    judged.judgement.severity < Severity::Warning,
+                    "{site} judged {:?} at +{} ms: {judged:?}",
+                    judged.judgement.severity,
+                    interval.elapsed_ms
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_restarted_watch_continues_its_series_from_the_store() -> Result<()> {
+    let Some(_lock) = end_to_end() else {
+        return Ok(());
+    };
+    let directory = std::env::temp_dir().join(format!("memleak-watch-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&directory);
+    let store = directory.join("history.sqlite");
+    let mut workload = start_workload(30)?;
+    let pid = workload.child().id();
+    let before = watch(5, pid, Some(&store))?;
+    ensure!(
+        before.iter().all(|interval| leak_at(interval, LEAK_SITE)
+            .is_none_or(|leak| leak.judgement.severity < Severity::Warning)),
+        "five intervals are too few for a warning (6 by default): the check below proves nothing"
+    );
+    let after = watch(5, pid, Some(&store))?;
+    drop(workload);
+    // Six points are needed for a warning; the second watch has them only with the first's.
+    let judged = after
+        .iter()
+        .take(3)
+        .find_map(|interval| leak_at(interval, LEAK_SITE))
+        .context("the restarted watch did not judge the leak in its first 3 intervals")?;
+    ensure!(judged.judgement.severity >= Severity::Warning, "{judged:?}");
+    ensure!(judged.judgement.points >= 6, "{judged:?}");
+    // The re-seeded objects keep the count growing across the restart, not back from zero.
+    let count_before = leak_at(before.last().expect("intervals"), LEAK_SITE)
+        .map(|leak| leak.count)
+        .or_else(|| {
+            before.last().and_then(|interval| {
+                interval
+                    .sites
+                    .iter()
+                    .find(|site| site.site.call_site.starts_with(LEAK_SITE))
+                    .map(|site| site.count)
+            })
+        })
+        .context("the leak's site is not in the first watch's last interval")?;
+    ensure!(
+        judged.count > count_before,
+        "after the restart {} objects, before it {count_before}",
+        judged.count
+    );
+
+    let history = Command::new(memleak_binary()?)
+        .args(["history", "--history"])
+        .arg(&store)
+        .args(["--site", LEAK_SITE, "--format", "json"])
+        .output()
+        .context("running memleak history")?;
+    ensure!(
+        history.status.success(),
+        "memleak history exited {}",
+        history.status
+    );
+    let report: memleak::watch::history::HistoryReport = serde_json::from_slice(&history.stdout)?;
+    let points: usize = report.series.iter().map(|series| series.points.len()).sum();
+    ensure!(
+        points >= 8,
+        "{points} points stored for the leak over two watches"
+    );
+    ensure!(
+        report
+            .verdicts
+            .iter()
+            .any(|verdict| verdict.site.call_site.starts_with(LEAK_SITE)
+                && verdict.severity != "info"),
+        "no stored warning for the leak"
+    );
+    let _ = std::fs::remove_dir_all(&directory);
+    Ok(())
+}
