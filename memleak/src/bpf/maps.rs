@@ -237,6 +237,30 @@ pub fn insert_objects(maps: &TracerMaps, objects: &[(u64, AllocRecord)]) -> Resu
     Ok(inserted)
 }
 
+/// Deletes the captured stacks that no outstanding object uses (`in_use`), once the stack
+/// map is more than half full: in a long watch, stacks of freed objects would otherwise fill
+/// it and stop stack capture. A stack captured between the caller's reading of the table and
+/// this pruning may go too; its object then reports its call site alone. Returns how many
+/// were deleted.
+pub fn prune_stacks(maps: &mut TracerMaps, in_use: &hashbrown::HashSet<u32>) -> Result<u64> {
+    let mut map: StackTraceMap<&mut MapData> = StackTraceMap::try_from(&mut maps.stacks)?;
+    let ids: Vec<u32> = map
+        .stack_ids()
+        .collect::<Result<_, _>>()
+        .context("listing STACKS")?;
+    if (ids.len() as u32) < super::probes::STACK_MAP_ENTRIES / 2 {
+        return Ok(0);
+    }
+    let mut removed = 0;
+    for id in ids.iter().filter(|id| !in_use.contains(*id)) {
+        // Gone already (freed by the programs' reuse) is as good as deleted.
+        if map.remove(id).is_ok() {
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 fn c_string(bytes: &[u8]) -> String {
     let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
     String::from_utf8_lossy(&bytes[..end]).into_owned()

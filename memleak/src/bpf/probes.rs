@@ -41,7 +41,7 @@ pub enum AttachMethod {
 }
 
 /// Stack map entries: each holds up to 127 frames (1 KiB), preallocated by the kernel.
-const STACK_MAP_ENTRIES: u32 = 16_384;
+pub const STACK_MAP_ENTRIES: u32 = 16_384;
 
 /// How the programs ended up attached, for the report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

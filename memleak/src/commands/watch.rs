@@ -62,7 +62,7 @@ pub fn run(args: &WatchArgs) -> Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let tracer = probes::attach(&options.tracer, btf.as_ref())?;
+    let mut tracer = probes::attach(&options.tracer, btf.as_ref())?;
     drop(btf);
     eprintln!(
         "memleak: watching the kernel's allocations ({}, 1 object in {}) every {}; {}",
@@ -115,7 +115,7 @@ pub fn run(args: &WatchArgs) -> Result<ExitCode> {
                 _ = signals.next() => break,
                 () = sleep_until(deadline) => break,
                 _ = ticker.tick() => {
-                    let interval = watcher.interval(&tracer.maps, &options)?;
+                    let interval = watcher.interval(&mut tracer.maps, &options)?;
                     sink.write(&match format {
                         Format::Text => output::text::watch::render_interval(&interval),
                         Format::Json => output::json::render_json_line(&interval),
@@ -158,7 +158,7 @@ struct Watcher<'a> {
 impl Watcher<'_> {
     fn interval(
         &mut self,
-        maps: &memleak::bpf::maps::TracerMaps,
+        maps: &mut memleak::bpf::maps::TracerMaps,
         options: &watch::Options,
     ) -> Result<Interval> {
         let now_ns = monotonic_now_ns();
@@ -166,6 +166,10 @@ impl Watcher<'_> {
         let snapshot = self
             .snapshotter
             .take(maps, &mut self.memory, now_ns, self.previous_ns)?;
+        let pruned = memleak::bpf::maps::prune_stacks(maps, &snapshot.stacks_in_use)?;
+        if pruned > 0 {
+            log::info!("deleted {pruned} stacks no outstanding object uses");
+        }
         let interval_ms = now_ns.saturating_sub(self.previous_ns) / 1_000_000;
         self.previous_ns = now_ns;
 

@@ -3,7 +3,7 @@
 //! Objects found free (their free was not seen: kfree_rcu batches, bulk frees, sheaves) are
 //! counted and removed from the table, so that a watch of days does not fill it with them.
 use anyhow::Result;
-use hashbrown::HashMap;
+use hashbrown::{HashMap, HashSet};
 use memleak_common::AllocRecord;
 
 use super::{IntervalStats, SiteFigures, SiteName};
@@ -36,6 +36,8 @@ pub struct Snapshot {
     /// The slab objects found still allocated, as the table records them: what the history
     /// keeps to re-seed the table after a restart.
     pub allocated_slab_objects: Vec<(u64, AllocRecord)>,
+    /// The stack ids the table's objects still use.
+    pub stacks_in_use: HashSet<u32>,
 }
 
 /// Takes snapshots, keeping what does not change between them: the symbolizer, the caches'
@@ -105,6 +107,7 @@ impl Snapshotter {
         let mut found_free: HashMap<u64, u64> = HashMap::new();
         let mut picks = Picks::default();
         let mut allocated_slab_objects = Vec::new();
+        let mut stacks_in_use = HashSet::new();
         let mut states = liveness.states.iter();
         for (address, record) in &records {
             let state = build::is_slab_object(record)
@@ -121,6 +124,9 @@ impl Snapshotter {
                     aggregator.add(record);
                 }
                 None => aggregator.add(record),
+            }
+            if let Ok(id) = u32::try_from(record.stack_id) {
+                stacks_in_use.insert(id);
             }
             if let Some(key) = SiteKey::of(record) {
                 if !self.site_caches.contains_key(&key) {
@@ -220,6 +226,7 @@ impl Snapshotter {
             stats,
             notes,
             allocated_slab_objects,
+            stacks_in_use,
         })
     }
 }
