@@ -26,6 +26,8 @@ const BPFTRACE_SETTLE: Duration = Duration::from_millis(500);
 /// bpftrace's maps hold 4,096 entries by default; memleak's table holds 1,048,576 objects.
 const BPFTRACE_MAP_KEYS_MAX: &str = "1048576";
 const SAMPLE_RATE: &str = "64";
+/// The watch variant's interval: short enough that the snapshots fall inside a round.
+const WATCH_INTERVAL: &str = "2s";
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -79,6 +81,9 @@ enum Variant {
     Floor,
     Memleak,
     MemleakSampled,
+    /// `memleak watch` with its defaults (one object in 64), snapshotting every
+    /// [`WATCH_INTERVAL`] so that its snapshots are inside the measured window.
+    Watch,
     Bpftrace,
     /// The binary given with `--compare-memleak`.
     OtherMemleak,
@@ -91,6 +96,7 @@ impl Variant {
             Variant::Floor => "empty programs (floor)",
             Variant::Memleak => "memleak",
             Variant::MemleakSampled => "memleak --sample-rate 64",
+            Variant::Watch => "memleak watch (defaults, --interval 2s)",
             Variant::Bpftrace => "bpftrace",
             Variant::OtherMemleak => "memleak (--compare-memleak)",
         }
@@ -135,6 +141,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         Variant::Floor,
         Variant::Memleak,
         Variant::MemleakSampled,
+        Variant::Watch,
     ];
     if args.compare_bpftrace {
         Apt::default().install_missing(&["bpftrace"])?;
@@ -217,6 +224,14 @@ fn run_once(
             }
             Some(tracer::start(command, "memleak: attached", Duration::ZERO)?)
         }
+        Variant::Watch => {
+            let mut command = Command::new(&binaries.memleak);
+            command
+                .args(["watch", "--interval", WATCH_INTERVAL, "--no-history"])
+                .args(["--format", "json", "--output"])
+                .arg(&report_path);
+            Some(tracer::start(command, "memleak: watching", Duration::ZERO)?)
+        }
         Variant::Bpftrace => {
             let mut command = Command::new("bpftrace");
             command
@@ -230,7 +245,11 @@ fn run_once(
     let ops_per_second = ops_per_second?;
     let memleak = match exit {
         Some(exit) if variant != Variant::Bpftrace => {
-            let cost = memleak_cost(&report_path, exit);
+            let cost = if variant == Variant::Watch {
+                watch_cost(&report_path, exit)
+            } else {
+                memleak_cost(&report_path, exit)
+            };
             let _ = fs::remove_file(&report_path);
             Some(cost?)
         }
@@ -285,6 +304,33 @@ fn memleak_cost(report_path: &Path, exit: TracerExit) -> Result<MemleakCost> {
         max_rss_bytes: exit.max_rss_bytes,
         dropped_table_full: stat("dropped_table_full")?,
         stack_failures: stat("stack_failures")?,
+    })
+}
+
+/// The watch's cost: its lines (JSON Lines, one per interval) carry each interval's drops and
+/// stack failures; there is no report at the end.
+fn watch_cost(lines_path: &Path, exit: TracerExit) -> Result<MemleakCost> {
+    let text = fs::read_to_string(lines_path)
+        .with_context(|| format!("reading memleak watch's output {}", lines_path.display()))?;
+    let (mut dropped_table_full, mut stack_failures, mut intervals) = (0, 0, 0);
+    for line in text.lines() {
+        let interval: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("parsing memleak watch's line `{line}`"))?;
+        let stat = |name: &str| {
+            interval["stats"][name]
+                .as_u64()
+                .with_context(|| format!("a watch interval has no stats.{name}"))
+        };
+        dropped_table_full += stat("dropped_table_full")?;
+        stack_failures += stat("stack_failures")?;
+        intervals += 1;
+    }
+    ensure!(intervals > 0, "memleak watch printed no interval");
+    Ok(MemleakCost {
+        report_time: exit.stop_time,
+        max_rss_bytes: exit.max_rss_bytes,
+        dropped_table_full,
+        stack_failures,
     })
 }
 
@@ -354,7 +400,10 @@ fn print_report(
                 match (floor_median, variant) {
                     (
                         Some(floor),
-                        Variant::Memleak | Variant::MemleakSampled | Variant::OtherMemleak,
+                        Variant::Memleak
+                        | Variant::MemleakSampled
+                        | Variant::Watch
+                        | Variant::OtherMemleak,
                     ) => {
                         format!("{:.2}x", floor / variant_median)
                     }

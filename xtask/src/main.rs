@@ -1,6 +1,7 @@
 //! memleak's project tasks, run as `cargo xtask TASK`.
 mod apt;
 mod bench;
+mod soak;
 mod tracer;
 mod vm;
 mod workspace;
@@ -25,6 +26,9 @@ enum Task {
     /// Boot Debian's kernel under qemu and check that memleak, inside it, fails the leak check
     /// of a module that leaks and passes that of its clean function.
     VmTest(vm::VmTestArgs),
+    /// Run `memleak watch` under churn for a long time and print its RSS, table occupancy,
+    /// removed objects, drops and stack failures over time (not part of the test suite).
+    Soak(soak::SoakArgs),
 }
 
 fn main() -> ExitCode {
@@ -32,6 +36,7 @@ fn main() -> ExitCode {
     let result = match task {
         Task::Bench(args) => bench::run(&args),
         Task::VmTest(args) => vm::run(&args),
+        Task::Soak(args) => soak::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -81,6 +81,10 @@ pub fn start(mut command: Command, ready_marker: &str, settle: Duration) -> Resu
 
 impl RunningTracer {
     /// Sends SIGINT and waits for a successful exit (killing the tracer after `EXIT_TIMEOUT`).
+    pub fn pid(&self) -> libc::pid_t {
+        self.pid
+    }
+
     pub fn stop(self) -> Result<TracerExit> {
         let interrupted = Instant::now();
         unsafe { libc::kill(self.pid, libc::SIGINT) };

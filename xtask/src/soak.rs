@@ -1,0 +1,117 @@
+//! `cargo xtask soak --minutes N`: memleak watch under churn for a long time, printing what
+//! must stay bounded: the watch's RSS, the objects in its table, what it found free and
+//! removed, drops and stack failures. Not part of the test suite: it takes as long as asked.
+use std::{
+    fs,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, ensure};
+use clap::Args;
+
+use crate::{tracer, workspace};
+
+#[derive(Args)]
+pub struct SoakArgs {
+    /// How long to run.
+    #[arg(long, default_value_t = 60)]
+    minutes: u64,
+    /// The watch's interval, in seconds.
+    #[arg(long, default_value_t = 10)]
+    interval: u64,
+    /// How often to print a row, in seconds.
+    #[arg(long, default_value_t = 60)]
+    every: u64,
+}
+
+pub fn run(args: &SoakArgs) -> Result<()> {
+    ensure!(
+        unsafe { libc::geteuid() } == 0,
+        "the soak loads eBPF programs and must run as root"
+    );
+    let root = workspace::root()?;
+    let status = workspace::cargo(root)?
+        .args(["build", "--release", "-p", "memleak", "-p", "memleak-tests"])
+        .status()
+        .context("running cargo build")?;
+    ensure!(status.success(), "cargo build failed ({status})");
+    let release = workspace::target_dir(root).join("release");
+    let scratch = std::env::temp_dir().join(format!("memleak-soak-{}", std::process::id()));
+    fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    let lines = scratch.join("watch.jsonl");
+
+    let mut command = Command::new(release.join("memleak"));
+    command
+        .args(["watch", "--interval", &format!("{}s", args.interval)])
+        .arg("--history")
+        .arg(scratch.join("history.sqlite"))
+        .args(["--format", "json", "--output"])
+        .arg(&lines);
+    let watch = tracer::start(command, "memleak: watching", Duration::ZERO)?;
+    // Churn for the whole soak: eventfds opened and closed as fast as the fixture can, which
+    // fills the table with short-lived objects and the stack map with their stacks.
+    let millis = (args.minutes * 60_000).to_string();
+    let mut churn = Command::new(release.join("memleak-fixture"))
+        .args(["bench-churn", &millis])
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting memleak-fixture bench-churn")?;
+
+    println!(
+        "| minute | watch RSS | table objects | found free (total) | dropped (total) | stack failures (total) | intervals |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let started = Instant::now();
+    let end = started + Duration::from_secs(args.minutes * 60);
+    let mut next = started;
+    while Instant::now() < end {
+        next += Duration::from_secs(args.every);
+        std::thread::sleep(next.min(end).saturating_duration_since(Instant::now()));
+        let rss = rss_kib(watch.pid()).unwrap_or(0);
+        let text = fs::read_to_string(&lines).unwrap_or_default();
+        let (mut found_free, mut dropped, mut stack_failures, mut intervals) = (0, 0, 0, 0);
+        let mut outstanding = 0;
+        for line in text.lines() {
+            let Ok(interval) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            let stat = |name: &str| interval["stats"][name].as_u64().unwrap_or(0);
+            found_free += stat("found_free");
+            dropped += stat("dropped_table_full");
+            stack_failures += stat("stack_failures");
+            // The table holds one object in `sample_rate` of those counted.
+            outstanding =
+                stat("outstanding") / interval["sample_rate"].as_u64().unwrap_or(1).max(1);
+            intervals += 1;
+        }
+        println!(
+            "| {:.0} | {:.1} MB | {outstanding} | {found_free} | {dropped} | {stack_failures} | {intervals} |",
+            started.elapsed().as_secs_f64() / 60.0,
+            rss as f64 / 1024.0,
+        );
+    }
+    let _ = churn.kill();
+    let _ = churn.wait();
+    let exit = watch.stop()?;
+    println!(
+        "\nwatch stopped in {} ms; max RSS {:.1} MB; its lines: {}",
+        exit.stop_time.as_millis(),
+        exit.max_rss_bytes as f64 / 1e6,
+        lines.display()
+    );
+    Ok(())
+}
+
+/// VmRSS of a process, in KiB.
+fn rss_kib(pid: libc::pid_t) -> Option<u64> {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
