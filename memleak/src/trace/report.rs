@@ -531,6 +531,7 @@ mod tests {
         fixtures::{record, sample_report},
         *,
     };
+    use crate::scan::FreeReason;
     use crate::trace::aggregate;
 
     #[test]
@@ -605,5 +606,150 @@ mod tests {
         );
         assert_eq!(ranked[0].comm.as_deref(), Some("leaker"));
         assert_eq!((ranked[1].pid, ranked[1].count), (8, 2));
+    }
+
+    #[test]
+    fn sampled_entries_scale_every_count_and_each_process() {
+        let report = sample_report(64);
+        let top = &report.stacks[0];
+        assert_eq!(top.bytes_requested, 160 * 64);
+        assert_eq!(
+            (top.processes[0].count, top.processes[0].bytes),
+            (2 * 64, 2 * 64 * 64)
+        );
+    }
+
+    #[test]
+    fn liveness_stats_count_each_state_and_where_objects_were_free() {
+        let mut stats = LivenessStats::default();
+        for state in [
+            Liveness::Allocated,
+            Liveness::Allocated,
+            Liveness::Unverified,
+            Liveness::Free(FreeReason::SlabGone),
+            Liveness::Free(FreeReason::SlabFreelist),
+            Liveness::Free(FreeReason::SlabFreelist),
+            Liveness::Free(FreeReason::CpuFreelist),
+            Liveness::Free(FreeReason::Sheaf),
+            Liveness::Free(FreeReason::Sheaf),
+            Liveness::Free(FreeReason::Sheaf),
+        ] {
+            stats.count(state);
+        }
+        assert_eq!(
+            (
+                stats.verified_allocated,
+                stats.unverified,
+                stats.verified_free
+            ),
+            (2, 1, 7)
+        );
+        let found = &stats.verified_free_where;
+        assert_eq!(
+            (
+                found.slab_gone,
+                found.slab_freelist,
+                found.cpu_freelist,
+                found.sheaf
+            ),
+            (1, 2, 1, 3)
+        );
+    }
+
+    #[test]
+    fn missed_free_sites_most_first_and_at_most_twenty() {
+        let counts: HashMap<u64, u64> = (1..=25u64).map(|i| (0x1000 + i, i)).collect();
+        let sites = missed_free_sites(&counts, &|addr| Frame::unknown(addr));
+        assert_eq!(sites.len(), MISSED_FREE_SITES_SHOWN);
+        assert_eq!(
+            (sites[0].count, sites[0].call_site.addr),
+            (25, Some(0x1019))
+        );
+        assert_eq!(sites[19].count, 6);
+        // Ties go by address, so the order never depends on the hash map.
+        let tied: HashMap<u64, u64> = [(0x30, 5), (0x10, 5)].into();
+        let sites = missed_free_sites(&tied, &|addr| Frame::unknown(addr));
+        assert_eq!(sites[0].call_site.addr, Some(0x10));
+    }
+
+    #[test]
+    fn symbolization_covers_call_sites_and_the_trimmed_stacks_shown() {
+        // Five stacks through one call site, heaviest first: the four shown (one and three
+        // others) are symbolized, their frames below the call site are not.
+        let mut records = Vec::new();
+        for (id, weight) in [(1, 5), (2, 4), (3, 3), (4, 2), (5, 1)] {
+            for _ in 0..weight {
+                records.push(record(0x10, AllocKind::Kmalloc, 0, id, 7));
+            }
+        }
+        let mut aggregator = aggregate::Aggregator::new(0, Duration::ZERO);
+        records.iter().for_each(|record| aggregator.add(record));
+        let sites = aggregator.finish().sites;
+        let stacks: HashMap<u32, Vec<u64>> = (1..=5u32)
+            .map(|id| (id, vec![0x1, 0x10, 0x100 * u64::from(id)]))
+            .collect();
+        let addresses = addresses_to_symbolize(&sites, &stacks);
+        assert!(addresses.contains(&0x10));
+        for shown in [0x100, 0x200, 0x300, 0x400] {
+            assert!(addresses.contains(&shown), "{shown:#x} in {addresses:x?}");
+        }
+        assert!(!addresses.contains(&0x500), "the fifth stack is not shown");
+        assert!(
+            !addresses.contains(&0x1),
+            "below the call site: {addresses:x?}"
+        );
+    }
+
+    #[test]
+    fn events_without_a_call_site_take_the_caller_past_the_allocator_frames() {
+        let names = |addr: u64| -> Frame {
+            let symbol = match addr {
+                0x1 => "bpf_prog_1234_page_alloc",
+                0x2 => "__bpf_trace_run",
+                0x3 => "__alloc_pages",
+                0x40 => "grow_buffers",
+                0x50 => "outer",
+                _ => return Frame::unknown(addr),
+            };
+            Frame {
+                addr: Some(addr),
+                symbol: Some(symbol.into()),
+                offset: Some(1),
+                size: Some(0x10),
+                module: None,
+            }
+        };
+        let page = record(0, AllocKind::Page, 0, 3, 7);
+        let empty = record(0, AllocKind::Page, 0, 4, 8);
+        let mut aggregator = aggregate::Aggregator::new(3_000_000_000, Duration::ZERO);
+        aggregator.add(&page);
+        let sites = aggregator.finish().sites;
+        let stacks: HashMap<u32, Vec<u64>> =
+            [(3, vec![0x1, 0x2, 0x3, 0x40, 0x50]), (4, Vec::new())].into();
+        let context = Context {
+            stacks: &stacks,
+            cache_names: &HashMap::new(),
+            site_caches: &HashMap::new(),
+            comms: &HashMap::new(),
+            now_ns: 3_000_000_000,
+            sample_rate: 1,
+            frame: &names,
+        };
+        let entry = entry(&sites[0], &context);
+        assert_eq!(entry.call_site.symbol.as_deref(), Some("grow_buffers"));
+        let symbols: Vec<_> = entry
+            .frames
+            .iter()
+            .map(|frame| frame.symbol.clone())
+            .collect();
+        assert_eq!(symbols, [Some("grow_buffers".into()), Some("outer".into())]);
+        assert_eq!(entry.cache, None);
+
+        // An empty stack leaves the call site unknown rather than taking a frame of nothing.
+        let mut aggregator = aggregate::Aggregator::new(3_000_000_000, Duration::ZERO);
+        aggregator.add(&empty);
+        let sites = aggregator.finish().sites;
+        let entry = super::entry(&sites[0], &context);
+        assert_eq!(entry.call_site, Frame::unknown(0));
     }
 }
