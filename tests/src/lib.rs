@@ -1,5 +1,6 @@
 //! Shared pieces of the end-to-end tests: finding the binaries, running the tracer as a user
-//! would, and reading its JSON report.
+//! would, and reading its JSON report into memleak's own report types (a field renamed or
+//! removed there breaks these tests' build, or their parse, instead of reading as null).
 use std::{
     io::{BufRead as _, BufReader},
     path::PathBuf,
@@ -9,6 +10,8 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use memleak::trace::report::{Entry, Report};
+use serde::{Deserialize as _, de::DeserializeOwned};
 use serde_json::Value;
 
 /// Held by every end-to-end test for its whole run: tracers see the whole system, so one
@@ -171,11 +174,7 @@ pub fn start_tracer(args: &[&str]) -> Result<(Guard, ChildStderr)> {
 /// Starts `memleak trace TRACER_ARGS --top 100000`, then the fixture `WORKLOAD COUNT`; once the
 /// fixture says `ready` or `done`, waits for the tracer's report. The fixture is still running
 /// (holding what it allocated until its standard input closes) when this returns.
-pub fn trace_around(
-    tracer_args: &[&str],
-    workload: &str,
-    count: u64,
-) -> Result<(serde_json::Value, Guard)> {
+pub fn trace_around(tracer_args: &[&str], workload: &str, count: u64) -> Result<(Report, Guard)> {
     // Every site, not the default top 10: on a busy machine other sites can outgrow the
     // fixture's within the window.
     let mut args = tracer_args.to_vec();
@@ -219,8 +218,9 @@ fn profile_dir() -> Result<PathBuf> {
         .to_path_buf())
 }
 
-/// Waits for the tracer to exit by itself and parses its JSON report from stdout.
-pub fn finish_tracer(tracer: Guard) -> Result<Value> {
+/// Waits for the tracer (or any memleak subcommand) to exit by itself and parses its JSON
+/// report from stdout as `R`: a trace report, another subcommand's, or the untyped JSON.
+pub fn finish_tracer<R: DeserializeOwned>(tracer: Guard) -> Result<R> {
     let output = tracer
         .into_child()
         .wait_with_output()
@@ -231,30 +231,28 @@ pub fn finish_tracer(tracer: Guard) -> Result<Value> {
         output.status,
         String::from_utf8_lossy(&output.stderr)
     );
-    serde_json::from_slice(&output.stdout).context("parsing memleak's JSON report")
+    serde_json::from_slice(&output.stdout).with_context(|| {
+        format!(
+            "reading memleak's JSON report as {}",
+            std::any::type_name::<R>()
+        )
+    })
 }
 
 /// Entries of `report.stacks` any of whose frames' symbols contain `needle`.
-pub fn entries_through<'a>(report: &'a Value, needle: &str) -> Vec<&'a Value> {
-    report["stacks"]
-        .as_array()
-        .map(|stacks| {
-            stacks
-                .iter()
-                .filter(|entry| {
-                    entry["frames"].as_array().is_some_and(|frames| {
-                        frames.iter().any(|frame| {
-                            frame["symbol"].as_str().is_some_and(|s| s.contains(needle))
-                        })
-                    })
-                })
-                .collect()
+pub fn entries_through<'a>(report: &'a Report, needle: &str) -> Vec<&'a Entry> {
+    report
+        .stacks
+        .iter()
+        .filter(|entry| {
+            entry.frames.iter().any(|frame| {
+                frame
+                    .symbol
+                    .as_deref()
+                    .is_some_and(|symbol| symbol.contains(needle))
+            })
         })
-        .unwrap_or_default()
-}
-
-pub fn count_of(entry: &Value) -> u64 {
-    entry["count"].as_u64().unwrap_or(0)
+        .collect()
 }
 
 /// Names of the BPF programs loaded in the kernel right now.
@@ -274,7 +272,10 @@ pub fn is_root() -> bool {
 /// What [`trace_churn_beside_held`] saw: the report, and the pid of the fixture that held
 /// its eventfds through the whole window.
 pub struct ChurnTrace {
-    pub report: Value,
+    pub report: Report,
+    /// The same report as memleak wrote it, for the checks of its layout that the typed
+    /// report cannot make: it reads an optional field left out as `None`.
+    pub json: Value,
     pub holder_pid: u32,
 }
 
@@ -331,60 +332,58 @@ pub fn trace_churn_beside_held(
         "{churn} {count} took {took:?} of the {window:?} window: too close to its end for its \
          frees to be seen"
     );
-    let report = finish_tracer(tracer)?;
+    let json: Value = finish_tracer(tracer)?;
     drop(holder.child().stdin.take());
     holder.child().wait()?;
-    Ok(ChurnTrace { report, holder_pid })
+    let report = Report::deserialize(&json).context("reading memleak's JSON as a trace report")?;
+    Ok(ChurnTrace {
+        report,
+        json,
+        holder_pid,
+    })
 }
 
 /// Entries of `report.stacks` allocated (in part) by processes named `comm`, each with the
 /// most of its objects those processes can hold: its count less what the other processes
 /// listed for it hold (an entry lists at most five processes, so a workload of many short
 /// processes is mostly unlisted).
-pub fn entries_of_comm<'a>(report: &'a Value, comm: &str) -> Vec<(&'a Value, u64)> {
-    let Some(stacks) = report["stacks"].as_array() else {
-        return Vec::new();
-    };
-    stacks
+pub fn entries_of_comm<'a>(report: &'a Report, comm: &str) -> Vec<(&'a Entry, u64)> {
+    report
+        .stacks
         .iter()
         .filter_map(|entry| {
-            let processes = entry["processes"].as_array()?;
-            let (mine, others): (Vec<&Value>, Vec<&Value>) = processes
+            let (mine, others): (Vec<_>, Vec<_>) = entry
+                .processes
                 .iter()
-                .partition(|process| process["comm"].as_str() == Some(comm));
+                .partition(|process| process.comm.as_deref() == Some(comm));
             if mine.is_empty() {
                 return None;
             }
-            let others: u64 = others.iter().map(|process| count_of(process)).sum();
-            Some((entry, count_of(entry).saturating_sub(others)))
+            let others: u64 = others.iter().map(|process| process.count).sum();
+            Some((entry, entry.count.saturating_sub(others)))
         })
         .collect()
 }
 
 /// The objects and bytes that process `pid` holds in `entries`, from each entry's `processes`
 /// (other processes may allocate through the same stacks while the test runs).
-pub fn share_of<'a>(entries: impl IntoIterator<Item = &'a Value>, pid: u64) -> (u64, u64) {
+pub fn share_of<'a>(entries: impl IntoIterator<Item = &'a Entry>, pid: u64) -> (u64, u64) {
     entries
         .into_iter()
-        .filter_map(|entry| entry["processes"].as_array())
-        .flatten()
-        .filter(|process| process["pid"].as_u64() == Some(pid))
+        .flat_map(|entry| &entry.processes)
+        .filter(|process| u64::from(process.pid) == pid)
         .fold((0, 0), |(count, bytes), process| {
-            (
-                count + process["count"].as_u64().unwrap_or(0),
-                bytes + process["bytes"].as_u64().unwrap_or(0),
-            )
+            (count + process.count, bytes + process.bytes)
         })
 }
 
 /// Entries of `report.stacks` of `kind` whose call site (the function that called the
 /// allocator) is `symbol`.
-pub fn entries_at<'a>(report: &'a Value, kind: &str, symbol: &str) -> Vec<&'a Value> {
-    report["stacks"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|entry| entry["kind"] == kind && entry["call_site"]["symbol"] == symbol)
+pub fn entries_at<'a>(report: &'a Report, kind: &str, symbol: &str) -> Vec<&'a Entry> {
+    report
+        .stacks
+        .iter()
+        .filter(|entry| entry.kind == kind && entry.call_site.symbol.as_deref() == Some(symbol))
         .collect()
 }
 
@@ -443,10 +442,10 @@ impl Waiting {
 }
 
 /// Traces, filtered on its pid for `window`, a fixture running `WORKLOAD COUNT` that frees all
-/// it allocates, and returns the JSON report. Filtered so that the counters are the fixture's
+/// it allocates, and returns the report. Filtered so that the counters are the fixture's
 /// own: they prove the churn was seen and its frees matched, which no machine-wide counter can.
 /// Also returns the fixture's pid.
-pub fn trace_churning_fixture(workload: &str, count: u64, window: &str) -> Result<(Value, u32)> {
+pub fn trace_churning_fixture(workload: &str, count: u64, window: &str) -> Result<(Report, u32)> {
     let mut churn = Waiting::start(workload, count)?;
     let pid = churn.pid;
     let (tracer, _stderr) = start_tracer(&[
@@ -463,21 +462,4 @@ pub fn trace_churning_fixture(workload: &str, count: u64, window: &str) -> Resul
     ensure!(said == "done", "fixture said {said:?}");
     churn.release()?;
     Ok((finish_tracer(tracer)?, pid))
-}
-
-/// The report's notes, as strings.
-pub fn notes(report: &Value) -> Vec<&str> {
-    report["notes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str)
-        .collect()
-}
-
-/// A counter of `report.stats`, or an error naming it when it is missing.
-pub fn stat(report: &Value, name: &str) -> Result<u64> {
-    report["stats"][name]
-        .as_u64()
-        .with_context(|| format!("stats.{name} missing: {:#}", report["stats"]))
 }

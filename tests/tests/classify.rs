@@ -12,8 +12,8 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, ensure};
+use memleak::classify::analysis::{KindTrend, Report};
 use memleak_tests::{Guard, finish_tracer, memleak_binary};
-use serde_json::Value;
 
 /// Far above the default thresholds (256 KiB over the window): 3000 eventfds a second are
 /// about 560 KiB/s of filp alone, and take 12,000 descriptors in all, within the 20,000 a
@@ -26,7 +26,7 @@ const GROWTH_SECONDS: u64 = 4;
 
 /// Runs `memleak classify --duration 6s --format json` while the fixture grows WORKLOAD for
 /// GROWTH_SECONDS, and returns the report (finish_tracer waits for any memleak subcommand).
-fn classify_while(workload: &str, rate: u64) -> Result<Value> {
+fn classify_while(workload: &str, rate: u64) -> Result<Report> {
     let classify = Guard::new(
         Command::new(memleak_binary()?)
             .args([
@@ -68,30 +68,27 @@ fn classify_while(workload: &str, rate: u64) -> Result<Value> {
     Ok(report)
 }
 
-fn names(value: &Value) -> Vec<&str> {
-    value
-        .as_array()
-        .map(|names| names.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default()
+/// Whether `names` holds `name`.
+fn lists(names: &[String], name: &str) -> bool {
+    names.iter().any(|listed| listed == name)
 }
 
 /// Checks that the verdict blames `kind` and that its next command traces `trace_kind`;
 /// returns the kind's entry in `kinds`.
-fn blamed_kind<'a>(report: &'a Value, kind: &str, trace_kind: &str) -> Result<&'a Value> {
-    let verdict = &report["verdict"];
-    ensure!(verdict["growing"] == true, "{verdict:#}");
-    ensure!(names(&verdict["kinds"]).contains(&kind), "{verdict:#}");
-    let next = verdict["next_command"]
-        .as_str()
-        .context("no next command")?;
+fn blamed_kind<'a>(report: &'a Report, kind: &str, trace_kind: &str) -> Result<&'a KindTrend> {
+    let verdict = &report.verdict;
+    ensure!(verdict.growing, "{verdict:#?}");
+    ensure!(lists(&verdict.kinds, kind), "{verdict:#?}");
+    let next = verdict.next_command.as_deref().context("no next command")?;
     ensure!(
         next.starts_with("memleak trace --kinds ") && next.contains(trace_kind),
         "{next}"
     );
-    report["kinds"]
-        .as_array()
-        .and_then(|kinds| kinds.iter().find(|entry| entry["name"] == kind))
-        .with_context(|| format!("no {kind} in kinds: {report:#}"))
+    report
+        .kinds
+        .iter()
+        .find(|entry| entry.name == kind)
+        .with_context(|| format!("no {kind} in kinds: {report:#?}"))
 }
 
 #[test]
@@ -100,27 +97,19 @@ fn growing_eventfds_are_blamed_on_unreclaimable_slab_and_filp() -> Result<()> {
         return Ok(());
     };
     let report = classify_while("grow-eventfds", EVENTFDS_PER_SECOND)?;
-    let verdict = &report["verdict"];
-    ensure!(
-        report["schema"] == 1 && report["kernel"].is_string(),
-        "{report:#}"
-    );
-    ensure!(
-        report["notes"].as_array().is_some_and(Vec::is_empty),
-        "notes: {:#}",
-        report["notes"]
-    );
+    let verdict = &report.verdict;
+    // `kernel` is a string, and `growing_caches` is there: required fields of the typed
+    // report, whose parse in classify_while fails without them.
+    ensure!(report.schema == 1, "{report:#?}");
+    ensure!(report.notes.is_empty(), "notes: {:#?}", report.notes);
     blamed_kind(&report, "slab_unreclaimable", "slab")?;
-    ensure!(names(&verdict["caches"]).contains(&"filp"), "{verdict:#}");
-    let growing = report["growing_caches"]
-        .as_array()
-        .context("growing_caches")?;
+    ensure!(lists(&verdict.caches, "filp"), "{verdict:#?}");
+    let growing = &report.growing_caches;
     let objects_per_second = |name: &str| {
         growing
             .iter()
-            .find(|cache| cache["name"] == name)
-            .and_then(|cache| cache["growth_objects_per_second"].as_f64())
-            .unwrap_or(0.0)
+            .find(|cache| cache.name == name)
+            .map_or(0.0, |cache| cache.growth_objects_per_second)
     };
     // Growth for 4 s of the 6 s window: the fitted rate is a little under the fixture's.
     let expected = EVENTFDS_PER_SECOND as f64 / 2.0;
@@ -132,11 +121,9 @@ fn growing_eventfds_are_blamed_on_unreclaimable_slab_and_filp() -> Result<()> {
     // struct eventfd_ctx comes from the kmalloc cache of its size class.
     ensure!(
         growing.iter().any(|cache| {
-            cache["name"]
-                .as_str()
-                .is_some_and(|name| name.starts_with("kmalloc-"))
-                && cache["reclaimable"] == false
-                && cache["growth_objects_per_second"].as_f64().unwrap_or(0.0) >= expected
+            cache.name.starts_with("kmalloc-")
+                && cache.reclaimable == Some(false)
+                && cache.growth_objects_per_second >= expected
         }),
         "no kmalloc cache grew by {expected} objects/s: {growing:#?}"
     );
@@ -149,15 +136,15 @@ fn growing_bpf_arrays_are_blamed_on_vmalloc_and_array_map_alloc() -> Result<()> 
         return Ok(());
     };
     let report = classify_while("grow-bpf-maps", MAPS_PER_SECOND)?;
-    let verdict = &report["verdict"];
+    let verdict = &report.verdict;
     let vmalloc = blamed_kind(&report, "vmalloc", "vmalloc")?;
     ensure!(
-        names(&verdict["vmalloc_callers"]).contains(&"array_map_alloc"),
-        "{verdict:#}"
+        lists(&verdict.vmalloc_callers, "array_map_alloc"),
+        "{verdict:#?}"
     );
     // 8 MiB a second for 4 s of the 6 s window.
-    let rate = vmalloc["growth_bytes_per_second"].as_i64().unwrap_or(0);
-    ensure!(rate >= 4 << 20, "vmalloc grew {rate} B/s: {vmalloc:#}");
+    let rate = vmalloc.growth_bytes_per_second;
+    ensure!(rate >= 4 << 20, "vmalloc grew {rate} B/s: {vmalloc:#?}");
     Ok(())
 }
 
@@ -168,12 +155,12 @@ fn growing_pipe_buffers_are_blamed_on_other_pages() -> Result<()> {
     };
     let report = classify_while("grow-pipe-pages", PIPES_PER_SECOND)?;
     let other_pages = blamed_kind(&report, "other_pages", "page")?;
-    ensure!(other_pages["estimate"] == true, "{other_pages:#}");
+    ensure!(other_pages.estimate, "{other_pages:#?}");
     // 6.25 MiB a second for 4 s of the 6 s window.
-    let rate = other_pages["growth_bytes_per_second"].as_i64().unwrap_or(0);
+    let rate = other_pages.growth_bytes_per_second;
     ensure!(
         rate >= 3 << 20,
-        "other pages grew {rate} B/s: {other_pages:#}"
+        "other pages grew {rate} B/s: {other_pages:#?}"
     );
     Ok(())
 }

@@ -1,16 +1,15 @@
 //! End-to-end: the kinds of memory beyond slab. vmalloc and percpu allocations come from a
 //! fixture that holds BPF maps: a 1 MiB array map vmallocs its storage, and a percpu array map
 //! makes one percpu allocation per element. Pages come from a fixture that fills pipes.
-use anyhow::{Context as _, Result, ensure};
-use memleak_tests::{
-    Guard, count_of, entries_through, notes, share_of, stat, trace_around, trace_churning_fixture,
-};
+use anyhow::{Result, ensure};
+use memleak::trace::report::{Entry, Report};
+use memleak_tests::{Guard, entries_through, share_of, trace_around, trace_churning_fixture};
 
 const MAPS: u64 = 20;
 const PERCPU_ENTRIES: u64 = 16;
 
 /// The report of a trace around `hold-bpf-maps`, and the fixture's pid.
-fn trace_held_maps(tracer_args: &[&str]) -> Result<(serde_json::Value, u64)> {
+fn trace_held_maps(tracer_args: &[&str]) -> Result<(Report, u64)> {
     let (report, mut fixture) = trace_around(tracer_args, "hold-bpf-maps", MAPS)?;
     let pid = u64::from(fixture.child().id());
     release(fixture)?;
@@ -24,14 +23,10 @@ fn release(mut fixture: Guard) -> Result<()> {
     Ok(())
 }
 
-fn of_kind<'a>(
-    report: &'a serde_json::Value,
-    kind: &str,
-    through: &str,
-) -> Vec<&'a serde_json::Value> {
+fn of_kind<'a>(report: &'a Report, kind: &str, through: &str) -> Vec<&'a Entry> {
     entries_through(report, through)
         .into_iter()
-        .filter(|entry| entry["kind"] == kind)
+        .filter(|entry| entry.kind == kind)
         .collect()
 }
 
@@ -45,12 +40,13 @@ fn vmalloc_and_percpu_allocations_are_attributed_by_kind() -> Result<()> {
     for (args, attach) in memleak_tests::ATTACH_MODES {
         let (report, fixture) = trace_held_maps(args)?;
         ensure!(
-            report["attach"] == attach,
+            report.attach == attach,
             "with {args:?}: attach {}",
-            report["attach"]
+            report.attach
         );
-        let left_out: Vec<&str> = notes(&report)
-            .into_iter()
+        let left_out: Vec<&String> = report
+            .notes
+            .iter()
             .filter(|note| {
                 note.contains("vmalloc") || note.contains("percpu") || note.contains("BTF trace")
             })
@@ -72,13 +68,11 @@ fn vmalloc_and_percpu_allocations_are_attributed_by_kind() -> Result<()> {
             "each area holds at least 1 MiB: {vmalloc:#?}"
         );
         ensure!(
-            vmalloc.iter().all(
-                |entry| entry["call_site"]["symbol"] != serde_json::Value::Null
-                    && !entry["call_site"]["symbol"]
-                        .as_str()
-                        .unwrap_or("")
-                        .contains("vmap")
-            ),
+            vmalloc.iter().all(|entry| entry
+                .call_site
+                .symbol
+                .as_deref()
+                .is_some_and(|symbol| !symbol.contains("vmap"))),
             "the call site is past the vmalloc internals: {vmalloc:#?}"
         );
         // The pages of those areas are vmalloc memory: counted as pages too, the areas would
@@ -91,10 +85,7 @@ fn vmalloc_and_percpu_allocations_are_attributed_by_kind() -> Result<()> {
              page allocations: {}",
             pages
                 .iter()
-                .map(|entry| format!(
-                    "{} pages at {}",
-                    entry["count"], entry["call_site"]["symbol"]
-                ))
+                .map(|entry| format!("{} pages at {}", entry.count, entry.call_site))
                 .collect::<Vec<_>>()
                 .join(", ")
         );
@@ -118,32 +109,29 @@ fn kinds_selects_what_is_traced() -> Result<()> {
     };
     let (report, fixture) =
         trace_held_maps(&["--duration", "3s", "--format", "json", "--kinds", "slab"])?;
-    let stacks = report["stacks"].as_array().context("no stacks")?;
+    // `stacks` is there: a required field of the typed report, whose parse fails without it.
+    let is_slab = |kind: &str| kind == "kmalloc" || kind == "kmem_cache";
     ensure!(
-        stacks
-            .iter()
-            .all(|entry| entry["kind"] == "kmalloc" || entry["kind"] == "kmem_cache"),
+        report.stacks.iter().all(|entry| is_slab(&entry.kind)),
         "--kinds slab reported other kinds: {:#?}",
-        stacks
+        report
+            .stacks
             .iter()
-            .map(|entry| &entry["kind"])
+            .map(|entry| &entry.kind)
             .collect::<Vec<_>>()
     );
-    let kinds: Vec<&serde_json::Value> = report["kinds"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|total| &total["name"])
+    let kinds: Vec<&str> = report
+        .kinds
+        .iter()
+        .map(|total| total.name.as_str())
         .collect();
     ensure!(
-        kinds
-            .iter()
-            .all(|kind| *kind == "kmalloc" || *kind == "kmem_cache"),
+        kinds.iter().all(|kind| is_slab(kind)),
         "--kinds slab totals other kinds: {kinds:?}"
     );
     // The same fixture was seen: each map's struct is a slab object allocated through
     // array_map_alloc (an empty report would pass the checks above).
-    let slab: Vec<&serde_json::Value> = entries_through(&report, "array_map_alloc");
+    let slab = entries_through(&report, "array_map_alloc");
     let (structs, _) = share_of(slab.iter().copied(), fixture);
     ensure!(
         structs >= 2 * MAPS,
@@ -156,10 +144,10 @@ fn kinds_selects_what_is_traced() -> Result<()> {
 
 const PIPE_PAGES: u64 = 2_000;
 
-fn pages_through_pipe_writes(report: &serde_json::Value) -> u64 {
+fn pages_through_pipe_writes(report: &Report) -> u64 {
     of_kind(report, "page", "pipe_write")
         .iter()
-        .map(|entry| count_of(entry))
+        .map(|entry| entry.count)
         .sum()
 }
 
@@ -185,25 +173,21 @@ fn held_pipe_pages_show_as_page_allocations() -> Result<()> {
          standard output), the report says {held}: {pages:#?}"
     );
     ensure!(
-        pages.iter().all(
-            |entry| entry["bytes"].as_u64() == Some(count_of(entry) * 4096)
-                && entry["cache"].is_null()
-        ),
+        pages
+            .iter()
+            .all(|entry| entry.bytes == entry.count * 4096 && entry.cache.is_none()),
         "pipe buffers are single pages, in no cache: {pages:#?}"
     );
     let slab_pages: Vec<_> = entries_through(&report, "allocate_slab")
         .into_iter()
-        .filter(|entry| entry["kind"] == "page")
+        .filter(|entry| entry.kind == "page")
         .collect();
     ensure!(
         slab_pages.is_empty(),
         "pages backing slabs are counted as slab only: {slab_pages:#?}"
     );
-    ensure!(
-        report["stats"]["movable_pages"].is_u64() && report["stats"]["backing_pages"].is_u64(),
-        "stats: {:#}",
-        report["stats"]
-    );
+    // stats.movable_pages and stats.backing_pages are numbers: required u64 fields of the typed
+    // report, whose parse in trace_around fails without them.
     Ok(())
 }
 
@@ -220,14 +204,14 @@ fn freed_pipe_pages_do_not_show() -> Result<()> {
         of_kind(&report, "page", "pipe_write")
     );
     let (tracked, freed) = (
-        stat(&report, "tracked_allocs")?,
-        stat(&report, "tracked_frees")?,
+        report.stats.counters.tracked_allocs,
+        report.stats.counters.tracked_frees,
     );
     ensure!(
         tracked >= PIPE_PAGES && freed >= PIPE_PAGES,
         "the fixture's {PIPE_PAGES} pipe pages were not seen allocated ({tracked} tracked) and \
-         freed ({freed}): {:#}",
-        report["stats"]
+         freed ({freed}): {:#?}",
+        report.stats
     );
     Ok(())
 }

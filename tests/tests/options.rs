@@ -8,15 +8,19 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, ensure};
-use memleak_tests::{
-    count_of, entries_at, finish_tracer, memleak_binary, share_of, start_tracer, stat, trace_around,
+use memleak::{
+    classify::analysis::Report as ClassifyReport,
+    scan::report::ScanReport,
+    trace::report::{Entry, Report},
 };
-use serde_json::Value;
+use memleak_tests::{
+    entries_at, finish_tracer, memleak_binary, share_of, start_tracer, trace_around,
+};
 
 const HELD: u64 = 2_000;
 
 /// Traces `hold-eventfds HELD` with `args`; the report and the fixture's pid.
-fn trace_held(args: &[&str]) -> Result<(Value, u64)> {
+fn trace_held(args: &[&str]) -> Result<(Report, u64)> {
     let (report, mut fixture) = trace_around(args, "hold-eventfds", HELD)?;
     let pid = u64::from(fixture.child().id());
     drop(fixture.child().stdin.take());
@@ -25,16 +29,12 @@ fn trace_held(args: &[&str]) -> Result<(Value, u64)> {
 }
 
 /// The fixture's eventfd contexts in the report.
-fn held_contexts(report: &Value, pid: u64) -> u64 {
+fn held_contexts(report: &Report, pid: u64) -> u64 {
     share_of(entries_at(report, "kmalloc", "do_eventfd"), pid).0
 }
 
-fn stacks(report: &Value) -> &[Value] {
-    report["stacks"].as_array().map_or(&[], Vec::as_slice)
-}
-
 /// Sends `signal` to the tracer after `after`; the report must come out, soon.
-fn signal_ends_window(args: &[&str], signal: libc::c_int, after: Duration) -> Result<Value> {
+fn signal_ends_window(args: &[&str], signal: libc::c_int, after: Duration) -> Result<Report> {
     let (mut tracer, _stderr) = start_tracer(args)?;
     std::thread::sleep(after);
     let pid = tracer.child().id() as libc::pid_t;
@@ -43,16 +43,16 @@ fn signal_ends_window(args: &[&str], signal: libc::c_int, after: Duration) -> Re
         unsafe { libc::kill(pid, signal) } == 0,
         "kill {signal} failed"
     );
-    let report = finish_tracer(tracer)?;
+    let report: Report = finish_tracer(tracer)?;
     ensure!(
         sent.elapsed() < Duration::from_secs(10),
         "{args:?}: the report took {:?} after signal {signal}",
         sent.elapsed()
     );
     ensure!(
-        stat(&report, "allocs")? > 0,
-        "{args:?}: empty report after signal {signal}: {:#}",
-        report["stats"]
+        report.stats.counters.allocs > 0,
+        "{args:?}: empty report after signal {signal}: {:#?}",
+        report.stats
     );
     Ok(report)
 }
@@ -73,7 +73,7 @@ fn sigterm_ends_an_open_window_and_a_timed_one_with_a_report() -> Result<()> {
             signal,
             Duration::from_secs(1),
         )?;
-        let duration = report["duration_ms"].as_u64().unwrap_or(u64::MAX);
+        let duration = report.duration_ms;
         ensure!(
             duration < 10_000,
             "signal {signal} ended a 60 s window, but the report covers {duration} ms"
@@ -98,16 +98,16 @@ fn a_full_table_drops_and_counts_and_the_report_stays_within_it() -> Result<()> 
         "--capacity",
         &CAPACITY.to_string(),
     ])?;
-    let dropped = stat(&report, "dropped_table_full")?;
+    let dropped = report.stats.counters.dropped_table_full;
     ensure!(
         dropped > 0,
-        "{HELD} eventfds (three objects each) in a table of {CAPACITY}, yet nothing dropped: {:#}",
-        report["stats"]
+        "{HELD} eventfds (three objects each) in a table of {CAPACITY}, yet nothing dropped: {:#?}",
+        report.stats
     );
     // What was kept is reported as it is, no more: at most the table, and the fixture's
     // contexts are among the entries but fewer than it holds.
-    let outstanding = stat(&report, "outstanding")?;
-    let listed: u64 = stacks(&report).iter().map(count_of).sum();
+    let outstanding = report.stats.outstanding;
+    let listed: u64 = report.stacks.iter().map(|entry| entry.count).sum();
     ensure!(
         outstanding <= CAPACITY && listed <= CAPACITY,
         "{outstanding} outstanding ({listed} in the entries) in a table of {CAPACITY}"
@@ -133,11 +133,11 @@ fn comm_keeps_only_tasks_of_that_name() -> Result<()> {
         "--comm",
         "memleak-fixture",
     ])?;
-    let others: Vec<&Value> = stacks(&report)
+    let others: Vec<_> = report
+        .stacks
         .iter()
-        .filter_map(|entry| entry["processes"].as_array())
-        .flatten()
-        .filter(|process| process["comm"] != "memleak-fixture")
+        .flat_map(|entry| &entry.processes)
+        .filter(|process| process.comm.as_deref() != Some("memleak-fixture"))
         .collect();
     ensure!(
         others.is_empty(),
@@ -149,9 +149,9 @@ fn comm_keeps_only_tasks_of_that_name() -> Result<()> {
         "the fixture holds {HELD} contexts, reported {held}"
     );
     ensure!(
-        stat(&report, "filtered")? > 0,
-        "nothing filtered: {:#}",
-        report["stats"]
+        report.stats.counters.filtered > 0,
+        "nothing filtered: {:#?}",
+        report.stats
     );
     Ok(())
 }
@@ -172,13 +172,14 @@ fn min_and_max_size_keep_only_allocations_within_them() -> Result<()> {
         "--max-size",
         "64",
     ])?;
-    let outside: Vec<String> = stacks(&report)
+    let outside: Vec<String> = report
+        .stacks
         .iter()
-        .filter(|entry| entry["bytes"].as_u64() != Some(64 * count_of(entry)))
+        .filter(|entry| entry.bytes != 64 * entry.count)
         .map(|entry| {
             format!(
                 "{} in {} objects ({})",
-                entry["bytes"], entry["count"], entry["kind"]
+                entry.bytes, entry.count, entry.kind
             )
         })
         .collect();
@@ -196,11 +197,10 @@ fn min_and_max_size_keep_only_allocations_within_them() -> Result<()> {
     let (report, pid) = trace_held(&["--duration", "3s", "--format", "json", "--min-size", "65"])?;
     let held = held_contexts(&report, pid);
     ensure!(held == 0, "--min-size 65 kept {held} 64-byte contexts");
-    let small: Vec<&Value> = stacks(&report)
+    let small: Vec<&Entry> = report
+        .stacks
         .iter()
-        .filter(|entry| {
-            entry["kind"] != "page" && entry["bytes"].as_u64() < Some(65 * count_of(entry))
-        })
+        .filter(|entry| entry.kind != "page" && entry.bytes < 65 * entry.count)
         .collect();
     ensure!(
         small.is_empty(),
@@ -214,12 +214,19 @@ fn min_and_max_size_keep_only_allocations_within_them() -> Result<()> {
     Ok(())
 }
 
+/// The field of an entry that a `--sort` orders by.
+type SortedBy = fn(&Entry) -> u64;
+
 #[test]
 fn top_cuts_the_entries_in_the_order_asked() -> Result<()> {
     let Some(_exclusive) = memleak_tests::end_to_end() else {
         return Ok(());
     };
-    for (sort, key) in [("size", "bytes"), ("count", "count")] {
+    let orders: [(&str, &str, SortedBy); 2] = [
+        ("size", "bytes", |entry| entry.bytes),
+        ("count", "count", |entry| entry.count),
+    ];
+    for (sort, key, value_of) in orders {
         let (tracer, _stderr) = start_tracer(&[
             "--duration",
             "2s",
@@ -230,18 +237,15 @@ fn top_cuts_the_entries_in_the_order_asked() -> Result<()> {
             "--sort",
             sort,
         ])?;
-        let report = finish_tracer(tracer)?;
-        let shown = stacks(&report);
-        let sites = stat(&report, "sites")?;
+        let report: Report = finish_tracer(tracer)?;
+        let shown = &report.stacks;
+        let sites = report.stats.sites;
         ensure!(
             sites > 3 && shown.len() == 3,
             "--top 3 of {sites} sites showed {}",
             shown.len()
         );
-        let values: Vec<u64> = shown
-            .iter()
-            .map(|entry| entry[key].as_u64().unwrap_or(0))
-            .collect();
+        let values: Vec<u64> = shown.iter().map(value_of).collect();
         ensure!(
             values.windows(2).all(|pair| pair[0] >= pair[1]),
             "--sort {sort}: {key} not descending: {values:?}"
@@ -267,8 +271,9 @@ fn grace_keeps_tracing_after_the_command() -> Result<()> {
             output.status,
             String::from_utf8_lossy(&output.stderr)
         );
-        let report: Value = serde_json::from_slice(&output.stdout)?;
-        let duration = report["duration_ms"].as_u64().unwrap_or(0);
+        let report: Report =
+            serde_json::from_slice(&output.stdout).context("parsing run's report")?;
+        let duration = report.duration_ms;
         ensure!(
             duration >= at_least
                 && duration < at_least + 3_000
@@ -341,13 +346,11 @@ fn classify_works_without_root_from_meminfo() -> Result<()> {
         output.status,
         String::from_utf8_lossy(&output.stderr)
     );
-    let report: Value =
+    let report: ClassifyReport =
         serde_json::from_slice(&output.stdout).context("parsing classify's report")?;
     ensure!(
-        report["notes"]
-            .as_array()
-            .is_some_and(|notes| !notes.is_empty()),
-        "without root, the notes say what could not be read: {report:#}"
+        !report.notes.is_empty(),
+        "without root, the notes say what could not be read: {report:#?}"
     );
     Ok(())
 }
@@ -363,14 +366,11 @@ fn scan_groups(cache: &str, similarity: &str) -> Result<(u64, Vec<u64>)> {
         "scan --similarity {similarity} failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let report: Value = serde_json::from_slice(&output.stdout)?;
-    let groups = report["groups"]
-        .as_array()
-        .context("no groups")?
-        .iter()
-        .map(|group| group["objects"].as_u64().unwrap_or(0))
-        .collect();
-    Ok((report["objects"].as_u64().unwrap_or(0), groups))
+    // `groups` is there: a required field of the typed report, whose parse fails without it.
+    let report: ScanReport =
+        serde_json::from_slice(&output.stdout).context("parsing scan's report")?;
+    let groups = report.groups.iter().map(|group| group.objects).collect();
+    Ok((report.objects, groups))
 }
 
 #[test]

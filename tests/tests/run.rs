@@ -3,7 +3,8 @@
 use std::process::Command;
 
 use anyhow::{Context as _, Result, ensure};
-use memleak_tests::{count_of, entries_through, memleak_binary, stat};
+use memleak::trace::report::Report;
+use memleak_tests::{entries_through, memleak_binary};
 
 const MESSAGES: u64 = 200;
 /// The fixture's task name: `memleak-fixture`, which fits the kernel's 15 characters.
@@ -71,10 +72,7 @@ fn message_cache() -> &'static str {
 /// WORKLOAD`: alloc_msg, which kmallocs each message with its header, is inlined into
 /// load_msg. The cache keeps out what a new slab for those messages allocates through the
 /// same path (its obj_exts vector, kmalloc-256), which legitimately outlives the queue.
-fn run_checked(
-    workload: &str,
-    junit: &std::path::Path,
-) -> Result<(i32, serde_json::Value, String)> {
+fn run_checked(workload: &str, junit: &std::path::Path) -> Result<(i32, Report, String)> {
     let output = Command::new(memleak_binary()?)
         // A wide --top: on a busy machine (a build running beside the tests) other sites can
         // outgrow the 200 messages within the window.
@@ -100,7 +98,7 @@ fn run_checked(
         .split_once('{')
         .map(|(before, after)| (before.to_owned(), format!("{{{after}")))
         .context("no JSON report on stdout")?;
-    let report: serde_json::Value =
+    let report: Report =
         serde_json::from_str(&json).with_context(|| format!("parsing the report: {stdout}"))?;
     let status = output.status.code().context("memleak killed by a signal")?;
     ensure!(
@@ -124,31 +122,30 @@ fn messages_left_behind_fail_the_check() -> Result<()> {
     }
     let xml = std::fs::read_to_string(&junit).context("reading the JUnit file")?;
     let _ = std::fs::remove_file(&junit);
-    ensure!(status == 1, "a leak must exit 1, got {status}: {report:#}");
-    let check = &report["check"];
-    ensure!(check["failed"] == true, "check: {check:#}");
+    ensure!(status == 1, "a leak must exit 1, got {status}: {report:#?}");
+    let check = report.check.as_ref().context("the report has no check")?;
+    ensure!(check.failed, "check: {check:#?}");
     ensure!(
-        check["count"].as_u64() == Some(MESSAGES),
-        "check counts exactly the fixture's {MESSAGES} messages: {check:#}"
+        check.count == MESSAGES,
+        "check counts exactly the fixture's {MESSAGES} messages: {check:#?}"
     );
     let messages = entries_through(&report, "load_msg")
         .into_iter()
-        .max_by_key(|entry| count_of(entry))
-        .filter(|entry| count_of(entry) == MESSAGES)
+        .max_by_key(|entry| entry.count)
+        .filter(|entry| entry.count == MESSAGES)
         .with_context(|| {
-            format!("no load_msg stack with exactly {MESSAGES} objects: {report:#}")
+            format!("no load_msg stack with exactly {MESSAGES} objects: {report:#?}")
         })?;
     ensure!(
-        messages["processes"]
-            .as_array()
-            .is_some_and(|processes| processes
-                .iter()
-                .all(|process| process["comm"] == FIXTURE_COMM)),
-        "--comm {FIXTURE_COMM} let other processes in: {messages:#}"
+        messages
+            .processes
+            .iter()
+            .all(|process| process.comm.as_deref() == Some(FIXTURE_COMM)),
+        "--comm {FIXTURE_COMM} let other processes in: {messages:#?}"
     );
     ensure!(
-        messages["cache"] == message_cache(),
-        "the messages are named in their real cache {}: {messages:#}",
+        messages.cache.as_deref() == Some(message_cache()),
+        "the messages are named in their real cache {}: {messages:#?}",
         message_cache()
     );
     // The JUnit file: one failing test case, whose failure names the leaking function and
@@ -184,14 +181,14 @@ fn messages_cleaned_up_pass_the_check_with_the_commands_status() -> Result<()> {
     let _ = std::fs::remove_file(&junit);
     ensure!(
         status == 0,
-        "a clean run exits with the command's status 0, got {status}: {:#} {:#}",
-        report["check"],
-        report["stats"]
+        "a clean run exits with the command's status 0, got {status}: {:#?} {:#?}",
+        report.check,
+        report.stats
     );
     ensure!(
-        report["check"]["failed"] == false,
-        "check: {:#}",
-        report["check"]
+        report.check.as_ref().is_some_and(|check| !check.failed),
+        "check: {:#?}",
+        report.check
     );
     ensure!(
         xml_attribute(&xml, "testsuite", "failures") == Some("0") && junit_failure(&xml)?.is_none(),
@@ -199,14 +196,14 @@ fn messages_cleaned_up_pass_the_check_with_the_commands_status() -> Result<()> {
     );
     // The pass means something only if the fixture's messages were seen, allocated and freed.
     let (tracked, freed) = (
-        stat(&report, "tracked_allocs")?,
-        stat(&report, "tracked_frees")?,
+        report.stats.counters.tracked_allocs,
+        report.stats.counters.tracked_frees,
     );
     ensure!(
         tracked >= MESSAGES && freed >= MESSAGES,
         "the fixture's {MESSAGES} messages were not seen allocated ({tracked}) and freed \
-         ({freed}): {:#}",
-        report["stats"]
+         ({freed}): {:#?}",
+        report.stats
     );
 
     // And the command's own failure comes through.

@@ -12,8 +12,11 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
+use memleak::{
+    scan::report::ScanReport,
+    trace::report::{Entry, Report},
+};
 use memleak_tests::{Guard, finish_tracer, fixture_binary, memleak_binary, start_tracer};
-use serde_json::Value;
 
 const HELD: u64 = 20_000;
 const MORE: u64 = 300;
@@ -100,7 +103,7 @@ fn memleak_scan(cache: &str) -> Result<Output> {
 }
 
 /// The report of `memleak scan --cache CACHE`, or why there is none.
-fn scan_report(cache: &str) -> Result<Result<Value, String>> {
+fn scan_report(cache: &str) -> Result<Result<ScanReport, String>> {
     let output = memleak_scan(cache)?;
     if !output.status.success() {
         return Ok(Err(format!(
@@ -122,25 +125,29 @@ fn scan_finds_identical_messages_as_one_group() -> Result<()> {
     let cache = message_cache();
     let _fixture = Fixture::start(&["similar-messages", &HELD.to_string(), "0"], "ready")?;
     let report = scan_report(cache)?.map_err(anyhow::Error::msg)?;
-    ensure!(report["cache"] == cache, "{report:#}");
+    ensure!(report.cache == cache, "{report:#?}");
+    ensure!(report.objects >= HELD, "{report:#?}");
+    ensure!(report.unreadable_pages == 0, "{report:#?}");
+    let Some(top) = report.groups.first() else {
+        bail!("the largest group should hold the {HELD} messages: {report:#?}");
+    };
     ensure!(
-        report["objects"].as_u64().unwrap_or(0) >= HELD,
-        "{report:#}"
-    );
-    ensure!(report["unreadable_pages"] == 0, "{report:#}");
-    let top = &report["groups"][0];
-    ensure!(
-        top["objects"].as_u64().unwrap_or(0) >= HELD,
-        "the largest group should hold the {HELD} messages: {report:#}"
+        top.objects >= HELD,
+        "the largest group should hold the {HELD} messages: {report:#?}"
     );
     ensure!(
-        top["strings"]
-            .as_array()
-            .is_some_and(|strings| strings.iter().any(|s| s["text"] == "memleak-scan-fix")),
-        "the representative should hold the messages' text: {top:#}"
+        top.strings
+            .iter()
+            .any(|string| string.text == "memleak-scan-fix"),
+        "the representative should hold the messages' text: {top:#?}"
     );
-    for base in ["page_offset_base", "vmemmap_base"] {
-        let value = report[base].as_str().unwrap_or_default();
+    // The typed parse has read the bases from 0x-prefixed hex strings (it fails on anything
+    // else); memleak writes them as `{:#x}` does.
+    for (base, value) in [
+        ("page_offset_base", report.page_offset_base),
+        ("vmemmap_base", report.vmemmap_base),
+    ] {
+        let value = format!("{value:#x}");
         ensure!(value.starts_with("0xff"), "{base} = {value:?}");
     }
     Ok(())
@@ -202,22 +209,26 @@ fn a_merged_cache_is_scanned_as_the_cache_it_was_merged_into() -> Result<()> {
             let Ok(report) = scan_report(alias)? else {
                 continue;
             };
-            let scanned = report["scanned_cache"].as_str().unwrap_or_default();
+            let scanned = report.scanned_cache.as_str();
             ensure!(
                 names.iter().any(|name| name == scanned),
-                "{alias} was scanned as {scanned}, not one of {names:?}: {report:#}"
+                "{alias} was scanned as {scanned}, not one of {names:?}: {report:#?}"
             );
             ensure!(
-                report["merged"] == (scanned != alias.as_str()),
+                report.merged == (scanned != alias.as_str()),
                 "{alias}: merged says {}, scanned as {scanned}",
-                report["merged"]
+                report.merged
             );
-            let others: Vec<&String> = names.iter().filter(|name| *name != alias).collect();
+            let others: Vec<String> = names
+                .iter()
+                .filter(|name| *name != alias)
+                .cloned()
+                .collect();
             ensure!(
-                report["shares_slabs_with"] == serde_json::json!(others),
-                "{alias}: expected {others:?} to share its slabs: {report:#}"
+                report.shares_slabs_with == others,
+                "{alias}: expected {others:?} to share its slabs: {report:#?}"
             );
-            saw_merged |= report["merged"] == true;
+            saw_merged |= report.merged;
         }
         if saw_merged {
             return Ok(());
@@ -257,7 +268,7 @@ fn only_trace_with_cache_holds_the_kernel_memory_reader_while_tracing() -> Resul
         readers_held(&mut plain)? == 0,
         "memleak trace loaded the reader before detaching"
     );
-    finish_tracer(plain)?;
+    finish_tracer::<Report>(plain)?;
     let (mut scanning, _stderr) = start_tracer(&[
         "--duration",
         "1s",
@@ -270,23 +281,27 @@ fn only_trace_with_cache_holds_the_kernel_memory_reader_while_tracing() -> Resul
         readers_held(&mut scanning)? == 1,
         "memleak trace --cache holds one reader"
     );
-    let report = finish_tracer(scanning)?;
+    let report: Report = finish_tracer(scanning)?;
     ensure!(
-        report["scan"]["cache"] == "kmalloc-64",
-        "{:#}",
-        report["scan"]
+        report
+            .scan
+            .as_ref()
+            .is_some_and(|scan| scan.cache == "kmalloc-64"),
+        "{:#?}",
+        report.scan
     );
     Ok(())
 }
 
 /// The trace report's entry for the allocation site through which `pid` allocated objects
 /// found in the scanned cache.
-fn entry_of(report: &Value, pid: u64) -> Option<&Value> {
-    report["stacks"].as_array()?.iter().find(|entry| {
-        entry["in_scanned_cache"].as_u64().unwrap_or(0) > 0
-            && entry["processes"]
-                .as_array()
-                .is_some_and(|processes| processes.iter().any(|p| p["pid"] == pid))
+fn entry_of(report: &Report, pid: u64) -> Option<&Entry> {
+    report.stacks.iter().find(|entry| {
+        entry.marks.is_some_and(|marks| marks.in_scanned_cache > 0)
+            && entry
+                .processes
+                .iter()
+                .any(|process| u64::from(process.pid) == pid)
     })
 }
 
@@ -316,45 +331,50 @@ fn trace_with_cache_attributes_the_old_objects_to_their_allocating_function() ->
     similar.say("go")?;
     similar.expect_line("sent")?;
     let dissimilar = Fixture::start(&["dissimilar-messages", &DISSIMILAR.to_string()], "sent")?;
-    let report = finish_tracer(tracer)?;
+    let report: Report = finish_tracer(tracer)?;
 
-    let scan = &report["scan"];
-    ensure!(scan["cache"] == cache, "{scan:#}");
-    let group = scan["groups"][0]["objects"].as_u64().unwrap_or(0);
+    let scan = report.scan.as_ref().context("the report has no scan")?;
+    ensure!(scan.cache == cache, "{scan:#?}");
+    let group = scan.groups.first().map_or(0, |group| group.objects);
     ensure!(
         group >= HELD,
-        "the largest group holds {group} objects, expected >= {HELD}: {scan:#}"
+        "the largest group holds {group} objects, expected >= {HELD}: {scan:#?}"
     );
 
     let Some(leaker) = entry_of(&report, similar.pid()) else {
-        bail!("no entry for the similar messages' allocation site: {scan:#}");
+        bail!("no entry for the similar messages' allocation site: {scan:#?}");
     };
-    let marked = leaker["marked"].as_u64().unwrap_or(0);
-    let traced = leaker["in_scanned_cache"].as_u64().unwrap_or(0);
+    let marks = leaker.marks.unwrap_or_default();
+    let (marked, traced) = (marks.marked, marks.in_scanned_cache);
     ensure!(
         marked >= MORE,
-        "the {MORE} messages sent during the window should be marked: {leaker:#}"
+        "the {MORE} messages sent during the window should be marked: {leaker:#?}"
     );
-    let suspect = &scan["marking"]["suspected"];
+    let suspect = scan
+        .marking
+        .as_ref()
+        .and_then(|marking| marking.suspected.as_ref());
     ensure!(
-        suspect["call_site"] == leaker["call_site"],
-        "the suspect should be the messages' allocation site: {suspect:#} vs {leaker:#}"
+        suspect.is_some_and(|suspect| suspect.call_site == leaker.call_site),
+        "the suspect should be the messages' allocation site: {suspect:#?} vs {leaker:#?}"
     );
     ensure!(
-        leaker["call_site"]["symbol"]
-            .as_str()
+        leaker
+            .call_site
+            .symbol
+            .as_deref()
             .is_some_and(|symbol| symbol.contains("msg")),
-        "messages are allocated in the System V message code: {leaker:#}"
+        "messages are allocated in the System V message code: {leaker:#?}"
     );
     // The dissimilar messages share the site, and are counted there but not marked.
     ensure!(
         entry_of(&report, dissimilar.pid())
-            .is_some_and(|entry| entry["call_site"] == leaker["call_site"]),
-        "the dissimilar messages should come through the same site: {report:#}"
+            .is_some_and(|entry| entry.call_site == leaker.call_site),
+        "the dissimilar messages should come through the same site: {report:#?}"
     );
     ensure!(
         traced >= MORE + DISSIMILAR && marked <= traced - DISSIMILAR,
-        "the {DISSIMILAR} dissimilar messages must not be marked: {leaker:#}"
+        "the {DISSIMILAR} dissimilar messages must not be marked: {leaker:#?}"
     );
     Ok(())
 }

@@ -7,10 +7,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, ensure};
+use memleak::trace::report::{Entry, Report};
 use memleak_tests::{
-    Guard, Waiting, count_of, entries_at, entries_through, finish_tracer, fixture_binary,
-    loaded_program_names, notes, share_of, start_tracer, stat, trace_around,
-    trace_churning_fixture,
+    Guard, Waiting, entries_at, entries_through, finish_tracer, fixture_binary,
+    loaded_program_names, share_of, start_tracer, trace_around, trace_churning_fixture,
 };
 
 const HELD: u64 = 2_000;
@@ -51,13 +51,14 @@ fn held_eventfds_show_as_outstanding_through_eventfd_creation() -> Result<()> {
         let pid = u64::from(fixture.child().id());
         let holding = slab_objects()?;
         ensure!(
-            report["attach"] == attach,
+            report.attach == attach,
             "with {args:?}: attach {} instead of {attach}",
-            report["attach"]
+            report.attach
         );
         // Auto attach on this kernel (6.18, with BTF) must not have fallen back.
-        let fallback: Vec<&str> = notes(&report)
-            .into_iter()
+        let fallback: Vec<&String> = report
+            .notes
+            .iter()
             .filter(|note| note.contains("BTF tracepoints unavailable"))
             .collect();
         ensure!(fallback.is_empty(), "with {args:?}: {fallback:?}");
@@ -74,23 +75,23 @@ fn held_eventfds_show_as_outstanding_through_eventfd_creation() -> Result<()> {
             "with {args:?}: pid {pid} holds exactly {HELD} eventfd contexts, the report says \
              {count}; entries through eventfd: {summary:#?}"
         );
-        let Some(ctx) = at_do_eventfd.iter().find(|entry| count_of(entry) >= HELD) else {
+        let Some(ctx) = at_do_eventfd.iter().find(|entry| entry.count >= HELD) else {
             anyhow::bail!(
                 "with {args:?}: expected a kmalloc entry at do_eventfd holding >= {HELD} \
                  objects; entries through eventfd: {summary:#?}"
             );
         };
         // Each eventfd_ctx (< 64 bytes) is one object of the cache the entry names.
-        let object_size = cache_object_size(ctx["cache"].as_str().unwrap_or_default())?;
+        let cache = ctx.cache.as_deref().unwrap_or_default();
+        let object_size = cache_object_size(cache)?;
         ensure!(
             bytes == HELD * object_size && object_size >= 32,
             "with {args:?}: {HELD} objects of {object_size} bytes, the report says {bytes} \
-             bytes: {ctx:#}"
+             bytes: {ctx:#?}"
         );
         // The cache named is the one the held eventfd_ctx objects really fill. Objects kept
         // free per CPU count as active in /proc/slabinfo, so a cache can grow by fewer than
         // HELD; a cache that merely shares the size class grows by none of them.
-        let cache = ctx["cache"].as_str().unwrap_or_default();
         let grown = holding
             .get(cache)
             .zip(before.get(cache))
@@ -98,21 +99,11 @@ fn held_eventfds_show_as_outstanding_through_eventfd_creation() -> Result<()> {
         ensure!(
             grown >= HELD / 2,
             "the eventfd_ctx site is named {cache:?}, which grew by {grown} active objects \
-             while {HELD} were held: {ctx:#}"
+             while {HELD} were held: {ctx:#?}"
         );
-        for name in [
-            "allocs",
-            "frees",
-            "outstanding",
-            "dropped_table_full",
-            "stack_failures",
-        ] {
-            ensure!(
-                report["stats"][name].is_u64(),
-                "stats.{name} missing: {:#}",
-                report["stats"]
-            );
-        }
+        // stats.allocs, frees, outstanding, dropped_table_full and stack_failures are numbers:
+        // required u64 fields of the typed report, whose parse in trace_around fails without
+        // them.
         // Releases the fds.
         drop(fixture.child().stdin.take());
         fixture.child().wait()?;
@@ -151,37 +142,37 @@ fn sampling_estimates_held_objects_within_20_percent() -> Result<()> {
     ])?;
     let said = fixture.go()?;
     ensure!(said == "ready", "fixture said {said:?}");
-    let report = finish_tracer(tracer)?;
+    let report: Report = finish_tracer(tracer)?;
     fixture.release()?;
 
     ensure!(
-        report["sample_rate"] == 64,
+        report.sample_rate == 64,
         "sample_rate: {}",
-        report["sample_rate"]
+        report.sample_rate
     );
     // The sampling itself: about one of the fixture's allocations in 64 is tracked (sampling
     // comes before the pid filter, so `sampled_out` counts the whole machine's, and `filtered`
     // the other processes' that were sampled in). A tracer that tracks everything and only
     // scales (or only marks) its counts fails here. At 40,000 draws, +-25% is 6 sigma.
-    let tracked = stat(&report, "tracked_allocs")?;
-    let sampled_out = stat(&report, "sampled_out")?;
+    let tracked = report.stats.counters.tracked_allocs;
+    let sampled_out = report.stats.counters.sampled_out;
     ensure!(
         sampled_out >= SAMPLED / 2,
-        "at one in 64, most of the fixture's {SAMPLED} allocations are sampled out: {:#}",
-        report["stats"]
+        "at one in 64, most of the fixture's {SAMPLED} allocations are sampled out: {:#?}",
+        report.stats
     );
     let expected = SAMPLED as f64 / 64.0;
     ensure!(
         (tracked as f64 - expected).abs() <= expected * 0.25,
         "{tracked} of the fixture's allocations tracked, expected about {expected:.0} (its \
-         {SAMPLED} messages at one in 64): {:#}",
-        report["stats"]
+         {SAMPLED} messages at one in 64): {:#?}",
+        report.stats
     );
 
     let entries = entries_at(&report, "kmalloc", "load_msg");
     let summary: Vec<String> = entries.iter().map(|entry| summarize(entry)).collect();
     ensure!(
-        !entries.is_empty() && entries.iter().all(|entry| entry["estimated"] == true),
+        !entries.is_empty() && entries.iter().all(|entry| entry.estimated),
         "sampled counts must be marked: {summary:#?}"
     );
     let (estimate, _) = share_of(entries.iter().copied(), pid);
@@ -215,18 +206,18 @@ fn churned_eventfds_do_not_show_as_outstanding() -> Result<()> {
     );
     for entry in entries_through(&report, "eventfd") {
         ensure!(
-            count_of(entry) < HELD / 10,
-            "closed eventfds reported as outstanding: {entry:#}"
+            entry.count < HELD / 10,
+            "closed eventfds reported as outstanding: {entry:#?}"
         );
     }
     // Each eventfd is an eventfd_ctx, a struct file and a dentry at least.
-    let tracked = stat(&report, "tracked_allocs")?;
-    let freed = stat(&report, "tracked_frees")? + stat(&report, "verified_free")?;
+    let tracked = report.stats.counters.tracked_allocs;
+    let freed = report.stats.counters.tracked_frees + report.stats.liveness.verified_free;
     ensure!(
         tracked >= 3 * HELD && freed >= HELD,
         "the churn's {HELD} eventfds were not seen allocated ({tracked} tracked) or freed \
-         ({freed} tracked frees and objects found free): {:#}",
-        report["stats"]
+         ({freed} tracked frees and objects found free): {:#?}",
+        report.stats
     );
     Ok(())
 }
@@ -262,48 +253,37 @@ fn pid_filter_keeps_only_that_process() -> Result<()> {
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line)?;
     ensure!(line.trim() == "ready", "fixture said {line:?}");
-    let report = finish_tracer(tracer)?;
+    let report: Report = finish_tracer(tracer)?;
     drop(stdin);
     fixture.child().wait()?;
 
-    let processes = report["processes"]
-        .as_array()
-        .context("no --by-process table")?;
+    let processes = report.processes.as_ref().context("no --by-process table")?;
     ensure!(
-        processes.iter().all(|process| process["pid"] == pid),
+        processes.iter().all(|process| process.pid == pid),
         "other processes reported: {processes:#?}"
     );
     ensure!(
-        processes
-            .first()
-            .and_then(|p| p["count"].as_u64())
-            .unwrap_or(0)
-            >= HELD,
+        processes.first().map_or(0, |process| process.count) >= HELD,
         "the fixture holds {HELD} eventfd contexts at least: {processes:#?}"
     );
     let at_do_eventfd: u64 = entries_at(&report, "kmalloc", "do_eventfd")
         .iter()
-        .map(|entry| count_of(entry))
+        .map(|entry| entry.count)
         .sum();
     ensure!(
         at_do_eventfd == HELD,
         "the fixture holds exactly {HELD} eventfd contexts, the report says {at_do_eventfd}: \
-         {report:#}"
+         {report:#?}"
     );
     // The ranking of processes adds up the entries, all of which are the fixture's.
-    let entries: u64 = report["stacks"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(count_of)
-        .sum();
+    let entries: u64 = report.stacks.iter().map(|entry| entry.count).sum();
     ensure!(
-        report["stats"]["sites"].as_u64() <= Some(1000) && processes[0]["count"] == entries,
+        report.stats.sites <= 1000 && processes[0].count == entries,
         "the fixture's {} objects are not its entries' {entries}: {processes:#?}",
-        processes[0]["count"]
+        processes[0].count
     );
     ensure!(
-        report["stats"]["filtered"].as_u64().unwrap_or(0) > 0,
+        report.stats.counters.filtered > 0,
         "nothing was filtered out"
     );
     Ok(())
@@ -336,10 +316,10 @@ fn ctrl_c_prints_the_report_and_detaches() -> Result<()> {
         unsafe { libc::kill(pid, libc::SIGINT) } == 0,
         "kill -INT failed"
     );
-    let report = finish_tracer(tracer)?;
+    let report: Report = finish_tracer(tracer)?;
     ensure!(
-        report["stats"]["allocs"].as_u64().unwrap_or(0) > 0,
-        "empty report: {report:#}"
+        report.stats.counters.allocs > 0,
+        "empty report: {report:#?}"
     );
     // Program teardown is asynchronous in the kernel (RCU); give it a moment.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -436,9 +416,12 @@ fn a_thread_id_or_a_file_that_is_not_a_kmemleak_report_gets_a_one_line_error() -
     Ok(())
 }
 
-fn summarize(entry: &serde_json::Value) -> String {
+fn summarize(entry: &Entry) -> String {
     format!(
         "{} x {} ({}) at {}",
-        entry["count"], entry["kind"], entry["cache"], entry["call_site"]["symbol"]
+        entry.count,
+        entry.kind,
+        entry.cache.as_deref().unwrap_or("no cache"),
+        entry.call_site
     )
 }

@@ -3,7 +3,7 @@
 //! fentry works, memleak follows those frees as they happen: almost no free may be missed, and
 //! no entry of the workload may stay in the report.
 use anyhow::{Context as _, Result, bail, ensure};
-use serde_json::Value;
+use memleak::trace::report::Report;
 
 use super::guest::GuestResults;
 
@@ -79,27 +79,21 @@ fn judge_one(results: &GuestResults, churn: &Churn) -> Result<String> {
         "`memleak run -- memleak-fixture churn-{name}` exited {status}; its stderr:\n{stderr}"
     );
     let text = results.file(&format!("churn-{name}.json"))?;
-    let report: Value =
+    // free_paths, stats.allocs and stats.missed_frees are there: required fields of the typed
+    // report, whose parse fails without them.
+    let report: Report =
         serde_json::from_str(text).with_context(|| format!("parsing churn-{name}.json"))?;
-    let free_paths: Vec<&str> = report["free_paths"]
-        .as_array()
-        .context("the report has no free_paths")?
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
+    let free_paths = &report.free_paths;
     for hook in FREE_PATH_HOOKS {
         ensure!(
-            free_paths.contains(&hook),
+            free_paths.iter().any(|path| path == hook),
             "churn-{name}: {hook} is not among the free paths followed ({free_paths:?}); \
-             notes: {}",
-            report["notes"]
+             notes: {:?}",
+            report.notes
         );
     }
-    let stats = &report["stats"];
-    let allocations = stats["allocs"].as_u64().context("no stats.allocs")?;
-    let missed = stats["missed_frees"]
-        .as_u64()
-        .context("no stats.missed_frees")?;
+    let allocations = report.stats.counters.allocs;
+    let missed = report.stats.counters.missed_frees;
     let made = churn.cycles * churn.allocations_per_cycle;
     ensure!(
         allocations >= made,
@@ -109,9 +103,9 @@ fn judge_one(results: &GuestResults, churn: &Churn) -> Result<String> {
     ensure!(
         (missed as f64) < MISSED_FREES_ALLOWED * allocations as f64,
         "churn-{name}: {missed} missed frees of {allocations} allocations (at most {:.1}% \
-         allowed); sites: {}",
+         allowed); sites: {:?}",
         MISSED_FREES_ALLOWED * 100.0,
-        report["missed_free_sites"]
+        report.missed_free_sites
     );
     let comm = format!("churn-{name}");
     let limit = made / 100;
@@ -131,21 +125,18 @@ fn judge_one(results: &GuestResults, churn: &Churn) -> Result<String> {
 
 /// The largest number of objects an entry attributes to processes named `comm`, with the
 /// entry's call site.
-fn largest_entry_of(report: &Value, comm: &str) -> Option<(u64, String)> {
-    report["stacks"]
-        .as_array()?
+fn largest_entry_of(report: &Report, comm: &str) -> Option<(u64, String)> {
+    report
+        .stacks
         .iter()
         .filter_map(|entry| {
-            let processes = entry["processes"].as_array()?;
-            let own: u64 = processes
+            let own: u64 = entry
+                .processes
                 .iter()
-                .filter(|process| process["comm"] == comm)
-                .filter_map(|process| process["count"].as_u64())
+                .filter(|process| process.comm.as_deref() == Some(comm))
+                .map(|process| process.count)
                 .sum();
-            let site = entry["call_site"]["symbol"]
-                .as_str()
-                .unwrap_or("?")
-                .to_owned();
+            let site = entry.call_site.symbol.as_deref().unwrap_or("?").to_owned();
             (own > 0).then_some((own, site))
         })
         .max_by_key(|(count, _)| *count)

@@ -28,8 +28,11 @@ use crate::{apt::Apt, workspace};
 
 /// Host tools: qemu, the guest's shell and insmod (a static busybox), and what building a module
 /// against Debian's headers needs (xz for the kernel image, pahole for module BTF).
-const HOST_PACKAGES: [&str; 7] = [
+const HOST_PACKAGES: [&str; 8] = [
     "qemu-system-x86",
+    // musl-gcc: SQLite (rusqlite's bundled C code, for memleak watch's history) in the
+    // static guest binary.
+    "musl-tools",
     "busybox-static",
     "xz-utils",
     "dwarves",
@@ -245,6 +248,8 @@ fn build_static(root: &Path, package: &str, binary: &str) -> Result<PathBuf> {
             binary,
         ])
         .args(["--target", GUEST_TARGET])
+        // The cc crate looks for x86_64-linux-musl-gcc; Debian's musl-tools names it musl-gcc.
+        .env("CC_x86_64_unknown_linux_musl", "musl-gcc")
         .status()
         .context("running cargo build")?;
     ensure!(

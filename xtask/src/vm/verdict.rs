@@ -3,7 +3,8 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Context as _, Result, ensure};
-use serde_json::Value;
+use memleak::{kmemleak::report::Report as KmemleakReport, trace::report::Report as TraceReport};
+use serde::de::DeserializeOwned;
 
 use super::guest::GuestResults;
 
@@ -49,15 +50,17 @@ pub fn judge(results: &GuestResults, objects: u64) -> Result<Findings> {
         "`memleak run --fail-on-leak --module leaky -- insmod leaky.ko` exited {leaky_status}, \
          expected 1 (leak found); its stderr:\n{leaky_stderr}"
     );
-    let leaky = report(results, "leaky.json")?;
-    let check = &leaky["check"];
+    let leaky: TraceReport = report(results, "leaky.json")?;
+    let check = leaky
+        .check
+        .as_ref()
+        .context("the report has no module-scoped check")?;
     ensure!(
-        check["failed"] == true,
-        "the module-scoped check did not fail: {check:#}"
+        check.failed,
+        "the module-scoped check did not fail: {check:#?}"
     );
-    let sites = check["sites"]
-        .as_array()
-        .context("the check has no sites")?;
+    // `sites` is there: a required field of the typed report, whose parse fails without it.
+    let sites = &check.sites;
     // Older kernels' classic kmem_cache_alloc event (Linux 6.1's among them) does not name the
     // cache; memleak then reads it from kernel memory at report time, which needs kernel BTF.
     // The guest says whether it has BTF (Debian's kernel does; the kmemleak kernel, built from
@@ -74,30 +77,19 @@ pub fn judge(results: &GuestResults, objects: u64) -> Result<Findings> {
         "no" => false,
         other => anyhow::bail!("the guest's btf file says {other:?}, expected yes or no"),
     };
-    let caches_not_read = leaky["notes"].as_array().is_some_and(|notes| {
-        notes.iter().any(|note| {
-            note.as_str()
-                .is_some_and(|note| note.contains("not read from the kernel"))
-        })
-    });
+    let has_note = |text: &str| leaky.notes.iter().any(|note| note.contains(text));
+    let caches_not_read = has_note("not read from the kernel");
     let cache_names_known = event_names_caches || guest_has_btf;
     ensure!(
         cache_names_known || caches_not_read,
         "the guest has no kernel BTF and its kmem_cache_alloc event names no cache, yet memleak \
-         does not note that it could not read cache names: {:#}",
-        leaky["notes"]
+         does not note that it could not read cache names: {:#?}",
+        leaky.notes
     );
     // How memleak attached, and why: tests/vm/init.sh leaves --attach at auto, so classic
     // tracepoints need a note saying why BTF tracepoints were not used, and a guest without
     // BTF cannot have used them.
-    let attach = leaky["attach"].as_str().unwrap_or_default();
-    let has_note = |text: &str| {
-        leaky["notes"].as_array().is_some_and(|notes| {
-            notes
-                .iter()
-                .any(|note| note.as_str().is_some_and(|note| note.contains(text)))
-        })
-    };
+    let attach = leaky.attach.as_str();
     ensure!(
         match attach {
             "tp_btf" => guest_has_btf,
@@ -106,46 +98,42 @@ pub fn judge(results: &GuestResults, objects: u64) -> Result<Findings> {
                     && (guest_has_btf || has_note("kernel has no BTF")),
             _ => false,
         },
-        "memleak attached with {attach:?} on a guest {} kernel BTF; its notes: {:#}",
+        "memleak attached with {attach:?} on a guest {} kernel BTF; its notes: {:#?}",
         if guest_has_btf { "with" } else { "without" },
-        leaky["notes"]
+        leaky.notes
     );
     let mut leaks = Vec::new();
     for leak in &LEAKS {
         let site = sites
             .iter()
-            .find(|site| is_in(site["call_site"].as_str(), leak.function))
+            .find(|site| is_in(Some(&site.call_site), leak.function))
             .with_context(|| {
                 format!(
-                    "no {} site in the module-scoped check: {check:#}",
+                    "no {} site in the module-scoped check: {check:#?}",
                     leak.function
                 )
             })?;
-        let expected_cache = match leak.cache {
-            Some(cache) => Value::from(cache),
-            None if cache_names_known => Value::from(OWN_CACHE),
-            None => Value::Null,
-        };
+        let expected_cache = leak.cache.or(cache_names_known.then_some(OWN_CACHE));
+        let expected_cache_name = expected_cache.unwrap_or("an unnamed cache");
         ensure!(
-            site["kind"] == leak.kind
-                && site["cache"] == expected_cache
-                && site["count"].as_u64() == Some(objects),
-            "{}: expected {objects} {} objects in {expected_cache}, memleak reported {site:#}",
+            site.kind == leak.kind
+                && site.cache.as_deref() == expected_cache
+                && site.count == objects,
+            "{}: expected {objects} {} objects in {expected_cache_name}, memleak reported \
+             {site:#?}",
             leak.function,
             leak.kind
         );
         leaks.push(format!(
-            "{}: {objects} {} objects in {}",
-            site["call_site"].as_str().unwrap_or_default(),
-            leak.kind,
-            expected_cache.as_str().unwrap_or("an unnamed cache")
+            "{}: {objects} {} objects in {expected_cache_name}",
+            site.call_site, leak.kind
         ));
     }
     ensure!(
         !sites
             .iter()
-            .any(|site| is_in(site["call_site"].as_str(), CLEAN_FUNCTION)),
-        "{CLEAN_FUNCTION} frees what it allocates, yet the check lists it: {check:#}"
+            .any(|site| is_in(Some(&site.call_site), CLEAN_FUNCTION)),
+        "{CLEAN_FUNCTION} frees what it allocates, yet the check lists it: {check:#?}"
     );
     // The JUnit file: one failure, whose text lists each leaking function with its count (the
     // test case's name holds the scope, `--module leaky`, which proves nothing).
@@ -175,19 +163,21 @@ pub fn judge(results: &GuestResults, objects: u64) -> Result<Findings> {
          0; its stderr:\n{}",
         results.file("clean.stderr").unwrap_or_default()
     );
-    let clean = report(results, "clean.json")?;
+    let clean: TraceReport = report(results, "clean.json")?;
     ensure!(
-        clean["check"]["failed"] == false && clean["check"]["count"] == 0,
-        "the {CLEAN_FUNCTION} check: {:#}",
-        clean["check"]
+        clean
+            .check
+            .as_ref()
+            .is_some_and(|check| !check.failed && check.count == 0),
+        "the {CLEAN_FUNCTION} check: {:#?}",
+        clean.check
     );
     // The passing check means something only if that tracer saw the module's allocations.
-    let seen = clean["stacks"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|entry| is_in(entry["call_site"]["symbol"].as_str(), LEAKS[0].function))
-        .and_then(|entry| entry["count"].as_u64());
+    let seen = clean
+        .stacks
+        .iter()
+        .find(|entry| is_in(entry.call_site.symbol.as_deref(), LEAKS[0].function))
+        .map(|entry| entry.count);
     ensure!(
         seen == Some(objects),
         "the tracer scoped to {CLEAN_FUNCTION} did not see the module's {objects} {} objects \
@@ -196,14 +186,9 @@ pub fn judge(results: &GuestResults, objects: u64) -> Result<Findings> {
     );
 
     Ok(Findings {
-        kernel: leaky["kernel"].as_str().unwrap_or("?").to_owned(),
-        attach: leaky["attach"].as_str().unwrap_or("?").to_owned(),
-        notes: leaky["notes"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|note| note.as_str().map(str::to_owned))
-            .collect(),
+        kernel: leaky.kernel,
+        attach: leaky.attach,
+        notes: leaky.notes,
         leaks,
     })
 }
@@ -233,18 +218,17 @@ pub fn compare_with_kmemleak(results: &GuestResults) -> Result<String> {
         "`memleak kmemleak` exited {status}; its stderr:\n{}",
         results.file("kmemleak.stderr").unwrap_or_default()
     );
-    let report = report(results, "kmemleak.json")?;
+    let report: KmemleakReport = report(results, "kmemleak.json")?;
     let mut named: BTreeMap<&str, u64> = BTreeMap::new();
-    for stack in report["stacks"].as_array().into_iter().flatten() {
+    for stack in &report.stacks {
         // The innermost frame in the module is the function that called the allocator.
-        let function = stack["frames"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|frame| frame["module"] == MODULE)
-            .and_then(|frame| frame["symbol"].as_str());
+        let function = stack
+            .frames
+            .iter()
+            .find(|frame| frame.module.as_deref() == Some(MODULE))
+            .and_then(|frame| frame.symbol.as_deref());
         if let Some(function) = function {
-            *named.entry(function).or_default() += stack["count"].as_u64().unwrap_or(0);
+            *named.entry(function).or_default() += stack.count;
         }
     }
     let mut expected: Vec<&str> = LEAKS.iter().map(|leak| leak.function).collect();
@@ -252,7 +236,7 @@ pub fn compare_with_kmemleak(results: &GuestResults) -> Result<String> {
     ensure!(
         named.keys().copied().eq(expected.iter().copied()),
         "kmemleak names {named:?} in the module, memleak names {expected:?}; kmemleak's report: \
-         {report:#}"
+         {report:#?}"
     );
     let memleak = memleak_counts(results)?;
     for (function, &count) in &named {
@@ -260,7 +244,7 @@ pub fn compare_with_kmemleak(results: &GuestResults) -> Result<String> {
         ensure!(
             count <= theirs && count + kmemleak_slack(theirs) >= theirs,
             "kmemleak counts {count} objects from {function}, memleak {theirs} (kmemleak may \
-             miss at most {}); kmemleak's report: {report:#}",
+             miss at most {}); kmemleak's report: {report:#?}",
             kmemleak_slack(theirs)
         );
     }
@@ -281,17 +265,18 @@ fn kmemleak_slack(count: u64) -> u64 {
 
 /// The objects memleak's module-scoped check counted per leaking function.
 fn memleak_counts(results: &GuestResults) -> Result<BTreeMap<&'static str, u64>> {
-    let leaky = report(results, "leaky.json")?;
-    let sites = leaky["check"]["sites"]
-        .as_array()
-        .context("the module-scoped check has no sites")?;
+    let leaky: TraceReport = report(results, "leaky.json")?;
+    let check = leaky
+        .check
+        .context("the report has no module-scoped check")?;
     Ok(LEAKS
         .iter()
         .map(|leak| {
-            let count = sites
+            let count = check
+                .sites
                 .iter()
-                .filter(|site| is_in(site["call_site"].as_str(), leak.function))
-                .filter_map(|site| site["count"].as_u64())
+                .filter(|site| is_in(Some(&site.call_site), leak.function))
+                .map(|site| site.count)
                 .sum();
             (leak.function, count)
         })
@@ -319,7 +304,9 @@ fn thousands(value: u64) -> String {
     grouped
 }
 
-fn report(results: &GuestResults, name: &str) -> Result<Value> {
+/// The guest's report `name`, read into memleak's type for it: a field missing or of another
+/// type fails the verdict.
+fn report<R: DeserializeOwned>(results: &GuestResults, name: &str) -> Result<R> {
     serde_json::from_str(results.file(name)?).with_context(|| format!("parsing the guest's {name}"))
 }
 
@@ -336,15 +323,110 @@ fn is_in(frame: Option<&str>, function: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
+    use memleak::{
+        bpf::maps::Counters,
+        kmemleak::report::{Sizes, Stack, Stats as KmemleakStats},
+        symbols::Frame,
+        trace::report::{Entry, LeakingSite, LivenessStats, SCHEMA_VERSION, Stats, Verdict},
+    };
 
     use super::*;
 
     const N: u64 = 100;
 
-    fn site(function: &str, kind: &str, cache: Value, count: u64) -> Value {
-        json!({"call_site": format!("{function}+0x2b/0x42 [leaky]"), "kind": kind,
-               "cache": cache, "bytes": count * 64, "count": count})
+    fn site(function: &str, kind: &str, cache: Option<&str>, count: u64) -> LeakingSite {
+        LeakingSite {
+            call_site: format!("{function}+0x2b/0x42 [leaky]"),
+            kind: kind.to_owned(),
+            cache: cache.map(str::to_owned),
+            bytes: count * 64,
+            count,
+        }
+    }
+
+    /// A frame without an address, as kmemleak writes them; `module` `None` for the core kernel.
+    fn frame(symbol: Option<&str>, module: Option<&str>) -> Frame {
+        Frame {
+            addr: None,
+            symbol: symbol.map(str::to_owned),
+            offset: None,
+            size: None,
+            module: module.map(str::to_owned),
+        }
+    }
+
+    /// The JSON of a `memleak run --fail-on-leak` report on the guest: its check (failed or
+    /// not, over `sites`) and `stacks`, with nothing else traced.
+    fn run_report(
+        attach: &str,
+        notes: &[&str],
+        failed: bool,
+        sites: Vec<LeakingSite>,
+        stacks: Vec<Entry>,
+    ) -> String {
+        let check = Verdict {
+            scope: "module leaky".to_owned(),
+            bytes: sites.iter().map(|site| site.bytes).sum(),
+            count: sites.iter().map(|site| site.count).sum(),
+            max_bytes: 0,
+            max_count: 0,
+            failed,
+            sites,
+        };
+        let report = TraceReport {
+            schema: SCHEMA_VERSION,
+            kernel: "6.1.0-56-amd64".to_owned(),
+            duration_ms: 1_000,
+            attach: attach.to_owned(),
+            free_paths: Vec::new(),
+            sample_rate: 1,
+            stack_sample_rate: 1,
+            stats: Stats {
+                counters: Counters::default(),
+                outstanding: 0,
+                outstanding_bytes: 0,
+                hidden_younger: 0,
+                skipped_runs: 0,
+                sites: 0,
+                backing_pages: 0,
+                backing_pages_bytes: 0,
+                liveness: LivenessStats::default(),
+            },
+            notes: notes.iter().map(|note| (*note).to_owned()).collect(),
+            kinds: Vec::new(),
+            caches: Vec::new(),
+            processes: None,
+            check: Some(check),
+            scan: None,
+            missed_free_sites: Vec::new(),
+            accounting: Vec::new(),
+            stacks,
+        };
+        serde_json::to_string(&report).expect("a report serializes")
+    }
+
+    /// A kmalloc-64 entry of `count` objects whose call site is `symbol`.
+    fn entry_at(symbol: &str, count: u64) -> Entry {
+        let call_site = frame(Some(symbol), None);
+        Entry {
+            bytes: count * 64,
+            count,
+            bytes_requested: count * 64,
+            estimated: false,
+            kind: "kmalloc".to_owned(),
+            cache: Some("kmalloc-64".to_owned()),
+            oldest_age_ms: 0,
+            frames: vec![call_site.clone()],
+            call_site,
+            stack_samples: 0,
+            frames_samples: 0,
+            stack_failures: 0,
+            other_stacks: Vec::new(),
+            processes: Vec::new(),
+            unverified: 0,
+            unreliable: false,
+            marks: None,
+        }
     }
 
     const NOT_READ: &str = "slab caches are not read from the kernel: no BTF";
@@ -355,17 +437,27 @@ mod tests {
 
     /// What a correct run on Linux 6.1 (no cache names in classic kmem_cache_alloc) without
     /// kernel BTF (so no cache read from kernel memory either) sends.
-    fn guest(leaky_sites: Vec<Value>, clean_seen: u64) -> GuestResults {
-        let leaky = json!({"kernel": "6.1.0-56-amd64", "attach": "tracepoint", "notes": [NOT_READ, NO_BTF],
-            "check": {"failed": true, "count": 2 * N, "sites": leaky_sites}, "stacks": []});
-        let clean = json!({"check": {"failed": false, "count": 0, "sites": []}, "stacks": [
-            {"call_site": {"symbol": "leaky_kmalloc"}, "count": clean_seen}]});
+    fn guest(leaky_sites: Vec<LeakingSite>, clean_seen: u64) -> GuestResults {
+        let leaky = run_report(
+            "tracepoint",
+            &[NOT_READ, NO_BTF],
+            true,
+            leaky_sites,
+            Vec::new(),
+        );
+        let clean = run_report(
+            "tracepoint",
+            &[],
+            false,
+            Vec::new(),
+            vec![entry_at("leaky_kmalloc", clean_seen)],
+        );
         let files = [
             ("leaky.status", "1".to_owned()),
-            ("leaky.json", leaky.to_string()),
+            ("leaky.json", leaky),
             ("leaky.xml", junit(N)),
             ("clean.status", "0".to_owned()),
-            ("clean.json", clean.to_string()),
+            ("clean.json", clean),
             (
                 "kmem_cache_alloc.format",
                 "\tfield:const void * ptr;\toffset:16;".to_owned(),
@@ -412,10 +504,10 @@ mod tests {
         assert_eq!(thousands(100), "100");
     }
 
-    fn correct_sites() -> Vec<Value> {
+    fn correct_sites() -> Vec<LeakingSite> {
         vec![
-            site("leaky_cache_alloc", "kmem_cache", Value::Null, N),
-            site("leaky_kmalloc", "kmalloc", json!("kmalloc-64"), N),
+            site("leaky_cache_alloc", "kmem_cache", None, N),
+            site("leaky_kmalloc", "kmalloc", Some("kmalloc-64"), N),
         ]
     }
 
@@ -432,10 +524,10 @@ mod tests {
         one_missing.pop();
         assert!(judge(&guest(one_missing, N), N).is_err());
         let mut miscounted = correct_sites();
-        miscounted[0]["count"] = json!(N - 1);
+        miscounted[0].count = N - 1;
         assert!(judge(&guest(miscounted, N), N).is_err());
         let mut wrong_cache = correct_sites();
-        wrong_cache[1]["cache"] = json!("kmalloc-128");
+        wrong_cache[1].cache = Some("kmalloc-128".to_owned());
         assert!(judge(&guest(wrong_cache, N), N).is_err());
     }
 
@@ -448,12 +540,10 @@ mod tests {
         );
         assert!(judge(&results, N).is_err());
         let mut named = correct_sites();
-        named[0]["cache"] = json!(OWN_CACHE);
+        named[0].cache = Some(OWN_CACHE.to_owned());
         results.files.insert(
             "leaky.json".into(),
-            json!({"attach": "tracepoint", "notes": [NO_BTF],
-                   "check": {"failed": true, "sites": named}})
-            .to_string(),
+            run_report("tracepoint", &[NO_BTF], true, named, Vec::new()),
         );
         assert!(judge(&results, N).is_ok());
     }
@@ -466,12 +556,10 @@ mod tests {
         results.files.insert("btf".into(), "yes".into());
         assert!(judge(&results, N).is_err());
         let mut named = correct_sites();
-        named[0]["cache"] = json!(OWN_CACHE);
+        named[0].cache = Some(OWN_CACHE.to_owned());
         results.files.insert(
             "leaky.json".into(),
-            json!({"attach": "tracepoint", "notes": [FELL_BACK],
-                   "check": {"failed": true, "sites": named}})
-            .to_string(),
+            run_report("tracepoint", &[FELL_BACK], true, named, Vec::new()),
         );
         assert!(judge(&results, N).is_ok());
         // The guest must say.
@@ -489,15 +577,13 @@ mod tests {
             let mut named = correct_sites();
             let mut notes = notes.to_vec();
             if btf == "yes" {
-                named[0]["cache"] = json!(OWN_CACHE);
+                named[0].cache = Some(OWN_CACHE.to_owned());
             } else {
                 notes.push(NOT_READ);
             }
             results.files.insert(
                 "leaky.json".into(),
-                json!({"attach": attach, "notes": notes,
-                       "check": {"failed": true, "sites": named}})
-                .to_string(),
+                run_report(attach, &notes, true, named, Vec::new()),
             );
             results.files.insert("btf".into(), btf.into());
             judge(&results, N)
@@ -517,9 +603,7 @@ mod tests {
         let mut results = guest(correct_sites(), N);
         results.files.insert(
             "leaky.json".into(),
-            json!({"attach": "tracepoint", "notes": [NO_BTF],
-                   "check": {"failed": true, "sites": correct_sites()}})
-            .to_string(),
+            run_report("tracepoint", &[NO_BTF], true, correct_sites(), Vec::new()),
         );
         assert!(judge(&results, N).is_err());
     }
@@ -527,7 +611,7 @@ mod tests {
     #[test]
     fn rejects_a_listed_clean_function_and_wrong_statuses() {
         let mut with_clean = correct_sites();
-        with_clean.push(site(CLEAN_FUNCTION, "kmalloc", json!("kmalloc-64"), 1));
+        with_clean.push(site(CLEAN_FUNCTION, "kmalloc", Some("kmalloc-64"), 1));
         assert!(judge(&guest(with_clean, N), N).is_err());
 
         for (file, status) in [
@@ -546,29 +630,59 @@ mod tests {
         assert!(judge(&guest(correct_sites(), 0), N).is_err());
     }
 
-    fn kmemleak_results(stacks: Value) -> GuestResults {
+    fn kmemleak_results(stacks: Vec<Stack>) -> GuestResults {
         let mut results = guest(correct_sites(), N);
         results.files.insert("kmemleak.status".into(), "0".into());
+        let report = KmemleakReport {
+            source: "kmemleak".to_owned(),
+            kernel: None,
+            stats: KmemleakStats {
+                objects: stacks.iter().map(|stack| stack.count).sum(),
+                clusters: stacks.len() as u64,
+                unparsed_records: 0,
+                truncated_records: 0,
+                bytes: stacks.iter().map(|stack| stack.bytes).sum(),
+            },
+            stacks,
+        };
         results.files.insert(
             "kmemleak.json".into(),
-            json!({"source": "kmemleak", "stacks": stacks}).to_string(),
+            serde_json::to_string(&report).expect("a report serializes"),
         );
         results
     }
 
-    fn kmemleak_stack(function: &str, count: u64) -> Value {
-        json!({"count": count, "frames": [
-            {"symbol": function, "module": MODULE},
-            {"symbol": null, "module": null},
-            {"symbol": "do_one_initcall", "module": null}]})
+    /// `count` 64-byte objects allocated by `function` of the module, from its init.
+    fn kmemleak_stack(function: &str, count: u64) -> Stack {
+        Stack {
+            bytes: count * 64,
+            count,
+            kind: "kmemleak".to_owned(),
+            cache: None,
+            object_type: None,
+            suspect: Some(frame(Some(function), Some(MODULE))),
+            sizes: Sizes {
+                min: 64,
+                max: 64,
+                distinct: Vec::new(),
+            },
+            processes: Vec::new(),
+            oldest_age_ms: None,
+            hex_prefix: None,
+            frames: vec![
+                frame(Some(function), Some(MODULE)),
+                frame(None, None),
+                frame(Some("do_one_initcall"), None),
+            ],
+        }
     }
 
     #[test]
     fn kmemleak_must_name_the_same_functions_with_the_same_counts() {
-        let both = json!([
+        let both = vec![
             kmemleak_stack("leaky_cache_alloc", 99),
-            kmemleak_stack("leaky_kmalloc", 100)
-        ]);
+            kmemleak_stack("leaky_kmalloc", 100),
+        ];
         let agreement = compare_with_kmemleak(&kmemleak_results(both)).unwrap();
         assert!(
             agreement.contains("leaky_cache_alloc: 99 objects"),
@@ -577,32 +691,32 @@ mod tests {
 
         // Counts: more than memleak's, or many fewer, is a disagreement.
         for (cache, kmalloc) in [(100, 50), (100, 101), (0, 100)] {
-            let stacks = json!([
+            let stacks = vec![
                 kmemleak_stack("leaky_cache_alloc", cache),
-                kmemleak_stack("leaky_kmalloc", kmalloc)
-            ]);
+                kmemleak_stack("leaky_kmalloc", kmalloc),
+            ];
             assert!(
                 compare_with_kmemleak(&kmemleak_results(stacks)).is_err(),
                 "{cache} and {kmalloc} objects"
             );
         }
         // Split over several stacks, the counts add up.
-        let split = json!([
+        let split = vec![
             kmemleak_stack("leaky_cache_alloc", 60),
             kmemleak_stack("leaky_cache_alloc", 40),
-            kmemleak_stack("leaky_kmalloc", 98)
-        ]);
+            kmemleak_stack("leaky_kmalloc", 98),
+        ];
         assert!(compare_with_kmemleak(&kmemleak_results(split)).is_ok());
 
-        let one = json!([kmemleak_stack("leaky_cache_alloc", 100)]);
+        let one = vec![kmemleak_stack("leaky_cache_alloc", 100)];
         assert!(compare_with_kmemleak(&kmemleak_results(one)).is_err());
-        let extra = json!([
+        let extra = vec![
             kmemleak_stack("leaky_cache_alloc", 100),
             kmemleak_stack("leaky_kmalloc", 100),
-            kmemleak_stack(CLEAN_FUNCTION, 1)
-        ]);
+            kmemleak_stack(CLEAN_FUNCTION, 1),
+        ];
         assert!(compare_with_kmemleak(&kmemleak_results(extra)).is_err());
-        let mut failed = kmemleak_results(json!([]));
+        let mut failed = kmemleak_results(Vec::new());
         failed.files.insert("kmemleak.status".into(), "2".into());
         assert!(compare_with_kmemleak(&failed).is_err());
     }
