@@ -292,18 +292,13 @@ fn parse_ops_per_second(line: &str) -> Option<f64> {
 fn memleak_cost(report_path: &Path, exit: TracerExit) -> Result<MemleakCost> {
     let report = fs::read_to_string(report_path)
         .with_context(|| format!("reading memleak's report {}", report_path.display()))?;
-    let report: serde_json::Value = serde_json::from_str(&report)
+    let report: memleak::trace::report::Report = serde_json::from_str(&report)
         .with_context(|| format!("parsing memleak's report {}", report_path.display()))?;
-    let stat = |name: &str| {
-        report["stats"][name]
-            .as_u64()
-            .with_context(|| format!("memleak's report has no stats.{name}"))
-    };
     Ok(MemleakCost {
         report_time: exit.stop_time,
         max_rss_bytes: exit.max_rss_bytes,
-        dropped_table_full: stat("dropped_table_full")?,
-        stack_failures: stat("stack_failures")?,
+        dropped_table_full: report.stats.counters.dropped_table_full,
+        stack_failures: report.stats.counters.stack_failures,
     })
 }
 
@@ -314,15 +309,10 @@ fn watch_cost(lines_path: &Path, exit: TracerExit) -> Result<MemleakCost> {
         .with_context(|| format!("reading memleak watch's output {}", lines_path.display()))?;
     let (mut dropped_table_full, mut stack_failures, mut intervals) = (0, 0, 0);
     for line in text.lines() {
-        let interval: serde_json::Value = serde_json::from_str(line)
+        let interval: memleak::watch::Interval = serde_json::from_str(line)
             .with_context(|| format!("parsing memleak watch's line `{line}`"))?;
-        let stat = |name: &str| {
-            interval["stats"][name]
-                .as_u64()
-                .with_context(|| format!("a watch interval has no stats.{name}"))
-        };
-        dropped_table_full += stat("dropped_table_full")?;
-        stack_failures += stat("stack_failures")?;
+        dropped_table_full += interval.stats.dropped_table_full;
+        stack_failures += interval.stats.stack_failures;
         intervals += 1;
     }
     ensure!(intervals > 0, "memleak watch printed no interval");
