@@ -73,16 +73,15 @@ pub fn run(args: &SoakArgs) -> Result<()> {
         let (mut found_free, mut dropped, mut stack_failures, mut intervals) = (0, 0, 0, 0);
         let mut outstanding = 0;
         for line in text.lines() {
-            let Ok(interval) = serde_json::from_str::<serde_json::Value>(line) else {
+            // The last line may be half written.
+            let Ok(interval) = serde_json::from_str::<memleak::watch::Interval>(line) else {
                 continue;
             };
-            let stat = |name: &str| interval["stats"][name].as_u64().unwrap_or(0);
-            found_free += stat("found_free");
-            dropped += stat("dropped_table_full");
-            stack_failures += stat("stack_failures");
+            found_free += interval.stats.found_free;
+            dropped += interval.stats.dropped_table_full;
+            stack_failures += interval.stats.stack_failures;
             // The table holds one object in `sample_rate` of those counted.
-            outstanding =
-                stat("outstanding") / interval["sample_rate"].as_u64().unwrap_or(1).max(1);
+            outstanding = interval.stats.outstanding / u64::from(interval.sample_rate.max(1));
             intervals += 1;
         }
         println!(
