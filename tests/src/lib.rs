@@ -265,6 +265,33 @@ pub fn loaded_program_names() -> Result<Vec<String>> {
         .collect()
 }
 
+/// memleak's programs loaded in the kernel now (by their names), whoever loaded them.
+pub fn memleak_program_count() -> Result<usize> {
+    Ok(loaded_program_names()?
+        .iter()
+        .filter(|name| {
+            name.ends_with("_btf") || name.contains("_classic") || name.starts_with("kmem_cache_")
+        })
+        .count())
+}
+
+/// Waits up to 10 s for memleak's loaded programs to be back to `before` (program teardown
+/// is asynchronous in the kernel: RCU); fails saying how many are left.
+pub fn wait_for_programs_gone(before: usize) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let after = memleak_program_count()?;
+        if after <= before {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "programs still loaded after exit: {before} -> {after}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }

@@ -3,14 +3,15 @@
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, ensure};
 use memleak::trace::report::{Entry, Report};
 use memleak_tests::{
     Guard, Waiting, entries_at, entries_through, finish_tracer, fixture_binary,
-    loaded_program_names, share_of, start_tracer, trace_around, trace_churning_fixture,
+    memleak_program_count, share_of, start_tracer, trace_around, trace_churning_fixture,
+    wait_for_programs_gone,
 };
 
 const HELD: u64 = 2_000;
@@ -289,23 +290,14 @@ fn pid_filter_keeps_only_that_process() -> Result<()> {
     Ok(())
 }
 
-fn memleak_programs() -> Result<usize> {
-    Ok(loaded_program_names()?
-        .iter()
-        .filter(|name| {
-            name.ends_with("_btf") || name.contains("_classic") || name.starts_with("kmem_cache_")
-        })
-        .count())
-}
-
 #[test]
 fn ctrl_c_prints_the_report_and_detaches() -> Result<()> {
     let Some(_exclusive) = memleak_tests::end_to_end() else {
         return Ok(());
     };
-    let before = memleak_programs()?;
+    let before = memleak_program_count()?;
     let (mut tracer, _stderr) = start_tracer(&["--format", "json"])?;
-    let during = memleak_programs()?;
+    let during = memleak_program_count()?;
     ensure!(
         during >= before + 4,
         "programs not visible while tracing: {before} -> {during}"
@@ -321,19 +313,7 @@ fn ctrl_c_prints_the_report_and_detaches() -> Result<()> {
         report.stats.counters.allocs > 0,
         "empty report: {report:#?}"
     );
-    // Program teardown is asynchronous in the kernel (RCU); give it a moment.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let after = memleak_programs()?;
-        if after <= before {
-            return Ok(());
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "programs still loaded after exit: {before} -> {after}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for_programs_gone(before)
 }
 
 #[test]

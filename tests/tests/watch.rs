@@ -16,7 +16,10 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use memleak::watch::{Interval, Leak, verdict::Severity};
-use memleak_tests::{Guard, end_to_end, fixture_binary, memleak_binary};
+use memleak_tests::{
+    Guard, end_to_end, fixture_binary, memleak_binary, memleak_program_count,
+    wait_for_programs_gone,
+};
 
 const LEAK_SITE: &str = "do_eventfd";
 const POOL_SITE: &str = "alloc_pipe_info";
@@ -237,4 +240,39 @@ fn a_restarted_watch_continues_its_series_from_the_store() -> Result<()> {
     );
     let _ = std::fs::remove_dir_all(&directory);
     Ok(())
+}
+
+#[test]
+fn kill_9_of_a_watch_leaves_no_program_behind() -> Result<()> {
+    let Some(_lock) = end_to_end() else {
+        return Ok(());
+    };
+    let before = memleak_program_count()?;
+    let mut child = Command::new(memleak_binary()?)
+        .args(["watch", "--interval", "1s", "--no-history"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting memleak watch")?;
+    let stderr = child.stderr.take().context("the watch's stderr")?;
+    let mut watch = Guard::new(child);
+    let mut line = String::new();
+    BufReader::new(stderr)
+        .read_line(&mut line)
+        .context("reading the watch's first line")?;
+    ensure!(
+        line.starts_with("memleak: watching"),
+        "the watch said `{}`",
+        line.trim()
+    );
+    // Two intervals: the kill lands after the table and the kernel reader were used.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let during = memleak_program_count()?;
+    ensure!(
+        during >= before + 4,
+        "programs not visible while watching: {before} -> {during}"
+    );
+    watch.child().kill().context("kill -9")?;
+    watch.child().wait().context("reaping the watch")?;
+    wait_for_programs_gone(before)
 }
