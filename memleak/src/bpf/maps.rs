@@ -107,6 +107,26 @@ pub fn read_counters(maps: &TracerMaps) -> Result<Counters> {
 /// Buckets read per step: whole pages of both arrays (128 KiB of keys, 768 KiB of records).
 const BUCKETS_PER_STEP: usize = 1024;
 
+/// The table's buckets in steps of [`BUCKETS_PER_STEP`].
+fn steps(maps: &TracerMaps) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let buckets = maps.buckets as usize;
+    (0..buckets)
+        .step_by(BUCKETS_PER_STEP)
+        .map(move |start| start..(start + BUCKETS_PER_STEP).min(buckets))
+}
+
+/// Maps buckets `step` of the table: its keys with `keys_access` (written only to clear or
+/// claim a slot), its records read-only, or read-write with the keys.
+fn map_table(
+    maps: &TracerMaps,
+    step: std::ops::Range<usize>,
+    keys_access: Access,
+) -> Result<(MappedArray<KeyBucket>, MappedArray<RecordBucket>)> {
+    let keys = MappedArray::new(&maps.keys, step.clone(), keys_access, "the table's keys")?;
+    let records = MappedArray::new(&maps.records, step, keys_access, "the table's records")?;
+    Ok((keys, records))
+}
+
 /// Calls `visit` with the key (the object's address, for slab objects) and the record of
 /// every outstanding object in the table.
 pub fn for_each_outstanding(
@@ -116,21 +136,8 @@ pub fn for_each_outstanding(
     const _: () = assert!(
         size_of::<KeyBucket>().is_multiple_of(8) && size_of::<RecordBucket>().is_multiple_of(8)
     );
-    let buckets = maps.buckets as usize;
-    for start in (0..buckets).step_by(BUCKETS_PER_STEP) {
-        let step = start..(start + BUCKETS_PER_STEP).min(buckets);
-        let keys = MappedArray::<KeyBucket>::new(
-            &maps.keys,
-            step.clone(),
-            Access::Read,
-            "the table's keys",
-        )?;
-        let records = MappedArray::<RecordBucket>::new(
-            &maps.records,
-            step,
-            Access::Read,
-            "the table's records",
-        )?;
+    for step in steps(maps) {
+        let (keys, records) = map_table(maps, step, Access::Read)?;
         for (key_bucket, record_bucket) in keys.as_slice().iter().zip(records.as_slice()) {
             for (&key, record) in key_bucket.keys.iter().zip(&record_bucket.records) {
                 if key != 0 {
@@ -153,21 +160,8 @@ pub fn remove_objects(maps: &TracerMaps, objects: &HashMap<u64, u64>) -> Result<
         return Ok(0);
     }
     let mut removed = 0;
-    let buckets = maps.buckets as usize;
-    for start in (0..buckets).step_by(BUCKETS_PER_STEP) {
-        let step = start..(start + BUCKETS_PER_STEP).min(buckets);
-        let mut keys = MappedArray::<KeyBucket>::new(
-            &maps.keys,
-            step.clone(),
-            Access::ReadWrite,
-            "the table's keys",
-        )?;
-        let records = MappedArray::<RecordBucket>::new(
-            &maps.records,
-            step,
-            Access::Read,
-            "the table's records",
-        )?;
+    for step in steps(maps) {
+        let (mut keys, records) = map_table(maps, step, Access::ReadWrite)?;
         for (key_bucket, record_bucket) in keys.as_mut_slice().iter_mut().zip(records.as_slice()) {
             for (key, record) in key_bucket.keys.iter_mut().zip(&record_bucket.records) {
                 // SAFETY: the slot is an aligned u64 of the shared mapping, which the programs
@@ -197,18 +191,7 @@ pub fn insert_objects(maps: &TracerMaps, objects: &[(u64, AllocRecord)]) -> Resu
         return Ok(0);
     }
     let buckets = maps.buckets as usize;
-    let mut keys = MappedArray::<KeyBucket>::new(
-        &maps.keys,
-        0..buckets,
-        Access::ReadWrite,
-        "the table's keys",
-    )?;
-    let mut records = MappedArray::<RecordBucket>::new(
-        &maps.records,
-        0..buckets,
-        Access::ReadWrite,
-        "the table's records",
-    )?;
+    let (mut keys, mut records) = map_table(maps, 0..buckets, Access::ReadWrite)?;
     let (keys, records) = (keys.as_mut_slice(), records.as_mut_slice());
     let mut inserted = 0;
     for (address, record) in objects {

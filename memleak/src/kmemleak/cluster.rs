@@ -175,13 +175,7 @@ mod tests {
     use crate::kmemleak::parse::{Task, parse};
 
     fn frame(symbol: &str) -> Frame {
-        Frame {
-            addr: None,
-            symbol: Some(symbol.to_owned()),
-            offset: Some(0x10),
-            size: Some(0x80),
-            module: None,
-        }
+        crate::symbols::frame::named(symbol)
     }
 
     fn object(size: u64, symbols: &[&str]) -> LeakedObject {

@@ -99,13 +99,7 @@ mod tests {
     use super::*;
 
     fn frame(symbol: &str) -> Frame {
-        Frame {
-            addr: None,
-            symbol: Some(symbol.to_owned()),
-            offset: Some(0x10),
-            size: Some(0x80),
-            module: None,
-        }
+        crate::symbols::frame::named(symbol)
     }
 
     #[test]

@@ -56,6 +56,18 @@ impl fmt::Display for Frame {
     }
 }
 
+/// A symbolized frame without an address, as newer kmemleak reports print them, for tests.
+#[cfg(test)]
+pub(crate) fn named(symbol: &str) -> Frame {
+    Frame {
+        addr: None,
+        symbol: Some(symbol.to_owned()),
+        offset: Some(0x10),
+        size: Some(0x80),
+        module: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -95,11 +95,12 @@ pub(crate) fn rank_sites<'a>(sites: impl IntoIterator<Item = (&'a Frame, SiteMar
     }
 }
 
+/// Call sites and marks for the tests of marking and of its rendering.
 #[cfg(test)]
-mod tests {
+pub(crate) mod fixtures {
     use super::*;
 
-    fn site(symbol: &str, addr: u64) -> Frame {
+    pub fn site(symbol: &str, addr: u64) -> Frame {
         Frame {
             addr: Some(addr),
             symbol: Some(symbol.into()),
@@ -109,12 +110,20 @@ mod tests {
         }
     }
 
-    fn marks(marked: u64, in_scanned_cache: u64) -> SiteMarks {
+    pub fn marks(marked: u64, in_scanned_cache: u64) -> SiteMarks {
         SiteMarks {
             marked,
             in_scanned_cache,
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{
+        fixtures::{marks, site},
+        *,
+    };
 
     #[test]
     fn the_suspect_has_the_most_marked_objects_then_the_most_in_the_cache() {

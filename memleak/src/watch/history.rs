@@ -217,17 +217,16 @@ impl History {
     }
 
     fn site_id(&self, site: &SiteName) -> Result<i64, HistoryError> {
-        let cache = site.cache.as_deref().unwrap_or("");
-        self.connection
-            .execute(
-                "INSERT OR IGNORE INTO sites (kind, cache, call_site) VALUES (?1, ?2, ?3)",
-                params![site.kind, cache, site.call_site],
-            )
-            .map_err(|error| self.sqlite(error))?;
         self.connection
             .query_row(
-                "SELECT id FROM sites WHERE kind = ?1 AND cache = ?2 AND call_site = ?3",
-                params![site.kind, cache, site.call_site],
+                "INSERT INTO sites (kind, cache, call_site) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (kind, cache, call_site) DO UPDATE SET kind = excluded.kind
+                 RETURNING id",
+                params![
+                    site.kind,
+                    site.cache.as_deref().unwrap_or(""),
+                    site.call_site
+                ],
                 |row| row.get(0),
             )
             .map_err(|error| self.sqlite(error))

@@ -169,25 +169,10 @@ pub fn describe_marks(marks: &SiteMarks, scan: &ScanReport) -> String {
 mod tests {
     use super::*;
     use crate::scan::report::GroupReport;
-    use crate::symbols::Frame;
-    use crate::trace::{marks::rank_sites, report::SiteMarks};
-
-    fn site(symbol: &str, addr: u64) -> Frame {
-        Frame {
-            addr: Some(addr),
-            symbol: Some(symbol.into()),
-            offset: Some(0x41),
-            size: Some(0x1e0),
-            module: None,
-        }
-    }
-
-    fn marks(marked: u64, in_scanned_cache: u64) -> SiteMarks {
-        SiteMarks {
-            marked,
-            in_scanned_cache,
-        }
-    }
+    use crate::trace::marks::{
+        fixtures::{marks, site},
+        rank_sites,
+    };
 
     fn report(groups: u64, marking: Option<Marking>) -> ScanReport {
         ScanReport {
