@@ -104,6 +104,9 @@ pub fn read_counters(maps: &TracerMaps) -> Result<Counters> {
     Ok(Counters::from_values(&values))
 }
 
+/// Stack map entries: each holds up to 127 frames (1 KiB), preallocated by the kernel.
+pub const STACK_MAP_ENTRIES: u32 = 16_384;
+
 /// Buckets read per step: whole pages of both arrays (128 KiB of keys, 768 KiB of records).
 const BUCKETS_PER_STEP: usize = 1024;
 
@@ -231,7 +234,7 @@ pub fn prune_stacks(maps: &mut TracerMaps, in_use: &hashbrown::HashSet<u32>) -> 
         .stack_ids()
         .collect::<Result<_, _>>()
         .context("listing STACKS")?;
-    if (ids.len() as u32) < super::probes::STACK_MAP_ENTRIES / 2 {
+    if (ids.len() as u32) < STACK_MAP_ENTRIES / 2 {
         return Ok(0);
     }
     let mut removed = 0;

@@ -8,7 +8,7 @@ use aya::{
 };
 use memleak_common::{SLOTS_PER_BUCKET, TracerConfig};
 
-use super::maps::TracerMaps;
+use super::maps::{STACK_MAP_ENTRIES, TracerMaps};
 use crate::{
     kernel::{
         self, KmemCacheLayout,
@@ -39,9 +39,6 @@ pub enum AttachMethod {
     Btf,
     Classic,
 }
-
-/// Stack map entries: each holds up to 127 frames (1 KiB), preallocated by the kernel.
-pub const STACK_MAP_ENTRIES: u32 = 16_384;
 
 /// How the programs ended up attached, for the report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -77,7 +77,7 @@ pub struct Thresholds {
 }
 
 impl Thresholds {
-    fn is_growing(&self, trend: &Trend, window_seconds: f64) -> bool {
+    pub(crate) fn is_growing(&self, trend: &Trend, window_seconds: f64) -> bool {
         let fitted_growth = trend.slope * window_seconds;
         trend.slope >= self.min_rate_bytes_per_second as f64
             && fitted_growth >= self.noise_floor_bytes as f64

@@ -390,3 +390,95 @@ fn cache_names_are_quoted_for_the_shell_when_needed() {
         Some(r"memleak trace --kinds slab --duration 30s --cache 'my cache'\''s'")
     );
 }
+
+#[test]
+fn fit_refuses_too_few_points_and_measures_the_scatter_exactly() {
+    assert_eq!(fit(&[]), None);
+    assert_eq!(fit(&[(1.0, 5.0)]), None);
+    let two = fit(&[(0.0, 0.0), (1.0, 2.0)]).expect("two points make a line");
+    assert!((two.slope - 2.0).abs() < 1e-12 && two.scatter < 1e-12);
+    // The step of fit_finds_the_slope...: around the line 36 + 27 (x - 2) the residuals are
+    // 18, -9, -36, 27 and 0, root mean square sqrt(2430 / 5).
+    let step = [(0.0, 0.0), (1.0, 0.0), (2.0, 0.0), (3.0, 90.0), (4.0, 90.0)];
+    let trend = fit(&step).unwrap();
+    assert!(
+        (trend.scatter - (9234.0f64 / 5.0).sqrt()).abs() < 1e-9,
+        "{trend:?}"
+    );
+}
+
+#[test]
+fn growth_is_judged_on_the_growth_over_the_window() {
+    let thresholds = DEFAULT_THRESHOLDS;
+    // 30 kB/s for 10 s is 300 kB, past the 256 KiB noise floor; 30 kB/s plus 10 s is not.
+    let fast = analysis::Trend {
+        slope: 30_000.0,
+        scatter: 0.0,
+    };
+    assert!(thresholds.is_growing(&fast, 10.0));
+    assert!(!thresholds.is_growing(&fast, 8.0));
+}
+
+#[test]
+fn hourly_growth_is_sixty_times_sixty_the_growth_per_second() {
+    let report = classify_recorded("grow-eventfds");
+    for kind in &report.kinds {
+        let per_hour = kind.growth_bytes_per_second as f64 * 3600.0;
+        assert!(
+            (kind.growth_bytes_per_hour as f64 - per_hour).abs() <= 3600.0,
+            "{}: {} per second, {} per hour",
+            kind.name,
+            kind.growth_bytes_per_second,
+            kind.growth_bytes_per_hour
+        );
+    }
+    assert!(
+        report
+            .kinds
+            .iter()
+            .any(|kind| kind.growth_bytes_per_hour > 3600)
+    );
+}
+
+#[test]
+fn the_suggested_trace_lasts_until_the_fastest_growth_reaches_a_mebibyte() {
+    // SUnreclaim grows 4 KiB/s in kmalloc-128: 1 MiB takes 256 s.
+    let samples = synthetic(|second| {
+        (
+            vec![("MemTotal", 1 << 20), ("SUnreclaim", 1000 + 4 * second)],
+            vec![cache("kmalloc-128", 100 + second)],
+        )
+    });
+    let lax = Thresholds {
+        min_rate_bytes_per_second: 1,
+        noise_floor_bytes: 1,
+        ..DEFAULT_THRESHOLDS
+    };
+    let context = context(facts(&[("kmalloc-128", false)]), lax);
+    let command = analysis::analyze(&samples, &context).verdict.next_command;
+    assert_eq!(
+        command.as_deref(),
+        Some("memleak trace --kinds slab --duration 256s --cache kmalloc-128")
+    );
+}
+
+#[test]
+fn caches_destroyed_during_the_window_are_empty_from_then_on() {
+    let samples = synthetic(|second| {
+        let mut caches = vec![cache("stays", 10)];
+        if second < 5 {
+            caches.push(cache("gone", 100));
+        }
+        (vec![("MemTotal", 1 << 20), ("SUnreclaim", 1000)], caches)
+    });
+    let report = analysis::analyze(
+        &samples,
+        &context(CacheFacts::default(), DEFAULT_THRESHOLDS),
+    );
+    let gone = report
+        .unreclaimable_caches
+        .iter()
+        .find(|cache| cache.name == "gone")
+        .expect("the destroyed cache is listed");
+    assert!(gone.growth_bytes_per_second < 0, "{gone:?}");
+}
