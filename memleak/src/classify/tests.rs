@@ -402,7 +402,7 @@ fn fit_refuses_too_few_points_and_measures_the_scatter_exactly() {
     let step = [(0.0, 0.0), (1.0, 0.0), (2.0, 0.0), (3.0, 90.0), (4.0, 90.0)];
     let trend = fit(&step).unwrap();
     assert!(
-        (trend.scatter - (9234.0f64 / 5.0).sqrt()).abs() < 1e-9,
+        (trend.scatter - (2430.0f64 / 5.0).sqrt()).abs() < 1e-9,
         "{trend:?}"
     );
 }
