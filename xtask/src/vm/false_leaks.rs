@@ -42,8 +42,14 @@ pub const CHURNS: [Churn; 4] = [
 
 /// The hooks that must be in the report's `free_paths` for the verdict to hold.
 const FREE_PATH_HOOKS: [&str; 2] = ["kvfree_call_rcu (fentry)", "kmem_cache_free_bulk (fentry)"];
-/// Missed frees allowed, as a fraction of all allocations seen.
+/// Missed frees allowed, as a fraction of all allocations seen, beyond those the kernel's
+/// recursion guard explains: a free whose program run the kernel skipped because another
+/// memleak program was running on that CPU (a softirq freeing inside a traced allocation) is
+/// counted in `skipped_runs` and shown in the report; one loaded TCG guest saw 100 of those
+/// in 13,543 allocations, every one of them a missed free.
 const MISSED_FREES_ALLOWED: f64 = 0.005;
+/// Program runs the kernel may skip (recursion), as a fraction of the allocations seen.
+const SKIPPED_RUNS_ALLOWED: f64 = 0.02;
 
 /// The `CHURN` word of the guest's kernel command line: `epolls:1000,timerfds:1000,...`.
 pub fn command_line() -> String {
@@ -94,6 +100,8 @@ fn judge_one(results: &GuestResults, churn: &Churn) -> Result<String> {
     }
     let allocations = report.stats.counters.allocs;
     let missed = report.stats.counters.missed_frees;
+    let skipped = report.stats.skipped_runs;
+    let unexplained = missed.saturating_sub(skipped);
     let made = churn.cycles * churn.allocations_per_cycle;
     ensure!(
         allocations >= made,
@@ -101,9 +109,16 @@ fn judge_one(results: &GuestResults, churn: &Churn) -> Result<String> {
          workload makes at least"
     );
     ensure!(
-        (missed as f64) < MISSED_FREES_ALLOWED * allocations as f64,
-        "churn-{name}: {missed} missed frees of {allocations} allocations (at most {:.1}% \
-         allowed); sites: {:?}",
+        (skipped as f64) <= SKIPPED_RUNS_ALLOWED * allocations as f64,
+        "churn-{name}: the kernel skipped {skipped} program runs for {allocations} allocations \
+         (at most {:.0}% allowed)",
+        SKIPPED_RUNS_ALLOWED * 100.0
+    );
+    ensure!(
+        (unexplained as f64) < MISSED_FREES_ALLOWED * allocations as f64,
+        "churn-{name}: {missed} missed frees of {allocations} allocations, {skipped} of them \
+         explained by program runs the kernel skipped (at most {:.1}% unexplained allowed); \
+         sites: {:?}",
         MISSED_FREES_ALLOWED * 100.0,
         report.missed_free_sites
     );
@@ -118,7 +133,8 @@ fn judge_one(results: &GuestResults, churn: &Churn) -> Result<String> {
         );
     }
     Ok(format!(
-        "churn-{name}: {missed} missed frees of {allocations} allocations, largest entry left {}",
+        "churn-{name}: {missed} missed frees ({skipped} runs skipped by the kernel) of \
+         {allocations} allocations, largest entry left {}",
         left.map_or(0, |(count, _)| count)
     ))
 }
