@@ -417,6 +417,12 @@ fn growth_is_judged_on_the_growth_over_the_window() {
     };
     assert!(thresholds.is_growing(&fast, 10.0));
     assert!(!thresholds.is_growing(&fast, 8.0));
+    // The same rise inside a scatter of 200 kB: 300 kB is not three times the scatter.
+    let noisy = analysis::Trend {
+        scatter: 200_000.0,
+        ..fast
+    };
+    assert!(!thresholds.is_growing(&noisy, 10.0));
 }
 
 #[test]
