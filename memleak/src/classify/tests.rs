@@ -487,4 +487,19 @@ fn caches_destroyed_during_the_window_are_empty_from_then_on() {
         .find(|cache| cache.name == "gone")
         .expect("the destroyed cache is listed");
     assert!(gone.growth_bytes_per_second < 0, "{gone:?}");
+    // Exactly the line through 100 slabs for five seconds, then zero for five: one missing
+    // zero would give another slope.
+    let expected: Vec<(f64, f64)> = (0..10)
+        .map(|second| {
+            (
+                second as f64,
+                if second < 5 { (100 * PAGE) as f64 } else { 0.0 },
+            )
+        })
+        .collect();
+    let slope = fit(&expected).unwrap().slope;
+    assert!(
+        (gone.growth_bytes_per_second as f64 - slope).abs() <= 1.0,
+        "{gone:?}, {slope}"
+    );
 }
