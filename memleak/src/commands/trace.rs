@@ -3,7 +3,6 @@
 use std::{
     io::IsTerminal as _,
     os::unix::process::ExitStatusExt as _,
-    path::Path,
     process::{ExitCode, ExitStatus},
     time::{Duration, Instant},
 };
@@ -28,7 +27,7 @@ use memleak::{
     util::{clock::monotonic_now_ns, duration, units::thousands},
 };
 
-use super::signals::StopSignals;
+use super::{signals::StopSignals, sleep_until};
 use crate::cli::{RunArgs, TraceArgs, TraceOptions};
 
 /// `memleak trace`: traces for the window (or until SIGINT / SIGTERM), then reports.
@@ -144,19 +143,8 @@ impl Session {
             bail!("--min-size {min} is larger than --max-size {max}: nothing would be traced");
         }
         privileges::require_root()?;
-        if let Some(pid) = tracer_settings.filter_tgid
-            && !Path::new(&format!("/proc/{pid}")).exists()
-        {
-            bail!("--pid {pid}: no such process");
-        }
-        if let Some(pid) = tracer_settings.filter_tgid
-            && let Some(tgid) = thread_group_of(pid)
-            && tgid != pid
-        {
-            bail!(
-                "--pid {pid} is a thread of process {tgid}; memleak follows whole processes: \
-                 use --pid {tgid}"
-            );
+        if let Some(pid) = tracer_settings.filter_tgid {
+            super::require_process(pid)?;
         }
         privileges::lift_memlock_limit();
         let kernel = kernel::release()?;
@@ -308,22 +296,4 @@ async fn watch<T>(
         eprint!("\r\x1b[K");
     }
     Ok(outcome)
-}
-
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// The process (thread group) a task id belongs to, from /proc/ID/status.
-fn thread_group_of(id: u32) -> Option<u32> {
-    std::fs::read_to_string(format!("/proc/{id}/status"))
-        .ok()?
-        .lines()
-        .find_map(|line| line.strip_prefix("Tgid:"))?
-        .trim()
-        .parse()
-        .ok()
 }

@@ -24,17 +24,15 @@ use memleak::{
     },
 };
 
-use super::signals::StopSignals;
+use super::{signals::StopSignals, sleep_until};
 use crate::cli::{HistoryArgs, WatchArgs};
 
 pub fn run(args: &WatchArgs) -> Result<ExitCode> {
     let options = watch::Options::from(args);
     let report_options = ReportOptions::from(&args.report);
     privileges::require_root()?;
-    if let Some(pid) = options.tracer.filter_tgid
-        && !std::path::Path::new(&format!("/proc/{pid}")).exists()
-    {
-        anyhow::bail!("--pid {pid}: no such process");
+    if let Some(pid) = options.tracer.filter_tgid {
+        super::require_process(pid)?;
     }
     privileges::lift_memlock_limit();
     let mut sink = ReportSink::open(report_options.output.as_deref())?;
@@ -290,13 +288,6 @@ fn reseed(
         log::info!("re-seeding: {note}");
     }
     Ok(())
-}
-
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// `memleak history`.
