@@ -275,6 +275,20 @@ pub fn memleak_program_count() -> Result<usize> {
         .count())
 }
 
+/// memleak's programs still loaded once the tracers of earlier tests are gone: their teardown is
+/// asynchronous (RCU), so a count taken right after one exits can still include its programs.
+/// Waits up to 10 s for none to be left and returns what is left then.
+pub fn settled_program_count() -> Result<usize> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let count = memleak_program_count()?;
+        if count == 0 || std::time::Instant::now() >= deadline {
+            return Ok(count);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 /// Waits up to 10 s for memleak's loaded programs to be back to `before` (program teardown
 /// is asynchronous in the kernel: RCU); fails saying how many are left.
 pub fn wait_for_programs_gone(before: usize) -> Result<()> {

@@ -10,8 +10,8 @@ use anyhow::{Context as _, Result, ensure};
 use memleak::trace::report::{Entry, Report};
 use memleak_tests::{
     Guard, Waiting, entries_at, entries_through, finish_tracer, fixture_binary,
-    memleak_program_count, share_of, start_tracer, trace_around, trace_churning_fixture,
-    wait_for_programs_gone,
+    memleak_program_count, settled_program_count, share_of, start_tracer, trace_around,
+    trace_churning_fixture, wait_for_programs_gone,
 };
 
 const HELD: u64 = 2_000;
@@ -295,7 +295,7 @@ fn ctrl_c_prints_the_report_and_detaches() -> Result<()> {
     let Some(_exclusive) = memleak_tests::end_to_end() else {
         return Ok(());
     };
-    let before = memleak_program_count()?;
+    let before = settled_program_count()?;
     let (mut tracer, _stderr) = start_tracer(&["--format", "json"])?;
     let during = memleak_program_count()?;
     ensure!(

@@ -387,6 +387,12 @@ pub struct WatchArgs {
     #[arg(long, value_name = "DUR", default_value = "1h", value_parser = parse_window)]
     pub critical_after: Duration,
 
+    /// Age the oldest object of a site must reach before its growth can be a leak: younger
+    /// objects may be waiting for an RCU free that fires no event (kfree_rcu batches drain
+    /// every 5 s, lazy RCU defers up to 10 s more).
+    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_age)]
+    pub settle: Duration,
+
     /// Exit with status 1 when a site was judged leaking (warning or critical).
     #[arg(long)]
     pub fail_on_leak: bool,

@@ -128,6 +128,7 @@ impl From<&WatchArgs> for watch::Options {
                 warning_points: args.warning_intervals as usize,
                 critical_bytes: args.critical_bytes,
                 critical_seconds: args.critical_after.as_secs_f64(),
+                settle_seconds: args.settle.as_secs_f64(),
             },
             window_points: args.window as usize,
             history: (!args.no_history).then(|| args.history.clone()),

@@ -17,6 +17,13 @@ use crate::{bpf::probes::TracerSettings, symbols::Frame};
 /// Version of the JSON Lines layout; bumped only for incompatible changes.
 pub const SCHEMA_VERSION: u32 = 1;
 
+/// Functions through which the slab allocator allocates its own per-slab metadata (the object
+/// extension vectors of memcg accounting and allocation profiling). Such an object lives as
+/// long as its slab: it grows while its cache grows and is freed with the slab. The function
+/// that needed a new slab is not leaking it; the cache's growth is what `memleak classify`
+/// follows.
+const SLAB_METADATA_FUNCTIONS: &[&str] = &["alloc_slab_obj_exts"];
+
 /// What `memleak watch` is asked to do.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -43,6 +50,14 @@ pub struct SiteName {
     pub cache: Option<String>,
     /// `function+0xoff/0xsize [module]`, or the address when it could not be symbolized.
     pub call_site: String,
+}
+
+impl SiteName {
+    /// The slab allocator's own per-slab metadata ([`SLAB_METADATA_FUNCTIONS`]).
+    pub fn is_slab_metadata(&self) -> bool {
+        let function = self.call_site.split(['+', ' ']).next().unwrap_or_default();
+        SLAB_METADATA_FUNCTIONS.contains(&function)
+    }
 }
 
 /// One site in one interval.
@@ -210,7 +225,11 @@ impl Series {
                     ..point
                 })
                 .collect();
-            if let Some(judgement) = verdict::judge(&points, thresholds) {
+            if let Some(mut judgement) = verdict::judge(&points, thresholds) {
+                if site.is_slab_metadata() {
+                    judgement.slab_metadata = true;
+                    judgement.severity = Severity::Info;
+                }
                 let since = *self
                     .since
                     .entry((site.clone(), judgement.severity))

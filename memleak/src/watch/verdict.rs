@@ -8,6 +8,11 @@
 //!   points, which a few outliers do not move).
 //! - **Levelling off**: the slope of the most recent half of the series against the whole.
 //! - **Aging**: the age of the site's oldest outstanding object grows with the wall clock.
+//! - **Settled**: the oldest object is older than any free memleak cannot see could take.
+//!   kfree_rcu batches drain every 5 s after a grace period, lazy RCU defers callbacks up to
+//!   10 s more, and those objects are still allocated in the slab until then: a site whose
+//!   objects all go that way (closed epolls) grows for seconds, with aging objects, and is
+//!   not leaking.
 //!
 //! Pure: series in, verdicts out (tested on synthetic series below).
 use serde::{Deserialize, Serialize};
@@ -62,6 +67,8 @@ pub struct Thresholds {
     pub critical_bytes: u64,
     /// ...or after growing this long.
     pub critical_seconds: f64,
+    /// Seconds a site's oldest object must be outstanding before its growth can be a leak.
+    pub settle_seconds: f64,
 }
 
 impl Default for Thresholds {
@@ -73,6 +80,7 @@ impl Default for Thresholds {
             warning_points: 6,
             critical_bytes: 64 << 20,
             critical_seconds: 3600.0,
+            settle_seconds: 30.0,
         }
     }
 }
@@ -97,6 +105,19 @@ pub struct Judgement {
     pub aging: bool,
     /// The recent half of the series grows at under a quarter of the whole's slope.
     pub levelled_off: bool,
+    /// The oldest object is older than the settle time: it is not waiting for a deferred
+    /// free (RCU) that memleak cannot see.
+    #[serde(default = "settled_by_default")]
+    pub settled: bool,
+    /// The slab allocator's own per-slab metadata: it lives as long as its slab, so it grows
+    /// while a cache grows; never more than info.
+    #[serde(default)]
+    pub slab_metadata: bool,
+}
+
+/// Verdicts stored before `settled` existed were only made of settled sites.
+fn settled_by_default() -> bool {
+    true
 }
 
 /// Judges one site's series, oldest point first; `None` when it shows no growth worth a
@@ -137,8 +158,9 @@ pub fn judge(points: &[Point], thresholds: &Thresholds) -> Option<Judgement> {
     // age grows as fast as the clock. Half the clock leaves room for the oldest object being
     // freed by the one path memleak does not see, or an interval read late.
     let aging = last.oldest_age_seconds - first.oldest_age_seconds >= seconds / 2.0;
+    let settled = last.oldest_age_seconds >= thresholds.settle_seconds;
 
-    let leaking = aging && !levelled_off && points.len() >= thresholds.warning_points;
+    let leaking = aging && settled && !levelled_off && points.len() >= thresholds.warning_points;
     let severity = if !leaking {
         Severity::Info
     } else if last.bytes.saturating_sub(first.bytes) >= thresholds.critical_bytes
@@ -148,7 +170,7 @@ pub fn judge(points: &[Point], thresholds: &Thresholds) -> Option<Judgement> {
     } else {
         Severity::Warning
     };
-    let confidence = (1.0 - p_value) * if aging { 1.0 } else { 0.5 };
+    let confidence = (1.0 - p_value) * if aging && settled { 1.0 } else { 0.5 };
     Some(Judgement {
         severity,
         confidence,
@@ -160,6 +182,8 @@ pub fn judge(points: &[Point], thresholds: &Thresholds) -> Option<Judgement> {
         points: points.len(),
         aging,
         levelled_off,
+        settled,
+        slab_metadata: false,
     })
 }
 
@@ -379,6 +403,28 @@ mod tests {
         assert_eq!(judged.severity, Severity::Info);
         assert!(!judged.aging);
         assert!(judged.confidence <= 0.5);
+    }
+
+    #[test]
+    fn growth_younger_than_the_settle_time_is_not_a_leak() {
+        // Closed epolls, freed by kfree_rcu: at 1-second intervals they pile up and age for
+        // about ten seconds before their batch is drained.
+        let deferred = series(9, 1.0, |i| (100 * (i as u64 + 1), i as f64 + 0.5));
+        let judged = judge(&deferred, &Thresholds::default()).expect("it grows");
+        assert_eq!(judged.severity, Severity::Info);
+        assert!(judged.aging && !judged.settled && !judged.levelled_off);
+        assert!(judged.confidence <= 0.5);
+        // The same series is a leak once its oldest object has outlived the settle time.
+        let settled = series(9, 1.0, |i| (100 * (i as u64 + 1), 30.0 + i as f64));
+        let judged = judge(&settled, &Thresholds::default()).expect("it grows");
+        assert_eq!(judged.severity, Severity::Warning);
+        assert!(judged.settled && judged.confidence > 0.99);
+        // A settle time just above the oldest age holds it back again.
+        let strict = Thresholds {
+            settle_seconds: 38.5,
+            ..Thresholds::default()
+        };
+        assert_eq!(judge(&settled, &strict).unwrap().severity, Severity::Info);
     }
 
     #[test]

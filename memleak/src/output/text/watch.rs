@@ -46,10 +46,14 @@ fn describe_leak(leak: &Leak, approx: &str) -> String {
         judgement.grown_objects,
         duration::display(Duration::from_secs_f64(judgement.seconds.max(0.0))),
         judgement.confidence * 100.0,
-        if judgement.levelled_off {
+        if judgement.slab_metadata {
+            " (slab metadata: grows with its cache's slabs)"
+        } else if judgement.levelled_off {
             " (levelled off)"
         } else if !judgement.aging {
             " (objects replaced: not aging)"
+        } else if !judgement.settled {
+            " (objects too young: may be waiting for an RCU free)"
         } else {
             ""
         }
@@ -221,6 +225,8 @@ mod tests {
                     seconds: 9.0,
                     points: 10,
                     aging: true,
+                    settled: true,
+                    slab_metadata: false,
                     levelled_off: false,
                 },
                 since_ms,
