@@ -4,7 +4,10 @@ use std::{fmt, os::fd::AsFd as _};
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    programs::{BtfTracePoint, FEntry, ProgramError, TracePoint},
+    programs::{
+        BtfTracePoint, FEntry, ProgramError, TracePoint, fentry::FEntryLinkId,
+        tp_btf::BtfTracePointLinkId, trace_point::TracePointLinkId,
+    },
 };
 use memleak_common::{SLOTS_PER_BUCKET, TracerConfig};
 
@@ -76,6 +79,9 @@ pub struct TracerSettings {
 /// stay readable until they are dropped too.
 pub struct Tracer {
     pub programs: Ebpf,
+    /// Every hook, attached or not, to detach and attach the slab ones again
+    /// ([`Tracer::set_slab_hooks`]).
+    links: Vec<Link>,
     pub maps: TracerMaps,
     pub attached: Attached,
     /// Events this kernel lacks, and why the tp_btf attempt failed when it fell back.
@@ -236,15 +242,17 @@ pub fn attach(settings: &TracerSettings, btf: Option<&btf_rs::Btf>) -> Result<Tr
         }
     }
     hooks.sort_by_key(|hook| !hook.event().contains("free"));
-    for hook in &hooks {
-        hook.attach(&mut ebpf)?;
+    let mut links = Vec::with_capacity(hooks.len());
+    for hook in hooks {
+        let id = hook.attach(&mut ebpf)?;
+        links.push(Link { hook, id: Some(id) });
     }
-    let free_paths = hooks
+    let free_paths = links
         .iter()
-        .filter(|hook| hook.event().contains("free"))
-        .map(Hook::describe)
+        .filter(|link| link.hook.event().contains("free"))
+        .map(|link| link.hook.describe())
         .collect();
-    Tracer::new(ebpf, attached, buckets, notes, free_paths)
+    Tracer::new(ebpf, links, attached, buckets, notes, free_paths)
 }
 
 /// The slab free hooks as fentry programs, for kernels where the slab hooks are classic
@@ -255,7 +263,7 @@ const FENTRY_FREE_PROGRAMS: [(&str, &str); 2] = [
 ];
 
 /// Replaces the classic kfree and kmem_cache_free hooks with fentry ones, when both load.
-fn prefer_fentry_for_frees(ebpf: &mut Ebpf, btf: &LazyBtf, hooks: &mut Vec<Hook<'_>>) {
+fn prefer_fentry_for_frees(ebpf: &mut Ebpf, btf: &LazyBtf, hooks: &mut Vec<Hook>) {
     for &(name, function) in &FENTRY_FREE_PROGRAMS {
         if let Err(error) = load_fentry(ebpf, name, function, btf) {
             log::info!("frees stay on classic tracepoints: {error:#}");
@@ -264,7 +272,7 @@ fn prefer_fentry_for_frees(ebpf: &mut Ebpf, btf: &LazyBtf, hooks: &mut Vec<Hook<
     }
     hooks.retain(|hook| {
         !matches!(hook, Hook::Classic { event, .. }
-            if FENTRY_FREE_PROGRAMS.iter().any(|&(_, function)| function == *event))
+            if FENTRY_FREE_PROGRAMS.iter().any(|&(_, function)| function == event))
     });
     hooks.extend(
         FENTRY_FREE_PROGRAMS
@@ -297,15 +305,15 @@ fn not_followed(notes: &mut Vec<String>, kind: Kind, error: &anyhow::Error) {
 }
 
 /// A loaded program and where it attaches.
-enum Hook<'a> {
+enum Hook {
     Btf {
         name: &'static str,
         event: &'static str,
     },
     Classic {
         name: &'static str,
-        category: &'a str,
-        event: &'a str,
+        category: String,
+        event: String,
     },
     FEntry {
         name: &'static str,
@@ -313,18 +321,59 @@ enum Hook<'a> {
     },
 }
 
-impl<'a> Hook<'a> {
-    fn event(&self) -> &'a str {
-        match *self {
+/// A hook and its link while it is attached.
+struct Link {
+    hook: Hook,
+    id: Option<LinkId>,
+}
+
+enum LinkId {
+    Btf(BtfTracePointLinkId),
+    Classic(TracePointLinkId),
+    FEntry(FEntryLinkId),
+}
+
+/// Which slab hooks are attached ([`Tracer::set_slab_hooks`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlabHooks {
+    All,
+    /// The frees only: the objects already tracked are still seen going.
+    FreesOnly,
+}
+
+/// What a hook sees of the slab allocator's traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    SlabAlloc,
+    SlabFree,
+    /// Pages, vmalloc, percpu: stay attached (their frees cannot be checked in kernel memory).
+    Other,
+}
+
+impl Hook {
+    fn event(&self) -> &str {
+        match self {
             Self::Btf { event, .. } => event,
             Self::Classic { event, .. } => event,
             Self::FEntry { function, .. } => function,
         }
     }
 
+    fn role(&self) -> Role {
+        match self.event() {
+            "kmalloc" | "kmalloc_node" | "kmem_cache_alloc" | "kmem_cache_alloc_node" => {
+                Role::SlabAlloc
+            }
+            "kfree" | "kmem_cache_free" | "kvfree_call_rcu" | "kmem_cache_free_bulk" => {
+                Role::SlabFree
+            }
+            _ => Role::Other,
+        }
+    }
+
     /// The event or function, and how it is hooked, for the report.
     fn describe(&self) -> String {
-        match *self {
+        match self {
             Self::Btf { event, .. } => format!("{event} (tp_btf)"),
             Self::Classic {
                 category, event, ..
@@ -333,43 +382,59 @@ impl<'a> Hook<'a> {
         }
     }
 
-    fn attach(&self, ebpf: &mut Ebpf) -> Result<()> {
-        match *self {
+    fn attach(&self, ebpf: &mut Ebpf) -> Result<LinkId> {
+        Ok(match *self {
             Self::Btf { name, event } => {
                 let program: &mut BtfTracePoint = program_mut(ebpf, name)?.try_into()?;
-                program
-                    .attach()
-                    .with_context(|| format!("attaching {name} to tp_btf/{event}"))?;
+                LinkId::Btf(
+                    program
+                        .attach()
+                        .with_context(|| format!("attaching {name} to tp_btf/{event}"))?,
+                )
             }
             Self::Classic {
                 name,
-                category,
-                event,
+                ref category,
+                ref event,
             } => {
                 let program: &mut TracePoint = program_mut(ebpf, name)?.try_into()?;
-                program.attach(category, event).with_context(|| {
+                LinkId::Classic(program.attach(category, event).with_context(|| {
                     format!("attaching {name} to tracepoint {category}:{event}")
-                })?;
+                })?)
             }
             Self::FEntry { name, function } => {
                 let program: &mut FEntry = program_mut(ebpf, name)?.try_into()?;
-                program
-                    .attach()
-                    .with_context(|| format!("attaching {name} to fentry/{function}"))?;
+                LinkId::FEntry(
+                    program
+                        .attach()
+                        .with_context(|| format!("attaching {name} to fentry/{function}"))?,
+                )
             }
+        })
+    }
+
+    fn detach(&self, ebpf: &mut Ebpf, id: LinkId) -> Result<()> {
+        let name = match *self {
+            Self::Btf { name, .. } | Self::Classic { name, .. } | Self::FEntry { name, .. } => name,
+        };
+        let program = program_mut(ebpf, name)?;
+        match id {
+            LinkId::Btf(id) => <&mut BtfTracePoint>::try_from(program)?.detach(id),
+            LinkId::Classic(id) => <&mut TracePoint>::try_from(program)?.detach(id),
+            LinkId::FEntry(id) => <&mut FEntry>::try_from(program)?.detach(id),
         }
-        Ok(())
+        .with_context(|| format!("detaching {name} from {}", self.describe()))
     }
 }
 
 /// Loads the slab hooks: BTF tracepoints when allowed and accepted, else classic ones.
-fn load_slab<'a>(
+fn load_slab(
     ebpf: &mut Ebpf,
     method: AttachMethod,
     has_layout: bool,
     tp_btf: &LazyBtf,
-    plan: &'a tracefs::ClassicPlan,
-    hooks: &mut Vec<Hook<'a>>,
+    plan: &tracefs::ClassicPlan,
+    hooks: &mut Vec<Hook>,
     notes: &mut Vec<String>,
 ) -> Result<Attached> {
     let try_btf = match method {
@@ -408,7 +473,7 @@ fn load_slab<'a>(
 
 /// Loads (verifies) the classic tracepoint programs of `plan`; one program may serve several
 /// events.
-fn load_classic<'a>(ebpf: &mut Ebpf, plan: &'a tracefs::ClassicPlan) -> Result<Vec<Hook<'a>>> {
+fn load_classic(ebpf: &mut Ebpf, plan: &tracefs::ClassicPlan) -> Result<Vec<Hook>> {
     let mut hooks = Vec::new();
     for (category, event, which) in &plan.attach {
         let name = classic_program_name(*which);
@@ -420,8 +485,8 @@ fn load_classic<'a>(ebpf: &mut Ebpf, plan: &'a tracefs::ClassicPlan) -> Result<V
         }
         hooks.push(Hook::Classic {
             name,
-            category,
-            event,
+            category: category.to_string(),
+            event: event.to_string(),
         });
     }
     Ok(hooks)
@@ -430,6 +495,7 @@ fn load_classic<'a>(ebpf: &mut Ebpf, plan: &'a tracefs::ClassicPlan) -> Result<V
 impl Tracer {
     fn new(
         mut programs: Ebpf,
+        links: Vec<Link>,
         attached: Attached,
         buckets: u32,
         notes: Vec<String>,
@@ -438,11 +504,43 @@ impl Tracer {
         let maps = TracerMaps::take(&mut programs, buckets)?;
         Ok(Self {
             programs,
+            links,
             maps,
             attached,
             notes,
             free_paths,
         })
+    }
+}
+
+impl Tracer {
+    /// Attaches or detaches the slab hooks (`memleak watch --duty`); the page, vmalloc and
+    /// percpu hooks stay. Frees are attached before allocations and detached after them, so
+    /// that no object is recorded while its free could go unseen. Costs a few system calls
+    /// per hook.
+    pub fn set_slab_hooks(&mut self, which: SlabHooks) -> Result<()> {
+        let wanted = |role: Role| match role {
+            Role::SlabAlloc => which == SlabHooks::All,
+            Role::SlabFree | Role::Other => true,
+        };
+        // Frees first when attaching (sorted so), allocations first when detaching.
+        let mut order: Vec<usize> = (0..self.links.len()).collect();
+        order.sort_by_key(|&index| self.links[index].hook.role() != Role::SlabFree);
+        for index in order.iter().copied() {
+            let link = &mut self.links[index];
+            if wanted(link.hook.role()) && link.id.is_none() {
+                link.id = Some(link.hook.attach(&mut self.programs)?);
+            }
+        }
+        for index in order.into_iter().rev() {
+            let link = &mut self.links[index];
+            if !wanted(link.hook.role())
+                && let Some(id) = link.id.take()
+            {
+                link.hook.detach(&mut self.programs, id)?;
+            }
+        }
+        Ok(())
     }
 }
 

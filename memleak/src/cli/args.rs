@@ -393,6 +393,12 @@ pub struct WatchArgs {
     #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_age)]
     pub settle: Duration,
 
+    /// Percent of each interval the slab allocation hooks are attached (the free hooks always
+    /// are); 100 traces all the time. Counts are scaled up to match.
+    #[arg(long, value_name = "PERCENT", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub duty: u32,
+
     /// Exit with status 1 when a site was judged leaking (warning or critical).
     #[arg(long)]
     pub fail_on_leak: bool,

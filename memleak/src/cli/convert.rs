@@ -129,11 +129,13 @@ impl From<&WatchArgs> for watch::Options {
                 critical_bytes: args.critical_bytes,
                 critical_seconds: args.critical_after.as_secs_f64(),
                 settle_seconds: args.settle.as_secs_f64(),
+                duty_cycled: args.duty < 100,
             },
             window_points: args.window as usize,
             history: (!args.no_history).then(|| args.history.clone()),
             retain: args.retain,
             top: args.report.top as usize,
+            duty_percent: args.duty,
         }
     }
 }

@@ -194,6 +194,7 @@ impl Session {
             attached,
             mut notes,
             free_paths,
+            ..
         } = self.tracer;
         notes.extend(self.scan_notes);
         let skipped_runs = probes::skipped_runs(&programs);

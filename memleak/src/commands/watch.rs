@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::{Context as _, Result};
 use hashbrown::{HashMap, HashSet};
 use memleak::{
-    bpf::probes::{self, Attached},
+    bpf::probes::{self, Attached, SlabHooks},
     kernel::{self, privileges},
     kinds::Kind,
     output::{self, Format, ReportOptions, ReportSink},
@@ -63,9 +63,11 @@ pub fn run(args: &WatchArgs) -> Result<ExitCode> {
     let mut tracer = probes::attach(&options.tracer, btf.as_ref())?;
     drop(btf);
     eprintln!(
-        "memleak: watching the kernel's allocations ({}, 1 object in {}) every {}; {}",
+        "memleak: watching the kernel's allocations ({}, 1 object in {}, slab hooks {}% of the \
+         time) every {}; {}",
         tracer.attached,
         options.tracer.sample_rate,
+        options.duty_percent,
         duration::display(options.interval),
         match options.duration {
             Some(window) => format!("for {}, Ctrl-C ends early", duration::display(window)),
@@ -74,10 +76,8 @@ pub fn run(args: &WatchArgs) -> Result<ExitCode> {
     );
     let boot_id = kernel::boot_id()?;
     let mut memory = KernelMemory::new(None, slab_layout);
-    let mut snapshotter = Snapshotter::new(
-        options.tracer.sample_rate,
-        tracer.attached == Attached::BtfTracepoints,
-    );
+    let mut snapshotter =
+        Snapshotter::new(options.scale(), tracer.attached == Attached::BtfTracepoints);
     if let Some(history) = &history {
         reseed(
             history,
@@ -97,7 +97,12 @@ pub fn run(args: &WatchArgs) -> Result<ExitCode> {
         history_failed: false,
         started_ns: monotonic_now_ns(),
         previous_ns: monotonic_now_ns(),
-        notes: tracer.notes.clone(),
+        notes: tracer
+            .notes
+            .iter()
+            .cloned()
+            .chain(options.duty_window().map(|_| DUTY_NOTE.to_owned()))
+            .collect(),
         leaked: false,
         last: None,
     };
@@ -108,12 +113,25 @@ pub fn run(args: &WatchArgs) -> Result<ExitCode> {
         let mut ticker = tokio::time::interval_at(start + options.interval, options.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let deadline = options.duration.map(|window| start + window);
+        // Duty cycling: the slab allocation hooks are attached for the window at the start of
+        // each interval, the free hooks all the time. (With the frees detached too, an object
+        // freed meanwhile whose slot is taken again before the snapshot looks allocated, and
+        // such stale records pile up at busy sites as if they leaked.)
+        let mut frees_only_at = options.duty_window().map(|window| start + window);
         loop {
             tokio::select! {
                 _ = signals.next() => break,
                 () = sleep_until(deadline) => break,
+                () = sleep_until(frees_only_at) => {
+                    frees_only_at = None;
+                    tracer.set_slab_hooks(SlabHooks::FreesOnly)?;
+                }
                 _ = ticker.tick() => {
                     let interval = watcher.interval(&mut tracer.maps, &options)?;
+                    if let Some(window) = options.duty_window() {
+                        tracer.set_slab_hooks(SlabHooks::All)?;
+                        frees_only_at = Some(tokio::time::Instant::now() + window);
+                    }
                     sink.write(&match format {
                         Format::Text => output::text::watch::render_interval(&interval),
                         Format::Json => output::json::render_json_line(&interval),
@@ -134,6 +152,10 @@ pub fn run(args: &WatchArgs) -> Result<ExitCode> {
         ExitCode::SUCCESS
     })
 }
+
+/// Said in the first interval of a duty-cycled watch.
+const DUTY_NOTE: &str = "the slab allocation hooks are attached for part of each interval \
+    (--duty), the free hooks all the time: counts are scaled up to match";
 
 /// Everything the watch keeps between intervals.
 struct Watcher<'a> {
@@ -230,7 +252,8 @@ impl Watcher<'_> {
             elapsed_ms: now_ns.saturating_sub(self.started_ns) / 1_000_000,
             interval_ms,
             sample_rate,
-            estimated: sample_rate > 1,
+            duty_percent: options.duty_percent,
+            estimated: sample_rate > 1 || options.duty_percent < 100,
             stats: snapshot.stats,
             sites: snapshot
                 .sites

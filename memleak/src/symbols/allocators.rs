@@ -94,6 +94,23 @@ pub fn backs_another_kind(stack: &[u64], frame: &dyn Fn(u64) -> Frame) -> bool {
     })
 }
 
+/// Functions through which the allocators allocate bookkeeping for their own slabs and
+/// areas: a new slab's object extension vector (memcg accounting, allocation profiling) and a
+/// vmalloc area's `struct vmap_area`. Such an object lives as long as its slab or area, and
+/// leaves by paths that fire no free event for the code that needed the slab or area (a slab's
+/// discard; vmalloc's lazy purge, which keeps thousands of areas of exited processes' stacks,
+/// and its per-node pools of free `vmap_area`s). The slabs and areas themselves are followed as
+/// slab and vmalloc memory; their bookkeeping is counted apart, never as a leak.
+const BOOKKEEPING: &[&str] = &["alloc_slab_obj_exts", "alloc_vmap_area"];
+
+/// Whether an allocation at `call_site` is an allocator's bookkeeping ([`BOOKKEEPING`]).
+pub fn is_bookkeeping(call_site: &Frame) -> bool {
+    call_site
+        .symbol
+        .as_deref()
+        .is_some_and(|symbol| BOOKKEEPING.contains(&base_name(symbol)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,5 +161,25 @@ mod tests {
         assert!(!is_allocator_internal(&Frame::unknown(
             0xffff_ffff_c000_0000
         )));
+    }
+
+    #[test]
+    fn bookkeeping_is_the_slab_and_vmalloc_metadata_only() {
+        for bookkeeping in [
+            "alloc_slab_obj_exts",
+            "alloc_slab_obj_exts.isra.0",
+            "alloc_vmap_area",
+        ] {
+            assert!(is_bookkeeping(&frame(bookkeeping)), "{bookkeeping}");
+        }
+        for other in [
+            "alloc_slab_page",
+            "alloc_vmap_area_node",
+            "do_eventfd",
+            "__vmalloc_node_range_noprof",
+        ] {
+            assert!(!is_bookkeeping(&frame(other)), "{other}");
+        }
+        assert!(!is_bookkeeping(&Frame::unknown(0xffff_ffff_c000_0000)));
     }
 }

@@ -105,6 +105,11 @@ pub fn build_report(
     });
     let backing_pages: u64 = backing.iter().map(|site| site.count).sum();
     let backing_pages_bytes: u64 = backing.iter().map(|site| site.bytes).sum();
+    let (bookkeeping, sites): (Vec<Site>, Vec<Site>) = sites
+        .into_iter()
+        .partition(|site| allocators::is_bookkeeping(&frame(site.key.call_site)));
+    let bookkeeping_objects: u64 = bookkeeping.iter().map(|site| site.count).sum();
+    let bookkeeping_bytes: u64 = bookkeeping.iter().map(|site| site.bytes).sum();
     let site_count = sites.len() as u64;
     let context = report::Context {
         stacks: &stacks,
@@ -138,13 +143,15 @@ pub fn build_report(
         stack_sample_rate: options.tracer.stack_sample_rate,
         stats: Stats {
             counters,
-            outstanding: outstanding - backing_pages,
-            outstanding_bytes: outstanding_bytes - backing_pages_bytes,
+            outstanding: outstanding - backing_pages - bookkeeping_objects,
+            outstanding_bytes: outstanding_bytes - backing_pages_bytes - bookkeeping_bytes,
             hidden_younger: aggregate.hidden_younger,
             skipped_runs: header.skipped_runs,
             sites: site_count,
             backing_pages,
             backing_pages_bytes,
+            bookkeeping_objects,
+            bookkeeping_bytes,
             liveness: liveness.stats,
         },
         notes: header.notes,

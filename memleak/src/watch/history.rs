@@ -9,7 +9,7 @@ use rusqlite::{Connection, OptionalExtension as _, params};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use super::{Leak, Series, SiteFigures, SiteName};
+use super::{Leak, Series, SiteFigures, SiteName, verdict::Point};
 
 /// The store's layout version, in its `meta` table.
 const STORE_VERSION: i64 = 1;
@@ -450,7 +450,18 @@ impl History {
         for row in rows {
             let (site, at_ms, count, bytes, oldest_age_ms) =
                 row.map_err(|error| self.sqlite(error))?;
-            series.add_point(site, at_ms, count, bytes, oldest_age_ms);
+            series.add_point(
+                site,
+                at_ms,
+                Point {
+                    at_seconds: 0.0,
+                    count,
+                    bytes,
+                    oldest_age_seconds: oldest_age_ms as f64 / 1000.0,
+                    // Not stored: a restarted duty-cycled watch learns it again.
+                    found_free: 0,
+                },
+            );
             restored += 1;
         }
         Ok(restored)
@@ -550,6 +561,7 @@ mod tests {
             new: 0,
             oldest_age_ms: 1000,
             unverified: 0,
+            found_free: 0,
         }
     }
 

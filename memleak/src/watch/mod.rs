@@ -17,13 +17,6 @@ use crate::{bpf::probes::TracerSettings, symbols::Frame};
 /// Version of the JSON Lines layout; bumped only for incompatible changes.
 pub const SCHEMA_VERSION: u32 = 1;
 
-/// Functions through which the slab allocator allocates its own per-slab metadata (the object
-/// extension vectors of memcg accounting and allocation profiling). Such an object lives as
-/// long as its slab: it grows while its cache grows and is freed with the slab. The function
-/// that needed a new slab is not leaking it; the cache's growth is what `memleak classify`
-/// follows.
-const SLAB_METADATA_FUNCTIONS: &[&str] = &["alloc_slab_obj_exts"];
-
 /// What `memleak watch` is asked to do.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -40,6 +33,22 @@ pub struct Options {
     pub retain: Duration,
     /// Sites listed per interval.
     pub top: usize,
+    /// Percent of each interval the slab allocation hooks are attached (100: always).
+    pub duty_percent: u32,
+}
+
+impl Options {
+    /// How long, from the start of each interval, the slab allocation hooks stay attached (the
+    /// free hooks always are); `None` when they are always attached.
+    pub fn duty_window(&self) -> Option<Duration> {
+        (self.duty_percent < 100).then(|| self.interval * self.duty_percent / 100)
+    }
+
+    /// What one tracked object stands for: the sample rate, divided by the share of time the
+    /// allocation hooks are attached.
+    pub fn scale(&self) -> u32 {
+        (f64::from(self.tracer.sample_rate) * 100.0 / f64::from(self.duty_percent)).round() as u32
+    }
 }
 
 /// A site as the history and the reports name it: stable across restarts of memleak (no
@@ -50,14 +59,6 @@ pub struct SiteName {
     pub cache: Option<String>,
     /// `function+0xoff/0xsize [module]`, or the address when it could not be symbolized.
     pub call_site: String,
-}
-
-impl SiteName {
-    /// The slab allocator's own per-slab metadata ([`SLAB_METADATA_FUNCTIONS`]).
-    pub fn is_slab_metadata(&self) -> bool {
-        let function = self.call_site.split(['+', ' ']).next().unwrap_or_default();
-        SLAB_METADATA_FUNCTIONS.contains(&function)
-    }
 }
 
 /// One site in one interval.
@@ -74,6 +75,10 @@ pub struct SiteFigures {
     pub oldest_age_ms: u64,
     /// Of `count`, objects the liveness check could not verify as allocated.
     pub unverified: u64,
+    /// Objects of this site found free in kernel memory this interval: they left by a path
+    /// that fires no free event (kfree_rcu batches, bulk frees, sheaves).
+    #[serde(default)]
+    pub found_free: u64,
 }
 
 /// A site judged growing, with its evidence.
@@ -108,6 +113,10 @@ pub struct IntervalStats {
     pub found_free: u64,
     /// Objects the liveness check could not verify.
     pub unverified: u64,
+    /// Objects the allocators keep for their own slabs and vmalloc areas, left out of the
+    /// sites (see the trace report's `bookkeeping_objects`).
+    #[serde(default)]
+    pub bookkeeping_objects: u64,
     pub sites: u64,
 }
 
@@ -121,7 +130,10 @@ pub struct Interval {
     pub elapsed_ms: u64,
     pub interval_ms: u64,
     pub sample_rate: u32,
-    /// Counts are estimates scaled by `sample_rate`.
+    /// Percent of each interval the slab allocation hooks were attached.
+    #[serde(default = "always")]
+    pub duty_percent: u32,
+    /// Counts are estimates, scaled by `sample_rate` and by 100 / `duty_percent`.
     pub estimated: bool,
     pub stats: IntervalStats,
     /// The largest sites by bytes (`--top`).
@@ -130,6 +142,11 @@ pub struct Interval {
     pub leaks: Vec<Leak>,
     /// What the watch could not do this interval, in plain words.
     pub notes: Vec<String>,
+}
+
+/// Intervals written before `duty_percent` existed traced all the time.
+fn always() -> u32 {
+    100
 }
 
 /// Every site's series, oldest point first, and when each first reached each severity.
@@ -154,34 +171,24 @@ impl Series {
         self.add_point(
             figures.site.clone(),
             at_ms,
-            figures.count,
-            figures.bytes,
-            figures.oldest_age_ms,
+            Point {
+                at_seconds: 0.0,
+                count: figures.count,
+                bytes: figures.bytes,
+                oldest_age_seconds: figures.oldest_age_ms as f64 / 1000.0,
+                found_free: figures.found_free,
+            },
         );
     }
 
-    /// Adds one point; the history store replays its points through this on a restart.
-    pub fn add_point(
-        &mut self,
-        site: SiteName,
-        at_ms: u64,
-        count: u64,
-        bytes: u64,
-        oldest_age_ms: u64,
-    ) {
+    /// Adds one point at `at_ms` (its `at_seconds` is set when judged); the history store
+    /// replays its points through this on a restart.
+    pub fn add_point(&mut self, site: SiteName, at_ms: u64, point: Point) {
         let series = self.points.entry(site).or_default();
         if series.last().is_some_and(|(last, _)| *last >= at_ms) {
             return;
         }
-        series.push((
-            at_ms,
-            Point {
-                at_seconds: 0.0,
-                count,
-                bytes,
-                oldest_age_seconds: oldest_age_ms as f64 / 1000.0,
-            },
-        ));
+        series.push((at_ms, point));
         if series.len() > self.window_points {
             let excess = series.len() - self.window_points;
             series.drain(..excess);
@@ -200,7 +207,7 @@ impl Series {
             .map(|(site, _)| site.clone())
             .collect();
         for site in absent {
-            self.add_point(site, at_ms, 0, 0, 0);
+            self.add_point(site, at_ms, Point::default());
         }
         // A site that stayed empty for a whole window is forgotten.
         self.points
@@ -225,11 +232,7 @@ impl Series {
                     ..point
                 })
                 .collect();
-            if let Some(mut judgement) = verdict::judge(&points, thresholds) {
-                if site.is_slab_metadata() {
-                    judgement.slab_metadata = true;
-                    judgement.severity = Severity::Info;
-                }
+            if let Some(judgement) = verdict::judge(&points, thresholds) {
                 let since = *self
                     .since
                     .entry((site.clone(), judgement.severity))

@@ -10,7 +10,7 @@ use super::{IntervalStats, SiteFigures, SiteName};
 use crate::{
     bpf::maps::{self as table, Counters, TracerMaps},
     scan::Liveness,
-    symbols::{Frame, KernelSymbolizer},
+    symbols::{Frame, KernelSymbolizer, allocators},
     trace::{
         aggregate::{Aggregator, SiteKey},
         build::{self, KernelMemory},
@@ -105,6 +105,7 @@ impl Snapshotter {
         let mut aggregator = Aggregator::new(now_ns, std::time::Duration::ZERO);
         let mut new_objects: HashMap<SiteKey, u64> = HashMap::new();
         let mut found_free: HashMap<u64, u64> = HashMap::new();
+        let mut found_free_at: HashMap<SiteKey, u64> = HashMap::new();
         let mut picks = Picks::default();
         let mut allocated_slab_objects = Vec::new();
         let mut stacks_in_use = HashSet::new();
@@ -116,6 +117,9 @@ impl Snapshotter {
             match state {
                 Some(Liveness::Free(_)) => {
                     found_free.insert(*address, record.timestamp_ns);
+                    if let Some(key) = SiteKey::of(record) {
+                        *found_free_at.entry(key).or_default() += 1;
+                    }
                     continue;
                 }
                 Some(Liveness::Unverified) => aggregator.add_unverified(record),
@@ -171,7 +175,12 @@ impl Snapshotter {
         // name: the series are kept per name, so their figures are summed.
         let mut by_name: HashMap<SiteName, usize> = HashMap::new();
         let mut named: Vec<SnapshotSite> = Vec::new();
+        let mut bookkeeping = 0;
         for site in &sites {
+            if allocators::is_bookkeeping(&symbolizer.frame(site.key.call_site)) {
+                bookkeeping += site.count * scale;
+                continue;
+            }
             let entry = report::entry(site, &context);
             let name = SiteName {
                 kind: entry.kind.clone(),
@@ -185,6 +194,7 @@ impl Snapshotter {
                 new: new_objects.get(&site.key).copied().unwrap_or(0) * scale,
                 oldest_age_ms: entry.oldest_age_ms,
                 unverified: site.unverified * scale,
+                found_free: found_free_at.get(&site.key).copied().unwrap_or(0) * scale,
             };
             match by_name.get(&name) {
                 Some(&index) => {
@@ -193,6 +203,7 @@ impl Snapshotter {
                     merged.bytes += figures.bytes;
                     merged.new += figures.new;
                     merged.unverified += figures.unverified;
+                    merged.found_free += figures.found_free;
                     merged.oldest_age_ms = merged.oldest_age_ms.max(figures.oldest_age_ms);
                 }
                 None => {
@@ -218,6 +229,7 @@ impl Snapshotter {
             outstanding_bytes: sites.iter().map(|site| site.figures.bytes).sum(),
             found_free: removed * scale,
             unverified: liveness.stats.unverified * scale,
+            bookkeeping_objects: bookkeeping,
             sites: sites.len() as u64,
         };
         self.previous = counters;

@@ -18,7 +18,7 @@
 use serde::{Deserialize, Serialize};
 
 /// One interval's snapshot of one site.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Point {
     /// Seconds since the watch (or its history) started.
     pub at_seconds: f64,
@@ -27,6 +27,8 @@ pub struct Point {
     pub bytes: u64,
     /// Age of the oldest outstanding object, in seconds; 0 with none.
     pub oldest_age_seconds: f64,
+    /// Objects found free in kernel memory: their free fired no event.
+    pub found_free: u64,
 }
 
 /// How bad a leak is.
@@ -69,6 +71,8 @@ pub struct Thresholds {
     pub critical_seconds: f64,
     /// Seconds a site's oldest object must be outstanding before its growth can be a leak.
     pub settle_seconds: f64,
+    /// The allocation hooks are attached only part of the time (`--duty`).
+    pub duty_cycled: bool,
 }
 
 impl Default for Thresholds {
@@ -81,6 +85,7 @@ impl Default for Thresholds {
             critical_bytes: 64 << 20,
             critical_seconds: 3600.0,
             settle_seconds: 30.0,
+            duty_cycled: false,
         }
     }
 }
@@ -109,10 +114,11 @@ pub struct Judgement {
     /// free (RCU) that memleak cannot see.
     #[serde(default = "settled_by_default")]
     pub settled: bool,
-    /// The slab allocator's own per-slab metadata: it lives as long as its slab, so it grows
-    /// while a cache grows; never more than info.
+    /// Duty-cycled, and some of the site's objects were found free in kernel memory (their
+    /// frees fire no event): no more than info. Such an object's slot, taken again while the
+    /// allocation hooks were detached, keeps its record, which then ages like a leak.
     #[serde(default)]
-    pub slab_metadata: bool,
+    pub frees_unseen: bool,
 }
 
 /// Verdicts stored before `settled` existed were only made of settled sites.
@@ -159,8 +165,13 @@ pub fn judge(points: &[Point], thresholds: &Thresholds) -> Option<Judgement> {
     // freed by the one path memleak does not see, or an interval read late.
     let aging = last.oldest_age_seconds - first.oldest_age_seconds >= seconds / 2.0;
     let settled = last.oldest_age_seconds >= thresholds.settle_seconds;
+    let frees_unseen = thresholds.duty_cycled && points.iter().any(|point| point.found_free > 0);
 
-    let leaking = aging && settled && !levelled_off && points.len() >= thresholds.warning_points;
+    let leaking = aging
+        && settled
+        && !levelled_off
+        && !frees_unseen
+        && points.len() >= thresholds.warning_points;
     let severity = if !leaking {
         Severity::Info
     } else if last.bytes.saturating_sub(first.bytes) >= thresholds.critical_bytes
@@ -183,7 +194,7 @@ pub fn judge(points: &[Point], thresholds: &Thresholds) -> Option<Judgement> {
         aging,
         levelled_off,
         settled,
-        slab_metadata: false,
+        frees_unseen,
     })
 }
 
@@ -283,6 +294,7 @@ mod tests {
                     count,
                     bytes: count * 64,
                     oldest_age_seconds,
+                    found_free: 0,
                 }
             })
             .collect()
@@ -425,6 +437,28 @@ mod tests {
             ..Thresholds::default()
         };
         assert_eq!(judge(&settled, &strict).unwrap().severity, Severity::Info);
+    }
+
+    #[test]
+    fn duty_cycled_sites_whose_frees_go_unseen_are_info() {
+        let mut series = series(9, 60.0, |i| (100 * (i as u64 + 1), 60.0 + 60.0 * i as f64));
+        let duty_cycled = Thresholds {
+            duty_cycled: true,
+            ..Thresholds::default()
+        };
+        assert_eq!(
+            judge(&series, &duty_cycled).unwrap().severity,
+            Severity::Warning
+        );
+        series[4].found_free = 3;
+        let judged = judge(&series, &duty_cycled).unwrap();
+        assert_eq!(judged.severity, Severity::Info);
+        assert!(judged.frees_unseen && judged.aging && judged.settled);
+        // Followed all the time, a slot taken again is seen: the objects found free do not
+        // change the verdict.
+        let judged = judge(&series, &Thresholds::default()).unwrap();
+        assert_eq!(judged.severity, Severity::Warning);
+        assert!(!judged.frees_unseen);
     }
 
     #[test]

@@ -390,6 +390,8 @@ mod tests {
                 sites: 0,
                 backing_pages: 0,
                 backing_pages_bytes: 0,
+                bookkeeping_objects: 0,
+                bookkeeping_bytes: 0,
                 liveness: LivenessStats::default(),
             },
             notes: notes.iter().map(|note| (*note).to_owned()).collect(),

@@ -102,6 +102,16 @@ pub fn render_text(report: &Report) -> String {
             human_bytes(stats.backing_pages_bytes),
         );
     }
+    if stats.bookkeeping_objects > 0 {
+        let _ = writeln!(
+            out,
+            "bookkeeping: {} objects ({}) the allocators keep for their own slabs and vmalloc \
+             areas (slab object extensions, vmap_area), left out: they go with their slab or \
+             area, freed lazily without an event",
+            thousands(stats.bookkeeping_objects),
+            human_bytes(stats.bookkeeping_bytes),
+        );
+    }
     if report.sample_rate > 1 {
         let _ = writeln!(
             out,

@@ -46,14 +46,14 @@ fn describe_leak(leak: &Leak, approx: &str) -> String {
         judgement.grown_objects,
         duration::display(Duration::from_secs_f64(judgement.seconds.max(0.0))),
         judgement.confidence * 100.0,
-        if judgement.slab_metadata {
-            " (slab metadata: grows with its cache's slabs)"
-        } else if judgement.levelled_off {
+        if judgement.levelled_off {
             " (levelled off)"
         } else if !judgement.aging {
             " (objects replaced: not aging)"
         } else if !judgement.settled {
             " (objects too young: may be waiting for an RCU free)"
+        } else if judgement.frees_unseen {
+            " (some objects freed without an event: judge with --duty 100)"
         } else {
             ""
         }
@@ -196,6 +196,7 @@ mod tests {
             elapsed_ms: 9_000,
             interval_ms: 1_000,
             sample_rate: 1,
+            duty_percent: 100,
             estimated: false,
             stats: IntervalStats {
                 outstanding: 600,
@@ -210,6 +211,7 @@ mod tests {
                 new: 50,
                 oldest_age_ms: 9_000,
                 unverified: 0,
+                found_free: 0,
             }],
             leaks: vec![Leak {
                 site,
@@ -226,7 +228,7 @@ mod tests {
                     points: 10,
                     aging: true,
                     settled: true,
-                    slab_metadata: false,
+                    frees_unseen: false,
                     levelled_off: false,
                 },
                 since_ms,
