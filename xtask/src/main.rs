@@ -29,7 +29,13 @@ enum Task {
     /// Run `memleak watch` under churn for a long time and print its RSS, table occupancy,
     /// removed objects, drops and stack failures over time (not part of the test suite).
     Soak(soak::SoakArgs),
+    /// Install the Debian packages the end-to-end tests run (`./x test` does it first).
+    TestDeps,
 }
+
+/// What the end-to-end tests run besides memleak: `go tool pprof` reads the pprof profiles.
+/// (The VM test installs its own: qemu, and what building a kernel needs.)
+const TEST_PACKAGES: [&str; 1] = ["golang-go"];
 
 fn main() -> ExitCode {
     let Cli { task } = Cli::parse();
@@ -37,6 +43,7 @@ fn main() -> ExitCode {
         Task::Bench(args) => bench::run(&args),
         Task::VmTest(args) => vm::run(&args),
         Task::Soak(args) => soak::run(&args),
+        Task::TestDeps => apt::Apt::default().install_missing(&TEST_PACKAGES),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -18,6 +18,7 @@ use crate::cli::ClassifyArgs;
 pub fn run(args: &ClassifyArgs) -> Result<ExitCode> {
     let options = Options::from(args);
     let report_options = ReportOptions::from(&args.report);
+    let format = report_options.format.plain("classify")?;
     if options.interval * 2 > options.window {
         bail!(
             "--duration {} is shorter than two --interval {}: a trend needs at least three samples",
@@ -53,7 +54,7 @@ pub fn run(args: &ClassifyArgs) -> Result<ExitCode> {
     );
     sink.write(&output::render(
         &report,
-        report_options.format,
+        format,
         output::text::classify::render_text,
     ))?;
     Ok(ExitCode::SUCCESS)

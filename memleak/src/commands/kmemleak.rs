@@ -12,11 +12,12 @@ use crate::cli::KmemleakArgs;
 
 pub fn run(args: &KmemleakArgs) -> Result<ExitCode> {
     let report_options = ReportOptions::from(&args.report);
+    let format = report_options.format.plain("kmemleak")?;
     let mut sink = ReportSink::open(report_options.output.as_deref())?;
     let report = kmemleak::read(&kmemleak::Options::from(args), report_options.top)?;
     sink.write(&output::render(
         &report,
-        report_options.format,
+        format,
         output::text::kmemleak::render_text,
     ))?;
     Ok(ExitCode::SUCCESS)

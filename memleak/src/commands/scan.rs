@@ -13,6 +13,7 @@ use crate::cli::ScanArgs;
 
 pub fn run(args: &ScanArgs) -> Result<ExitCode> {
     let report_options = ReportOptions::from(&args.report);
+    let format = report_options.format.plain("scan")?;
     privileges::require_root()?;
     privileges::lift_memlock_limit();
     let mut sink = ReportSink::open(report_options.output.as_deref())?;
@@ -23,7 +24,7 @@ pub fn run(args: &ScanArgs) -> Result<ExitCode> {
     let report = scan.report(&kernel::release()?, None);
     sink.write(&output::render(
         &report,
-        report_options.format,
+        format,
         output::text::scan::render_text,
     ))?;
     Ok(ExitCode::SUCCESS)

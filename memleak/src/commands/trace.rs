@@ -16,7 +16,7 @@ use memleak::{
     },
     kernel::{self, privileges},
     kinds::Kind,
-    output::{self, ReportSink},
+    output::{self, Format, Plain, ReportSink},
     scan,
     trace::{
         accounting,
@@ -248,13 +248,25 @@ impl Session {
             )),
         }
         (report.kinds, report.caches) = report::totals(&report.stacks);
-        report.stacks.truncate(options.report.top);
-        let text = output::render(
-            &report,
-            options.report.format,
-            output::text::trace::render_text,
-        );
-        self.sink.write(&text)?;
+        // The stack formats weigh every site, not only the --top ones shown as text or JSON.
+        match options.report.format {
+            Format::Folded => self.sink.write(&output::profile::folded(&report))?,
+            Format::Svg => self.sink.write(&output::profile::svg(&report)?)?,
+            Format::Pprof => self.sink.write_bytes(&output::profile::pprof(&report)?)?,
+            Format::Text | Format::Json => {
+                report.stacks.truncate(options.report.top);
+                let plain = if options.report.format == Format::Text {
+                    Plain::Text
+                } else {
+                    Plain::Json
+                };
+                self.sink.write(&output::render(
+                    &report,
+                    plain,
+                    output::text::trace::render_text,
+                ))?;
+            }
+        }
         Ok(verdict)
     }
 }

@@ -8,7 +8,7 @@ use memleak::{
     bpf::probes::{self, Attached, SlabHooks},
     kernel::{self, privileges},
     kinds::Kind,
-    output::{self, Format, ReportOptions, ReportSink},
+    output::{self, Plain, ReportOptions, ReportSink},
     scan,
     scan::Liveness,
     trace::build::{KernelMemory, check_liveness},
@@ -30,6 +30,7 @@ use crate::cli::{HistoryArgs, WatchArgs};
 pub fn run(args: &WatchArgs) -> Result<ExitCode> {
     let options = watch::Options::from(args);
     let report_options = ReportOptions::from(&args.report);
+    let format = report_options.format.plain("watch")?;
     privileges::require_root()?;
     if let Some(pid) = options.tracer.filter_tgid {
         super::require_process(pid)?;
@@ -106,7 +107,6 @@ pub fn run(args: &WatchArgs) -> Result<ExitCode> {
         leaked: false,
         last: None,
     };
-    let format = report_options.format;
     runtime.block_on(async {
         let mut signals = StopSignals::install()?;
         let start = tokio::time::Instant::now();
@@ -133,8 +133,8 @@ pub fn run(args: &WatchArgs) -> Result<ExitCode> {
                         frees_only_at = Some(tokio::time::Instant::now() + window);
                     }
                     sink.write(&match format {
-                        Format::Text => output::text::watch::render_interval(&interval),
-                        Format::Json => output::json::render_json_line(&interval),
+                        Plain::Text => output::text::watch::render_interval(&interval),
+                        Plain::Json => output::json::render_json_line(&interval),
                     })?;
                     watcher.last = Some(interval);
                 }
@@ -143,7 +143,7 @@ pub fn run(args: &WatchArgs) -> Result<ExitCode> {
         anyhow::Ok(())
     })?;
     drop(tracer);
-    if format == Format::Text {
+    if format == Plain::Text {
         sink.write(&output::text::watch::render_final(watcher.last.as_ref()))?;
     }
     Ok(if watcher.leaked && args.fail_on_leak {
@@ -315,6 +315,7 @@ fn reseed(
 
 /// `memleak history`.
 pub fn history(args: &HistoryArgs) -> Result<ExitCode> {
+    let format = args.format.plain("history")?;
     let history = History::open_existing(&args.history)?;
     let since_ms = unix_now_ms().saturating_sub(args.since.as_millis() as u64);
     let report = HistoryReport {
@@ -327,7 +328,7 @@ pub fn history(args: &HistoryArgs) -> Result<ExitCode> {
     let mut sink = ReportSink::open(None)?;
     sink.write(&output::render(
         &report,
-        args.format,
+        format,
         output::text::watch::render_history,
     ))?;
     Ok(ExitCode::SUCCESS)

@@ -27,14 +27,19 @@ impl ReportSink {
 
     /// Writes `text`; called again, appends (the watch's lines).
     pub fn write(&mut self, text: &str) -> Result<()> {
+        self.write_bytes(text.as_bytes())
+    }
+
+    /// Writes `bytes` (a gzipped profile).
+    pub fn write_bytes(&mut self, bytes: &[u8]) -> Result<()> {
         match self {
             Self::File { file, path } => file
-                .write_all(text.as_bytes())
+                .write_all(bytes)
                 .with_context(|| format!("writing the report to {}", path.display())),
             Self::Stdout => {
                 let mut stdout = std::io::stdout().lock();
                 stdout
-                    .write_all(text.as_bytes())
+                    .write_all(bytes)
                     .and_then(|()| stdout.flush())
                     .context("writing the report to standard output")
             }
