@@ -332,6 +332,15 @@ fn bad_input_gets_one_line_errors() -> Result<()> {
             &["trace", "--min-size", "100", "--max-size", "10"],
             "larger than --max-size",
         ),
+        (
+            &["classify", "--format", "pprof"],
+            "classify reports text or json",
+        ),
+        (
+            &["watch", "--format", "svg", "--no-history"],
+            "watch reports text or json",
+        ),
+        (&["watch", "--duty", "0"], "not in 1..=100"),
     ] {
         let output = Command::new(&memleak).args(args).output()?;
         let stderr = String::from_utf8_lossy(&output.stderr);
