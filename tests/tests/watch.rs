@@ -47,14 +47,14 @@ fn start_workload(seconds: u32) -> Result<Guard> {
     Ok(guard)
 }
 
-/// Runs `memleak watch --format json --pid PID --settle SETTLE --duty DUTY` with 1-second
-/// intervals and reads its lines. (The pid keeps other tests' eventfds, and the machine's, out
-/// of the sites judged.)
+/// Runs `memleak watch --format json --pid PID --settle SETTLE EXTRA` with 1-second intervals
+/// and reads its lines. (The pid keeps other tests' eventfds, and the machine's, out of the
+/// sites judged.)
 fn watch(
     seconds: u32,
     pid: u32,
     settle: &str,
-    duty: &str,
+    extra: &[&str],
     history: Option<&Path>,
 ) -> Result<Vec<Interval>> {
     let duration = format!("{seconds}s");
@@ -75,9 +75,8 @@ fn watch(
         "1000",
         "--settle",
         settle,
-        "--duty",
-        duty,
     ];
+    args.extend(extra);
     let history_arg;
     match history {
         Some(path) => {
@@ -118,8 +117,19 @@ fn a_leak_among_a_pool_and_churn_is_judged_and_they_are_not() -> Result<()> {
     // keeps them from being judged, as the default 30 s does at the default intervals.
     let mut workload = start_workload(40)?;
     // The default duty cycle (allocations followed 10% of the time) here; the restart test
-    // below follows them all the time.
-    let intervals = watch(24, workload.child().id(), "15s", "10", None)?;
+    // below follows them all the time. --on-leak appends each new leak to a file.
+    let directory = std::env::temp_dir().join(format!("memleak-on-leak-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&directory);
+    std::fs::create_dir_all(&directory)?;
+    let hooked = directory.join("leaks.jsonl");
+    let on_leak = format!("cat >> {}", hooked.display());
+    let intervals = watch(
+        24,
+        workload.child().id(),
+        "15s",
+        &["--on-leak", &on_leak],
+        None,
+    )?;
     drop(workload);
     ensure!(
         intervals.len() >= 22,
@@ -182,6 +192,40 @@ fn a_leak_among_a_pool_and_churn_is_judged_and_they_are_not() -> Result<()> {
         leak.frames
     );
 
+    // --on-leak ran once per site that reached warning, with that leak on its input, the
+    // eventfd leak among them; never for the pool or the churn.
+    let hooked: Vec<Leak> = std::fs::read_to_string(&hooked)
+        .context("--on-leak never ran")?
+        .lines()
+        .map(|line| serde_json::from_str(line).with_context(|| format!("parsing `{line}`")))
+        .collect::<Result<_>>()?;
+    let _ = std::fs::remove_dir_all(&directory);
+    ensure!(
+        hooked
+            .iter()
+            .any(|leak| leak.site.call_site.starts_with(LEAK_SITE)
+                && leak.judgement.severity >= Severity::Warning),
+        "--on-leak was not given the eventfd leak: {hooked:?}"
+    );
+    let mut sites: Vec<&str> = hooked
+        .iter()
+        .map(|leak| leak.site.call_site.as_str())
+        .collect();
+    sites.sort_unstable();
+    let before = sites.len();
+    sites.dedup();
+    ensure!(
+        sites.len() == before,
+        "--on-leak ran twice for a site: {sites:?}"
+    );
+    ensure!(
+        !sites.iter().any(|site| POOL_ONLY_SITES
+            .iter()
+            .chain(CHURN_SITES)
+            .any(|other| site.starts_with(other))),
+        "--on-leak ran for the pool or the churn: {sites:?}"
+    );
+
     for interval in &intervals {
         // New slabs' object extension vectors, allocated for the fixture's caches as they
         // grow, are the allocator's bookkeeping, counted apart.
@@ -216,13 +260,13 @@ fn a_restarted_watch_continues_its_series_from_the_store() -> Result<()> {
     let mut workload = start_workload(30)?;
     let pid = workload.child().id();
     // The leak's objects outlive a settle time of 5 s in the second watch's first interval.
-    let before = watch(5, pid, "5s", "100", Some(&store))?;
+    let before = watch(5, pid, "5s", &["--duty", "100"], Some(&store))?;
     ensure!(
         before.iter().all(|interval| leak_at(interval, LEAK_SITE)
             .is_none_or(|leak| leak.judgement.severity < Severity::Warning)),
         "five intervals are too few for a warning (6 by default): the check below proves nothing"
     );
-    let after = watch(5, pid, "5s", "100", Some(&store))?;
+    let after = watch(5, pid, "5s", &["--duty", "100"], Some(&store))?;
     drop(workload);
     // Six points are needed for a warning; the second watch has them only with the first's.
     let judged = after

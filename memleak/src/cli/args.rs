@@ -403,6 +403,11 @@ pub struct WatchArgs {
     #[arg(long)]
     pub fail_on_leak: bool,
 
+    /// Run CMD (with `sh -c`, as root) when a site first reaches warning or critical, with the
+    /// leak as JSON on its standard input. The watch does not wait for it.
+    #[arg(long, value_name = "CMD")]
+    pub on_leak: Option<String>,
+
     #[command(flatten)]
     pub report: ReportOptions,
 }

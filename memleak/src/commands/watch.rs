@@ -105,6 +105,7 @@ pub fn run(args: &WatchArgs) -> Result<ExitCode> {
             .chain(options.duty_window().map(|_| DUTY_NOTE.to_owned()))
             .collect(),
         leaked: false,
+        on_leak: args.on_leak.clone(),
         last: None,
     };
     runtime.block_on(async {
@@ -172,6 +173,8 @@ struct Watcher<'a> {
     notes: Vec<String>,
     /// A site reached warning or critical at some point.
     leaked: bool,
+    /// `--on-leak`.
+    on_leak: Option<String>,
     last: Option<Interval>,
 }
 
@@ -223,6 +226,13 @@ impl Watcher<'_> {
         self.leaked |= leaks
             .iter()
             .any(|leak| leak.judgement.severity >= Severity::Warning);
+        if let Some(command) = &self.on_leak {
+            for leak in &leaks {
+                if leak.judgement.severity >= Severity::Warning && leak.since_ms == at_ms {
+                    run_on_leak(command, leak);
+                }
+            }
+        }
 
         let mut notes = std::mem::take(&mut self.notes);
         notes.extend(snapshot.notes);
@@ -264,6 +274,52 @@ impl Watcher<'_> {
             leaks,
             notes,
         })
+    }
+}
+
+/// Runs `--on-leak`'s command for a site that has just reached `leak`'s severity, with the leak
+/// as JSON on its standard input, on a thread of its own: a slow or stuck command never holds
+/// up the watch. Its status and output are logged when it ends.
+fn run_on_leak(command: &str, leak: &Leak) {
+    let site = leak.site.call_site.clone();
+    let input = output::json::render_json_line(leak);
+    let command = command.to_owned();
+    let started = std::process::Command::new("sh")
+        .args(["-c", &command])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match started {
+        Ok(child) => child,
+        Err(error) => {
+            eprintln!("memleak: --on-leak for {site}: cannot start `sh -c {command}`: {error}");
+            return;
+        }
+    };
+    let stdin = child.stdin.take();
+    let spawned = std::thread::Builder::new()
+        .name("on-leak".into())
+        .spawn(move || {
+            if let Some(mut stdin) = stdin {
+                // A command that does not read its input closes the pipe: not an error.
+                let _ = std::io::Write::write_all(&mut stdin, input.as_bytes());
+            }
+            match child.wait_with_output() {
+                Ok(output) => {
+                    let said = |bytes: &[u8]| String::from_utf8_lossy(bytes).trim().to_owned();
+                    eprintln!(
+                        "memleak: --on-leak for {site} exited {}; stdout: {:?}; stderr: {:?}",
+                        output.status,
+                        said(&output.stdout),
+                        said(&output.stderr)
+                    );
+                }
+                Err(error) => eprintln!("memleak: --on-leak for {site}: {error}"),
+            }
+        });
+    if let Err(error) = spawned {
+        eprintln!("memleak: --on-leak for a leak: cannot start a thread: {error}");
     }
 }
 
