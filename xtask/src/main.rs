@@ -33,9 +33,10 @@ enum Task {
     TestDeps,
 }
 
-/// What the end-to-end tests run besides memleak: `go tool pprof` reads the pprof profiles.
+/// What the end-to-end tests run besides memleak: `go tool pprof` reads the pprof profiles,
+/// Prometheus scrapes `watch --listen` (and promtool checks its page).
 /// (The VM test installs its own: qemu, and what building a kernel needs.)
-const TEST_PACKAGES: [&str; 1] = ["golang-go"];
+const TEST_PACKAGES: [&str; 2] = ["golang-go", "prometheus"];
 
 fn main() -> ExitCode {
     let Cli { task } = Cli::parse();

@@ -408,8 +408,23 @@ pub struct WatchArgs {
     #[arg(long, value_name = "CMD")]
     pub on_leak: Option<String>,
 
+    /// Serve /metrics (Prometheus) and /api/interval (JSON) on ADDR: `9100` is
+    /// 127.0.0.1:9100; any other address must be spelled out, like 0.0.0.0:9100.
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
+    pub listen: Option<std::net::SocketAddr>,
+
     #[command(flatten)]
     pub report: ReportOptions,
+}
+
+/// A bare port listens on loopback only; anything else must be a full address.
+fn parse_listen(text: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(port) = text.parse::<u16>() {
+        return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    text.parse().map_err(|_| {
+        format!("`{text}` is neither a port nor an address like 127.0.0.1:9100 or [::1]:9100")
+    })
 }
 
 fn parse_watch_interval(text: &str) -> Result<Duration, String> {

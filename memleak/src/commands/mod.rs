@@ -2,6 +2,7 @@
 //! status). Models and logic live in the library, rendering in `memleak::output`.
 pub mod classify;
 pub mod kmemleak;
+pub mod listen;
 pub mod scan;
 pub mod signals;
 pub mod trace;

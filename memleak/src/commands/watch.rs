@@ -61,6 +61,14 @@ pub fn run(args: &WatchArgs) -> Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    let exported = super::listen::Shared::default();
+    let server = args
+        .listen
+        .map(|address| runtime.block_on(super::listen::bind(address, exported.clone())))
+        .transpose()?;
+    if let Some(address) = args.listen {
+        eprintln!("memleak: serving /metrics and /api/interval on http://{address}");
+    }
     let mut tracer = probes::attach(&options.tracer, btf.as_ref())?;
     drop(btf);
     eprintln!(
@@ -109,6 +117,13 @@ pub fn run(args: &WatchArgs) -> Result<ExitCode> {
         last: None,
     };
     runtime.block_on(async {
+        if let Some(server) = server {
+            tokio::spawn(async move {
+                if let Err(error) = server.await {
+                    eprintln!("memleak: --listen: {error}; the watch goes on without it");
+                }
+            });
+        }
         let mut signals = StopSignals::install()?;
         let start = tokio::time::Instant::now();
         let mut ticker = tokio::time::interval_at(start + options.interval, options.interval);
@@ -137,6 +152,12 @@ pub fn run(args: &WatchArgs) -> Result<ExitCode> {
                         Plain::Text => output::text::watch::render_interval(&interval),
                         Plain::Json => output::json::render_json_line(&interval),
                     })?;
+                    {
+                        let mut exported =
+                            exported.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                        exported.totals.add(&interval);
+                        exported.last = Some(interval.clone());
+                    }
                     watcher.last = Some(interval);
                 }
             }

@@ -5,6 +5,7 @@ use serde::Serialize;
 pub mod json;
 pub mod junit;
 pub mod profile;
+pub mod prometheus;
 pub mod sink;
 pub mod text;
 
