@@ -81,9 +81,13 @@ enum Variant {
     Floor,
     Memleak,
     MemleakSampled,
-    /// `memleak watch` with its defaults (one object in 64), snapshotting every
-    /// [`WATCH_INTERVAL`] so that its snapshots are inside the measured window.
+    /// `memleak watch` with its defaults (one object in 64, allocations followed 10% of the
+    /// time), snapshotting every [`WATCH_INTERVAL`] so that its snapshots are inside the
+    /// measured window.
     Watch,
+    /// The same, with the allocation hooks attached all the time (`--duty 100`): what duty
+    /// cycling saves.
+    WatchContinuous,
     Bpftrace,
     /// The binary given with `--compare-memleak`.
     OtherMemleak,
@@ -97,6 +101,7 @@ impl Variant {
             Variant::Memleak => "memleak",
             Variant::MemleakSampled => "memleak --sample-rate 64",
             Variant::Watch => "memleak watch (defaults, --interval 2s)",
+            Variant::WatchContinuous => "memleak watch --duty 100 (--interval 2s)",
             Variant::Bpftrace => "bpftrace",
             Variant::OtherMemleak => "memleak (--compare-memleak)",
         }
@@ -142,6 +147,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         Variant::Memleak,
         Variant::MemleakSampled,
         Variant::Watch,
+        Variant::WatchContinuous,
     ];
     if args.compare_bpftrace {
         Apt::default().install_missing(&["bpftrace"])?;
@@ -224,12 +230,15 @@ fn run_once(
             }
             Some(tracer::start(command, "memleak: attached", Duration::ZERO)?)
         }
-        Variant::Watch => {
+        Variant::Watch | Variant::WatchContinuous => {
             let mut command = Command::new(&binaries.memleak);
             command
                 .args(["watch", "--interval", WATCH_INTERVAL, "--no-history"])
                 .args(["--format", "json", "--output"])
                 .arg(&report_path);
+            if variant == Variant::WatchContinuous {
+                command.args(["--duty", "100"]);
+            }
             Some(tracer::start(command, "memleak: watching", Duration::ZERO)?)
         }
         Variant::Bpftrace => {
@@ -245,7 +254,7 @@ fn run_once(
     let ops_per_second = ops_per_second?;
     let memleak = match exit {
         Some(exit) if variant != Variant::Bpftrace => {
-            let cost = if variant == Variant::Watch {
+            let cost = if matches!(variant, Variant::Watch | Variant::WatchContinuous) {
                 watch_cost(&report_path, exit)
             } else {
                 memleak_cost(&report_path, exit)
@@ -393,6 +402,7 @@ fn print_report(
                         Variant::Memleak
                         | Variant::MemleakSampled
                         | Variant::Watch
+                        | Variant::WatchContinuous
                         | Variant::OtherMemleak,
                     ) => {
                         format!("{:.2}x", floor / variant_median)
