@@ -184,6 +184,56 @@ fn prometheus_scrapes_the_leak_from_watch_listen() -> Result<()> {
         }
         std::thread::sleep(Duration::from_secs(1));
     }
+
+    // /profile is what is outstanding now, as a pprof profile that Go's pprof reads.
+    let profile = directory.join("profile.pb.gz");
+    let fetched = Command::new("curl")
+        .args([
+            "--silent",
+            "--show-error",
+            "--fail",
+            "--max-time",
+            "5",
+            "--output",
+        ])
+        .arg(&profile)
+        .arg(format!("http://127.0.0.1:{metrics_port}/profile"))
+        .status()?;
+    ensure!(fetched.success(), "GET /profile: {fetched}");
+    let top = Command::new("go")
+        .args(["tool", "pprof", "-top"])
+        .arg(&profile)
+        .env("GOCACHE", directory.join("gocache"))
+        .env("HOME", &directory)
+        .output()
+        .context("running go tool pprof")?;
+    let top_text = String::from_utf8_lossy(&top.stdout);
+    ensure!(
+        top.status.success() && top_text.contains(LEAK_SITE),
+        "go tool pprof -top of /profile ({}): {top_text}{}",
+        top.status,
+        String::from_utf8_lossy(&top.stderr)
+    );
+
+    // Read-only: another method or path is refused, and the watch goes on.
+    for (method, path, refused) in [("POST", "/metrics", "405"), ("GET", "/etc/passwd", "404")] {
+        let answer = Command::new("curl")
+            .args([
+                "--silent",
+                "--output",
+                "/dev/null",
+                "--write-out",
+                "%{http_code}",
+            ])
+            .args(["--max-time", "5", "--request", method])
+            .arg(format!("http://127.0.0.1:{metrics_port}{path}"))
+            .output()?;
+        let code = String::from_utf8_lossy(&answer.stdout);
+        ensure!(code == refused, "{method} {path}: {code}, not {refused}");
+    }
+    get(&format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .context("the watch stopped serving after the refused requests")?;
+
     drop(watch);
     drop(stderr);
     let _ = std::fs::remove_dir_all(&directory);

@@ -1,18 +1,25 @@
 //! `memleak watch --listen`: a read-only HTTP endpoint on the watch's runtime. `/metrics` is the
-//! last interval for Prometheus, `/api/interval` the same interval as JSON. Nothing is taken
-//! from a request but its path: no file names, no commands.
+//! last interval for Prometheus, `/api/interval` the same interval as JSON, `/profile` what is
+//! outstanding now as a gzipped pprof profile. Nothing is taken from a request but its path: no
+//! file names, no commands.
 use std::{
     net::SocketAddr,
     sync::{Arc, Mutex},
 };
 
 use anyhow::{Context as _, Result};
-use axum::{Router, http::header, response::IntoResponse, routing::get};
+use axum::{
+    Router,
+    http::{StatusCode, header},
+    response::IntoResponse,
+    routing::get,
+};
 use memleak::{
     output::{
-        self,
+        self, profile,
         prometheus::{self, ProcessUsage, Totals},
     },
+    trace::report::Entry,
     watch::Interval,
 };
 
@@ -21,6 +28,11 @@ use memleak::{
 pub struct Exported {
     pub last: Option<Interval>,
     pub totals: Totals,
+    /// Every site of the last snapshot, with its stacks.
+    pub entries: Vec<Entry>,
+    pub kernel: String,
+    /// What one tracked object stands for (sample rate and duty cycle).
+    pub scale: u32,
 }
 
 pub type Shared = Arc<Mutex<Exported>>;
@@ -52,6 +64,30 @@ pub async fn bind(
             )
         }
     };
+    let profile = {
+        let shared = shared.clone();
+        move || async move {
+            let exported = shared
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let source = profile::Source {
+                kernel: &exported.kernel,
+                duration_ms: exported.last.as_ref().map_or(0, |last| last.elapsed_ms),
+                sample_rate: exported.scale,
+            };
+            match profile::pprof(&exported.entries, source) {
+                Ok(bytes) => (
+                    StatusCode::OK,
+                    [(header::CONTENT_TYPE, "application/octet-stream")],
+                    bytes,
+                )
+                    .into_response(),
+                Err(error) => {
+                    (StatusCode::INTERNAL_SERVER_ERROR, format!("{error:#}\n")).into_response()
+                }
+            }
+        }
+    };
     let interval = move || async move {
         let body = {
             let exported = shared
@@ -66,7 +102,8 @@ pub async fn bind(
     };
     let app = Router::new()
         .route("/metrics", get(metrics))
-        .route("/api/interval", get(interval));
+        .route("/api/interval", get(interval))
+        .route("/profile", get(profile));
     Ok(async move { axum::serve(listener, app).await })
 }
 

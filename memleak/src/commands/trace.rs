@@ -16,7 +16,7 @@ use memleak::{
     },
     kernel::{self, privileges},
     kinds::Kind,
-    output::{self, Format, Plain, ReportSink},
+    output::{self, Format, Plain, ReportSink, profile},
     scan,
     trace::{
         accounting,
@@ -250,9 +250,14 @@ impl Session {
         (report.kinds, report.caches) = report::totals(&report.stacks);
         // The stack formats weigh every site, not only the --top ones shown as text or JSON.
         match options.report.format {
-            Format::Folded => self.sink.write(&output::profile::folded(&report))?,
-            Format::Svg => self.sink.write(&output::profile::svg(&report)?)?,
-            Format::Pprof => self.sink.write_bytes(&output::profile::pprof(&report)?)?,
+            Format::Folded => self.sink.write(&profile::folded(&report.stacks))?,
+            Format::Svg => self
+                .sink
+                .write(&profile::svg(&report.stacks, profile::Source::of(&report))?)?,
+            Format::Pprof => self.sink.write_bytes(&profile::pprof(
+                &report.stacks,
+                profile::Source::of(&report),
+            )?)?,
             Format::Text | Format::Json => {
                 report.stacks.truncate(options.report.top);
                 let plain = if options.report.format == Format::Text {

@@ -11,7 +11,10 @@ use memleak::{
     output::{self, Plain, ReportOptions, ReportSink},
     scan,
     scan::Liveness,
-    trace::build::{KernelMemory, check_liveness},
+    trace::{
+        build::{KernelMemory, check_liveness},
+        report::Entry,
+    },
     util::{
         clock::{monotonic_now_ns, unix_now_ms},
         duration,
@@ -61,7 +64,11 @@ pub fn run(args: &WatchArgs) -> Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let exported = super::listen::Shared::default();
+    let exported = super::listen::Shared::new(std::sync::Mutex::new(super::listen::Exported {
+        kernel: kernel::release()?,
+        scale: options.scale(),
+        ..super::listen::Exported::default()
+    }));
     let server = args
         .listen
         .map(|address| runtime.block_on(super::listen::bind(address, exported.clone())))
@@ -143,7 +150,7 @@ pub fn run(args: &WatchArgs) -> Result<ExitCode> {
                     tracer.set_slab_hooks(SlabHooks::FreesOnly)?;
                 }
                 _ = ticker.tick() => {
-                    let interval = watcher.interval(&mut tracer.maps, &options)?;
+                    let (interval, entries) = watcher.interval(&mut tracer.maps, &options)?;
                     if let Some(window) = options.duty_window() {
                         tracer.set_slab_hooks(SlabHooks::All)?;
                         frees_only_at = Some(tokio::time::Instant::now() + window);
@@ -156,6 +163,7 @@ pub fn run(args: &WatchArgs) -> Result<ExitCode> {
                         let mut exported =
                             exported.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
                         exported.totals.add(&interval);
+                        exported.entries = entries;
                         exported.last = Some(interval.clone());
                     }
                     watcher.last = Some(interval);
@@ -204,7 +212,7 @@ impl Watcher<'_> {
         &mut self,
         maps: &mut memleak::bpf::maps::TracerMaps,
         options: &watch::Options,
-    ) -> Result<Interval> {
+    ) -> Result<(Interval, Vec<Entry>)> {
         let now_ns = monotonic_now_ns();
         let at_ms = unix_now_ms();
         let snapshot = self
@@ -277,7 +285,7 @@ impl Watcher<'_> {
             }
         }
         let sample_rate = options.tracer.sample_rate;
-        Ok(Interval {
+        let interval = Interval {
             schema: SCHEMA_VERSION,
             at_ms,
             elapsed_ms: now_ns.saturating_sub(self.started_ns) / 1_000_000,
@@ -294,7 +302,10 @@ impl Watcher<'_> {
                 .collect(),
             leaks,
             notes,
-        })
+        };
+        drop(current);
+        let entries = snapshot.sites.into_iter().map(|site| site.entry).collect();
+        Ok((interval, entries))
     }
 }
 

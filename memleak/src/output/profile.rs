@@ -7,7 +7,31 @@ use anyhow::{Context as _, Result};
 use hashbrown::HashMap;
 use prost::Message as _;
 
-use crate::{symbols::Frame, trace::report::Report};
+use crate::{
+    symbols::Frame,
+    trace::report::{Entry, Report},
+};
+
+/// What a profile says about where its stacks come from.
+#[derive(Debug, Clone, Copy)]
+pub struct Source<'a> {
+    /// Kernel release.
+    pub kernel: &'a str,
+    /// How long the stacks were gathered (the trace's window, the watch's age).
+    pub duration_ms: u64,
+    /// What one tracked object stands for.
+    pub sample_rate: u32,
+}
+
+impl<'a> Source<'a> {
+    pub fn of(report: &'a Report) -> Self {
+        Self {
+            kernel: &report.kernel,
+            duration_ms: report.duration_ms,
+            sample_rate: report.sample_rate,
+        }
+    }
+}
 
 /// Outstanding memory allocated through one stack of one entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,9 +47,9 @@ pub struct WeightedStack<'a> {
 /// Every entry's stacks with its bytes and objects shared among them by their sampled
 /// captures. Captures that the report does not list stack by stack (beyond its most common
 /// stacks) go to the most common one; an entry with no capture is its call site alone.
-pub fn weighted_stacks(report: &Report) -> Vec<WeightedStack<'_>> {
+pub fn weighted_stacks(entries: &[Entry]) -> Vec<WeightedStack<'_>> {
     let mut stacks = Vec::new();
-    for entry in &report.stacks {
+    for entry in entries {
         let listed: u64 = entry.other_stacks.iter().map(|other| other.samples).sum();
         let captured = entry.stack_samples.max(entry.frames_samples + listed);
         let share = |samples: u64, of: u64| -> u64 {
@@ -81,9 +105,9 @@ fn function_name(frame: &Frame) -> String {
 }
 
 /// Folded stacks: `root;...;call_site BYTES`, one line per distinct stack, sorted.
-pub fn folded(report: &Report) -> String {
+pub fn folded(entries: &[Entry]) -> String {
     let mut lines: HashMap<String, u64> = HashMap::new();
-    for stack in weighted_stacks(report) {
+    for stack in weighted_stacks(entries) {
         if stack.bytes == 0 {
             continue;
         }
@@ -105,12 +129,12 @@ pub fn folded(report: &Report) -> String {
 }
 
 /// A flame graph of the outstanding bytes, drawn by inferno from the folded stacks.
-pub fn svg(report: &Report) -> Result<String> {
-    let folded = folded(report);
+pub fn svg(entries: &[Entry], source: Source<'_>) -> Result<String> {
+    let folded = folded(entries);
     let mut options = inferno::flamegraph::Options::default();
     options.title = format!(
         "memleak: outstanding kernel memory after {} ms on {}",
-        report.duration_ms, report.kernel
+        source.duration_ms, source.kernel
     );
     options.count_name = "bytes".to_owned();
     options.colors =
@@ -130,15 +154,15 @@ pub fn svg(report: &Report) -> Result<String> {
 /// The report as a gzipped pprof profile (profile.proto): samples `inuse_objects/count` and
 /// `inuse_space/bytes` per stack, a location and a function per distinct frame, kind, cache and
 /// module as labels, `period` the sample rate.
-pub fn pprof(report: &Report) -> Result<Vec<u8>> {
-    let profile = build_profile(report);
+pub fn pprof(entries: &[Entry], source: Source<'_>) -> Result<Vec<u8>> {
+    let profile = build_profile(entries, source);
     let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     gzip.write_all(&profile.encode_to_vec())
         .and_then(|()| gzip.finish())
         .context("compressing the profile")
 }
 
-fn build_profile(report: &Report) -> proto::Profile {
+fn build_profile(entries: &[Entry], source: Source<'_>) -> proto::Profile {
     let mut table = Strings::default();
     let mut profile = proto::Profile {
         sample_type: vec![
@@ -155,20 +179,20 @@ fn build_profile(report: &Report) -> proto::Profile {
             r#type: table.id("space"),
             unit: table.id("bytes"),
         }),
-        period: i64::from(report.sample_rate),
-        duration_nanos: (report.duration_ms as i64).saturating_mul(1_000_000),
+        period: i64::from(source.sample_rate),
+        duration_nanos: (source.duration_ms as i64).saturating_mul(1_000_000),
         default_sample_type: table.id("inuse_space"),
         ..proto::Profile::default()
     };
     profile.comment.push(table.id(&format!(
-        "memleak trace on Linux {}: outstanding kernel memory",
-        report.kernel
+        "memleak on Linux {}: outstanding kernel memory",
+        source.kernel
     )));
     let mut locations: HashMap<u64, u64> = HashMap::new();
     let mut functions: HashMap<String, u64> = HashMap::new();
     let (kind_key, cache_key, module_key) =
         (table.id("kind"), table.id("cache"), table.id("module"));
-    for stack in weighted_stacks(report) {
+    for stack in weighted_stacks(entries) {
         if stack.bytes == 0 && stack.count == 0 {
             continue;
         }
@@ -368,7 +392,7 @@ mod tests {
         // The top entry: 4 objects, 256 bytes; 3 captures, 2 through its main stack and 1
         // through another. The filp entry has no capture: its call site alone.
         let report = sample_report(1);
-        let stacks = weighted_stacks(&report);
+        let stacks = weighted_stacks(&report.stacks);
         let summary: Vec<(String, u64, u64)> = stacks
             .iter()
             .map(|stack| {
@@ -395,14 +419,15 @@ mod tests {
     #[test]
     fn folded_lines_are_root_first_and_weighted_by_bytes() {
         assert_eq!(
-            folded(&sample_report(1)),
+            folded(&sample_report(1).stacks),
             "0x99 64\ncaller;alloc_site 171\nother_caller;alloc_site 85\n"
         );
     }
 
     #[test]
     fn the_flame_graph_names_the_functions() {
-        let svg = svg(&sample_report(1)).expect("an svg");
+        let report = sample_report(1);
+        let svg = svg(&report.stacks, Source::of(&report)).expect("an svg");
         assert!(svg.starts_with("<?xml"), "{}", &svg[..100.min(svg.len())]);
         assert!(svg.contains("alloc_site") && svg.contains("other_caller"));
     }
@@ -410,7 +435,7 @@ mod tests {
     #[test]
     fn the_pprof_profile_decodes_to_the_same_samples() {
         let report = sample_report(64);
-        let gzipped = pprof(&report).expect("a profile");
+        let gzipped = pprof(&report.stacks, Source::of(&report)).expect("a profile");
         let mut bytes = Vec::new();
         std::io::Read::read_to_end(
             &mut flate2::read::GzDecoder::new(gzipped.as_slice()),
