@@ -47,6 +47,10 @@ pub struct BenchArgs {
     /// after in one run)
     #[arg(long, value_name = "PATH")]
     compare_memleak: Option<PathBuf>,
+    /// Also run `memleak watch` with these options added to the watch variant's, for tuning
+    /// its defaults (`--watch-args "--sample-rate 64"`)
+    #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+    watch_args: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -81,7 +85,7 @@ enum Variant {
     Floor,
     Memleak,
     MemleakSampled,
-    /// `memleak watch` with its defaults (one object in 64, allocations followed 10% of the
+    /// `memleak watch` with its defaults (one object in 8, allocations followed 10% of the
     /// time), snapshotting every [`WATCH_INTERVAL`] so that its snapshots are inside the
     /// measured window.
     Watch,
@@ -91,6 +95,8 @@ enum Variant {
     Bpftrace,
     /// The binary given with `--compare-memleak`.
     OtherMemleak,
+    /// `memleak watch` with `--watch-args`.
+    WatchTuned,
 }
 
 impl Variant {
@@ -104,6 +110,7 @@ impl Variant {
             Variant::WatchContinuous => "memleak watch --duty 100 (--interval 2s)",
             Variant::Bpftrace => "bpftrace",
             Variant::OtherMemleak => "memleak (--compare-memleak)",
+            Variant::WatchTuned => "memleak watch --watch-args (--interval 2s)",
         }
     }
 }
@@ -112,6 +119,7 @@ struct Binaries {
     memleak: PathBuf,
     fixture: PathBuf,
     other_memleak: Option<PathBuf>,
+    watch_args: Vec<String>,
 }
 
 /// One run of a workload under one variant.
@@ -140,6 +148,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         memleak: release.join("memleak"),
         fixture: release.join("memleak-fixture"),
         other_memleak: args.compare_memleak.clone(),
+        watch_args: args
+            .watch_args
+            .as_deref()
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect(),
     };
     let mut variants = vec![
         Variant::Baseline,
@@ -160,6 +175,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             other.display()
         );
         variants.push(Variant::OtherMemleak);
+    }
+    if args.watch_args.is_some() {
+        variants.push(Variant::WatchTuned);
     }
     let workloads: &[Workload] = match args.workload {
         WorkloadChoice::Churn => &[Workload::Churn],
@@ -230,7 +248,7 @@ fn run_once(
             }
             Some(tracer::start(command, "memleak: attached", Duration::ZERO)?)
         }
-        Variant::Watch | Variant::WatchContinuous => {
+        Variant::Watch | Variant::WatchContinuous | Variant::WatchTuned => {
             let mut command = Command::new(&binaries.memleak);
             command
                 .args(["watch", "--interval", WATCH_INTERVAL, "--no-history"])
@@ -238,6 +256,9 @@ fn run_once(
                 .arg(&report_path);
             if variant == Variant::WatchContinuous {
                 command.args(["--duty", "100"]);
+            }
+            if variant == Variant::WatchTuned {
+                command.args(&binaries.watch_args);
             }
             Some(tracer::start(command, "memleak: watching", Duration::ZERO)?)
         }
@@ -254,7 +275,10 @@ fn run_once(
     let ops_per_second = ops_per_second?;
     let memleak = match exit {
         Some(exit) if variant != Variant::Bpftrace => {
-            let cost = if matches!(variant, Variant::Watch | Variant::WatchContinuous) {
+            let cost = if matches!(
+                variant,
+                Variant::Watch | Variant::WatchContinuous | Variant::WatchTuned
+            ) {
                 watch_cost(&report_path, exit)
             } else {
                 memleak_cost(&report_path, exit)
@@ -403,6 +427,7 @@ fn print_report(
                         | Variant::MemleakSampled
                         | Variant::Watch
                         | Variant::WatchContinuous
+                        | Variant::WatchTuned
                         | Variant::OtherMemleak,
                     ) => {
                         format!("{:.2}x", floor / variant_median)

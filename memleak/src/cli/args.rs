@@ -318,8 +318,9 @@ pub struct WatchArgs {
     pub duration: Option<Duration>,
 
     /// Track one object in N, chosen by a hash of its address (a power of two up to 65536).
-    /// The default keeps the watch cheap enough to leave on; counts are estimates, scaled by N.
-    #[arg(long, value_name = "N", default_value_t = 64, value_parser = parse_power_of_two)]
+    /// With the default --duty 10, one allocation in 80 is tracked; counts are estimates,
+    /// scaled to match.
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = parse_power_of_two)]
     pub sample_rate: u32,
 
     /// Capture the full kernel stack of one allocation in N (and of the first allocation
