@@ -188,7 +188,8 @@ fn build_profile(entries: &[Entry], source: Source<'_>) -> proto::Profile {
         "memleak on Linux {}: outstanding kernel memory",
         source.kernel
     )));
-    let mut locations: HashMap<u64, u64> = HashMap::new();
+    // By address; frames without one (none in a trace) by name.
+    let mut locations: HashMap<(Option<u64>, String), u64> = HashMap::new();
     let mut functions: HashMap<String, u64> = HashMap::new();
     let (kind_key, cache_key, module_key) =
         (table.id("kind"), table.id("cache"), table.id("module"));
@@ -198,11 +199,17 @@ fn build_profile(entries: &[Entry], source: Source<'_>) -> proto::Profile {
         }
         let mut location_ids = Vec::with_capacity(stack.frames.len());
         for frame in stack.frames {
-            // Frames without an address (none in a trace) get one location per name.
-            let key = frame.addr.unwrap_or_else(|| 1 + locations.len() as u64);
+            let name = function_name(frame);
+            let key = (
+                frame.addr,
+                if frame.addr.is_some() {
+                    String::new()
+                } else {
+                    name.clone()
+                },
+            );
             let next_location = locations.len() as u64 + 1;
             let location_id = *locations.entry(key).or_insert_with(|| {
-                let name = function_name(frame);
                 let next_function = functions.len() as u64 + 1;
                 let function_id = *functions.entry(name.clone()).or_insert_with(|| {
                     profile.function.push(proto::Function {
@@ -417,6 +424,93 @@ mod tests {
     }
 
     #[test]
+    fn shares_round_down_and_stacks_left_with_nothing_are_dropped() {
+        let mut report = sample_report(1);
+        let top = &mut report.stacks[0];
+        // The captures counted from the stacks listed when the entry's own count is lower, and
+        // a stack of 2 samples in 3 takes two thirds.
+        top.stack_samples = 0;
+        top.frames_samples = 1;
+        top.other_stacks[0].samples = 2;
+        let stacks = weighted_stacks(&report.stacks);
+        let shares: Vec<(u64, u64)> = stacks
+            .iter()
+            .take(2)
+            .map(|stack| (stack.count, stack.bytes))
+            .collect();
+        assert_eq!(shares, [(2, 86), (2, 170)]);
+
+        // One object of 64 bytes; a stack of 10 captures in 100 gets 6 bytes and no object,
+        // and one of 1 in 100 nothing: it is left out.
+        let mut report = sample_report(1);
+        let top = &mut report.stacks[0];
+        (top.count, top.bytes, top.stack_samples, top.frames_samples) = (1, 64, 100, 89);
+        let other = crate::trace::report::OtherStack {
+            samples: 1,
+            frames: top.other_stacks[0].frames.clone(),
+        };
+        top.other_stacks[0].samples = 10;
+        top.other_stacks.push(other);
+        let stacks = weighted_stacks(&report.stacks);
+        let shares: Vec<(u64, u64)> = stacks
+            .iter()
+            .take(3)
+            .map(|stack| (stack.count, stack.bytes))
+            .collect();
+        assert_eq!(shares[..2], [(1, 58), (0, 6)]);
+        assert_eq!(stacks.len(), 3, "the empty stack is listed: {shares:?}");
+        // The 6 bytes without an object are still a sample of the profile.
+        let profile = build_profile(&report.stacks, Source::of(&report));
+        assert_eq!(profile.sample.len(), 3);
+        assert_eq!(profile.sample[1].value, [0, 6]);
+    }
+
+    #[test]
+    fn frames_without_an_address_are_one_location_per_name_and_modules_are_labels() {
+        let mut report = sample_report(1);
+        let top = &mut report.stacks[0];
+        top.other_stacks.clear();
+        top.frames = vec![
+            Frame {
+                addr: None,
+                symbol: Some("leaky_alloc".into()),
+                offset: None,
+                size: None,
+                module: Some("leaky".into()),
+            },
+            Frame {
+                addr: None,
+                symbol: Some("leaky_init".into()),
+                offset: None,
+                size: None,
+                module: Some("leaky".into()),
+            },
+        ];
+        let profile = build_profile(&report.stacks, Source::of(&report));
+        let text = |id: i64| profile.string_table[id as usize].as_str();
+        let names: Vec<&str> = profile
+            .function
+            .iter()
+            .map(|function| text(function.name))
+            .collect();
+        assert_eq!(names[..2], ["leaky_alloc [leaky]", "leaky_init [leaky]"]);
+        assert_eq!(profile.sample[0].location_id, [1, 2]);
+        let labels: Vec<(&str, &str)> = profile.sample[0]
+            .label
+            .iter()
+            .map(|label| (text(label.key), text(label.str)))
+            .collect();
+        assert_eq!(
+            labels,
+            [
+                ("kind", "kmalloc"),
+                ("cache", "kmalloc-64"),
+                ("module", "leaky")
+            ]
+        );
+    }
+
+    #[test]
     fn folded_lines_are_root_first_and_weighted_by_bytes() {
         assert_eq!(
             folded(&sample_report(1).stacks),
@@ -455,6 +549,10 @@ mod tests {
             [("inuse_objects", "count"), ("inuse_space", "bytes")]
         );
         assert_eq!(profile.period, 64);
+        let period = profile.period_type.expect("a period type");
+        assert_eq!((text(period.r#type), text(period.unit)), ("space", "bytes"));
+        assert_eq!(profile.duration_nanos, 2_000_000_000);
+        assert_eq!(text(profile.default_sample_type), "inuse_space");
         assert_eq!(profile.sample.len(), 3);
         // Each sample's leaf is its call site, with the entry's kind and cache as labels.
         let function_of = |location_id: u64| {

@@ -189,11 +189,16 @@ mod tests {
             parse_in_range("2h", min, max),
             Err(DurationError::OutOfRange { .. })
         ));
+        // Both bounds are allowed.
+        assert_eq!(parse_in_range("100ms", min, max), Ok(min));
+        assert_eq!(parse_in_range("1h", min, max), Ok(max));
     }
 
     #[test]
     fn displays_compactly() {
         assert_eq!(display(Duration::from_millis(250)), "250ms");
+        assert_eq!(display(Duration::from_millis(999)), "999ms");
+        assert_eq!(display(Duration::from_millis(1_000)), "1.0s");
         assert_eq!(display(Duration::from_millis(4_200)), "4.2s");
         assert_eq!(display(Duration::from_secs(200)), "3m20s");
         assert_eq!(display(Duration::from_secs(7_260)), "2h01m");

@@ -440,6 +440,15 @@ mod tests {
     }
 
     #[test]
+    fn verdicts_stored_before_settling_existed_read_as_settled() {
+        let stored = r#"{"severity":"warning","confidence":0.99,"objects_per_second":1.0,
+            "bytes_per_second":64.0,"grown_objects":60,"grown_bytes":3840,"seconds":60.0,
+            "points":10,"aging":true,"levelled_off":false}"#;
+        let judged: Judgement = serde_json::from_str(stored).expect("an old verdict");
+        assert!(judged.settled && !judged.frees_unseen);
+    }
+
+    #[test]
     fn duty_cycled_sites_whose_frees_go_unseen_are_info() {
         let mut series = series(9, 60.0, |i| (100 * (i as u64 + 1), 60.0 + 60.0 * i as f64));
         let duty_cycled = Thresholds {
