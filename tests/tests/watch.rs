@@ -160,6 +160,23 @@ fn a_leak_among_a_pool_and_churn_is_judged_and_they_are_not() -> Result<()> {
         "leak: {} eventfds seen",
         figures(LEAK_SITE)
     );
+    // The ages tell them apart too: the pool's pipes live about 3 s, the leak's eventfds
+    // accumulate from the start (a median of about 12 s at the end).
+    let site_at = |function: &str| {
+        last.sites
+            .iter()
+            .find(|site| site.site.call_site.starts_with(function))
+            .with_context(|| format!("no {function} site in the last interval"))
+    };
+    let (pool, leak) = (site_at(POOL_SITE)?, site_at(LEAK_SITE)?);
+    ensure!(
+        pool.median_age_ms <= 3_500 && pool.p90_age_ms <= 4_000,
+        "pool ages: {pool:?}"
+    );
+    ensure!(
+        leak.median_age_ms >= 8_000 && leak.p90_age_ms > leak.median_age_ms,
+        "leak ages: {leak:?}"
+    );
 
     let first_warning = intervals.iter().position(|interval| {
         leak_at(interval, LEAK_SITE)

@@ -249,6 +249,8 @@ mod tests {
             bytes: count * 64,
             new: 0,
             oldest_age_ms: 0,
+            median_age_ms: 0,
+            p90_age_ms: 0,
             unverified: 0,
             found_free: 0,
         }

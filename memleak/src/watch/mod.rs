@@ -73,6 +73,11 @@ pub struct SiteFigures {
     pub new: u64,
     /// Age of the site's oldest outstanding object.
     pub oldest_age_ms: u64,
+    /// Median and 90th percentile of its outstanding objects' ages (of the tracked ones).
+    #[serde(default)]
+    pub median_age_ms: u64,
+    #[serde(default)]
+    pub p90_age_ms: u64,
     /// Of `count`, objects the liveness check could not verify as allocated.
     pub unverified: u64,
     /// Objects of this site found free in kernel memory this interval: they left by a path

@@ -106,6 +106,7 @@ impl Snapshotter {
         let mut new_objects: HashMap<SiteKey, u64> = HashMap::new();
         let mut found_free: HashMap<u64, u64> = HashMap::new();
         let mut found_free_at: HashMap<SiteKey, u64> = HashMap::new();
+        let mut ages_ms: HashMap<SiteKey, Vec<u64>> = HashMap::new();
         let mut picks = Picks::default();
         let mut allocated_slab_objects = Vec::new();
         let mut stacks_in_use = HashSet::new();
@@ -139,6 +140,10 @@ impl Snapshotter {
                 if record.timestamp_ns > interval_start_ns {
                     *new_objects.entry(key).or_default() += 1;
                 }
+                ages_ms
+                    .entry(key)
+                    .or_default()
+                    .push(now_ns.saturating_sub(record.timestamp_ns) / 1_000_000);
             }
         }
         let removed = table::remove_objects(maps, &found_free)?;
@@ -175,6 +180,7 @@ impl Snapshotter {
         // name: the series are kept per name, so their figures are summed.
         let mut by_name: HashMap<SiteName, usize> = HashMap::new();
         let mut named: Vec<SnapshotSite> = Vec::new();
+        let mut ages_by_name: Vec<Vec<u64>> = Vec::new();
         let mut bookkeeping = 0;
         for site in &sites {
             if allocators::is_bookkeeping(&symbolizer.frame(site.key.call_site)) {
@@ -187,12 +193,15 @@ impl Snapshotter {
                 cache: entry.cache.clone(),
                 call_site: entry.call_site.to_string(),
             };
+            let ages = ages_ms.remove(&site.key).unwrap_or_default();
             let figures = SiteFigures {
                 site: name.clone(),
                 count: entry.count,
                 bytes: entry.bytes,
                 new: new_objects.get(&site.key).copied().unwrap_or(0) * scale,
                 oldest_age_ms: entry.oldest_age_ms,
+                median_age_ms: 0,
+                p90_age_ms: 0,
                 unverified: site.unverified * scale,
                 found_free: found_free_at.get(&site.key).copied().unwrap_or(0) * scale,
             };
@@ -205,12 +214,18 @@ impl Snapshotter {
                     merged.unverified += figures.unverified;
                     merged.found_free += figures.found_free;
                     merged.oldest_age_ms = merged.oldest_age_ms.max(figures.oldest_age_ms);
+                    ages_by_name[index].extend(ages);
                 }
                 None => {
                     by_name.insert(name, named.len());
                     named.push(SnapshotSite { figures, entry });
+                    ages_by_name.push(ages);
                 }
             }
+        }
+        for (site, mut ages) in named.iter_mut().zip(ages_by_name) {
+            (site.figures.median_age_ms, site.figures.p90_age_ms) =
+                (quantile(&mut ages, 0.5), quantile(&mut ages, 0.9));
         }
         let sites = named;
 
@@ -240,5 +255,30 @@ impl Snapshotter {
             allocated_slab_objects,
             stacks_in_use,
         })
+    }
+}
+
+/// The `q` quantile (nearest rank) of `values`; 0 with none.
+fn quantile(values: &mut [u64], q: f64) -> u64 {
+    if values.is_empty() {
+        return 0;
+    }
+    values.sort_unstable();
+    let rank = (q * values.len() as f64).ceil() as usize;
+    values[rank.clamp(1, values.len()) - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quantile;
+
+    #[test]
+    fn quantiles_are_nearest_ranks() {
+        let mut ages: Vec<u64> = (1..=10).rev().collect();
+        assert_eq!(quantile(&mut ages, 0.5), 5);
+        assert_eq!(quantile(&mut ages, 0.9), 9);
+        assert_eq!(quantile(&mut ages, 1.0), 10);
+        assert_eq!(quantile(&mut [7], 0.9), 7);
+        assert_eq!(quantile(&mut [], 0.5), 0);
     }
 }

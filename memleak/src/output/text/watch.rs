@@ -210,6 +210,8 @@ mod tests {
                 bytes: 500 * 64,
                 new: 50,
                 oldest_age_ms: 9_000,
+                median_age_ms: 0,
+                p90_age_ms: 0,
                 unverified: 0,
                 found_free: 0,
             }],
