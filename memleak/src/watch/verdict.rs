@@ -440,6 +440,46 @@ mod tests {
     }
 
     #[test]
+    fn boundaries_of_the_verdict() {
+        // Exactly min_points, and exactly min_growth_objects, are judged.
+        let four = series(4, 60.0, |i| (100 + 100 * i as u64, 600.0 + 60.0 * i as f64));
+        let loose = Thresholds {
+            significance: 0.5,
+            ..Thresholds::default()
+        };
+        assert!(judge(&four, &loose).is_some());
+        assert_eq!(judge(&four[..3], &loose), None, "3 points are too few");
+        let eight = series(9, 60.0, |i| (100 + i as u64, 600.0 + 60.0 * i as f64));
+        let judged = judge(&eight, &Thresholds::default()).expect("grew by exactly 8");
+        assert_eq!(judged.grown_objects, 8);
+        assert_eq!(judged.seconds, 480.0);
+        // An oldest object that stays as old is being replaced: not aging, however old.
+        let replaced = series(10, 60.0, |i| (1000 + 60 * i as u64, 1000.0));
+        let judged = judge(&replaced, &Thresholds::default()).expect("it grows");
+        assert!(!judged.aging && judged.severity == Severity::Info);
+    }
+
+    #[test]
+    fn theil_sen_ignores_equal_times_and_averages_an_even_middle() {
+        // Six slopes, sorted [1, 1, 1, 2, 2.5, 4]: the median is (1 + 2) / 2.
+        assert_eq!(theil_sen(&[0.0, 1.0, 2.0, 3.0], &[0.0, 1.0, 2.0, 6.0]), 1.5);
+        // A second point at the same time adds no slope (no division by zero): the slopes are
+        // 2 and -3.
+        assert_eq!(theil_sen(&[0.0, 0.0, 1.0], &[0.0, 5.0, 2.0]), -0.5);
+    }
+
+    #[test]
+    fn mann_kendall_needs_three_values_and_corrects_longer_ties() {
+        assert_eq!(mann_kendall_p(&[1.0, 2.0]), 1.0);
+        assert!(mann_kendall_p(&[1.0, 2.0, 3.0]) < 1.0);
+        // A run of three equal values: S = 33 (36 pairs, 3 tied), variance (9 * 8 * 23 - 3 * 2 * 11) / 18.
+        let tied = [1.0, 2.0, 2.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0];
+        let expected =
+            1.0 - standard_normal_cdf((33.0 - 1.0) / ((9.0 * 8.0 * 23.0 - 66.0) / 18.0f64).sqrt());
+        assert!((mann_kendall_p(&tied) - expected).abs() < 1e-12);
+    }
+
+    #[test]
     fn verdicts_stored_before_settling_existed_read_as_settled() {
         let stored = r#"{"severity":"warning","confidence":0.99,"objects_per_second":1.0,
             "bytes_per_second":64.0,"grown_objects":60,"grown_bytes":3840,"seconds":60.0,
