@@ -80,8 +80,11 @@ pub fn run(args: &SoakArgs) -> Result<()> {
             found_free += interval.stats.found_free;
             dropped += interval.stats.dropped_table_full;
             stack_failures += interval.stats.stack_failures;
-            // The table holds one object in `sample_rate` of those counted.
-            outstanding = interval.stats.outstanding / u64::from(interval.sample_rate.max(1));
+            // The table holds one object in `sample_rate` × 100 / `duty_percent` of those
+            // counted.
+            let scale = u64::from(interval.sample_rate.max(1)) * 100
+                / u64::from(interval.duty_percent.clamp(1, 100));
+            outstanding = interval.stats.outstanding / scale;
             intervals += 1;
         }
         println!(
