@@ -77,8 +77,15 @@ fn lists(names: &[String], name: &str) -> bool {
 /// returns the kind's entry in `kinds`.
 fn blamed_kind<'a>(report: &'a Report, kind: &str, trace_kind: &str) -> Result<&'a KindTrend> {
     let verdict = &report.verdict;
-    ensure!(verdict.growing, "{verdict:#?}");
-    ensure!(lists(&verdict.kinds, kind), "{verdict:#?}");
+    // The whole series' figures, to tell a masked growth from a missed one.
+    let figures = || {
+        format!(
+            "{verdict:#?}\n{:#?}\n{:#?}",
+            report.kinds, report.growing_caches
+        )
+    };
+    ensure!(verdict.growing, "{}", figures());
+    ensure!(lists(&verdict.kinds, kind), "{}", figures());
     let next = verdict.next_command.as_deref().context("no next command")?;
     ensure!(
         next.starts_with("memleak trace --kinds ") && next.contains(trace_kind),

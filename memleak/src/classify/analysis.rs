@@ -195,8 +195,8 @@ pub struct CallerTrend {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Verdict {
-    /// Whether any kind grew above the thresholds (reclaimable slab only with
-    /// --blame-reclaimable).
+    /// Whether any kind grew above the thresholds, a slab kind also when one of its caches
+    /// did (reclaimable slab only with --blame-reclaimable).
     pub growing: bool,
     /// The growing kinds, fastest first.
     pub kinds: Vec<String>,
@@ -557,6 +557,15 @@ fn trace_kind(kind: &str, traceable: &[String]) -> Option<&'static str> {
         .then_some(wanted)
 }
 
+/// A rate in bytes with its sign: "+1.5 KiB", "-512 B".
+fn signed_bytes(bytes_per_second: i64) -> String {
+    let sign = if bytes_per_second < 0 { "-" } else { "+" };
+    format!(
+        "{sign}{}",
+        crate::util::units::human_bytes(bytes_per_second.unsigned_abs())
+    )
+}
+
 fn verdict(
     kinds: &[KindTrend],
     growing_caches: &[CacheTrend],
@@ -564,21 +573,42 @@ fn verdict(
     context: &Context,
     window: Duration,
 ) -> Verdict {
-    let blamed = |kind: &KindTrend| {
-        kind.growing && (context.blame_reclaimable || kind.name != RECLAIMABLE_KIND)
-    };
-    let mut growing: Vec<&KindTrend> = kinds.iter().filter(|kind| blamed(kind)).collect();
-    growing.sort_by_key(|kind| Reverse(kind.growth_bytes_per_second));
-    let reclaimable_growth = kinds
-        .iter()
-        .find(|kind| kind.name == RECLAIMABLE_KIND && kind.growing && !blamed(kind));
-    let is_blamed = |name: &str| growing.iter().any(|kind| kind.name == name);
     let caches_of = |reclaimable: bool| -> Vec<&CacheTrend> {
         growing_caches
             .iter()
             .filter(|cache| cache.reclaimable.is_none_or(|flag| flag == reclaimable))
             .collect()
     };
+    // The fastest growing cache of a slab kind. A cache's own series is sharper than the
+    // kind's total, in which other caches' frees (processes exiting, say) can hide it.
+    let fastest_cache = |kind: &KindTrend| -> Option<i64> {
+        let caches = match kind.name.as_str() {
+            UNRECLAIMABLE_KIND => caches_of(false),
+            RECLAIMABLE_KIND => caches_of(true)
+                .into_iter()
+                .filter(|cache| cache.reclaimable.is_some())
+                .collect(),
+            _ => Vec::new(),
+        };
+        caches
+            .iter()
+            .map(|cache| cache.growth_bytes_per_second)
+            .max()
+    };
+    let grows = |kind: &KindTrend| kind.growing || fastest_cache(kind).is_some();
+    let blamed = |kind: &KindTrend| {
+        grows(kind) && (context.blame_reclaimable || kind.name != RECLAIMABLE_KIND)
+    };
+    let rate_of = |kind: &KindTrend| {
+        kind.growth_bytes_per_second
+            .max(fastest_cache(kind).unwrap_or(i64::MIN))
+    };
+    let mut growing: Vec<&KindTrend> = kinds.iter().filter(|kind| blamed(kind)).collect();
+    growing.sort_by_key(|kind| Reverse(rate_of(kind)));
+    let reclaimable_growth = kinds
+        .iter()
+        .find(|kind| kind.name == RECLAIMABLE_KIND && kind.growing && !blamed(kind));
+    let is_blamed = |name: &str| growing.iter().any(|kind| kind.name == name);
     let mut caches: Vec<&CacheTrend> = Vec::new();
     if is_blamed(UNRECLAIMABLE_KIND) {
         caches.extend(caches_of(false));
@@ -658,11 +688,19 @@ fn verdict(
                     }
                     _ => String::new(),
                 };
-                format!(
-                    "{} {}{named}",
-                    kind.name,
-                    rate(kind.growth_bytes_per_second)
-                )
+                if kind.growing {
+                    format!(
+                        "{} {}{named}",
+                        kind.name,
+                        rate(kind.growth_bytes_per_second)
+                    )
+                } else {
+                    format!(
+                        "{}{named}, while its total moved {}/s (other caches shrank)",
+                        kind.name,
+                        signed_bytes(kind.growth_bytes_per_second)
+                    )
+                }
             })
             .collect();
         format!("growing in {window_text}: {}", parts.join("; "))
@@ -696,7 +734,7 @@ fn verdict(
             summary.push_str("; memleak trace cannot follow this kind yet");
         }
         (!trace_kinds.is_empty()).then(|| {
-            let fastest = growing[0].growth_bytes_per_second.max(1) as f64;
+            let fastest = rate_of(growing[0]).max(1) as f64;
             let seconds = ((TRACE_TARGET_BYTES / fastest).ceil() as u64)
                 .clamp(TRACE_MIN_SECONDS, TRACE_MAX_SECONDS);
             let mut command = format!(

@@ -503,3 +503,62 @@ fn caches_destroyed_during_the_window_are_empty_from_then_on() {
         "{gone:?}, {slope}"
     );
 }
+
+#[test]
+fn a_growing_cache_is_blamed_when_other_caches_hide_it_in_the_total() {
+    // filp grows by 100 slabs a second while task_struct shrinks as fast (processes
+    // exiting): SUnreclaim stays flat, and the cache's own series shows the growth.
+    let samples = synthetic(|second| {
+        (
+            vec![("MemTotal", 1 << 20), ("SUnreclaim", 16_000)],
+            vec![
+                cache("filp", 1000 + 100 * second),
+                cache("task_struct", 3000 - 100 * second),
+            ],
+        )
+    });
+    let context = context(
+        facts(&[("filp", false), ("task_struct", false)]),
+        DEFAULT_THRESHOLDS,
+    );
+    let report = analysis::analyze(&samples, &context);
+    let verdict = &report.verdict;
+    assert!(verdict.growing, "{verdict:#?}");
+    assert_eq!(verdict.kinds, ["slab_unreclaimable"]);
+    assert_eq!(verdict.caches, ["filp"]);
+    let unreclaimable = report
+        .kinds
+        .iter()
+        .find(|kind| kind.name == "slab_unreclaimable")
+        .unwrap();
+    assert!(!unreclaimable.growing, "the total itself is flat");
+    assert!(
+        verdict
+            .summary
+            .contains("slab_unreclaimable (filp +400.0 KiB/s), while its total moved +0 B/s"),
+        "{}",
+        verdict.summary
+    );
+    let next = verdict.next_command.as_deref().unwrap();
+    assert!(
+        next.starts_with("memleak trace --kinds slab --duration ")
+            && next.ends_with(" --cache filp"),
+        "{next}"
+    );
+
+    // A shrinking cache alone blames nothing (the total shrinks with it: 4 KiB slabs).
+    let shrinking = synthetic(|second| {
+        (
+            vec![
+                ("MemTotal", 1 << 20),
+                ("SUnreclaim", 4_000 + 4 * (3000 - 100 * second)),
+            ],
+            vec![cache("task_struct", 3000 - 100 * second)],
+        )
+    });
+    let verdict = analysis::analyze(&shrinking, &context).verdict;
+    assert!(
+        !verdict.kinds.iter().any(|kind| kind.starts_with("slab")) && verdict.caches.is_empty(),
+        "{verdict:#?}"
+    );
+}
