@@ -180,6 +180,15 @@ pub fn trace_around(tracer_args: &[&str], workload: &str, count: u64) -> Result<
     let mut args = tracer_args.to_vec();
     args.extend(["--top", "100000"]);
     let (tracer, _stderr) = start_tracer(&args)?;
+    let (fixture, line) = start_fixture(workload, count)?;
+    ensure!(line == "ready" || line == "done", "fixture said {line:?}");
+    let report = finish_tracer(tracer)?;
+    Ok((report, fixture))
+}
+
+/// Starts the fixture `WORKLOAD COUNT` (which holds what it allocated until its standard
+/// input closes) and returns it with its first line, trimmed.
+pub fn start_fixture(workload: &str, count: u64) -> Result<(Guard, String)> {
     let mut fixture = Guard::new(
         Command::new(fixture_binary()?)
             .args([workload, &count.to_string()])
@@ -193,12 +202,7 @@ pub fn trace_around(tracer_args: &[&str], workload: &str, count: u64) -> Result<
     BufReader::new(stdout)
         .read_line(&mut line)
         .context("reading the fixture")?;
-    ensure!(
-        line.trim() == "ready" || line.trim() == "done",
-        "fixture said {line:?}"
-    );
-    let report = finish_tracer(tracer)?;
-    Ok((report, fixture))
+    Ok((fixture, line.trim().to_owned()))
 }
 
 /// The fixture program of this package, which cargo builds beside the integration tests.
@@ -503,4 +507,87 @@ pub fn trace_churning_fixture(workload: &str, count: u64, window: &str) -> Resul
     ensure!(said == "done", "fixture said {said:?}");
     churn.release()?;
     Ok((finish_tracer(tracer)?, pid))
+}
+
+/// A port nobody listens on now.
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// GET `url` with curl; the body.
+pub fn http_get(url: &str) -> Result<String> {
+    let output = Command::new("curl")
+        .args(["--silent", "--show-error", "--fail", "--max-time", "5", url])
+        .output()
+        .context("running curl")?;
+    ensure!(
+        output.status.success(),
+        "GET {url}: {}",
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    Ok(String::from_utf8(output.stdout)?)
+}
+
+/// `memleak-fixture watch-mix RATE SECONDS` (a leak of RATE eventfds a second beside a steady
+/// pool and churn) watched by `memleak watch --listen` for `duration`, every second, all
+/// objects traced.
+pub struct ListeningWatch {
+    pub workload: Guard,
+    pub watch: Guard,
+    /// Kept open to the end: a watch whose stderr is closed dies at its next line.
+    pub stderr: BufReader<ChildStderr>,
+    pub port: u16,
+}
+
+impl ListeningWatch {
+    pub fn start(rate: u32, seconds: u32, duration: &str) -> Result<Self> {
+        let mut workload = Guard::new(
+            Command::new(fixture_binary()?)
+                .args(["watch-mix", &rate.to_string(), &seconds.to_string()])
+                .stdout(Stdio::piped())
+                .spawn()
+                .context("starting memleak-fixture watch-mix")?,
+        );
+        let stdout = workload
+            .child()
+            .stdout
+            .take()
+            .context("the fixture's stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        ensure!(line.trim() == "ready", "the fixture said `{}`", line.trim());
+
+        let port = free_port()?;
+        let mut watch = Guard::new(
+            Command::new(memleak_binary()?)
+                .args(["watch", "--pid", &workload.child().id().to_string()])
+                .args(["--interval", "1s", "--sample-rate", "1", "--settle", "5s"])
+                .args(["--duration", duration, "--no-history", "--format", "json"])
+                .args(["--listen", &port.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .context("starting memleak watch --listen")?,
+        );
+        let mut stderr = BufReader::new(watch.child().stderr.take().context("the watch's stderr")?);
+        let mut said = String::new();
+        stderr.read_line(&mut said)?;
+        ensure!(
+            said.contains(&format!("http://127.0.0.1:{port}")),
+            "the watch said `{}`",
+            said.trim()
+        );
+        Ok(Self {
+            workload,
+            watch,
+            stderr,
+            port,
+        })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
 }

@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, ensure};
-use memleak_tests::{Guard, end_to_end, fixture_binary, start_tracer};
+use memleak_tests::{Guard, end_to_end, start_tracer};
 
 const HELD: u64 = 2_000;
 /// Where the fixture's eventfds are allocated: the leaf of their stacks.
@@ -27,20 +27,7 @@ fn trace_held_as(format: &str, directory: &Path) -> Result<PathBuf> {
         "--output",
         &file_arg,
     ])?;
-    let mut fixture = Guard::new(
-        Command::new(fixture_binary()?)
-            .args(["hold-eventfds", &HELD.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("starting the fixture")?,
-    );
-    let stdout = fixture.child().stdout.take().context("fixture stdout")?;
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .context("reading the fixture")?;
-    ensure!(line.trim() == "ready", "fixture said {line:?}");
+    let _fixture = hold_eventfds()?;
     let output = tracer
         .into_child()
         .wait_with_output()
@@ -52,6 +39,24 @@ fn trace_held_as(format: &str, directory: &Path) -> Result<PathBuf> {
         String::from_utf8_lossy(&output.stderr)
     );
     Ok(file)
+}
+
+/// Starts the fixture holding HELD eventfds (until its stdin closes) and waits until it holds
+/// them.
+fn hold_eventfds() -> Result<Guard> {
+    let (fixture, line) = memleak_tests::start_fixture("hold-eventfds", HELD)?;
+    ensure!(line == "ready", "fixture said {line:?}");
+    Ok(fixture)
+}
+
+/// The bytes of the folded stacks whose innermost frame is HOLDER.
+fn bytes_ending_at_holder(folded: &str) -> u64 {
+    folded
+        .lines()
+        .filter_map(|line| line.rsplit_once(' '))
+        .filter(|(stack, _)| stack.ends_with(&format!(";{HOLDER}")))
+        .map(|(_, bytes)| bytes.parse::<u64>().unwrap_or(0))
+        .sum()
 }
 
 fn scratch(name: &str) -> Result<PathBuf> {
@@ -70,12 +75,7 @@ fn folded_stacks_and_the_flame_graph_name_the_holder() -> Result<()> {
     let directory = scratch("folded")?;
     let folded = std::fs::read_to_string(trace_held_as("folded", &directory)?)?;
     // `root;...;do_eventfd BYTES`: the held contexts (64-byte kmallocs) end at do_eventfd.
-    let held_bytes: u64 = folded
-        .lines()
-        .filter_map(|line| line.rsplit_once(' '))
-        .filter(|(stack, _)| stack.ends_with(&format!(";{HOLDER}")))
-        .map(|(_, bytes)| bytes.parse::<u64>().unwrap_or(0))
-        .sum();
+    let held_bytes = bytes_ending_at_holder(&folded);
     ensure!(
         held_bytes >= HELD * 64,
         "{held_bytes} bytes end at {HOLDER}, for {HELD} held eventfds:\n{folded}"
@@ -146,4 +146,57 @@ fn parse_pprof_bytes(text: &str) -> Option<f64> {
         _ => return None,
     };
     Some(digits.parse::<f64>().ok()? * scale)
+}
+
+#[test]
+fn watch_writes_its_last_snapshot_as_folded_stacks_when_it_ends() -> Result<()> {
+    let Some(_lock) = end_to_end() else {
+        return Ok(());
+    };
+    let directory = scratch("watch")?;
+    let file = directory.join("watch.folded");
+    let mut watch = Guard::new(
+        Command::new(memleak_tests::memleak_binary()?)
+            .args([
+                "watch",
+                "--interval",
+                "1s",
+                "--duration",
+                "4s",
+                "--no-history",
+            ])
+            .args(["--sample-rate", "1", "--duty", "100", "--format", "folded"])
+            .arg("--output")
+            .arg(&file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting memleak watch")?,
+    );
+    let mut stderr = BufReader::new(watch.child().stderr.take().context("watch stderr")?);
+    let mut said = String::new();
+    stderr.read_line(&mut said)?;
+    ensure!(said.contains("watching"), "the watch said {said:?}");
+    let _fixture = hold_eventfds()?;
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest)?;
+    let status = watch.child().wait()?;
+    ensure!(status.success(), "memleak watch: {status}: {rest}");
+    // The intervals went to standard error as text lines, the profile to the file.
+    ensure!(
+        rest.lines()
+            .filter(|line| line.contains(" objects at "))
+            .count()
+            >= 2,
+        "no interval lines on standard error: {rest}"
+    );
+    let folded = std::fs::read_to_string(&file)?;
+    let held_bytes = bytes_ending_at_holder(&folded);
+    ensure!(
+        held_bytes >= HELD * 64,
+        "{held_bytes} bytes end at {HOLDER} in the watch's last snapshot:\n{folded}"
+    );
+    let _ = std::fs::remove_dir_all(&directory);
+    Ok(())
 }

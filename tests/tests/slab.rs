@@ -337,8 +337,14 @@ fn bad_input_gets_one_line_errors() -> Result<()> {
             "classify reports text or json",
         ),
         (
-            &["watch", "--format", "svg", "--no-history"],
-            "watch reports text or json",
+            &[
+                "history",
+                "--format",
+                "svg",
+                "--history",
+                "/nonexistent/history.sqlite",
+            ],
+            "history reports text or json",
         ),
         (&["watch", "--duty", "0"], "not in 1..=100"),
     ] {

@@ -178,6 +178,34 @@ fn a_leak_among_a_pool_and_churn_is_judged_and_they_are_not() -> Result<()> {
         "leak ages: {leak:?}"
     );
 
+    // Frees per site: the leak's eventfds are never closed, so none of the objects one
+    // interval saw are gone at the next; the pool replaces its members all the time.
+    let site_in = |interval: &Interval, function: &str| {
+        interval
+            .sites
+            .iter()
+            .find(|site| site.site.call_site.starts_with(function))
+            .cloned()
+    };
+    let leak_freed: Vec<u64> = intervals
+        .iter()
+        .filter_map(|interval| site_in(interval, LEAK_SITE))
+        .map(|site| site.freed)
+        .collect();
+    ensure!(
+        leak_freed.iter().all(|&freed| freed == 0),
+        "the leak's objects were freed: {leak_freed:?}"
+    );
+    let pool_freeing = intervals[5..]
+        .iter()
+        .filter(|interval| site_in(interval, POOL_SITE).is_some_and(|site| site.freed > 0))
+        .count();
+    ensure!(
+        pool_freeing * 2 >= intervals.len() - 5,
+        "the pool freed members in only {pool_freeing} of {} intervals",
+        intervals.len() - 5
+    );
+
     let first_warning = intervals.iter().position(|interval| {
         leak_at(interval, LEAK_SITE)
             .is_some_and(|leak| leak.judgement.severity >= Severity::Warning)

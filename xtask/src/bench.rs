@@ -51,6 +51,10 @@ pub struct BenchArgs {
     /// its defaults (`--watch-args "--sample-rate 64"`)
     #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
     watch_args: Option<String>,
+    /// Also run the default watch with `--listen`, its dashboard's endpoints and /metrics
+    /// fetched every second as a scraper and an open page would: what serving costs
+    #[arg(long)]
+    serve: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -97,7 +101,18 @@ enum Variant {
     OtherMemleak,
     /// `memleak watch` with `--watch-args`.
     WatchTuned,
+    /// The default watch with `--listen`, fetched every second ([`SCRAPED_PATHS`]).
+    WatchServed,
 }
+
+/// What the served variant fetches each second: a Prometheus scrape and an open dashboard.
+const SCRAPED_PATHS: [&str; 5] = [
+    "/metrics",
+    "/api/interval",
+    "/api/timeline",
+    "/profile",
+    "/flamegraph.svg",
+];
 
 impl Variant {
     fn label(self) -> &'static str {
@@ -111,6 +126,7 @@ impl Variant {
             Variant::Bpftrace => "bpftrace",
             Variant::OtherMemleak => "memleak (--compare-memleak)",
             Variant::WatchTuned => "memleak watch --watch-args (--interval 2s)",
+            Variant::WatchServed => "memleak watch --listen, fetched every 1 s (--interval 2s)",
         }
     }
 }
@@ -179,6 +195,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if args.watch_args.is_some() {
         variants.push(Variant::WatchTuned);
     }
+    if args.serve {
+        variants.push(Variant::WatchServed);
+    }
     let workloads: &[Workload] = match args.workload {
         WorkloadChoice::Churn => &[Workload::Churn],
         WorkloadChoice::Mixed => &[Workload::Mixed],
@@ -229,6 +248,9 @@ fn run_once(
 ) -> Result<Sample> {
     let report_path =
         std::env::temp_dir().join(format!("memleak-bench-{}.json", std::process::id()));
+    let serve_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let tracer = match variant {
         Variant::Baseline => None,
         Variant::Floor | Variant::Memleak | Variant::MemleakSampled | Variant::OtherMemleak => {
@@ -248,7 +270,7 @@ fn run_once(
             }
             Some(tracer::start(command, "memleak: attached", Duration::ZERO)?)
         }
-        Variant::Watch | Variant::WatchContinuous | Variant::WatchTuned => {
+        Variant::Watch | Variant::WatchContinuous | Variant::WatchTuned | Variant::WatchServed => {
             let mut command = Command::new(&binaries.memleak);
             command
                 .args(["watch", "--interval", WATCH_INTERVAL, "--no-history"])
@@ -260,6 +282,9 @@ fn run_once(
             if variant == Variant::WatchTuned {
                 command.args(&binaries.watch_args);
             }
+            if variant == Variant::WatchServed {
+                command.args(["--listen", &serve_port.to_string()]);
+            }
             Some(tracer::start(command, "memleak: watching", Duration::ZERO)?)
         }
         Variant::Bpftrace => {
@@ -270,14 +295,22 @@ fn run_once(
             Some(tracer::start(command, "Attaching", BPFTRACE_SETTLE)?)
         }
     };
+    let scraper = (variant == Variant::WatchServed).then(|| Scraper::start(serve_port));
     let ops_per_second = run_workload(&binaries.fixture, workload, seconds);
+    if let Some(scraper) = scraper {
+        let fetched = scraper.stop();
+        eprintln!("bench: the watch answered {fetched} requests");
+    }
     let exit = tracer.map(tracer::RunningTracer::stop).transpose()?;
     let ops_per_second = ops_per_second?;
     let memleak = match exit {
         Some(exit) if variant != Variant::Bpftrace => {
             let cost = if matches!(
                 variant,
-                Variant::Watch | Variant::WatchContinuous | Variant::WatchTuned
+                Variant::Watch
+                    | Variant::WatchContinuous
+                    | Variant::WatchTuned
+                    | Variant::WatchServed
             ) {
                 watch_cost(&report_path, exit)
             } else {
@@ -292,6 +325,55 @@ fn run_once(
         ops_per_second,
         memleak,
     })
+}
+
+/// Fetches [`SCRAPED_PATHS`] from the watch every second on a thread of its own, until stopped.
+struct Scraper {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl Scraper {
+    fn start(port: u16) -> Self {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let mut answered = 0;
+            loop {
+                for path in SCRAPED_PATHS {
+                    if fetch(port, path).is_ok() {
+                        answered += 1;
+                    }
+                }
+                if stopped.recv_timeout(Duration::from_secs(1)).is_ok() {
+                    return answered;
+                }
+            }
+        });
+        Self { stop, thread }
+    }
+
+    /// Stops the thread; how many requests were answered.
+    fn stop(self) -> u64 {
+        let _ = self.stop.send(());
+        self.thread.join().unwrap_or(0)
+    }
+}
+
+/// One HTTP/1.1 GET on a connection of its own; the bytes of the answer.
+fn fetch(port: u16, path: &str) -> std::io::Result<usize> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer)?;
+    if answer.starts_with(b"HTTP/1.1 200") {
+        Ok(answer.len())
+    } else {
+        Err(std::io::Error::other("not answered 200"))
+    }
 }
 
 /// Runs the fixture's `bench-WORKLOAD MILLIS` and returns its ops per second.
@@ -428,6 +510,7 @@ fn print_report(
                         | Variant::Watch
                         | Variant::WatchContinuous
                         | Variant::WatchTuned
+                        | Variant::WatchServed
                         | Variant::OtherMemleak,
                     ) => {
                         format!("{:.2}x", floor / variant_median)

@@ -34,9 +34,10 @@ enum Task {
 }
 
 /// What the end-to-end tests run besides memleak: `go tool pprof` reads the pprof profiles,
-/// Prometheus scrapes `watch --listen` (and promtool checks its page).
+/// Prometheus scrapes `watch --listen` (and promtool checks its page and the alert rules),
+/// headless Chromium renders its dashboard.
 /// (The VM test installs its own: qemu, and what building a kernel needs.)
-const TEST_PACKAGES: [&str; 2] = ["golang-go", "prometheus"];
+const TEST_PACKAGES: [&str; 3] = ["chromium", "golang-go", "prometheus"];
 
 fn main() -> ExitCode {
     let Cli { task } = Cli::parse();

@@ -8,7 +8,7 @@ use memleak::{
     bpf::probes::{self, Attached, SlabHooks},
     kernel::{self, privileges},
     kinds::Kind,
-    output::{self, Plain, ReportOptions, ReportSink},
+    output::{self, Format, Plain, ReportOptions, ReportSink, profile},
     scan,
     scan::Liveness,
     trace::{
@@ -23,6 +23,7 @@ use memleak::{
         self, Interval, Leak, SCHEMA_VERSION, Series, SiteName,
         history::{History, HistoryReport, StoredObjects},
         snapshot::{SnapshotSite, Snapshotter},
+        timeline::TimelinePoint,
         verdict::Severity,
     },
 };
@@ -33,7 +34,11 @@ use crate::cli::{HistoryArgs, WatchArgs};
 pub fn run(args: &WatchArgs) -> Result<ExitCode> {
     let options = watch::Options::from(args);
     let report_options = ReportOptions::from(&args.report);
-    let format = report_options.format.plain("watch")?;
+    // With a stack format (folded, svg, pprof), the intervals are text on standard error and
+    // the profile of the last snapshot is the report, written when the watch ends.
+    let format = report_options.format;
+    let plain = format.plain("watch").unwrap_or(Plain::Text);
+    let intervals_to_stderr = format.plain("watch").is_err();
     privileges::require_root()?;
     if let Some(pid) = options.tracer.filter_tgid {
         super::require_process(pid)?;
@@ -74,7 +79,7 @@ pub fn run(args: &WatchArgs) -> Result<ExitCode> {
         .map(|address| runtime.block_on(super::listen::bind(address, exported.clone())))
         .transpose()?;
     if let Some(address) = args.listen {
-        eprintln!("memleak: serving /metrics and /api/interval on http://{address}");
+        eprintln!("memleak: serving the dashboard and /metrics on http://{address}/");
     }
     let mut tracer = probes::attach(&options.tracer, btf.as_ref())?;
     drop(btf);
@@ -150,20 +155,27 @@ pub fn run(args: &WatchArgs) -> Result<ExitCode> {
                     tracer.set_slab_hooks(SlabHooks::FreesOnly)?;
                 }
                 _ = ticker.tick() => {
-                    let (interval, entries) = watcher.interval(&mut tracer.maps, &options)?;
+                    let (interval, entries, point) =
+                        watcher.interval(&mut tracer.maps, &options)?;
                     if let Some(window) = options.duty_window() {
                         tracer.set_slab_hooks(SlabHooks::All)?;
                         frees_only_at = Some(tokio::time::Instant::now() + window);
                     }
-                    sink.write(&match format {
+                    let line = match plain {
                         Plain::Text => output::text::watch::render_interval(&interval),
                         Plain::Json => output::json::render_json_line(&interval),
-                    })?;
+                    };
+                    if intervals_to_stderr {
+                        eprint!("{line}");
+                    } else {
+                        sink.write(&line)?;
+                    }
                     {
                         let mut exported =
                             exported.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
                         exported.totals.add(&interval);
                         exported.entries = entries;
+                        exported.timeline.push(point);
                         exported.last = Some(interval.clone());
                     }
                     watcher.last = Some(interval);
@@ -173,8 +185,22 @@ pub fn run(args: &WatchArgs) -> Result<ExitCode> {
         anyhow::Ok(())
     })?;
     drop(tracer);
-    if format == Plain::Text {
-        sink.write(&output::text::watch::render_final(watcher.last.as_ref()))?;
+    let exported = exported
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let source = profile::Source {
+        kernel: &exported.kernel,
+        duration_ms: watcher.last.as_ref().map_or(0, |last| last.elapsed_ms),
+        sample_rate: exported.scale,
+    };
+    match format {
+        Format::Text => {
+            sink.write(&output::text::watch::render_final(watcher.last.as_ref()))?;
+        }
+        Format::Json => {}
+        Format::Folded => sink.write(&profile::folded(&exported.entries))?,
+        Format::Svg => sink.write(&profile::svg(&exported.entries, source)?)?,
+        Format::Pprof => sink.write_bytes(&profile::pprof(&exported.entries, source)?)?,
     }
     Ok(if watcher.leaked && args.fail_on_leak {
         ExitCode::from(memleak::trace::check::EXIT_LEAK)
@@ -212,7 +238,7 @@ impl Watcher<'_> {
         &mut self,
         maps: &mut memleak::bpf::maps::TracerMaps,
         options: &watch::Options,
-    ) -> Result<(Interval, Vec<Entry>)> {
+    ) -> Result<(Interval, Vec<Entry>, TimelinePoint)> {
         let now_ns = monotonic_now_ns();
         let at_ms = unix_now_ms();
         let snapshot = self
@@ -304,8 +330,14 @@ impl Watcher<'_> {
             notes,
         };
         drop(current);
+        let judged: Vec<&SiteName> = interval.leaks.iter().map(|leak| &leak.site).collect();
+        let point = TimelinePoint::of(
+            at_ms,
+            snapshot.sites.iter().map(|site| &site.figures),
+            &judged,
+        );
         let entries = snapshot.sites.into_iter().map(|site| site.entry).collect();
-        Ok((interval, entries))
+        Ok((interval, entries, point))
     }
 }
 

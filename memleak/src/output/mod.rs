@@ -2,6 +2,7 @@
 //! classify, kmemleak) and know nothing of text, JSON or JUnit.
 use serde::Serialize;
 
+pub mod dashboard;
 pub mod json;
 pub mod junit;
 pub mod profile;
@@ -17,11 +18,11 @@ pub enum Format {
     Text,
     Json,
     /// One line per stack, root first, weighted by outstanding bytes (flamegraph.pl, inferno):
-    /// trace and run.
+    /// trace and run; watch writes its last snapshot's when it ends.
     Folded,
-    /// A flame graph of the outstanding bytes: trace and run.
+    /// A flame graph of the outstanding bytes: trace, run and watch (its last snapshot).
     Svg,
-    /// A gzipped pprof profile (`go tool pprof`): trace and run.
+    /// A gzipped pprof profile (`go tool pprof`): trace, run and watch (its last snapshot).
     Pprof,
 }
 

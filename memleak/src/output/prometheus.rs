@@ -239,21 +239,12 @@ mod tests {
     use crate::watch::{IntervalStats, SiteFigures};
 
     fn site(call_site: &str, count: u64) -> SiteFigures {
-        SiteFigures {
-            site: SiteName {
-                kind: "kmalloc".into(),
-                cache: Some("kmalloc-64".into()),
-                call_site: call_site.into(),
-            },
-            count,
-            bytes: count * 64,
-            new: 0,
-            oldest_age_ms: 0,
-            median_age_ms: 0,
-            p90_age_ms: 0,
-            unverified: 0,
-            found_free: 0,
-        }
+        let name = SiteName {
+            kind: "kmalloc".into(),
+            cache: Some("kmalloc-64".into()),
+            call_site: call_site.into(),
+        };
+        SiteFigures::of(name, count, count * 64)
     }
 
     fn interval() -> Interval {

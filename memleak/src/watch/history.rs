@@ -550,20 +550,14 @@ mod tests {
     use crate::util::scratch::ScratchDir;
 
     fn figures(call_site: &str, count: u64) -> SiteFigures {
+        let name = SiteName {
+            kind: "kmalloc".into(),
+            cache: Some("kmalloc-64".into()),
+            call_site: call_site.into(),
+        };
         SiteFigures {
-            site: SiteName {
-                kind: "kmalloc".into(),
-                cache: Some("kmalloc-64".into()),
-                call_site: call_site.into(),
-            },
-            count,
-            bytes: count * 64,
-            new: 0,
             oldest_age_ms: 1000,
-            median_age_ms: 0,
-            p90_age_ms: 0,
-            unverified: 0,
-            found_free: 0,
+            ..SiteFigures::of(name, count, count * 64)
         }
     }
 

@@ -4,6 +4,7 @@
 //! (verdict.rs) instead of from one window.
 pub mod history;
 pub mod snapshot;
+pub mod timeline;
 pub mod verdict;
 
 use std::{path::PathBuf, time::Duration};
@@ -71,6 +72,11 @@ pub struct SiteFigures {
     pub bytes: u64,
     /// Of `count`, allocated during this interval.
     pub new: u64,
+    /// Of the objects outstanding at the previous snapshot, how many are gone now: freed, or
+    /// found free in kernel memory. 0 in a watch's first interval. With `new`, it tells
+    /// members being replaced (a pool: both move) from objects piling up (a leak: only `new`).
+    #[serde(default)]
+    pub freed: u64,
     /// Age of the site's oldest outstanding object.
     pub oldest_age_ms: u64,
     /// Median and 90th percentile of its outstanding objects' ages (of the tracked ones).
@@ -84,6 +90,25 @@ pub struct SiteFigures {
     /// that fires no free event (kfree_rcu batches, bulk frees, sheaves).
     #[serde(default)]
     pub found_free: u64,
+}
+
+#[cfg(test)]
+impl SiteFigures {
+    /// `count` objects of `bytes` in all at `site`, nothing else known.
+    pub(crate) fn of(site: SiteName, count: u64, bytes: u64) -> Self {
+        Self {
+            site,
+            count,
+            bytes,
+            new: 0,
+            freed: 0,
+            oldest_age_ms: 0,
+            median_age_ms: 0,
+            p90_age_ms: 0,
+            unverified: 0,
+            found_free: 0,
+        }
+    }
 }
 
 /// A site judged growing, with its evidence.

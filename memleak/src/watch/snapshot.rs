@@ -49,6 +49,8 @@ pub struct Snapshotter {
     /// intervals and restarts (a re-seeded object's cache may see no allocation again).
     cache_names: HashMap<u64, String>,
     previous: Counters,
+    /// Each site's outstanding count at the previous snapshot, for `freed`.
+    previous_counts: HashMap<SiteName, u64>,
     sample_rate: u32,
     /// kmem_cache records name their cache by its `struct kmem_cache *` (tp_btf).
     cache_ids_are_pointers: bool,
@@ -61,6 +63,7 @@ impl Snapshotter {
             site_caches: HashMap::new(),
             cache_names: HashMap::new(),
             previous: Counters::default(),
+            previous_counts: HashMap::new(),
             sample_rate,
             cache_ids_are_pointers,
         }
@@ -199,6 +202,7 @@ impl Snapshotter {
                 count: entry.count,
                 bytes: entry.bytes,
                 new: new_objects.get(&site.key).copied().unwrap_or(0) * scale,
+                freed: 0,
                 oldest_age_ms: entry.oldest_age_ms,
                 median_age_ms: 0,
                 p90_age_ms: 0,
@@ -226,7 +230,15 @@ impl Snapshotter {
         for (site, mut ages) in named.iter_mut().zip(ages_by_name) {
             (site.figures.median_age_ms, site.figures.p90_age_ms) =
                 (quantile(&mut ages, 0.5), quantile(&mut ages, 0.9));
+            site.figures.freed = freed_since(
+                self.previous_counts.get(&site.figures.site).copied(),
+                &site.figures,
+            );
         }
+        self.previous_counts = named
+            .iter()
+            .map(|site| (site.figures.site.clone(), site.figures.count))
+            .collect();
         let sites = named;
 
         let counters = table::read_counters(maps)?;
@@ -258,6 +270,13 @@ impl Snapshotter {
     }
 }
 
+/// Of `previous` objects outstanding at the last snapshot, those gone now: the outstanding
+/// ones now that are not new survived, the rest left. None when the site was not there.
+fn freed_since(previous: Option<u64>, now: &SiteFigures) -> u64 {
+    let survivors = now.count.saturating_sub(now.new);
+    previous.map_or(0, |previous| previous.saturating_sub(survivors))
+}
+
 /// The `q` quantile (nearest rank) of `values`; 0 with none.
 fn quantile(values: &mut [u64], q: f64) -> u64 {
     if values.is_empty() {
@@ -270,7 +289,33 @@ fn quantile(values: &mut [u64], q: f64) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::quantile;
+    use super::{SiteFigures, SiteName, freed_since, quantile};
+
+    fn now(count: u64, new: u64) -> SiteFigures {
+        let name = SiteName {
+            kind: "kmalloc".to_owned(),
+            cache: None,
+            call_site: "f".to_owned(),
+        };
+        SiteFigures {
+            new,
+            ..SiteFigures::of(name, count, count * 64)
+        }
+    }
+
+    #[test]
+    fn freed_objects_are_the_previous_ones_that_did_not_survive() {
+        // A pool of 300 replacing 100 a snapshot: 200 survived, 100 left.
+        assert_eq!(freed_since(Some(300), &now(300, 100)), 100);
+        // A leak: everything survived, the new ones came on top.
+        assert_eq!(freed_since(Some(300), &now(320, 20)), 0);
+        // All gone, new ones only.
+        assert_eq!(freed_since(Some(300), &now(50, 50)), 300);
+        // A site first seen now, and figures that do not add up (scaled estimates).
+        assert_eq!(freed_since(None, &now(300, 100)), 0);
+        assert_eq!(freed_since(Some(10), &now(5, 10)), 10);
+        assert_eq!(freed_since(Some(10), &now(40, 0)), 0);
+    }
 
     #[test]
     fn quantiles_are_nearest_ranks() {

@@ -205,15 +205,9 @@ mod tests {
                 ..IntervalStats::default()
             },
             sites: vec![SiteFigures {
-                site: site.clone(),
-                count: 500,
-                bytes: 500 * 64,
                 new: 50,
                 oldest_age_ms: 9_000,
-                median_age_ms: 0,
-                p90_age_ms: 0,
-                unverified: 0,
-                found_free: 0,
+                ..SiteFigures::of(site.clone(), 500, 500 * 64)
             }],
             leaks: vec![Leak {
                 site,
