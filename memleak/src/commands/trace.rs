@@ -198,6 +198,11 @@ impl Session {
         } = self.tracer;
         notes.extend(self.scan_notes);
         let skipped_runs = probes::skipped_runs(&programs);
+        if skipped_runs > 0 {
+            notes.push(format!(
+                "the kernel skipped {skipped_runs} runs of memleak's programs (another of them                  was running on that CPU, e.g. a softirq freeing inside a traced allocation):                  each is an allocation or a free not seen; a free not seen leaves its object                  listed as outstanding when its slot was allocated again, so entries of up to                  that many objects may be freed ones"
+            ));
+        }
         // Detach before reading, so the table is a consistent snapshot.
         drop(programs);
         let elapsed = self.started.elapsed();

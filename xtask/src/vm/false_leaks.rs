@@ -123,13 +123,18 @@ fn judge_one(results: &GuestResults, churn: &Churn) -> Result<String> {
         report.missed_free_sites
     );
     let comm = format!("churn-{name}");
-    let limit = made / 100;
+    // 1% of the workload, plus the skipped runs that were not allocations (those show as
+    // missed frees): each skipped free can leave one record whose slot was allocated again,
+    // which the liveness check then finds allocated. The report says so in a note.
+    let skipped_frees = skipped.saturating_sub(missed);
+    let limit = made / 100 + skipped_frees;
     let left = largest_entry_of(&report, &comm);
     if let Some((count, site)) = &left {
         ensure!(
             *count <= limit,
             "churn-{name}: {count} objects at {site} are reported outstanding although the \
-             workload freed everything (at most {limit} allowed)"
+             workload freed everything (at most {limit} allowed: 1% and {skipped_frees} \
+             skipped runs that were not allocations)"
         );
     }
     Ok(format!(
