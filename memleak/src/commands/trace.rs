@@ -200,7 +200,11 @@ impl Session {
         let skipped_runs = probes::skipped_runs(&programs);
         if skipped_runs > 0 {
             notes.push(format!(
-                "the kernel skipped {skipped_runs} runs of memleak's programs (another of them                  was running on that CPU, e.g. a softirq freeing inside a traced allocation):                  each is an allocation or a free not seen; a free not seen leaves its object                  listed as outstanding when its slot was allocated again, so entries of up to                  that many objects may be freed ones"
+                "the kernel skipped {skipped_runs} runs of memleak's programs (another of them \
+                 was running on that CPU, e.g. a softirq freeing inside a traced allocation): \
+                 each is an allocation or a free not seen; a free not seen leaves its object \
+                 listed as outstanding when its slot was allocated again, so entries of up to \
+                 that many objects may be freed ones"
             ));
         }
         // Detach before reading, so the table is a consistent snapshot.
