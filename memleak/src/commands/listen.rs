@@ -142,8 +142,8 @@ fn json(body: String) -> Response {
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-/// What the profiles say of their origin.
-fn source(exported: &Exported) -> profile::Source<'_> {
+/// What the profiles of the last snapshot say of their origin.
+pub fn source(exported: &Exported) -> profile::Source<'_> {
     profile::Source {
         kernel: &exported.kernel,
         duration_ms: exported.last.as_ref().map_or(0, |last| last.elapsed_ms),
@@ -152,10 +152,7 @@ fn source(exported: &Exported) -> profile::Source<'_> {
 }
 
 /// A drawn profile, or the reason it could not be drawn.
-fn answer<T: IntoResponse>(
-    content_type: &'static str,
-    body: Result<T>,
-) -> axum::response::Response {
+fn answer<T: IntoResponse>(content_type: &'static str, body: Result<T>) -> Response {
     match body {
         Ok(body) => (StatusCode::OK, [(header::CONTENT_TYPE, content_type)], body).into_response(),
         Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{error:#}\n")).into_response(),
@@ -248,8 +245,18 @@ impl BoundedConnection {
         }
     }
 
-    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        self.end_of_life.as_mut().poll(cx).is_ready()
+    /// Runs a read or write on the stream unless the connection is past its lifetime, which
+    /// a client that keeps it busy would otherwise never reach.
+    fn io<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        op: impl FnOnce(Pin<&mut TcpStream>, &mut Context<'_>) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if self.end_of_life.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
+        }
+        let result = op(Pin::new(&mut self.stream), cx);
+        self.timed(cx, result)
     }
 }
 
@@ -259,11 +266,7 @@ impl AsyncRead for BoundedConnection {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if self.expired(cx) {
-            return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
-        }
-        let result = Pin::new(&mut self.stream).poll_read(cx, buf);
-        self.timed(cx, result)
+        self.io(cx, |stream, cx| stream.poll_read(cx, buf))
     }
 }
 
@@ -273,11 +276,7 @@ impl AsyncWrite for BoundedConnection {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if self.expired(cx) {
-            return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
-        }
-        let result = Pin::new(&mut self.stream).poll_write(cx, buf);
-        self.timed(cx, result)
+        self.io(cx, |stream, cx| stream.poll_write(cx, buf))
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -294,11 +293,7 @@ impl AsyncWrite for BoundedConnection {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        if self.expired(cx) {
-            return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
-        }
-        let result = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
-        self.timed(cx, result)
+        self.io(cx, |stream, cx| stream.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -37,8 +37,9 @@ pub fn run(args: &WatchArgs) -> Result<ExitCode> {
     // With a stack format (folded, svg, pprof), the intervals are text on standard error and
     // the profile of the last snapshot is the report, written when the watch ends.
     let format = report_options.format;
-    let plain = format.plain("watch").unwrap_or(Plain::Text);
-    let intervals_to_stderr = format.plain("watch").is_err();
+    let plain = format.plain("watch").ok();
+    let intervals_to_stderr = plain.is_none();
+    let plain = plain.unwrap_or(Plain::Text);
     privileges::require_root()?;
     if let Some(pid) = options.tracer.filter_tgid {
         super::require_process(pid)?;
@@ -188,11 +189,7 @@ pub fn run(args: &WatchArgs) -> Result<ExitCode> {
     let exported = exported
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let source = profile::Source {
-        kernel: &exported.kernel,
-        duration_ms: watcher.last.as_ref().map_or(0, |last| last.elapsed_ms),
-        sample_rate: exported.scale,
-    };
+    let source = super::listen::source(&exported);
     match format {
         Format::Text => {
             sink.write(&output::text::watch::render_final(watcher.last.as_ref()))?;
