@@ -239,6 +239,12 @@ pub struct TracerConfig {
     pub kvfree_rcu_passes_offset: u32,
     /// Nonzero: every hook returns as soon as it runs (the benchmark's floor).
     pub return_at_once: u32,
+    /// Nonzero from Linux 6.1, where the raw `kmem_cache_alloc` tracepoint passes the cache as
+    /// its third argument (before, kmalloc's size arguments).
+    pub raw_cache_alloc_passes_cache: u32,
+    /// How many arguments `alloc_vmap_area` takes (the slot of its return value in an fexit
+    /// program's context), from the kernel's BTF.
+    pub alloc_vmap_area_arguments: u32,
     pub _reserved: u32,
     pub classic: ClassicOffsets,
 }
@@ -258,6 +264,8 @@ impl TracerConfig {
         kmem_cache_name_offset: 0,
         kvfree_rcu_passes_offset: 0,
         return_at_once: 0,
+        raw_cache_alloc_passes_cache: 0,
+        alloc_vmap_area_arguments: 0,
         _reserved: 0,
         classic: ClassicOffsets::NONE,
     };

@@ -1,14 +1,18 @@
 //! Slab hooks: kmem:kmalloc, kmem:kmem_cache_alloc, kmem:kfree, kmem:kmem_cache_free.
 //!
-//! Each event has two entry points: a BTF tracepoint (tp_btf, Linux 5.5+, needs kernel BTF),
-//! which reads the tracepoint's arguments directly, and a classic tracepoint (Linux 4.7+ for
-//! BPF), which reads the perf record at offsets userspace found in tracefs `format` files.
-//! Userspace loads one set or the other.
+//! Each event has three entry points, in the order userspace tries them: a BTF tracepoint
+//! (tp_btf, Linux 5.5+, needs kernel BTF), which reads the tracepoint's arguments as typed
+//! values; a raw tracepoint (Linux 4.17+), which reads the same arguments as plain words at the
+//! same cost; and a classic tracepoint (Linux 4.7+ for BPF), which reads the perf record at
+//! offsets userspace found in tracefs `format` files and costs about 2.5 times as much per
+//! event. Userspace loads one set.
 use aya_ebpf::{
     EbpfContext,
     helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes},
-    macros::{btf_tracepoint, tracepoint},
-    programs::{BtfTracePointContext, TracePointContext},
+    macros::{btf_tracepoint, raw_tracepoint, tracepoint},
+    programs::{
+        BtfTracePointContext, RawTracePointContext, TracePointContext, tracing::StackIdContext,
+    },
 };
 use memleak_common::{AllocKind, CacheName, NO_FIELD};
 
@@ -18,18 +22,51 @@ use crate::{
     tracker::{Allocation, on_alloc, on_free},
 };
 
-/// `kmalloc(call_site, ptr, bytes_req, bytes_alloc, gfp_flags, node)` (Linux 6.1+ argument list).
-#[btf_tracepoint(function = "kmalloc")]
-pub fn kmalloc_btf(ctx: BtfTracePointContext) -> i32 {
+/// A tracepoint's arguments as words: tp_btf and raw tracepoint programs get the same list,
+/// typed for the verifier in one, untyped in the other.
+trait Arguments: StackIdContext {
+    fn word(&self, index: usize) -> u64;
+}
+
+impl Arguments for BtfTracePointContext {
+    #[inline(always)]
+    fn word(&self, index: usize) -> u64 {
+        self.arg(index)
+    }
+}
+
+impl Arguments for RawTracePointContext {
+    #[inline(always)]
+    fn word(&self, index: usize) -> u64 {
+        self.arg(index)
+    }
+}
+
+/// `kmalloc(call_site, ptr, bytes_req, bytes_alloc, gfp_flags[, node])`: the same order since
+/// Linux 4.x (`node` from 6.1, and in `kmalloc_node` before).
+#[inline(always)]
+fn kmalloc<C: Arguments>(ctx: &C) {
     let describe = || Allocation {
         kind: AllocKind::Kmalloc,
-        call_site: ctx.arg::<u64>(0),
+        call_site: ctx.word(0),
         cache_id: 0,
-        bytes_requested: ctx.arg::<u64>(2) as u32,
-        bytes_allocated: ctx.arg::<u64>(3) as u32,
-        gfp_flags: ctx.arg::<u64>(4) as u32,
+        bytes_requested: ctx.word(2) as u32,
+        bytes_allocated: ctx.word(3) as u32,
+        gfp_flags: ctx.word(4) as u32,
     };
-    on_alloc(&ctx, ctx.arg::<u64>(1), describe, |_| None);
+    on_alloc(ctx, ctx.word(1), describe, |_| None);
+}
+
+/// `kfree(call_site, ptr)` and `kmem_cache_free(call_site, ptr, ...)`: the object is the second
+/// argument on every kernel (a cache name from 5.12, the cache from 6.1 follow it).
+#[inline(always)]
+fn free<C: Arguments>(ctx: &C) {
+    on_free(ctx.word(1));
+}
+
+#[btf_tracepoint(function = "kmalloc")]
+pub fn kmalloc_btf(ctx: BtfTracePointContext) -> i32 {
+    kmalloc(&ctx);
     0
 }
 
@@ -50,16 +87,20 @@ pub fn kmem_cache_alloc_btf(ctx: BtfTracePointContext) -> i32 {
             gfp_flags: 0,
         }
     };
-    on_alloc(&ctx, ctx.arg::<u64>(1), describe, |cache| {
-        let name_ptr = unsafe {
-            bpf_probe_read_kernel((cache + config!(kmem_cache_name_offset) as u64) as *const u64)
-        }
-        .ok()?;
-        let mut name = CacheName { bytes: [0; 32] };
-        unsafe { bpf_probe_read_kernel_str_bytes(name_ptr as *const u8, &mut name.bytes) }.ok()?;
-        Some(name)
-    });
+    on_alloc(&ctx, ctx.arg::<u64>(1), describe, cache_name);
     0
+}
+
+/// The name of the `struct kmem_cache` at `cache`.
+#[inline(always)]
+fn cache_name(cache: u64) -> Option<CacheName> {
+    let name_ptr = unsafe {
+        bpf_probe_read_kernel((cache + config!(kmem_cache_name_offset) as u64) as *const u64)
+    }
+    .ok()?;
+    let mut name = CacheName { bytes: [0; 32] };
+    unsafe { bpf_probe_read_kernel_str_bytes(name_ptr as *const u8, &mut name.bytes) }.ok()?;
+    Some(name)
 }
 
 /// The address in a BTF-typed pointer, as a number the verifier lets us hash. A round trip
@@ -76,17 +117,68 @@ fn scalar(pointer: *const u8) -> u64 {
     }
 }
 
-/// `kfree(call_site, ptr)`.
 #[btf_tracepoint(function = "kfree")]
 pub fn kfree_btf(ctx: BtfTracePointContext) -> i32 {
-    on_free(ctx.arg::<u64>(1));
+    free(&ctx);
     0
 }
 
-/// `kmem_cache_free(call_site, ptr, s)`.
 #[btf_tracepoint(function = "kmem_cache_free")]
 pub fn kmem_cache_free_btf(ctx: BtfTracePointContext) -> i32 {
-    on_free(ctx.arg::<u64>(1));
+    free(&ctx);
+    0
+}
+
+/// Raw `kmalloc`, and `kmalloc_node` before Linux 6.1.
+#[raw_tracepoint(tracepoint = "kmalloc")]
+pub fn kmalloc_raw(ctx: RawTracePointContext) -> i32 {
+    kmalloc(&ctx);
+    0
+}
+
+/// Raw `kmem_cache_alloc` (and `kmem_cache_alloc_node` before Linux 6.1). From Linux 6.1 its
+/// third argument is the cache, read with probe reads (the word is untyped); before, the
+/// arguments are kmalloc's (`call_site, ptr, bytes_req, bytes_alloc, gfp_flags`) and name no
+/// cache. Userspace tells which from the kernel's BTF (`raw_cache_alloc_passes_cache`).
+#[raw_tracepoint(tracepoint = "kmem_cache_alloc")]
+pub fn kmem_cache_alloc_raw(ctx: RawTracePointContext) -> i32 {
+    let passes_cache = config!(raw_cache_alloc_passes_cache) != 0;
+    let describe = || {
+        let (cache_id, bytes_requested, bytes_allocated) = if passes_cache {
+            let cache = ctx.arg::<u64>(2);
+            let read_u32 = |offset: u32| unsafe {
+                bpf_probe_read_kernel((cache + offset as u64) as *const u32).unwrap_or(0)
+            };
+            (
+                cache,
+                read_u32(config!(kmem_cache_object_size_offset)),
+                read_u32(config!(kmem_cache_size_offset)),
+            )
+        } else {
+            (0, ctx.arg::<u64>(2) as u32, ctx.arg::<u64>(3) as u32)
+        };
+        Allocation {
+            kind: AllocKind::KmemCache,
+            call_site: ctx.arg::<u64>(0),
+            cache_id,
+            bytes_requested,
+            bytes_allocated,
+            gfp_flags: 0,
+        }
+    };
+    on_alloc(&ctx, ctx.arg::<u64>(1), describe, cache_name);
+    0
+}
+
+#[raw_tracepoint(tracepoint = "kfree")]
+pub fn kfree_raw(ctx: RawTracePointContext) -> i32 {
+    free(&ctx);
+    0
+}
+
+#[raw_tracepoint(tracepoint = "kmem_cache_free")]
+pub fn kmem_cache_free_raw(ctx: RawTracePointContext) -> i32 {
+    free(&ctx);
     0
 }
 

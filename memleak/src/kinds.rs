@@ -1,6 +1,7 @@
 //! The kinds of kernel memory memleak follows: what the user chooses (`Kind`) and what the
 //! eBPF programs record (`AllocKind`).
 use memleak_common::AllocKind;
+use serde::{Deserialize, Serialize};
 
 /// Kinds of kernel memory `trace` and `run` can follow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -14,6 +15,38 @@ pub enum Kind {
     Vmalloc,
     /// Percpu allocations.
     Percpu,
+}
+
+impl Kind {
+    /// The kind's name in reports.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Slab => "slab",
+            Self::Page => "page",
+            Self::Vmalloc => "vmalloc",
+            Self::Percpu => "percpu",
+        }
+    }
+}
+
+/// How one kind of memory is followed on this kernel: `tp_btf`, `raw_tp`, `tracepoint`,
+/// `fexit/fentry`, or `none`; and, unless it is the cheapest way, why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KindAttach {
+    pub kind: String,
+    pub method: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub why: Option<String>,
+}
+
+impl KindAttach {
+    pub fn new(kind: Kind, method: &str, why: Option<String>) -> Self {
+        Self {
+            kind: kind.label().to_owned(),
+            method: method.to_owned(),
+            why,
+        }
+    }
 }
 
 /// The name reports give a recorded kind.

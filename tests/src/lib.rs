@@ -28,9 +28,13 @@ pub fn exclusive() -> MutexGuard<'static, ()> {
 pub const SKIP_VARIABLE: &str = "MEMLEAK_SKIP_E2E";
 
 /// A 4-second JSON trace in each slab attach mode, with the `attach` its report must name:
-/// BTF tracepoints (the default here) and classic tracepoints.
-pub const ATTACH_MODES: [(&[&str], &str); 2] = [
+/// BTF tracepoints (the default here), raw tracepoints and classic tracepoints.
+pub const ATTACH_MODES: [(&[&str], &str); 3] = [
     (&["--duration", "4s", "--format", "json"], "tp_btf"),
+    (
+        &["--duration", "4s", "--format", "json", "--attach", "raw"],
+        "raw_tp",
+    ),
     (
         &[
             "--duration",

@@ -44,11 +44,30 @@ fn vmalloc_and_percpu_allocations_are_attributed_by_kind() -> Result<()> {
             "with {args:?}: attach {}",
             report.attach
         );
+        // Each kind names its method; on this kernel (6.18, BTF) vmalloc and percpu have their
+        // tracepoints whatever --attach asks of the slab events.
+        let methods: Vec<(&str, &str)> = report
+            .methods
+            .iter()
+            .map(|method| (method.kind.as_str(), method.method.as_str()))
+            .collect();
+        for (kind, method) in [
+            ("slab", attach),
+            ("vmalloc", "tp_btf"),
+            ("percpu", "tp_btf"),
+        ] {
+            ensure!(
+                methods.contains(&(kind, method)),
+                "with {args:?}: expected {kind} followed by {method}: {methods:?}"
+            );
+        }
         let left_out: Vec<&String> = report
             .notes
             .iter()
             .filter(|note| {
-                note.contains("vmalloc") || note.contains("percpu") || note.contains("BTF trace")
+                note.contains("vmalloc")
+                    || note.contains("percpu")
+                    || note.contains("not followed more cheaply")
             })
             .collect();
         ensure!(

@@ -60,7 +60,7 @@ fn held_eventfds_show_as_outstanding_through_eventfd_creation() -> Result<()> {
         let fallback: Vec<&String> = report
             .notes
             .iter()
-            .filter(|note| note.contains("BTF tracepoints unavailable"))
+            .filter(|note| note.contains("not followed more cheaply"))
             .collect();
         ensure!(fallback.is_empty(), "with {args:?}: {fallback:?}");
         // do_eventfd kmallocs the eventfd_ctx; the struct file from alloc_empty_file (filp

@@ -55,6 +55,11 @@ pub struct BenchArgs {
     /// fetched every second as a scraper and an open page would: what serving costs
     #[arg(long)]
     serve: bool,
+    /// Also trace with the slab events on raw and on classic tracepoints (`--attach raw`,
+    /// `--attach classic`), beside the default (tp_btf where the kernel takes it): what each
+    /// rung of the attach ladder costs on this kernel
+    #[arg(long)]
+    attach_modes: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -89,6 +94,10 @@ enum Variant {
     Floor,
     Memleak,
     MemleakSampled,
+    /// `memleak trace --attach raw`.
+    MemleakRaw,
+    /// `memleak trace --attach classic`.
+    MemleakClassic,
     /// `memleak watch` with its defaults (one object in 8, allocations followed 10% of the
     /// time), snapshotting every [`WATCH_INTERVAL`] so that its snapshots are inside the
     /// measured window.
@@ -121,6 +130,8 @@ impl Variant {
             Variant::Floor => "empty programs (floor)",
             Variant::Memleak => "memleak",
             Variant::MemleakSampled => "memleak --sample-rate 64",
+            Variant::MemleakRaw => "memleak --attach raw",
+            Variant::MemleakClassic => "memleak --attach classic",
             Variant::Watch => "memleak watch (defaults, --interval 2s)",
             Variant::WatchContinuous => "memleak watch --duty 100 (--interval 2s)",
             Variant::Bpftrace => "bpftrace",
@@ -198,6 +209,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if args.serve {
         variants.push(Variant::WatchServed);
     }
+    if args.attach_modes {
+        variants.extend([Variant::MemleakRaw, Variant::MemleakClassic]);
+    }
     let workloads: &[Workload] = match args.workload {
         WorkloadChoice::Churn => &[Workload::Churn],
         WorkloadChoice::Mixed => &[Workload::Mixed],
@@ -253,7 +267,12 @@ fn run_once(
         .port();
     let tracer = match variant {
         Variant::Baseline => None,
-        Variant::Floor | Variant::Memleak | Variant::MemleakSampled | Variant::OtherMemleak => {
+        Variant::Floor
+        | Variant::Memleak
+        | Variant::MemleakSampled
+        | Variant::MemleakRaw
+        | Variant::MemleakClassic
+        | Variant::OtherMemleak => {
             let binary = match (variant, &binaries.other_memleak) {
                 (Variant::OtherMemleak, Some(other)) => other,
                 _ => &binaries.memleak,
@@ -268,6 +287,11 @@ fn run_once(
             if variant == Variant::Floor {
                 command.arg("--empty-programs");
             }
+            match variant {
+                Variant::MemleakRaw => command.args(["--attach", "raw"]),
+                Variant::MemleakClassic => command.args(["--attach", "classic"]),
+                _ => &mut command,
+            };
             Some(tracer::start(command, "memleak: attached", Duration::ZERO)?)
         }
         Variant::Watch | Variant::WatchContinuous | Variant::WatchTuned | Variant::WatchServed => {
@@ -507,6 +531,8 @@ fn print_report(
                         Some(floor),
                         Variant::Memleak
                         | Variant::MemleakSampled
+                        | Variant::MemleakRaw
+                        | Variant::MemleakClassic
                         | Variant::Watch
                         | Variant::WatchContinuous
                         | Variant::WatchTuned

@@ -5,7 +5,8 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader,
     programs::{
-        BtfTracePoint, FEntry, ProgramError, TracePoint, fentry::FEntryLinkId,
+        BtfTracePoint, FEntry, FExit, ProgramError, RawTracePoint, TracePoint,
+        fentry::FEntryLinkId, fexit::FExitLinkId, raw_trace_point::RawTracePointLinkId,
         tp_btf::BtfTracePointLinkId, trace_point::TracePointLinkId,
     },
 };
@@ -17,7 +18,7 @@ use crate::{
         self, KmemCacheLayout,
         tracefs::{self, ClassicProgram},
     },
-    kinds::Kind,
+    kinds::{Kind, KindAttach},
 };
 
 /// The eBPF object memory/build.rs compiled. Without the `ebpf` feature (the fuzz targets,
@@ -35,18 +36,23 @@ pub(crate) fn ebpf_object() -> Result<&'static [u8]> {
     Ok(EBPF_OBJECT)
 }
 
-/// How to attach to the kernel's allocation events.
+/// How to attach to the slab allocator's events: `Auto` takes the cheapest the kernel accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum AttachMethod {
     Auto,
+    /// BTF tracepoints (tp_btf; Linux 5.5+ with kernel BTF).
     Btf,
+    /// Raw tracepoints (Linux 4.17+; their argument list is read from kernel BTF).
+    Raw,
+    /// Classic tracepoints (Linux 4.7+; offsets from tracefs, no BTF needed).
     Classic,
 }
 
-/// How the programs ended up attached, for the report.
+/// How the slab programs ended up attached, for the report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Attached {
     BtfTracepoints,
+    RawTracepoints,
     ClassicTracepoints,
 }
 
@@ -54,6 +60,7 @@ impl fmt::Display for Attached {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Self::BtfTracepoints => "tp_btf",
+            Self::RawTracepoints => "raw_tp",
             Self::ClassicTracepoints => "tracepoint",
         })
     }
@@ -84,6 +91,11 @@ pub struct Tracer {
     links: Vec<Link>,
     pub maps: TracerMaps,
     pub attached: Attached,
+    /// Whether kmem_cache records carry the cache's address (tp_btf, and raw tracepoints from
+    /// Linux 6.1) rather than a hash of its name or nothing.
+    pub cache_ids_are_pointers: bool,
+    /// How each kind asked for is followed, and why not more cheaply.
+    pub methods: Vec<KindAttach>,
     /// Events this kernel lacks, and why the tp_btf attempt failed when it fell back.
     pub notes: Vec<String>,
     /// The free paths followed, each with how: `kmem:kfree (tp_btf)`,
@@ -104,11 +116,22 @@ const SLAB_PROGRAMS: [(&str, &str); 4] = [
     ("kfree_btf", "kfree"),
     ("kmem_cache_free_btf", "kmem_cache_free"),
 ];
+/// Raw tracepoint programs (Linux 4.17+), by program name and the classic program serving the
+/// same events ([`tracefs::classic_plan`] lists the events the kernel has, `_node` ones too).
+const RAW_SLAB_PROGRAMS: [(&str, ClassicProgram); 4] = [
+    ("kmalloc_raw", ClassicProgram::Kmalloc),
+    ("kmem_cache_alloc_raw", ClassicProgram::KmemCacheAlloc),
+    ("kfree_raw", ClassicProgram::Kfree),
+    ("kmem_cache_free_raw", ClassicProgram::KmemCacheFree),
+];
 /// vmalloc's area events are Linux 6.4+.
 const VMALLOC_PROGRAMS: [(&str, &str); 2] = [
     ("vmap_alloc_btf", "alloc_vmap_area"),
     ("vmap_free_btf", "free_vmap_area_noflush"),
 ];
+/// Before Linux 6.4, the functions those events are in, followed with fexit and fentry.
+const VMALLOC_ALLOC_FEXIT: (&str, &str) = ("vmap_alloc_fexit", "alloc_vmap_area");
+const VMALLOC_FREE_FENTRY: (&str, &str) = ("vmap_free_fentry", "free_vmap_area_noflush");
 const PERCPU_PROGRAMS: [(&str, &str); 2] = [
     ("percpu_alloc_btf", "percpu_alloc_percpu"),
     ("percpu_free_btf", "percpu_free_percpu"),
@@ -135,20 +158,41 @@ fn classic_program_name(program: ClassicProgram) -> &'static str {
 }
 
 /// Loads and attaches the programs; `btf` is the kernel's BTF ([`kernel::parse_btf`]).
+/// Linux 5.12 is the oldest kernel they load on: the object table claims its slots with BPF
+/// compare-and-exchange, which older verifiers refuse ("BPF_STX uses reserved fields"); the
+/// error then says so (distribution kernels that backported BPF atomics load anyway).
 pub fn attach(settings: &TracerSettings, btf: Option<&btf_rs::Btf>) -> Result<Tracer> {
+    attach_programs(settings, btf).map_err(|error| match kernel::release() {
+        Ok(release) if predates_bpf_atomics(&release) => error.context(format!(
+            "Linux {release} is older than 5.12, the first kernel whose BPF has the atomic \
+                 compare-and-exchange memleak's object table needs"
+        )),
+        _ => error,
+    })
+}
+
+/// Whether a kernel release (`5.10.0-32-amd64`) is older than Linux 5.12.
+pub fn predates_bpf_atomics(release: &str) -> bool {
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|part| part.parse::<u32>().ok());
+    match (numbers.next().flatten(), numbers.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) < (5, 12),
+        _ => false,
+    }
+}
+
+fn attach_programs(settings: &TracerSettings, btf: Option<&btf_rs::Btf>) -> Result<Tracer> {
     let tracefs_root = tracefs::root()?;
     let formats =
         |category: &str, event: &str| tracefs::read_format(&tracefs_root, category, event);
     let plan = tracefs::classic_plan(&formats)?;
     let mut notes = plan.missing.clone();
     // Page events are classic tracepoints whatever --attach says (see memleak-ebpf/src/page.rs).
-    let page_plan = if settings.kinds.contains(&Kind::Page) {
+    let page_plan = settings.kinds.contains(&Kind::Page).then(|| {
         tracefs::page_plan(&formats, plan.offsets)
             .map_err(|error| not_followed(&mut notes, Kind::Page, &error))
-            .ok()
-    } else {
-        None
-    };
+    });
 
     if btf.is_none() {
         notes.push(format!(
@@ -179,11 +223,17 @@ pub fn attach(settings: &TracerSettings, btf: Option<&btf_rs::Btf>) -> Result<Tr
         config.kmem_cache_object_size_offset = layout.object_size;
         config.kmem_cache_name_offset = layout.name;
     }
-    config.classic = page_plan
-        .as_ref()
-        .map_or(plan.offsets, |pages| pages.offsets);
+    config.classic = match &page_plan {
+        Some(Ok(pages)) => pages.offsets,
+        _ => plan.offsets,
+    };
     config.return_at_once = settings.empty_programs.into();
     config.kvfree_rcu_passes_offset = btf.is_some_and(kernel::kvfree_rcu_passes_offset).into();
+    let raw_cache_alloc_passes_cache = btf.and_then(kernel::raw_cache_alloc_passes_cache);
+    config.raw_cache_alloc_passes_cache = raw_cache_alloc_passes_cache.unwrap_or(false).into();
+    config.alloc_vmap_area_arguments = btf
+        .and_then(|btf| kernel::argument_count(btf, VMALLOC_ALLOC_FEXIT.1))
+        .unwrap_or(0);
 
     // Every program is loaded (verified) before any is attached, and frees are attached
     // before allocations: otherwise the verifier's own allocations while later programs load
@@ -191,22 +241,21 @@ pub fn attach(settings: &TracerSettings, btf: Option<&btf_rs::Btf>) -> Result<Tr
     let mut ebpf = load_object(&config, buckets)?;
     let tp_btf = LazyBtf::default();
     let mut hooks = Vec::new();
+    let mut methods = Vec::new();
     let mut attached = Attached::BtfTracepoints;
     if settings.kinds.contains(&Kind::Slab) {
-        attached = load_slab(
-            &mut ebpf,
-            settings.method,
-            layout.is_some(),
-            &tp_btf,
-            &plan,
-            &mut hooks,
-            &mut notes,
-        )?;
-    }
-    if attached == Attached::ClassicTracepoints && settings.kinds.contains(&Kind::Slab) {
-        prefer_fentry_for_frees(&mut ebpf, &tp_btf, &mut hooks);
-    }
-    if settings.kinds.contains(&Kind::Slab) {
+        let slab = SlabLadder {
+            method: settings.method,
+            has_layout: layout.is_some(),
+            raw_cache_alloc_passes_cache,
+            plan: &plan,
+        };
+        let why;
+        (attached, why) = slab.load(&mut ebpf, &tp_btf, &mut hooks, &mut notes)?;
+        methods.push(KindAttach::new(Kind::Slab, &attached.to_string(), why));
+        if attached == Attached::ClassicTracepoints {
+            prefer_fentry_for_frees(&mut ebpf, &tp_btf, &mut hooks);
+        }
         for &(name, function) in &FREE_PATH_PROGRAMS {
             match load_fentry(&mut ebpf, name, function, &tp_btf) {
                 Ok(()) => hooks.push(Hook::FEntry { name, function }),
@@ -219,27 +268,47 @@ pub fn attach(settings: &TracerSettings, btf: Option<&btf_rs::Btf>) -> Result<Tr
             }
         }
     }
-    for (kind, programs) in [
-        (Kind::Vmalloc, &VMALLOC_PROGRAMS),
-        (Kind::Percpu, &PERCPU_PROGRAMS),
-    ] {
-        if !settings.kinds.contains(&kind) {
-            continue;
-        }
-        match load_btf(&mut ebpf, programs, &tp_btf) {
-            Ok(()) => hooks.extend(
-                programs
-                    .iter()
-                    .map(|&(name, event)| Hook::Btf { name, event }),
-            ),
-            Err(error) => not_followed(&mut notes, kind, &error),
-        }
+    if settings.kinds.contains(&Kind::Vmalloc) {
+        methods.push(load_vmalloc(&mut ebpf, &tp_btf, &mut hooks, &mut notes));
+    }
+    if settings.kinds.contains(&Kind::Percpu) {
+        methods.push(match load_btf(&mut ebpf, &PERCPU_PROGRAMS, &tp_btf) {
+            Ok(()) => {
+                hooks.extend(
+                    PERCPU_PROGRAMS
+                        .iter()
+                        .map(|&(name, event)| Hook::Btf { name, event }),
+                );
+                KindAttach::new(Kind::Percpu, "tp_btf", None)
+            }
+            Err(error) => {
+                let why = not_followed(&mut notes, Kind::Percpu, &error);
+                KindAttach::new(Kind::Percpu, "none", Some(why))
+            }
+        });
     }
     if let Some(page_plan) = &page_plan {
-        match load_classic(&mut ebpf, page_plan) {
-            Ok(page_hooks) => hooks.extend(page_hooks),
-            Err(error) => not_followed(&mut notes, Kind::Page, &error),
-        }
+        let loaded = match page_plan {
+            Ok(page_plan) => load_classic(&mut ebpf, page_plan)
+                .map_err(|error| not_followed(&mut notes, Kind::Page, &error)),
+            Err(why) => Err(why.clone()),
+        };
+        methods.push(match loaded {
+            Ok(page_hooks) => {
+                hooks.extend(page_hooks);
+                KindAttach::new(
+                    Kind::Page,
+                    "tracepoint",
+                    Some(
+                        "the classic records carry the page frame number, which \
+                         /proc/kpageflags is checked with; tp_btf and raw ones carry a struct \
+                         page pointer"
+                            .to_owned(),
+                    ),
+                )
+            }
+            Err(why) => KindAttach::new(Kind::Page, "none", Some(why)),
+        });
     }
     hooks.sort_by_key(|hook| !hook.event().contains("free"));
     let mut links = Vec::with_capacity(hooks.len());
@@ -252,7 +321,77 @@ pub fn attach(settings: &TracerSettings, btf: Option<&btf_rs::Btf>) -> Result<Tr
         .filter(|link| link.hook.event().contains("free"))
         .map(|link| link.hook.describe())
         .collect();
-    Tracer::new(ebpf, links, attached, buckets, notes, free_paths)
+    let maps = TracerMaps::take(&mut ebpf, buckets)?;
+    Ok(Tracer {
+        programs: ebpf,
+        links,
+        maps,
+        attached,
+        cache_ids_are_pointers: match attached {
+            Attached::BtfTracepoints => true,
+            Attached::RawTracepoints => raw_cache_alloc_passes_cache == Some(true),
+            Attached::ClassicTracepoints => false,
+        },
+        methods,
+        notes,
+        free_paths,
+    })
+}
+
+/// vmalloc areas: the tracepoints (Linux 6.4+), else fexit and fentry on the functions they
+/// are in, else not followed.
+fn load_vmalloc(
+    ebpf: &mut Ebpf,
+    tp_btf: &LazyBtf,
+    hooks: &mut Vec<Hook>,
+    notes: &mut Vec<String>,
+) -> KindAttach {
+    let tracepoints = match load_btf(ebpf, &VMALLOC_PROGRAMS, tp_btf) {
+        Ok(()) => {
+            hooks.extend(
+                VMALLOC_PROGRAMS
+                    .iter()
+                    .map(|&(name, event)| Hook::Btf { name, event }),
+            );
+            return KindAttach::new(Kind::Vmalloc, "tp_btf", None);
+        }
+        Err(error) => one_line(&format!("{error:#}")),
+    };
+    let trampolines = (|| -> Result<()> {
+        let (name, function) = VMALLOC_ALLOC_FEXIT;
+        let program: &mut FExit = program_mut(ebpf, name)?.try_into()?;
+        program
+            .load(function, tp_btf.get()?)
+            .map_err(|error| explain_load_error(name, error))?;
+        load_fentry(ebpf, VMALLOC_FREE_FENTRY.0, VMALLOC_FREE_FENTRY.1, tp_btf)
+    })();
+    match trampolines {
+        Ok(()) => {
+            let why = format!("no vmalloc tracepoints (Linux 6.4+): {tracepoints}");
+            notes.push(format!(
+                "vmalloc areas are followed with fexit and fentry on {} and {}: {why}",
+                VMALLOC_ALLOC_FEXIT.1, VMALLOC_FREE_FENTRY.1
+            ));
+            hooks.push(Hook::FExit {
+                name: VMALLOC_ALLOC_FEXIT.0,
+                function: VMALLOC_ALLOC_FEXIT.1,
+            });
+            hooks.push(Hook::FEntry {
+                name: VMALLOC_FREE_FENTRY.0,
+                function: VMALLOC_FREE_FENTRY.1,
+            });
+            KindAttach::new(Kind::Vmalloc, "fexit/fentry", Some(why))
+        }
+        Err(error) => {
+            let error = error.context(format!(
+                "no vmalloc tracepoints (Linux 6.4+: {tracepoints}), and fexit/fentry on \
+                 {} and {} did not load",
+                VMALLOC_ALLOC_FEXIT.1, VMALLOC_FREE_FENTRY.1
+            ));
+            let why = not_followed(notes, Kind::Vmalloc, &error);
+            KindAttach::new(Kind::Vmalloc, "none", Some(why))
+        }
+    }
 }
 
 /// The slab free hooks as fentry programs, for kernels where the slab hooks are classic
@@ -290,18 +429,12 @@ fn load_fentry(ebpf: &mut Ebpf, name: &str, function: &str, btf: &LazyBtf) -> Re
 }
 
 /// Records in the report's notes that a kind of memory is not followed, and why.
-fn not_followed(notes: &mut Vec<String>, kind: Kind, error: &anyhow::Error) {
+/// Returns the reason, for the kind's attach method.
+fn not_followed(notes: &mut Vec<String>, kind: Kind, error: &anyhow::Error) -> String {
     log::info!("{kind:?} not followed: {error:#}");
-    let label = match kind {
-        Kind::Slab => "slab",
-        Kind::Page => "page",
-        Kind::Vmalloc => "vmalloc",
-        Kind::Percpu => "percpu",
-    };
-    notes.push(format!(
-        "{label} allocations not followed: {}",
-        one_line(&format!("{error:#}"))
-    ));
+    let why = one_line(&format!("{error:#}"));
+    notes.push(format!("{} allocations not followed: {why}", kind.label()));
+    why
 }
 
 /// A loaded program and where it attaches.
@@ -315,7 +448,15 @@ enum Hook {
         category: String,
         event: String,
     },
+    Raw {
+        name: &'static str,
+        event: String,
+    },
     FEntry {
+        name: &'static str,
+        function: &'static str,
+    },
+    FExit {
         name: &'static str,
         function: &'static str,
     },
@@ -330,7 +471,9 @@ struct Link {
 enum LinkId {
     Btf(BtfTracePointLinkId),
     Classic(TracePointLinkId),
+    Raw(RawTracePointLinkId),
     FEntry(FEntryLinkId),
+    FExit(FExitLinkId),
 }
 
 /// Which slab hooks are attached ([`Tracer::set_slab_hooks`]).
@@ -354,8 +497,8 @@ impl Hook {
     fn event(&self) -> &str {
         match self {
             Self::Btf { event, .. } => event,
-            Self::Classic { event, .. } => event,
-            Self::FEntry { function, .. } => function,
+            Self::Classic { event, .. } | Self::Raw { event, .. } => event,
+            Self::FEntry { function, .. } | Self::FExit { function, .. } => function,
         }
     }
 
@@ -378,7 +521,9 @@ impl Hook {
             Self::Classic {
                 category, event, ..
             } => format!("{category}:{event} (tracepoint)"),
+            Self::Raw { event, .. } => format!("{event} (raw_tp)"),
             Self::FEntry { function, .. } => format!("{function} (fentry)"),
+            Self::FExit { function, .. } => format!("{function} (fexit)"),
         }
     }
 
@@ -402,6 +547,14 @@ impl Hook {
                     format!("attaching {name} to tracepoint {category}:{event}")
                 })?)
             }
+            Self::Raw { name, ref event } => {
+                let program: &mut RawTracePoint = program_mut(ebpf, name)?.try_into()?;
+                LinkId::Raw(
+                    program
+                        .attach(event)
+                        .with_context(|| format!("attaching {name} to raw_tp/{event}"))?,
+                )
+            }
             Self::FEntry { name, function } => {
                 let program: &mut FEntry = program_mut(ebpf, name)?.try_into()?;
                 LinkId::FEntry(
@@ -410,65 +563,166 @@ impl Hook {
                         .with_context(|| format!("attaching {name} to fentry/{function}"))?,
                 )
             }
+            Self::FExit { name, function } => {
+                let program: &mut FExit = program_mut(ebpf, name)?.try_into()?;
+                LinkId::FExit(
+                    program
+                        .attach()
+                        .with_context(|| format!("attaching {name} to fexit/{function}"))?,
+                )
+            }
         })
     }
 
     fn detach(&self, ebpf: &mut Ebpf, id: LinkId) -> Result<()> {
         let name = match *self {
-            Self::Btf { name, .. } | Self::Classic { name, .. } | Self::FEntry { name, .. } => name,
+            Self::Btf { name, .. }
+            | Self::Classic { name, .. }
+            | Self::Raw { name, .. }
+            | Self::FEntry { name, .. }
+            | Self::FExit { name, .. } => name,
         };
         let program = program_mut(ebpf, name)?;
         match id {
             LinkId::Btf(id) => <&mut BtfTracePoint>::try_from(program)?.detach(id),
             LinkId::Classic(id) => <&mut TracePoint>::try_from(program)?.detach(id),
+            LinkId::Raw(id) => <&mut RawTracePoint>::try_from(program)?.detach(id),
             LinkId::FEntry(id) => <&mut FEntry>::try_from(program)?.detach(id),
+            LinkId::FExit(id) => <&mut FExit>::try_from(program)?.detach(id),
         }
         .with_context(|| format!("detaching {name} from {}", self.describe()))
     }
 }
 
-/// Loads the slab hooks: BTF tracepoints when allowed and accepted, else classic ones.
-fn load_slab(
-    ebpf: &mut Ebpf,
+/// The slab hooks' attach ladder: tp_btf, raw tracepoints, classic tracepoints, each tried
+/// when `--attach` allows it and the kernel has what it needs.
+struct SlabLadder<'a> {
     method: AttachMethod,
+    /// `struct kmem_cache`'s layout is known (kernel BTF).
     has_layout: bool,
-    tp_btf: &LazyBtf,
-    plan: &tracefs::ClassicPlan,
-    hooks: &mut Vec<Hook>,
-    notes: &mut Vec<String>,
-) -> Result<Attached> {
-    let try_btf = match method {
-        AttachMethod::Auto => has_layout,
-        AttachMethod::Btf => {
-            if !has_layout {
-                bail!("--attach btf needs kernel BTF at {}", kernel::BTF_PATH);
+    /// The raw `kmem_cache_alloc` argument list, from kernel BTF.
+    raw_cache_alloc_passes_cache: Option<bool>,
+    /// The classic events the kernel has, `_node` ones included.
+    plan: &'a tracefs::ClassicPlan,
+}
+
+impl SlabLadder<'_> {
+    /// Loads the first rung that loads; returns it, and why the cheaper ones were not used
+    /// (also added to `notes`).
+    fn load(
+        &self,
+        ebpf: &mut Ebpf,
+        tp_btf: &LazyBtf,
+        hooks: &mut Vec<Hook>,
+        notes: &mut Vec<String>,
+    ) -> Result<(Attached, Option<String>)> {
+        let mut passed_over = Vec::new();
+        let wanted = |rung: AttachMethod| self.method == AttachMethod::Auto || self.method == rung;
+        if wanted(AttachMethod::Btf) {
+            match self.btf_unusable() {
+                None => match load_btf(ebpf, &SLAB_PROGRAMS, tp_btf) {
+                    Ok(()) => {
+                        hooks.extend(
+                            SLAB_PROGRAMS
+                                .iter()
+                                .map(|&(name, event)| Hook::Btf { name, event }),
+                        );
+                        return Ok((Attached::BtfTracepoints, None));
+                    }
+                    Err(error) => {
+                        passed_over.push(format!("tp_btf: {}", one_line(&format!("{error:#}"))));
+                    }
+                },
+                Some(why) => passed_over.push(format!("tp_btf: {why}")),
             }
-            true
         }
-        AttachMethod::Classic => false,
-    };
-    if try_btf {
-        match load_btf(ebpf, &SLAB_PROGRAMS, tp_btf) {
-            Ok(()) => {
-                hooks.extend(
-                    SLAB_PROGRAMS
-                        .iter()
-                        .map(|&(name, event)| Hook::Btf { name, event }),
-                );
-                return Ok(Attached::BtfTracepoints);
+        if wanted(AttachMethod::Raw) {
+            match self.load_raw(ebpf) {
+                Ok(raw_hooks) => {
+                    hooks.extend(raw_hooks);
+                    return Ok((Attached::RawTracepoints, self.explain(passed_over, notes)));
+                }
+                Err(error) => {
+                    passed_over.push(format!("raw_tp: {}", one_line(&format!("{error:#}"))));
+                }
             }
-            Err(error) if method == AttachMethod::Auto => {
-                log::info!("BTF tracepoints unavailable, falling back: {error:#}");
-                notes.push(format!(
-                    "BTF tracepoints unavailable ({}); using classic tracepoints",
-                    one_line(&format!("{error:#}"))
-                ));
-            }
-            Err(error) => return Err(error),
         }
+        if wanted(AttachMethod::Classic) {
+            hooks.extend(load_classic(ebpf, self.plan)?);
+            return Ok((
+                Attached::ClassicTracepoints,
+                self.explain(passed_over, notes),
+            ));
+        }
+        bail!(
+            "--attach {}: the kernel refused it ({})",
+            match self.method {
+                AttachMethod::Btf => "btf",
+                _ => "raw",
+            },
+            passed_over.join("; ")
+        )
     }
-    hooks.extend(load_classic(ebpf, plan)?);
-    Ok(Attached::ClassicTracepoints)
+
+    /// Why tp_btf cannot serve this kernel, before trying it.
+    fn btf_unusable(&self) -> Option<String> {
+        if !self.has_layout {
+            return Some(format!("no kernel BTF at {}", kernel::BTF_PATH));
+        }
+        let node_events: Vec<&str> = self
+            .plan
+            .attach
+            .iter()
+            .map(|(_, event, _)| event.as_str())
+            .filter(|event| event.ends_with("_node"))
+            .collect();
+        (!node_events.is_empty()).then(|| {
+            format!(
+                "this kernel has separate {} events (before Linux 6.1), and a tp_btf program \
+                 attaches to one event only",
+                node_events.join(" and ")
+            )
+        })
+    }
+
+    /// Loads the raw tracepoint programs, one hook per event the kernel has.
+    fn load_raw(&self, ebpf: &mut Ebpf) -> Result<Vec<Hook>> {
+        if !self.has_layout || self.raw_cache_alloc_passes_cache.is_none() {
+            bail!(
+                "their arguments are untyped words, whose order memleak reads from kernel BTF \
+                 (btf_trace_kmem_cache_alloc), and this kernel has none"
+            );
+        }
+        let mut hooks = Vec::new();
+        for &(name, which) in &RAW_SLAB_PROGRAMS {
+            let program: &mut RawTracePoint = program_mut(ebpf, name)?.try_into()?;
+            program
+                .load()
+                .map_err(|error| explain_load_error(name, error))?;
+            hooks.extend(
+                self.plan
+                    .attach
+                    .iter()
+                    .filter(|(_, _, serves)| *serves == which)
+                    .map(|(_, event, _)| Hook::Raw {
+                        name,
+                        event: event.to_string(),
+                    }),
+            );
+        }
+        Ok(hooks)
+    }
+
+    /// The note on why the cheaper rungs were passed over, and that reason for the report.
+    fn explain(&self, passed_over: Vec<String>, notes: &mut Vec<String>) -> Option<String> {
+        if passed_over.is_empty() {
+            return None;
+        }
+        let why = passed_over.join("; ");
+        log::info!("slab hooks passed over cheaper methods: {why}");
+        notes.push(format!("slab events not followed more cheaply: {why}"));
+        Some(why)
+    }
 }
 
 /// Loads (verifies) the classic tracepoint programs of `plan`; one program may serve several
@@ -490,27 +744,6 @@ fn load_classic(ebpf: &mut Ebpf, plan: &tracefs::ClassicPlan) -> Result<Vec<Hook
         });
     }
     Ok(hooks)
-}
-
-impl Tracer {
-    fn new(
-        mut programs: Ebpf,
-        links: Vec<Link>,
-        attached: Attached,
-        buckets: u32,
-        notes: Vec<String>,
-        free_paths: Vec<String>,
-    ) -> Result<Self> {
-        let maps = TracerMaps::take(&mut programs, buckets)?;
-        Ok(Self {
-            programs,
-            links,
-            maps,
-            attached,
-            notes,
-            free_paths,
-        })
-    }
 }
 
 impl Tracer {
@@ -675,4 +908,21 @@ fn recursion_misses(fd: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
         .try_into()
         .ok()?;
     Some(u64::from_ne_bytes(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernels_before_5_12_lack_bpf_atomics() {
+        assert!(predates_bpf_atomics("5.10.0-32-amd64"));
+        assert!(predates_bpf_atomics("4.19.0-27-amd64"));
+        assert!(predates_bpf_atomics("5.11.22"));
+        assert!(!predates_bpf_atomics("5.12.0"));
+        assert!(!predates_bpf_atomics("6.1.0-57-amd64"));
+        assert!(!predates_bpf_atomics("6.12.95+deb12-amd64"));
+        // Unparsable: no claim either way.
+        assert!(!predates_bpf_atomics("custom"));
+    }
 }

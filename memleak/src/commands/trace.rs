@@ -192,6 +192,8 @@ impl Session {
             programs,
             maps,
             attached,
+            cache_ids_are_pointers,
+            methods,
             mut notes,
             free_paths,
             ..
@@ -225,7 +227,8 @@ impl Session {
             kernel: self.kernel,
             elapsed,
             attach: attached.to_string(),
-            cache_ids_are_pointers: attached == probes::Attached::BtfTracepoints,
+            methods,
+            cache_ids_are_pointers,
             notes,
             free_paths,
         };

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::{Context as _, Result};
 use hashbrown::{HashMap, HashSet};
 use memleak::{
-    bpf::probes::{self, Attached, SlabHooks},
+    bpf::probes::{self, SlabHooks},
     kernel::{self, privileges},
     kinds::Kind,
     output::{self, Format, Plain, ReportOptions, ReportSink, profile},
@@ -98,8 +98,7 @@ pub fn run(args: &WatchArgs) -> Result<ExitCode> {
     );
     let boot_id = kernel::boot_id()?;
     let mut memory = KernelMemory::new(None, slab_layout);
-    let mut snapshotter =
-        Snapshotter::new(options.scale(), tracer.attached == Attached::BtfTracepoints);
+    let mut snapshotter = Snapshotter::new(options.scale(), tracer.cache_ids_are_pointers);
     if let Some(history) = &history {
         reseed(
             history,
@@ -409,7 +408,7 @@ fn reseed(
             Ok(())
         },
         memory,
-        tracer.attached == Attached::BtfTracepoints,
+        tracer.cache_ids_are_pointers,
         &mut notes,
     )?;
     let allocated: Vec<(u64, memleak_common::AllocRecord)> = objects

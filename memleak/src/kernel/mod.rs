@@ -46,20 +46,67 @@ pub fn parse_btf() -> Result<Option<btf_rs::Btf>> {
 /// name of that parameter in the kernel's BTF.
 pub fn kvfree_rcu_passes_offset(btf: &btf_rs::Btf) -> bool {
     let second_parameter = || -> Option<String> {
-        let function = btf
-            .resolve_types_by_name("kvfree_call_rcu")
-            .ok()?
-            .into_iter()
-            .find_map(|candidate| match candidate {
-                btf_rs::Type::Func(function) => Some(function),
-                _ => None,
-            })?;
-        let btf_rs::Type::FuncProto(prototype) = btf.resolve_chained_type(&function).ok()? else {
-            return None;
-        };
+        let prototype = function_prototype(btf, "kvfree_call_rcu")?;
         btf.resolve_name(prototype.parameters.get(1)?).ok()
     };
     second_parameter().as_deref() == Some("func")
+}
+
+/// How many arguments the kernel function `name` takes, from its BTF prototype; `None` where
+/// the kernel's BTF has no such function (it was inlined, or does not exist).
+pub fn argument_count(btf: &btf_rs::Btf, name: &str) -> Option<u32> {
+    u32::try_from(function_prototype(btf, name)?.parameters.len()).ok()
+}
+
+/// Whether the raw `kmem_cache_alloc` tracepoint passes the cache (`struct kmem_cache *s`,
+/// Linux 6.1+) as its third argument, rather than the requested size; from the prototype of
+/// the tracepoint's BTF typedef, `btf_trace_kmem_cache_alloc` (its first parameter is the
+/// probe's `void *__data`). `None` where the kernel's BTF has no such typedef.
+pub fn raw_cache_alloc_passes_cache(btf: &btf_rs::Btf) -> Option<bool> {
+    let typedef = btf
+        .resolve_types_by_name("btf_trace_kmem_cache_alloc")
+        .ok()?
+        .into_iter()
+        .find(|candidate| matches!(candidate, btf_rs::Type::Typedef(_)))?;
+    let btf_rs::Type::Typedef(typedef) = typedef else {
+        return None;
+    };
+    let btf_rs::Type::Ptr(pointer) = btf.resolve_chained_type(&typedef).ok()? else {
+        return None;
+    };
+    let btf_rs::Type::FuncProto(prototype) = btf.resolve_chained_type(&pointer).ok()? else {
+        return None;
+    };
+    let third = prototype.parameters.get(3)?;
+    let mut pointee = match btf.resolve_chained_type(third).ok()? {
+        btf_rs::Type::Ptr(pointer) => btf.resolve_chained_type(&pointer).ok()?,
+        _ => return Some(false),
+    };
+    // `const struct kmem_cache *` on some kernels.
+    while let btf_rs::Type::Const(qualified) | btf_rs::Type::Volatile(qualified) = pointee {
+        pointee = btf.resolve_chained_type(&qualified).ok()?;
+    }
+    Some(match pointee {
+        btf_rs::Type::Struct(structure) => {
+            btf.resolve_name(&structure).ok().as_deref() == Some("kmem_cache")
+        }
+        _ => false,
+    })
+}
+
+/// The BTF prototype of the kernel function `name`.
+fn function_prototype(btf: &btf_rs::Btf, name: &str) -> Option<btf_rs::FuncProto> {
+    let function =
+        btf.resolve_types_by_name(name).ok()?.into_iter().find_map(
+            |candidate| match candidate {
+                btf_rs::Type::Func(function) => Some(function),
+                _ => None,
+            },
+        )?;
+    match btf.resolve_chained_type(&function).ok()? {
+        btf_rs::Type::FuncProto(prototype) => Some(prototype),
+        _ => None,
+    }
 }
 
 /// Offsets in `struct kmem_cache` that the tp_btf programs read through the cache pointer.

@@ -15,6 +15,7 @@ use super::{
 };
 use crate::{
     bpf::maps::{self as table, TracerMaps},
+    kinds::KindAttach,
     scan,
     symbols::{KernelSymbolizer, allocators},
     util::units::thousands,
@@ -25,8 +26,9 @@ pub struct ReportHeader {
     pub kernel: String,
     pub elapsed: Duration,
     pub attach: String,
-    /// kmem_cache records name their cache by its `struct kmem_cache *` (tp_btf), rather
-    /// than by a hash of its name.
+    pub methods: Vec<KindAttach>,
+    /// kmem_cache records name their cache by its `struct kmem_cache *` (tp_btf, raw_tp from
+    /// Linux 6.1), rather than by a hash of its name or not at all.
     pub cache_ids_are_pointers: bool,
     pub notes: Vec<String>,
     pub free_paths: Vec<String>,
@@ -138,6 +140,7 @@ pub fn build_report(
         kernel: header.kernel,
         duration_ms: header.elapsed.as_millis() as u64,
         attach: header.attach,
+        methods: header.methods,
         free_paths: header.free_paths,
         sample_rate: options.tracer.sample_rate,
         stack_sample_rate: options.tracer.stack_sample_rate,

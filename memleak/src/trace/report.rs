@@ -10,7 +10,7 @@ use super::{
 };
 use crate::{
     bpf::maps::Counters,
-    kinds::kind_name,
+    kinds::{KindAttach, kind_name},
     scan::{FreeReason, Liveness, ScanReport},
     symbols::{Frame, allocators::is_allocator_internal},
 };
@@ -24,8 +24,11 @@ pub struct Report {
     /// Kernel release (`uname -r`).
     pub kernel: String,
     pub duration_ms: u64,
-    /// `tp_btf` or `tracepoint`.
+    /// How the slab events are followed: `tp_btf`, `raw_tp` or `tracepoint`.
     pub attach: String,
+    /// How each kind traced is followed, and why not more cheaply.
+    #[serde(default)]
+    pub methods: Vec<KindAttach>,
     /// The free paths followed as they happen, each with its hook: `kfree (tp_btf)`,
     /// `kvfree_call_rcu (fentry)`. Frees by other paths are found at report time by the
     /// liveness check (slab) or not at all (see `notes`).
@@ -504,6 +507,7 @@ pub(crate) mod fixtures {
             kernel: "6.18.0-test".into(),
             duration_ms: 2_000,
             attach: "tp_btf".into(),
+            methods: Vec::new(),
             free_paths: Vec::new(),
             sample_rate,
             stack_sample_rate: 64,

@@ -2,12 +2,15 @@
 /*
  * leaky: a kernel module whose leaks are known in advance, for memleak's VM tests.
  *
- * On load it makes three kinds of allocations, n of each (module parameter, default 100):
+ * On load it makes these allocations, n of each (module parameter, default 100):
  *   - leaky_kmalloc:     kzalloc(64) objects that are never freed;
  *   - leaky_cache_alloc: objects from its own kmem_cache "leaky_cache" that are never freed;
+ *   - leaky_vmalloc:     vzalloc(64) areas that are never freed;
+ *   - leaky_percpu:      alloc_percpu(u64) elements that are never freed;
+ *   - leaky_pages:       single unmovable pages that are never freed;
  *   - clean_alloc:       kmalloc(64) objects that are freed right away (not a leak).
  *
- * The leaked objects are deliberately unreferenced: no pointer to them is kept anywhere, so
+ * The leaked slab objects are deliberately unreferenced: no pointer to them is kept anywhere, so
  * kmemleak reports them too (cargo xtask vm-test compares the two). They are zeroed: a recycled
  * kmalloc object may still hold its previous user's pointers to its neighbours, and such stale
  * pointers chain the leaked objects to live memory, hiding all of them from kmemleak.
@@ -17,8 +20,11 @@
  * Unloading destroys leaky_cache while it still holds objects, which the kernel reports
  * loudly; the tests leave the module loaded.
  */
+#include <linux/gfp.h>
 #include <linux/module.h>
+#include <linux/percpu.h>
 #include <linux/slab.h>
+#include <linux/vmalloc.h>
 
 static unsigned int n = 100;
 module_param(n, uint, 0444);
@@ -55,6 +61,36 @@ static noinline unsigned int leaky_cache_alloc(unsigned int count)
 	return done;
 }
 
+static noinline unsigned int leaky_vmalloc(unsigned int count)
+{
+	unsigned int i, done = 0;
+
+	for (i = 0; i < count; i++)
+		if (vzalloc(OBJECT_SIZE))
+			done++;
+	return done;
+}
+
+static noinline unsigned int leaky_percpu(unsigned int count)
+{
+	unsigned int i, done = 0;
+
+	for (i = 0; i < count; i++)
+		if (alloc_percpu(u64))
+			done++;
+	return done;
+}
+
+static noinline unsigned int leaky_pages(unsigned int count)
+{
+	unsigned int i, done = 0;
+
+	for (i = 0; i < count; i++)
+		if (alloc_page(GFP_KERNEL))
+			done++;
+	return done;
+}
+
 static noinline unsigned int clean_alloc(unsigned int count)
 {
 	unsigned int i, done = 0;
@@ -72,16 +108,19 @@ static noinline unsigned int clean_alloc(unsigned int count)
 
 static int __init leaky_init(void)
 {
-	unsigned int leaked, cached, clean;
+	unsigned int leaked, cached, areas, elements, pages, clean;
 
 	leaky_cache = kmem_cache_create("leaky_cache", OBJECT_SIZE, 0, 0, leaky_ctor);
 	if (!leaky_cache)
 		return -ENOMEM;
 	leaked = leaky_kmalloc(n);
 	cached = leaky_cache_alloc(n);
+	areas = leaky_vmalloc(n);
+	elements = leaky_percpu(n);
+	pages = leaky_pages(n);
 	clean = clean_alloc(n);
-	pr_info("leaky: leaked %u kmalloc and %u leaky_cache objects, freed %u\n",
-		leaked, cached, clean);
+	pr_info("leaky: leaked %u kmalloc and %u leaky_cache objects, %u vmalloc areas, %u percpu elements and %u pages; freed %u\n",
+		leaked, cached, areas, elements, pages, clean);
 	return 0;
 }
 

@@ -10,10 +10,22 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 
 use super::run_quietly;
-use crate::apt::{self, Apt};
+use crate::apt::Apt;
 
-/// The start of an xz stream: the compressed kernel inside a bzImage is one.
-const XZ_MAGIC: &[u8] = &[0xfd, b'7', b'z', b'X', b'Z', 0x00];
+/// How the kernel inside a bzImage may be compressed, by the magic its stream starts with, and
+/// the decompressor's command: xz (Debian 11 and 12), zstd (Debian 12's backported 6.12).
+const COMPRESSIONS: [(&[u8], &str, &[&str]); 2] = [
+    (
+        &[0xfd, b'7', b'z', b'X', b'Z', 0x00],
+        "xz",
+        &["--decompress", "--stdout", "--single-stream"],
+    ),
+    (
+        &[0x28, 0xb5, 0x2f, 0xfd],
+        "zstd",
+        &["--decompress", "--stdout"],
+    ),
+];
 
 /// A kernel to boot and build modules for: a tree modules build against (Debian's unpacked
 /// headers, or a whole build tree) with an uncompressed `vmlinux` next to its Makefile (module
@@ -27,24 +39,16 @@ impl Kernel {
     pub fn vmlinux(&self) -> PathBuf {
         self.tree.join("vmlinux")
     }
-
-    /// `6.1` for `6.1.0-56-amd64`: the series Debian names source and kbuild packages by.
-    pub fn series(&self) -> Result<&str> {
-        let mut dots = self.release.match_indices('.').map(|(index, _)| index);
-        let end = dots
-            .nth(1)
-            .with_context(|| format!("kernel release {} has no X.Y.Z", self.release))?;
-        Ok(&self.release[..end])
-    }
 }
 
-/// The kernel linux-image-amd64 currently points at, from the cache or downloaded into it.
+/// The kernel linux-image-amd64 currently points at in `apt`'s suite, from the cache or
+/// downloaded into it.
 pub fn fetch(apt: &mut Apt, cache: &Path) -> Result<Kernel> {
-    let release = match current_release() {
+    let release = match current_release(apt) {
         Ok(release) => release,
         Err(_) => {
             apt.update_once()?;
-            current_release()?
+            current_release(apt)?
         }
     };
     let unpacked = cache.join(&release);
@@ -66,8 +70,8 @@ pub fn fetch(apt: &mut Apt, cache: &Path) -> Result<Kernel> {
 }
 
 /// `6.1.0-56-amd64`, from `linux-image-amd64`'s dependency on `linux-image-6.1.0-56-amd64`.
-fn current_release() -> Result<String> {
-    let depends = apt::cache(&["depends", "linux-image-amd64"])?;
+fn current_release(apt: &Apt) -> Result<String> {
+    let depends = apt.cache(&["depends", "linux-image-amd64"])?;
     dependencies(&depends, "linux-image-")
         .into_iter()
         .next()
@@ -87,7 +91,7 @@ fn dependencies(depends: &str, prefix: &str) -> Vec<String> {
 fn download_and_unpack(apt: &Apt, release: &str, unpacked: &Path) -> Result<()> {
     let headers = format!("linux-headers-{release}");
     // linux-headers-RELEASE depends on the -common headers and on linux-kbuild-X.Y.
-    let headers_depends = apt::cache(&["depends", &headers])?;
+    let headers_depends = apt.cache(&["depends", &headers])?;
     let mut packages = vec![format!("linux-image-{release}"), headers];
     for prefix in ["linux-headers-", "linux-kbuild-"] {
         packages.extend(
@@ -105,7 +109,7 @@ fn download_and_unpack(apt: &Apt, release: &str, unpacked: &Path) -> Result<()> 
 
     // Everything happens in a staging directory that is renamed at the end, so an interrupted
     // run leaves no half-unpacked kernel that a later run would trust.
-    let staging = unpacked.with_extension("partial");
+    let staging = PathBuf::from(format!("{}.partial", unpacked.display()));
     if staging.exists() {
         fs::remove_dir_all(&staging).with_context(|| format!("removing {}", staging.display()))?;
     }
@@ -185,40 +189,57 @@ fn point_makefile_at(headers_dir: &Path, usr_src: &Path) -> Result<()> {
     fs::write(&makefile, rewritten).with_context(|| format!("writing {}", makefile.display()))
 }
 
-/// Writes the ELF kernel inside a bzImage: the first xz stream after the setup code.
-/// qemu boots it directly through its PVH entry point, which skips the decompressor (slow
-/// under TCG).
+/// Writes the ELF kernel inside a bzImage: the first compressed stream after the setup code
+/// whose kind is the earliest found. qemu boots it directly through its PVH entry point, which
+/// skips the decompressor (slow under TCG).
 fn decompress_kernel(bzimage: &[u8], vmlinux: &Path) -> Result<()> {
-    let start = bzimage
-        .windows(XZ_MAGIC.len())
-        .position(|window| window == XZ_MAGIC)
-        .context("the kernel image holds no xz stream (not an xz-compressed bzImage?)")?;
+    let (start, program, args) = COMPRESSIONS
+        .iter()
+        .filter_map(|&(magic, program, args)| {
+            let start = bzimage
+                .windows(magic.len())
+                .position(|window| window == magic)?;
+            Some((start, program, args))
+        })
+        .min_by_key(|&(start, _, _)| start)
+        .context("the kernel image holds no xz or zstd stream (not a bzImage?)")?;
     let output =
         fs::File::create(vmlinux).with_context(|| format!("creating {}", vmlinux.display()))?;
-    let mut xz = Command::new("xz")
-        .args(["--decompress", "--stdout", "--single-stream"])
+    let mut decompressor = Command::new(program)
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(output)
+        // zstd complains about the bzImage's trailer after the frame; what it wrote is checked
+        // below.
+        .stderr(Stdio::null())
         .spawn()
-        .context("running xz")?;
-    let mut input = xz.stdin.take().context("xz has no stdin")?;
-    // With --single-stream xz stops reading after the stream; the bzImage's trailer may then
-    // meet a closed pipe.
+        .with_context(|| format!("running {program}"))?;
+    let mut input = decompressor
+        .stdin
+        .take()
+        .with_context(|| format!("{program} has no stdin"))?;
+    // The decompressor may stop reading after the stream; the bzImage's trailer may then meet
+    // a closed pipe.
     match input.write_all(&bzimage[start..]) {
         Err(error) if error.kind() != std::io::ErrorKind::BrokenPipe => {
-            return Err(error).context("writing to xz");
+            return Err(error).with_context(|| format!("writing to {program}"));
         }
         _ => drop(input),
     }
-    let status = xz.wait().context("waiting for xz")?;
+    let status = decompressor
+        .wait()
+        .with_context(|| format!("waiting for {program}"))?;
+    // xz stops at the end of its stream and succeeds; zstd reads on into the trailer and fails
+    // after writing the whole frame, which the ELF check below judges.
     ensure!(
-        status.success(),
+        program != "xz" || status.success(),
         "xz failed to decompress the kernel ({status})"
     );
     let written = fs::read(vmlinux).with_context(|| format!("reading {}", vmlinux.display()))?;
     if !written.starts_with(b"\x7fELF") || written.len() < 1 << 20 {
         bail!(
-            "decompressing the kernel gave {} bytes that are not an ELF kernel",
+            "decompressing the kernel with {program} ({status}) gave {} bytes that are not an \
+             ELF kernel",
             written.len()
         );
     }
@@ -250,6 +271,9 @@ pub fn build_module(
             .arg(format!("M={}", build_dir.display()))
             // Debian's kbuild package has no resolve_btfids; a module without BTF ids needs none.
             .arg("RESOLVE_BTFIDS=true")
+            // The host's compiler (HOST_PACKAGES): Debian 11's headers name gcc-10, which
+            // Debian 12 does not have; a module this simple builds the same with gcc-12.
+            .arg("CC=gcc-12")
             .arg("modules"),
     )
     .with_context(|| {
@@ -266,17 +290,6 @@ pub fn build_module(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names_the_series_of_a_release() {
-        let kernel = |release: &str| Kernel {
-            release: release.into(),
-            tree: PathBuf::new(),
-        };
-        assert_eq!(kernel("6.1.0-56-amd64").series().unwrap(), "6.1");
-        assert_eq!(kernel("6.12.48+deb13-amd64").series().unwrap(), "6.12");
-        assert!(kernel("6").series().is_err());
-    }
 
     #[test]
     fn reads_the_release_from_apt_cache_depends() {

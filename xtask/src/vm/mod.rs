@@ -1,15 +1,18 @@
-//! `cargo xtask vm-test`: proves the leak check on a real, different kernel. Boots Debian's
-//! current kernel (6.1 on Debian 12) under qemu with an initramfs holding a static memleak,
-//! busybox and tests/kmod/leaky built against that kernel's headers; inside, memleak must fail
-//! the module's check with the module's exact leaks and pass the check of its clean function.
-//! Then the same in a second guest whose kernel, built from the same source, has kmemleak: its
-//! report must name the same leaking functions as memleak's. In the first guest, workloads that
-//! free all they allocate through kfree_rcu and bulk frees must leave nothing in memleak's
-//! reports (false_leaks.rs).
+//! `cargo xtask vm-test`: proves the leak check on real, different kernels. Boots Debian's
+//! kernels (5.10 from Debian 11, 6.1 from Debian 12, 6.12 from Debian 12's backports) under
+//! qemu, each with an initramfs holding a static memleak, busybox and tests/kmod/leaky built
+//! against that kernel's headers; inside, memleak must fail the module's check with the
+//! module's exact leaks and pass the check of its clean function, and workloads that free all
+//! they allocate through kfree_rcu and bulk frees must leave nothing in memleak's reports
+//! (false_leaks.rs). Then the same leak check in a guest whose kernel, built from Debian 12's
+//! 6.1 source, has kmemleak: its report must name the same leaking functions as memleak's.
+//! Every guest runs even when one fails; the run ends with a support matrix
+//! (`target/vm/support-matrix.md`, matrix.rs).
 mod false_leaks;
 mod guest;
 mod initramfs;
 mod kernel;
+mod matrix;
 mod source_kernel;
 mod verdict;
 
@@ -27,14 +30,15 @@ use self::kernel::Kernel;
 use crate::{apt::Apt, workspace};
 
 /// Host tools: qemu, the guest's shell and insmod (a static busybox), and what building a module
-/// against Debian's headers needs (xz for the kernel image, pahole for module BTF).
-const HOST_PACKAGES: [&str; 8] = [
+/// against Debian's headers needs (xz and zstd for the kernel image, pahole for module BTF).
+const HOST_PACKAGES: [&str; 9] = [
     "qemu-system-x86",
     // musl-gcc: SQLite (rusqlite's bundled C code, for memleak watch's history) in the
     // static guest binary.
     "musl-tools",
     "busybox-static",
     "xz-utils",
+    "zstd",
     "dwarves",
     "make",
     "gcc-12",
@@ -43,21 +47,64 @@ const HOST_PACKAGES: [&str; 8] = [
 /// Building a kernel from source (the kmemleak guest) needs these too.
 const KERNEL_BUILD_PACKAGES: [&str; 4] = ["flex", "bison", "bc", "libelf-dev"];
 const KMEMLEAK_CONFIG: &str = include_str!("../../../tests/vm/kmemleak.config");
+/// The kmemleak kernel is built from the host's (Debian 12's) kernel source.
+const KMEMLEAK_SERIES: &str = "6.1";
 const BUSYBOX: &str = "/bin/busybox";
 const GUEST_TARGET: &str = "x86_64-unknown-linux-musl";
 const GUEST_INIT: &[u8] = include_bytes!("../../../tests/vm/init.sh");
 const MODULE: &str = "leaky";
 
+/// The Debian kernels a guest can boot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum GuestKernel {
+    /// Debian 11's 5.10.
+    #[value(name = "5.10")]
+    Debian11,
+    /// Debian 12's 6.1 (and the kmemleak kernel built from its source).
+    #[value(name = "6.1")]
+    Debian12,
+    /// Debian 12's backported 6.12.
+    #[value(name = "6.12")]
+    Debian12Backports,
+    /// All of them.
+    All,
+}
+
+impl GuestKernel {
+    const EACH: [Self; 3] = [Self::Debian11, Self::Debian12, Self::Debian12Backports];
+
+    /// The suite of Debian's archive whose linux-image-amd64 is booted; `None`: the host's own
+    /// (Debian 12).
+    fn suite(self) -> Option<&'static str> {
+        match self {
+            Self::Debian11 => Some("bullseye"),
+            Self::Debian12 | Self::All => None,
+            Self::Debian12Backports => Some("bookworm-backports"),
+        }
+    }
+
+    fn chosen(self) -> Vec<Self> {
+        match self {
+            Self::All => Self::EACH.to_vec(),
+            one => vec![one],
+        }
+    }
+}
+
 #[derive(clap::Args)]
 pub struct VmTestArgs {
+    /// The Debian kernels to boot
+    #[arg(long, value_enum, default_value_t = GuestKernel::All)]
+    kernel: GuestKernel,
     /// Objects the test module leaks from each of its two leaking functions
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     objects: u64,
     /// Seconds each guest may take from boot to power-off
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(10..=3600))]
     timeout: u64,
-    /// Skip the second guest: a kernel built from Debian's source with kmemleak, whose report
-    /// must name the same leaking functions as memleak (its first build takes minutes)
+    /// Skip the kmemleak guest (run with 6.1): a kernel built from Debian 12's source with
+    /// kmemleak, whose report must name the same leaking functions as memleak (its first build
+    /// takes minutes)
     #[arg(long)]
     skip_kmemleak: bool,
 }
@@ -70,12 +117,6 @@ pub fn run(args: &VmTestArgs) -> Result<()> {
     let mut apt = Apt::default();
     apt.install_missing(&HOST_PACKAGES)?;
     let cache = cache_dir()?;
-    let debian = kernel::fetch(&mut apt, &cache)?;
-    step(&format!(
-        "kernel {} ready in {}",
-        debian.release,
-        cache.display()
-    ));
     let memleak = build_static(root, "memleak", "memleak")?;
     let fixture = build_static(root, "memleak-tests", "memleak-fixture")?;
     step(&format!(
@@ -83,7 +124,6 @@ pub fn run(args: &VmTestArgs) -> Result<()> {
         memleak.display(),
         fixture.display()
     ));
-
     let run = GuestRun {
         root,
         memleak: &memleak,
@@ -91,46 +131,67 @@ pub fn run(args: &VmTestArgs) -> Result<()> {
         args,
         step: &step,
     };
-    let (findings, results) = run.check(&debian)?;
-    let mut summary = vec![findings.summary()];
-    let churn = false_leaks::judge(&results).with_context(|| {
-        format!(
-            "on {}: the guest's reports are in {}",
-            debian.release,
-            work_dir(root, &debian).display()
-        )
-    })?;
-    for line in &churn {
-        step(&format!("{}: {line}", debian.release));
-    }
-    summary.push(format!(
-        "free-path churn left nothing ({} workloads)",
-        churn.len()
-    ));
 
-    if !args.skip_kmemleak {
-        apt.install_missing(&KERNEL_BUILD_PACKAGES)?;
-        let kmemleak_kernel =
-            source_kernel::fetch_or_build(&mut apt, &cache, debian.series()?, KMEMLEAK_CONFIG)?;
-        step(&format!(
-            "kmemleak kernel {} ready in {}",
-            kmemleak_kernel.release,
-            kmemleak_kernel.tree.display()
-        ));
-        let (findings, results) = run.check(&kmemleak_kernel)?;
-        let kmemleak = verdict::compare_with_kmemleak(&results).with_context(|| {
-            format!(
-                "on {}: the guest's reports are in {}",
-                kmemleak_kernel.release,
-                work_dir(root, &kmemleak_kernel).display()
-            )
-        })?;
-        summary.push(format!("{}; {kmemleak}", findings.summary()));
+    // Every guest runs, whatever the others did: the matrix shows them all.
+    let mut rows = Vec::new();
+    let mut failures = Vec::new();
+    for guest in args.kernel.chosen() {
+        let guest_started = Instant::now();
+        let (row, verdict) = run.debian_guest(guest, &mut apt, &cache);
+        let seconds = guest_started.elapsed().as_secs_f64();
+        let name = row
+            .as_ref()
+            .map_or_else(|| format!("{guest:?}"), |row| row.kernel.clone());
+        match &verdict {
+            Ok(summary) => step(&format!("{name} passed in {seconds:.0} s: {summary}")),
+            Err(error) => {
+                step(&format!("{name} failed in {seconds:.0} s: {error:#}"));
+                failures.push(format!("{name}: {error:#}"));
+            }
+        }
+        if let Some(row) = row {
+            let verdict = match verdict {
+                Ok(_) => row.verdict.clone(),
+                Err(_) => "failed".to_owned(),
+            };
+            rows.push(matrix::Row {
+                seconds,
+                verdict,
+                ..row
+            });
+        }
     }
+    if !args.skip_kmemleak && args.kernel.chosen().contains(&GuestKernel::Debian12) {
+        let guest_started = Instant::now();
+        let outcome = run.kmemleak_guest(&mut apt, &cache);
+        let seconds = guest_started.elapsed().as_secs_f64();
+        match outcome {
+            Ok((row, summary)) => {
+                step(&format!(
+                    "the kmemleak guest passed in {seconds:.0} s: {summary}"
+                ));
+                rows.push(matrix::Row { seconds, ..row });
+            }
+            Err(error) => failures.push(format!("the kmemleak guest: {error:#}")),
+        }
+    }
+    let matrix_path = workspace::target_dir(root).join("vm/support-matrix.md");
+    fs::write(&matrix_path, matrix::render(&rows))
+        .with_context(|| format!("writing {}", matrix_path.display()))?;
+    step(&format!("support matrix in {}", matrix_path.display()));
+    ensure!(
+        failures.is_empty(),
+        "{} of the guests failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
     println!(
         "vm-test: passed in {:.0} s: {}",
         started.elapsed().as_secs_f64(),
-        summary.join("; ")
+        rows.iter()
+            .map(|row| format!("{} {:.0} s", row.kernel, row.seconds))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     Ok(())
 }
@@ -145,8 +206,101 @@ struct GuestRun<'a> {
 }
 
 impl GuestRun<'_> {
-    /// Builds the module for `kernel`, boots it, and judges the two checks inside.
-    fn check(&self, kernel: &Kernel) -> Result<(verdict::Findings, guest::GuestResults)> {
+    /// One Debian kernel's guest: its row of the matrix, when the guest ran far enough to tell
+    /// how memleak attached, and the verdict on its leak checks and churn.
+    fn debian_guest(
+        &self,
+        guest: GuestKernel,
+        host_apt: &mut Apt,
+        cache: &Path,
+    ) -> (Option<matrix::Row>, Result<String>) {
+        let booted = (|| -> Result<_> {
+            let mut private;
+            let apt = match guest.suite() {
+                Some(suite) => {
+                    private = Apt::private(&cache.join(format!("apt-{suite}")), suite)?;
+                    &mut private
+                }
+                None => host_apt,
+            };
+            let debian = kernel::fetch(apt, cache)?;
+            (self.step)(&format!(
+                "kernel {} ready in {}",
+                debian.release,
+                cache.display()
+            ));
+            let results = self.boot(&debian)?;
+            Ok((debian, results))
+        })();
+        let (debian, results) = match booted {
+            Ok(booted) => booted,
+            Err(error) => return (None, Err(error)),
+        };
+        let mut row = matrix::Row::from_results(&debian.release, &results);
+        if memleak::bpf::probes::predates_bpf_atomics(&debian.release) {
+            let verdict = match verdict::judge_refusal(&results) {
+                Ok(line) => {
+                    row.verdict = "refused: needs Linux 5.12".to_owned();
+                    row.missing = vec![line];
+                    Ok("memleak refused it in one line, with status 2".to_owned())
+                }
+                Err(error) => Err(error.context(self.where_to_look(&debian))),
+            };
+            return (Some(row), verdict);
+        }
+        let judged = (|| -> Result<String> {
+            let findings = verdict::judge(&results, self.args.objects)?;
+            for note in &findings.notes {
+                (self.step)(&format!("memleak noted on {}: {note}", debian.release));
+            }
+            let churn = false_leaks::judge(&results)?;
+            for line in &churn {
+                (self.step)(&format!("{}: {line}", debian.release));
+            }
+            Ok(format!(
+                "{}; free-path churn left nothing ({} workloads)",
+                findings.summary(),
+                churn.len()
+            ))
+        })()
+        .with_context(|| self.where_to_look(&debian));
+        (Some(row), judged)
+    }
+
+    /// The guest whose kernel, built from Debian 12's 6.1 source, has kmemleak: memleak's
+    /// leak check there, and kmemleak's report beside it.
+    fn kmemleak_guest(&self, apt: &mut Apt, cache: &Path) -> Result<(matrix::Row, String)> {
+        apt.install_missing(&KERNEL_BUILD_PACKAGES)?;
+        let kernel = source_kernel::fetch_or_build(apt, cache, KMEMLEAK_SERIES, KMEMLEAK_CONFIG)?;
+        (self.step)(&format!(
+            "kmemleak kernel {} ready in {}",
+            kernel.release,
+            kernel.tree.display()
+        ));
+        let results = self.boot(&kernel)?;
+        let findings = verdict::judge(&results, self.args.objects)
+            .with_context(|| self.where_to_look(&kernel))?;
+        let kmemleak = verdict::compare_with_kmemleak(&results)
+            .with_context(|| self.where_to_look(&kernel))?;
+        let row = matrix::Row::from_results(
+            &format!("{} (tinyconfig, kmemleak, no BTF)", kernel.release),
+            &results,
+        );
+        Ok((row, format!("{}; {kmemleak}", findings.summary())))
+    }
+
+    fn where_to_look(&self, kernel: &Kernel) -> String {
+        let work = work_dir(self.root, kernel);
+        format!(
+            "on {}: the guest's reports are in {}; its console in {}",
+            kernel.release,
+            work.display(),
+            work.join("console.log").display()
+        )
+    }
+
+    /// Builds the module for `kernel`, boots it, and returns what the guest sent.
+    fn boot(&self, kernel: &Kernel) -> Result<guest::GuestResults> {
         let work = work_dir(self.root, kernel);
         let module = kernel::build_module(
             kernel,
@@ -182,18 +336,7 @@ impl GuestRun<'_> {
             let path = work.join(name);
             fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
         }
-        let findings = verdict::judge(&results, self.args.objects).with_context(|| {
-            format!(
-                "on {}: the guest's reports are in {}; its console in {}",
-                kernel.release,
-                work.display(),
-                boot.console_log.display()
-            )
-        })?;
-        for note in &findings.notes {
-            (self.step)(&format!("memleak noted on {}: {note}", kernel.release));
-        }
-        Ok((findings, results))
+        Ok(results)
     }
 }
 

@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 
 use super::{kernel::Kernel, run_quietly};
-use crate::apt::{self, Apt};
+use crate::apt::Apt;
 
 /// Written last: a tree without it is an interrupted build and is started over.
 const BUILT_MARKER: &str = ".memleak-vm-built";
@@ -20,11 +20,11 @@ const BUILT_MARKER: &str = ".memleak-vm-built";
 /// The `linux-source-SERIES` kernel built with tinyconfig plus `config` (a Kconfig fragment).
 pub fn fetch_or_build(apt: &mut Apt, cache: &Path, series: &str, config: &str) -> Result<Kernel> {
     let package = format!("linux-source-{series}");
-    let version = match candidate_version(&package) {
+    let version = match candidate_version(apt, &package) {
         Ok(version) => version,
         Err(_) => {
             apt.update_once()?;
-            candidate_version(&package)?
+            candidate_version(apt, &package)?
         }
     };
     let mut hasher = DefaultHasher::new();
@@ -43,8 +43,8 @@ pub fn fetch_or_build(apt: &mut Apt, cache: &Path, series: &str, config: &str) -
 }
 
 /// `6.1.192-2`: the version apt would download.
-fn candidate_version(package: &str) -> Result<String> {
-    let show = apt::cache(&["show", "--no-all-versions", package])?;
+fn candidate_version(apt: &Apt, package: &str) -> Result<String> {
+    let show = apt.cache(&["show", "--no-all-versions", package])?;
     show.lines()
         .find_map(|line| line.strip_prefix("Version: "))
         .map(str::to_owned)

@@ -28,9 +28,47 @@ const LEAKS: [ExpectedLeak; 2] = [
         cache: None,
     },
 ];
+/// The module's leaks of the other kinds: (function, kind), `n` each, checked exactly where
+/// memleak follows the kind on the guest's kernel, and otherwise required to be noted.
+const OTHER_LEAKS: [(&str, &str); 3] = [
+    ("leaky_vmalloc", "vmalloc"),
+    ("leaky_percpu", "percpu"),
+    ("leaky_pages", "page"),
+];
+/// The kinds kmemleak tracks besides slab objects (not pages).
+const KMEMLEAK_KINDS: [&str; 2] = ["vmalloc", "percpu"];
 const MODULE: &str = "leaky";
 const OWN_CACHE: &str = "leaky_cache";
 const CLEAN_FUNCTION: &str = "clean_alloc";
+
+/// Whether memleak followed `kind` on the guest, by the report's attach methods.
+fn follows(report: &TraceReport, kind: &str) -> bool {
+    report
+        .methods
+        .iter()
+        .any(|method| method.kind == kind && method.method != "none")
+}
+
+/// On a kernel older than Linux 5.12, which memleak cannot trace (see
+/// `memleak::bpf::probes::attach`): the first `memleak run` of the guest must fail with status 2
+/// and one line that says why, not a verifier dump or a silent pass.
+pub fn judge_refusal(results: &GuestResults) -> Result<String> {
+    let status = results.file("clean.status")?;
+    let stderr = results.file("clean.stderr").unwrap_or_default();
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .collect();
+    ensure!(
+        status == "2"
+            && lines.len() == 1
+            && lines[0].starts_with("memleak: error: ")
+            && lines[0].contains("older than 5.12"),
+        "on a kernel older than 5.12, `memleak run` must exit 2 with a one-line error naming \
+         Linux 5.12; it exited {status} and printed:\n{stderr}"
+    );
+    Ok(lines[0].to_owned())
+}
 
 /// What the checks found, for the summary line.
 pub struct Findings {
@@ -86,20 +124,27 @@ pub fn judge(results: &GuestResults, objects: u64) -> Result<Findings> {
          does not note that it could not read cache names: {:#?}",
         leaky.notes
     );
-    // How memleak attached, and why: tests/vm/init.sh leaves --attach at auto, so classic
-    // tracepoints need a note saying why BTF tracepoints were not used, and a guest without
-    // BTF cannot have used them.
+    // How memleak attached, and why: tests/vm/init.sh leaves --attach at auto. With kernel
+    // BTF the slab events are tp_btf or, where the verifier refuses those, raw tracepoints
+    // (which need BTF only for their argument list), with the reason; without BTF, classic
+    // tracepoints, with a note saying so.
     let attach = leaky.attach.as_str();
+    let slab_why = leaky
+        .methods
+        .iter()
+        .find(|method| method.kind == "slab" && method.method == attach)
+        .map(|method| method.why.as_deref());
     ensure!(
-        match attach {
-            "tp_btf" => guest_has_btf,
-            "tracepoint" =>
-                has_note("using classic tracepoints")
-                    && (guest_has_btf || has_note("kernel has no BTF")),
+        match (attach, slab_why) {
+            ("tp_btf", Some(None)) => guest_has_btf,
+            ("raw_tp", Some(Some(why))) => guest_has_btf && why.contains("tp_btf"),
+            ("tracepoint", Some(_)) => !guest_has_btf && has_note("kernel has no BTF"),
             _ => false,
         },
-        "memleak attached with {attach:?} on a guest {} kernel BTF; its notes: {:#?}",
+        "memleak attached with {attach:?} on a guest {} kernel BTF; its methods: {:#?}; its \
+         notes: {:#?}",
         if guest_has_btf { "with" } else { "without" },
+        leaky.methods,
         leaky.notes
     );
     let mut leaks = Vec::new();
@@ -128,6 +173,29 @@ pub fn judge(results: &GuestResults, objects: u64) -> Result<Findings> {
             "{}: {objects} {} objects in {expected_cache_name}",
             site.call_site, leak.kind
         ));
+    }
+    for (function, kind) in OTHER_LEAKS {
+        let at_function: Vec<_> = sites
+            .iter()
+            .filter(|site| is_in(Some(&site.call_site), function))
+            .collect();
+        if !follows(&leaky, kind) {
+            ensure!(
+                at_function.is_empty() && has_note(&format!("{kind} allocations not followed")),
+                "memleak does not follow {kind} allocations on this kernel, yet it lists \
+                 {at_function:?} or does not say why not: {:#?}",
+                leaky.notes
+            );
+            leaks.push(format!("{function}: {kind} not followed (noted)"));
+            continue;
+        }
+        let count: u64 = at_function.iter().map(|site| site.count).sum();
+        ensure!(
+            count == objects && at_function.iter().all(|site| site.kind == kind),
+            "{function}: expected {objects} {kind} allocations, memleak reported \
+             {at_function:#?}"
+        );
+        leaks.push(format!("{function}: {objects} {kind} allocations"));
     }
     ensure!(
         !sites
@@ -218,6 +286,7 @@ pub fn compare_with_kmemleak(results: &GuestResults) -> Result<String> {
         "`memleak kmemleak` exited {status}; its stderr:\n{}",
         results.file("kmemleak.stderr").unwrap_or_default()
     );
+    let leaky: TraceReport = report(results, "leaky.json")?;
     let report: KmemleakReport = report(results, "kmemleak.json")?;
     let mut named: BTreeMap<&str, u64> = BTreeMap::new();
     for stack in &report.stacks {
@@ -231,14 +300,34 @@ pub fn compare_with_kmemleak(results: &GuestResults) -> Result<String> {
             *named.entry(function).or_default() += stack.count;
         }
     }
-    let mut expected: Vec<&str> = LEAKS.iter().map(|leak| leak.function).collect();
+    // kmemleak also sees the module's vmalloc and percpu leaks; they are compared where memleak
+    // follows those kinds on this kernel, and left out of the comparison where it does not
+    // (its own check requires the note saying so).
+    let not_compared: Vec<&str> = OTHER_LEAKS
+        .iter()
+        .filter(|(_, kind)| KMEMLEAK_KINDS.contains(kind) && !follows(&leaky, kind))
+        .map(|(function, _)| *function)
+        .collect();
+    named.retain(|function, _| !not_compared.contains(function));
+    let mut expected: Vec<&str> = LEAKS
+        .iter()
+        .map(|leak| leak.function)
+        .chain(
+            OTHER_LEAKS
+                .iter()
+                .filter(|(function, kind)| {
+                    KMEMLEAK_KINDS.contains(kind) && !not_compared.contains(function)
+                })
+                .map(|(function, _)| *function),
+        )
+        .collect();
     expected.sort_unstable();
     ensure!(
         named.keys().copied().eq(expected.iter().copied()),
         "kmemleak names {named:?} in the module, memleak names {expected:?}; kmemleak's report: \
          {report:#?}"
     );
-    let memleak = memleak_counts(results)?;
+    let memleak = memleak_counts(&leaky)?;
     for (function, &count) in &named {
         let theirs = memleak.get(function).copied().unwrap_or(0);
         ensure!(
@@ -249,12 +338,20 @@ pub fn compare_with_kmemleak(results: &GuestResults) -> Result<String> {
         );
     }
     Ok(format!(
-        "kmemleak named the same functions ({})",
+        "kmemleak named the same functions ({}){}",
         named
             .iter()
             .map(|(function, count)| format!("{function}: {count} objects"))
             .collect::<Vec<_>>()
-            .join(", ")
+            .join(", "),
+        if not_compared.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; not compared, their kinds not followed on this kernel: {}",
+                not_compared.join(", ")
+            )
+        }
     ))
 }
 
@@ -264,21 +361,23 @@ fn kmemleak_slack(count: u64) -> u64 {
 }
 
 /// The objects memleak's module-scoped check counted per leaking function.
-fn memleak_counts(results: &GuestResults) -> Result<BTreeMap<&'static str, u64>> {
-    let leaky: TraceReport = report(results, "leaky.json")?;
+fn memleak_counts(leaky: &TraceReport) -> Result<BTreeMap<&'static str, u64>> {
     let check = leaky
         .check
+        .as_ref()
         .context("the report has no module-scoped check")?;
     Ok(LEAKS
         .iter()
-        .map(|leak| {
+        .map(|leak| leak.function)
+        .chain(OTHER_LEAKS.iter().map(|(function, _)| *function))
+        .map(|function| {
             let count = check
                 .sites
                 .iter()
-                .filter(|site| is_in(Some(&site.call_site), leak.function))
+                .filter(|site| is_in(Some(&site.call_site), function))
                 .map(|site| site.count)
                 .sum();
-            (leak.function, count)
+            (function, count)
         })
         .collect())
 }
@@ -322,9 +421,10 @@ fn is_in(frame: Option<&str>, function: &str) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use memleak::{
         bpf::maps::Counters,
+        kinds::KindAttach,
         kmemleak::report::{Sizes, Stack, Stats as KmemleakStats},
         symbols::Frame,
         trace::report::{Entry, LeakingSite, LivenessStats, SCHEMA_VERSION, Stats, Verdict},
@@ -357,7 +457,7 @@ mod tests {
 
     /// The JSON of a `memleak run --fail-on-leak` report on the guest: its check (failed or
     /// not, over `sites`) and `stacks`, with nothing else traced.
-    fn run_report(
+    pub(in crate::vm) fn run_report(
         attach: &str,
         notes: &[&str],
         failed: bool,
@@ -378,6 +478,19 @@ mod tests {
             kernel: "6.1.0-56-amd64".to_owned(),
             duration_ms: 1_000,
             attach: attach.to_owned(),
+            // The other kinds are not followed (as on a guest without BTF), and noted so; a
+            // test that wants them followed says so with `follow_other_kinds`.
+            methods: std::iter::once(KindAttach {
+                kind: "slab".to_owned(),
+                method: attach.to_owned(),
+                why: (attach == "raw_tp").then(|| RAW_WHY.to_owned()),
+            })
+            .chain(OTHER_LEAKS.iter().map(|(_, kind)| KindAttach {
+                kind: (*kind).to_owned(),
+                method: "none".to_owned(),
+                why: Some("not on this kernel".to_owned()),
+            }))
+            .collect(),
             free_paths: Vec::new(),
             sample_rate: 1,
             stack_sample_rate: 1,
@@ -394,7 +507,15 @@ mod tests {
                 bookkeeping_bytes: 0,
                 liveness: LivenessStats::default(),
             },
-            notes: notes.iter().map(|note| (*note).to_owned()).collect(),
+            notes: notes
+                .iter()
+                .map(|note| (*note).to_owned())
+                .chain(
+                    OTHER_LEAKS
+                        .iter()
+                        .map(|(_, kind)| format!("{kind} allocations not followed: not here")),
+                )
+                .collect(),
             kinds: Vec::new(),
             caches: Vec::new(),
             processes: None,
@@ -434,8 +555,7 @@ mod tests {
     const NOT_READ: &str = "slab caches are not read from the kernel: no BTF";
     const NO_BTF: &str =
         "/sys/kernel/btf/vmlinux not found: kernel has no BTF, using classic tracepoints";
-    const FELL_BACK: &str =
-        "BTF tracepoints unavailable (verifier: invalid access); using classic tracepoints";
+    const RAW_WHY: &str = "tp_btf: the kernel's verifier rejected kmalloc_btf";
 
     /// What a correct run on Linux 6.1 (no cache names in classic kmem_cache_alloc) without
     /// kernel BTF (so no cache read from kernel memory either) sends.
@@ -516,7 +636,9 @@ mod tests {
     #[test]
     fn accepts_both_leaks_with_exact_counts() {
         let findings = judge(&guest(correct_sites(), N), N).unwrap();
-        assert_eq!(findings.leaks.len(), 2);
+        // Two slab leaks, and the three kinds this guest does not follow, noted.
+        assert_eq!(findings.leaks.len(), 5);
+        assert!(findings.leaks[2].ends_with("not followed (noted)"));
         assert_eq!(findings.attach, "tracepoint");
     }
 
@@ -561,7 +683,7 @@ mod tests {
         named[0].cache = Some(OWN_CACHE.to_owned());
         results.files.insert(
             "leaky.json".into(),
-            run_report("tracepoint", &[FELL_BACK], true, named, Vec::new()),
+            run_report("raw_tp", &[], true, named, Vec::new()),
         );
         assert!(judge(&results, N).is_ok());
         // The guest must say.
@@ -569,6 +691,95 @@ mod tests {
         assert!(judge(&results, N).is_err());
         results.files.insert("btf".into(), "maybe".into());
         assert!(judge(&results, N).is_err());
+    }
+
+    /// `json` (a report of `run_report`) with the other kinds followed by `method`, their
+    /// notes gone, and `sites` added to its check.
+    fn follow_other_kinds(json: &str, sites: Vec<LeakingSite>) -> String {
+        let mut report: TraceReport = serde_json::from_str(json).unwrap();
+        for method in &mut report.methods {
+            if method.kind != "slab" {
+                method.method = "tp_btf".to_owned();
+                method.why = None;
+            }
+        }
+        report
+            .notes
+            .retain(|note| !note.contains("allocations not followed"));
+        report.check.as_mut().unwrap().sites.extend(sites);
+        serde_json::to_string(&report).unwrap()
+    }
+
+    #[test]
+    fn other_kinds_are_checked_exactly_where_followed() {
+        let mut results = guest(correct_sites(), N);
+        // Not followed and noted: passes without their sites.
+        assert!(judge(&results, N).is_ok());
+        let leaky = results.file("leaky.json").unwrap().to_owned();
+        let others = |count: u64| -> Vec<LeakingSite> {
+            OTHER_LEAKS
+                .iter()
+                .map(|(function, kind)| site(function, kind, None, count))
+                .collect()
+        };
+        // Not followed, yet listed: a contradiction.
+        let mut listed: TraceReport = serde_json::from_str(&leaky).unwrap();
+        listed.check.as_mut().unwrap().sites.extend(others(N));
+        results
+            .files
+            .insert("leaky.json".into(), serde_json::to_string(&listed).unwrap());
+        assert!(judge(&results, N).is_err());
+        // Followed: each with exactly N.
+        results
+            .files
+            .insert("leaky.json".into(), follow_other_kinds(&leaky, others(N)));
+        assert!(judge(&results, N).is_ok());
+        results.files.insert(
+            "leaky.json".into(),
+            follow_other_kinds(&leaky, others(N - 1)),
+        );
+        assert!(judge(&results, N).is_err());
+        results
+            .files
+            .insert("leaky.json".into(), follow_other_kinds(&leaky, Vec::new()));
+        assert!(judge(&results, N).is_err());
+        // Followed but not noted as missing is fine; missing the note while not followed is not.
+        let mut silent: TraceReport = serde_json::from_str(&leaky).unwrap();
+        silent
+            .notes
+            .retain(|note| !note.contains("allocations not followed"));
+        results
+            .files
+            .insert("leaky.json".into(), serde_json::to_string(&silent).unwrap());
+        assert!(judge(&results, N).is_err());
+    }
+
+    #[test]
+    fn an_old_kernel_must_be_refused_in_one_line_with_status_2() {
+        let refused = |status: &str, stderr: &str| {
+            let results = GuestResults {
+                files: [("clean.status", status), ("clean.stderr", stderr)]
+                    .into_iter()
+                    .map(|(name, text)| (name.to_owned(), text.to_owned()))
+                    .collect(),
+                done: true,
+            };
+            judge_refusal(&results)
+        };
+        let line = "memleak: error: Linux 5.10.0-32-amd64 is older than 5.12, the first kernel \
+                    whose BPF has the atomic compare-and-exchange memleak's object table needs: \
+                    the kernel's verifier rejected kmalloc_classic";
+        assert!(refused("2", line).is_ok());
+        assert!(refused("1", line).is_err());
+        assert!(refused("0", "").is_err());
+        assert!(
+            refused(
+                "2",
+                "memleak: error: the kernel's verifier rejected kmalloc"
+            )
+            .is_err()
+        );
+        assert!(refused("2", &format!("{line}\nthread 'main' panicked")).is_err());
     }
 
     #[test]
@@ -591,13 +802,25 @@ mod tests {
             judge(&results, N)
         };
         assert!(leaky("tp_btf", &[], "yes").is_ok());
-        assert!(leaky("tracepoint", &[FELL_BACK], "yes").is_ok());
+        assert!(leaky("raw_tp", &[], "yes").is_ok());
         assert!(leaky("tracepoint", &[NO_BTF], "no").is_ok());
-        // Classic tracepoints without a word why, BTF tracepoints without BTF, or nonsense.
-        assert!(leaky("tracepoint", &[], "yes").is_err());
-        assert!(leaky("tracepoint", &[FELL_BACK], "no").is_err());
+        // Classic tracepoints where BTF makes raw ones possible, or without a word why; BTF or
+        // raw tracepoints without BTF; nonsense.
+        assert!(leaky("tracepoint", &[NO_BTF], "yes").is_err());
+        assert!(leaky("tracepoint", &[], "no").is_err());
+        assert!(leaky("raw_tp", &[], "no").is_err());
         assert!(leaky("tp_btf", &[], "no").is_err());
         assert!(leaky("kprobe", &[], "yes").is_err());
+        // Raw tracepoints without the reason tp_btf was passed over.
+        let mut results = guest(correct_sites(), N);
+        let mut named = correct_sites();
+        named[0].cache = Some(OWN_CACHE.to_owned());
+        let silent = run_report("raw_tp", &[], true, named, Vec::new())
+            .replace(&format!(r#","why":"{RAW_WHY}""#), "");
+        assert!(!silent.contains(RAW_WHY));
+        results.files.insert("leaky.json".into(), silent);
+        results.files.insert("btf".into(), "yes".into());
+        assert!(judge(&results, N).is_err());
     }
 
     #[test]

@@ -25,6 +25,14 @@ pub fn render_text(report: &Report) -> String {
         report.kernel,
         report.attach,
     );
+    if !report.methods.is_empty() {
+        let methods: Vec<String> = report
+            .methods
+            .iter()
+            .map(|method| format!("{} {}", method.kind, method.method))
+            .collect();
+        let _ = writeln!(out, "attach:  {}", methods.join(", "));
+    }
     let per_second = |events: u64| {
         let seconds = (report.duration_ms as f64 / 1000.0).max(0.001);
         thousands((events as f64 / seconds) as u64)
