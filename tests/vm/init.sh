@@ -38,10 +38,19 @@ memleak run --fail-on-leak --function clean_alloc --grace 1s --top 1000000 --for
     2>/results/clean.stderr
 echo $? >/results/clean.status
 
+# With the module's leaked objects still in leaky_cache: the content scan of that cache (it needs
+# kernel BTF; without, memleak must refuse in one line) and a short classify.
+memleak scan --cache leaky_cache --format json --output /results/scan.json 2>/results/scan.stderr
+echo $? >/results/scan.status
+memleak classify --duration 2s --interval 1s --format json --output /results/classify.json \
+    2>/results/classify.stderr
+echo $? >/results/classify.status
+files_scan="scan.status scan.json scan.stderr classify.status classify.json classify.stderr"
+
 # The host reads which fields the classic event has: on Linux 6.1 it does not name the cache.
 cp /sys/kernel/tracing/events/kmem/kmem_cache_alloc/format /results/kmem_cache_alloc.format
 files="kmem_cache_alloc.format leaky.status leaky.json leaky.xml leaky.stderr clean.status"
-files="$files clean.json clean.stderr"
+files="$files clean.json clean.stderr $files_scan"
 # Whether the guest has kernel BTF: where it does, the host requires memleak to have read the
 # module's cache name from kernel memory (it cannot take memleak's note that it could not).
 if [ -e /sys/kernel/btf/vmlinux ]; then echo yes; else echo no; fi >/results/btf

@@ -14,7 +14,9 @@ use anyhow::{Context as _, Result, bail};
 const MARKER: &str = "memleak-vm: ";
 
 pub struct Boot<'a> {
-    pub vmlinux: &'a Path,
+    /// An uncompressed vmlinux (booted through its PVH entry, at fixed addresses) or a
+    /// bzImage (through the decompressor, with KASLR).
+    pub kernel_image: &'a Path,
     pub initramfs: &'a Path,
     /// Appended to the kernel command line; `KEY=value` words become /init's environment.
     pub init_environment: &'a str,
@@ -38,7 +40,7 @@ impl Boot<'_> {
             .args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "1G"])
             .args(["-nodefaults", "-display", "none", "-no-reboot"])
             .arg("-kernel")
-            .arg(self.vmlinux)
+            .arg(self.kernel_image)
             .arg("-initrd")
             .arg(self.initramfs)
             .arg("-append")

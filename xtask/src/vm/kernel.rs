@@ -33,6 +33,9 @@ const COMPRESSIONS: [(&[u8], &str, &[&str]); 2] = [
 pub struct Kernel {
     pub release: String,
     pub tree: PathBuf,
+    /// The compressed kernel as Debian ships it, when there is one: booting it runs the
+    /// decompressor, which places the kernel at random (KASLR).
+    pub bzimage: Option<PathBuf>,
 }
 
 impl Kernel {
@@ -65,6 +68,7 @@ pub fn fetch(apt: &mut Apt, cache: &Path) -> Result<Kernel> {
     }
     Ok(Kernel {
         tree: unpacked.join(format!("usr/src/linux-headers-{release}")),
+        bzimage: Some(unpacked.join(format!("boot/vmlinuz-{release}"))),
         release,
     })
 }

@@ -39,6 +39,7 @@ pub fn fetch_or_build(apt: &mut Apt, cache: &Path, series: &str, config: &str) -
     Ok(Kernel {
         release: release.trim().to_owned(),
         tree,
+        bzimage: None,
     })
 }
 

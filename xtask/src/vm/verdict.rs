@@ -3,7 +3,10 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Context as _, Result, ensure};
-use memleak::{kmemleak::report::Report as KmemleakReport, trace::report::Report as TraceReport};
+use memleak::{
+    classify::analysis::Report as ClassifyReport, kmemleak::report::Report as KmemleakReport,
+    scan::ScanReport, trace::report::Report as TraceReport,
+};
 use serde::de::DeserializeOwned;
 
 use super::guest::GuestResults;
@@ -40,6 +43,86 @@ const KMEMLEAK_KINDS: [&str; 2] = ["vmalloc", "percpu"];
 const MODULE: &str = "leaky";
 const OWN_CACHE: &str = "leaky_cache";
 const CLEAN_FUNCTION: &str = "clean_alloc";
+
+/// The content scan of `leaky_cache` and a short classify, run while the module's objects are
+/// still allocated (tests/vm/init.sh). With kernel BTF the scan must read the cache: at least
+/// the module's `objects` in use, at least that many holding no informative byte (the module's
+/// objects are zeroed by the cache's constructor and never written); without BTF it must refuse
+/// in one line with status 2. Where the guest booted with KASLR, the direct map and vmemmap
+/// bases the scan found must be other than the fixed ones. classify must finish and sample the
+/// guest's counters.
+pub fn judge_scan_and_classify(
+    results: &GuestResults,
+    objects: u64,
+    kaslr: bool,
+) -> Result<String> {
+    let guest_has_btf = results.file("btf")? == "yes";
+    let scan_status = results.file("scan.status")?;
+    let scan_stderr = results.file("scan.stderr").unwrap_or_default();
+    let scan = if guest_has_btf {
+        ensure!(
+            scan_status == "0",
+            "`memleak scan --cache {OWN_CACHE}` exited {scan_status}; its stderr:\n{scan_stderr}"
+        );
+        let scan: ScanReport = report(results, "scan.json")?;
+        ensure!(
+            scan.scanned_cache == OWN_CACHE
+                && scan.objects >= objects
+                && scan.empty_objects >= objects,
+            "the scan of {OWN_CACHE} must read at least {objects} objects in use, as many of \
+             them empty (zeroed), in {OWN_CACHE} itself: it read {} in use, {} empty, in {}",
+            scan.objects,
+            scan.empty_objects,
+            scan.scanned_cache
+        );
+        ensure!(
+            !kaslr
+                || (!FIXED_PAGE_OFFSET_BASES.contains(&scan.page_offset_base)
+                    && !FIXED_VMEMMAP_BASES.contains(&scan.vmemmap_base)),
+            "the guest booted with KASLR, yet the scan used the fixed bases (page_offset_base \
+             {:#x}, vmemmap_base {:#x})",
+            scan.page_offset_base,
+            scan.vmemmap_base
+        );
+        format!(
+            "scan of {OWN_CACHE}: {} objects in use, {} empty, page_offset_base {:#x}{}",
+            scan.objects,
+            scan.empty_objects,
+            scan.page_offset_base,
+            if kaslr { " (KASLR)" } else { "" }
+        )
+    } else {
+        let lines: Vec<&str> = scan_stderr.lines().collect();
+        ensure!(
+            scan_status == "2" && lines.len() == 1 && lines[0].starts_with("memleak: error: "),
+            "without kernel BTF `memleak scan` must exit 2 with one line; it exited \
+             {scan_status} and printed:\n{scan_stderr}"
+        );
+        "scan refused without BTF, in one line".to_owned()
+    };
+    let classify_status = results.file("classify.status")?;
+    ensure!(
+        classify_status == "0",
+        "`memleak classify` exited {classify_status}; its stderr:\n{}",
+        results.file("classify.stderr").unwrap_or_default()
+    );
+    let classify: ClassifyReport = report(results, "classify.json")?;
+    ensure!(
+        classify.samples >= 2 && !classify.kinds.is_empty(),
+        "`memleak classify` took {} samples and found {} kinds",
+        classify.samples,
+        classify.kinds.len()
+    );
+    Ok(format!(
+        "{scan}; classify: {} samples, {} kinds",
+        classify.samples,
+        classify.kinds.len()
+    ))
+}
+
+/// The direct map's and vmemmap's bases without KASLR (x86-64, 4- and 5-level paging).
+const FIXED_PAGE_OFFSET_BASES: [u64; 2] = [0xffff_8880_0000_0000, 0xff11_0000_0000_0000];
+const FIXED_VMEMMAP_BASES: [u64; 2] = [0xffff_ea00_0000_0000, 0xffd4_0000_0000_0000];
 
 /// Whether memleak followed `kind` on the guest, by the report's attach methods.
 fn follows(report: &TraceReport, kind: &str) -> bool {
@@ -752,6 +835,78 @@ pub(super) mod tests {
             .files
             .insert("leaky.json".into(), serde_json::to_string(&silent).unwrap());
         assert!(judge(&results, N).is_err());
+    }
+
+    /// What a guest sent of its scan and classify: the recorded files of a 6.1 guest (fixed
+    /// bases) or of a 6.12 guest booted with KASLR, both with kernel BTF.
+    fn scanned(kaslr: bool) -> GuestResults {
+        let scan = if kaslr {
+            include_str!("../../testdata/vm/scan-6.12-kaslr.json")
+        } else {
+            include_str!("../../testdata/vm/scan-6.1.json")
+        };
+        let files = [
+            ("btf", "yes"),
+            ("scan.status", "0"),
+            ("scan.json", scan),
+            ("classify.status", "0"),
+            (
+                "classify.json",
+                include_str!("../../testdata/vm/classify-6.12.json"),
+            ),
+        ];
+        GuestResults {
+            files: files
+                .into_iter()
+                .map(|(name, text)| (name.to_owned(), text.to_owned()))
+                .collect(),
+            done: true,
+        }
+    }
+
+    #[test]
+    fn the_scan_must_read_the_modules_objects_and_find_kaslrs_bases() {
+        // Both recorded scans read 112 objects in use in leaky_cache, all empty (100 leaked,
+        // 12 free on a CPU's slab).
+        assert!(judge_scan_and_classify(&scanned(false), 100, false).is_ok());
+        assert!(judge_scan_and_classify(&scanned(true), 100, true).is_ok());
+        assert!(judge_scan_and_classify(&scanned(false), 113, false).is_err());
+        // A guest booted with KASLR whose scan used the fixed bases: the discovery failed.
+        assert!(judge_scan_and_classify(&scanned(false), 100, true).is_err());
+        // Another cache scanned, fewer empty objects, a failed scan or classify.
+        for (file, from, to) in [
+            (
+                "scan.json",
+                "\"scanned_cache\": \"leaky_cache\"",
+                "\"scanned_cache\": \"kmalloc-64\"",
+            ),
+            (
+                "scan.json",
+                "\"empty_objects\": 112",
+                "\"empty_objects\": 99",
+            ),
+            ("scan.status", "0", "1"),
+            ("classify.status", "0", "2"),
+        ] {
+            let mut results = scanned(true);
+            let text = results.file(file).unwrap().replace(from, to);
+            assert_ne!(text, results.file(file).unwrap(), "{file}: {from}");
+            results.files.insert(file.to_owned(), text);
+            assert!(
+                judge_scan_and_classify(&results, 100, true).is_err(),
+                "{file}: {to}"
+            );
+        }
+        // Without BTF the scan must be refused, in one line.
+        let mut results = scanned(false);
+        results.files.insert("btf".into(), "no".into());
+        assert!(judge_scan_and_classify(&results, 100, false).is_err());
+        results.files.insert("scan.status".into(), "2".into());
+        results.files.insert(
+            "scan.stderr".into(),
+            "memleak: error: reading slab caches needs kernel BTF".into(),
+        );
+        assert!(judge_scan_and_classify(&results, 100, false).is_ok());
     }
 
     #[test]
