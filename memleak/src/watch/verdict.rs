@@ -453,6 +453,17 @@ mod tests {
         let judged = judge(&eight, &Thresholds::default()).expect("grew by exactly 8");
         assert_eq!(judged.grown_objects, 8);
         assert_eq!(judged.seconds, 480.0);
+        // The span is last minus first, wherever the series starts (a watch an hour old).
+        let later: Vec<Point> = eight
+            .iter()
+            .map(|point| Point {
+                at_seconds: point.at_seconds + 3600.0,
+                ..*point
+            })
+            .collect();
+        let judged_later = judge(&later, &Thresholds::default()).expect("the same growth");
+        assert_eq!(judged_later.seconds, 480.0);
+        assert!(judged_later.aging, "aged 480 s in 480 s");
         // An oldest object that stays as old is being replaced: not aging, however old.
         let replaced = series(10, 60.0, |i| (1000 + 60 * i as u64, 1000.0));
         let judged = judge(&replaced, &Thresholds::default()).expect("it grows");
