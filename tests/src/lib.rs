@@ -142,14 +142,19 @@ impl Drop for Guard {
 
 /// Starts `memleak trace ARGS` and waits until its programs are attached.
 pub fn start_tracer(args: &[&str]) -> Result<(Guard, ChildStderr)> {
+    start_attached("trace", args)
+}
+
+/// Starts `memleak SUBCOMMAND ARGS` (`trace`, `run`) and waits until its programs are attached.
+pub fn start_attached(subcommand: &str, args: &[&str]) -> Result<(Guard, ChildStderr)> {
     let mut child = Command::new(memleak_binary()?)
-        .arg("trace")
+        .arg(subcommand)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .context("starting memleak trace")?;
+        .with_context(|| format!("starting memleak {subcommand}"))?;
     let stderr = child.stderr.take().context("no stderr pipe")?;
     let mut guard = Guard::new(child);
     let mut lines = BufReader::new(stderr);

@@ -7,8 +7,9 @@ use std::process::{Command, Stdio};
 use anyhow::{Context as _, Result, ensure};
 use memleak::trace::report::Report;
 use memleak_tests::{
-    Guard, end_to_end, entries_at, finish_tracer, memleak_binary, memleak_program_count,
-    settled_program_count, share_of, start_fixture, start_tracer, wait_for_programs_gone,
+    end_to_end, entries_at, finish_tracer, memleak_binary, memleak_program_count,
+    settled_program_count, share_of, start_attached, start_fixture, start_tracer,
+    wait_for_programs_gone,
 };
 
 /// Eventfds the fixture holds.
@@ -24,7 +25,7 @@ fn kill_9_of_a_trace_or_a_run_leaves_no_program_behind() -> Result<()> {
         let (mut tracer, _stderr) = if command[0] == "trace" {
             start_tracer(&["--duration", "60s"])?
         } else {
-            start_run(&command[1..])?
+            start_attached("run", &command[1..])?
         };
         let during = memleak_program_count()?;
         ensure!(
@@ -36,32 +37,6 @@ fn kill_9_of_a_trace_or_a_run_leaves_no_program_behind() -> Result<()> {
         wait_for_programs_gone(before).with_context(|| format!("after kill -9 of {command:?}"))?;
     }
     Ok(())
-}
-
-/// Starts `memleak run ARGS` (ARGS ends with `-- COMMAND`) and waits until it has attached.
-fn start_run(args: &[&str]) -> Result<(Guard, std::process::ChildStderr)> {
-    use std::io::BufRead as _;
-    let mut child = Command::new(memleak_binary()?)
-        .args(["run", "--format", "json"])
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting memleak run")?;
-    let stderr = child.stderr.take().context("no stderr pipe")?;
-    let guard = Guard::new(child);
-    let mut lines = std::io::BufReader::new(stderr);
-    let mut line = String::new();
-    lines
-        .read_line(&mut line)
-        .context("reading memleak's stderr")?;
-    ensure!(
-        line.contains("attached"),
-        "memleak run said `{}`",
-        line.trim()
-    );
-    Ok((guard, lines.into_inner()))
 }
 
 #[test]

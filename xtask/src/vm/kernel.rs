@@ -12,19 +12,32 @@ use anyhow::{Context as _, Result, bail, ensure};
 use super::run_quietly;
 use crate::apt::Apt;
 
-/// How the kernel inside a bzImage may be compressed, by the magic its stream starts with, and
-/// the decompressor's command: xz (Debian 11 and 12), zstd (Debian 12's backported 6.12).
-const COMPRESSIONS: [(&[u8], &str, &[&str]); 2] = [
-    (
-        &[0xfd, b'7', b'z', b'X', b'Z', 0x00],
-        "xz",
-        &["--decompress", "--stdout", "--single-stream"],
-    ),
-    (
-        &[0x28, 0xb5, 0x2f, 0xfd],
-        "zstd",
-        &["--decompress", "--stdout"],
-    ),
+/// How the kernel inside a bzImage may be compressed: xz (Debian 11 and 12), zstd (Debian 12's
+/// backported 6.12).
+struct Compression {
+    /// The bytes its stream starts with.
+    magic: &'static [u8],
+    program: &'static str,
+    args: &'static [&'static str],
+    /// Whether the decompressor stops at the end of the stream and its status says whether it
+    /// worked: xz does (`--single-stream`); zstd reads on into the bzImage's trailer and fails
+    /// after writing the whole frame, so only the ELF check of its output judges it.
+    status_tells: bool,
+}
+
+const COMPRESSIONS: [Compression; 2] = [
+    Compression {
+        magic: &[0xfd, b'7', b'z', b'X', b'Z', 0x00],
+        program: "xz",
+        args: &["--decompress", "--stdout", "--single-stream"],
+        status_tells: true,
+    },
+    Compression {
+        magic: &[0x28, 0xb5, 0x2f, 0xfd],
+        program: "zstd",
+        args: &["--decompress", "--stdout"],
+        status_tells: false,
+    },
 ];
 
 /// A kernel to boot and build modules for: a tree modules build against (Debian's unpacked
@@ -197,20 +210,21 @@ fn point_makefile_at(headers_dir: &Path, usr_src: &Path) -> Result<()> {
 /// whose kind is the earliest found. qemu boots it directly through its PVH entry point, which
 /// skips the decompressor (slow under TCG).
 fn decompress_kernel(bzimage: &[u8], vmlinux: &Path) -> Result<()> {
-    let (start, program, args) = COMPRESSIONS
+    let (start, compression) = COMPRESSIONS
         .iter()
-        .filter_map(|&(magic, program, args)| {
+        .filter_map(|compression| {
             let start = bzimage
-                .windows(magic.len())
-                .position(|window| window == magic)?;
-            Some((start, program, args))
+                .windows(compression.magic.len())
+                .position(|window| window == compression.magic)?;
+            Some((start, compression))
         })
-        .min_by_key(|&(start, _, _)| start)
+        .min_by_key(|&(start, _)| start)
         .context("the kernel image holds no xz or zstd stream (not a bzImage?)")?;
+    let program = compression.program;
     let output =
         fs::File::create(vmlinux).with_context(|| format!("creating {}", vmlinux.display()))?;
     let mut decompressor = Command::new(program)
-        .args(args)
+        .args(compression.args)
         .stdin(Stdio::piped())
         .stdout(output)
         // zstd complains about the bzImage's trailer after the frame; what it wrote is checked
@@ -233,11 +247,9 @@ fn decompress_kernel(bzimage: &[u8], vmlinux: &Path) -> Result<()> {
     let status = decompressor
         .wait()
         .with_context(|| format!("waiting for {program}"))?;
-    // xz stops at the end of its stream and succeeds; zstd reads on into the trailer and fails
-    // after writing the whole frame, which the ELF check below judges.
     ensure!(
-        program != "xz" || status.success(),
-        "xz failed to decompress the kernel ({status})"
+        !compression.status_tells || status.success(),
+        "{program} failed to decompress the kernel ({status})"
     );
     let written = fs::read(vmlinux).with_context(|| format!("reading {}", vmlinux.display()))?;
     if !written.starts_with(b"\x7fELF") || written.len() < 1 << 20 {

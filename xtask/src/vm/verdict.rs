@@ -56,14 +56,13 @@ pub fn judge_scan_and_classify(
     objects: u64,
     kaslr: bool,
 ) -> Result<String> {
-    let guest_has_btf = results.file("btf")? == "yes";
-    let scan_status = results.file("scan.status")?;
-    let scan_stderr = results.file("scan.stderr").unwrap_or_default();
-    let scan = if guest_has_btf {
-        ensure!(
-            scan_status == "0",
-            "`memleak scan --cache {OWN_CACHE}` exited {scan_status}; its stderr:\n{scan_stderr}"
-        );
+    let scan = if guest_has_btf(results)? {
+        require_status(
+            results,
+            "scan",
+            "0",
+            &format!("memleak scan --cache {OWN_CACHE}"),
+        )?;
         let scan: ScanReport = report(results, "scan.json")?;
         ensure!(
             scan.scanned_cache == OWN_CACHE
@@ -92,20 +91,10 @@ pub fn judge_scan_and_classify(
             if kaslr { " (KASLR)" } else { "" }
         )
     } else {
-        let lines: Vec<&str> = scan_stderr.lines().collect();
-        ensure!(
-            scan_status == "2" && lines.len() == 1 && lines[0].starts_with("memleak: error: "),
-            "without kernel BTF `memleak scan` must exit 2 with one line; it exited \
-             {scan_status} and printed:\n{scan_stderr}"
-        );
+        one_line_error(results, "scan").context("without kernel BTF `memleak scan` must refuse")?;
         "scan refused without BTF, in one line".to_owned()
     };
-    let classify_status = results.file("classify.status")?;
-    ensure!(
-        classify_status == "0",
-        "`memleak classify` exited {classify_status}; its stderr:\n{}",
-        results.file("classify.stderr").unwrap_or_default()
-    );
+    require_status(results, "classify", "0", "memleak classify")?;
     let classify: ClassifyReport = report(results, "classify.json")?;
     ensure!(
         classify.samples >= 2 && !classify.kinds.is_empty(),
@@ -136,21 +125,47 @@ fn follows(report: &TraceReport, kind: &str) -> bool {
 /// `memleak::bpf::probes::attach`): the first `memleak run` of the guest must fail with status 2
 /// and one line that says why, not a verifier dump or a silent pass.
 pub fn judge_refusal(results: &GuestResults) -> Result<String> {
-    let status = results.file("clean.status")?;
-    let stderr = results.file("clean.stderr").unwrap_or_default();
-    let lines: Vec<&str> = stderr
-        .lines()
-        .filter(|line| !line.trim().is_empty())
-        .collect();
+    let context = "on a kernel older than 5.12, `memleak run` must exit 2 with a one-line error \
+                   naming Linux 5.12";
+    let line = one_line_error(results, "clean").context(context)?;
     ensure!(
-        status == "2"
-            && lines.len() == 1
-            && lines[0].starts_with("memleak: error: ")
-            && lines[0].contains("older than 5.12"),
-        "on a kernel older than 5.12, `memleak run` must exit 2 with a one-line error naming \
-         Linux 5.12; it exited {status} and printed:\n{stderr}"
+        line.contains("older than 5.12"),
+        "{context}; it printed:\n{line}"
     );
-    Ok(lines[0].to_owned())
+    Ok(line.to_owned())
+}
+
+/// The error line of the memleak command whose status and standard error the guest sent as
+/// `NAME.status` and `NAME.stderr`: status 2, and one `memleak: error: ` line, nothing else.
+fn one_line_error<'a>(results: &'a GuestResults, name: &str) -> Result<&'a str> {
+    let status = results.file(&format!("{name}.status"))?;
+    let stderr = results.file(&format!("{name}.stderr")).unwrap_or_default();
+    let mut lines = stderr.lines();
+    match (lines.next(), lines.next()) {
+        (Some(line), None) if status == "2" && line.starts_with("memleak: error: ") => Ok(line),
+        _ => anyhow::bail!("it exited {status} and printed:\n{stderr}"),
+    }
+}
+
+/// Requires the memleak command the guest ran as `NAME` (`NAME.status`, `NAME.stderr`) to have
+/// exited `expected`; `command` names it in the error, with its standard error.
+fn require_status(results: &GuestResults, name: &str, expected: &str, command: &str) -> Result<()> {
+    let status = results.file(&format!("{name}.status"))?;
+    ensure!(
+        status == expected,
+        "`{command}` exited {status}, expected {expected}; its stderr:\n{}",
+        results.file(&format!("{name}.stderr")).unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// Whether the guest has kernel BTF, as it says in its `btf` file.
+fn guest_has_btf(results: &GuestResults) -> Result<bool> {
+    match results.file("btf")? {
+        "yes" => Ok(true),
+        "no" => Ok(false),
+        other => anyhow::bail!("the guest's btf file says {other:?}, expected yes or no"),
+    }
 }
 
 /// What the checks found, for the summary line.
@@ -164,13 +179,12 @@ pub struct Findings {
 
 /// `objects`: how many objects each leaking function allocated (the module's `n`).
 pub fn judge(results: &GuestResults, objects: u64) -> Result<Findings> {
-    let leaky_status = results.file("leaky.status")?;
-    let leaky_stderr = results.file("leaky.stderr").unwrap_or_default();
-    ensure!(
-        leaky_status == "1",
-        "`memleak run --fail-on-leak --module leaky -- insmod leaky.ko` exited {leaky_status}, \
-         expected 1 (leak found); its stderr:\n{leaky_stderr}"
-    );
+    require_status(
+        results,
+        "leaky",
+        "1",
+        "memleak run --fail-on-leak --module leaky -- insmod leaky.ko (1: leak found)",
+    )?;
     let leaky: TraceReport = report(results, "leaky.json")?;
     let check = leaky
         .check
@@ -193,11 +207,7 @@ pub fn judge(results: &GuestResults, objects: u64) -> Result<Findings> {
         .file("kmem_cache_alloc.format")?
         .lines()
         .any(|line| line.contains(" name;"));
-    let guest_has_btf = match results.file("btf")? {
-        "yes" => true,
-        "no" => false,
-        other => anyhow::bail!("the guest's btf file says {other:?}, expected yes or no"),
-    };
+    let guest_has_btf = guest_has_btf(results)?;
     let has_note = |text: &str| leaky.notes.iter().any(|note| note.contains(text));
     let caches_not_read = has_note("not read from the kernel");
     let cache_names_known = event_names_caches || guest_has_btf;
@@ -307,13 +317,12 @@ pub fn judge(results: &GuestResults, objects: u64) -> Result<Findings> {
          {junit}"
     );
 
-    let clean_status = results.file("clean.status")?;
-    ensure!(
-        clean_status == "0",
-        "`memleak run --fail-on-leak --function {CLEAN_FUNCTION}` exited {clean_status}, expected \
-         0; its stderr:\n{}",
-        results.file("clean.stderr").unwrap_or_default()
-    );
+    require_status(
+        results,
+        "clean",
+        "0",
+        &format!("memleak run --fail-on-leak --function {CLEAN_FUNCTION}"),
+    )?;
     let clean: TraceReport = report(results, "clean.json")?;
     ensure!(
         clean
@@ -363,12 +372,7 @@ impl Findings {
 /// More objects than memleak's, or many fewer, is a disagreement (one of the two parsers or
 /// counters is wrong).
 pub fn compare_with_kmemleak(results: &GuestResults) -> Result<String> {
-    let status = results.file("kmemleak.status")?;
-    ensure!(
-        status == "0",
-        "`memleak kmemleak` exited {status}; its stderr:\n{}",
-        results.file("kmemleak.stderr").unwrap_or_default()
-    );
+    require_status(results, "kmemleak", "0", "memleak kmemleak")?;
     let leaky: TraceReport = report(results, "leaky.json")?;
     let report: KmemleakReport = report(results, "kmemleak.json")?;
     let mut named: BTreeMap<&str, u64> = BTreeMap::new();
