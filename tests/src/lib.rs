@@ -109,6 +109,45 @@ fn build_memleak() -> Result<PathBuf> {
     Ok(binary)
 }
 
+/// The cache of a 64-byte System V message with its 48-byte header (112 bytes, the 128-byte
+/// size class): load_msg allocates with GFP_KERNEL_ACCOUNT, from its own bucket set since Linux
+/// 6.11, else from the accounted kmalloc caches (the plain ones when the kernel has no memcg
+/// accounting, and so no such caches).
+pub fn message_cache() -> &'static str {
+    ["msg_msg-128", "kmalloc-cg-128"]
+        .into_iter()
+        .find(|cache| {
+            std::path::Path::new("/sys/kernel/slab")
+                .join(cache)
+                .exists()
+        })
+        .unwrap_or("kmalloc-128")
+}
+
+/// `cargo xtask TASK`, with the release build of xtask that `./x test` already made; the task
+/// prints its own progress and verdict.
+pub fn xtask(task: &str) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args([
+            "run",
+            "--release",
+            "--quiet",
+            "--package",
+            "xtask",
+            "--",
+            task,
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .with_context(|| format!("running cargo xtask {task}"))?;
+    ensure!(
+        status.success(),
+        "cargo xtask {task} failed ({status}); its output above says why"
+    );
+    Ok(())
+}
+
 /// A child process that is killed when the test lets go of it, pass or fail.
 pub struct Guard(Option<Child>);
 

@@ -4,7 +4,7 @@ use std::process::Command;
 
 use anyhow::{Context as _, Result, ensure};
 use memleak::trace::report::Report;
-use memleak_tests::{entries_through, memleak_binary};
+use memleak_tests::{entries_through, memleak_binary, message_cache};
 
 const MESSAGES: u64 = 200;
 /// The fixture's task name: `memleak-fixture`, which fits the kernel's 15 characters.
@@ -51,21 +51,6 @@ fn xml_attribute<'a>(xml: &'a str, element: &str, attribute: &str) -> Option<&'a
 
 fn fixture() -> &'static str {
     env!("CARGO_BIN_EXE_memleak-fixture")
-}
-
-/// The cache of a 64-byte System V message with its 48-byte header (112 bytes, the 128-byte
-/// size class): load_msg allocates with GFP_KERNEL_ACCOUNT, from its own bucket set since Linux
-/// 6.11, else from the accounted kmalloc caches (the plain ones when the kernel has no memcg
-/// accounting, and so no such caches).
-fn message_cache() -> &'static str {
-    ["msg_msg-128", "kmalloc-cg-128"]
-        .into_iter()
-        .find(|cache| {
-            std::path::Path::new("/sys/kernel/slab")
-                .join(cache)
-                .exists()
-        })
-        .unwrap_or("kmalloc-128")
 }
 
 /// Runs `memleak run --fail-on-leak --function load_msg --cache CACHE ... -- fixture

@@ -5,9 +5,7 @@
 //! free all they allocate, refuses 5.10 in one line, and kmemleak names the same leaking
 //! functions. This test makes the VM runs part of
 //! the suite (`./x test`); the runner prints its progress and verdict itself.
-use std::process::Command;
-
-use anyhow::{Context as _, Result, ensure};
+use anyhow::Result;
 use memleak_tests::require_root;
 
 #[test]
@@ -17,24 +15,6 @@ fn the_leak_checks_hold_on_every_debian_kernel_and_kmemleak_agrees() -> Result<(
         return Ok(());
     }
     require_root("the VM test installs its tools with apt-get");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    // `cargo xtask vm-test`, with the release build of xtask that `./x test` already made.
-    let status = Command::new(cargo)
-        .args([
-            "run",
-            "--release",
-            "--quiet",
-            "--package",
-            "xtask",
-            "--",
-            "vm-test",
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .context("running cargo xtask vm-test")?;
-    ensure!(
-        status.success(),
-        "cargo xtask vm-test failed ({status}); its output above says why"
-    );
+    memleak_tests::xtask("vm-test")?;
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! memleak's project tasks, run as `cargo xtask TASK`.
 mod apt;
 mod bench;
+mod dist;
 mod soak;
 mod tracer;
 mod vm;
@@ -29,6 +30,9 @@ enum Task {
     /// Run `memleak watch` under churn for a long time and print its RSS, table occupancy,
     /// removed objects, drops and stack failures over time (not part of the test suite).
     Soak(soak::SoakArgs),
+    /// Build what users install, into target/dist/: the static binary, the Debian package
+    /// and a tarball, with SHA-256 checksums.
+    Dist(dist::DistArgs),
     /// Install the Debian packages the end-to-end tests run (`./x test` does it first).
     TestDeps,
 }
@@ -45,6 +49,7 @@ fn main() -> ExitCode {
         Task::Bench(args) => bench::run(&args),
         Task::VmTest(args) => vm::run(&args),
         Task::Soak(args) => soak::run(&args),
+        Task::Dist(args) => dist::run(&args),
         Task::TestDeps => apt::Apt::default().install_missing(&TEST_PACKAGES),
     };
     match result {

@@ -4,7 +4,10 @@ use std::{cmp::Reverse, collections::BTreeMap, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
-use crate::kernel::procfs::{Meminfo, SlabCache, VmallocUsage};
+use crate::{
+    kernel::procfs::{Meminfo, SlabCache, VmallocUsage},
+    util::build::Producer,
+};
 
 /// Version of the JSON layout; bumped only for incompatible changes.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -133,6 +136,9 @@ pub fn fit(points: &[(f64, f64)]) -> Option<Trend> {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Report {
     pub schema: u32,
+    /// The memleak that wrote the report (absent from older reports: `unknown`).
+    #[serde(default)]
+    pub memleak: Producer,
     /// Kernel release (`uname -r`).
     pub kernel: String,
     /// From the first sample to the last.
@@ -365,6 +371,7 @@ pub fn analyze(samples: &[Sample], context: &Context) -> Report {
     vmalloc_callers.truncate(context.top);
     Report {
         schema: SCHEMA_VERSION,
+        memleak: Producer::this(),
         kernel: context.kernel.clone(),
         duration_ms: window.as_millis() as u64,
         samples: samples.len(),

@@ -468,6 +468,21 @@ pub struct HistoryArgs {
     pub format: Format,
 }
 
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete memleak's subcommands and options in.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Args)]
+pub struct ManpagesArgs {
+    /// The directory to write memleak.1 and one memleak-SUBCOMMAND.1 per subcommand into
+    /// (created if missing), like /usr/local/share/man/man1.
+    #[arg(value_name = "DIR")]
+    pub directory: PathBuf,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,7 +5,10 @@ use clap::{Parser, Subcommand};
 mod args;
 mod convert;
 
-pub use args::{ClassifyArgs, HistoryArgs, KmemleakArgs, RunArgs, ScanArgs, TraceArgs, WatchArgs};
+pub use args::{
+    ClassifyArgs, CompletionsArgs, HistoryArgs, KmemleakArgs, ManpagesArgs, RunArgs, ScanArgs,
+    TraceArgs, WatchArgs,
+};
 pub use convert::TraceOptions;
 
 /// Exit status for errors (bad input, missing kernel features, failures to load). Usage errors
@@ -14,7 +17,13 @@ pub const EXIT_ERROR: u8 = 2;
 
 /// Find kernel memory leaks with eBPF, on kernels without kmemleak.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None, propagate_version = true)]
+#[command(
+    version = memleak::util::build::SHORT_VERSION,
+    long_version = memleak::util::build::LONG_VERSION,
+    about,
+    long_about = None,
+    propagate_version = true
+)]
 pub struct Cli {
     /// Say more on standard error: -v for what memleak decides (attach methods, fallbacks),
     /// -vv for debugging. RUST_LOG overrides it.
@@ -54,6 +63,12 @@ pub enum Command {
     Watch(WatchArgs),
     /// Print the verdicts and series a watch stored.
     History(HistoryArgs),
+    /// Print a completion script for a shell: `memleak completions bash >
+    /// /etc/bash_completion.d/memleak` (the Debian package installs them for bash, zsh and fish).
+    Completions(CompletionsArgs),
+    /// Write the man pages, memleak(1) and memleak-SUBCOMMAND(1), into a directory (the Debian
+    /// package installs them).
+    Manpages(ManpagesArgs),
 }
 
 #[cfg(test)]

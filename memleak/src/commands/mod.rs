@@ -1,6 +1,7 @@
 //! One module per subcommand: orchestration only (attach, wait, build the model, render, exit
 //! status). Models and logic live in the library, rendering in `memleak::output`.
 pub mod classify;
+pub mod documentation;
 pub mod kmemleak;
 pub mod listen;
 pub mod scan;

@@ -308,6 +308,7 @@ impl Watcher<'_> {
         }
         let sample_rate = options.tracer.sample_rate;
         let interval = Interval {
+            memleak: memleak::util::build::Producer::this(),
             schema: SCHEMA_VERSION,
             at_ms,
             elapsed_ms: now_ns.saturating_sub(self.started_ns) / 1_000_000,

@@ -6,12 +6,15 @@ use super::{
     cluster::{self, Cluster, ProcessCount},
     parse::ParsedReport,
 };
-use crate::symbols::Frame;
+use crate::{symbols::Frame, util::build::Producer};
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Report {
     /// Always `kmemleak`: tells this report from `memleak trace`'s.
     pub source: String,
+    /// The memleak that wrote the report (absent from older reports: `unknown`).
+    #[serde(default)]
+    pub memleak: Producer,
     /// Kernel release (`uname -r`) when read live; unknown for a saved report.
     pub kernel: Option<String>,
     pub stats: Stats,
@@ -84,6 +87,7 @@ pub fn build(kernel: Option<String>, parsed: &ParsedReport, top: usize) -> Repor
     };
     Report {
         source: "kmemleak".to_owned(),
+        memleak: Producer::this(),
         kernel,
         stats,
         stacks: clusters.iter().take(top).map(stack).collect(),

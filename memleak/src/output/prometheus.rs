@@ -249,6 +249,7 @@ mod tests {
 
     fn interval() -> Interval {
         Interval {
+            memleak: crate::util::build::Producer::default(),
             schema: 1,
             at_ms: 1_796_000_000_000,
             elapsed_ms: 60_000,

@@ -2,10 +2,16 @@
 use serde::{Deserialize, Serialize};
 
 use super::CacheScan;
-use crate::symbols::{Frame, KernelSymbolizer};
+use crate::{
+    symbols::{Frame, KernelSymbolizer},
+    util::build::Producer,
+};
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ScanReport {
+    /// The memleak that wrote the report (absent from older reports: `unknown`).
+    #[serde(default)]
+    pub memleak: Producer,
     pub kernel: String,
     /// The cache as named on the command line.
     pub cache: String,
@@ -139,6 +145,7 @@ pub fn build(scan: &CacheScan, kernel: &str, marking: Option<Marking>) -> ScanRe
         })
         .collect();
     ScanReport {
+        memleak: Producer::this(),
         kernel: kernel.to_owned(),
         cache: scan.wanted.clone(),
         scanned_cache: scan.cache.name.clone(),

@@ -18,7 +18,7 @@ use crate::{
     kinds::KindAttach,
     scan,
     symbols::{KernelSymbolizer, allocators},
-    util::units::thousands,
+    util::{build::Producer, units::thousands},
 };
 
 pub struct ReportHeader {
@@ -137,6 +137,7 @@ pub fn build_report(
     let scan = scan.map(|scan| scan.report(&header.kernel, Some(marks::marking(&entries))));
     Ok(Report {
         schema: report::SCHEMA_VERSION,
+        memleak: Producer::this(),
         kernel: header.kernel,
         duration_ms: header.elapsed.as_millis() as u64,
         attach: header.attach,

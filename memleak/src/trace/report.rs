@@ -13,6 +13,7 @@ use crate::{
     kinds::{KindAttach, kind_name},
     scan::{FreeReason, Liveness, ScanReport},
     symbols::{Frame, allocators::is_allocator_internal},
+    util::build::Producer,
 };
 
 /// Version of the JSON layout; bumped only for incompatible changes.
@@ -21,6 +22,9 @@ pub const SCHEMA_VERSION: u32 = 1;
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Report {
     pub schema: u32,
+    /// The memleak that wrote the report (absent from older reports: `unknown`).
+    #[serde(default)]
+    pub memleak: Producer,
     /// Kernel release (`uname -r`).
     pub kernel: String,
     pub duration_ms: u64,
@@ -503,6 +507,7 @@ pub(crate) mod fixtures {
             frame: &frame,
         };
         Report {
+            memleak: crate::util::build::Producer::default(),
             schema: SCHEMA_VERSION,
             kernel: "6.18.0-test".into(),
             duration_ms: 2_000,

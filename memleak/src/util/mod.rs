@@ -1,4 +1,6 @@
-//! Units and durations, shared by every layer; imports nothing of memleak.
+//! Units and durations, and what built this binary, shared by every layer; imports nothing of
+//! memleak.
+pub mod build;
 pub mod clock;
 pub mod duration;
 pub mod hex;

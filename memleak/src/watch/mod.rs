@@ -13,7 +13,7 @@ use hashbrown::HashMap;
 use serde::{Deserialize, Serialize};
 
 use self::verdict::{Judgement, Point, Severity, Thresholds};
-use crate::{bpf::probes::TracerSettings, symbols::Frame};
+use crate::{bpf::probes::TracerSettings, symbols::Frame, util::build::Producer};
 
 /// Version of the JSON Lines layout; bumped only for incompatible changes.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -154,6 +154,9 @@ pub struct IntervalStats {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Interval {
     pub schema: u32,
+    /// The memleak that wrote the report (absent from older reports: `unknown`).
+    #[serde(default)]
+    pub memleak: Producer,
     /// When the snapshot was taken (Unix milliseconds).
     pub at_ms: u64,
     /// Since the watch started.

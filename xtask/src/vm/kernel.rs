@@ -9,8 +9,8 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 
-use super::run_quietly;
 use crate::apt::Apt;
+use crate::workspace::run_quietly;
 
 /// How the kernel inside a bzImage may be compressed: xz (Debian 11 and 12), zstd (Debian 12's
 /// backported 6.12).

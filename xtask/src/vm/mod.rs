@@ -20,14 +20,13 @@ use std::{
     fs,
     io::BufWriter,
     path::{Path, PathBuf},
-    process::Command,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, ensure};
 
 use self::kernel::Kernel;
-use crate::{apt::Apt, workspace};
+use crate::{apt::Apt, dist, workspace};
 
 /// Host tools: qemu, the guest's shell and insmod (a static busybox), and what building a module
 /// against Debian's headers needs (xz and zstd for the kernel image, pahole for module BTF).
@@ -50,7 +49,6 @@ const KMEMLEAK_CONFIG: &str = include_str!("../../../tests/vm/kmemleak.config");
 /// The kmemleak kernel is built from the host's (Debian 12's) kernel source.
 const KMEMLEAK_SERIES: &str = "6.1";
 const BUSYBOX: &str = "/bin/busybox";
-const GUEST_TARGET: &str = "x86_64-unknown-linux-musl";
 const GUEST_INIT: &[u8] = include_bytes!("../../../tests/vm/init.sh");
 const MODULE: &str = "leaky";
 
@@ -124,8 +122,9 @@ pub fn run(args: &VmTestArgs) -> Result<()> {
     let mut apt = Apt::default();
     apt.install_missing(&HOST_PACKAGES)?;
     let cache = cache_dir()?;
-    let memleak = build_static(root, "memleak", "memleak")?;
-    let fixture = build_static(root, "memleak-tests", "memleak-fixture")?;
+    // The guests run the binary users get: the static one `cargo xtask dist` packages.
+    let memleak = dist::build(root, &mut apt)?.binary;
+    let fixture = dist::build_static(root, "memleak-tests", "memleak-fixture")?;
     step(&format!(
         "built {} and {}",
         memleak.display(),
@@ -256,6 +255,7 @@ impl GuestRun<'_> {
             return (Some(row), verdict);
         }
         let judged = (|| -> Result<String> {
+            verdict::judge_producer(&results)?;
             let findings = verdict::judge(&results, self.args.objects)?;
             for note in &findings.notes {
                 (self.step)(&format!("memleak noted on {}: {note}", debian.release));
@@ -290,6 +290,7 @@ impl GuestRun<'_> {
             kernel.tree.display()
         ));
         let results = self.boot(&kernel, false)?;
+        verdict::judge_producer(&results).with_context(|| self.where_to_look(&kernel))?;
         let findings = verdict::judge(&results, self.args.objects)
             .with_context(|| self.where_to_look(&kernel))?;
         let scan_and_classify =
@@ -378,54 +379,6 @@ fn cache_dir() -> Result<PathBuf> {
     let cache = base.join("vm");
     fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
     Ok(cache)
-}
-
-/// Runs `command`, showing the end of its output only when it fails.
-fn run_quietly(command: &mut Command) -> Result<()> {
-    let output = command
-        .output()
-        .with_context(|| format!("running {command:?}"))?;
-    let tail = |bytes: &[u8]| {
-        let text = String::from_utf8_lossy(bytes);
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    };
-    ensure!(
-        output.status.success(),
-        "{command:?} failed ({}):\n{}\n{}",
-        output.status,
-        tail(&output.stdout),
-        tail(&output.stderr)
-    );
-    Ok(())
-}
-
-/// A static binary of `package` for the guest (memleak's eBPF object inside it does not depend
-/// on the target).
-fn build_static(root: &Path, package: &str, binary: &str) -> Result<PathBuf> {
-    let status = workspace::cargo(root)?
-        .args([
-            "build",
-            "--release",
-            "--quiet",
-            "--package",
-            package,
-            "--bin",
-            binary,
-        ])
-        .args(["--target", GUEST_TARGET])
-        // The cc crate looks for x86_64-linux-musl-gcc; Debian's musl-tools names it musl-gcc.
-        .env("CC_x86_64_unknown_linux_musl", "musl-gcc")
-        .status()
-        .context("running cargo build")?;
-    ensure!(
-        status.success(),
-        "cargo build --target {GUEST_TARGET} --bin {binary} failed ({status})"
-    );
-    Ok(workspace::target_dir(root)
-        .join(GUEST_TARGET)
-        .join("release")
-        .join(binary))
 }
 
 fn pack_initramfs(path: &Path, memleak: &Path, fixture: &Path, module: &Path) -> Result<()> {

@@ -11,8 +11,9 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 
-use super::{kernel::Kernel, run_quietly};
+use super::kernel::Kernel;
 use crate::apt::Apt;
+use crate::workspace::run_quietly;
 
 /// Written last: a tree without it is an interrupted build and is started over.
 const BUILT_MARKER: &str = ".memleak-vm-built";

@@ -178,6 +178,19 @@ pub struct Findings {
 }
 
 /// `objects`: how many objects each leaking function allocated (the module's `n`).
+/// The guest ran the binary `cargo xtask dist` built from this source: its report records this
+/// version and commit (xtask is built from the same tree).
+pub fn judge_producer(results: &GuestResults) -> Result<()> {
+    let leaky: TraceReport = report(results, "leaky.json")?;
+    let this = memleak::util::build::Producer::this();
+    ensure!(
+        leaky.memleak == this,
+        "the guest's report was written by memleak {:?}, not by this source's dist binary {this:?}",
+        leaky.memleak
+    );
+    Ok(())
+}
+
 pub fn judge(results: &GuestResults, objects: u64) -> Result<Findings> {
     require_status(
         results,
@@ -561,6 +574,7 @@ pub(super) mod tests {
             sites,
         };
         let report = TraceReport {
+            memleak: memleak::util::build::Producer::default(),
             schema: SCHEMA_VERSION,
             kernel: "6.1.0-56-amd64".to_owned(),
             duration_ms: 1_000,
@@ -727,6 +741,19 @@ pub(super) mod tests {
         assert_eq!(findings.leaks.len(), 5);
         assert!(findings.leaks[2].ends_with("not followed (noted)"));
         assert_eq!(findings.attach, "tracepoint");
+    }
+
+    #[test]
+    fn the_guest_report_must_come_from_this_sources_binary() {
+        let mut results = guest(correct_sites(), N);
+        // guest() records a report of an unknown memleak, as an older binary would write.
+        assert!(judge_producer(&results).is_err());
+        let mut report: TraceReport = serde_json::from_str(&results.files["leaky.json"]).unwrap();
+        report.memleak = memleak::util::build::Producer::this();
+        results
+            .files
+            .insert("leaky.json".into(), serde_json::to_string(&report).unwrap());
+        judge_producer(&results).unwrap();
     }
 
     #[test]
@@ -1018,6 +1045,7 @@ pub(super) mod tests {
         let mut results = guest(correct_sites(), N);
         results.files.insert("kmemleak.status".into(), "0".into());
         let report = KmemleakReport {
+            memleak: memleak::util::build::Producer::default(),
             source: "kmemleak".to_owned(),
             kernel: None,
             stats: KmemleakStats {

@@ -147,8 +147,12 @@ mod tests {
             keys.sort();
             keys
         };
-        assert_eq!(keys(&json), ["kernel", "source", "stacks", "stats"]);
+        assert_eq!(
+            keys(&json),
+            ["kernel", "memleak", "source", "stacks", "stats"]
+        );
         assert_eq!(json["source"], "kmemleak");
+        assert_eq!(json["memleak"]["version"], env!("CARGO_PKG_VERSION"));
         assert!(json["kernel"].is_null());
         assert_eq!(
             json["stats"],

@@ -176,6 +176,7 @@ mod tests {
 
     fn report(groups: u64, marking: Option<Marking>) -> ScanReport {
         ScanReport {
+            memleak: crate::util::build::Producer::default(),
             kernel: "6.18.0-test".into(),
             cache: "kmalloc-64".into(),
             scanned_cache: "kmalloc-64".into(),

@@ -191,6 +191,7 @@ mod tests {
             call_site: "leaky_alloc+0x1c/0x80 [leaky]".into(),
         };
         Interval {
+            memleak: crate::util::build::Producer::default(),
             schema: 1,
             at_ms: 10_000,
             elapsed_ms: 9_000,
