@@ -5,6 +5,7 @@
 //! Layers, each importing only the ones below it (tests/tests/layers.rs checks it):
 //!
 //! ```text
+//! vm                qemu guests with memleak inside (`memleak vm`, the VM test)
 //! output            text, JSON and JUnit: the only place that formats
 //! watch             continuous detection: snapshots, series, verdicts, history
 //! trace             the trace report: aggregation, liveness, accounting, leak checks
@@ -23,4 +24,5 @@ pub mod scan;
 pub mod symbols;
 pub mod trace;
 pub mod util;
+pub mod vm;
 pub mod watch;

@@ -17,6 +17,7 @@ fn main() -> ExitCode {
         cli::Command::Scan(args) => commands::scan::run(&args),
         cli::Command::Watch(args) => commands::watch::run(&args),
         cli::Command::History(args) => commands::watch::history(&args),
+        cli::Command::Vm(args) => commands::vm::run(&args),
         cli::Command::Completions(args) => commands::documentation::completions(&args),
         cli::Command::Manpages(args) => commands::documentation::manpages(&args),
     };

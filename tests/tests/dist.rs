@@ -43,32 +43,6 @@ fn build_dist() -> Result<PathBuf> {
     Ok(target.join("dist"))
 }
 
-/// Whether an ELF executable asks for a program interpreter (a dynamic loader): a static
-/// binary, static-pie included, has no PT_INTERP program header.
-fn has_interpreter(elf: &[u8]) -> Result<bool> {
-    const PT_INTERP: u32 = 3;
-    ensure!(
-        elf.len() > 64 && elf.starts_with(b"\x7fELF") && elf[4] == 2 && elf[5] == 1,
-        "not a 64-bit little-endian ELF file"
-    );
-    let number = |at: usize, width: usize| -> Result<u64> {
-        let bytes = elf.get(at..at + width).context("a truncated ELF header")?;
-        Ok(bytes
-            .iter()
-            .rev()
-            .fold(0u64, |value, &byte| (value << 8) | u64::from(byte)))
-    };
-    let table = usize::try_from(number(0x20, 8)?)?;
-    let entry_size = usize::try_from(number(0x36, 2)?)?;
-    let entries = usize::try_from(number(0x38, 2)?)?;
-    for index in 0..entries {
-        if number(table + index * entry_size, 4)? == u64::from(PT_INTERP) {
-            return Ok(true);
-        }
-    }
-    Ok(false)
-}
-
 fn head_commit() -> Result<String> {
     let output = run(Command::new("git")
         .args(["rev-parse", "--short=12", "HEAD"])
@@ -160,7 +134,7 @@ fn the_debian_package_installs_a_static_memleak_that_finds_leaks_and_removes_cle
     let memleak = root.join("usr/bin/memleak");
     let binary = fs::read(&memleak).context("the package installed no /usr/bin/memleak")?;
     ensure!(
-        !has_interpreter(&binary)?,
+        !memleak::vm::needs_interpreter(&binary)?,
         "the packaged memleak is dynamically linked"
     );
 
@@ -260,21 +234,5 @@ fn the_debian_package_installs_a_static_memleak_that_finds_leaks_and_removes_cle
     if !left.is_empty() {
         bail!("dpkg --purge memleak left files behind: {left:?}");
     }
-    Ok(())
-}
-
-#[test]
-fn static_binaries_have_no_interpreter_and_dynamic_ones_do() -> Result<()> {
-    // This test binary is dynamically linked against glibc: it names its loader.
-    let this = fs::read(std::env::current_exe()?)?;
-    ensure!(
-        has_interpreter(&this)?,
-        "a glibc test binary names its loader"
-    );
-    ensure!(
-        has_interpreter(b"not an ELF file, but long enough to hold a header of 64 bytes.....")
-            .is_err(),
-        "a non-ELF file is an error"
-    );
     Ok(())
 }

@@ -18,8 +18,8 @@ const LAYERS: &[(&str, &[&str])] = &[
     (
         "commands",
         &[
-            "cli", "output", "watch", "trace", "scan", "classify", "kmemleak", "bpf", "kernel",
-            "symbols", "kinds", "util",
+            "cli", "output", "vm", "watch", "trace", "scan", "classify", "kmemleak", "bpf",
+            "kernel", "symbols", "kinds", "util",
         ],
     ),
     (
@@ -28,6 +28,10 @@ const LAYERS: &[(&str, &[&str])] = &[
             "output", "watch", "trace", "scan", "classify", "kmemleak", "bpf", "kernel", "symbols",
             "kinds", "util",
         ],
+    ),
+    (
+        "vm",
+        &["trace", "scan", "bpf", "kernel", "symbols", "kinds", "util"],
     ),
     (
         "output",

@@ -347,6 +347,25 @@ fn bad_input_gets_one_line_errors() -> Result<()> {
             "history reports text or json",
         ),
         (&["watch", "--duty", "0"], "not in 1..=100"),
+        (
+            &["vm", "--kernel", "9.9", "--", "true"],
+            "neither 5.10, 6.1, 6.12 nor a kernel image file",
+        ),
+        (&["vm", "--kernel", "6.1"], "no command given after --"),
+        (
+            &["vm", "--module", "/nonexistent/mydriver.ko", "--", "true"],
+            "no such file",
+        ),
+        (
+            &["vm", "--module", "/etc/hostname", "--", "true"],
+            "not a .ko file",
+        ),
+        (
+            &["vm", "--module-params", "mydriver", "--", "true"],
+            "expected NAME:PARAMS",
+        ),
+        // The glibc build cannot run in the guest, which has no C library.
+        (&["vm", "--", "true"], "run the static build"),
     ] {
         let output = Command::new(&memleak).args(args).output()?;
         let stderr = String::from_utf8_lossy(&output.stderr);

@@ -12,9 +12,9 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 use clap::ValueEnum;
+use memleak::vm::apt::Apt;
 
 use crate::{
-    apt::Apt,
     tracer::{self, TracerExit},
     workspace,
 };

@@ -12,12 +12,12 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, ensure};
-use memleak::util::build::{GIT_COMMIT, VERSION};
-
-use crate::{
-    apt::Apt,
-    workspace::{self, run_quietly},
+use memleak::{
+    util::build::{GIT_COMMIT, VERSION},
+    vm::apt::Apt,
 };
+
+use crate::workspace::{self, run_quietly};
 
 /// musl-gcc builds SQLite (rusqlite's bundled C code, for the watch's history) into the static
 /// binary; binutils strips it; dpkg-deb (in dpkg) builds the package.

@@ -1,5 +1,4 @@
 //! memleak's project tasks, run as `cargo xtask TASK`.
-mod apt;
 mod bench;
 mod dist;
 mod soak;
@@ -45,12 +44,16 @@ const TEST_PACKAGES: [&str; 3] = ["chromium", "golang-go", "prometheus"];
 
 fn main() -> ExitCode {
     let Cli { task } = Cli::parse();
+    env_logger::Builder::new()
+        .filter_module("memleak", log::LevelFilter::Info)
+        .format_timestamp(None)
+        .init();
     let result = match task {
         Task::Bench(args) => bench::run(&args),
         Task::VmTest(args) => vm::run(&args),
         Task::Soak(args) => soak::run(&args),
         Task::Dist(args) => dist::run(&args),
-        Task::TestDeps => apt::Apt::default().install_missing(&TEST_PACKAGES),
+        Task::TestDeps => memleak::vm::apt::Apt::default().install_missing(&TEST_PACKAGES),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,6 +5,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, ensure};
+pub use memleak::vm::run_quietly;
 
 /// The workspace root (xtask's parent directory).
 pub fn root() -> Result<&'static Path> {
@@ -38,24 +39,4 @@ pub fn cargo(root: &Path) -> Result<Command> {
     }
     cargo.current_dir(root);
     Ok(cargo)
-}
-
-/// Runs `command`, showing the end of its output only when it fails.
-pub fn run_quietly(command: &mut Command) -> Result<()> {
-    let output = command
-        .output()
-        .with_context(|| format!("running {command:?}"))?;
-    let tail = |bytes: &[u8]| {
-        let text = String::from_utf8_lossy(bytes);
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    };
-    ensure!(
-        output.status.success(),
-        "{command:?} failed ({}):\n{}\n{}",
-        output.status,
-        tail(&output.stdout),
-        tail(&output.stderr)
-    );
-    Ok(())
 }

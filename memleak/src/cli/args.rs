@@ -170,10 +170,24 @@ pub struct LeakCheckArgs {
     #[arg(long)]
     pub fail_on_leak: bool,
 
-    /// Count only allocations with a stack frame in this kernel module.
+    /// Count only allocations with a stack frame in this kernel module (again for more than
+    /// one: a frame in any of them). Modules unloaded during the window count too: their
+    /// symbols are recorded while they are loaded.
     #[arg(long, value_name = "NAME")]
-    pub module: Option<String>,
+    pub module: Vec<String>,
 
+    #[command(flatten)]
+    pub scope: CheckScopeArgs,
+
+    /// Write the check's result as JUnit XML to FILE (implies the check, not the exit status).
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<PathBuf>,
+}
+
+/// What a leak check counts besides the modules, and how much it allows; shared by `trace`,
+/// `run` and `vm`.
+#[derive(Debug, Default, Args)]
+pub struct CheckScopeArgs {
     /// Count only allocations with a stack frame in a function matching GLOB (`*`, `?`).
     #[arg(long, value_name = "GLOB")]
     pub function: Option<String>,
@@ -192,10 +206,6 @@ pub struct LeakCheckArgs {
     /// Outstanding objects allowed in scope.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub max_count: u64,
-
-    /// Write the check's result as JUnit XML to FILE (implies the check, not the exit status).
-    #[arg(long, value_name = "FILE")]
-    pub junit: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -466,6 +476,59 @@ pub struct HistoryArgs {
     /// Report format.
     #[arg(short, long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct VmArgs {
+    /// The kernel to boot: 5.10, 6.1 or 6.12 (Debian's, downloaded once with apt and cached
+    /// under ~/.cache/memleak/vm), or the path of a bzImage or vmlinux you built.
+    #[arg(long, value_name = "SERIES|PATH", default_value = "6.1")]
+    pub kernel: String,
+
+    /// Print the directory of the kernel's headers, to build modules against (`make -C DIR
+    /// M=$PWD modules`), fetching them if needed, and exit. Debian's kernels only.
+    #[arg(long)]
+    pub print_headers: bool,
+
+    /// A module to load before COMMAND and unload after it; again for more, loaded in the order
+    /// given and unloaded in reverse. The leak checks are scoped to them unless --scope-module
+    /// says otherwise.
+    #[arg(long = "module", value_name = "FILE.ko")]
+    pub modules: Vec<PathBuf>,
+
+    /// insmod's parameters for one of the modules: `NAME:PARAM=VALUE ...`, like
+    /// `mydriver:debug=1 queues=4`.
+    #[arg(long = "module-params", value_name = "NAME:PARAMS")]
+    pub module_params: Vec<String>,
+
+    /// Scope both leak checks to this module instead of the loaded ones (again for more).
+    #[arg(long, value_name = "NAME")]
+    pub scope_module: Vec<String>,
+
+    #[command(flatten)]
+    pub scope: CheckScopeArgs,
+
+    /// After COMMAND, and after the unload, keep tracing this long for deferred frees.
+    #[arg(long, value_name = "DUR", default_value = "3s", value_parser = parse_age)]
+    pub grace: Duration,
+
+    /// A file or directory COMMAND needs, copied into the guest's /work (its working directory).
+    /// The guest has busybox, memleak and these: bring scripts and static binaries.
+    #[arg(long = "file", value_name = "PATH")]
+    pub files: Vec<PathBuf>,
+
+    /// How long the guest may run, from boot to power-off.
+    #[arg(long, value_name = "DUR", default_value = "10m", value_parser = parse_window)]
+    pub timeout: Duration,
+
+    /// Where the reports (text and JSON), the JUnit files, COMMAND's output and the guest's
+    /// console log go.
+    #[arg(long, value_name = "DIR", default_value = "memleak-vm")]
+    pub output_dir: PathBuf,
+
+    /// The command to run in the guest, after `--`.
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
 }
 
 #[derive(Debug, Args)]

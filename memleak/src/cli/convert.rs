@@ -35,11 +35,11 @@ impl From<&LeakCheckArgs> for LeakCheck {
     fn from(args: &LeakCheckArgs) -> Self {
         Self {
             fail_on_leak: args.fail_on_leak,
-            module: args.module.clone(),
-            function: args.function.clone(),
-            cache: args.cache.clone(),
-            max_bytes: args.max_bytes,
-            max_count: args.max_count,
+            modules: args.module.clone(),
+            function: args.scope.function.clone(),
+            cache: args.scope.cache.clone(),
+            max_bytes: args.scope.max_bytes,
+            max_count: args.scope.max_count,
             junit: args.junit.clone(),
         }
     }

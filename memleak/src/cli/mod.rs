@@ -7,7 +7,7 @@ mod convert;
 
 pub use args::{
     ClassifyArgs, CompletionsArgs, HistoryArgs, KmemleakArgs, ManpagesArgs, RunArgs, ScanArgs,
-    TraceArgs, WatchArgs,
+    TraceArgs, VmArgs, WatchArgs,
 };
 pub use convert::TraceOptions;
 
@@ -63,6 +63,15 @@ pub enum Command {
     Watch(WatchArgs),
     /// Print the verdicts and series a watch stored.
     History(HistoryArgs),
+    /// Boot a kernel in a VM (qemu), load kernel modules, run a test command under a leak check
+    /// scoped to them, unload them and check what they left; bring the reports, JUnit files
+    /// and console log back. Exits with the command's status, 1 on a leak, 2 on errors.
+    ///
+    /// Two checks: "tests", around COMMAND with the modules loaded (what their code allocated
+    /// during the tests and did not free); "unload", from before insmod to after rmmod (what
+    /// their code allocated and is still allocated once they are gone). Needs the static
+    /// memleak (./x dist, or the Debian package), qemu-system-x86_64 and a static busybox.
+    Vm(VmArgs),
     /// Print a completion script for a shell: `memleak completions bash >
     /// /etc/bash_completion.d/memleak` (the Debian package installs them for bash, zsh and fish).
     Completions(CompletionsArgs),
@@ -138,7 +147,7 @@ mod tests {
         assert_eq!(args.command, ["insmod", "leaky.ko", "n=100"]);
         assert_eq!(args.grace, Duration::from_secs(1));
         assert!(args.checks.fail_on_leak);
-        assert_eq!(args.checks.module.as_deref(), Some("leaky"));
+        assert_eq!(args.checks.module, ["leaky"]);
         assert!(Cli::try_parse_from(["memleak", "run", "--fail-on-leak"]).is_err());
     }
 

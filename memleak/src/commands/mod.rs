@@ -7,6 +7,7 @@ pub mod listen;
 pub mod scan;
 pub mod signals;
 pub mod trace;
+pub mod vm;
 pub mod watch;
 
 use anyhow::{Result, bail};

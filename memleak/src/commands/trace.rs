@@ -18,6 +18,7 @@ use memleak::{
     kinds::Kind,
     output::{self, Format, Plain, ReportSink, profile},
     scan,
+    symbols::ModuleSymbols,
     trace::{
         accounting,
         build::{self as report_build, KernelMemory, ReportHeader},
@@ -34,7 +35,7 @@ use crate::cli::{RunArgs, TraceArgs, TraceOptions};
 pub fn trace(args: &TraceArgs) -> Result<ExitCode> {
     let options = TraceOptions::from(&args.tracing);
     let leak_check = LeakCheck::from(&args.checks);
-    let session = Session::start(&options, leak_check.cache.as_deref())?;
+    let mut session = Session::start(&options, leak_check.cache.as_deref())?;
     eprintln!(
         "memleak: attached to the kernel's allocation events ({}); tracing {}",
         session.tracer.attached,
@@ -46,9 +47,12 @@ pub fn trace(args: &TraceArgs) -> Result<ExitCode> {
     let deadline = args
         .duration
         .map(|window| tokio::time::Instant::now() + window);
-    session
-        .runtime
-        .block_on(watch(&session.tracer.maps, sleep_until(deadline), |_| true))?;
+    session.runtime.block_on(watch(
+        &session.tracer.maps,
+        &mut session.module_symbols,
+        sleep_until(deadline),
+        |_| true,
+    ))?;
     let verdict = session.finish(&options, &leak_check)?;
     Ok(match verdict {
         Some(verdict) if verdict.failed && leak_check.fail_on_leak => {
@@ -63,7 +67,7 @@ pub fn trace(args: &TraceArgs) -> Result<ExitCode> {
 pub fn run(args: &RunArgs) -> Result<ExitCode> {
     let options = TraceOptions::from(&args.tracing);
     let leak_check = LeakCheck::from(&args.checks);
-    let session = Session::start(&options, leak_check.cache.as_deref())?;
+    let mut session = Session::start(&options, leak_check.cache.as_deref())?;
     let (program, arguments) = args
         .command
         .split_first()
@@ -91,7 +95,12 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
     };
     let status = session
         .runtime
-        .block_on(watch(&session.tracer.maps, command_then_grace, forward))?
+        .block_on(watch(
+            &session.tracer.maps,
+            &mut session.module_symbols,
+            command_then_grace,
+            forward,
+        ))?
         .context("signal handling stopped the wait")?
         .with_context(|| format!("waiting for {program}"))?;
     let verdict = session.finish(&options, &leak_check)?;
@@ -128,6 +137,8 @@ struct Session {
     slab_layout: Option<Result<scan::SlabLayout>>,
     /// The kernel's counters before attaching, to set the trace against (or why not).
     counts_at_start: Result<accounting::KernelCounts, String>,
+    /// Modules seen loaded during the window, kept up to date by [`watch`].
+    module_symbols: ModuleSymbols,
 }
 
 impl Session {
@@ -168,6 +179,8 @@ impl Session {
             .then(|| scan::slab_layout(btf.as_ref()));
         let counts_at_start =
             accounting::KernelCounts::read().map_err(|error| format!("{error:#}"));
+        let mut module_symbols = ModuleSymbols::default();
+        module_symbols.refresh();
         let tracer = probes::attach(tracer_settings, btf.as_ref())?;
         Ok(Self {
             tracer,
@@ -179,6 +192,7 @@ impl Session {
             scan_notes,
             slab_layout,
             counts_at_start,
+            module_symbols,
         })
     }
 
@@ -231,6 +245,7 @@ impl Session {
             cache_ids_are_pointers,
             notes,
             free_paths,
+            module_symbols: self.module_symbols,
         };
         let mut report = report_build::build_report(
             &options.trace,
@@ -288,10 +303,15 @@ impl Session {
     }
 }
 
+/// How often /proc/modules is read for modules to record: a module loaded and unloaded
+/// within it goes unrecorded (its call sites stay bare addresses).
+const MODULE_POLL: Duration = Duration::from_millis(100);
+
 /// Waits for `until`, showing progress on a terminal. On SIGINT or SIGTERM, `on_signal`
 /// decides whether to stop waiting (`None`) or to go on.
 async fn watch<T>(
     maps: &TracerMaps,
+    module_symbols: &mut ModuleSymbols,
     until: impl Future<Output = T>,
     mut on_signal: impl FnMut(libc::c_int) -> bool,
 ) -> Result<Option<T>> {
@@ -299,12 +319,16 @@ async fn watch<T>(
     let started = tokio::time::Instant::now();
     let show_progress = std::io::stderr().is_terminal();
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    // A module test script loads, tests and unloads in seconds: its symbols are recorded
+    // while it is loaded, so its call sites are still named after the unload.
+    let mut module_ticker = tokio::time::interval(MODULE_POLL);
     let mut last_events = 0;
     tokio::pin!(until);
     let outcome = loop {
         tokio::select! {
             signal = signals.next() => if on_signal(signal) { break None },
             output = &mut until => break Some(output),
+            _ = module_ticker.tick() => module_symbols.refresh(),
             _ = ticker.tick() => {
                 if show_progress {
                     let counters = table::read_counters(maps)?;

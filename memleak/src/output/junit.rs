@@ -60,7 +60,7 @@ mod tests {
     #[test]
     fn junit_reports_failures_with_the_leaking_sites() {
         let args = LeakCheck {
-            module: Some("leaky".into()),
+            modules: vec!["leaky".into()],
             ..Default::default()
         };
         let xml = render(&args.evaluate(&entries()), 1.5);
@@ -86,7 +86,7 @@ mod tests {
     #[test]
     fn summaries_say_what_was_found_and_allowed() {
         let args = LeakCheck {
-            module: Some("leaky".into()),
+            modules: vec!["leaky".into()],
             max_count: 10,
             ..Default::default()
         };

@@ -10,7 +10,7 @@ use hashbrown::HashMap;
 
 use crate::{
     kernel::{self, Module},
-    symbols::frame::Frame,
+    symbols::{frame::Frame, modules::ModuleSymbols},
 };
 
 pub struct KernelSymbolizer {
@@ -21,6 +21,8 @@ pub struct KernelSymbolizer {
     /// Sorted start addresses of all kallsyms symbols: kallsyms has no sizes, and `%pS`
     /// prints one, so a symbol's size is taken to run up to the next symbol.
     symbol_starts: Vec<u64>,
+    /// Symbols of modules recorded while loaded, for addresses of modules unloaded since.
+    recorded_modules: ModuleSymbols,
     frames: HashMap<u64, Frame>,
 }
 
@@ -41,8 +43,24 @@ impl KernelSymbolizer {
             symbol_starts: fs::read_to_string(KALLSYMS)
                 .map(|text| symbol_starts(&text))
                 .unwrap_or_default(),
+            recorded_modules: ModuleSymbols::default(),
             frames: HashMap::new(),
         }
+    }
+
+    /// Names addresses in modules unloaded since `recorded` saw them loaded.
+    pub fn with_recorded_modules(mut self, recorded: ModuleSymbols) -> Self {
+        self.recorded_modules = recorded;
+        self
+    }
+
+    /// The frame of an address no loaded module holds but a module recorded before its
+    /// unload did (kallsyms would name it after whatever symbol precedes it now).
+    fn unloaded_module_frame(&self, addr: u64) -> Option<Frame> {
+        if self.module_of(addr).is_some() {
+            return None;
+        }
+        self.recorded_modules.frame(addr)
     }
 
     /// Symbolizes every address not seen before, in one batch.
@@ -61,6 +79,10 @@ impl KernelSymbolizer {
             .symbolize(&self.source, Input::AbsAddr(&pending))
             .context("symbolizing kernel addresses (blazesym, /proc/kallsyms)")?;
         for (&addr, symbolized) in pending.iter().zip(results) {
+            if let Some(frame) = self.unloaded_module_frame(addr) {
+                self.frames.insert(addr, frame);
+                continue;
+            }
             let frame = match symbolized {
                 Symbolized::Sym(sym) => Frame {
                     addr: Some(addr),

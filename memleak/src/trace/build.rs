@@ -15,9 +15,10 @@ use super::{
 };
 use crate::{
     bpf::maps::{self as table, TracerMaps},
+    kernel,
     kinds::KindAttach,
     scan,
-    symbols::{KernelSymbolizer, allocators},
+    symbols::{KernelSymbolizer, ModuleSymbols, allocators},
     util::{build::Producer, units::thousands},
 };
 
@@ -32,6 +33,9 @@ pub struct ReportHeader {
     pub cache_ids_are_pointers: bool,
     pub notes: Vec<String>,
     pub free_paths: Vec<String>,
+    /// Modules seen loaded during the window, with their symbols: names the call sites of
+    /// modules unloaded before the report.
+    pub module_symbols: ModuleSymbols,
 }
 
 /// Builds the report with an entry for every site (leak checks see them all; the caller
@@ -87,7 +91,16 @@ pub fn build_report(
     let stack_ids = sites.iter().flat_map(|site| site.stacks.keys().copied());
     let stacks = table::read_stacks(maps, stack_ids)?;
     let missed_free_sites = table::read_missed_free_sites(maps)?;
-    let mut symbolizer = KernelSymbolizer::new();
+    let unloaded = header.module_symbols.unloaded(&kernel::loaded_modules());
+    if !unloaded.is_empty() {
+        header.notes.push(format!(
+            "unloaded during the trace: {}; their call sites are named from their symbols as \
+             recorded while they were loaded",
+            unloaded.join(", ")
+        ));
+    }
+    let mut symbolizer =
+        KernelSymbolizer::new().with_recorded_modules(std::mem::take(&mut header.module_symbols));
     symbolizer.resolve(
         report::addresses_to_symbolize(&sites, &stacks)
             .into_iter()

@@ -13,8 +13,9 @@ pub struct LeakCheck {
     /// --max-count.
     pub fail_on_leak: bool,
 
-    /// Count only allocations with a stack frame in this kernel module.
-    pub module: Option<String>,
+    /// Count only allocations with a stack frame in one of these kernel modules (all when
+    /// empty).
+    pub modules: Vec<String>,
 
     /// Count only allocations with a stack frame in a function matching GLOB (`*`, `?`).
     pub function: Option<String>,
@@ -40,13 +41,15 @@ impl LeakCheck {
         self.fail_on_leak || self.junit.is_some()
     }
 
-    /// `module=leaky function=leaky_* cache=*`, naming the scope in reports and JUnit.
+    /// `module=leaky function=leaky_* cache=*`, naming the scope in reports and JUnit
+    /// (`module=a,b` for two modules).
     pub fn scope(&self) -> String {
         let part = |name: &str, value: &Option<String>| {
             format!("{name}={}", value.as_deref().unwrap_or("*"))
         };
+        let modules = (!self.modules.is_empty()).then(|| self.modules.join(","));
         [
-            part("module", &self.module),
+            part("module", &modules),
             part("function", &self.function),
             part("cache", &self.cache),
         ]
@@ -59,9 +62,13 @@ impl LeakCheck {
                 .chain(&entry.frames)
                 .chain(entry.other_stacks.iter().flat_map(|other| &other.frames))
         };
-        let module_matches = self.module.as_ref().is_none_or(|module| {
-            frames().any(|frame| frame.module.as_deref() == Some(module.as_str()))
-        });
+        let module_matches = self.modules.is_empty()
+            || frames().any(|frame| {
+                frame
+                    .module
+                    .as_ref()
+                    .is_some_and(|module| self.modules.contains(module))
+            });
         let function_matches = self.function.as_ref().is_none_or(|pattern| {
             frames().any(|frame| {
                 frame
@@ -189,7 +196,7 @@ mod tests {
     #[test]
     fn scopes_by_module_function_and_cache() {
         let by_module = LeakCheck {
-            module: Some("leaky".into()),
+            modules: vec!["leaky".into()],
             ..Default::default()
         };
         let verdict = by_module.evaluate(&entries());
@@ -203,11 +210,21 @@ mod tests {
         assert_eq!(by_function.evaluate(&entries()).count, 50);
 
         let by_cache = LeakCheck {
-            module: Some("leaky".into()),
+            modules: vec!["leaky".into()],
             cache: Some("kmalloc-64".into()),
             ..Default::default()
         };
         assert_eq!(by_cache.evaluate(&entries()).count, 100);
+
+        let by_either_module = LeakCheck {
+            modules: vec!["ext4".into(), "leaky".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            by_either_module.scope(),
+            "module=ext4,leaky function=* cache=*"
+        );
+        assert_eq!(by_either_module.evaluate(&entries()).count, 150);
 
         let clean = LeakCheck {
             function: Some("clean_alloc".into()),
@@ -221,7 +238,7 @@ mod tests {
     #[test]
     fn thresholds_allow_up_to_their_value() {
         let lenient = LeakCheck {
-            module: Some("leaky".into()),
+            modules: vec!["leaky".into()],
             max_count: 150,
             max_bytes: 150 * 64,
             ..Default::default()
@@ -286,20 +303,20 @@ mod tests {
     #[test]
     fn scopes_need_every_filter_to_match() {
         let wrong_cache = LeakCheck {
-            module: Some("leaky".into()),
+            modules: vec!["leaky".into()],
             function: Some("leaky_*".into()),
             cache: Some("ext4_inode_cache".into()),
             ..Default::default()
         };
         assert_eq!(wrong_cache.evaluate(&entries()).count, 0);
         let wrong_module = LeakCheck {
-            module: Some("ext4".into()),
+            modules: vec!["ext4".into()],
             function: Some("leaky_*".into()),
             ..Default::default()
         };
         assert_eq!(wrong_module.evaluate(&entries()).count, 0);
         let wrong_function = LeakCheck {
-            module: Some("leaky".into()),
+            modules: vec!["leaky".into()],
             function: Some("ext4_*".into()),
             cache: Some("kmalloc-64".into()),
             ..Default::default()

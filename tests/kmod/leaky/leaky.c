@@ -10,6 +10,17 @@
  *   - leaky_pages:       single unmovable pages that are never freed;
  *   - clean_alloc:       kmalloc(64) objects that are freed right away (not a leak).
  *
+ *
+ * For `memleak vm`'s tests, with n=0 (nothing leaked on load):
+ *   - writing N to /sys/module/leaky/parameters/leak leaks N more kzalloc(64) objects from
+ *     leaky_kmalloc, while the tests run;
+ *   - writing N to /sys/module/leaky/parameters/churn allocates and frees N objects in
+ *     clean_alloc (no leak);
+ *   - hold=N allocates N kzalloc(64) objects in leaky_hold on load, kept for the module's life
+ *     (module state, not a leak while it is loaded); unloading frees them, unless
+ *     forget_on_exit=1, when the exit frees only the array that pointed at them: the classic
+ *     leak on unload.
+ *
  * The leaked slab objects are deliberately unreferenced: no pointer to them is kept anywhere, so
  * kmemleak reports them too (cargo xtask vm-test compares the two). They are zeroed: a recycled
  * kmalloc object may still hold its previous user's pointers to its neighbours, and such stale
@@ -17,11 +28,13 @@
  * The three functions are noinline and outside .init.text, so they stay named frames in
  * stacks after the kernel discards the module's init code.
  *
- * Unloading destroys leaky_cache while it still holds objects, which the kernel reports
- * loudly; the tests leave the module loaded.
+ * Unloading destroys leaky_cache; with n>0 it still holds objects, which the kernel reports
+ * loudly, so the tests that load it with n>0 leave it loaded.
  */
 #include <linux/gfp.h>
+#include <linux/kernel.h>
 #include <linux/module.h>
+#include <linux/moduleparam.h>
 #include <linux/percpu.h>
 #include <linux/slab.h>
 #include <linux/vmalloc.h>
@@ -29,6 +42,16 @@
 static unsigned int n = 100;
 module_param(n, uint, 0444);
 MODULE_PARM_DESC(n, "objects per kind of allocation (default 100)");
+
+static unsigned int hold;
+module_param(hold, uint, 0444);
+MODULE_PARM_DESC(hold, "objects held for the module's life (default 0)");
+
+static bool forget_on_exit;
+module_param(forget_on_exit, bool, 0444);
+MODULE_PARM_DESC(forget_on_exit, "leave the held objects allocated on unload (default no)");
+
+static void **held;
 
 #define OBJECT_SIZE 64
 
@@ -106,6 +129,52 @@ static noinline unsigned int clean_alloc(unsigned int count)
 	return done;
 }
 
+static noinline void **leaky_hold(unsigned int count)
+{
+	void **objects = kcalloc(count, sizeof(*objects), GFP_KERNEL);
+	unsigned int i;
+
+	if (!objects)
+		return NULL;
+	for (i = 0; i < count; i++)
+		objects[i] = kzalloc(OBJECT_SIZE, GFP_KERNEL);
+	return objects;
+}
+
+static int set_count(const char *value, unsigned int *count)
+{
+	return kstrtouint(value, 0, count);
+}
+
+static int leak_set(const char *value, const struct kernel_param *param)
+{
+	unsigned int count;
+	int error = set_count(value, &count);
+
+	if (error)
+		return error;
+	pr_info("leaky: leaked %u kmalloc objects on request\n", leaky_kmalloc(count));
+	return 0;
+}
+
+static int churn_set(const char *value, const struct kernel_param *param)
+{
+	unsigned int count;
+	int error = set_count(value, &count);
+
+	if (error)
+		return error;
+	pr_info("leaky: allocated and freed %u objects on request\n", clean_alloc(count));
+	return 0;
+}
+
+static const struct kernel_param_ops leak_ops = { .set = leak_set };
+static const struct kernel_param_ops churn_ops = { .set = churn_set };
+module_param_cb(leak, &leak_ops, NULL, 0200);
+MODULE_PARM_DESC(leak, "write N: leak N kmalloc objects now");
+module_param_cb(churn, &churn_ops, NULL, 0200);
+MODULE_PARM_DESC(churn, "write N: allocate and free N objects now");
+
 static int __init leaky_init(void)
 {
 	unsigned int leaked, cached, areas, elements, pages, clean;
@@ -113,6 +182,13 @@ static int __init leaky_init(void)
 	leaky_cache = kmem_cache_create("leaky_cache", OBJECT_SIZE, 0, 0, leaky_ctor);
 	if (!leaky_cache)
 		return -ENOMEM;
+	if (hold) {
+		held = leaky_hold(hold);
+		if (!held) {
+			kmem_cache_destroy(leaky_cache);
+			return -ENOMEM;
+		}
+	}
 	leaked = leaky_kmalloc(n);
 	cached = leaky_cache_alloc(n);
 	areas = leaky_vmalloc(n);
@@ -126,6 +202,12 @@ static int __init leaky_init(void)
 
 static void __exit leaky_exit(void)
 {
+	unsigned int i;
+
+	if (held && !forget_on_exit)
+		for (i = 0; i < hold; i++)
+			kfree(held[i]);
+	kfree(held);
 	kmem_cache_destroy(leaky_cache);
 }
 

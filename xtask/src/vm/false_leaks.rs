@@ -5,7 +5,7 @@
 use anyhow::{Context as _, Result, bail, ensure};
 use memleak::trace::report::Report;
 
-use super::guest::GuestResults;
+use memleak::vm::guest::GuestResults;
 
 /// One churn workload of the fixture, and a lower bound of the slab allocations each of its
 /// cycles makes.

@@ -3,7 +3,7 @@
 //! it to `target/vm/support-matrix.md` after every run; docs/kernels.md holds the last one.
 use memleak::trace::report::Report;
 
-use super::guest::GuestResults;
+use memleak::vm::guest::GuestResults;
 
 /// The kinds in the matrix's column order.
 const KINDS: [&str; 4] = ["slab", "page", "vmalloc", "percpu"];
@@ -126,13 +126,7 @@ mod tests {
     use super::{super::verdict::tests::run_report, *};
 
     fn results(files: &[(&str, &str)]) -> GuestResults {
-        GuestResults {
-            files: files
-                .iter()
-                .map(|(name, text)| ((*name).to_owned(), (*text).to_owned()))
-                .collect(),
-            done: true,
-        }
+        GuestResults::from_files(files.iter().copied())
     }
 
     #[test]

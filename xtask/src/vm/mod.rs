@@ -6,13 +6,13 @@
 //! they allocate through kfree_rcu and bulk frees must leave nothing in memleak's reports
 //! (false_leaks.rs). Then the same leak check in a guest whose kernel, built from Debian 12's
 //! 6.1 source, has kmemleak: its report must name the same leaking functions as memleak's.
-//! Every guest runs even when one fails; the run ends with a support matrix
+//! And `memleak vm`, the module authors' command, on Debian 12's 6.1: a module that leaks
+//! during its tests, a clean one, one that leaks only on unload, a failing test command
+//! (module_ci.rs). Every guest runs even when one fails; the run ends with a support matrix
 //! (`target/vm/support-matrix.md`, matrix.rs).
 mod false_leaks;
-mod guest;
-mod initramfs;
-mod kernel;
 mod matrix;
+mod module_ci;
 mod source_kernel;
 mod verdict;
 
@@ -25,8 +25,14 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 
-use self::kernel::Kernel;
-use crate::{apt::Apt, dist, workspace};
+use memleak::vm::{
+    DebianKernel,
+    apt::Apt,
+    cache_dir, guest, initramfs,
+    kernel::{self, Kernel},
+};
+
+use crate::{dist, workspace};
 
 /// Host tools: qemu, the guest's shell and insmod (a static busybox), and what building a module
 /// against Debian's headers needs (xz and zstd for the kernel image, pahole for module BTF).
@@ -71,13 +77,13 @@ pub enum GuestKernel {
 impl GuestKernel {
     const EACH: [Self; 3] = [Self::Debian11, Self::Debian12, Self::Debian12Backports];
 
-    /// The suite of Debian's archive whose linux-image-amd64 is booted; `None`: the host's own
-    /// (Debian 12).
-    fn suite(self) -> Option<&'static str> {
+    /// The Debian kernel it boots (`None` for `All`).
+    fn debian(self) -> Option<DebianKernel> {
         match self {
-            Self::Debian11 => Some("bullseye"),
-            Self::Debian12 | Self::All => None,
-            Self::Debian12Backports => Some("bookworm-backports"),
+            Self::Debian11 => Some(DebianKernel::Bullseye),
+            Self::Debian12 => Some(DebianKernel::Bookworm),
+            Self::Debian12Backports => Some(DebianKernel::BookwormBackports),
+            Self::All => None,
         }
     }
 
@@ -143,7 +149,7 @@ pub fn run(args: &VmTestArgs) -> Result<()> {
     let mut failures = Vec::new();
     for guest in args.kernel.chosen() {
         let guest_started = Instant::now();
-        let (row, verdict) = run.debian_guest(guest, &mut apt, &cache);
+        let (row, verdict) = run.debian_guest(guest, &cache);
         let seconds = guest_started.elapsed().as_secs_f64();
         let name = row
             .as_ref()
@@ -165,6 +171,17 @@ pub fn run(args: &VmTestArgs) -> Result<()> {
                 verdict,
                 ..row
             });
+        }
+    }
+    if args.kernel.chosen().contains(&GuestKernel::Debian12) {
+        let started = Instant::now();
+        match run.module_ci(DebianKernel::Bookworm, &cache) {
+            Ok(summaries) => step(&format!(
+                "memleak vm passed its {} scenarios in {:.0} s",
+                summaries.len(),
+                started.elapsed().as_secs_f64()
+            )),
+            Err(error) => failures.push(format!("memleak vm: {error:#}")),
         }
     }
     if !args.skip_kmemleak && args.kernel.chosen().contains(&GuestKernel::Debian12) {
@@ -217,19 +234,13 @@ impl GuestRun<'_> {
     fn debian_guest(
         &self,
         guest: GuestKernel,
-        host_apt: &mut Apt,
         cache: &Path,
     ) -> (Option<matrix::Row>, Result<String>) {
         let booted = (|| -> Result<_> {
-            let mut private;
-            let apt = match guest.suite() {
-                Some(suite) => {
-                    private = Apt::private(&cache.join(format!("apt-{suite}")), suite)?;
-                    &mut private
-                }
-                None => host_apt,
-            };
-            let debian = kernel::fetch(apt, cache)?;
+            let debian = guest
+                .debian()
+                .context("a guest boots one kernel, not all")?
+                .fetch(cache)?;
             (self.step)(&format!(
                 "kernel {} ready in {}",
                 debian.release,
@@ -308,6 +319,27 @@ impl GuestRun<'_> {
         ))
     }
 
+    /// `memleak vm` as a module author runs it, on `debian`'s kernel with the test module built
+    /// against it (module_ci.rs).
+    fn module_ci(&self, debian: DebianKernel, cache: &Path) -> Result<Vec<String>> {
+        let kernel = debian.fetch(cache)?;
+        let work = work_dir(self.root, &kernel);
+        let module = kernel::build_module(
+            &kernel,
+            &self.root.join("tests/kmod").join(MODULE),
+            &work.join(MODULE),
+            MODULE,
+        )?;
+        module_ci::run_all(
+            self.memleak,
+            debian.series(),
+            &module,
+            &work.join("module-ci"),
+            Duration::from_secs(self.args.timeout),
+            self.step,
+        )
+    }
+
     fn where_to_look(&self, kernel: &Kernel) -> String {
         let work = work_dir(self.root, kernel);
         format!(
@@ -367,18 +399,6 @@ impl GuestRun<'_> {
 /// Where a guest's module, initramfs, logs and reports go: `target/vm/RELEASE`.
 fn work_dir(root: &Path, kernel: &Kernel) -> PathBuf {
     workspace::target_dir(root).join("vm").join(&kernel.release)
-}
-
-/// `$MEMLEAK_CACHE/vm`, by default ~/.cache/memleak/vm (where scripts/bootstrap.sh caches too).
-fn cache_dir() -> Result<PathBuf> {
-    let base = match std::env::var_os("MEMLEAK_CACHE") {
-        Some(cache) => PathBuf::from(cache),
-        None => PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?)
-            .join(".cache/memleak"),
-    };
-    let cache = base.join("vm");
-    fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
-    Ok(cache)
 }
 
 fn pack_initramfs(path: &Path, memleak: &Path, fixture: &Path, module: &Path) -> Result<()> {

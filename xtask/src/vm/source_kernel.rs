@@ -11,9 +11,8 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 
-use super::kernel::Kernel;
-use crate::apt::Apt;
 use crate::workspace::run_quietly;
+use memleak::vm::{apt::Apt, kernel::Kernel};
 
 /// Written last: a tree without it is an interrupted build and is started over.
 const BUILT_MARKER: &str = ".memleak-vm-built";

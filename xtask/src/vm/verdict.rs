@@ -9,7 +9,7 @@ use memleak::{
 };
 use serde::de::DeserializeOwned;
 
-use super::guest::GuestResults;
+use memleak::vm::guest::GuestResults;
 
 /// One leaking function of tests/kmod/leaky and what memleak must report for it.
 struct ExpectedLeak {
@@ -687,13 +687,7 @@ pub(super) mod tests {
             ),
             ("btf", "no".to_owned()),
         ];
-        GuestResults {
-            files: files
-                .into_iter()
-                .map(|(name, text)| (name.to_owned(), text))
-                .collect(),
-            done: true,
-        }
+        GuestResults::from_files(files)
     }
 
     /// What memleak writes for the module check with `count` objects per leak.
@@ -886,13 +880,7 @@ pub(super) mod tests {
                 include_str!("../../testdata/vm/classify-6.12.json"),
             ),
         ];
-        GuestResults {
-            files: files
-                .into_iter()
-                .map(|(name, text)| (name.to_owned(), text.to_owned()))
-                .collect(),
-            done: true,
-        }
+        GuestResults::from_files(files)
     }
 
     #[test]
@@ -943,13 +931,8 @@ pub(super) mod tests {
     #[test]
     fn an_old_kernel_must_be_refused_in_one_line_with_status_2() {
         let refused = |status: &str, stderr: &str| {
-            let results = GuestResults {
-                files: [("clean.status", status), ("clean.stderr", stderr)]
-                    .into_iter()
-                    .map(|(name, text)| (name.to_owned(), text.to_owned()))
-                    .collect(),
-                done: true,
-            };
+            let results =
+                GuestResults::from_files([("clean.status", status), ("clean.stderr", stderr)]);
             judge_refusal(&results)
         };
         let line = "memleak: error: Linux 5.10.0-32-amd64 is older than 5.12, the first kernel \

@@ -113,6 +113,19 @@ pub struct GuestResults {
 }
 
 impl GuestResults {
+    /// A finished guest's results made of named files (recorded or built by tests).
+    pub fn from_files<Name: ToString, Text: ToString>(
+        files: impl IntoIterator<Item = (Name, Text)>,
+    ) -> Self {
+        Self {
+            files: files
+                .into_iter()
+                .map(|(name, text)| (name.to_string(), text.to_string()))
+                .collect(),
+            done: true,
+        }
+    }
+
     pub fn parse(sent: &str) -> Self {
         let mut results = Self::default();
         let mut open: Option<(String, Vec<&str>)> = None;

@@ -68,7 +68,7 @@ impl Apt {
         if self.updated {
             return Ok(());
         }
-        eprintln!("apt: refreshing the package lists");
+        log::info!("apt: refreshing the package lists");
         self.apt_get(&["update", "-qq"], None)?;
         self.updated = true;
         Ok(())
@@ -89,7 +89,7 @@ impl Apt {
             return Ok(());
         }
         self.update_once()?;
-        eprintln!("apt: installing {}", missing.join(" "));
+        log::info!("apt: installing {}", missing.join(" "));
         let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
         args.extend(&missing);
         self.apt_get(&args, None)

@@ -9,8 +9,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 
-use crate::apt::Apt;
-use crate::workspace::run_quietly;
+use super::{apt::Apt, run_quietly};
 
 /// How the kernel inside a bzImage may be compressed: xz (Debian 11 and 12), zstd (Debian 12's
 /// backported 6.12).
@@ -75,7 +74,7 @@ pub fn fetch(apt: &mut Apt, cache: &Path) -> Result<Kernel> {
         if apt.updated() {
             return Err(error);
         }
-        eprintln!("vm-test: {error:#}; retrying with fresh package lists");
+        log::warn!("{error:#}; retrying with fresh package lists");
         apt.update_once()?;
         return fetch(apt, cache);
     }
@@ -132,7 +131,7 @@ fn download_and_unpack(apt: &Apt, release: &str, unpacked: &Path) -> Result<()> 
     }
     let debs = staging.join("debs");
     fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
-    eprintln!("vm-test: downloading {}", packages.join(" "));
+    log::info!("downloading {}", packages.join(" "));
     apt.download(&packages, &debs)?;
 
     for entry in fs::read_dir(&debs).with_context(|| format!("listing {}", debs.display()))? {
