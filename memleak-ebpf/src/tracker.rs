@@ -3,8 +3,9 @@
 //! The table is open hashing without a lock: an object lives in the bucket its address hashes
 //! to; a slot is claimed by compare-and-swap of its key from 0, and released by swapping the key
 //! back to 0. No helper call and no map lock sits on the free path, and the free of an object
-//! the table does not hold (allocated before tracing, or sampled out) returns after reading one
-//! bucket of keys, or before touching any map when sampling rules the address out.
+//! the table does not hold (allocated before tracing, or sampled out) returns after plain reads
+//! of one bucket of keys, with no atomic operation, or before touching any map when sampling
+//! rules the address out.
 use core::intrinsics::{AtomicOrdering, atomic_cxchg};
 
 use aya_ebpf::{
@@ -122,7 +123,9 @@ pub fn on_alloc<C: StackIdContext>(
     }
     if slot == SLOTS_PER_BUCKET {
         for i in 0..SLOTS_PER_BUCKET {
-            if swap_key(keys, i, 0, key) {
+            // A plain read first: a locked compare-and-swap on a slot seen taken would fail
+            // anyway, and costs tens of nanoseconds on a contended cache line.
+            if load_key(keys, i) == 0 && swap_key(keys, i, 0, key) {
                 slot = i;
                 break;
             }
@@ -182,7 +185,9 @@ pub fn on_free(key: u64) {
     };
     let keys = unsafe { (*keys).keys.as_mut_ptr() };
     for i in 0..SLOTS_PER_BUCKET {
-        if swap_key(keys, i, key, 0) {
+        // Most frees are of objects the table does not hold (allocated before tracing,
+        // movable pages): plain reads settle them; only a slot holding the key is swapped.
+        if load_key(keys, i) == key && swap_key(keys, i, key, 0) {
             count(Counter::TrackedFrees);
             return;
         }

@@ -4,6 +4,7 @@
 //! once per workload, in a rotating order, so drift in the machine's speed spreads over all
 //! variants. The table compares medians against the same invocation's baseline.
 use std::{
+    collections::{BTreeMap, BTreeSet},
     fs,
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -68,7 +69,9 @@ enum WorkloadChoice {
     Churn,
     /// loopback TCP echo and file create/write/delete
     Mixed,
-    /// churn, then mixed
+    /// a small C file compiled with gcc-12, over and over: process trees, page faults
+    Build,
+    /// churn, mixed, then build
     All,
 }
 
@@ -76,6 +79,7 @@ enum WorkloadChoice {
 enum Workload {
     Churn,
     Mixed,
+    Build,
 }
 
 impl Workload {
@@ -83,6 +87,7 @@ impl Workload {
         match self {
             Workload::Churn => "churn",
             Workload::Mixed => "mixed",
+            Workload::Build => "build",
         }
     }
 }
@@ -153,6 +158,80 @@ struct Binaries {
 struct Sample {
     ops_per_second: f64,
     memleak: Option<MemleakCost>,
+    /// The tracer's programs, by name, as the kernel's BPF statistics counted them.
+    programs: BTreeMap<String, ProgramCost>,
+}
+
+/// What one program cost over a run: how often the kernel ran it and for how long in total
+/// (`kernel.bpf_stats_enabled`), from its load to the end of the workload.
+#[derive(Clone, Copy, Default)]
+struct ProgramCost {
+    runs: u64,
+    run_time_ns: u64,
+}
+
+/// Turns on the kernel's per-program run counters (`kernel.bpf_stats_enabled`) for the
+/// benchmark and restores the setting after. They add two clock reads per program run, to
+/// every variant alike (the floor included).
+struct BpfStats {
+    before: String,
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    fn enable() -> Result<Self> {
+        let before =
+            fs::read_to_string(BPF_STATS).with_context(|| format!("reading {BPF_STATS}"))?;
+        fs::write(BPF_STATS, "1").with_context(|| format!("writing {BPF_STATS}"))?;
+        Ok(Self { before })
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = fs::write(BPF_STATS, self.before.trim());
+    }
+}
+
+/// Every loaded BPF program as `bpftool prog show --json` lists it.
+fn loaded_programs() -> Result<Vec<serde_json::Value>> {
+    let output = Command::new("bpftool")
+        .args(["prog", "show", "--json"])
+        .output()
+        .context("running bpftool prog show")?;
+    ensure!(
+        output.status.success(),
+        "bpftool prog show failed ({})",
+        output.status
+    );
+    serde_json::from_slice(&output.stdout).context("parsing bpftool's JSON")
+}
+
+fn program_ids() -> Result<BTreeSet<u64>> {
+    Ok(loaded_programs()?
+        .iter()
+        .filter_map(|program| program["id"].as_u64())
+        .collect())
+}
+
+/// The programs loaded since `existing` was taken (the tracer's: the benchmark runs one tracer
+/// at a time; this bpftool shows no owning pids), by name, with their statistics.
+fn program_costs(existing: &BTreeSet<u64>) -> Result<BTreeMap<String, ProgramCost>> {
+    let mut costs = BTreeMap::new();
+    for program in loaded_programs()? {
+        if program["id"]
+            .as_u64()
+            .is_none_or(|id| existing.contains(&id))
+        {
+            continue;
+        }
+        let name = program["name"].as_str().unwrap_or("?").to_owned();
+        let cost: &mut ProgramCost = costs.entry(name).or_default();
+        cost.runs += program["run_cnt"].as_u64().unwrap_or(0);
+        cost.run_time_ns += program["run_time_ns"].as_u64().unwrap_or(0);
+    }
+    Ok(costs)
 }
 
 /// What memleak itself cost in one run.
@@ -215,8 +294,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let workloads: &[Workload] = match args.workload {
         WorkloadChoice::Churn => &[Workload::Churn],
         WorkloadChoice::Mixed => &[Workload::Mixed],
-        WorkloadChoice::All => &[Workload::Churn, Workload::Mixed],
+        WorkloadChoice::Build => &[Workload::Build],
+        WorkloadChoice::All => &[Workload::Churn, Workload::Mixed, Workload::Build],
     };
+
+    if matches!(args.workload, WorkloadChoice::Build | WorkloadChoice::All) {
+        Apt::default().install_missing(&["gcc-12"])?;
+    }
+    Apt::default().install_missing(&["bpftool"])?;
+    let _stats = BpfStats::enable()?;
 
     let mut results = Vec::new();
     for &workload in workloads {
@@ -265,6 +351,7 @@ fn run_once(
     let serve_port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
+    let programs_before = program_ids()?;
     let tracer = match variant {
         Variant::Baseline => None,
         Variant::Floor
@@ -325,6 +412,11 @@ fn run_once(
         let fetched = scraper.stop();
         eprintln!("bench: the watch answered {fetched} requests");
     }
+    // While the programs are still attached.
+    let programs = match &tracer {
+        Some(_) => program_costs(&programs_before)?,
+        None => BTreeMap::new(),
+    };
     let exit = tracer.map(tracer::RunningTracer::stop).transpose()?;
     let ops_per_second = ops_per_second?;
     let memleak = match exit {
@@ -348,6 +440,7 @@ fn run_once(
     Ok(Sample {
         ops_per_second,
         memleak,
+        programs,
     })
 }
 
@@ -565,6 +658,8 @@ fn print_report(
     }
     print_markdown_table(&header, &rows);
     println!();
+    print_program_costs(variants, results);
+    println!();
     println!(
         "slowdown: baseline median / variant median. over floor: median with memleak's programs \
          returning at once / variant median, the share of the slowdown that memleak's programs \
@@ -573,6 +668,50 @@ fn print_report(
          the largest of any round."
     );
     Ok(())
+}
+
+/// Where each variant's time goes: its programs' runs and nanoseconds per run, over all rounds.
+fn print_program_costs(variants: &[Variant], results: &[(Workload, Vec<Vec<Sample>>)]) {
+    let mut rows = Vec::new();
+    for (workload, samples) in results {
+        for (variant, samples) in variants.iter().zip(samples) {
+            let mut totals: BTreeMap<&str, ProgramCost> = BTreeMap::new();
+            for sample in samples {
+                for (name, cost) in &sample.programs {
+                    let total = totals.entry(name.as_str()).or_default();
+                    total.runs += cost.runs;
+                    total.run_time_ns += cost.run_time_ns;
+                }
+            }
+            let all_ns: u64 = totals.values().map(|cost| cost.run_time_ns).sum();
+            let mut programs: Vec<(&str, ProgramCost)> = totals.into_iter().collect();
+            programs.sort_by_key(|(_, cost)| std::cmp::Reverse(cost.run_time_ns));
+            for (name, cost) in programs.into_iter().filter(|(_, cost)| cost.runs > 0) {
+                rows.push(vec![
+                    workload.name().to_owned(),
+                    variant.label().to_owned(),
+                    name.to_owned(),
+                    thousands(cost.runs as f64),
+                    format!("{:.0}", cost.run_time_ns as f64 / cost.runs as f64),
+                    format!(
+                        "{:.0}%",
+                        100.0 * cost.run_time_ns as f64 / all_ns.max(1) as f64
+                    ),
+                ]);
+            }
+        }
+    }
+    if rows.is_empty() {
+        return;
+    }
+    println!(
+        "Per program (kernel.bpf_stats_enabled, all rounds): runs, ns per run, share of the variant's program time"
+    );
+    println!();
+    print_markdown_table(
+        &["workload", "variant", "program", "runs", "ns/run", "share"],
+        &rows,
+    );
 }
 
 /// A Markdown table, padded to line up in a terminal; columns after the second are numbers.

@@ -21,8 +21,6 @@ use super::guest::GuestResults;
 use crate::trace::report::{Report, Verdict};
 
 /// Files the guest sends back (it sends every file of /results; these the host reads).
-pub const TESTS_REPORT: &str = "tests.json";
-pub const UNLOAD_REPORT: &str = "unload.json";
 pub const COMMAND_STATUS: &str = "command.status";
 pub const COMMAND_LOG: &str = "command.log";
 
@@ -183,17 +181,32 @@ impl Outcome {
                 log("rmmod.log")
             );
         }
-        let report = |name: &str, stderr: &str| -> Result<Report> {
-            let text = results.file(name).map_err(|_| {
-                anyhow::anyhow!(
-                    "the guest's memleak wrote no {name}: {}",
-                    results.file(stderr).unwrap_or("(no stderr)").trim()
-                )
-            })?;
+        // Each check's report, unless its memleak failed (status 2: bad input, a kernel it
+        // cannot trace), whose last line of stderr then says why.
+        let report = |check: &str| -> Result<Report> {
+            let stderr = results
+                .file(&format!("{check}.stderr"))
+                .unwrap_or("")
+                .trim();
+            let why = || {
+                stderr
+                    .lines()
+                    .last()
+                    .unwrap_or("(nothing on stderr)")
+                    .to_owned()
+            };
+            let status = results.file(&format!("{check}.status")).map(str::trim);
+            if !matches!(status, Ok("0" | "1")) {
+                bail!("the {check} check's memleak failed in the guest: {}", why());
+            }
+            let name = format!("{check}.json");
+            let text = results
+                .file(&name)
+                .map_err(|_| anyhow::anyhow!("the guest's memleak wrote no {name}: {}", why()))?;
             serde_json::from_str(text).with_context(|| format!("parsing the guest's {name}"))
         };
-        let unload = report(UNLOAD_REPORT, "unload.stderr")?;
-        let tests = report(TESTS_REPORT, "tests.stderr")?;
+        let unload = report("unload")?;
+        let tests = report("tests")?;
         let command_status = results
             .file(COMMAND_STATUS)
             .ok()
@@ -322,12 +335,27 @@ mod tests {
 
     #[test]
     fn a_check_that_did_not_run_is_an_error_with_its_stderr() {
-        let error = Outcome::read(&results(&[(
-            "unload.stderr",
-            "memleak: error: Linux 5.10 predates BPF atomics",
-        )]))
+        // As on Linux 5.10: the report file opened, empty, before memleak refused the kernel.
+        let error = Outcome::read(&results(&[
+            (
+                "unload.stderr",
+                "loading\nmemleak: error: Linux 5.10 predates BPF atomics",
+            ),
+            ("unload.status", "2"),
+            ("unload.json", ""),
+        ]))
         .unwrap_err();
-        assert!(format!("{error:#}").contains("predates BPF atomics"));
+        let message = format!("{error:#}");
+        assert!(
+            message.contains("unload check's memleak failed"),
+            "{message}"
+        );
+        assert!(
+            message.ends_with("memleak: error: Linux 5.10 predates BPF atomics"),
+            "{message}"
+        );
+        // A check that never ran (no status) is an error too.
+        assert!(Outcome::read(&results(&[("unload.json", "{}")])).is_err());
     }
 
     #[test]

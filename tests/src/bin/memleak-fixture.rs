@@ -72,6 +72,9 @@
 //! `bench-mixed MILLIS`: loopback TCP echo round trips of 16 KiB, on a new connection every
 //! 256 messages, each followed by a file create/write/delete in a temporary directory; one op
 //! per round trip and one per file.
+//! `bench-build MILLIS`: compiles a small C file with gcc-12 -O2, over and over, like a build:
+//! fork/exec of a compiler process tree (cc1, as), page faults, short-lived mappings and files;
+//! one op per compile.
 use std::{
     fs,
     io::{Read as _, Write as _},
@@ -125,6 +128,65 @@ fn bench(window: Duration, mut one_op: impl FnMut() -> Result<u64, String>) -> R
         started.elapsed().as_secs_f64()
     ));
     Ok(())
+}
+
+/// The compiler `bench-build` runs (`cargo xtask bench` installs it).
+const BUILD_COMPILER: &str = "gcc-12";
+
+/// What `bench-build` compiles: a few headers and functions, about 20 ms of gcc.
+const BUILD_UNIT: &str = r#"#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct entry { char name[32]; unsigned long count; struct entry *next; };
+
+static unsigned long hash(const char *text)
+{
+	unsigned long value = 5381;
+	while (*text)
+		value = value * 33 + (unsigned char)*text++;
+	return value;
+}
+
+struct entry *insert(struct entry **table, unsigned int size, const char *name)
+{
+	struct entry **slot = &table[hash(name) % size];
+	for (struct entry *entry = *slot; entry; entry = entry->next)
+		if (!strcmp(entry->name, name)) {
+			entry->count++;
+			return entry;
+		}
+	struct entry *entry = calloc(1, sizeof(*entry));
+	if (!entry)
+		return NULL;
+	snprintf(entry->name, sizeof(entry->name), "%s", name);
+	entry->count = 1;
+	entry->next = *slot;
+	*slot = entry;
+	return entry;
+}
+"#;
+
+fn bench_build(window: Duration) -> Result<(), String> {
+    let directory =
+        std::env::temp_dir().join(format!("memleak-bench-build-{}", std::process::id()));
+    fs::create_dir_all(&directory)
+        .map_err(|error| format!("creating {}: {error}", directory.display()))?;
+    fs::write(directory.join("unit.c"), BUILD_UNIT)
+        .map_err(|error| format!("writing unit.c: {error}"))?;
+    let result = bench(window, || {
+        let status = std::process::Command::new(BUILD_COMPILER)
+            .args(["-O2", "-c", "unit.c", "-o", "unit.o"])
+            .current_dir(&directory)
+            .status()
+            .map_err(|error| format!("running {BUILD_COMPILER}: {error}"))?;
+        if !status.success() {
+            return Err(format!("{BUILD_COMPILER} failed ({status})"));
+        }
+        Ok(1)
+    });
+    let _ = fs::remove_dir_all(&directory);
+    result
 }
 
 /// Echoes every connection's bytes back, one connection at a time, until the listener fails.
@@ -428,7 +490,7 @@ fn run(args: &[String]) -> Result<(), String> {
              |hold-pipe-pages|churn-pipe-pages|leave-messages|clean-messages|hold-messages N \
              | churn-epolls|churn-processes|churn-threads|churn-timerfds|churn-tcp|churn-udp\
              |churn-unix|churn-io-uring|churn-bpf-hash|churn-inotify|churn-mount-ns|churn-pidfds N \
-             | bench-churn|bench-mixed MILLIS | grow-eventfds|grow-bpf-maps|grow-pipe-pages|watch-mix RATE SECONDS"
+             | bench-churn|bench-mixed|bench-build MILLIS | grow-eventfds|grow-bpf-maps|grow-pipe-pages|watch-mix RATE SECONDS"
                 .into(),
         );
     };
@@ -471,6 +533,7 @@ fn run(args: &[String]) -> Result<(), String> {
             Ok(1)
         }),
         "bench-mixed" => bench_mixed(Duration::from_millis(number)),
+        "bench-build" => bench_build(Duration::from_millis(number)),
         "hold-bpf-maps" => {
             let maps = (0..number)
                 .map(|_| {
