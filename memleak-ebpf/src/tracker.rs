@@ -206,10 +206,20 @@ fn count_missed_free(call_site: u64) {
     }
 }
 
+/// The frames skipped by the second try of [`capture_stack`]: the innermost, which is inside
+/// the allocator or the hook (the call site is found further out, or is recorded apart).
+const SKIP_ONE_FRAME: u64 = 1;
+
 #[inline(always)]
 fn capture_stack<C: StackIdContext>(ctx: &C) -> i32 {
     count(Counter::StackCaptures);
-    match ctx.get_stackid(&STACKS, 0) {
+    // Without BPF_F_REUSE_STACKID a stack whose hash bucket holds another stack is refused
+    // (EEXIST), and would be refused on every later capture. The same stack without its
+    // innermost frame hashes elsewhere.
+    match ctx
+        .get_stackid(&STACKS, 0)
+        .or_else(|_| ctx.get_stackid(&STACKS, SKIP_ONE_FRAME))
+    {
         Ok(id) => id as i32,
         Err(_) => {
             count(Counter::StackFailures);
