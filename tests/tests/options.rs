@@ -435,7 +435,14 @@ fn a_missing_kernel_feature_is_a_one_line_error_with_status_2() -> Result<()> {
         memleak_tests::skip("this kernel has kmemleak");
         return Ok(());
     }
-    let output = Command::new(memleak_binary()?).arg("kmemleak").output()?;
+    // The report file is created before kmemleak is looked for; a failure must not leave it.
+    let report =
+        std::env::temp_dir().join(format!("memleak-no-kmemleak-{}.json", std::process::id()));
+    let output = Command::new(memleak_binary()?)
+        .arg("kmemleak")
+        .arg("--output")
+        .arg(&report)
+        .output()?;
     let stderr = String::from_utf8_lossy(&output.stderr);
     ensure!(
         output.status.code() == Some(2)
@@ -443,6 +450,11 @@ fn a_missing_kernel_feature_is_a_one_line_error_with_status_2() -> Result<()> {
             && stderr.contains("kmemleak is not available"),
         "memleak kmemleak without kmemleak: status {}, stderr {stderr:?}",
         output.status
+    );
+    ensure!(
+        !report.exists(),
+        "the failed kmemleak left an empty report file at {}",
+        report.display()
     );
     Ok(())
 }

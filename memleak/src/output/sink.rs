@@ -79,9 +79,45 @@ impl ReportSink {
     }
 }
 
+impl Drop for ReportSink {
+    /// A report file nothing was written to (the command failed after creating it, as when the
+    /// kernel refuses memleak's programs) is removed: an empty file left where a report was
+    /// asked for would read as a report that found nothing.
+    fn drop(&mut self) {
+        if let Self::File {
+            path,
+            complete: 0,
+            regular: true,
+            ..
+        } = self
+        {
+            let _ = std::fs::remove_file(&*path);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_report_file_is_kept_once_written_and_removed_when_nothing_was() {
+        let directory =
+            std::env::temp_dir().join(format!("memleak-sink-drop-{}", std::process::id()));
+        std::fs::create_dir_all(&directory).unwrap();
+        let failed = directory.join("failed.json");
+        drop(ReportSink::open(Some(&failed)).unwrap());
+        assert!(
+            !failed.exists(),
+            "a report file with nothing written is removed"
+        );
+        let written = directory.join("written.json");
+        let mut sink = ReportSink::open(Some(&written)).unwrap();
+        sink.write("{}\n").unwrap();
+        drop(sink);
+        assert_eq!(std::fs::read_to_string(&written).unwrap(), "{}\n");
+        std::fs::remove_dir_all(&directory).unwrap();
+    }
 
     /// /dev/full fails every write with ENOSPC: a device, which must be left alone.
     #[test]
