@@ -42,6 +42,8 @@ pub enum AllocKind {
     Vmalloc = 2,
     Percpu = 3,
     Page = 4,
+    /// A user-space process's heap block (malloc and its relatives, by uprobes).
+    User = 5,
 }
 
 impl AllocKind {
@@ -52,6 +54,7 @@ impl AllocKind {
             2 => Some(Self::Vmalloc),
             3 => Some(Self::Percpu),
             4 => Some(Self::Page),
+            5 => Some(Self::User),
             _ => None,
         }
     }

@@ -1,6 +1,6 @@
 //! memleak's eBPF programs: they keep a table of outstanding kernel allocations.
 //!
-//! Entry points are thin: each hook module (slab, page, vmalloc, percpu) reads its tracepoint's arguments and hands them to
+//! Entry points are thin: each hook module (slab, page, vmalloc, percpu, user) reads its tracepoint's arguments and hands them to
 //! [`tracker`], which owns the table, the sampling decision and the stack capture.
 #![no_std]
 #![no_main]
@@ -15,6 +15,7 @@ mod percpu;
 mod scan;
 mod slab;
 mod tracker;
+mod user;
 mod vmalloc;
 
 #[cfg(not(test))]

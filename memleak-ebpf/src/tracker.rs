@@ -141,7 +141,7 @@ pub fn on_alloc<C: StackIdContext>(
         || sampled(hash, config!(stack_shift))
         || first_from_site(allocation.call_site)
     {
-        capture_stack(ctx)
+        capture_stack(ctx, allocation.kind)
     } else {
         STACK_NOT_SAMPLED
     };
@@ -210,15 +210,23 @@ fn count_missed_free(call_site: u64) {
 /// the allocator or the hook (the call site is found further out, or is recorded apart).
 const SKIP_ONE_FRAME: u64 = 1;
 
+/// `BPF_F_USER_STACK`: the stack of the user-space code the task was running.
+const USER_STACK: u64 = 1 << 8;
+
 #[inline(always)]
-fn capture_stack<C: StackIdContext>(ctx: &C) -> i32 {
+fn capture_stack<C: StackIdContext>(ctx: &C, kind: AllocKind) -> i32 {
     count(Counter::StackCaptures);
+    let flags = if kind == AllocKind::User {
+        USER_STACK
+    } else {
+        0
+    };
     // Without BPF_F_REUSE_STACKID a stack whose hash bucket holds another stack is refused
     // (EEXIST), and would be refused on every later capture. The same stack without its
     // innermost frame hashes elsewhere.
     match ctx
-        .get_stackid(&STACKS, 0)
-        .or_else(|_| ctx.get_stackid(&STACKS, SKIP_ONE_FRAME))
+        .get_stackid(&STACKS, flags)
+        .or_else(|_| ctx.get_stackid(&STACKS, flags | SKIP_ONE_FRAME))
     {
         Ok(id) => id as i32,
         Err(_) => {

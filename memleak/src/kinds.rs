@@ -57,5 +57,6 @@ pub fn kind_name(kind: AllocKind) -> &'static str {
         AllocKind::Vmalloc => "vmalloc",
         AllocKind::Percpu => "percpu",
         AllocKind::Page => "page",
+        AllocKind::User => "user",
     }
 }

@@ -237,9 +237,16 @@ pub fn trace_around(tracer_args: &[&str], workload: &str, count: u64) -> Result<
 /// Starts the fixture `WORKLOAD COUNT` (which holds what it allocated until its standard
 /// input closes) and returns it with its first line, trimmed.
 pub fn start_fixture(workload: &str, count: u64) -> Result<(Guard, String)> {
+    let mut command = Command::new(fixture_binary()?);
+    command.args([workload, &count.to_string()]);
+    start_program(command)
+}
+
+/// Starts `command` with its standard input and output piped, and returns it with its first
+/// line, trimmed.
+pub fn start_program(mut command: Command) -> Result<(Guard, String)> {
     let mut fixture = Guard::new(
-        Command::new(fixture_binary()?)
-            .args([workload, &count.to_string()])
+        command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()

@@ -1,5 +1,6 @@
 //! memleak's project tasks, run as `cargo xtask TASK`.
 mod bench;
+mod bench_user;
 mod dist;
 mod soak;
 mod tracer;
@@ -23,6 +24,9 @@ enum Task {
     /// Measure how much tracing slows down allocation-heavy workloads, against no tracer
     /// (and optionally bpftrace), and print a table for the README.
     Bench(bench::BenchArgs),
+    /// Measure how much `memleak run --user` slows down a malloc-heavy program, against no
+    /// tool, the uprobes alone (empty programs) and valgrind.
+    BenchUser(bench_user::BenchUserArgs),
     /// Boot Debian's kernel under qemu and check that memleak, inside it, fails the leak check
     /// of a module that leaks and passes that of its clean function.
     VmTest(vm::VmTestArgs),
@@ -38,9 +42,10 @@ enum Task {
 
 /// What the end-to-end tests run besides memleak: `go tool pprof` reads the pprof profiles,
 /// Prometheus scrapes `watch --listen` (and promtool checks its page and the alert rules),
-/// headless Chromium renders its dashboard.
+/// headless Chromium renders its dashboard; gcc builds the user-space fixture, which valgrind
+/// checks as the oracle of `run --user`.
 /// (The VM test installs its own: qemu, and what building a kernel needs.)
-const TEST_PACKAGES: [&str; 3] = ["chromium", "golang-go", "prometheus"];
+const TEST_PACKAGES: [&str; 5] = ["chromium", "gcc", "golang-go", "prometheus", "valgrind"];
 
 fn main() -> ExitCode {
     let Cli { task } = Cli::parse();
@@ -50,6 +55,7 @@ fn main() -> ExitCode {
         .init();
     let result = match task {
         Task::Bench(args) => bench::run(&args),
+        Task::BenchUser(args) => bench_user::run(&args),
         Task::VmTest(args) => vm::run(&args),
         Task::Soak(args) => soak::run(&args),
         Task::Dist(args) => dist::run(&args),

@@ -1,6 +1,7 @@
-//! Everything that touches the eBPF object: loading and attaching the tracer, its maps, and
-//! the kernel memory reader.
+//! Everything that touches the eBPF object: loading and attaching the tracer (to the kernel,
+//! or to a process's allocator), its maps, and the kernel memory reader.
 pub mod maps;
 pub mod mmap;
 pub mod probes;
 pub mod reader;
+pub mod uprobes;

@@ -54,6 +54,8 @@ pub enum Attached {
     BtfTracepoints,
     RawTracepoints,
     ClassicTracepoints,
+    /// Uprobes on a user-space process's allocator.
+    Uprobes,
 }
 
 impl fmt::Display for Attached {
@@ -62,6 +64,7 @@ impl fmt::Display for Attached {
             Self::BtfTracepoints => "tp_btf",
             Self::RawTracepoints => "raw_tp",
             Self::ClassicTracepoints => "tracepoint",
+            Self::Uprobes => "uprobe",
         })
     }
 }
@@ -202,22 +205,7 @@ fn attach_programs(settings: &TracerSettings, btf: Option<&btf_rs::Btf>) -> Resu
     }
     let layout = btf.map(KmemCacheLayout::from_btf).transpose()?;
 
-    let buckets = settings.buckets();
-    let mut config = TracerConfig::DEFAULT;
-    config.bucket_mask = buckets - 1;
-    config.sample_shift = settings.sample_rate.trailing_zeros();
-    // The stack rate counts all allocations; among tracked ones it is that much denser.
-    config.stack_shift = settings
-        .stack_sample_rate
-        .trailing_zeros()
-        .saturating_sub(config.sample_shift);
-    config.filter_tgid = settings.filter_tgid.unwrap_or(0);
-    if let Some(comm) = &settings.filter_comm {
-        config.filter_comm_enabled = 1;
-        config.filter_comm[..comm.len()].copy_from_slice(comm.as_bytes());
-    }
-    config.min_size = settings.min_size.unwrap_or(0);
-    config.max_size = settings.max_size.unwrap_or(u32::MAX);
+    let (mut config, buckets) = base_config(settings);
     if let Some(layout) = layout {
         config.kmem_cache_size_offset = layout.size;
         config.kmem_cache_object_size_offset = layout.object_size;
@@ -227,7 +215,6 @@ fn attach_programs(settings: &TracerSettings, btf: Option<&btf_rs::Btf>) -> Resu
         Some(Ok(pages)) => pages.offsets,
         _ => plan.offsets,
     };
-    config.return_at_once = settings.empty_programs.into();
     config.kvfree_rcu_passes_offset = btf.is_some_and(kernel::kvfree_rcu_passes_offset).into();
     let raw_cache_alloc_passes_cache = btf.and_then(kernel::raw_cache_alloc_passes_cache);
     config.raw_cache_alloc_passes_cache = raw_cache_alloc_passes_cache.unwrap_or(false).into();
@@ -330,7 +317,7 @@ fn attach_programs(settings: &TracerSettings, btf: Option<&btf_rs::Btf>) -> Resu
         cache_ids_are_pointers: match attached {
             Attached::BtfTracepoints => true,
             Attached::RawTracepoints => raw_cache_alloc_passes_cache == Some(true),
-            Attached::ClassicTracepoints => false,
+            Attached::ClassicTracepoints | Attached::Uprobes => false,
         },
         methods,
         notes,
@@ -747,6 +734,26 @@ fn load_classic(ebpf: &mut Ebpf, plan: &tracefs::ClassicPlan) -> Result<Vec<Hook
 }
 
 impl Tracer {
+    /// A tracer of uprobes, which no slab hook is swapped on.
+    pub(crate) fn of_uprobes(
+        programs: Ebpf,
+        maps: TracerMaps,
+        methods: Vec<KindAttach>,
+        notes: Vec<String>,
+        free_paths: Vec<String>,
+    ) -> Self {
+        Self {
+            programs,
+            links: Vec::new(),
+            maps,
+            attached: Attached::Uprobes,
+            cache_ids_are_pointers: false,
+            methods,
+            notes,
+            free_paths,
+        }
+    }
+
     /// Attaches or detaches the slab hooks (`memleak watch --duty`); the page, vmalloc and
     /// percpu hooks stay. Frees are attached before allocations and detached after them, so
     /// that no object is recorded while its free could go unseen. Costs a few system calls
@@ -775,6 +782,36 @@ impl Tracer {
         }
         Ok(())
     }
+}
+
+/// The settings every program reads, whatever it hooks, and the table's bucket count.
+fn base_config(settings: &TracerSettings) -> (TracerConfig, u32) {
+    let buckets = settings.buckets();
+    let mut config = TracerConfig::DEFAULT;
+    config.bucket_mask = buckets - 1;
+    config.sample_shift = settings.sample_rate.trailing_zeros();
+    // The stack rate counts all allocations; among tracked ones it is that much denser.
+    config.stack_shift = settings
+        .stack_sample_rate
+        .trailing_zeros()
+        .saturating_sub(config.sample_shift);
+    config.filter_tgid = settings.filter_tgid.unwrap_or(0);
+    if let Some(comm) = &settings.filter_comm {
+        config.filter_comm_enabled = 1;
+        config.filter_comm[..comm.len()].copy_from_slice(comm.as_bytes());
+    }
+    config.min_size = settings.min_size.unwrap_or(0);
+    config.max_size = settings.max_size.unwrap_or(u32::MAX);
+    config.return_at_once = settings.empty_programs.into();
+    (config, buckets)
+}
+
+/// The object with the settings every program reads (none of the kernel-specific ones),
+/// recording only allocations by `filter_tgid`; and the table's bucket count.
+pub(crate) fn load_for(settings: &TracerSettings, filter_tgid: Option<u32>) -> Result<(Ebpf, u32)> {
+    let (mut config, buckets) = base_config(settings);
+    config.filter_tgid = filter_tgid.or(settings.filter_tgid).unwrap_or(0);
+    Ok((load_object(&config, buckets)?, buckets))
 }
 
 fn load_object(config: &TracerConfig, buckets: u32) -> Result<Ebpf> {
@@ -821,13 +858,16 @@ impl LazyBtf {
     }
 }
 
-fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {
+pub(crate) fn program_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+) -> Result<&'a mut aya::programs::Program> {
     ebpf.program_mut(name)
         .ok_or_else(|| anyhow!("eBPF object has no program {name}"))
 }
 
 /// The verifier's log is long; its last lines say why it refused.
-fn explain_load_error(program: &str, error: ProgramError) -> anyhow::Error {
+pub(crate) fn explain_load_error(program: &str, error: ProgramError) -> anyhow::Error {
     match error {
         ProgramError::LoadError {
             io_error,

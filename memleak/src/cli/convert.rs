@@ -49,6 +49,8 @@ impl From<&LeakCheckArgs> for LeakCheck {
 /// and how to write it.
 pub struct TraceOptions {
     pub trace: trace::Options,
+    /// Follow a user-space process's heap (`--user`) rather than kernel memory.
+    pub user: bool,
     pub report: output::ReportOptions,
 }
 
@@ -75,6 +77,7 @@ impl From<&TracingOptions> for TraceOptions {
                 top: args.report.top as usize,
             },
             report: output::ReportOptions::from(&args.report),
+            user: args.user,
         }
     }
 }

@@ -7,6 +7,7 @@ pub mod listen;
 pub mod scan;
 pub mod signals;
 pub mod trace;
+pub mod traced_command;
 pub mod vm;
 pub mod watch;
 

@@ -3,6 +3,7 @@
 use std::{
     io::IsTerminal as _,
     os::unix::process::ExitStatusExt as _,
+    path::{Path, PathBuf},
     process::{ExitCode, ExitStatus},
     time::{Duration, Instant},
 };
@@ -13,8 +14,9 @@ use memleak::{
     bpf::{
         maps::{self as table, TracerMaps},
         probes::{self, Tracer},
+        uprobes,
     },
-    kernel::{self, privileges},
+    kernel::{self, privileges, process::ProcessMaps},
     kinds::Kind,
     output::{self, Format, Plain, ReportSink, profile},
     scan,
@@ -28,16 +30,34 @@ use memleak::{
     util::{clock::monotonic_now_ns, duration, units::thousands},
 };
 
-use super::{signals::StopSignals, sleep_until};
+use super::{signals::StopSignals, sleep_until, traced_command::TracedCommand};
 use crate::cli::{RunArgs, TraceArgs, TraceOptions};
 
 /// `memleak trace`: traces for the window (or until SIGINT / SIGTERM), then reports.
 pub fn trace(args: &TraceArgs) -> Result<ExitCode> {
     let options = TraceOptions::from(&args.tracing);
     let leak_check = LeakCheck::from(&args.checks);
-    let mut session = Session::start(&options, leak_check.cache.as_deref())?;
+    let mut session = if options.user {
+        let Some(pid) = options.trace.tracer.filter_tgid else {
+            bail!(
+                "--user needs --pid PID, the process whose heap to trace (or `memleak run \
+                 --user -- COMMAND` to start one)"
+            );
+        };
+        super::require_process(pid)?;
+        let maps = ProcessMaps::read(pid)?;
+        let candidates: Vec<PathBuf> = maps
+            .executable_files()
+            .into_iter()
+            .map(Path::to_owned)
+            .collect();
+        Session::start_user(&options, pid, &candidates, maps)?
+    } else {
+        Session::start(&options, leak_check.cache.as_deref())?
+    };
     eprintln!(
-        "memleak: attached to the kernel's allocation events ({}); tracing {}",
+        "memleak: attached to {} ({}); tracing {}",
+        session.target(),
         session.tracer.attached,
         match args.duration {
             Some(window) => format!("for {}, Ctrl-C ends early", duration::display(window)),
@@ -49,7 +69,7 @@ pub fn trace(args: &TraceArgs) -> Result<ExitCode> {
         .map(|window| tokio::time::Instant::now() + window);
     session.runtime.block_on(watch(
         &session.tracer.maps,
-        &mut session.module_symbols,
+        &mut session.polled,
         sleep_until(deadline),
         |_| true,
     ))?;
@@ -67,13 +87,17 @@ pub fn trace(args: &TraceArgs) -> Result<ExitCode> {
 pub fn run(args: &RunArgs) -> Result<ExitCode> {
     let options = TraceOptions::from(&args.tracing);
     let leak_check = LeakCheck::from(&args.checks);
-    let mut session = Session::start(&options, leak_check.cache.as_deref())?;
     let (program, arguments) = args
         .command
         .split_first()
         .context("no command given after --")?;
+    if options.user {
+        return run_user(&options, &leak_check, program, arguments);
+    }
+    let mut session = Session::start(&options, leak_check.cache.as_deref())?;
     eprintln!(
-        "memleak: attached to the kernel's allocation events ({}); running {}",
+        "memleak: attached to {} ({}); running {}",
+        session.target(),
         session.tracer.attached,
         args.command.join(" ")
     );
@@ -88,29 +112,108 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
         tokio::time::sleep(grace).await;
         anyhow::Ok(status??)
     };
-    // Signals go to the command; memleak reports once it has exited.
-    let forward = |signal: libc::c_int| {
-        unsafe { libc::kill(pid, signal) };
-        false
-    };
     let status = session
         .runtime
         .block_on(watch(
             &session.tracer.maps,
-            &mut session.module_symbols,
+            &mut session.polled,
             command_then_grace,
-            forward,
+            forward_to(pid),
         ))?
         .context("signal handling stopped the wait")?
         .with_context(|| format!("waiting for {program}"))?;
     let verdict = session.finish(&options, &leak_check)?;
+    Ok(status_or_leak(status, verdict.as_ref(), &leak_check))
+}
+
+/// `memleak run --user`: COMMAND's heap from its first instruction to its exit.
+fn run_user(
+    options: &TraceOptions,
+    leak_check: &LeakCheck,
+    program: &str,
+    arguments: &[String],
+) -> Result<ExitCode> {
+    privileges::require_root()?;
+    let path = kernel::process::find_program(program)
+        .with_context(|| format!("starting {program}: not found in PATH"))?;
+    // The command is held at its first instruction: its libraries are not mapped yet. The C
+    // library it will load is looked up where the dynamic loader looks; an allocator linked
+    // into the program, or preloaded, is found in the program or LD_PRELOAD.
+    let mut candidates = vec![path];
+    if let Ok(preload) = std::env::var("LD_PRELOAD") {
+        candidates.extend(
+            preload
+                .split([' ', ':'])
+                .filter(|entry| !entry.is_empty())
+                .map(|entry| {
+                    kernel::process::find_library(entry).unwrap_or_else(|| PathBuf::from(entry))
+                }),
+        );
+    }
+    candidates.extend(kernel::process::find_library("libc.so.6"));
+    let command = TracedCommand::start(program, arguments)?;
+    let pid = command.pid;
+    let mut session = match Session::start_user(options, pid, &candidates, ProcessMaps::default()) {
+        Ok(session) => session,
+        Err(error) => {
+            command.abandon();
+            return Err(error);
+        }
+    };
+    eprintln!(
+        "memleak: attached to {} ({}); running {}",
+        session.target(),
+        session.tracer.attached,
+        std::iter::once(program.to_owned())
+            .chain(arguments.iter().cloned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let exited = async move { tokio::task::spawn_blocking(move || command.run()).await? };
+    let exited = session
+        .runtime
+        .block_on(watch(
+            &session.tracer.maps,
+            &mut session.polled,
+            exited,
+            forward_to(pid as libc::pid_t),
+        ))?
+        .context("signal handling stopped the wait")?
+        .with_context(|| format!("running {program}"))?;
+    if let Some(maps) = exited.maps {
+        session.polled.user_maps = Some(maps);
+    }
+    session.tracer.notes.push(
+        "blocks listed were not freed before the command exited: a record of what was \
+         allocated and never freed, not a reachability analysis (valgrind's \"definitely \
+         lost\" also needs no pointer to remain)"
+            .to_owned(),
+    );
+    let verdict = session.finish(options, leak_check)?;
+    Ok(status_or_leak(exited.status, verdict.as_ref(), leak_check))
+}
+
+/// Signals go to the command; memleak reports once it has exited.
+fn forward_to(pid: libc::pid_t) -> impl FnMut(libc::c_int) -> bool {
+    move |signal| {
+        unsafe { libc::kill(pid, signal) };
+        false
+    }
+}
+
+/// The leak check's status when it failed with `--fail-on-leak`, else the command's.
+fn status_or_leak(
+    status: ExitStatus,
+    verdict: Option<&Verdict>,
+    leak_check: &LeakCheck,
+) -> ExitCode {
     if let Some(verdict) = verdict
         && verdict.failed
         && leak_check.fail_on_leak
     {
-        return Ok(ExitCode::from(check::EXIT_LEAK));
+        return ExitCode::from(check::EXIT_LEAK);
     }
-    Ok(exit_code_of(status))
+    exit_code_of(status)
 }
 
 /// The exit status a shell would report for the command: its code, or 128 + the signal.
@@ -135,10 +238,37 @@ struct Session {
     scan_notes: Vec<String>,
     /// Without a scanner, the slab layout for reading the sites' caches at report time.
     slab_layout: Option<Result<scan::SlabLayout>>,
-    /// The kernel's counters before attaching, to set the trace against (or why not).
-    counts_at_start: Result<accounting::KernelCounts, String>,
-    /// Modules seen loaded during the window, kept up to date by [`watch`].
+    /// The kernel's counters before attaching, to set the trace against (or why not); `None`
+    /// for a user-space trace.
+    counts_at_start: Option<Result<accounting::KernelCounts, String>>,
+    /// What is read while the trace runs, for symbolizing after it.
+    polled: Polled,
+}
+
+/// What [`watch`] keeps up to date while the trace runs: the modules seen loaded, and for a
+/// user-space trace, the traced process's mappings.
+#[derive(Default)]
+struct Polled {
     module_symbols: ModuleSymbols,
+    user_pid: Option<u32>,
+    /// The last mappings read while the process was alive.
+    user_maps: Option<ProcessMaps>,
+}
+
+impl Polled {
+    fn refresh(&mut self) {
+        match self.user_pid {
+            // Gone: the last mappings read stand.
+            Some(pid) => {
+                if let Ok(maps) = ProcessMaps::read(pid)
+                    && !maps.mappings.is_empty()
+                {
+                    self.user_maps = Some(maps);
+                }
+            }
+            None => self.module_symbols.refresh(),
+        }
+    }
 }
 
 impl Session {
@@ -146,24 +276,13 @@ impl Session {
         let TraceOptions {
             trace: trace_options,
             report: report_options,
+            ..
         } = options;
         let tracer_settings = &trace_options.tracer;
-        if let (Some(min), Some(max)) = (tracer_settings.min_size, tracer_settings.max_size)
-            && min > max
-        {
-            bail!("--min-size {min} is larger than --max-size {max}: nothing would be traced");
-        }
-        privileges::require_root()?;
         if let Some(pid) = tracer_settings.filter_tgid {
             super::require_process(pid)?;
         }
-        privileges::lift_memlock_limit();
-        let kernel = kernel::release()?;
-        let sink = ReportSink::open(report_options.output.as_deref())?;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("starting the async runtime")?;
+        let prepared = prepare(tracer_settings, report_options)?;
         // Parsed once, before attaching, for the programs and for reading slab caches.
         let btf = kernel::parse_btf()?;
         // Before attaching: a cache that cannot be scanned fails now rather than after the
@@ -179,21 +298,58 @@ impl Session {
             .then(|| scan::slab_layout(btf.as_ref()));
         let counts_at_start =
             accounting::KernelCounts::read().map_err(|error| format!("{error:#}"));
-        let mut module_symbols = ModuleSymbols::default();
-        module_symbols.refresh();
+        let mut polled = Polled::default();
+        polled.refresh();
         let tracer = probes::attach(tracer_settings, btf.as_ref())?;
         Ok(Self {
-            tracer,
-            runtime,
-            sink,
-            kernel,
-            started: Instant::now(),
             scanner,
             scan_notes,
             slab_layout,
-            counts_at_start,
-            module_symbols,
+            counts_at_start: Some(counts_at_start),
+            ..Self::attached(tracer, prepared, polled)
         })
+    }
+
+    /// A session of `tracer`, just attached, with nothing of the kernel side.
+    fn attached(tracer: Tracer, prepared: Prepared, polled: Polled) -> Self {
+        Self {
+            tracer,
+            runtime: prepared.runtime,
+            sink: prepared.sink,
+            kernel: prepared.kernel,
+            started: Instant::now(),
+            scanner: None,
+            scan_notes: Vec::new(),
+            slab_layout: None,
+            counts_at_start: None,
+            polled,
+        }
+    }
+
+    /// Attaches to the heap of process `pid`, in those of `candidates` that hold an allocator.
+    fn start_user(
+        options: &TraceOptions,
+        pid: u32,
+        candidates: &[PathBuf],
+        maps: ProcessMaps,
+    ) -> Result<Self> {
+        let prepared = prepare(&options.trace.tracer, &options.report)?;
+        let allocators = uprobes::allocators(candidates);
+        let tracer = uprobes::attach_user(&options.trace.tracer, pid, &allocators)?;
+        let polled = Polled {
+            module_symbols: ModuleSymbols::default(),
+            user_pid: Some(pid),
+            user_maps: (!maps.mappings.is_empty()).then_some(maps),
+        };
+        Ok(Self::attached(tracer, prepared, polled))
+    }
+
+    /// What the programs are attached to, for the line that says so.
+    fn target(&self) -> String {
+        match self.polled.user_pid {
+            Some(pid) => format!("the heap of process {pid}"),
+            None => "the kernel's allocation events".to_owned(),
+        }
     }
 
     /// Detaches, reports and runs the leak check.
@@ -223,11 +379,26 @@ impl Session {
                  that many objects may be freed ones"
             ));
         }
+        // The window ends as detaching starts (which takes an RCU grace period per uprobe link).
+        let elapsed = self.started.elapsed();
         // Detach before reading, so the table is a consistent snapshot.
         drop(programs);
-        let elapsed = self.started.elapsed();
         let now_ns = monotonic_now_ns();
-        let counts_at_end = accounting::KernelCounts::read().map_err(|error| format!("{error:#}"));
+        let counts_at_end = self
+            .counts_at_start
+            .is_some()
+            .then(|| accounting::KernelCounts::read().map_err(|error| format!("{error:#}")));
+        // A process still alive may have mapped more since the last poll.
+        let user_process = self.polled.user_pid.map(|pid| {
+            self.polled.refresh();
+            if self.polled.user_maps.is_none() {
+                notes.push(format!(
+                    "process {pid}'s mappings could not be read while it was alive: its \
+                     stacks are bare addresses"
+                ));
+            }
+            self.polled.user_maps.take().unwrap_or_default()
+        });
         let mut scanner = self.scanner;
         let scan = scanner.as_mut().and_then(|scanner| {
             scanner
@@ -245,7 +416,8 @@ impl Session {
             cache_ids_are_pointers,
             notes,
             free_paths,
-            module_symbols: self.module_symbols,
+            module_symbols: self.polled.module_symbols,
+            user_process,
         };
         let mut report = report_build::build_report(
             &options.trace,
@@ -269,10 +441,13 @@ impl Session {
         }
         report.check.clone_from(&verdict);
         match (&self.counts_at_start, &counts_at_end) {
-            (Ok(start), Ok(end)) => report_build::compare_with_kernel(&mut report, start, end),
-            (Err(error), _) | (_, Err(error)) => report.notes.push(format!(
+            (Some(Ok(start)), Some(Ok(end))) => {
+                report_build::compare_with_kernel(&mut report, start, end)
+            }
+            (Some(Err(error)), _) | (_, Some(Err(error))) => report.notes.push(format!(
                 "the trace is not compared with the kernel's counters: {error}"
             )),
+            _ => {}
         }
         (report.kinds, report.caches) = report::totals(&report.stacks);
         // The stack formats weigh every site, not only the --top ones shown as text or JSON.
@@ -303,6 +478,37 @@ impl Session {
     }
 }
 
+/// What every tracing session needs, made before anything is attached.
+struct Prepared {
+    kernel: String,
+    sink: ReportSink,
+    runtime: tokio::runtime::Runtime,
+}
+
+fn prepare(
+    settings: &memleak::bpf::probes::TracerSettings,
+    report: &output::ReportOptions,
+) -> Result<Prepared> {
+    if let (Some(min), Some(max)) = (settings.min_size, settings.max_size)
+        && min > max
+    {
+        bail!("--min-size {min} is larger than --max-size {max}: nothing would be traced");
+    }
+    privileges::require_root()?;
+    privileges::lift_memlock_limit();
+    let kernel = kernel::release()?;
+    let sink = ReportSink::open(report.output.as_deref())?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    Ok(Prepared {
+        kernel,
+        sink,
+        runtime,
+    })
+}
+
 /// How often /proc/modules is read for modules to record: a module loaded and unloaded
 /// within it goes unrecorded (its call sites stay bare addresses).
 const MODULE_POLL: Duration = Duration::from_millis(100);
@@ -311,7 +517,7 @@ const MODULE_POLL: Duration = Duration::from_millis(100);
 /// decides whether to stop waiting (`None`) or to go on.
 async fn watch<T>(
     maps: &TracerMaps,
-    module_symbols: &mut ModuleSymbols,
+    polled: &mut Polled,
     until: impl Future<Output = T>,
     mut on_signal: impl FnMut(libc::c_int) -> bool,
 ) -> Result<Option<T>> {
@@ -328,7 +534,7 @@ async fn watch<T>(
         tokio::select! {
             signal = signals.next() => if on_signal(signal) { break None },
             output = &mut until => break Some(output),
-            _ = module_ticker.tick() => module_symbols.refresh(),
+            _ = module_ticker.tick() => polled.refresh(),
             _ = ticker.tick() => {
                 if show_progress {
                     let counters = table::read_counters(maps)?;

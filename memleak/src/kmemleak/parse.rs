@@ -363,6 +363,7 @@ fn parse_frame(text: &str) -> Option<Frame> {
         offset: Some(parse_hex(offset.strip_prefix("0x")?)?),
         size: Some(parse_hex(size.strip_prefix("0x")?)?),
         module,
+        source: None,
     })
 }
 
@@ -436,6 +437,7 @@ mod tests {
             offset: Some(offset),
             size: Some(size),
             module: module.map(str::to_owned),
+            source: None,
         }
     }
 

@@ -477,6 +477,7 @@ mod tests {
                 offset: None,
                 size: None,
                 module: Some("leaky".into()),
+                source: None,
             },
             Frame {
                 addr: None,
@@ -484,6 +485,7 @@ mod tests {
                 offset: None,
                 size: None,
                 module: Some("leaky".into()),
+                source: None,
             },
         ];
         let profile = build_profile(&report.stacks, Source::of(&report));

@@ -15,8 +15,12 @@ pub struct Frame {
     pub offset: Option<u64>,
     /// Size of the function, when known.
     pub size: Option<u64>,
-    /// Loadable module holding the function; `None` for the core kernel.
+    /// Loadable module holding the function; `None` for the core kernel. For user-space
+    /// frames, the file name of the executable or shared library.
     pub module: Option<String>,
+    /// `file:line` of the instruction, from debug information (user-space frames).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 impl Frame {
@@ -27,6 +31,7 @@ impl Frame {
             offset: None,
             size: None,
             module: None,
+            source: None,
         }
     }
 }
@@ -49,6 +54,9 @@ impl fmt::Display for Frame {
                 None => write!(f, "?")?,
             },
         }
+        if let Some(source) = &self.source {
+            write!(f, " ({source})")?;
+        }
         if let Some(module) = &self.module {
             write!(f, " [{module}]")?;
         }
@@ -65,6 +73,7 @@ pub(crate) fn named(symbol: &str) -> Frame {
         offset: Some(0x10),
         size: Some(0x80),
         module: None,
+        source: None,
     }
 }
 
@@ -80,6 +89,7 @@ mod tests {
             offset: Some(0x4c),
             size: Some(0x150),
             module: None,
+            source: None,
         };
         assert_eq!(frame.to_string(), "do_eventfd+0x4c/0x150");
         let in_module = Frame {

@@ -121,6 +121,7 @@ impl ModuleSymbols {
             offset: Some(addr - start),
             size: Some(end - start),
             module,
+            source: None,
         })
     }
 }

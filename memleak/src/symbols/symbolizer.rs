@@ -97,6 +97,7 @@ impl KernelSymbolizer {
                         .map(|module| module.to_string_lossy().into_owned())
                         .filter(|module| !module.starts_with('/') && !module.is_empty())
                         .or_else(|| self.module_of(addr)),
+                    source: None,
                 },
                 Symbolized::Unknown(_) => Frame {
                     module: self.module_of(addr),

@@ -39,7 +39,7 @@ impl SiteKey {
     pub fn unnamed_slot_size(&self) -> Option<u32> {
         match self.kind {
             AllocKind::Kmalloc | AllocKind::KmemCache => u32::try_from(self.cache_id).ok(),
-            AllocKind::Vmalloc | AllocKind::Percpu | AllocKind::Page => None,
+            AllocKind::Vmalloc | AllocKind::Percpu | AllocKind::Page | AllocKind::User => None,
         }
     }
 
@@ -58,7 +58,7 @@ impl SiteKey {
             AllocKind::Vmalloc | AllocKind::Percpu | AllocKind::Page if record.call_site == 0 => {
                 u64::from(record.stack_id as u32)
             }
-            AllocKind::Vmalloc | AllocKind::Percpu | AllocKind::Page => 0,
+            AllocKind::Vmalloc | AllocKind::Percpu | AllocKind::Page | AllocKind::User => 0,
         };
         let kmalloc_gfp = match kind {
             AllocKind::Kmalloc => record.gfp_flags & CACHE_TYPE_GFP,

@@ -16,9 +16,10 @@ use super::{
 use crate::{
     bpf::maps::{self as table, TracerMaps},
     kernel,
+    kernel::process::ProcessMaps,
     kinds::KindAttach,
     scan,
-    symbols::{KernelSymbolizer, ModuleSymbols, allocators},
+    symbols::{KernelSymbolizer, ModuleSymbols, StackSymbolizer, UserSymbolizer, allocators},
     util::{build::Producer, units::thousands},
 };
 
@@ -36,6 +37,8 @@ pub struct ReportHeader {
     /// Modules seen loaded during the window, with their symbols: names the call sites of
     /// modules unloaded before the report.
     pub module_symbols: ModuleSymbols,
+    /// For a user-space trace: the process's mappings, taken while it was alive.
+    pub user_process: Option<ProcessMaps>,
 }
 
 /// Builds the report with an entry for every site (leak checks see them all; the caller
@@ -91,16 +94,23 @@ pub fn build_report(
     let stack_ids = sites.iter().flat_map(|site| site.stacks.keys().copied());
     let stacks = table::read_stacks(maps, stack_ids)?;
     let missed_free_sites = table::read_missed_free_sites(maps)?;
-    let unloaded = header.module_symbols.unloaded(&kernel::loaded_modules());
-    if !unloaded.is_empty() {
-        header.notes.push(format!(
-            "unloaded during the trace: {}; their call sites are named from their symbols as \
-             recorded while they were loaded",
-            unloaded.join(", ")
-        ));
-    }
-    let mut symbolizer =
-        KernelSymbolizer::new().with_recorded_modules(std::mem::take(&mut header.module_symbols));
+    let mut symbolizer = match header.user_process.take() {
+        Some(maps) => StackSymbolizer::User(UserSymbolizer::new(maps)),
+        None => {
+            let unloaded = header.module_symbols.unloaded(&kernel::loaded_modules());
+            if !unloaded.is_empty() {
+                header.notes.push(format!(
+                    "unloaded during the trace: {}; their call sites are named from their \
+                     symbols as recorded while they were loaded",
+                    unloaded.join(", ")
+                ));
+            }
+            StackSymbolizer::Kernel(
+                KernelSymbolizer::new()
+                    .with_recorded_modules(std::mem::take(&mut header.module_symbols)),
+            )
+        }
+    };
     symbolizer.resolve(
         report::addresses_to_symbolize(&sites, &stacks)
             .into_iter()

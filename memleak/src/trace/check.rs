@@ -153,6 +153,7 @@ pub(crate) mod fixtures {
             offset: Some(0x10),
             size: Some(0x40),
             module: module.map(Into::into),
+            source: None,
         }
     }
 

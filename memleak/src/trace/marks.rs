@@ -107,6 +107,7 @@ pub(crate) mod fixtures {
             offset: Some(0x41),
             size: Some(0x1e0),
             module: None,
+            source: None,
         }
     }
 

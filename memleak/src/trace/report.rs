@@ -408,7 +408,7 @@ pub fn entry(site: &Site, context: &Context<'_>) -> Entry {
             .get(&site.key.cache_id)
             .or_else(|| context.site_caches.get(&site.key))
             .cloned(),
-        AllocKind::Vmalloc | AllocKind::Percpu | AllocKind::Page => None,
+        AllocKind::Vmalloc | AllocKind::Percpu | AllocKind::Page | AllocKind::User => None,
     };
     Entry {
         bytes: site.bytes * scale,
@@ -478,6 +478,7 @@ pub(crate) mod fixtures {
             offset: Some(4),
             size: Some(0x40),
             module: None,
+            source: None,
         }
     }
 
@@ -736,6 +737,7 @@ mod tests {
                 offset: Some(1),
                 size: Some(0x10),
                 module: None,
+                source: None,
             }
         };
         let page = record(0, AllocKind::Page, 0, 3, 7);

@@ -552,6 +552,7 @@ pub(super) mod tests {
             offset: None,
             size: None,
             module: module.map(str::to_owned),
+            source: None,
         }
     }
 

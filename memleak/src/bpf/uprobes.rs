@@ -1,0 +1,164 @@
+//! Attaching the user-space heap hooks (memleak-ebpf/src/user.rs) to one process: a uprobe at
+//! the entry and a uretprobe at the return of each allocator function, in every object that
+//! defines them (the C library, and jemalloc, tcmalloc or mimalloc when linked in or preloaded),
+//! and a uprobe on `free`. Linux 4.17+ (BPF on uprobe perf events); aya takes uprobe_multi
+//! links where the kernel has them (6.6+).
+use std::{
+    collections::BTreeSet,
+    fs,
+    num::NonZeroU32,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::programs::{UProbe, uprobe::UProbeScope};
+use object::{Object as _, ObjectSymbol as _};
+
+use super::{
+    maps::TracerMaps,
+    probes::{self, Tracer, TracerSettings},
+};
+use crate::kinds::KindAttach;
+
+/// Allocator functions, each with the program at its entry. All return through
+/// [`RETURN_PROGRAM`].
+const ALLOCATOR_ENTRIES: [(&str, &str); 9] = [
+    ("malloc", "user_malloc"),
+    ("valloc", "user_malloc"),
+    ("pvalloc", "user_malloc"),
+    ("calloc", "user_calloc"),
+    ("realloc", "user_realloc"),
+    ("reallocarray", "user_reallocarray"),
+    ("aligned_alloc", "user_aligned_alloc"),
+    ("memalign", "user_aligned_alloc"),
+    ("posix_memalign", "user_posix_memalign"),
+];
+const RETURN_PROGRAM: &str = "user_alloc_return";
+const FREE: (&str, &str) = ("free", "user_free");
+
+/// The allocator functions a file defines (exports or has in its symbol table).
+pub fn allocator_functions(path: &Path) -> Result<BTreeSet<&'static str>> {
+    let data = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let file = object::File::parse(&*data)
+        .with_context(|| format!("{}: not an ELF file memleak can read", path.display()))?;
+    let defined: BTreeSet<&str> = file
+        .dynamic_symbols()
+        .chain(file.symbols())
+        .filter(|symbol| symbol.is_definition())
+        .filter_map(|symbol| symbol.name().ok())
+        .collect();
+    Ok(ALLOCATOR_ENTRIES
+        .iter()
+        .map(|&(function, _)| function)
+        .chain([FREE.0])
+        .filter(|function| defined.contains(function))
+        .collect())
+}
+
+/// Attaches `program` at `functions` of `path`: one link (uprobe_multi, Linux 6.6+) or one
+/// perf event each. Each link costs an RCU grace period to detach, so there are few.
+fn attach(
+    ebpf: &mut aya::Ebpf,
+    program: &str,
+    functions: &[&str],
+    path: &Path,
+    scope: UProbeScope,
+) -> Result<()> {
+    let uprobe: &mut UProbe = probes::program_mut(ebpf, program)?.try_into()?;
+    uprobe
+        .attach(functions.iter().copied(), path, scope)
+        .with_context(|| {
+            format!(
+                "attaching {program} to {} in {}",
+                functions.join(", "),
+                path.display()
+            )
+        })?;
+    Ok(())
+}
+
+/// Of `candidates`, the files that define `malloc` and `free`, each with the allocator
+/// functions it defines; files that cannot be read are skipped.
+pub fn allocators(candidates: &[PathBuf]) -> Vec<(PathBuf, BTreeSet<&'static str>)> {
+    let mut found: Vec<(PathBuf, BTreeSet<&'static str>)> = Vec::new();
+    for path in candidates {
+        let Ok(functions) = allocator_functions(path) else {
+            continue;
+        };
+        if functions.contains("malloc")
+            && functions.contains(FREE.0)
+            && !found.iter().any(|(known, _)| known == path)
+        {
+            found.push((path.clone(), functions));
+        }
+    }
+    found
+}
+
+/// Loads the tracer and attaches the heap hooks to `pid` in each of `allocators`.
+pub fn attach_user(
+    settings: &TracerSettings,
+    pid: u32,
+    allocators: &[(PathBuf, BTreeSet<&'static str>)],
+) -> Result<Tracer> {
+    if allocators.is_empty() {
+        bail!("process {pid} maps no file that defines malloc and free: nothing to attach to");
+    }
+    let Some(scope) = NonZeroU32::new(pid).map(UProbeScope::OneProcess) else {
+        bail!("process id 0 cannot be traced");
+    };
+    let (mut ebpf, buckets) = probes::load_for(settings, Some(pid))?;
+    let programs = ALLOCATOR_ENTRIES
+        .iter()
+        .map(|&(_, program)| program)
+        .chain([RETURN_PROGRAM, FREE.1])
+        .collect::<BTreeSet<_>>();
+    for name in &programs {
+        let program: &mut UProbe = probes::program_mut(&mut ebpf, name)?.try_into()?;
+        program
+            .load()
+            .map_err(|error| probes::explain_load_error(name, error))?;
+    }
+    let mut files = Vec::new();
+    for (path, functions) in allocators {
+        // Frees first: a block allocated before the free hook is attached would stay listed;
+        // returns before entries: an entry whose return is not seen would leave its thread's
+        // next call counted as nested in it.
+        attach(&mut ebpf, FREE.1, &[FREE.0], path, scope)?;
+        let hooked: Vec<&str> = ALLOCATOR_ENTRIES
+            .iter()
+            .map(|&(function, _)| function)
+            .filter(|function| functions.contains(function))
+            .collect();
+        attach(&mut ebpf, RETURN_PROGRAM, &hooked, path, scope)?;
+        for program in &programs {
+            let entries: Vec<&str> = ALLOCATOR_ENTRIES
+                .iter()
+                .filter(|&&(function, entry)| entry == *program && functions.contains(function))
+                .map(|&(function, _)| function)
+                .collect();
+            if !entries.is_empty() {
+                attach(&mut ebpf, program, &entries, path, scope)?;
+            }
+        }
+        files.push(format!("{} ({})", path.display(), hooked.join(", ")));
+    }
+    let maps = TracerMaps::take(&mut ebpf, buckets)?;
+    Ok(Tracer::of_uprobes(
+        ebpf,
+        maps,
+        vec![KindAttach {
+            kind: "user".to_owned(),
+            method: "uprobe".to_owned(),
+            why: None,
+        }],
+        vec![format!(
+            "user-space heap of process {pid}: uprobes on {}",
+            files.join("; ")
+        )],
+        allocators
+            .iter()
+            .map(|(path, _)| format!("free in {} (uprobe)", path.display()))
+            .collect(),
+    ))
+}

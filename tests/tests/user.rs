@@ -1,0 +1,366 @@
+//! End-to-end: `memleak run --user` and `memleak trace --user --pid` on a C program whose
+//! leaks are known by construction (tests/user/leaky_user.c: through malloc, calloc, realloc,
+//! posix_memalign, in a thread and in a shared library), with valgrind's definitely-lost
+//! records as the oracle: same functions, same counts, same bytes, same lines.
+use std::{
+    collections::BTreeMap,
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use memleak::trace::report::Report;
+use memleak_tests::{end_to_end, finish_tracer, memleak_binary, start_attached, start_program};
+
+/// Each leak of the fixture: its function, blocks and bytes.
+const KNOWN_LEAKS: [(&str, u64, u64); 6] = [
+    ("leak_malloc", 10, 1000),
+    ("leak_calloc", 7, 672),
+    ("leak_realloc", 5, 20_000),
+    ("leak_aligned", 3, 768),
+    ("thread_main", 4, 192),
+    ("library_leak", 6, 432),
+];
+
+/// The C runtime's own blocks, which glibc never frees at exit (a thread's TLS vector,
+/// stdio buffers): valgrind frees them first through `__libc_freeres`, so its oracle lists
+/// them nowhere, while memleak truthfully lists them as not freed.
+const C_RUNTIME: [&str; 2] = ["libc.so.6", "ld-linux-x86-64.so.2"];
+
+/// Per function: blocks, bytes, and the `file:line` of the allocating call.
+type Leaks = BTreeMap<String, (u64, u64, String)>;
+
+/// Builds the fixture and its library with gcc into a fresh directory.
+fn build_fixture() -> Result<PathBuf> {
+    let sources = Path::new(env!("CARGO_MANIFEST_DIR")).join("user");
+    let dir = std::env::temp_dir().join(format!("memleak-user-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let gcc = |args: &[&str]| -> Result<()> {
+        let output = Command::new("gcc")
+            .args(["-g", "-O1", "-fno-omit-frame-pointer"])
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .context("running gcc")?;
+        ensure!(
+            output.status.success(),
+            "gcc {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(())
+    };
+    let library = sources.join("leaky_user_lib.c");
+    gcc(&[
+        "-fPIC",
+        "-shared",
+        "-o",
+        "libleaky_user_lib.so",
+        library.to_str().context("path")?,
+    ])?;
+    let program = sources.join("leaky_user.c");
+    let rpath = format!("-Wl,-rpath,{}", dir.display());
+    gcc(&[
+        "-o",
+        "leaky_user",
+        program.to_str().context("path")?,
+        "-L.",
+        "-lleaky_user_lib",
+        &rpath,
+        "-lpthread",
+    ])?;
+    Ok(dir.join("leaky_user"))
+}
+
+/// valgrind's definitely-lost records of `program`, by the first frame outside valgrind's
+/// allocator replacements.
+fn valgrind_definitely_lost(program: &Path) -> Result<Leaks> {
+    let output = Command::new("valgrind")
+        .args(["--leak-check=full", "--show-leak-kinds=definite"])
+        .arg(program)
+        .output()
+        .context("running valgrind (apt-get install valgrind; `cargo xtask test-deps`)")?;
+    ensure!(output.status.success(), "valgrind failed: {output:?}");
+    parse_valgrind(&String::from_utf8_lossy(&output.stderr))
+}
+
+/// `==PID== 1,000 bytes in 10 blocks are definitely lost in loss record 5 of 6`, then frames
+/// `==PID==    by 0x109248: leak_malloc (leaky_user.c:30)`.
+fn parse_valgrind(text: &str) -> Result<Leaks> {
+    let number = |text: &str| text.replace(',', "").parse::<u64>();
+    let mut leaks = Leaks::new();
+    let mut lines = text
+        .lines()
+        .map(|line| line.split_once("== ").map_or(line, |(_, rest)| rest).trim());
+    while let Some(line) = lines.next() {
+        let Some((record, _)) = line.split_once(" are definitely lost in loss record") else {
+            continue;
+        };
+        let words: Vec<&str> = record.split_whitespace().collect();
+        let [bytes, "bytes", "in", blocks, "blocks" | "block"] = words[..] else {
+            bail!("unexpected valgrind record: {line}");
+        };
+        let frame = lines
+            .by_ref()
+            .take_while(|line| line.starts_with("at ") || line.starts_with("by "))
+            .find(|line| !line.contains("vgpreload"))
+            .with_context(|| format!("no frame outside valgrind for: {line}"))?;
+        let (_, located) = frame.split_once(": ").context("frame without a function")?;
+        let (function, place) = located.split_once(" (").context("frame without a place")?;
+        let place = place.trim_end_matches(')').to_owned();
+        let entry = leaks.entry(function.to_owned()).or_insert((0, 0, place));
+        entry.0 += number(blocks)?;
+        entry.1 += number(bytes)?;
+    }
+    Ok(leaks)
+}
+
+/// memleak's user entries by call-site function, and the entries in the C runtime apart.
+fn memleak_leaks(report: &Report) -> Result<(Leaks, Vec<String>)> {
+    let mut leaks = Leaks::new();
+    let mut runtime = Vec::new();
+    for entry in &report.stacks {
+        ensure!(
+            entry.kind == "user",
+            "a {} entry in a user trace",
+            entry.kind
+        );
+        let call_site = &entry.call_site;
+        let module = call_site.module.clone().unwrap_or_default();
+        let function = call_site
+            .symbol
+            .clone()
+            .with_context(|| format!("an unsymbolized call site in {module}"))?;
+        if C_RUNTIME.contains(&module.as_str()) {
+            runtime.push(format!("{function} [{module}]"));
+            continue;
+        }
+        let source = call_site.source.clone().unwrap_or_default();
+        let leak = leaks.entry(function).or_insert((0, 0, source));
+        leak.0 += entry.count;
+        leak.1 += entry.bytes;
+    }
+    Ok((leaks, runtime))
+}
+
+fn known() -> BTreeMap<String, (u64, u64)> {
+    KNOWN_LEAKS
+        .iter()
+        .map(|&(function, blocks, bytes)| (function.to_owned(), (blocks, bytes)))
+        .collect()
+}
+
+fn counts(leaks: &Leaks) -> BTreeMap<String, (u64, u64)> {
+    leaks
+        .iter()
+        .map(|(function, &(blocks, bytes, _))| (function.clone(), (blocks, bytes)))
+        .collect()
+}
+
+fn memleak_run(program: &Path, extra: &[&str]) -> Result<(std::process::Output, Report)> {
+    let output = Command::new(memleak_binary()?)
+        .args(["run", "--user", "--format", "json", "--top", "1000"])
+        .args(extra)
+        .arg("--")
+        .arg(program)
+        .output()
+        .context("running memleak run --user")?;
+    let report = serde_json::from_slice(&output.stdout).with_context(|| {
+        format!(
+            "memleak's report ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })?;
+    Ok((output, report))
+}
+
+#[test]
+fn run_user_finds_what_valgrind_finds_definitely_lost() -> Result<()> {
+    let Some(_lock) = end_to_end() else {
+        return Ok(());
+    };
+    let program = build_fixture()?;
+    let oracle = valgrind_definitely_lost(&program)?;
+    // The oracle agrees with the construction, or the fixture is not what it says.
+    assert_eq!(counts(&oracle), known(), "valgrind on the fixture");
+
+    let (output, report) = memleak_run(&program, &[])?;
+    assert!(output.status.success(), "{output:?}");
+    let (found, runtime) = memleak_leaks(&report)?;
+    assert_eq!(counts(&found), known(), "memleak run --user");
+    for (function, (_, _, line)) in &oracle {
+        assert_eq!(
+            &found[function].2, line,
+            "{function}: the allocating call's file:line"
+        );
+    }
+    // What valgrind frees through __libc_freeres before it looks: at most a thread's TLS
+    // vector and the stdio buffer here.
+    assert!(runtime.len() <= 2, "C runtime entries: {runtime:?}");
+    let library = report
+        .stacks
+        .iter()
+        .find(|entry| entry.call_site.symbol.as_deref() == Some("library_leak"))
+        .context("no library_leak entry")?;
+    assert_eq!(
+        library.call_site.module.as_deref(),
+        Some("libleaky_user_lib.so")
+    );
+    assert!(
+        library
+            .frames
+            .iter()
+            .any(|frame| frame.symbol.as_deref() == Some("main")),
+        "the library leak's stack reaches main: {:?}",
+        library.frames
+    );
+    let thread = report
+        .stacks
+        .iter()
+        .find(|entry| entry.call_site.symbol.as_deref() == Some("thread_main"))
+        .context("no thread_main entry")?;
+    assert!(
+        thread
+            .frames
+            .iter()
+            .any(|frame| frame.symbol.as_deref() == Some("start_thread")),
+        "{:?}",
+        thread.frames
+    );
+    let counters = &report.stats.counters;
+    // churn_and_free: 1000 times malloc, realloc (a free at its entry), free, calloc, free.
+    assert!(
+        counters.allocs >= 3000 && counters.frees >= 3000,
+        "churn_and_free's calls seen: {counters:?}"
+    );
+    assert_eq!(counters.dropped_table_full, 0);
+    assert!(
+        report
+            .notes
+            .iter()
+            .any(|note| note.contains("not a reachability analysis")),
+        "{:?}",
+        report.notes
+    );
+    Ok(())
+}
+
+#[test]
+fn leak_checks_judge_user_entries() -> Result<()> {
+    let Some(_lock) = end_to_end() else {
+        return Ok(());
+    };
+    let program = build_fixture()?;
+    let junit = std::env::temp_dir().join(format!("memleak-user-{}.xml", std::process::id()));
+    let junit_arg = junit.to_str().context("path")?;
+    let (output, report) = memleak_run(
+        &program,
+        &[
+            "--fail-on-leak",
+            "--function",
+            "leak_calloc",
+            "--junit",
+            junit_arg,
+        ],
+    )?;
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let check = report.check.context("no leak check in the report")?;
+    assert_eq!(check.sites.len(), 1, "{:?}", check.sites);
+    assert_eq!(check.sites[0].count, 7);
+    assert!(check.failed);
+    let xml = std::fs::read_to_string(&junit)?;
+    assert!(xml.contains("leak_calloc"), "{xml}");
+
+    // A function that frees all it allocates passes, and the command's status (0) stands.
+    let (output, report) = memleak_run(
+        &program,
+        &["--fail-on-leak", "--function", "churn_and_free"],
+    )?;
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    assert!(report.check.is_some_and(|check| !check.failed));
+    Ok(())
+}
+
+#[test]
+fn trace_by_pid_reports_only_what_was_allocated_in_the_window() -> Result<()> {
+    let Some(_lock) = end_to_end() else {
+        return Ok(());
+    };
+    let program = build_fixture()?;
+    let mut command = Command::new(&program);
+    command.arg("wait");
+    let (mut fixture, line) = start_program(command)?;
+    assert_eq!(line, "waiting");
+    let pid = fixture.child().id().to_string();
+    let (tracer, _stderr) = start_attached(
+        "trace",
+        &[
+            "--user",
+            "--pid",
+            &pid,
+            "--duration",
+            "4s",
+            "--format",
+            "json",
+            "--top",
+            "1000",
+        ],
+    )?;
+    fixture
+        .child()
+        .stdin
+        .take()
+        .context("fixture stdin")?
+        .write_all(b"go\n")?;
+    let status = fixture.into_child().wait()?;
+    assert!(status.success(), "fixture: {status}");
+    let report: Report = finish_tracer(tracer)?;
+    let (found, _) = memleak_leaks(&report)?;
+    // leak_before_wait's 9 blocks were allocated before the tracer attached.
+    assert_eq!(counts(&found), known(), "memleak trace --user --pid");
+    Ok(())
+}
+
+#[test]
+fn user_needs_a_process() -> Result<()> {
+    let output = Command::new(memleak_binary()?)
+        .args(["trace", "--user", "--duration", "1s"])
+        .output()?;
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--user needs --pid"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    Ok(())
+}
+
+#[test]
+fn parses_valgrind_records() -> Result<()> {
+    let text = "\
+==14551== 192 bytes in 4 blocks are definitely lost in loss record 1 of 6
+==14551==    at 0x48417B4: malloc (in /usr/libexec/valgrind/vgpreload_memcheck-amd64-linux.so)
+==14551==    by 0x109218: thread_main (leaky_user.c:57)
+==14551==    by 0x48EA1F4: start_thread (pthread_create.c:442)
+==14551== 
+==14551== 768 bytes in 3 blocks are definitely lost in loss record 4 of 6
+==14551==    at 0x4846990: memalign (in /usr/libexec/valgrind/vgpreload_memcheck-amd64-linux.so)
+==14551==    by 0x4846AED: posix_memalign (in /usr/libexec/valgrind/vgpreload_memcheck-amd64-linux.so)
+==14551==    by 0x1092F3: leak_aligned (leaky_user.c:49)
+==14551== 
+==14551== 20,000 bytes in 5 blocks are definitely lost in loss record 6 of 6
+==14551==    at 0x484682F: realloc (in /usr/libexec/valgrind/vgpreload_memcheck-amd64-linux.so)
+==14551==    by 0x1092B3: leak_realloc (leaky_user.c:42)
+";
+    let leaks = parse_valgrind(text)?;
+    assert_eq!(leaks["thread_main"], (4, 192, "leaky_user.c:57".to_owned()));
+    assert_eq!(
+        leaks["leak_aligned"],
+        (3, 768, "leaky_user.c:49".to_owned())
+    );
+    assert_eq!(
+        leaks["leak_realloc"],
+        (5, 20_000, "leaky_user.c:42".to_owned())
+    );
+    assert_eq!(leaks.len(), 3);
+    Ok(())
+}

@@ -1,0 +1,105 @@
+/* A user-space program whose leaks are known by construction (tests/tests/user.rs):
+ *   leak_malloc        10 blocks of 100 bytes, malloc
+ *   leak_calloc         7 blocks of 12 x 8 bytes, calloc
+ *   leak_realloc        5 blocks grown by realloc from 16 to 4000 bytes (a malloc'ed block
+ *                       that realloc moves: the leak is the realloc's)
+ *   leak_aligned        3 blocks of 256 bytes, posix_memalign
+ *   leak_in_thread      4 blocks of 48 bytes, malloc in a second thread
+ *   library_leak        6 blocks of 72 bytes, malloc in libleaky_user_lib.so
+ * and everything else it allocates (churn_and_free, the strings of keep_until_exit) freed
+ * before it exits. Built with frame pointers so that both memleak and valgrind can walk it.
+ *
+ * With `wait` as its argument, it first leaks 9 blocks of 200 bytes (leak_before_wait),
+ * churns, and then reads a line from stdin, so that a tracer can attach to it running: a
+ * trace by pid must not report the blocks allocated before it attached. */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+void library_leak(int count);
+
+/* Volatile, so that the compiler neither elides the allocations nor the stores. */
+static void *volatile sink[64];
+static int sunk;
+
+static void keep(void *block) { sink[sunk++ % 64] = block; }
+
+__attribute__((noinline)) void leak_malloc(void) {
+    for (int i = 0; i < 10; i++)
+        keep(malloc(100));
+}
+
+__attribute__((noinline)) void leak_calloc(void) {
+    for (int i = 0; i < 7; i++)
+        keep(calloc(12, 8));
+}
+
+__attribute__((noinline)) void leak_realloc(void) {
+    for (int i = 0; i < 5; i++) {
+        char *block = malloc(16);
+        block[0] = 1;
+        keep(realloc(block, 4000));
+    }
+}
+
+__attribute__((noinline)) void leak_aligned(void) {
+    for (int i = 0; i < 3; i++) {
+        void *block;
+        if (posix_memalign(&block, 64, 256) == 0)
+            keep(block);
+    }
+}
+
+static void *thread_main(void *unused) {
+    (void)unused;
+    for (int i = 0; i < 4; i++)
+        keep(malloc(48));
+    return NULL;
+}
+
+__attribute__((noinline)) void leak_in_thread(void) {
+    pthread_t thread;
+    pthread_create(&thread, NULL, thread_main, NULL);
+    pthread_join(thread, NULL);
+}
+
+__attribute__((noinline)) void leak_before_wait(void) {
+    for (int i = 0; i < 9; i++)
+        keep(malloc(200));
+}
+
+__attribute__((noinline)) void churn_and_free(void) {
+    for (int i = 0; i < 1000; i++) {
+        void *block = malloc(32 + i % 200);
+        block = realloc(block, 300);
+        free(block);
+        /* Through a volatile: gcc drops a free(calloc()) pair it can see. */
+        void *volatile zeroed = calloc(4, 16);
+        free(zeroed);
+    }
+}
+
+int main(int argc, char **argv) {
+    if (argc > 1 && strcmp(argv[1], "wait") == 0) {
+        char line[16];
+        leak_before_wait();
+        churn_and_free();
+        puts("waiting");
+        fflush(stdout);
+        if (!fgets(line, sizeof line, stdin))
+            return 1;
+    }
+    churn_and_free();
+    leak_malloc();
+    leak_calloc();
+    leak_realloc();
+    leak_aligned();
+    leak_in_thread();
+    library_leak(6);
+    /* The sink is cleared so that valgrind finds the blocks unreachable ("definitely
+     * lost"), as a real leak would be. */
+    for (int i = 0; i < 64; i++)
+        sink[i] = NULL;
+    return 0;
+}
