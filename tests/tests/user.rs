@@ -1,7 +1,8 @@
-//! End-to-end: `memleak run --user` and `memleak trace --user --pid` on a C program whose
-//! leaks are known by construction (tests/user/leaky_user.c: through malloc, calloc, realloc,
-//! posix_memalign, in a thread and in a shared library), with valgrind's definitely-lost
-//! records as the oracle: same functions, same counts, same bytes, same lines.
+//! End-to-end: `memleak run --user` and `memleak trace --user --pid` on a C program and a
+//! Rust program whose leaks are known by construction (tests/user/leaky_user.c: through
+//! malloc, calloc, realloc, posix_memalign, in a thread and in a shared library;
+//! tests/user/leaky_user.rs: boxes, vectors, a vector grown by realloc), with valgrind's
+//! definitely-lost records as the oracle: same functions, same counts, same bytes, same lines.
 use std::{
     collections::BTreeMap,
     io::Write as _,
@@ -13,8 +14,8 @@ use anyhow::{Context as _, Result, bail, ensure};
 use memleak::trace::report::Report;
 use memleak_tests::{end_to_end, finish_tracer, memleak_binary, start_attached, start_program};
 
-/// Each leak of the fixture: its function, blocks and bytes.
-const KNOWN_LEAKS: [(&str, u64, u64); 6] = [
+/// Each leak of the C fixture: its function, blocks and bytes.
+const C_LEAKS: [(&str, u64, u64); 6] = [
     ("leak_malloc", 10, 1000),
     ("leak_calloc", 7, 672),
     ("leak_realloc", 5, 20_000),
@@ -22,20 +23,57 @@ const KNOWN_LEAKS: [(&str, u64, u64); 6] = [
     ("thread_main", 4, 192),
     ("library_leak", 6, 432),
 ];
+const C_SOURCES: [&str; 2] = ["leaky_user.c:", "leaky_user_lib.c:"];
 
-/// The C runtime's own blocks, which glibc never frees at exit (a thread's TLS vector,
-/// stdio buffers): valgrind frees them first through `__libc_freeres`, so its oracle lists
-/// them nowhere, while memleak truthfully lists them as not freed.
-const C_RUNTIME: [&str; 2] = ["libc.so.6", "ld-linux-x86-64.so.2"];
+/// Each leak of the Rust fixture. leak_grown's block reaches malloc through Rust's vector
+/// growth (alloc::raw_vec), which memleak looks through to its caller, as valgrind does.
+const RUST_LEAKS: [(&str, u64, u64); 3] = [
+    ("leaky_user::leak_boxes", 8, 800),
+    ("leaky_user::leak_vecs", 5, 400),
+    ("leaky_user::leak_grown", 1, 1024),
+];
+const RUST_SOURCES: [&str; 1] = ["leaky_user.rs:"];
+
+/// Entries allowed beside a fixture's own: the language runtime's blocks that it never frees at
+/// exit (a thread's TLS vector, the stdio buffer, Rust's thread info). valgrind frees glibc's
+/// first (`__libc_freeres`) and counts the others as reachable, so its oracle lists none.
+const MAX_RUNTIME_ENTRIES: usize = 2;
 
 /// Per function: blocks, bytes, and the `file:line` of the allocating call.
 type Leaks = BTreeMap<String, (u64, u64, String)>;
 
-/// Builds the fixture and its library with gcc into a fresh directory.
+/// A fresh directory for one test's builds.
+fn build_dir(name: &str) -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("memleak-user-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Builds the Rust fixture with the workspace's pinned rustc, optimized, with frame pointers.
+fn build_rust_fixture() -> Result<PathBuf> {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("no workspace")?;
+    let program = build_dir("rust")?.join("leaky_user_rs");
+    let output = Command::new("rustc")
+        .args(["-O", "-g", "-C", "force-frame-pointers=yes", "-o"])
+        .arg(&program)
+        .arg(workspace.join("tests/user/leaky_user.rs"))
+        .current_dir(workspace)
+        .output()
+        .context("running rustc")?;
+    ensure!(
+        output.status.success(),
+        "rustc: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(program)
+}
+
+/// Builds the C fixture and its library with gcc into a fresh directory.
 fn build_fixture() -> Result<PathBuf> {
     let sources = Path::new(env!("CARGO_MANIFEST_DIR")).join("user");
-    let dir = std::env::temp_dir().join(format!("memleak-user-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    let dir = build_dir("c")?;
     let gcc = |args: &[&str]| -> Result<()> {
         let output = Command::new("gcc")
             .args(["-g", "-O1", "-fno-omit-frame-pointer"])
@@ -72,21 +110,21 @@ fn build_fixture() -> Result<PathBuf> {
     Ok(dir.join("leaky_user"))
 }
 
-/// valgrind's definitely-lost records of `program`, by the first frame outside valgrind's
-/// allocator replacements.
-fn valgrind_definitely_lost(program: &Path) -> Result<Leaks> {
+/// valgrind's definitely-lost records of `program`, by the first frame in one of the
+/// fixture's `sources` (valgrind names inlined frames too: Rust's allocator is inlined).
+fn valgrind_definitely_lost(program: &Path, sources: &[&str]) -> Result<Leaks> {
     let output = Command::new("valgrind")
         .args(["--leak-check=full", "--show-leak-kinds=definite"])
         .arg(program)
         .output()
         .context("running valgrind (apt-get install valgrind; `cargo xtask test-deps`)")?;
     ensure!(output.status.success(), "valgrind failed: {output:?}");
-    parse_valgrind(&String::from_utf8_lossy(&output.stderr))
+    parse_valgrind(&String::from_utf8_lossy(&output.stderr), sources)
 }
 
 /// `==PID== 1,000 bytes in 10 blocks are definitely lost in loss record 5 of 6`, then frames
 /// `==PID==    by 0x109248: leak_malloc (leaky_user.c:30)`.
-fn parse_valgrind(text: &str) -> Result<Leaks> {
+fn parse_valgrind(text: &str, sources: &[&str]) -> Result<Leaks> {
     let number = |text: &str| text.replace(',', "").parse::<u64>();
     let mut leaks = Leaks::new();
     let mut lines = text
@@ -100,23 +138,28 @@ fn parse_valgrind(text: &str) -> Result<Leaks> {
         let [bytes, "bytes", "in", blocks, "blocks" | "block"] = words[..] else {
             bail!("unexpected valgrind record: {line}");
         };
-        let frame = lines
+        let (function, place) = lines
             .by_ref()
             .take_while(|line| line.starts_with("at ") || line.starts_with("by "))
-            .find(|line| !line.contains("vgpreload"))
-            .with_context(|| format!("no frame outside valgrind for: {line}"))?;
-        let (_, located) = frame.split_once(": ").context("frame without a function")?;
-        let (function, place) = located.split_once(" (").context("frame without a place")?;
-        let place = place.trim_end_matches(')').to_owned();
-        let entry = leaks.entry(function.to_owned()).or_insert((0, 0, place));
+            .filter_map(|frame| {
+                let (_, located) = frame.split_once(": ")?;
+                let (function, place) = located.rsplit_once(" (")?;
+                Some((function, place.trim_end_matches(')')))
+            })
+            .find(|(_, place)| sources.iter().any(|source| place.starts_with(source)))
+            .with_context(|| format!("no frame in {sources:?} for: {line}"))?;
+        let entry = leaks
+            .entry(function.to_owned())
+            .or_insert((0, 0, place.to_owned()));
         entry.0 += number(blocks)?;
         entry.1 += number(bytes)?;
     }
     Ok(leaks)
 }
 
-/// memleak's user entries by call-site function, and the entries in the C runtime apart.
-fn memleak_leaks(report: &Report) -> Result<(Leaks, Vec<String>)> {
+/// memleak's user entries whose call site is in one of the fixture's `sources`, by function;
+/// and the others (the language runtime's) apart.
+fn memleak_leaks(report: &Report, sources: &[&str]) -> Result<(Leaks, Vec<String>)> {
     let mut leaks = Leaks::new();
     let mut runtime = Vec::new();
     for entry in &report.stacks {
@@ -126,16 +169,15 @@ fn memleak_leaks(report: &Report) -> Result<(Leaks, Vec<String>)> {
             entry.kind
         );
         let call_site = &entry.call_site;
-        let module = call_site.module.clone().unwrap_or_default();
         let function = call_site
             .symbol
             .clone()
-            .with_context(|| format!("an unsymbolized call site in {module}"))?;
-        if C_RUNTIME.contains(&module.as_str()) {
-            runtime.push(format!("{function} [{module}]"));
+            .with_context(|| format!("an unsymbolized call site: {call_site}"))?;
+        let source = call_site.source.clone().unwrap_or_default();
+        if !sources.iter().any(|own| source.starts_with(own)) {
+            runtime.push(call_site.to_string());
             continue;
         }
-        let source = call_site.source.clone().unwrap_or_default();
         let leak = leaks.entry(function).or_insert((0, 0, source));
         leak.0 += entry.count;
         leak.1 += entry.bytes;
@@ -143,11 +185,34 @@ fn memleak_leaks(report: &Report) -> Result<(Leaks, Vec<String>)> {
     Ok((leaks, runtime))
 }
 
-fn known() -> BTreeMap<String, (u64, u64)> {
-    KNOWN_LEAKS
+/// Checks memleak's report of `program` against the construction and valgrind's oracle, and
+/// that nothing else is in it but a few of the language runtime's blocks.
+fn check_against_valgrind(
+    program: &Path,
+    report: &Report,
+    known_leaks: &[(&str, u64, u64)],
+    sources: &[&str],
+) -> Result<()> {
+    let known: BTreeMap<String, (u64, u64)> = known_leaks
         .iter()
         .map(|&(function, blocks, bytes)| (function.to_owned(), (blocks, bytes)))
-        .collect()
+        .collect();
+    let oracle = valgrind_definitely_lost(program, sources)?;
+    // The oracle agrees with the construction, or the fixture is not what it says.
+    assert_eq!(counts(&oracle), known, "valgrind on {}", program.display());
+    let (found, runtime) = memleak_leaks(report, sources)?;
+    assert_eq!(counts(&found), known, "memleak on {}", program.display());
+    for (function, (_, _, line)) in &oracle {
+        assert_eq!(
+            &found[function].2, line,
+            "{function}: the allocating call's file:line"
+        );
+    }
+    assert!(
+        runtime.len() <= MAX_RUNTIME_ENTRIES,
+        "runtime entries: {runtime:?}"
+    );
+    Ok(())
 }
 
 fn counts(leaks: &Leaks) -> BTreeMap<String, (u64, u64)> {
@@ -181,23 +246,9 @@ fn run_user_finds_what_valgrind_finds_definitely_lost() -> Result<()> {
         return Ok(());
     };
     let program = build_fixture()?;
-    let oracle = valgrind_definitely_lost(&program)?;
-    // The oracle agrees with the construction, or the fixture is not what it says.
-    assert_eq!(counts(&oracle), known(), "valgrind on the fixture");
-
     let (output, report) = memleak_run(&program, &[])?;
     assert!(output.status.success(), "{output:?}");
-    let (found, runtime) = memleak_leaks(&report)?;
-    assert_eq!(counts(&found), known(), "memleak run --user");
-    for (function, (_, _, line)) in &oracle {
-        assert_eq!(
-            &found[function].2, line,
-            "{function}: the allocating call's file:line"
-        );
-    }
-    // What valgrind frees through __libc_freeres before it looks: at most a thread's TLS
-    // vector and the stdio buffer here.
-    assert!(runtime.len() <= 2, "C runtime entries: {runtime:?}");
+    check_against_valgrind(&program, &report, &C_LEAKS, &C_SOURCES)?;
     let library = report
         .stacks
         .iter()
@@ -244,6 +295,17 @@ fn run_user_finds_what_valgrind_finds_definitely_lost() -> Result<()> {
         report.notes
     );
     Ok(())
+}
+
+#[test]
+fn run_user_finds_a_rust_programs_leaks_as_valgrind_does() -> Result<()> {
+    let Some(_lock) = end_to_end() else {
+        return Ok(());
+    };
+    let program = build_rust_fixture()?;
+    let (output, report) = memleak_run(&program, &[])?;
+    assert!(output.status.success(), "{output:?}");
+    check_against_valgrind(&program, &report, &RUST_LEAKS, &RUST_SOURCES)
 }
 
 #[test]
@@ -316,9 +378,13 @@ fn trace_by_pid_reports_only_what_was_allocated_in_the_window() -> Result<()> {
     let status = fixture.into_child().wait()?;
     assert!(status.success(), "fixture: {status}");
     let report: Report = finish_tracer(tracer)?;
-    let (found, _) = memleak_leaks(&report)?;
+    let (found, _) = memleak_leaks(&report, &C_SOURCES)?;
     // leak_before_wait's 9 blocks were allocated before the tracer attached.
-    assert_eq!(counts(&found), known(), "memleak trace --user --pid");
+    let known: BTreeMap<String, (u64, u64)> = C_LEAKS
+        .iter()
+        .map(|&(function, blocks, bytes)| (function.to_owned(), (blocks, bytes)))
+        .collect();
+    assert_eq!(counts(&found), known, "memleak trace --user --pid");
     Ok(())
 }
 
@@ -351,7 +417,7 @@ fn parses_valgrind_records() -> Result<()> {
 ==14551==    at 0x484682F: realloc (in /usr/libexec/valgrind/vgpreload_memcheck-amd64-linux.so)
 ==14551==    by 0x1092B3: leak_realloc (leaky_user.c:42)
 ";
-    let leaks = parse_valgrind(text)?;
+    let leaks = parse_valgrind(text, &C_SOURCES)?;
     assert_eq!(leaks["thread_main"], (4, 192, "leaky_user.c:57".to_owned()));
     assert_eq!(
         leaks["leak_aligned"],

@@ -83,8 +83,10 @@ pub struct TracingOptions {
     /// --sample-rate M >= N, of every tracked object), and of the first allocation from each
     /// call site. Every allocation is still counted
     /// exactly per call site; N=1 gives exact per-stack counts at several times the overhead.
-    #[arg(long, value_name = "N", default_value_t = 64, value_parser = parse_power_of_two)]
-    pub stack_sample_rate: u32,
+    /// Default 64; 1 with --user, where the stack names the caller of a language runtime's
+    /// allocator (Rust's vector growth, C++'s operator new) and the uprobes cost far more.
+    #[arg(long, value_name = "N", value_parser = parse_power_of_two)]
+    pub stack_sample_rate: Option<u32>,
 
     /// Kinds of kernel memory to follow, comma-separated. Kinds this kernel cannot trace are
     /// left out, and the report says so.

@@ -45,6 +45,13 @@ impl From<&LeakCheckArgs> for LeakCheck {
     }
 }
 
+/// Kernel traces capture one stack in 64 by default: every allocation is counted exactly at
+/// its call site anyway.
+const STACK_SAMPLE_RATE: u32 = 64;
+/// User-space traces capture every stack: a call site in a runtime's allocator is replaced by
+/// the stack's first frame outside it, and a stack walk costs little beside the uprobes.
+const USER_STACK_SAMPLE_RATE: u32 = 1;
+
 /// What `trace` and `run` take from their shared options: how to trace and build the report,
 /// and how to write it.
 pub struct TraceOptions {
@@ -61,7 +68,11 @@ impl From<&TracingOptions> for TraceOptions {
                 tracer: TracerSettings {
                     capacity: args.capacity,
                     sample_rate: args.sample_rate,
-                    stack_sample_rate: args.stack_sample_rate,
+                    stack_sample_rate: args.stack_sample_rate.unwrap_or(if args.user {
+                        USER_STACK_SAMPLE_RATE
+                    } else {
+                        STACK_SAMPLE_RATE
+                    }),
                     filter_tgid: args.pid,
                     filter_comm: args.comm.clone(),
                     min_size: args.min_size,

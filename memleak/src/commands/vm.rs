@@ -18,7 +18,7 @@ use memleak::{
     vm::{
         self, DebianKernel,
         guest::Boot,
-        initramfs::Initramfs,
+        initramfs::{BUSYBOX, Guest, Initramfs},
         module_ci::{self, Job, ModuleToLoad, Outcome},
     },
 };
@@ -26,7 +26,6 @@ use memleak::{
 use crate::cli::VmArgs;
 
 const GUEST_INIT: &[u8] = include_bytes!("../vm/init.sh");
-const BUSYBOX: &str = "/bin/busybox";
 const QEMU: &str = "qemu-system-x86_64";
 
 /// The kernel to boot.
@@ -188,24 +187,13 @@ fn pack_initramfs(
     busybox: &[u8],
 ) -> Result<()> {
     let file = fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    let mut archive = Initramfs::new(BufWriter::new(file));
-    for directory in [
-        "bin",
-        "dev",
-        "proc",
-        "sys",
-        "results",
-        "vm",
-        "vm/modules",
-        "work",
-    ] {
-        archive.directory(directory)?;
-    }
-    // The kernel opens /dev/console for /init's standard streams before anything is mounted.
-    archive.character_device("dev/console", 0o600, (5, 1))?;
-    archive.file("init", 0o755, GUEST_INIT)?;
-    archive.file("bin/busybox", 0o755, busybox)?;
-    archive.file("bin/memleak", 0o755, memleak)?;
+    let guest = Guest {
+        init: GUEST_INIT,
+        busybox,
+        memleak,
+    };
+    let mut archive =
+        Initramfs::guest(BufWriter::new(file), &guest, &["vm", "vm/modules", "work"])?;
     archive.file("vm/run.sh", 0o755, job.run_script().as_bytes())?;
     archive.file("vm/phases.sh", 0o755, job.phases_script().as_bytes())?;
     archive.file("vm/command.sh", 0o755, job.command_script().as_bytes())?;

@@ -1,6 +1,6 @@
 //! Names of the kernel's allocator and tracing functions: the frames a stack passes through
 //! before it reaches the code that asked for memory, and the ones that show pages back another
-//! kind of memory.
+//! kind of memory; and the user-space allocation machinery between a program and `malloc`.
 use super::frame::Frame;
 
 /// Name prefixes of the allocators' own functions and their thin wrappers (the caller of
@@ -42,6 +42,38 @@ const ALLOCATOR_PREFIXES: &[&str] = &[
     "memblock_alloc",
     "memblock_phys_alloc",
 ];
+
+/// Name prefixes (demangled) of the language runtimes' allocation machinery in user space:
+/// Rust's global allocator shims and the growth of its vectors, C++'s `operator new`. Their
+/// caller is the code that asked for memory.
+const USER_ALLOCATOR_PREFIXES: &[&str] = &[
+    "__rust_alloc",
+    "__rust_realloc",
+    "__rdl_",
+    "__rg_",
+    "alloc::alloc::",
+    "alloc::raw_vec::",
+    "<alloc::alloc::Global as core::alloc::Allocator>",
+    "<std::alloc::System as core::alloc::global::GlobalAlloc>",
+    "std::sys::alloc::",
+    "operator new",
+    "_Znwm",
+    "_Znam",
+];
+
+/// Whether a user-space `frame` is in a language runtime's allocation machinery. Rust's
+/// demanglers name methods `<alloc::raw_vec::RawVecInner>::finish_grow` (v0 mangling) or
+/// `alloc::raw_vec::RawVecInner<A>::finish_grow` (legacy): both match.
+pub fn is_user_allocator_internal(frame: &Frame) -> bool {
+    frame.symbol.as_deref().is_some_and(|symbol| {
+        USER_ALLOCATOR_PREFIXES.iter().any(|prefix| {
+            symbol.starts_with(prefix)
+                || symbol
+                    .strip_prefix('<')
+                    .is_some_and(|inner| inner.starts_with(prefix))
+        })
+    })
+}
 
 /// Name prefixes of the tracing machinery between an allocator and a BPF program, without
 /// leading underscores: stacks captured in the program start there.
@@ -117,6 +149,30 @@ mod tests {
 
     fn frame(symbol: &str) -> Frame {
         crate::symbols::frame::named(symbol)
+    }
+
+    #[test]
+    fn recognizes_runtime_allocation_machinery_in_user_space() {
+        for internal in [
+            "alloc::raw_vec::RawVecInner<A>::finish_grow",
+            "<alloc::raw_vec::RawVecInner>::finish_grow",
+            "alloc::raw_vec::RawVec<T,A>::grow_one",
+            "__rust_alloc",
+            "__rdl_realloc",
+            "<alloc::alloc::Global as core::alloc::Allocator>::allocate",
+            "operator new(unsigned long)",
+        ] {
+            assert!(is_user_allocator_internal(&frame(internal)), "{internal}");
+        }
+        for caller in [
+            "leaky_user::leak_grown",
+            "alloc_table",
+            "main",
+            "std::collections::hash::map::HashMap<K,V,S>::insert",
+            "operator_newline",
+        ] {
+            assert!(!is_user_allocator_internal(&frame(caller)), "{caller}");
+        }
     }
 
     #[test]

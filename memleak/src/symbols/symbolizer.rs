@@ -54,6 +54,11 @@ impl KernelSymbolizer {
         self
     }
 
+    /// The recorded modules no longer loaded when this symbolizer read /proc/modules.
+    pub fn unloaded_modules(&self) -> Vec<&str> {
+        self.recorded_modules.unloaded(&self.modules)
+    }
+
     /// The frame of an address no loaded module holds but a module recorded before its
     /// unload did (kallsyms would name it after whatever symbol precedes it now).
     fn unloaded_module_frame(&self, addr: u64) -> Option<Frame> {

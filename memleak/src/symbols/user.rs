@@ -23,7 +23,7 @@ impl UserSymbolizer {
         Self {
             symbolizer: Symbolizer::builder()
                 .enable_code_info(true)
-                .enable_inlined_fns(false)
+                .enable_inlined_fns(true)
                 .build(),
             maps,
             frames: HashMap::new(),

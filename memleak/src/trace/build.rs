@@ -15,7 +15,6 @@ use super::{
 };
 use crate::{
     bpf::maps::{self as table, TracerMaps},
-    kernel,
     kernel::process::ProcessMaps,
     kinds::KindAttach,
     scan,
@@ -60,12 +59,43 @@ pub fn build_report(
         header.cache_ids_are_pointers,
         &mut header.notes,
     )?;
+    let mut symbolizer = match header.user_process.take() {
+        Some(maps) => StackSymbolizer::User(UserSymbolizer::new(maps)),
+        None => {
+            let symbolizer = KernelSymbolizer::new()
+                .with_recorded_modules(std::mem::take(&mut header.module_symbols));
+            let unloaded = symbolizer.unloaded_modules();
+            if !unloaded.is_empty() {
+                header.notes.push(format!(
+                    "unloaded during the trace: {}; their call sites are named from their \
+                     symbols as recorded while they were loaded",
+                    unloaded.join(", ")
+                ));
+            }
+            StackSymbolizer::Kernel(symbolizer)
+        }
+    };
+    let user_call_sites = match &mut symbolizer {
+        StackSymbolizer::User(user) => user_call_sites(maps, user)?,
+        StackSymbolizer::Kernel(_) => HashMap::new(),
+    };
     let mut aggregator = aggregate::Aggregator::new(now_ns, min_age);
     let mut tally = scan.map(|scan| MarkTally::new(scan, now_ns, min_age));
     let mut cache_picks = site_caches::Picks::default();
     let (mut outstanding, mut outstanding_bytes) = (0u64, 0u64);
     let mut states = liveness.states.iter();
     table::for_each_outstanding(maps, |key, record| {
+        let rewritten;
+        let record = match user_call_sites.get(&record.stack_id) {
+            Some(&call_site) => {
+                rewritten = memleak_common::AllocRecord {
+                    call_site,
+                    ..*record
+                };
+                &rewritten
+            }
+            None => record,
+        };
         let state = if is_slab_object(record) {
             states.next()
         } else {
@@ -94,23 +124,6 @@ pub fn build_report(
     let stack_ids = sites.iter().flat_map(|site| site.stacks.keys().copied());
     let stacks = table::read_stacks(maps, stack_ids)?;
     let missed_free_sites = table::read_missed_free_sites(maps)?;
-    let mut symbolizer = match header.user_process.take() {
-        Some(maps) => StackSymbolizer::User(UserSymbolizer::new(maps)),
-        None => {
-            let unloaded = header.module_symbols.unloaded(&kernel::loaded_modules());
-            if !unloaded.is_empty() {
-                header.notes.push(format!(
-                    "unloaded during the trace: {}; their call sites are named from their \
-                     symbols as recorded while they were loaded",
-                    unloaded.join(", ")
-                ));
-            }
-            StackSymbolizer::Kernel(
-                KernelSymbolizer::new()
-                    .with_recorded_modules(std::mem::take(&mut header.module_symbols)),
-            )
-        }
-    };
     symbolizer.resolve(
         report::addresses_to_symbolize(&sites, &stacks)
             .into_iter()
@@ -195,6 +208,36 @@ pub fn build_report(
         accounting: Vec::new(),
         stacks: entries,
     })
+}
+
+/// For user-space records whose call site is in a language runtime's allocation machinery
+/// (Rust's vector growth, C++'s `operator new`): their stack id to the first frame outside it,
+/// the code that asked for memory, which stands as their call site.
+fn user_call_sites(
+    maps: &TracerMaps,
+    symbolizer: &mut UserSymbolizer,
+) -> Result<HashMap<i32, u64>> {
+    let mut ids = hashbrown::HashSet::new();
+    table::for_each_outstanding(maps, |_, record| {
+        if record.stack_id >= 0 {
+            ids.insert(record.stack_id as u32);
+        }
+    })?;
+    let stacks = table::read_stacks(maps, ids)?;
+    symbolizer.resolve(stacks.values().flatten().copied())?;
+    Ok(stacks
+        .iter()
+        .filter_map(|(&id, stack)| {
+            let first = stack.first()?;
+            if !allocators::is_user_allocator_internal(&symbolizer.frame(*first)) {
+                return None;
+            }
+            let caller = stack
+                .iter()
+                .find(|&&addr| !allocators::is_user_allocator_internal(&symbolizer.frame(addr)))?;
+            Some((id as i32, *caller))
+        })
+        .collect())
 }
 
 /// Puts the traced net change per cache and kind beside the kernel's counters, and flags the

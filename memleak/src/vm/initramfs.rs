@@ -13,9 +13,39 @@ pub struct Initramfs<W: Write> {
     next_inode: u32,
 }
 
+/// Debian's busybox-static, which every guest's init and scripts run on.
+pub const BUSYBOX: &str = "/bin/busybox";
+
+/// What every guest's archive holds: its init script, busybox and memleak.
+pub struct Guest<'a> {
+    pub init: &'a [u8],
+    pub busybox: &'a [u8],
+    pub memleak: &'a [u8],
+}
+
 impl<W: Write> Initramfs<W> {
     pub fn new(out: W) -> Self {
         Self { out, next_inode: 1 }
+    }
+
+    /// An archive with what every guest needs: bin, dev, proc, sys and results (where the
+    /// guest writes what the host reads back), /dev/console, /init, busybox and memleak;
+    /// then `directories`, for the caller's own files.
+    pub fn guest(out: W, guest: &Guest<'_>, directories: &[&str]) -> io::Result<Self> {
+        let mut archive = Self::new(out);
+        for directory in ["bin", "dev", "proc", "sys", "results"]
+            .iter()
+            .chain(directories)
+        {
+            archive.directory(directory)?;
+        }
+        // The kernel opens /dev/console for /init's standard streams before anything is
+        // mounted.
+        archive.character_device("dev/console", 0o600, (5, 1))?;
+        archive.file("init", 0o755, guest.init)?;
+        archive.file("bin/busybox", 0o755, guest.busybox)?;
+        archive.file("bin/memleak", 0o755, guest.memleak)?;
+        Ok(archive)
     }
 
     pub fn directory(&mut self, path: &str) -> io::Result<()> {

@@ -54,7 +54,6 @@ const KERNEL_BUILD_PACKAGES: [&str; 4] = ["flex", "bison", "bc", "libelf-dev"];
 const KMEMLEAK_CONFIG: &str = include_str!("../../../tests/vm/kmemleak.config");
 /// The kmemleak kernel is built from the host's (Debian 12's) kernel source.
 const KMEMLEAK_SERIES: &str = "6.1";
-const BUSYBOX: &str = "/bin/busybox";
 const GUEST_INIT: &[u8] = include_bytes!("../../../tests/vm/init.sh");
 const MODULE: &str = "leaky";
 
@@ -404,15 +403,12 @@ fn work_dir(root: &Path, kernel: &Kernel) -> PathBuf {
 fn pack_initramfs(path: &Path, memleak: &Path, fixture: &Path, module: &Path) -> Result<()> {
     let read = |path: &Path| fs::read(path).with_context(|| format!("reading {}", path.display()));
     let file = fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    let mut archive = initramfs::Initramfs::new(BufWriter::new(file));
-    for directory in ["bin", "dev", "proc", "sys", "results"] {
-        archive.directory(directory)?;
-    }
-    // The kernel opens /dev/console for /init's standard streams before anything is mounted.
-    archive.character_device("dev/console", 0o600, (5, 1))?;
-    archive.file("init", 0o755, GUEST_INIT)?;
-    archive.file("bin/busybox", 0o755, &read(Path::new(BUSYBOX))?)?;
-    archive.file("bin/memleak", 0o755, &read(memleak)?)?;
+    let guest = initramfs::Guest {
+        init: GUEST_INIT,
+        busybox: &read(Path::new(initramfs::BUSYBOX))?,
+        memleak: &read(memleak)?,
+    };
+    let mut archive = initramfs::Initramfs::guest(BufWriter::new(file), &guest, &[])?;
     archive.file("bin/memleak-fixture", 0o755, &read(fixture)?)?;
     archive.file(&format!("{MODULE}.ko"), 0o644, &read(module)?)?;
     archive
