@@ -1,14 +1,17 @@
-//! The fuzz target's corpus as a plain test: every file of fuzz/corpus/kmemleak_parse (the
-//! seeds from memleak/testdata/kmemleak, and whatever `./x fuzz` found and kept locally) and
-//! every kmemleak sample goes through the kmemleak report parser and the clustering, with the
-//! fuzz target's checks (memleak::kmemleak::invariants). This runs
-//! on stable Rust, without cargo-fuzz, in every `./x test`.
+//! The fuzz targets' corpora as plain tests: every file of fuzz/corpus/TARGET (the seeds, and
+//! whatever `./x fuzz TARGET` found and was kept) and every recorded sample of the same input
+//! goes through the target's checks (memleak::kmemleak::invariants for the kmemleak report
+//! parser and the clustering, memleak::kernel::invariants for the tracefs, /proc, process-maps
+//! and duration parsers). This runs on stable Rust, without cargo-fuzz, in every `./x test`.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result, ensure};
 
-use memleak::kmemleak::{invariants::check, parse::parse};
+use memleak::{
+    kernel::invariants,
+    kmemleak::{invariants::check, parse::parse},
+};
 
 fn workspace() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
@@ -24,10 +27,15 @@ fn files_in(directory: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Feeds `file` to the checks; a panic is reported with the file that caused it.
+/// Feeds `file` to the kmemleak checks; a panic is reported with the file that caused it.
 fn replay(file: &Path) -> Result<()> {
+    replay_with(file, check)
+}
+
+/// Feeds `file` to `checks`; a panic is reported with the file that caused it.
+fn replay_with(file: &Path, checks: fn(&[u8])) -> Result<()> {
     let data = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-    std::panic::catch_unwind(|| check(&data)).map_err(|panic| {
+    std::panic::catch_unwind(|| checks(&data)).map_err(|panic| {
         let message = panic
             .downcast_ref::<String>()
             .map(String::as_str)
@@ -72,6 +80,54 @@ fn the_kmemleak_samples_replay_and_parse_to_objects() -> Result<()> {
             "{}: no objects parsed",
             sample.display()
         );
+    }
+    Ok(())
+}
+
+/// A fuzz target: its name (and corpus directory), the directories of recorded samples of
+/// the same input, and its checks.
+type Target = (&'static str, &'static [&'static str], fn(&[u8]));
+
+/// The other fuzz targets (at least one seed each).
+const PARSER_TARGETS: [Target; 4] = [
+    (
+        "tracefs_format",
+        &[
+            "memleak/testdata/tracefs/5.15",
+            "memleak/testdata/tracefs/6.1",
+            "memleak/testdata/tracefs/6.18",
+        ],
+        invariants::tracefs_format,
+    ),
+    (
+        "procfs",
+        &[
+            "memleak/testdata/accounting",
+            "memleak/testdata/classify/idle",
+            "memleak/testdata/classify/grow-eventfds",
+        ],
+        invariants::procfs,
+    ),
+    ("process_maps", &[], invariants::process_maps),
+    ("duration", &[], invariants::duration),
+];
+
+#[test]
+fn the_parser_corpora_and_samples_replay_without_a_failure() -> Result<()> {
+    for (target, samples, checks) in PARSER_TARGETS {
+        let corpus = files_in(&workspace().join("fuzz/corpus").join(target))?;
+        ensure!(!corpus.is_empty(), "fuzz/corpus/{target} holds no seed");
+        let mut replayed = corpus.len();
+        for file in &corpus {
+            replay_with(file, checks)?;
+        }
+        for directory in samples {
+            for file in files_in(&workspace().join(directory))? {
+                replay_with(&file, checks)?;
+                replayed += 1;
+            }
+        }
+        ensure!(replayed >= 3, "{target}: only {replayed} inputs replayed");
     }
     Ok(())
 }

@@ -4,6 +4,7 @@ use std::{fs, path::Path};
 use anyhow::{Context as _, Result, anyhow};
 
 pub mod btf;
+pub mod invariants;
 pub mod mounts;
 pub mod privileges;
 pub mod process;

@@ -39,17 +39,15 @@ impl ProcessMaps {
         Self { mappings }
     }
 
-    /// The mapped file holding `address`, and its offset in that file.
+    /// The mapped file holding `address`, and its offset in that file (`None` also where a
+    /// malformed offset would not fit in 64 bits).
     pub fn file_offset(&self, address: u64) -> Option<(&Path, u64)> {
-        self.mappings
+        let mapping = self
+            .mappings
             .iter()
-            .find(|mapping| (mapping.start..mapping.end).contains(&address))
-            .map(|mapping| {
-                (
-                    mapping.path.as_path(),
-                    address - mapping.start + mapping.file_offset,
-                )
-            })
+            .find(|mapping| (mapping.start..mapping.end).contains(&address))?;
+        let offset = (address - mapping.start).checked_add(mapping.file_offset)?;
+        Some((mapping.path.as_path(), offset))
     }
 
     /// The files mapped executable, each once, in address order.
