@@ -134,7 +134,14 @@ fn wait(pid: libc::pid_t) -> Result<libc::c_int> {
     }
 }
 
-fn ptrace(request: libc::c_uint, pid: libc::pid_t, data: usize) -> Result<()> {
+/// The type of ptrace's request argument: glibc declares it unsigned, musl (the static build)
+/// signed.
+#[cfg(target_env = "musl")]
+type Request = libc::c_int;
+#[cfg(not(target_env = "musl"))]
+type Request = libc::c_uint;
+
+fn ptrace(request: Request, pid: libc::pid_t, data: usize) -> Result<()> {
     if unsafe { libc::ptrace(request, pid, 0, data) } == -1 {
         return Err(std::io::Error::last_os_error()).context("ptrace");
     }
