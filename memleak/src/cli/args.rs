@@ -353,18 +353,9 @@ pub struct WatchArgs {
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Kind::Slab, Kind::Vmalloc, Kind::Percpu])]
     pub kinds: Vec<Kind>,
 
-    /// Record only allocations made by this process (thread-group id). With --user, the
-    /// process whose heap `trace` follows.
+    /// Record only allocations made by this process (thread-group id).
     #[arg(short, long)]
     pub pid: Option<u32>,
-
-    /// Follow a user-space process's heap instead of kernel memory: malloc, calloc, realloc,
-    /// reallocarray, the aligned allocators and free, by uprobes on the C library (and on
-    /// jemalloc, tcmalloc or mimalloc where they define the same functions). `trace --user
-    /// --pid PID` follows a running process; `run --user -- COMMAND` follows COMMAND from
-    /// its first instruction to its exit (not the processes it forks).
-    #[arg(long, conflicts_with_all = ["kinds", "attach", "comm", "by_process", "cache"])]
-    pub user: bool,
 
     /// Outstanding objects the in-kernel table can hold (rounded up to a power of two).
     #[arg(long, value_name = "OBJECTS", default_value_t = 1 << 18,

@@ -91,7 +91,21 @@ mod tests {
 
     #[test]
     fn cli_definition_is_consistent() {
+        // Checks only in builds with debug assertions; the suite runs release builds, where
+        // the completions below are what fails on a dangling argument reference.
         Cli::command().debug_assert();
+    }
+
+    /// What `./x dist` generates: an argument that names another one not in its subcommand
+    /// (`conflicts_with`) made `completions zsh` panic in the release build.
+    #[test]
+    fn every_shells_completions_generate() {
+        use clap::ValueEnum as _;
+        for shell in clap_complete::Shell::value_variants() {
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "memleak", &mut script);
+            assert!(!script.is_empty(), "{shell}");
+        }
     }
 
     #[test]
@@ -149,6 +163,31 @@ mod tests {
         assert!(args.checks.fail_on_leak);
         assert_eq!(args.checks.module, ["leaky"]);
         assert!(Cli::try_parse_from(["memleak", "run", "--fail-on-leak"]).is_err());
+    }
+
+    #[test]
+    fn user_is_for_trace_and_run_alone() {
+        for good in [
+            &["memleak", "trace", "--user", "--pid", "42"][..],
+            &[
+                "memleak",
+                "run",
+                "--user",
+                "--fail-on-leak",
+                "--",
+                "./a.out",
+            ],
+        ] {
+            assert!(Cli::try_parse_from(good).is_ok(), "{good:?} was refused");
+        }
+        for bad in [
+            &["memleak", "trace", "--user", "--kinds", "slab"][..],
+            &["memleak", "trace", "--user", "--cache", "filp"],
+            &["memleak", "run", "--user", "--comm", "a", "--", "./a.out"],
+            &["memleak", "watch", "--user"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?} was accepted");
+        }
     }
 
     #[test]
