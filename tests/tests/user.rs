@@ -193,10 +193,7 @@ fn check_against_valgrind(
     known_leaks: &[(&str, u64, u64)],
     sources: &[&str],
 ) -> Result<()> {
-    let known: BTreeMap<String, (u64, u64)> = known_leaks
-        .iter()
-        .map(|&(function, blocks, bytes)| (function.to_owned(), (blocks, bytes)))
-        .collect();
+    let known = by_function(known_leaks);
     let oracle = valgrind_definitely_lost(program, sources)?;
     // The oracle agrees with the construction, or the fixture is not what it says.
     assert_eq!(counts(&oracle), known, "valgrind on {}", program.display());
@@ -213,6 +210,14 @@ fn check_against_valgrind(
         "runtime entries: {runtime:?}"
     );
     Ok(())
+}
+
+/// A fixture's known leaks, as [`counts`] gives them.
+fn by_function(leaks: &[(&str, u64, u64)]) -> BTreeMap<String, (u64, u64)> {
+    leaks
+        .iter()
+        .map(|&(function, blocks, bytes)| (function.to_owned(), (blocks, bytes)))
+        .collect()
 }
 
 fn counts(leaks: &Leaks) -> BTreeMap<String, (u64, u64)> {
@@ -380,10 +385,7 @@ fn trace_by_pid_reports_only_what_was_allocated_in_the_window() -> Result<()> {
     let report: Report = finish_tracer(tracer)?;
     let (found, _) = memleak_leaks(&report, &C_SOURCES)?;
     // leak_before_wait's 9 blocks were allocated before the tracer attached.
-    let known: BTreeMap<String, (u64, u64)> = C_LEAKS
-        .iter()
-        .map(|&(function, blocks, bytes)| (function.to_owned(), (blocks, bytes)))
-        .collect();
+    let known = by_function(&C_LEAKS);
     assert_eq!(counts(&found), known, "memleak trace --user --pid");
     Ok(())
 }

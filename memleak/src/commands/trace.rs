@@ -92,7 +92,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
         .split_first()
         .context("no command given after --")?;
     if options.user {
-        return run_user(&options, &leak_check, program, arguments);
+        return run_user(&options, &leak_check, &args.command);
     }
     let mut session = Session::start(&options, leak_check.cache.as_deref())?;
     eprintln!(
@@ -130,9 +130,9 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
 fn run_user(
     options: &TraceOptions,
     leak_check: &LeakCheck,
-    program: &str,
-    arguments: &[String],
+    command: &[String],
 ) -> Result<ExitCode> {
+    let (program, arguments) = command.split_first().context("no command given after --")?;
     privileges::require_root()?;
     let path = kernel::process::find_program(program)
         .with_context(|| format!("starting {program}: not found in PATH"))?;
@@ -151,12 +151,12 @@ fn run_user(
         );
     }
     candidates.extend(kernel::process::find_library("libc.so.6"));
-    let command = TracedCommand::start(program, arguments)?;
-    let pid = command.pid;
+    let traced = TracedCommand::start(program, arguments)?;
+    let pid = traced.pid;
     let mut session = match Session::start_user(options, pid, &candidates, ProcessMaps::default()) {
         Ok(session) => session,
         Err(error) => {
-            command.abandon();
+            traced.abandon();
             return Err(error);
         }
     };
@@ -164,12 +164,9 @@ fn run_user(
         "memleak: attached to {} ({}); running {}",
         session.target(),
         session.tracer.attached,
-        std::iter::once(program.to_owned())
-            .chain(arguments.iter().cloned())
-            .collect::<Vec<_>>()
-            .join(" ")
+        command.join(" ")
     );
-    let exited = async move { tokio::task::spawn_blocking(move || command.run()).await? };
+    let exited = async move { tokio::task::spawn_blocking(move || traced.run()).await? };
     let exited = session
         .runtime
         .block_on(watch(

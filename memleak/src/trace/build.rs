@@ -75,9 +75,13 @@ pub fn build_report(
             StackSymbolizer::Kernel(symbolizer)
         }
     };
-    let user_call_sites = match &mut symbolizer {
-        StackSymbolizer::User(user) => user_call_sites(maps, user)?,
-        StackSymbolizer::Kernel(_) => HashMap::new(),
+    // User stacks are all read here (every one may rename its call site), and serve below.
+    let (user_call_sites, user_stacks) = match &mut symbolizer {
+        StackSymbolizer::User(user) => {
+            let (call_sites, stacks) = user_call_sites(maps, user)?;
+            (call_sites, Some(stacks))
+        }
+        StackSymbolizer::Kernel(_) => (HashMap::new(), None),
     };
     let mut aggregator = aggregate::Aggregator::new(now_ns, min_age);
     let mut tally = scan.map(|scan| MarkTally::new(scan, now_ns, min_age));
@@ -121,8 +125,13 @@ pub fn build_report(
     let mut sites = aggregate.sites;
     aggregate::rank(&mut sites, options.sort);
 
-    let stack_ids = sites.iter().flat_map(|site| site.stacks.keys().copied());
-    let stacks = table::read_stacks(maps, stack_ids)?;
+    let stacks = match user_stacks {
+        Some(stacks) => stacks,
+        None => {
+            let stack_ids = sites.iter().flat_map(|site| site.stacks.keys().copied());
+            table::read_stacks(maps, stack_ids)?
+        }
+    };
     let missed_free_sites = table::read_missed_free_sites(maps)?;
     symbolizer.resolve(
         report::addresses_to_symbolize(&sites, &stacks)
@@ -210,13 +219,17 @@ pub fn build_report(
     })
 }
 
+/// Stacks by id, innermost frame first.
+type Stacks = HashMap<u32, Vec<u64>>;
+
 /// For user-space records whose call site is in a language runtime's allocation machinery
 /// (Rust's vector growth, C++'s `operator new`): their stack id to the first frame outside it,
-/// the code that asked for memory, which stands as their call site.
+/// the code that asked for memory, which stands as their call site. Also returns every stack
+/// of the table's records, by id.
 fn user_call_sites(
     maps: &TracerMaps,
     symbolizer: &mut UserSymbolizer,
-) -> Result<HashMap<i32, u64>> {
+) -> Result<(HashMap<i32, u64>, Stacks)> {
     let mut ids = hashbrown::HashSet::new();
     table::for_each_outstanding(maps, |_, record| {
         if record.stack_id >= 0 {
@@ -225,19 +238,16 @@ fn user_call_sites(
     })?;
     let stacks = table::read_stacks(maps, ids)?;
     symbolizer.resolve(stacks.values().flatten().copied())?;
-    Ok(stacks
+    let call_sites = stacks
         .iter()
         .filter_map(|(&id, stack)| {
-            let first = stack.first()?;
-            if !allocators::is_user_allocator_internal(&symbolizer.frame(*first)) {
-                return None;
-            }
-            let caller = stack
-                .iter()
-                .find(|&&addr| !allocators::is_user_allocator_internal(&symbolizer.frame(addr)))?;
-            Some((id as i32, *caller))
+            let caller = stack.iter().position(|&addr| {
+                !allocators::is_user_allocator_internal(&symbolizer.frame(addr))
+            })?;
+            (caller > 0).then(|| (id as i32, stack[caller]))
         })
-        .collect())
+        .collect();
+    Ok((call_sites, stacks))
 }
 
 /// Puts the traced net change per cache and kind beside the kernel's counters, and flags the
