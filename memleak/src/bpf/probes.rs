@@ -5,7 +5,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader,
     programs::{
-        BtfTracePoint, FEntry, FExit, ProgramError, RawTracePoint, TracePoint,
+        BtfTracePoint, FEntry, FExit, Program, ProgramError, RawTracePoint, TracePoint,
         fentry::FEntryLinkId, fexit::FExitLinkId, raw_trace_point::RawTracePointLinkId,
         tp_btf::BtfTracePointLinkId, trace_point::TracePointLinkId,
     },
@@ -906,6 +906,44 @@ fn one_line(text: &str) -> String {
 /// on that CPU (an interrupt allocated or freed while a program ran). Each is an allocation or
 /// a free memleak did not see. Read from `bpf_prog_info::recursion_misses` (Linux 5.12+; 0
 /// before).
+/// Detaches and unloads every program, those that record allocations before those that
+/// follow frees. Dropping `Ebpf` detaches in its hash map's order: a free hook gone while an
+/// allocation hook stays lets an object be freed unseen and then recorded again at the same
+/// address (a missed free), or listed as outstanding although it is free; on a TCG guest,
+/// where detaching an fentry link takes an RCU tasks grace period, a forking shell lost a
+/// whole address space's frees that way. Program names say which are frees (`kfree_btf`,
+/// Whether the program named `program` follows frees (its hooks' events and functions are
+/// frees too: `free_vmap_area_noflush`, `kvfree_call_rcu`).
+pub(crate) fn follows_frees(program: &str) -> bool {
+    program.contains("free")
+}
+
+/// `user_free`, `vmap_free_fentry`).
+pub fn detach_allocations_first(programs: &mut Ebpf) -> Result<()> {
+    let mut names: Vec<String> = programs
+        .programs()
+        .map(|(name, _)| name.to_owned())
+        .collect();
+    names.sort_by_key(|name| follows_frees(name));
+    for name in names {
+        let unloaded = match program_mut(programs, &name)? {
+            Program::TracePoint(program) => program.unload(),
+            Program::BtfTracePoint(program) => program.unload(),
+            Program::RawTracePoint(program) => program.unload(),
+            Program::FEntry(program) => program.unload(),
+            Program::FExit(program) => program.unload(),
+            Program::UProbe(program) => program.unload(),
+            _ => Ok(()),
+        };
+        match unloaded {
+            // A program never loaded (a rung of the ladder not taken) has nothing to unload.
+            Ok(()) | Err(ProgramError::NotLoaded) => {}
+            Err(error) => return Err(error).with_context(|| format!("detaching {name}")),
+        }
+    }
+    Ok(())
+}
+
 pub fn skipped_runs(programs: &Ebpf) -> u64 {
     programs
         .programs()
@@ -953,6 +991,34 @@ fn recursion_misses(fd: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn free_programs_are_told_from_allocation_programs_by_name() {
+        let hooks = SLAB_PROGRAMS
+            .iter()
+            .chain(&VMALLOC_PROGRAMS)
+            .chain(&PERCPU_PROGRAMS)
+            .chain(&FREE_PATH_PROGRAMS)
+            .chain(&FENTRY_FREE_PROGRAMS)
+            .chain([&VMALLOC_ALLOC_FEXIT, &VMALLOC_FREE_FENTRY]);
+        for &(program, event) in hooks {
+            assert_eq!(
+                follows_frees(program),
+                event.contains("free"),
+                "{program} on {event}"
+            );
+        }
+        for (program, classic) in RAW_SLAB_PROGRAMS {
+            let classic = classic_program_name(classic);
+            assert_eq!(follows_frees(program), follows_frees(classic), "{program}");
+        }
+        assert!(follows_frees(classic_program_name(
+            ClassicProgram::PageFree
+        )));
+        assert!(!follows_frees(classic_program_name(
+            ClassicProgram::PageAlloc
+        )));
+    }
 
     #[test]
     fn kernels_before_5_12_lack_bpf_atomics() {

@@ -162,3 +162,20 @@ pub fn attach_user(
             .collect(),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_free_program_is_detached_last() {
+        assert!(probes::follows_frees(FREE.1));
+        for program in ALLOCATOR_ENTRIES
+            .iter()
+            .map(|&(_, program)| program)
+            .chain([RETURN_PROGRAM])
+        {
+            assert!(!probes::follows_frees(program), "{program}");
+        }
+    }
+}

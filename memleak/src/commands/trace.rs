@@ -356,7 +356,7 @@ impl Session {
         leak_checks: &LeakCheck,
     ) -> Result<Option<Verdict>> {
         let Tracer {
-            programs,
+            mut programs,
             maps,
             attached,
             cache_ids_are_pointers,
@@ -379,7 +379,9 @@ impl Session {
         // The window ends as detaching starts (which takes an RCU grace period per uprobe link).
         let elapsed = self.started.elapsed();
         // Detach before reading, so the table is a consistent snapshot.
+        let detached = probes::detach_allocations_first(&mut programs);
         drop(programs);
+        detached?;
         let now_ns = monotonic_now_ns();
         let counts_at_end = self
             .counts_at_start
