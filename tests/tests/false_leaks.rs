@@ -100,10 +100,11 @@ fn check_churn(churn: &Churn) -> Result<()> {
     ensure!(
         over.is_empty(),
         "{workload}: {} cycles freed all they allocated (>= {} objects), yet these entries hold \
-         more than {limit} of its objects (stats: {stats:#?}):\n{}",
+         more than {limit} of its objects (stats: {stats:#?}):\n{}\nnotes: {:#?}",
         churn.cycles,
         churn.allocations(),
-        over.join("\n")
+        over.join("\n"),
+        report.notes
     );
 
     // ... and its objects were found free by the liveness check, which says what it did.

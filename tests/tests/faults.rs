@@ -1,7 +1,8 @@
 //! End-to-end: what memleak promises when things go wrong. `kill -9` of a trace or a run leaves
 //! no program in the kernel (the watch's is in watch.rs); a command killed by a signal gives the
 //! status a shell reports, with the report still written; three traces at once each count the
-//! same held objects exactly.
+//! same held objects exactly; a full disk is a one-line error and leaves no partial report; the
+//! report file holds the whole report or the previous one whenever memleak is stopped.
 use std::process::{Command, Stdio};
 
 use anyhow::{Context as _, Result, ensure};
@@ -209,4 +210,101 @@ fn a_full_disk_is_a_one_line_error_and_leaves_no_partial_report() -> Result<()> 
             .with_context(|| format!("a line the watch left: {line}"))?;
     }
     Ok(())
+}
+
+/// The names in `directory`, sorted.
+fn names_in(directory: &std::path::Path) -> Result<Vec<String>> {
+    let mut names = std::fs::read_dir(directory)
+        .with_context(|| format!("listing {}", directory.display()))?
+        .map(|entry| Ok(entry?.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<Vec<_>>>()?;
+    names.sort();
+    Ok(names)
+}
+
+fn signal(tracer: &mut memleak_tests::Guard, signal: libc::c_int) {
+    unsafe { libc::kill(tracer.child().id() as libc::pid_t, signal) };
+}
+
+/// A trace's report file holds the whole report or what it held before, whenever memleak is
+/// stopped: more SIGTERMs while the report is being made do not cut it short, and SIGKILL at
+/// any point of it leaves the previous content, with nothing beside it.
+#[test]
+fn signals_while_the_report_is_made_leave_the_whole_report_or_the_one_before() -> Result<()> {
+    let Some(_lock) = end_to_end() else {
+        return Ok(());
+    };
+    let directory = std::env::temp_dir().join(format!("memleak-signals-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&directory);
+    std::fs::create_dir_all(&directory)?;
+    let path = directory.join("report.json");
+    let path_text = path.to_string_lossy().into_owned();
+    let args = [
+        "--format", "json", "--top", "100000", "--output", &path_text,
+    ];
+    const PREVIOUS: &str = "the previous report\n";
+    let before = settled_program_count()?;
+
+    // SIGTERM ends the window; the ones that follow, every 10 ms until memleak exits, land
+    // while the report is made.
+    std::fs::write(&path, PREVIOUS)?;
+    let (mut tracer, _stderr) = start_tracer(&args)?;
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    signal(&mut tracer, libc::SIGTERM);
+    let mut later = 0;
+    let status = loop {
+        if let Some(status) = tracer.child().try_wait()? {
+            break status;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        signal(&mut tracer, libc::SIGTERM);
+        later += 1;
+    };
+    ensure!(
+        status.success() && later >= 3,
+        "memleak trace ended with {status} after a SIGTERM and {later} more while it reported"
+    );
+    let text = std::fs::read_to_string(&path)?;
+    serde_json::from_str::<Report>(&text).with_context(|| {
+        format!("the report after {later} SIGTERMs while it was made is not whole")
+    })?;
+    ensure!(
+        names_in(&directory)? == ["report.json"],
+        "left: {:?}",
+        names_in(&directory)?
+    );
+
+    // SIGKILL at points from the end of the window to after the report is written.
+    let mut killed_while_reporting = 0;
+    for delay_ms in [0, 50, 150, 300, 600, 1200, 2400] {
+        std::fs::write(&path, PREVIOUS)?;
+        let (mut tracer, _stderr) = start_tracer(&args)?;
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        signal(&mut tracer, libc::SIGTERM);
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        if tracer.child().try_wait()?.is_none() {
+            killed_while_reporting += 1;
+        }
+        signal(&mut tracer, libc::SIGKILL);
+        tracer.child().wait()?;
+        let text = std::fs::read_to_string(&path)?;
+        ensure!(
+            text == PREVIOUS || serde_json::from_str::<Report>(&text).is_ok(),
+            "SIGKILL {delay_ms} ms after the window ended left a report that is neither the \
+             previous one nor whole: {} bytes",
+            text.len()
+        );
+        let names = names_in(&directory)?;
+        ensure!(
+            names == ["report.json"],
+            "SIGKILL {delay_ms} ms after the window ended left {names:?}"
+        );
+    }
+    ensure!(
+        killed_while_reporting >= 2,
+        "only {killed_while_reporting} of the SIGKILLs landed before memleak had finished: \
+         the test proved nothing"
+    );
+    std::fs::remove_dir_all(&directory)?;
+    wait_for_programs_gone(before)
 }

@@ -150,6 +150,45 @@ fn scan_finds_identical_messages_as_one_group() -> Result<()> {
         let value = format!("{value:#x}");
         ensure!(value.starts_with("0xff"), "{base} = {value:?}");
     }
+
+    // --no-contents: the same group, with neither the text nor its bytes anywhere.
+    let output = Command::new(memleak_binary()?)
+        .args([
+            "scan",
+            "--cache",
+            cache,
+            "--format",
+            "json",
+            "--no-contents",
+        ])
+        .output()
+        .context("running memleak scan --no-contents")?;
+    ensure!(
+        output.status.success(),
+        "memleak scan --no-contents: {}",
+        output.status
+    );
+    let text = String::from_utf8_lossy(&output.stdout);
+    // "memleak" in hex, as the contents would spell it.
+    for secret in ["memleak-scan-fix", "6d656d6c65616b"] {
+        ensure!(
+            !text.contains(secret),
+            "--no-contents printed {secret}: {text}"
+        );
+    }
+    let withheld: ScanReport = serde_json::from_str(&text).context("parsing the report")?;
+    ensure!(
+        withheld.contents_withheld
+            && withheld
+                .groups
+                .first()
+                .is_some_and(|top| top.objects >= HELD)
+            && withheld
+                .groups
+                .iter()
+                .all(|group| group.contents.is_empty() && group.strings.is_empty()),
+        "{withheld:#?}"
+    );
     Ok(())
 }
 

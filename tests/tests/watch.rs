@@ -403,3 +403,136 @@ fn kill_9_of_a_watch_leaves_no_program_behind() -> Result<()> {
     watch.child().wait().context("reaping the watch")?;
     wait_for_programs_gone(before)
 }
+
+/// Runs `chattr FLAG` on those of `paths` that exist.
+fn chattr(flag: &str, paths: &[&Path]) -> Result<()> {
+    let existing: Vec<&&Path> = paths.iter().filter(|path| path.exists()).collect();
+    let status = Command::new("chattr")
+        .arg(flag)
+        .args(&existing)
+        .status()
+        .context("running chattr")?;
+    ensure!(status.success(), "chattr {flag} {existing:?}: {status}");
+    Ok(())
+}
+
+/// The store of a running watch deleted, then made immutable (root's only read-only: the
+/// kernel refuses its writes with EPERM), then overwritten in place with something else: each
+/// interval says what became of the store, the watch goes on to its end with every line, a
+/// deleted store is started again, an immutable one is written again once it is not, and an
+/// overwritten one is left as it was found.
+#[test]
+fn a_store_deleted_made_read_only_or_overwritten_while_watching_is_said_and_left() -> Result<()> {
+    let Some(_lock) = end_to_end() else {
+        return Ok(());
+    };
+    let directory =
+        std::env::temp_dir().join(format!("memleak-watch-store-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&directory);
+    std::fs::create_dir_all(&directory)?;
+    let store = directory.join("history.sqlite");
+    let log = directory.join("history.sqlite-wal");
+    const INTERVALS: usize = 16;
+    let mut child = Command::new(memleak_binary()?)
+        .args([
+            "watch",
+            "--interval",
+            "1s",
+            "--duration",
+            &format!("{INTERVALS}s"),
+        ])
+        .args(["--format", "json", "--top", "5", "--history"])
+        .arg(&store)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting memleak watch")?;
+    let stdout = child.stdout.take().context("the watch's stdout")?;
+    let watch = Guard::new(child);
+    let garbage = "not a history store\n".repeat(300);
+    let mut intervals: Vec<Interval> = Vec::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading the watch")?;
+        intervals.push(serde_json::from_str(&line).with_context(|| format!("parsing `{line}`"))?);
+        match intervals.len() {
+            2 => std::fs::remove_file(&store).context("deleting the store")?,
+            5 => chattr("+i", &[&store, &log])?,
+            8 => chattr("-i", &[&store, &log])?,
+            11 => std::fs::write(&store, &garbage).context("overwriting the store")?,
+            _ => {}
+        }
+    }
+    let output = watch.into_child().wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    ensure!(
+        output.status.success() && intervals.len() >= INTERVALS - 1,
+        "the watch exited {} after {} intervals: {stderr}",
+        output.status,
+        intervals.len()
+    );
+    let said = |from: usize, to: usize, needle: &str| {
+        intervals[from..to.min(intervals.len())]
+            .iter()
+            .any(|interval| interval.notes.iter().any(|note| note.contains(needle)))
+    };
+    let not_written = "history not written";
+    ensure!(
+        said(2, 4, "was deleted while the watch ran") && !said(0, 5, not_written),
+        "the deleted store: notes {:?}",
+        intervals
+            .iter()
+            .map(|interval| &interval.notes)
+            .collect::<Vec<_>>()
+    );
+    ensure!(
+        said(5, 8, not_written),
+        "the immutable store: notes {:?}",
+        intervals[5..8]
+            .iter()
+            .map(|interval| &interval.notes)
+            .collect::<Vec<_>>()
+    );
+    ensure!(
+        !said(9, 11, not_written),
+        "writing did not resume once the store was writable: notes {:?}",
+        intervals[9..11]
+            .iter()
+            .map(|interval| &interval.notes)
+            .collect::<Vec<_>>()
+    );
+    ensure!(
+        said(
+            11,
+            13,
+            "overwritten with something that is not an SQLite database"
+        ) && intervals[12..]
+            .iter()
+            .all(|interval| interval.notes.iter().any(|note| note.contains(not_written))),
+        "the overwritten store: notes {:?}",
+        intervals[11..]
+            .iter()
+            .map(|interval| &interval.notes)
+            .collect::<Vec<_>>()
+    );
+    ensure!(
+        std::fs::read_to_string(&store)? == garbage,
+        "the watch wrote into the file that had replaced its store"
+    );
+    ensure!(
+        stderr.matches("keeping no history meanwhile").count() == 1,
+        "the warning is said once on standard error: {stderr}"
+    );
+    let history = Command::new(memleak_binary()?)
+        .args(["history", "--history"])
+        .arg(&store)
+        .output()
+        .context("running memleak history")?;
+    let error = String::from_utf8_lossy(&history.stderr);
+    ensure!(
+        history.status.code() == Some(2) && error.trim().lines().count() == 1,
+        "memleak history on the overwritten store: {} {error}",
+        history.status
+    );
+    let _ = std::fs::remove_dir_all(&directory);
+    Ok(())
+}

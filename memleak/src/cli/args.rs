@@ -242,6 +242,12 @@ pub struct SimilarityOptions {
     #[arg(long, value_name = "PERCENT", default_value_t = 65,
           value_parser = clap::value_parser!(u8).range(1..=100))]
     pub similarity: u8,
+
+    /// Leave the objects' bytes and strings out of the report: slab objects can hold keys,
+    /// passwords, paths and user data. Group sizes, addresses and the kernel symbols their
+    /// words point to stay.
+    #[arg(long)]
+    pub no_contents: bool,
 }
 
 /// `memleak classify`'s options; the command's help text is in cli.rs.

@@ -84,6 +84,7 @@ impl From<&TracingOptions> for TraceOptions {
                 sort: args.sort,
                 min_age: args.min_age.unwrap_or_default(),
                 similarity: Similarity::from(&args.similarity),
+                withhold_contents: args.similarity.no_contents,
                 by_process: args.by_process,
                 top: args.report.top as usize,
             },

@@ -21,7 +21,10 @@ pub fn run(args: &ScanArgs) -> Result<ExitCode> {
     let groups = report_options.top.min(scan::MAX_GROUPS);
     let similarity = Similarity::from(&args.similarity);
     let scan = scan::scan_cache(&args.cache, layout, similarity, groups)?;
-    let report = scan.report(&kernel::release()?, None);
+    let mut report = scan.report(&kernel::release()?, None);
+    if args.similarity.no_contents {
+        report.withhold_contents();
+    }
     sink.write(&output::render(
         &report,
         format,

@@ -1,6 +1,6 @@
 //! `memleak watch`: attach once, snapshot every interval, judge each site from its series,
 //! print a line (or a JSON object) per interval, keep the history; `memleak history` reads it.
-use std::process::ExitCode;
+use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{Context as _, Result};
 use hashbrown::{HashMap, HashSet};
@@ -20,8 +20,8 @@ use memleak::{
         duration,
     },
     watch::{
-        self, Interval, Leak, SCHEMA_VERSION, Series, SiteName,
-        history::{History, HistoryReport, StoredObjects},
+        self, Interval, Leak, SCHEMA_VERSION, Series, SiteFigures, SiteName,
+        history::{History, HistoryError, HistoryReport, StoreChange, StoredObjects},
         snapshot::{SnapshotSite, Snapshotter},
         timeline::TimelinePoint,
         verdict::Severity,
@@ -45,7 +45,14 @@ pub fn run(args: &WatchArgs) -> Result<ExitCode> {
         super::require_process(pid)?;
     }
     privileges::lift_memlock_limit();
-    let mut sink = ReportSink::open(report_options.output.as_deref())?;
+    // Text and JSON are a line per interval, appended as they come; the profiles are one
+    // report, written whole at the end.
+    let output = report_options.output.as_deref();
+    let mut sink = if intervals_to_stderr {
+        ReportSink::open(output)?
+    } else {
+        ReportSink::open_lines(output)?
+    };
     // Opened before attaching: a store that cannot be used fails the watch now, not later.
     let mut history = options.history.as_deref().map(History::open).transpose()?;
     let mut series = Series::new(options.window_points);
@@ -114,8 +121,7 @@ pub fn run(args: &WatchArgs) -> Result<ExitCode> {
         memory,
         boot_id,
         series,
-        history: history.take(),
-        history_failed: false,
+        history: history.take().map(HistoryKeeper::new),
         started_ns: monotonic_now_ns(),
         previous_ns: monotonic_now_ns(),
         notes: tracer
@@ -215,9 +221,8 @@ struct Watcher<'a> {
     memory: KernelMemory<'a>,
     series: Series,
     boot_id: String,
-    history: Option<History>,
-    /// Whether writing the history has failed (said once on standard error).
-    history_failed: bool,
+    /// `--history`.
+    history: Option<HistoryKeeper>,
     started_ns: u64,
     previous_ns: u64,
     /// What the tracer could not attach, repeated in the first interval.
@@ -227,6 +232,98 @@ struct Watcher<'a> {
     /// `--on-leak`.
     on_leak: Option<String>,
     last: Option<Interval>,
+}
+
+/// The watch's history store, at its path for the whole watch.
+struct HistoryKeeper {
+    path: PathBuf,
+    /// The store while it is open; reopened when it was deleted or replaced.
+    store: Option<History>,
+    /// Whether writing has failed (said once on standard error).
+    failed: bool,
+    /// The file at the path was overwritten with something else: it is left as found.
+    given_up: bool,
+}
+
+impl HistoryKeeper {
+    fn new(store: History) -> Self {
+        Self {
+            path: store.path().to_owned(),
+            store: Some(store),
+            failed: false,
+            given_up: false,
+        }
+    }
+
+    /// Stores the interval; returns what the interval must say about the store. A store
+    /// deleted or replaced while the watch runs is opened again at its path (a new store when
+    /// it was deleted; never over a file that is not one); one overwritten in place is left
+    /// as found for the rest of the watch (its write-ahead log would still make it read as a
+    /// store); one that cannot be written is retried each interval. The watch goes on in
+    /// memory meanwhile.
+    fn record(
+        &mut self,
+        at_ms: u64,
+        figures: &[&SiteFigures],
+        leaks: &[Leak],
+        retain_ms: u64,
+        objects: StoredObjects<'_>,
+    ) -> Vec<String> {
+        let mut notes = Vec::new();
+        if let Some(change) = self.store.as_ref().and_then(History::changed) {
+            // Closed before the path is opened again: SQLite then checkpoints and removes
+            // the write-ahead log beside the name, which a new store would otherwise take up.
+            if let Some(store) = self.store.take() {
+                store.close(change);
+            }
+            self.given_up = change == StoreChange::Overwritten;
+            notes.push(format!(
+                "history store {} was {change} while the watch ran: {}",
+                self.path.display(),
+                if self.given_up {
+                    "it is left as found"
+                } else {
+                    "opening it again (a new store holds only the intervals from this one on)"
+                }
+            ));
+        }
+        if self.given_up {
+            let error = HistoryError::Invalid {
+                path: self.path.clone(),
+                message: "overwritten with something else while the watch ran".to_owned(),
+            };
+            self.warn(&error);
+            notes.push(format!("history not written: {error}"));
+            return notes;
+        }
+        let store = match self
+            .store
+            .take()
+            .map_or_else(|| History::open(&self.path), Ok)
+        {
+            Ok(store) => self.store.insert(store),
+            Err(error) => {
+                self.warn(&error);
+                notes.push(format!("history not written: {error}"));
+                return notes;
+            }
+        };
+        if let Err(error) =
+            store.record_with_objects(at_ms, figures, leaks, retain_ms, Some(objects))
+        {
+            self.warn(&error);
+            notes.push(format!("history not written: {error}"));
+        }
+        notes
+    }
+
+    /// Said once on standard error; each interval's notes say it again.
+    fn warn(&mut self, error: &HistoryError) {
+        if !self.failed {
+            eprintln!("memleak: warning: {error}; the watch goes on, keeping no history meanwhile");
+            self.failed = true;
+        }
+    }
 }
 
 impl Watcher<'_> {
@@ -289,22 +386,13 @@ impl Watcher<'_> {
         notes.extend(snapshot.notes);
         if let Some(history) = &mut self.history {
             let figures: Vec<_> = snapshot.sites.iter().map(|site| &site.figures).collect();
-            let retain_ms = options.retain.as_millis() as u64;
             let objects = StoredObjects {
                 boot_id: &self.boot_id,
                 objects: &snapshot.allocated_slab_objects,
                 cache_names: self.snapshotter.cache_names(),
             };
-            if let Err(error) =
-                history.record_with_objects(at_ms, &figures, &leaks, retain_ms, Some(objects))
-            {
-                // The watch goes on in memory; every interval says the history is not kept.
-                if !self.history_failed {
-                    eprintln!("memleak: warning: {error}; the watch goes on without history");
-                    self.history_failed = true;
-                }
-                notes.push(format!("history not written: {error}"));
-            }
+            let retain_ms = options.retain.as_millis() as u64;
+            notes.extend(history.record(at_ms, &figures, &leaks, retain_ms, objects));
         }
         let sample_rate = options.tracer.sample_rate;
         let interval = Interval {

@@ -51,6 +51,22 @@ pub struct ScanReport {
     /// After a trace: how the traced allocations in this cache compare with the largest group.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub marking: Option<Marking>,
+    /// The groups' bytes and strings were left out (`--no-contents`).
+    #[serde(default)]
+    pub contents_withheld: bool,
+}
+
+impl ScanReport {
+    /// Leaves out every group's bytes and strings (`--no-contents`): slab objects can hold
+    /// keys, passwords, paths and user data. Sizes, addresses and the kernel symbols that
+    /// words of an object point to stay, as the grouping and the verdict rest on them.
+    pub fn withhold_contents(&mut self) {
+        for group in &mut self.groups {
+            group.contents.clear();
+            group.strings.clear();
+        }
+        self.contents_withheld = true;
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -169,6 +185,7 @@ pub fn build(scan: &CacheScan, kernel: &str, marking: Option<Marking>) -> ScanRe
         scan_ms: scan.total_time.as_millis() as u64,
         groups,
         marking,
+        contents_withheld: false,
     }
 }
 

@@ -179,7 +179,13 @@ pub fn build_report(
     for (site, entry) in sites.iter().zip(&mut entries) {
         entry.unverified = site.unverified * u64::from(options.tracer.sample_rate);
     }
-    let scan = scan.map(|scan| scan.report(&header.kernel, Some(marks::marking(&entries))));
+    let scan = scan.map(|scan| {
+        let mut report = scan.report(&header.kernel, Some(marks::marking(&entries)));
+        if options.withhold_contents {
+            report.withhold_contents();
+        }
+        report
+    });
     Ok(Report {
         schema: report::SCHEMA_VERSION,
         memleak: Producer::this(),

@@ -21,6 +21,8 @@ pub struct Options {
     pub min_age: Duration,
     /// How similar objects must be in the content scan of `--cache`.
     pub similarity: Similarity,
+    /// Leave the scanned objects' bytes and strings out (`--no-contents`).
+    pub withhold_contents: bool,
     /// Rank processes too.
     pub by_process: bool,
     /// Entries (and processes) shown.

@@ -87,6 +87,37 @@ pub struct StoredObjects<'a> {
 pub struct History {
     connection: Connection,
     path: PathBuf,
+    /// The device and inode the store was opened at, to notice it deleted or replaced.
+    identity: Option<(u64, u64)>,
+}
+
+/// What happened to a store's file while a watch held it open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreChange {
+    Deleted,
+    Replaced,
+    Overwritten,
+}
+
+impl std::fmt::Display for StoreChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Deleted => "deleted",
+            Self::Replaced => "replaced by another file",
+            Self::Overwritten => "overwritten with something that is not an SQLite database",
+        })
+    }
+}
+
+/// The first bytes of every SQLite database file.
+const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
+
+/// The device and inode `path` names now.
+fn identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path)
+        .ok()
+        .map(|metadata| (metadata.dev(), metadata.ino()))
 }
 
 impl History {
@@ -109,6 +140,7 @@ impl History {
         let history = Self {
             connection,
             path: path.to_owned(),
+            identity: identity(path),
         };
         history.prepare()?;
         Ok(history)
@@ -132,9 +164,50 @@ impl History {
         let history = Self {
             connection,
             path: path.to_owned(),
+            identity: identity(path),
         };
         history.check_version()?;
         Ok(history)
+    }
+
+    /// How the file at the store's path changed since it was opened, if it did. SQLite would
+    /// go on writing to a deleted file (lost when memleak ends) or into one that is no longer
+    /// a database.
+    pub fn changed(&self) -> Option<StoreChange> {
+        match identity(&self.path) {
+            None => return Some(StoreChange::Deleted),
+            Some(now) if Some(now) != self.identity => return Some(StoreChange::Replaced),
+            Some(_) => {}
+        }
+        let mut start = [0u8; 16];
+        let read = std::fs::File::open(&self.path)
+            .and_then(|mut file| std::io::Read::read_exact(&mut file, &mut start));
+        (read.is_ok() && &start != SQLITE_MAGIC).then_some(StoreChange::Overwritten)
+    }
+
+    /// Closes the store after `change`. One overwritten in place is closed without SQLite's
+    /// checkpoint, which would copy the write-ahead log's pages into what is now another
+    /// file's content, and its log and shared-memory index beside it are removed: SQLite
+    /// would otherwise read the file through the log's pages as if it were a store.
+    pub fn close(self, change: StoreChange) {
+        if change != StoreChange::Overwritten {
+            return;
+        }
+        let _ = self.connection.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+            true,
+        );
+        let path = self.path.clone();
+        drop(self);
+        for suffix in ["-wal", "-shm"] {
+            let mut beside = path.clone().into_os_string();
+            beside.push(suffix);
+            let _ = std::fs::remove_file(beside);
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     fn sqlite(&self, source: rusqlite::Error) -> HistoryError {

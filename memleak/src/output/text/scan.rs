@@ -122,6 +122,9 @@ pub fn render_details(out: &mut String, report: &ScanReport) {
             human_bytes(group.bytes),
             group.representative,
         );
+        if report.contents_withheld {
+            let _ = writeln!(out, "     (contents left out: --no-contents)");
+        }
         let bytes: Vec<u8> = (0..group.contents.len() / 2)
             .filter_map(|index| {
                 u8::from_str_radix(&group.contents[index * 2..index * 2 + 2], 16).ok()
@@ -168,7 +171,7 @@ pub fn describe_marks(marks: &SiteMarks, scan: &ScanReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scan::report::GroupReport;
+    use crate::scan::report::{GroupReport, ObjectString};
     use crate::trace::marks::{
         fixtures::{marks, site},
         rank_sites,
@@ -207,11 +210,32 @@ mod tests {
                     sample_support: 455,
                     contents: "6d".repeat(64),
                     symbols: Vec::new(),
-                    strings: Vec::new(),
+                    strings: vec![ObjectString {
+                        offset: 0,
+                        text: "mmmm".into(),
+                    }],
                 })
                 .collect(),
             marking,
+            contents_withheld: false,
         }
+    }
+
+    #[test]
+    fn no_contents_leaves_out_every_byte_and_string_and_says_so() {
+        let mut withheld = report(2, None);
+        withheld.withhold_contents();
+        let text = render_text(&withheld);
+        assert!(!text.contains("6d") && !text.contains("mmmm"), "{text}");
+        assert_eq!(
+            text.matches("(contents left out: --no-contents)").count(),
+            2
+        );
+        let json = crate::output::json::render_json(&withheld);
+        assert!(!json.contains("6d6d") && !json.contains("mmmm"), "{json}");
+        let read: ScanReport = serde_json::from_str(&json).expect("a report reads back");
+        assert!(read.contents_withheld);
+        assert!(render_text(&report(1, None)).contains("+0x0000: \"mmmm\""));
     }
 
     #[test]
