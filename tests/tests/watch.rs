@@ -475,30 +475,27 @@ fn a_store_deleted_made_read_only_or_overwritten_while_watching_is_said_and_left
             .iter()
             .any(|interval| interval.notes.iter().any(|note| note.contains(needle)))
     };
+    let notes = |from: usize, to: usize| {
+        intervals[from..to.min(intervals.len())]
+            .iter()
+            .map(|interval| &interval.notes)
+            .collect::<Vec<_>>()
+    };
     let not_written = "history not written";
     ensure!(
         said(2, 4, "was deleted while the watch ran") && !said(0, 5, not_written),
         "the deleted store: notes {:?}",
-        intervals
-            .iter()
-            .map(|interval| &interval.notes)
-            .collect::<Vec<_>>()
+        notes(0, intervals.len())
     );
     ensure!(
         said(5, 8, not_written),
         "the immutable store: notes {:?}",
-        intervals[5..8]
-            .iter()
-            .map(|interval| &interval.notes)
-            .collect::<Vec<_>>()
+        notes(5, 8)
     );
     ensure!(
         !said(9, 11, not_written),
         "writing did not resume once the store was writable: notes {:?}",
-        intervals[9..11]
-            .iter()
-            .map(|interval| &interval.notes)
-            .collect::<Vec<_>>()
+        notes(9, 11)
     );
     ensure!(
         said(
@@ -509,10 +506,7 @@ fn a_store_deleted_made_read_only_or_overwritten_while_watching_is_said_and_left
             .iter()
             .all(|interval| interval.notes.iter().any(|note| note.contains(not_written))),
         "the overwritten store: notes {:?}",
-        intervals[11..]
-            .iter()
-            .map(|interval| &interval.notes)
-            .collect::<Vec<_>>()
+        notes(11, intervals.len())
     );
     ensure!(
         std::fs::read_to_string(&store)? == garbage,

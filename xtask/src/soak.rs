@@ -63,12 +63,7 @@ pub fn run(args: &SoakArgs) -> Result<()> {
         "| minute | watch RSS | table objects | found free (total) | dropped (total) | stack failures (total) | intervals |"
     );
     println!("|---|---|---|---|---|---|---|");
-    let started = Instant::now();
-    let end = started + Duration::from_secs(args.minutes * 60);
-    let mut next = started;
-    while Instant::now() < end {
-        next += Duration::from_secs(args.every);
-        std::thread::sleep(next.min(end).saturating_duration_since(Instant::now()));
+    every_row(args, |minutes| {
         let rss = rss_kib(watch.pid()).unwrap_or(0);
         let text = fs::read_to_string(&lines).unwrap_or_default();
         let (mut found_free, mut dropped, mut stack_failures, mut intervals) = (0, 0, 0, 0);
@@ -89,11 +84,10 @@ pub fn run(args: &SoakArgs) -> Result<()> {
             intervals += 1;
         }
         println!(
-            "| {:.0} | {:.1} MB | {outstanding} | {found_free} | {dropped} | {stack_failures} | {intervals} |",
-            started.elapsed().as_secs_f64() / 60.0,
+            "| {minutes:.0} | {:.1} MB | {outstanding} | {found_free} | {dropped} | {stack_failures} | {intervals} |",
             rss as f64 / 1024.0,
         );
-    }
+    });
     let _ = churn.kill();
     let _ = churn.wait();
     let exit = watch.stop()?;
@@ -104,6 +98,19 @@ pub fn run(args: &SoakArgs) -> Result<()> {
         lines.display()
     );
     Ok(())
+}
+
+/// Calls `row` with the minutes elapsed every `--every` seconds, and once at the end of the
+/// soak's `--minutes`.
+fn every_row(args: &SoakArgs, mut row: impl FnMut(f64)) {
+    let started = Instant::now();
+    let end = started + Duration::from_secs(args.minutes * 60);
+    let mut next = started;
+    while Instant::now() < end {
+        next += Duration::from_secs(args.every);
+        std::thread::sleep(next.min(end).saturating_duration_since(Instant::now()));
+        row(started.elapsed().as_secs_f64() / 60.0);
+    }
 }
 
 /// Churn for the whole soak: eventfds opened and closed as fast as the fixture can, which
@@ -133,19 +140,13 @@ fn soak_trace(args: &SoakArgs, release: &std::path::Path, scratch: &std::path::P
     let mut churn = start_churn(args, release)?;
     println!("| minute | trace RSS | BPF memory (maps and programs) |");
     println!("|---|---|---|");
-    let started = Instant::now();
-    let end = started + Duration::from_secs(args.minutes * 60);
-    let mut next = started;
-    while Instant::now() < end {
-        next += Duration::from_secs(args.every);
-        std::thread::sleep(next.min(end).saturating_duration_since(Instant::now()));
+    every_row(args, |minutes| {
         println!(
-            "| {:.0} | {:.1} MB | {:.1} MB |",
-            started.elapsed().as_secs_f64() / 60.0,
+            "| {minutes:.0} | {:.1} MB | {:.1} MB |",
             rss_kib(trace.pid()).unwrap_or(0) as f64 / 1024.0,
             bpf_memlock_bytes(trace.pid()) as f64 / 1e6,
         );
-    }
+    });
     let _ = churn.kill();
     let _ = churn.wait();
     let exit = trace.stop()?;
