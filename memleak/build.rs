@@ -63,18 +63,28 @@ fn build_info() -> anyhow::Result<()> {
         .filter(|commit| !commit.is_empty())
         .unwrap_or_else(|| "unknown".to_owned());
     println!("cargo::rustc-env=MEMLEAK_GIT_COMMIT={commit}");
-    // A new commit moves HEAD (a detached checkout) or the branch's ref (HEAD's text names it).
+    // A new commit moves HEAD (a detached checkout) or the branch's ref (HEAD's text names it),
+    // kept as a file of its own or in packed-refs. Cargo reruns a build script on every build
+    // while a path it watches is missing, so only paths that exist are watched: a branch with
+    // no file of its own yet is watched through its directory, where its first commit adds one.
     let git_dir = workspace.join(".git");
     if git_dir.is_dir() {
         println!("cargo::rerun-if-changed={}", git_dir.join("HEAD").display());
         if let Ok(head) = std::fs::read_to_string(git_dir.join("HEAD"))
             && let Some(branch) = head.trim().strip_prefix("ref: ")
         {
-            println!("cargo::rerun-if-changed={}", git_dir.join(branch).display());
-            println!(
-                "cargo::rerun-if-changed={}",
-                git_dir.join("packed-refs").display()
-            );
+            let branch_ref = git_dir.join(branch);
+            let watched = if branch_ref.exists() {
+                Some(branch_ref.as_path())
+            } else {
+                branch_ref.parent()
+            };
+            let packed_refs = git_dir.join("packed-refs");
+            for path in watched.into_iter().chain(Some(packed_refs.as_path())) {
+                if path.exists() {
+                    println!("cargo::rerun-if-changed={}", path.display());
+                }
+            }
         }
     }
 
