@@ -9,8 +9,8 @@ use anyhow::{Context as _, Result, ensure};
 use memleak_tests::{skip, skip_requested};
 
 /// Seconds each target is fuzzed for. The first target's build compiles memleak's library with
-/// the sanitizers (about 2 minutes on 2 cores once the dependencies are built); the others
-/// reuse it and only link.
+/// the sanitizers (about 2 minutes on 2 cores once the dependencies are in memleak's cache, 9
+/// the first time on a machine); the others reuse it and only link.
 const SECONDS: u32 = 15;
 
 #[test]
