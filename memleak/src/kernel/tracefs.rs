@@ -1004,12 +1004,100 @@ mod tests {
         );
     }
 
+    /// `kernel` with `from` replaced by `to` in `event`'s format.
+    fn edited(
+        kernel: &[(&'static str, &str)],
+        event: &str,
+        from: &str,
+        to: &str,
+    ) -> Vec<(&'static str, String)> {
+        let mut kernel = owned(kernel);
+        let (_, text) = kernel
+            .iter_mut()
+            .find(|(name, _)| *name == event)
+            .unwrap_or_else(|| panic!("no recorded format for {event}"));
+        assert!(text.contains(from), "{event} has no `{from}`");
+        *text = text.replace(from, to);
+        kernel
+    }
+
+    #[test]
+    fn flags_of_four_or_eight_bytes_are_read_and_others_refused() {
+        let recorded_6_18 = "gfp_flags;\toffset:40;\tsize:8;";
+        for (size, read) in [(2, false), (4, true), (8, true), (16, false)] {
+            let kernel = edited(
+                KERNEL_6_18,
+                "kmalloc",
+                recorded_6_18,
+                &format!("gfp_flags;\toffset:40;\tsize:{size};"),
+            );
+            match classic_plan(&recorded(kernel)) {
+                Ok(plan) => {
+                    assert!(read, "gfp_flags of {size} bytes accepted");
+                    assert_eq!(plan.offsets.kmalloc_gfp_flags, 40);
+                }
+                Err(error) => {
+                    assert!(!read, "gfp_flags of {size} bytes refused: {error}");
+                    let error = error.to_string();
+                    assert!(error.contains("flags of 4 or 8 bytes"), "{error}");
+                    assert!(error.contains(&format!("is {size} bytes")), "{error}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_cache_name_that_is_not_a_4_byte_data_loc_is_refused() {
+        let recorded_6_18 = "__data_loc char[] name;\toffset:24;\tsize:4;";
+        for declaration in [
+            "__data_loc char[] name;\toffset:24;\tsize:8;",
+            "char name[4];\toffset:24;\tsize:4;",
+        ] {
+            let kernel = edited(KERNEL_6_18, "kmem_cache_alloc", recorded_6_18, declaration);
+            let error = classic_plan(&recorded(kernel))
+                .expect_err(declaration)
+                .to_string();
+            assert!(
+                error.contains("kmem:kmem_cache_alloc field `name`"),
+                "{error}"
+            );
+            assert!(error.contains("4-byte `__data_loc char[]`"), "{error}");
+        }
+    }
+
+    #[test]
+    fn declarations_without_a_name_or_with_a_number_for_one_are_refused() {
+        assert_eq!(
+            split_declaration("const void * ptr"),
+            Some(("const void *".to_owned(), "ptr".to_owned()))
+        );
+        assert_eq!(
+            split_declaration("char comm[16]"),
+            Some(("char[16]".to_owned(), "comm".to_owned()))
+        );
+        for nameless in ["const void *", "int 16", "ptr", "char [16]", ""] {
+            assert_eq!(split_declaration(nameless), None, "{nameless:?}");
+        }
+    }
+
+    #[test]
+    fn a_format_that_cannot_be_read_is_an_error_and_a_missing_one_is_none() {
+        let root = crate::util::scratch::ScratchDir::new("tracefs-unreadable");
+        let event = root.path().join("events/kmem/kmalloc");
+        std::fs::create_dir_all(event.join("format")).unwrap();
+        let error = read_format(root.path(), "kmem", "kmalloc").unwrap_err();
+        assert!(format!("{error:#}").contains("reading "), "{error:#}");
+        assert_eq!(read_format(root.path(), "kmem", "kfree").unwrap(), None);
+    }
+
     #[test]
     fn reads_live_formats() {
         let root = Path::new(DEFAULT_TRACEFS);
         if !root.join("events/kmem").is_dir() {
             return; // No tracefs mounted here (or not readable): nothing to read.
         }
+        // Mounted, so `root` finds it rather than mounting it.
+        assert!(super::root().unwrap().join("events/kmem").is_dir());
         let kmalloc = read_format(root, "kmem", "kmalloc").unwrap().unwrap();
         assert_eq!(kmalloc.field("ptr").map(|f| f.size), Some(8));
         assert_eq!(read_format(root, "kmem", "no_such_event").unwrap(), None);

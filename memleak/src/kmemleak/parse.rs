@@ -581,6 +581,10 @@ mod tests {
             strip_log_prefixes("leaky: kmemleak: said so"),
             "leaky: kmemleak: said so"
         );
+        // A log level is digits, at least one.
+        for not_a_level in ["<abc> said so", "<> said so", "<4a> said so"] {
+            assert_eq!(strip_log_prefixes(not_a_level), not_a_level);
+        }
     }
 
     #[test]
@@ -639,6 +643,57 @@ mod tests {
         let parsed = parse(cut_after(MODERN, "backtrace (crc 3b5a6a4e):\n"));
         assert!(parsed.objects[0].truncated);
         assert!(parsed.objects[0].frames.is_empty());
+    }
+
+    /// The first record of MODERN, whole.
+    fn first_modern_record() -> &'static str {
+        cut_after(MODERN, "do_syscall_64+0x82/0x170\n")
+    }
+
+    #[test]
+    fn a_hex_dump_shorter_than_announced_is_truncated_even_when_the_record_goes_on() {
+        let record = first_modern_record();
+        let short = record.replace(
+            "    00 c0 a3 04 81 88 ff ff 00 00 00 00 00 00 00 00  ................\n",
+            "",
+        );
+        assert_ne!(short, record);
+        let parsed = parse(&short);
+        assert_eq!(parsed.objects[0].hex_dump.len(), 16);
+        assert_eq!(parsed.objects[0].frames.len(), 8);
+        assert!(parsed.objects[0].truncated);
+        assert_eq!(parsed.truncated_records(), 1);
+        // Two records, one of them cut: each is counted once.
+        let parsed = parse(&format!("{record}{short}"));
+        assert_eq!(parsed.objects.len(), 2);
+        assert_eq!(parsed.truncated_records(), 1);
+        assert!(!parsed.objects[0].truncated);
+    }
+
+    #[test]
+    fn numbers_are_digits_only_without_a_sign() {
+        assert_eq!(parse_decimal("64"), Some(64));
+        assert_eq!(parse_hex("ff"), Some(0xff));
+        for signed in ["+64", "-64", ""] {
+            assert_eq!(parse_decimal(signed), None, "{signed:?}");
+            assert_eq!(parse_hex(signed), None, "{signed:?}");
+        }
+        let parsed = parse("unreferenced object 0xffff888104a3c000 (size +64):\n");
+        assert_eq!((parsed.objects.len(), parsed.unparsed_records), (0, 1));
+    }
+
+    #[test]
+    fn a_message_between_the_backtrace_header_and_its_first_frame_is_skipped() {
+        let record = first_modern_record();
+        let interrupted = record.replace(
+            "backtrace (crc 3b5a6a4e):\n",
+            "backtrace (crc 3b5a6a4e):\nleaky: a message from another CPU\n",
+        );
+        assert_ne!(interrupted, record);
+        let parsed = parse(&interrupted);
+        assert_eq!(parsed.objects.len(), 1);
+        assert_eq!(parsed.objects[0].frames.len(), 8);
+        assert_eq!(parsed.objects[0], parse(record).objects[0]);
     }
 
     #[test]
