@@ -514,11 +514,120 @@ mod tests {
     }
 
     #[test]
+    fn the_sample_is_as_large_as_the_comparison_budget_allows_and_at_least_200() {
+        let objects: Vec<Vec<u8>> = (0..5_000).map(leaked_like).collect();
+        let bytes = flat(&objects);
+        // The all-pairs pass compares `sampled² × size` bytes at most: 300 objects of 64 bytes
+        // for this budget; never fewer than 200, never more than `max_sample`.
+        for (budget, sampled) in [(64 * 300 * 300, 300), (0, 200), (u64::MAX, 2_000)] {
+            let settings = ClusterSettings {
+                sample_budget: budget,
+                ..ClusterSettings::default()
+            };
+            let clustering = cluster(&bytes, 64, &settings);
+            assert_eq!(clustering.sampled, sampled, "budget {budget}");
+            assert_eq!(clustering.groups[0].members, 5_000, "budget {budget}");
+        }
+    }
+
+    #[test]
+    fn no_whole_object_makes_an_empty_clustering_and_one_object_is_sampled() {
+        let object = leaked_like(1);
+        for (bytes, size) in [(&object[..], 0), (&object[..63], 64), (&[][..], 64)] {
+            let clustering = cluster(bytes, size, &ClusterSettings::default());
+            assert!(clustering.groups.is_empty(), "size {size}");
+            assert_eq!(
+                (clustering.sampled, clustering.empty),
+                (0, 0),
+                "size {size}"
+            );
+        }
+        let clustering = cluster(&object, 64, &ClusterSettings::default());
+        assert_eq!((clustering.sampled, clustering.empty), (1, 0));
+        // Alone, it has no similar object to support a group.
+        assert!(clustering.groups.is_empty());
+    }
+
+    /// `count` objects: the first `alike` of one pattern, the rest random.
+    fn alike_among_random(alike: u64, count: u64) -> Vec<u8> {
+        let mut state = 17;
+        let objects: Vec<Vec<u8>> = (0..count)
+            .map(|serial| {
+                if serial < alike {
+                    leaked_like(serial)
+                } else {
+                    random_object(&mut state, 64)
+                }
+            })
+            .collect();
+        flat(&objects)
+    }
+
+    #[test]
+    fn a_group_needs_its_share_of_the_sample_and_exactly_that_is_enough() {
+        // Half of the 1,000 sampled objects: 500 besides the representative.
+        let settings = ClusterSettings {
+            min_sample_share: 0.5,
+            ..ClusterSettings::default()
+        };
+        let found = cluster(&alike_among_random(501, 1_000), 64, &settings);
+        assert_eq!(found.sampled, 1_000);
+        assert_eq!(found.groups.len(), 1);
+        assert_eq!(
+            (found.groups[0].sample_support, found.groups[0].members),
+            (500, 501)
+        );
+        let short_by_one = cluster(&alike_among_random(500, 1_000), 64, &settings);
+        assert!(short_by_one.groups.is_empty(), "{:?}", short_by_one.groups);
+    }
+
+    #[test]
+    fn at_most_max_groups_are_found() {
+        let objects: Vec<Vec<u8>> = (0..3_000u64)
+            .map(|serial| {
+                let mut object = leaked_like(serial);
+                let variant = serial % 3;
+                object[16..32].fill(0x10 + variant as u8);
+                object[48..].fill(0x40 + variant as u8);
+                object
+            })
+            .collect();
+        let bytes = flat(&objects);
+        for max_groups in 1..=3 {
+            let settings = ClusterSettings {
+                max_groups,
+                ..ClusterSettings::default()
+            };
+            let clustering = cluster(&bytes, 64, &settings);
+            assert_eq!(clustering.groups.len(), max_groups);
+            assert!(clustering.groups.iter().all(|group| group.members == 1_000));
+        }
+    }
+
+    #[test]
+    fn sample_indices_spread_evenly() {
+        // 2,000 of a million: 200 a decile, within 4.5 standard deviations (about 60).
+        let indices = sample_indices(1_000_000, 2_000);
+        let mut deciles = [0u32; 10];
+        for index in indices {
+            deciles[index / 100_000] += 1;
+        }
+        assert!(
+            deciles.iter().all(|&count| (140..=260).contains(&count)),
+            "{deciles:?}"
+        );
+    }
+
+    #[test]
     fn sample_indices_are_distinct_sorted_and_in_range() {
         let indices = sample_indices(1_000_000, 2_000);
         assert_eq!(indices.len(), 2_000);
         assert!(indices.windows(2).all(|pair| pair[0] < pair[1]));
         assert!(*indices.last().unwrap() < 1_000_000);
         assert_eq!(sample_indices(10, 50), (0..10).collect::<Vec<_>>());
+        // All but one: Floyd's first draw is from 0..=1.
+        let nine = sample_indices(10, 9);
+        assert_eq!(nine.len(), 9);
+        assert!(nine.windows(2).all(|pair| pair[0] < pair[1]) && nine[8] < 10);
     }
 }
