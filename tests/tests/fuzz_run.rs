@@ -49,11 +49,11 @@ fn every_fuzz_target_runs_a_while_without_a_crash() -> Result<()> {
             lines[lines.len().saturating_sub(40)..].join("\n")
         );
         // libFuzzer's last line: `Done N runs in S second(s)`.
-        let done = stderr
-            .lines()
+        let done = lines
+            .iter()
             .rfind(|line| line.starts_with("Done "))
-            .unwrap_or("no `Done` line")
-            .to_owned();
+            .copied()
+            .unwrap_or("no `Done` line");
         eprintln!(
             "fuzz {target}: {done} ({:.0} s with its build)",
             started.elapsed().as_secs_f64()

@@ -637,6 +637,23 @@ mod tests {
             .collect()
     }
 
+    /// `kernel` with `from` replaced by `to` in `event`'s format.
+    fn edited(
+        kernel: &[(&'static str, &str)],
+        event: &str,
+        from: &str,
+        to: &str,
+    ) -> Vec<(&'static str, String)> {
+        let mut kernel = owned(kernel);
+        let (_, text) = kernel
+            .iter_mut()
+            .find(|(name, _)| *name == event)
+            .unwrap_or_else(|| panic!("no recorded format for {event}"));
+        assert!(text.contains(from), "{event} has no `{from}`");
+        *text = text.replace(from, to);
+        kernel
+    }
+
     fn attached(plan: &ClassicPlan) -> Vec<(&str, ClassicProgram)> {
         plan.attach
             .iter()
@@ -867,15 +884,12 @@ mod tests {
 
     #[test]
     fn page_order_read_as_a_word_is_refused() {
-        let mut kernel = owned(KERNEL_6_18);
-        for (event, text) in &mut kernel {
-            if *event == "mm_page_alloc" {
-                *text = text.replace(
-                    "unsigned int order;\toffset:16;\tsize:4;",
-                    "unsigned long order;\toffset:16;\tsize:8;",
-                );
-            }
-        }
+        let kernel = edited(
+            KERNEL_6_18,
+            "mm_page_alloc",
+            "unsigned int order;\toffset:16;\tsize:4;",
+            "unsigned long order;\toffset:16;\tsize:8;",
+        );
         let error = page_plan(&recorded(kernel), ClassicOffsets::NONE).unwrap_err();
         assert!(error.to_string().contains("32-bit"), "{error}");
     }
@@ -932,12 +946,12 @@ mod tests {
 
     #[test]
     fn node_event_laid_out_differently_is_not_attached() {
-        let mut kernel = owned(KERNEL_5_15);
-        for (event, text) in &mut kernel {
-            if *event == "kmalloc_node" {
-                *text = text.replace("bytes_alloc;\toffset:32;", "bytes_alloc;\toffset:48;");
-            }
-        }
+        let kernel = edited(
+            KERNEL_5_15,
+            "kmalloc_node",
+            "bytes_alloc;\toffset:32;",
+            "bytes_alloc;\toffset:48;",
+        );
         let plan = classic_plan(&recorded(kernel)).unwrap();
         assert!(!attached(&plan).contains(&("kmalloc_node", ClassicProgram::Kmalloc)));
         assert!(
@@ -950,12 +964,12 @@ mod tests {
 
     #[test]
     fn four_byte_pointer_is_an_error() {
-        let mut kernel = owned(KERNEL_6_18);
-        for (event, text) in &mut kernel {
-            if *event == "kfree" {
-                *text = text.replace("ptr;\toffset:16;\tsize:8;", "ptr;\toffset:16;\tsize:4;");
-            }
-        }
+        let kernel = edited(
+            KERNEL_6_18,
+            "kfree",
+            "ptr;\toffset:16;\tsize:8;",
+            "ptr;\toffset:16;\tsize:4;",
+        );
         let error = classic_plan(&recorded(kernel)).unwrap_err().to_string();
         assert!(error.contains("kmem:kfree"), "{error}");
         assert!(error.contains("`ptr`"), "{error}");
@@ -1002,23 +1016,6 @@ mod tests {
                 PathBuf::from("/sys/kernel/tracing"),
             ]
         );
-    }
-
-    /// `kernel` with `from` replaced by `to` in `event`'s format.
-    fn edited(
-        kernel: &[(&'static str, &str)],
-        event: &str,
-        from: &str,
-        to: &str,
-    ) -> Vec<(&'static str, String)> {
-        let mut kernel = owned(kernel);
-        let (_, text) = kernel
-            .iter_mut()
-            .find(|(name, _)| *name == event)
-            .unwrap_or_else(|| panic!("no recorded format for {event}"));
-        assert!(text.contains(from), "{event} has no `{from}`");
-        *text = text.replace(from, to);
-        kernel
     }
 
     #[test]

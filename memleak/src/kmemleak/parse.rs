@@ -650,14 +650,20 @@ mod tests {
         cut_after(MODERN, "do_syscall_64+0x82/0x170\n")
     }
 
+    /// The first record of MODERN with `from` replaced by `to`.
+    fn first_modern_record_with(from: &str, to: &str) -> String {
+        let record = first_modern_record();
+        assert!(record.contains(from), "the first record has no `{from}`");
+        record.replace(from, to)
+    }
+
     #[test]
     fn a_hex_dump_shorter_than_announced_is_truncated_even_when_the_record_goes_on() {
         let record = first_modern_record();
-        let short = record.replace(
+        let short = first_modern_record_with(
             "    00 c0 a3 04 81 88 ff ff 00 00 00 00 00 00 00 00  ................\n",
             "",
         );
-        assert_ne!(short, record);
         let parsed = parse(&short);
         assert_eq!(parsed.objects[0].hex_dump.len(), 16);
         assert_eq!(parsed.objects[0].frames.len(), 8);
@@ -684,16 +690,14 @@ mod tests {
 
     #[test]
     fn a_message_between_the_backtrace_header_and_its_first_frame_is_skipped() {
-        let record = first_modern_record();
-        let interrupted = record.replace(
+        let interrupted = first_modern_record_with(
             "backtrace (crc 3b5a6a4e):\n",
             "backtrace (crc 3b5a6a4e):\nleaky: a message from another CPU\n",
         );
-        assert_ne!(interrupted, record);
         let parsed = parse(&interrupted);
         assert_eq!(parsed.objects.len(), 1);
         assert_eq!(parsed.objects[0].frames.len(), 8);
-        assert_eq!(parsed.objects[0], parse(record).objects[0]);
+        assert_eq!(parsed.objects[0], parse(first_modern_record()).objects[0]);
     }
 
     #[test]
