@@ -36,8 +36,11 @@ impl Boot<'_> {
         let serial = |log: &Path| format!("file:{}", log.display());
         let mut qemu = Command::new("qemu-system-x86_64")
             // The host's /dev/kvm is paravirtual and stock kernels crash under it; TCG is slower
-            // but runs any kernel.
-            .args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "1G"])
+            // but runs any kernel. One host thread runs both vCPUs in turn: with a thread each,
+            // a guest once died in CI executing a call site that attaching a tracepoint was
+            // rewriting on the other vCPU (Debian's 6.12, RIP inside the `call` of
+            // kmem_cache_free's tracepoint), where a real CPU's text_poke protocol is safe.
+            .args(["-accel", "tcg,thread=single", "-cpu", "max", "-smp", "2", "-m", "1G"])
             .args(["-nodefaults", "-display", "none", "-no-reboot"])
             .arg("-kernel")
             .arg(self.kernel_image)
