@@ -111,11 +111,19 @@ pub struct AllocRecord {
     /// Thread-group id (userspace "pid") of the task that allocated.
     pub tgid: u32,
     /// An [`AllocKind`].
-    pub kind: u32,
+    pub kind: u16,
+    /// With `--user-stacks` on a kernel trace: 1 + the `USER_STACKS` id of the user-space
+    /// stack of the task that allocated, captured with the kernel stack; 0 when none was (not
+    /// asked, not sampled, a kernel thread, or the capture failed). Two bytes, so that the
+    /// record keeps its 48: `USER_STACKS` holds fewer than 65,535 stacks.
+    pub user_stack: u16,
     /// The low 32 bits of the allocation's gfp flags for kmalloc (they choose among its cache
     /// variants: `__GFP_DMA`, `__GFP_RECLAIMABLE`, `__GFP_ACCOUNT`); 0 for the other kinds.
     pub gfp_flags: u32,
 }
+
+// The table's memory is `--capacity` times this plus the key (docs/design.md: 56 bytes).
+const _: () = assert!(core::mem::size_of::<AllocRecord>() == 48);
 
 /// Slab cache name as found in `struct kmem_cache::name` or the tracepoint's `name` field.
 #[repr(C)]
@@ -161,9 +169,14 @@ pub enum Counter {
     Filtered,
     /// Page allocations of movable memory (user and page-cache pages), not followed.
     MovablePages,
+    /// With `--user-stacks`: user-space stacks captured beside a kernel stack.
+    UserStackCaptures,
+    /// User-space stack captures that found no user stack (kernel threads) or failed (the
+    /// stack map full, a hash collision, or an unwinding error).
+    UserStackMisses,
 }
 
-pub const COUNTER_COUNT: u32 = Counter::MovablePages as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::UserStackMisses as u32 + 1;
 
 /// Field offsets in the classic tracepoint records, read from tracefs `format` files at start-up.
 #[repr(C)]
@@ -248,7 +261,9 @@ pub struct TracerConfig {
     /// How many arguments `alloc_vmap_area` takes (the slot of its return value in an fexit
     /// program's context), from the kernel's BTF.
     pub alloc_vmap_area_arguments: u32,
-    pub _reserved: u32,
+    /// Nonzero (`--user-stacks`): each captured kernel stack of a kernel allocation comes with
+    /// the user-space stack of the task that made it.
+    pub user_stacks: u32,
     pub classic: ClassicOffsets,
 }
 
@@ -269,7 +284,7 @@ impl TracerConfig {
         return_at_once: 0,
         raw_cache_alloc_passes_cache: 0,
         alloc_vmap_area_arguments: 0,
-        _reserved: 0,
+        user_stacks: 0,
         classic: ClassicOffsets::NONE,
     };
 }

@@ -42,6 +42,11 @@ pub static OBJECT_RECORDS: Array<RecordBucket> = Array::with_max_entries(1, BPF_
 #[map]
 pub static STACKS: StackTrace = StackTrace::with_max_entries(1, 0);
 
+/// With `--user-stacks`: user-space stacks of the tasks whose kernel allocations had their
+/// kernel stack captured (`AllocRecord::user_stack`). One entry otherwise.
+#[map]
+pub static USER_STACKS: StackTrace = StackTrace::with_max_entries(1, 0);
+
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
 

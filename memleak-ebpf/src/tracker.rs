@@ -19,7 +19,8 @@ use memleak_common::{
 
 use crate::maps::{
     CACHE_NAMES, COMMS, COUNTERS, MISSED_FREE_SITES, OBJECT_KEYS, OBJECT_RECORDS, SEEN_CACHES,
-    SEEN_CACHES_LEN, SEEN_SITES, SEEN_SITES_LEN, SEEN_TGIDS, SEEN_TGIDS_LEN, STACKS, config,
+    SEEN_CACHES_LEN, SEEN_SITES, SEEN_SITES_LEN, SEEN_TGIDS, SEEN_TGIDS_LEN, STACKS, USER_STACKS,
+    config,
 };
 
 /// What a hook reads about an allocation once it is known to be tracked.
@@ -145,6 +146,11 @@ pub fn on_alloc<C: StackIdContext>(
     } else {
         STACK_NOT_SAMPLED
     };
+    let user_stack = if config!(user_stacks) != 0 && stack_id >= 0 {
+        capture_user_stack(ctx)
+    } else {
+        0
+    };
     if allocation.cache_id != 0 {
         remember_cache(allocation.cache_id, name_of_cache);
     }
@@ -159,7 +165,8 @@ pub fn on_alloc<C: StackIdContext>(
         bytes_allocated: allocation.bytes_allocated,
         stack_id,
         tgid,
-        kind: allocation.kind as u32,
+        kind: allocation.kind as u16,
+        user_stack,
         gfp_flags: allocation.gfp_flags,
     };
 }
@@ -232,6 +239,26 @@ fn capture_stack<C: StackIdContext>(ctx: &C, kind: AllocKind) -> i32 {
         Err(_) => {
             count(Counter::StackFailures);
             STACK_FAILED
+        }
+    }
+}
+
+/// The user-space stack of the task beside a kernel allocation's kernel stack, as 1 + its
+/// `USER_STACKS` id; 0 when there is none (a kernel thread) or it could not be captured. In an
+/// interrupt it is the stack of whichever task was interrupted: userspace keeps it only for
+/// kernel stacks that pass through no interrupt.
+#[inline(always)]
+fn capture_user_stack<C: StackIdContext>(ctx: &C) -> u16 {
+    count(Counter::UserStackCaptures);
+    match ctx
+        .get_stackid(&USER_STACKS, USER_STACK)
+        .or_else(|_| ctx.get_stackid(&USER_STACKS, USER_STACK | SKIP_ONE_FRAME))
+    {
+        // Userspace sizes the map below u16::MAX entries.
+        Ok(id) if id < i64::from(u16::MAX) => id as u16 + 1,
+        _ => {
+            count(Counter::UserStackMisses);
+            0
         }
     }
 }

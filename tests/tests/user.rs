@@ -11,8 +11,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use memleak::trace::report::Report;
-use memleak_tests::{end_to_end, finish_tracer, memleak_binary, start_attached, start_program};
+use memleak::trace::report::{Entry, Report, UserStack};
+use memleak_tests::{
+    end_to_end, entries_at, finish_tracer, memleak_binary, share_of, start_attached, start_program,
+};
 
 /// Each leak of the C fixture: its function, blocks and bytes.
 const C_LEAKS: [(&str, u64, u64); 6] = [
@@ -70,24 +72,31 @@ fn build_rust_fixture() -> Result<PathBuf> {
     Ok(program)
 }
 
+/// Runs gcc in `dir` with debug information and frame pointers, optimized.
+fn gcc(dir: &Path, args: &[&str]) -> Result<()> {
+    let output = Command::new("gcc")
+        .args(["-g", "-O1", "-fno-omit-frame-pointer"])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .context("running gcc")?;
+    ensure!(
+        output.status.success(),
+        "gcc {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
+fn sources() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("user")
+}
+
 /// Builds the C fixture and its library with gcc into a fresh directory.
 fn build_fixture() -> Result<PathBuf> {
-    let sources = Path::new(env!("CARGO_MANIFEST_DIR")).join("user");
+    let sources = sources();
     let dir = build_dir("c")?;
-    let gcc = |args: &[&str]| -> Result<()> {
-        let output = Command::new("gcc")
-            .args(["-g", "-O1", "-fno-omit-frame-pointer"])
-            .args(args)
-            .current_dir(&dir)
-            .output()
-            .context("running gcc")?;
-        ensure!(
-            output.status.success(),
-            "gcc {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        Ok(())
-    };
+    let gcc = |args: &[&str]| gcc(&dir, args);
     let library = sources.join("leaky_user_lib.c");
     gcc(&[
         "-fPIC",
@@ -387,6 +396,219 @@ fn trace_by_pid_reports_only_what_was_allocated_in_the_window() -> Result<()> {
     // leak_before_wait's 9 blocks were allocated before the tracer attached.
     let known = by_function(&C_LEAKS);
     assert_eq!(counts(&found), known, "memleak trace --user --pid");
+    Ok(())
+}
+
+/// eventfds and messages tests/user/user_stacks.c makes while the kernel is traced.
+const OPENED: u64 = 300;
+const POSTED: u64 = 100;
+
+/// Builds tests/user/user_stacks.c; returns it with its source's text.
+fn build_user_stacks_program() -> Result<(PathBuf, String)> {
+    let source = sources().join("user_stacks.c");
+    let dir = build_dir("user-stacks")?;
+    gcc(
+        &dir,
+        &["-o", "user_stacks", source.to_str().context("path")?],
+    )?;
+    Ok((dir.join("user_stacks"), std::fs::read_to_string(&source)?))
+}
+
+/// Checks that the user stacks of `pid` among `entries` cover at least 95% of `objects` (each
+/// kernel stack was captured: --stack-sample-rate 1; a user capture fails only on a full map
+/// or a collision), and that each leads through `function`, called by main, at the line of
+/// user_stacks.c marked `expected: MARK`.
+fn check_user_stacks(
+    entries: &[&Entry],
+    pid: u32,
+    objects: u64,
+    function: &str,
+    source: &str,
+    mark: &str,
+) -> Result<()> {
+    let line = source
+        .lines()
+        .position(|line| line.contains(&format!("expected: {mark}")))
+        .with_context(|| format!("user_stacks.c lost its line marked {mark}"))?
+        + 1;
+    let stacks: Vec<&UserStack> = entries
+        .iter()
+        .filter_map(|entry| entry.user_stacks.as_ref())
+        .flat_map(|user| &user.stacks)
+        .filter(|stack| stack.pid == pid)
+        .collect();
+    let samples: u64 = stacks.iter().map(|stack| stack.samples).sum();
+    ensure!(
+        samples * 100 >= objects * 95,
+        "user stacks for {samples} of {objects} objects: {stacks:#?}"
+    );
+    for stack in &stacks {
+        let symbols: Vec<&str> = stack
+            .frames
+            .iter()
+            .map(|frame| frame.symbol.as_deref().unwrap_or("?"))
+            .collect();
+        let at = symbols
+            .iter()
+            .position(|symbol| symbol.starts_with(function))
+            .with_context(|| format!("no {function} in {symbols:?}"))?;
+        ensure!(
+            symbols.get(at + 1) == Some(&"main"),
+            "{function} is called by main: {symbols:?}"
+        );
+        let at_source = stack.frames[at].source.as_deref().unwrap_or("");
+        ensure!(
+            at_source.ends_with(&format!("user_stacks.c:{line}")),
+            "{function}'s frame is at {at_source:?}, not user_stacks.c:{line}"
+        );
+        ensure!(
+            stack.frames[0]
+                .module
+                .as_deref()
+                .is_some_and(|module| module.starts_with("libc")),
+            "the innermost frame is the C library's system call: {:?}",
+            stack.frames[0]
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn user_stacks_lead_from_a_kernel_entry_to_the_program_line() -> Result<()> {
+    let Some(_lock) = end_to_end() else {
+        return Ok(());
+    };
+    let (program, source) = build_user_stacks_program()?;
+    let (tracer, _stderr) = start_attached(
+        "trace",
+        &[
+            "--user-stacks",
+            "--kinds",
+            "slab",
+            "--stack-sample-rate",
+            "1",
+            "--duration",
+            "3s",
+            "--format",
+            "json",
+            "--top",
+            "100000",
+        ],
+    )?;
+    let mut command = Command::new(&program);
+    command.args(["eventfds", &OPENED.to_string()]);
+    // Still running, holding its eventfds, when the report is made: its mappings name frames.
+    let (mut opener, line) = start_program(command)?;
+    assert_eq!(line, "ready");
+    let report: Report = finish_tracer(tracer)?;
+    let pid = opener.child().id();
+    drop(opener.child().stdin.take());
+    opener.child().wait()?;
+
+    let counters = &report.stats.counters;
+    ensure!(
+        counters.user_stack_captures > 0,
+        "no user stack captured: {counters:?}"
+    );
+    let entries = entries_at(&report, "kmalloc", "do_eventfd");
+    let held = share_of(entries.iter().copied(), u64::from(pid)).0;
+    ensure!(held == OPENED, "{held} of the {OPENED} eventfd contexts");
+    check_user_stacks(
+        &entries,
+        pid,
+        OPENED,
+        "open_session_fds",
+        &source,
+        "eventfds",
+    )?;
+    // Kernel threads have no user stack, and an entry never shows one of them.
+    for entry in &report.stacks {
+        for stack in entry.user_stacks.iter().flat_map(|user| &user.stacks) {
+            let comm = stack.comm.as_deref().unwrap_or("");
+            ensure!(
+                !["kworker", "ksoftirqd", "rcu_"]
+                    .iter()
+                    .any(|kernel| comm.starts_with(kernel)),
+                "a kernel thread's user stack: {stack:?}"
+            );
+        }
+    }
+
+    // Without the option, no entry carries user stacks and nothing is captured.
+    let output = Command::new(memleak_binary()?)
+        .args([
+            "trace",
+            "--kinds",
+            "slab",
+            "--duration",
+            "1s",
+            "--format",
+            "json",
+        ])
+        .output()?;
+    ensure!(output.status.success(), "{output:?}");
+    let plain: Report = serde_json::from_slice(&output.stdout)?;
+    ensure!(plain.stats.counters.user_stack_captures == 0);
+    ensure!(plain.stacks.iter().all(|entry| entry.user_stacks.is_none()));
+    Ok(())
+}
+
+#[test]
+fn run_user_stacks_name_the_lines_of_a_command_that_has_exited() -> Result<()> {
+    let Some(_lock) = end_to_end() else {
+        return Ok(());
+    };
+    let (program, source) = build_user_stacks_program()?;
+    let output = Command::new(memleak_binary()?)
+        .args([
+            "run",
+            "--user-stacks",
+            "--kinds",
+            "slab",
+            "--stack-sample-rate",
+            "1",
+        ])
+        .args(["--comm", "user_stacks", "--grace", "1s", "--format", "json"])
+        .args(["--top", "1000", "--"])
+        .arg(&program)
+        .args(["messages", &POSTED.to_string()])
+        .output()
+        .context("running memleak run")?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    // The command's output (the queue's id) comes first, the JSON report after it.
+    let (queue, json) = stdout.split_once('{').context("no JSON report on stdout")?;
+    if let Ok(queue) = queue.trim().parse::<libc::c_int>() {
+        unsafe { libc::msgctl(queue, libc::IPC_RMID, std::ptr::null_mut()) };
+    }
+    ensure!(output.status.success(), "{output:?}");
+    let report: Report = serde_json::from_str(&format!("{{{json}"))?;
+    let entries: Vec<&Entry> = report
+        .stacks
+        .iter()
+        .filter(|entry| {
+            entry
+                .frames
+                .iter()
+                .any(|frame| frame.symbol.as_deref() == Some("load_msg"))
+        })
+        .collect();
+    let posted: u64 = entries.iter().map(|entry| entry.count).sum();
+    ensure!(posted == POSTED, "{posted} of the {POSTED} messages");
+    let pid = entries
+        .iter()
+        .flat_map(|entry| &entry.processes)
+        .map(|process| process.pid)
+        .next()
+        .context("no process")?;
+    check_user_stacks(&entries, pid, POSTED, "post_messages", &source, "messages")?;
+    ensure!(
+        !report
+            .notes
+            .iter()
+            .any(|note| note.contains("bare addresses")),
+        "the command's mappings were read as it exited: {:?}",
+        report.notes
+    );
     Ok(())
 }
 

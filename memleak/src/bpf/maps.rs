@@ -30,6 +30,12 @@ pub struct Counters {
     pub sampled_out: u64,
     pub filtered: u64,
     pub movable_pages: u64,
+    /// With `--user-stacks`: user-space stacks captured, and captures that found none (kernel
+    /// threads) or failed.
+    #[serde(default)]
+    pub user_stack_captures: u64,
+    #[serde(default)]
+    pub user_stack_misses: u64,
 }
 
 impl Counters {
@@ -48,6 +54,8 @@ impl Counters {
             sampled_out: get(Counter::SampledOut),
             filtered: get(Counter::Filtered),
             movable_pages: get(Counter::MovablePages),
+            user_stack_captures: get(Counter::UserStackCaptures),
+            user_stack_misses: get(Counter::UserStackMisses),
         }
     }
 
@@ -67,6 +75,7 @@ pub struct TracerMaps {
     keys: Map,
     records: Map,
     stacks: Map,
+    user_stacks: Map,
     cache_names: Map,
     comms: Map,
     missed_free_sites: Map,
@@ -84,6 +93,7 @@ impl TracerMaps {
             keys: take("OBJECT_KEYS")?,
             records: take("OBJECT_RECORDS")?,
             stacks: take("STACKS")?,
+            user_stacks: take("USER_STACKS")?,
             cache_names: take("CACHE_NAMES")?,
             comms: take("COMMS")?,
             missed_free_sites: take("MISSED_FREE_SITES")?,
@@ -106,6 +116,9 @@ pub fn read_counters(maps: &TracerMaps) -> Result<Counters> {
 
 /// Stack map entries: each holds up to 127 frames (1 KiB), preallocated by the kernel.
 pub const STACK_MAP_ENTRIES: u32 = 16_384;
+/// The same for user-space stacks (`--user-stacks`): ids must stay below u16::MAX
+/// (`AllocRecord::user_stack`).
+pub const USER_STACK_MAP_ENTRIES: u32 = 16_384;
 
 /// Buckets read per step: whole pages of both arrays (128 KiB of keys, 768 KiB of records).
 const BUCKETS_PER_STEP: usize = 1024;
@@ -296,7 +309,19 @@ pub fn read_stacks(
     maps: &TracerMaps,
     ids: impl IntoIterator<Item = u32>,
 ) -> Result<HashMap<u32, Vec<u64>>> {
-    let map: StackTraceMap<&MapData> = StackTraceMap::try_from(&maps.stacks)?;
+    read_stack_map(&maps.stacks, ids)
+}
+
+/// [`read_stacks`] for the user-space stacks of `--user-stacks`, by `USER_STACKS` id.
+pub fn read_user_stacks(
+    maps: &TracerMaps,
+    ids: impl IntoIterator<Item = u32>,
+) -> Result<HashMap<u32, Vec<u64>>> {
+    read_stack_map(&maps.user_stacks, ids)
+}
+
+fn read_stack_map(map: &Map, ids: impl IntoIterator<Item = u32>) -> Result<HashMap<u32, Vec<u64>>> {
+    let map: StackTraceMap<&MapData> = StackTraceMap::try_from(map)?;
     let mut stacks = HashMap::new();
     for id in ids {
         if let Ok(trace) = map.get(&id, 0) {

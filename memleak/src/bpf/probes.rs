@@ -12,7 +12,7 @@ use aya::{
 };
 use memleak_common::{SLOTS_PER_BUCKET, TracerConfig};
 
-use super::maps::{STACK_MAP_ENTRIES, TracerMaps};
+use super::maps::{STACK_MAP_ENTRIES, TracerMaps, USER_STACK_MAP_ENTRIES};
 use crate::{
     kernel::{
         self, KmemCacheLayout,
@@ -81,6 +81,8 @@ pub struct TracerSettings {
     pub max_size: Option<u32>,
     pub method: AttachMethod,
     pub kinds: Vec<Kind>,
+    /// Capture the user-space stack beside each captured kernel stack (`--user-stacks`).
+    pub user_stacks: bool,
     /// The benchmark's floor: programs that return at once.
     pub empty_programs: bool,
 }
@@ -803,6 +805,7 @@ fn base_config(settings: &TracerSettings) -> (TracerConfig, u32) {
     config.min_size = settings.min_size.unwrap_or(0);
     config.max_size = settings.max_size.unwrap_or(u32::MAX);
     config.return_at_once = settings.empty_programs.into();
+    config.user_stacks = settings.user_stacks.into();
     (config, buckets)
 }
 
@@ -820,6 +823,14 @@ fn load_object(config: &TracerConfig, buckets: u32) -> Result<Ebpf> {
         .map_max_entries("OBJECT_KEYS", buckets)
         .map_max_entries("OBJECT_RECORDS", buckets)
         .map_max_entries("STACKS", STACK_MAP_ENTRIES)
+        .map_max_entries(
+            "USER_STACKS",
+            if config.user_stacks != 0 {
+                USER_STACK_MAP_ENTRIES
+            } else {
+                1
+            },
+        )
         .load(ebpf_object()?)
         .context("creating eBPF maps")
 }

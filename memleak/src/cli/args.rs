@@ -106,6 +106,13 @@ pub struct TracingOptions {
     #[arg(long, conflicts_with_all = ["kinds", "attach", "comm", "by_process", "cache"])]
     pub user: bool,
 
+    /// With each captured kernel stack, also capture the user-space stack of the task that
+    /// made the allocation (its system call or page fault), so that an entry shows the program
+    /// lines behind it. Kept only where the kernel stack passes through no interrupt; shown
+    /// with symbols for the processes still running at report time.
+    #[arg(long, conflicts_with = "user")]
+    pub user_stacks: bool,
+
     /// Record only allocations made by tasks with this command name (as in /proc/PID/comm, at
     /// most 15 characters).
     #[arg(long, value_name = "NAME", value_parser = parse_comm)]

@@ -169,6 +169,8 @@ mod tests {
     fn user_is_for_trace_and_run_alone() {
         for good in [
             &["memleak", "trace", "--user", "--pid", "42"][..],
+            &["memleak", "trace", "--user-stacks", "--kinds", "slab"],
+            &["memleak", "run", "--user-stacks", "--", "./a.out"],
             &[
                 "memleak",
                 "run",
@@ -185,6 +187,8 @@ mod tests {
             &["memleak", "trace", "--user", "--cache", "filp"],
             &["memleak", "run", "--user", "--comm", "a", "--", "./a.out"],
             &["memleak", "watch", "--user"],
+            &["memleak", "trace", "--user", "--user-stacks", "--pid", "42"],
+            &["memleak", "watch", "--user-stacks"],
         ] {
             assert!(Cli::try_parse_from(bad).is_err(), "{bad:?} was accepted");
         }

@@ -4,11 +4,13 @@ use std::{
     io::IsTerminal as _,
     os::unix::process::ExitStatusExt as _,
     path::{Path, PathBuf},
+    pin::Pin,
     process::{ExitCode, ExitStatus},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
+use hashbrown::HashMap;
 
 use memleak::{
     bpf::{
@@ -101,27 +103,51 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
         session.tracer.attached,
         args.command.join(" ")
     );
-    let mut child = std::process::Command::new(program)
-        .args(arguments)
-        .spawn()
-        .with_context(|| format!("starting {program}"))?;
-    let pid = child.id() as libc::pid_t;
     let grace = args.grace;
+    // With --user-stacks the command is held as it exits, so that its mappings name the user
+    // frames of its kernel allocations after it is gone.
+    type Exit = (ExitStatus, Option<ProcessMaps>);
+    let (pid, command): (u32, Pin<Box<dyn Future<Output = Result<Exit>>>>) =
+        if options.trace.tracer.user_stacks {
+            let traced = TracedCommand::start(program, arguments)?;
+            let pid = traced.pid;
+            let command = async move {
+                let exited = tokio::task::spawn_blocking(move || traced.run()).await??;
+                anyhow::Ok((exited.status, exited.maps))
+            };
+            (pid, Box::pin(command))
+        } else {
+            let mut child = std::process::Command::new(program)
+                .args(arguments)
+                .spawn()
+                .with_context(|| format!("starting {program}"))?;
+            let pid = child.id();
+            let command = async move {
+                anyhow::Ok((
+                    tokio::task::spawn_blocking(move || child.wait()).await??,
+                    None,
+                ))
+            };
+            (pid, Box::pin(command))
+        };
     let command_then_grace = async move {
-        let status = tokio::task::spawn_blocking(move || child.wait()).await;
+        let exit = command.await;
         tokio::time::sleep(grace).await;
-        anyhow::Ok(status??)
+        exit
     };
-    let status = session
+    let (status, maps) = session
         .runtime
         .block_on(watch(
             &session.tracer.maps,
             &mut session.polled,
             command_then_grace,
-            forward_to(pid),
+            forward_to(pid as libc::pid_t),
         ))?
         .context("signal handling stopped the wait")?
-        .with_context(|| format!("waiting for {program}"))?;
+        .with_context(|| format!("running {program}"))?;
+    if let Some(maps) = maps {
+        session.polled.exited_maps.insert(pid, maps);
+    }
     let verdict = session.finish(&options, &leak_check)?;
     Ok(status_or_leak(status, verdict.as_ref(), &leak_check))
 }
@@ -250,6 +276,8 @@ struct Polled {
     user_pid: Option<u32>,
     /// The last mappings read while the process was alive.
     user_maps: Option<ProcessMaps>,
+    /// Mappings of processes read as they exited (`run --user-stacks`'s command), by pid.
+    exited_maps: HashMap<u32, ProcessMaps>,
 }
 
 impl Polled {
@@ -337,6 +365,7 @@ impl Session {
             module_symbols: ModuleSymbols::default(),
             user_pid: Some(pid),
             user_maps: (!maps.mappings.is_empty()).then_some(maps),
+            exited_maps: HashMap::new(),
         };
         Ok(Self::attached(tracer, prepared, polled))
     }
@@ -417,6 +446,7 @@ impl Session {
             free_paths,
             module_symbols: self.polled.module_symbols,
             user_process,
+            exited_processes: self.polled.exited_maps,
         };
         let mut report = report_build::build_report(
             &options.trace,

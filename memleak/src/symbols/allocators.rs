@@ -143,6 +143,53 @@ pub fn is_bookkeeping(call_site: &Frame) -> bool {
         .is_some_and(|symbol| BOOKKEEPING.contains(&base_name(symbol)))
 }
 
+/// Name prefixes, without leading underscores, of the functions through which the kernel
+/// runs work for no task in particular on whichever task it interrupted: hardware interrupts
+/// and IPIs (`common_interrupt`, `sysvec_*`), softirqs (run on leaving an interrupt or on
+/// re-enabling them, `handle_softirqs` from Linux 6.10, `__do_softirq` before), NMIs.
+const INTERRUPT_PREFIXES: &[&str] = &[
+    "asm_common_interrupt",
+    "common_interrupt",
+    "asm_sysvec_",
+    "sysvec_",
+    "irq_exit",
+    "handle_irq_event",
+    "handle_softirqs",
+    "do_softirq",
+    "asm_exc_nmi",
+    "exc_nmi",
+];
+
+/// Functions of exec that allocate before the new program's mappings replace the old ones:
+/// the user stack they capture is the old program's, and cannot be read against the new one.
+const EXEC_PREFIXES: &[&str] = &[
+    "bprm_execve",
+    "do_execveat_common",
+    "load_elf_binary",
+    "begin_new_exec",
+];
+
+/// The deepest stack the kernel captures (`PERF_MAX_STACK_DEPTH`): a stack this long may have
+/// lost its outer frames.
+const MAX_STACK_FRAMES: usize = 127;
+
+/// Whether the user-space stack captured with a kernel `stack` is that of the code that made
+/// the allocation: the kernel stack ran in its task's own context (a system call, a page
+/// fault), through no interrupt and no exec, and is whole. Otherwise the user stack belongs
+/// to whatever the task was doing when something else allocated on top of it.
+pub fn user_stack_is_the_allocators(stack: &[u64], frame: &dyn Fn(u64) -> Frame) -> bool {
+    stack.len() < MAX_STACK_FRAMES
+        && !stack.iter().any(|&ip| {
+            frame(ip).symbol.as_deref().is_some_and(|symbol| {
+                let name = symbol.trim_start_matches('_');
+                INTERRUPT_PREFIXES
+                    .iter()
+                    .chain(EXEC_PREFIXES)
+                    .any(|prefix| name.starts_with(prefix))
+            })
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,6 +264,59 @@ mod tests {
         assert!(!is_allocator_internal(&Frame::unknown(
             0xffff_ffff_c000_0000
         )));
+    }
+
+    #[test]
+    fn user_stacks_are_kept_only_for_stacks_in_their_tasks_context() {
+        // Recorded shapes (Linux 6.18): an eventfd from a system call, and a socket buffer
+        // allocated in network receive processing, a softirq on top of an unrelated task.
+        let symbols = [
+            "__kmalloc_cache_noprof",
+            "do_eventfd",
+            "do_syscall_64",
+            "entry_SYSCALL_64_after_hwframe",
+            "kmem_cache_alloc_node_noprof",
+            "__alloc_skb",
+            "tcp_rcv_established",
+            "net_rx_action",
+            "handle_softirqs",
+            "__irq_exit_rcu",
+            "sysvec_apic_timer_interrupt",
+            "asm_sysvec_apic_timer_interrupt",
+            "copy_process",
+            "__do_softirq",
+            "bprm_execve",
+            "exc_nmi",
+            "asm_common_interrupt",
+        ];
+        let frame = |ip: u64| match symbols.get(ip as usize) {
+            Some(symbol) => frame(symbol),
+            None => Frame::unknown(ip),
+        };
+        assert!(user_stack_is_the_allocators(&[0, 1, 2, 3], &frame));
+        assert!(user_stack_is_the_allocators(&[0, 12, 2, 3, 99], &frame));
+        for interrupted in [
+            vec![4, 5, 6, 7, 8, 9, 10, 11, 1, 2, 3],
+            vec![4, 5, 6, 7, 8],
+            vec![4, 5, 9, 2, 3],
+            vec![4, 5, 10, 1, 2],
+            vec![4, 5, 11],
+            vec![0, 13, 2],
+            vec![0, 14, 2, 3],
+            vec![0, 15],
+            vec![0, 16, 2],
+        ] {
+            assert!(
+                !user_stack_is_the_allocators(&interrupted, &frame),
+                "{interrupted:?}"
+            );
+        }
+        let whole = vec![1; MAX_STACK_FRAMES - 1];
+        assert!(user_stack_is_the_allocators(&whole, &frame));
+        assert!(!user_stack_is_the_allocators(
+            &vec![1; MAX_STACK_FRAMES],
+            &frame
+        ));
     }
 
     #[test]

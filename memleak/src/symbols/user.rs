@@ -14,37 +14,64 @@ use crate::{kernel::process::ProcessMaps, symbols::frame::Frame};
 
 pub struct UserSymbolizer {
     symbolizer: Symbolizer,
-    maps: ProcessMaps,
-    frames: HashMap<u64, Frame>,
+    /// Mappings by process: one, under [`ONLY_PROCESS`], for a `--user` trace; each process
+    /// whose user stacks a kernel trace shows (`--user-stacks`).
+    processes: HashMap<u32, ProcessMaps>,
+    frames: HashMap<(u32, u64), Frame>,
 }
 
+/// Where [`UserSymbolizer::new`] keeps its one process.
+const ONLY_PROCESS: u32 = 0;
+
 impl UserSymbolizer {
+    /// A symbolizer for one process's addresses ([`Self::resolve`], [`Self::frame`]).
     pub fn new(maps: ProcessMaps) -> Self {
+        let mut symbolizer = Self::for_processes();
+        symbolizer.processes.insert(ONLY_PROCESS, maps);
+        symbolizer
+    }
+
+    /// A symbolizer for the addresses of any process added with [`Self::add_process`].
+    pub fn for_processes() -> Self {
         Self {
             symbolizer: Symbolizer::builder()
                 .enable_code_info(true)
                 .enable_inlined_fns(true)
                 .build(),
-            maps,
+            processes: HashMap::new(),
             frames: HashMap::new(),
         }
     }
 
-    /// Symbolizes every address not seen before, one batch per mapped file. Every address is
-    /// a return address: the call before it is what is symbolized, so the line is the call's.
+    pub fn add_process(&mut self, pid: u32, maps: ProcessMaps) {
+        self.processes.insert(pid, maps);
+    }
+
+    /// [`Self::resolve_in`] the one process of [`Self::new`].
     pub fn resolve(&mut self, addrs: impl IntoIterator<Item = u64>) -> Result<()> {
+        self.resolve_in(ONLY_PROCESS, addrs)
+    }
+
+    /// Symbolizes every address of process `pid` not seen before, one batch per mapped file.
+    /// Every address is a return address: the call before it is what is symbolized, so the
+    /// line is the call's. Addresses of a process never added stay bare.
+    pub fn resolve_in(&mut self, pid: u32, addrs: impl IntoIterator<Item = u64>) -> Result<()> {
         let mut by_file: HashMap<PathBuf, Vec<(u64, u64)>> = HashMap::new();
         for addr in addrs {
-            if self.frames.contains_key(&addr) {
+            if self.frames.contains_key(&(pid, addr)) {
                 continue;
             }
-            match self.maps.file_offset(addr.saturating_sub(1)) {
+            let mapped = self
+                .processes
+                .get(&pid)
+                .and_then(|maps| maps.file_offset(addr.saturating_sub(1)));
+            match mapped {
                 Some((path, offset)) => by_file
                     .entry(path.to_owned())
                     .or_default()
                     .push((addr, offset)),
                 None => {
-                    self.frames.insert(addr, Frame::unknown(addr));
+                    self.frames.insert((pid, addr), Frame::unknown(addr));
                 }
             }
         }
@@ -83,7 +110,7 @@ impl UserSymbolizer {
                         ..Frame::unknown(addr)
                     },
                 };
-                self.frames.insert(addr, frame);
+                self.frames.insert((pid, addr), frame);
             }
         }
         Ok(())
@@ -91,8 +118,13 @@ impl UserSymbolizer {
 
     /// The frame for an address passed to [`Self::resolve`] (or a bare address otherwise).
     pub fn frame(&self, addr: u64) -> Frame {
+        self.frame_in(ONLY_PROCESS, addr)
+    }
+
+    /// The frame for an address of `pid` passed to [`Self::resolve_in`] (or a bare address).
+    pub fn frame_in(&self, pid: u32, addr: u64) -> Frame {
         self.frames
-            .get(&addr)
+            .get(&(pid, addr))
             .cloned()
             .unwrap_or_else(|| Frame::unknown(addr))
     }

@@ -45,7 +45,7 @@ impl SiteKey {
 
     /// The site `record` belongs to; `None` for an unknown kind.
     pub fn of(record: &AllocRecord) -> Option<Self> {
-        let kind = AllocKind::from_u32(record.kind)?;
+        let kind = AllocKind::from_u32(u32::from(record.kind))?;
         // kmalloc records carry no cache; their size class names it, so a call site that
         // allocates several sizes shows once per cache. So do kmem_cache records from kernels
         // whose classic event does not name the cache (before Linux 6.2): their slot size stands
@@ -93,6 +93,18 @@ pub struct Site {
     pub processes: HashMap<u32, ProcessShare>,
     /// Objects the liveness check could not verify as still allocated.
     pub unverified: u64,
+    /// With `--user-stacks`: objects per user-space stack and the kernel stack it came with.
+    pub user_stacks: HashMap<UserStackKey, u64>,
+}
+
+/// A user-space stack captured beside a kernel stack: it means something only in the process
+/// that allocated, and only if that kernel stack ran in the process's context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UserStackKey {
+    pub kernel_stack: u32,
+    pub tgid: u32,
+    /// The `USER_STACKS` id.
+    pub user_stack: u32,
 }
 
 impl Site {
@@ -107,6 +119,7 @@ impl Site {
             failed_stacks: 0,
             processes: HashMap::new(),
             unverified: 0,
+            user_stacks: HashMap::new(),
         }
     }
 
@@ -163,7 +176,17 @@ impl Aggregator {
         site.bytes_requested += u64::from(record.bytes_requested);
         site.oldest_timestamp_ns = site.oldest_timestamp_ns.min(record.timestamp_ns);
         match u32::try_from(record.stack_id) {
-            Ok(id) => *site.stacks.entry(id).or_default() += 1,
+            Ok(id) => {
+                *site.stacks.entry(id).or_default() += 1;
+                if let Some(user_stack) = record.user_stack.checked_sub(1) {
+                    let key = UserStackKey {
+                        kernel_stack: id,
+                        tgid: record.tgid,
+                        user_stack: u32::from(user_stack),
+                    };
+                    *site.user_stacks.entry(key).or_default() += 1;
+                }
+            }
             Err(_) if record.stack_id == STACK_FAILED => site.failed_stacks += 1,
             Err(_) => {}
         }
@@ -236,7 +259,8 @@ mod tests {
             bytes_allocated: bytes,
             stack_id,
             tgid,
-            kind: AllocKind::Kmalloc as u32,
+            kind: AllocKind::Kmalloc as u16,
+            user_stack: 0,
             gfp_flags: 0,
         }
     }
@@ -274,6 +298,43 @@ mod tests {
                 count: 1,
                 bytes: 64
             }
+        );
+    }
+
+    #[test]
+    fn user_stacks_count_per_kernel_stack_and_process() {
+        let with_user = |stack_id, tgid, user_stack| AllocRecord {
+            user_stack,
+            ..object(0xa, 64, stack_id, tgid, 10)
+        };
+        let objects = [
+            with_user(7, 100, 1),
+            with_user(7, 100, 1),
+            with_user(7, 200, 1),
+            with_user(8, 100, 3),
+            // No user stack captured, and no kernel stack (the user one is never alone).
+            with_user(7, 100, 0),
+            with_user(STACK_NOT_SAMPLED, 100, 0),
+        ];
+        let sites = by_site(&objects, 1_000, Duration::ZERO).sites;
+        let key = |kernel_stack, tgid, user_stack| UserStackKey {
+            kernel_stack,
+            tgid,
+            user_stack,
+        };
+        let mut counted: Vec<(UserStackKey, u64)> = sites[0]
+            .user_stacks
+            .iter()
+            .map(|(&key, &count)| (key, count))
+            .collect();
+        counted.sort_unstable();
+        assert_eq!(
+            counted,
+            [
+                (key(7, 100, 0), 2),
+                (key(7, 200, 0), 1),
+                (key(8, 100, 2), 1)
+            ]
         );
     }
 
@@ -334,7 +395,8 @@ mod tests {
             bytes_allocated: bytes,
             stack_id,
             tgid: 1,
-            kind: kind as u32,
+            kind: kind as u16,
+            user_stack: 0,
             gfp_flags: 0x0040_0cd1,
         }
     }

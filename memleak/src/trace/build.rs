@@ -38,6 +38,9 @@ pub struct ReportHeader {
     pub module_symbols: ModuleSymbols,
     /// For a user-space trace: the process's mappings, taken while it was alive.
     pub user_process: Option<ProcessMaps>,
+    /// Mappings of processes taken as they exited (`run --user-stacks`'s command), by pid:
+    /// they name the user frames of processes gone by report time.
+    pub exited_processes: HashMap<u32, ProcessMaps>,
 }
 
 /// Builds the report with an entry for every site (leak checks see them all; the caller
@@ -158,6 +161,15 @@ pub fn build_report(
     let bookkeeping_objects: u64 = bookkeeping.iter().map(|site| site.count).sum();
     let bookkeeping_bytes: u64 = bookkeeping.iter().map(|site| site.bytes).sum();
     let site_count = sites.len() as u64;
+    let user_stacks = options
+        .tracer
+        .user_stacks
+        .then(|| user_stacks_of(maps, &sites, &header.exited_processes, &mut header.notes))
+        .transpose()?;
+    let user_frame = |pid, addr| match &user_stacks {
+        Some((_, symbolizer)) => symbolizer.frame_in(pid, addr),
+        None => crate::symbols::Frame::unknown(addr),
+    };
     let context = report::Context {
         stacks: &stacks,
         cache_names: &cache_names,
@@ -166,6 +178,12 @@ pub fn build_report(
         now_ns,
         sample_rate: options.tracer.sample_rate,
         frame: &frame,
+        user_stacks: user_stacks
+            .as_ref()
+            .map(|(stacks, _)| report::UserStackSource {
+                stacks,
+                frame: &user_frame,
+            }),
     };
     let mut entries: Vec<report::Entry> = sites
         .iter()
@@ -254,6 +272,55 @@ fn user_call_sites(
         })
         .collect();
     Ok((call_sites, stacks))
+}
+
+/// The user-space stacks (`--user-stacks`) of `sites`, read and symbolized in the current
+/// mappings of their processes, or those taken as they exited (`exited`). The others leave
+/// bare addresses, and a note names them.
+fn user_stacks_of(
+    maps: &TracerMaps,
+    sites: &[Site],
+    exited: &HashMap<u32, ProcessMaps>,
+    notes: &mut Vec<String>,
+) -> Result<(Stacks, UserSymbolizer)> {
+    let mut by_process: HashMap<u32, hashbrown::HashSet<u32>> = HashMap::new();
+    for key in sites.iter().flat_map(|site| site.user_stacks.keys()) {
+        by_process
+            .entry(key.tgid)
+            .or_default()
+            .insert(key.user_stack);
+    }
+    let ids: hashbrown::HashSet<u32> = by_process.values().flatten().copied().collect();
+    let stacks = table::read_user_stacks(maps, ids)?;
+    let mut symbolizer = UserSymbolizer::for_processes();
+    let mut gone = Vec::new();
+    for (&pid, ids) in &by_process {
+        let process = ProcessMaps::read(pid)
+            .ok()
+            .filter(|process| !process.mappings.is_empty())
+            .or_else(|| exited.get(&pid).cloned());
+        match process {
+            Some(process) => {
+                symbolizer.add_process(pid, process);
+                let addrs = ids.iter().filter_map(|id| stacks.get(id)).flatten();
+                symbolizer.resolve_in(pid, addrs.copied())?;
+            }
+            None => gone.push(pid),
+        }
+    }
+    if !gone.is_empty() {
+        gone.sort_unstable();
+        const NAMED: usize = 10;
+        let named: Vec<String> = gone.iter().take(NAMED).map(u32::to_string).collect();
+        notes.push(format!(
+            "the user stacks of {} processes that exited before the report are bare addresses \
+             (pid {}{})",
+            gone.len(),
+            named.join(", "),
+            if gone.len() > NAMED { ", ..." } else { "" }
+        ));
+    }
+    Ok((stacks, symbolizer))
 }
 
 /// Puts the traced net change per cache and kind beside the kernel's counters, and flags the
@@ -397,7 +464,7 @@ pub struct LivenessResult {
 
 /// Whether the liveness check looks at this record: slab objects only.
 pub fn is_slab_object(record: &memleak_common::AllocRecord) -> bool {
-    match AllocKind::from_u32(record.kind) {
+    match AllocKind::from_u32(u32::from(record.kind)) {
         Some(AllocKind::Kmalloc) => {
             site_caches::kmalloc_cache_name(u64::from(record.bytes_allocated)).is_some()
         }
@@ -422,7 +489,7 @@ pub fn check_liveness(
                     address: key,
                     size: record.bytes_allocated,
                 },
-                cache: (record.kind == AllocKind::KmemCache as u32
+                cache: (record.kind == AllocKind::KmemCache as u16
                     && cache_ids_are_pointers
                     && record.cache_id != 0)
                     .then_some(record.cache_id),

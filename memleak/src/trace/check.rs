@@ -176,6 +176,7 @@ pub(crate) mod fixtures {
             unverified: 0,
             unreliable: false,
             marks: None,
+            user_stacks: None,
         }
     }
 

@@ -12,7 +12,10 @@ use crate::{
     bpf::maps::Counters,
     kinds::{KindAttach, kind_name},
     scan::{FreeReason, Liveness, ScanReport},
-    symbols::{Frame, allocators::is_allocator_internal},
+    symbols::{
+        Frame,
+        allocators::{is_allocator_internal, user_stack_is_the_allocators},
+    },
     util::build::Producer,
 };
 
@@ -203,6 +206,31 @@ pub struct Entry {
     /// the scanned cache's largest group of similar objects.
     #[serde(flatten)]
     pub marks: Option<SiteMarks>,
+    /// With `--user-stacks`: the user-space code behind this entry's sampled objects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_stacks: Option<UserStacks>,
+}
+
+/// The user-space stacks captured with an entry's kernel stacks.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct UserStacks {
+    /// Sampled objects whose user stack is shown below or among the ones not listed.
+    pub samples: u64,
+    /// Sampled objects whose user stack was captured but is not the allocating code's: their
+    /// kernel stack ran in an interrupt or an exec, or was too deep to tell.
+    pub withheld: u64,
+    /// The heaviest stacks, most objects first (at most 3).
+    pub stacks: Vec<UserStack>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct UserStack {
+    pub pid: u32,
+    pub comm: Option<String>,
+    pub samples: u64,
+    /// Innermost first: the instruction after the system call (or the faulting one), then the
+    /// callers frame pointers lead to.
+    pub frames: Vec<Frame>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -312,6 +340,15 @@ pub fn processes(sites: &[Site], comms: &HashMap<u32, String>, sample_rate: u32)
 
 const OTHER_STACKS_SHOWN: usize = 3;
 const PROCESSES_SHOWN: usize = 5;
+const USER_STACKS_SHOWN: usize = 3;
+
+/// The user-space stacks of `--user-stacks`, for [`entry`].
+pub struct UserStackSource<'a> {
+    /// By `USER_STACKS` id, innermost first.
+    pub stacks: &'a HashMap<u32, Vec<u64>>,
+    /// A user-space address of a process as a frame.
+    pub frame: &'a dyn Fn(u32, u64) -> Frame,
+}
 
 /// Everything `build` needs besides the sites.
 pub struct Context<'a> {
@@ -324,6 +361,8 @@ pub struct Context<'a> {
     pub now_ns: u64,
     pub sample_rate: u32,
     pub frame: &'a dyn Fn(u64) -> Frame,
+    /// With `--user-stacks`.
+    pub user_stacks: Option<UserStackSource<'a>>,
 }
 
 /// Addresses `entry` will ask symbolization for: call sites and trimmed stacks of `sites`.
@@ -340,8 +379,50 @@ pub fn addresses_to_symbolize(sites: &[Site], stacks: &HashMap<u32, Vec<u64>>) -
                 addrs.extend_from_slice(trim_to_call_site(stack, site.key.call_site));
             }
         }
+        // Whether a user stack is shown depends on every frame of its kernel stack.
+        for key in site.user_stacks.keys() {
+            if let Some(stack) = stacks.get(&key.kernel_stack) {
+                addrs.extend_from_slice(stack);
+            }
+        }
     }
     addrs
+}
+
+/// The user-space stacks of `site`'s sampled objects, where they are the allocating code's.
+fn user_stacks(site: &Site, context: &Context<'_>, source: &UserStackSource<'_>) -> UserStacks {
+    let mut kept: HashMap<(u32, u32), u64> = HashMap::new();
+    let mut withheld = 0;
+    for (key, &objects) in &site.user_stacks {
+        let in_task_context = context
+            .stacks
+            .get(&key.kernel_stack)
+            .is_some_and(|stack| user_stack_is_the_allocators(stack, context.frame));
+        if in_task_context && source.stacks.contains_key(&key.user_stack) {
+            *kept.entry((key.tgid, key.user_stack)).or_default() += objects;
+        } else {
+            withheld += objects;
+        }
+    }
+    let mut heaviest: Vec<((u32, u32), u64)> = kept.into_iter().collect();
+    heaviest.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    UserStacks {
+        samples: heaviest.iter().map(|(_, objects)| objects).sum(),
+        withheld,
+        stacks: heaviest
+            .into_iter()
+            .take(USER_STACKS_SHOWN)
+            .map(|((pid, id), samples)| UserStack {
+                pid,
+                comm: context.comms.get(&pid).cloned(),
+                samples,
+                frames: source.stacks[&id]
+                    .iter()
+                    .map(|&ip| (source.frame)(pid, ip))
+                    .collect(),
+            })
+            .collect(),
+    }
 }
 
 pub fn entry(site: &Site, context: &Context<'_>) -> Entry {
@@ -428,6 +509,10 @@ pub fn entry(site: &Site, context: &Context<'_>) -> Entry {
         unverified: 0,
         unreliable: false,
         marks: None,
+        user_stacks: context
+            .user_stacks
+            .as_ref()
+            .map(|source| user_stacks(site, context, source)),
     }
 }
 
@@ -460,7 +545,8 @@ pub(crate) mod fixtures {
             bytes_allocated: 64,
             stack_id,
             tgid,
-            kind: kind as u32,
+            kind: kind as u16,
+            user_stack: 0,
             gfp_flags: 0,
         }
     }
@@ -506,6 +592,7 @@ pub(crate) mod fixtures {
             now_ns: 3_000_000_000,
             sample_rate,
             frame: &frame,
+            user_stacks: None,
         };
         Report {
             memleak: crate::util::build::Producer::default(),
@@ -755,6 +842,7 @@ mod tests {
             now_ns: 3_000_000_000,
             sample_rate: 1,
             frame: &names,
+            user_stacks: None,
         };
         let entry = entry(&sites[0], &context);
         assert_eq!(entry.call_site.symbol.as_deref(), Some("grow_buffers"));

@@ -40,7 +40,16 @@ impl Boot<'_> {
             // a guest once died in CI executing a call site that attaching a tracepoint was
             // rewriting on the other vCPU (Debian's 6.12, RIP inside the `call` of
             // kmem_cache_free's tracepoint), where a real CPU's text_poke protocol is safe.
-            .args(["-accel", "tcg,thread=single", "-cpu", "max", "-smp", "2", "-m", "1G"])
+            .args([
+                "-accel",
+                "tcg,thread=single",
+                "-cpu",
+                "max",
+                "-smp",
+                "2",
+                "-m",
+                "1G",
+            ])
             .args(["-nodefaults", "-display", "none", "-no-reboot"])
             .arg("-kernel")
             .arg(self.kernel_image)

@@ -468,6 +468,8 @@ impl History {
                         stack_id: STACK_NOT_SAMPLED,
                         tgid: row.get(6)?,
                         kind: row.get(7)?,
+                        // As with the stack id: the user stack map is the old tracer's.
+                        user_stack: 0,
                         gfp_flags: row.get(8)?,
                     },
                 ))
@@ -715,6 +717,7 @@ mod tests {
             stack_id: 7,
             tgid: 42,
             kind: 1,
+            user_stack: 3,
             gfp_flags: 0xcc0,
         };
         let names: HashMap<u64, String> = [(record.cache_id, "filp".to_owned())].into();
@@ -738,6 +741,7 @@ mod tests {
         assert_eq!(read[0].0, 0xffff_8880_0123_4000);
         let expected = AllocRecord {
             stack_id: STACK_NOT_SAMPLED,
+            user_stack: 0,
             ..record
         };
         assert_eq!(format!("{:?}", read[0].1), format!("{expected:?}"));

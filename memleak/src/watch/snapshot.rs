@@ -177,6 +177,7 @@ impl Snapshotter {
             now_ns,
             sample_rate: self.sample_rate,
             frame: &frame,
+            user_stacks: None,
         };
         let scale = u64::from(self.sample_rate);
         // Sites the aggregate keeps apart (kmalloc gfp variants, unnamed caches) can share a

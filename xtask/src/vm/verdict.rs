@@ -651,6 +651,7 @@ pub(super) mod tests {
             unverified: 0,
             unreliable: false,
             marks: None,
+            user_stacks: None,
         }
     }
 

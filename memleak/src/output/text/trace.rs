@@ -3,7 +3,7 @@ use std::fmt::Write as _;
 
 use super::scan::{describe_marks, render_details, summary};
 use crate::{
-    trace::report::{Report, Total, Verdict},
+    trace::report::{Report, Total, UserStacks, Verdict},
     util::{
         duration,
         units::{human_bytes, thousands},
@@ -55,6 +55,14 @@ pub fn render_text(report: &Report) -> String {
         thousands(counters.stack_captures),
         thousands(counters.missed_frees),
     );
+    if counters.user_stack_captures > 0 {
+        let _ = writeln!(
+            out,
+            "user stacks: {} of {} captures found none (kernel threads) or failed",
+            thousands(counters.user_stack_misses),
+            thousands(counters.user_stack_captures),
+        );
+    }
     let liveness = &stats.liveness;
     if liveness.verified_free + liveness.verified_allocated + liveness.unverified > 0 {
         let found = &liveness.verified_free_where;
@@ -257,6 +265,9 @@ pub fn render_text(report: &Report) -> String {
                 .collect();
             let _ = writeln!(out, "     allocated by: {}", processes.join(", "));
         }
+        if let Some(user) = &entry.user_stacks {
+            render_user_stacks(&mut out, user);
+        }
         if let (Some(marks), Some(scan)) = (&entry.marks, &report.scan) {
             let _ = writeln!(out, "     {}", describe_marks(marks, scan));
         }
@@ -267,6 +278,43 @@ pub fn render_text(report: &Report) -> String {
     }
     out
 }
+
+/// The user-space stacks of `--user-stacks` under an entry.
+fn render_user_stacks(out: &mut String, user: &UserStacks) {
+    let withheld = if user.withheld > 0 {
+        format!(
+            "; {} more withheld: allocated in an interrupt or an exec, where the user stack is \
+             not the allocating code's",
+            thousands(user.withheld)
+        )
+    } else {
+        String::new()
+    };
+    if user.stacks.is_empty() {
+        let _ = writeln!(out, "     no user stack{withheld}");
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "     user stacks of {} sampled objects{withheld}:",
+        thousands(user.samples)
+    );
+    for stack in &user.stacks {
+        let _ = writeln!(
+            out,
+            "       {} ({}), {} sampled objects:",
+            stack.pid,
+            stack.comm.as_deref().unwrap_or("?"),
+            thousands(stack.samples)
+        );
+        for frame in stack.frames.iter().take(USER_FRAMES_SHOWN) {
+            let _ = writeln!(out, "         {frame}");
+        }
+    }
+}
+
+/// User frames shown per stack: past them, the C library's start-up.
+const USER_FRAMES_SHOWN: usize = 8;
 
 pub fn verdict_summary(verdict: &Verdict) -> String {
     if verdict.failed {
