@@ -61,6 +61,10 @@ pub struct BenchArgs {
     /// rung of the attach ladder costs on this kernel
     #[arg(long)]
     attach_modes: bool,
+    /// Also trace with `--user-stacks`: what capturing the user stack beside each sampled
+    /// kernel stack costs
+    #[arg(long)]
+    user_stacks: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -103,6 +107,8 @@ enum Variant {
     MemleakRaw,
     /// `memleak trace --attach classic`.
     MemleakClassic,
+    /// `memleak trace --user-stacks`.
+    MemleakUserStacks,
     /// `memleak watch` with its defaults (one object in 8, allocations followed 10% of the
     /// time), snapshotting every [`WATCH_INTERVAL`] so that its snapshots are inside the
     /// measured window.
@@ -137,6 +143,7 @@ impl Variant {
             Variant::MemleakSampled => "memleak --sample-rate 64",
             Variant::MemleakRaw => "memleak --attach raw",
             Variant::MemleakClassic => "memleak --attach classic",
+            Variant::MemleakUserStacks => "memleak --user-stacks",
             Variant::Watch => "memleak watch (defaults, --interval 2s)",
             Variant::WatchContinuous => "memleak watch --duty 100 (--interval 2s)",
             Variant::Bpftrace => "bpftrace",
@@ -291,6 +298,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if args.attach_modes {
         variants.extend([Variant::MemleakRaw, Variant::MemleakClassic]);
     }
+    if args.user_stacks {
+        variants.push(Variant::MemleakUserStacks);
+    }
     let workloads: &[Workload] = match args.workload {
         WorkloadChoice::Churn => &[Workload::Churn],
         WorkloadChoice::Mixed => &[Workload::Mixed],
@@ -359,6 +369,7 @@ fn run_once(
         | Variant::MemleakSampled
         | Variant::MemleakRaw
         | Variant::MemleakClassic
+        | Variant::MemleakUserStacks
         | Variant::OtherMemleak => {
             let binary = match (variant, &binaries.other_memleak) {
                 (Variant::OtherMemleak, Some(other)) => other,
@@ -377,6 +388,7 @@ fn run_once(
             match variant {
                 Variant::MemleakRaw => command.args(["--attach", "raw"]),
                 Variant::MemleakClassic => command.args(["--attach", "classic"]),
+                Variant::MemleakUserStacks => command.arg("--user-stacks"),
                 _ => &mut command,
             };
             Some(tracer::start(command, "memleak: attached", Duration::ZERO)?)
@@ -626,6 +638,7 @@ fn print_report(
                         | Variant::MemleakSampled
                         | Variant::MemleakRaw
                         | Variant::MemleakClassic
+                        | Variant::MemleakUserStacks
                         | Variant::Watch
                         | Variant::WatchContinuous
                         | Variant::WatchTuned

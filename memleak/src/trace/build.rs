@@ -473,6 +473,37 @@ pub fn is_slab_object(record: &memleak_common::AllocRecord) -> bool {
     }
 }
 
+/// Checks `queries` in kernel memory, then those left unverified once more: freelists change
+/// while they are read (a CPU's, lockless, all the time), and a walk that met a list mid-change
+/// is broken and leaves its slab's objects unverified, where a second read usually is whole.
+fn check_twice(
+    view: &mut scan::KernelView,
+    queries: &[scan::LivenessQuery],
+) -> Result<scan::LivenessCheck> {
+    let mut check = view.liveness(queries)?;
+    let unverified: Vec<usize> = (0..check.states.len())
+        .filter(|&index| check.states[index] == scan::Liveness::Unverified)
+        .collect();
+    if unverified.is_empty() {
+        return Ok(check);
+    }
+    let again: Vec<scan::LivenessQuery> = unverified.iter().map(|&index| queries[index]).collect();
+    let second = view.liveness(&again)?;
+    let settled = second
+        .states
+        .iter()
+        .filter(|&&state| state != scan::Liveness::Unverified)
+        .count();
+    log::info!(
+        "liveness check: {settled} of {} unverified objects settled on a second look",
+        unverified.len()
+    );
+    for (index, state) in unverified.into_iter().zip(second.states) {
+        check.states[index] = state;
+    }
+    Ok(check)
+}
+
 /// Checks in kernel memory that every outstanding slab object is still allocated (see
 /// `scan::liveness`); objects found free are left out of the report and counted.
 pub fn check_liveness(
@@ -504,7 +535,7 @@ pub fn check_liveness(
         });
     }
     let started = Instant::now();
-    let check = match memory.view().and_then(|view| view.liveness(&queries)) {
+    let check = match memory.view().and_then(|view| check_twice(view, &queries)) {
         Ok(check) => check,
         Err(error) => {
             notes.push(format!(

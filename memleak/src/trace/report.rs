@@ -642,6 +642,81 @@ mod tests {
     use crate::trace::aggregate;
 
     #[test]
+    fn user_stacks_are_the_allocating_codes_heaviest_first() {
+        let with_user = |stack_id, tgid, user_stack| memleak_common::AllocRecord {
+            user_stack,
+            ..record(0x10, AllocKind::Kmalloc, 0, stack_id, tgid)
+        };
+        let records = [
+            // USER_STACKS id 4 (stored as 5) from two processes: two stacks.
+            with_user(1, 7, 5),
+            with_user(1, 7, 5),
+            with_user(1, 7, 5),
+            with_user(1, 8, 5),
+            with_user(1, 7, 6),
+            with_user(1, 7, 6),
+            with_user(1, 7, 7),
+            // Kernel stack 2 ran in a softirq, 3 was not read, user stack 8 was not read.
+            with_user(2, 7, 5),
+            with_user(2, 7, 5),
+            with_user(3, 7, 5),
+            with_user(1, 7, 9),
+            // No user stack captured: neither kept nor withheld.
+            with_user(1, 7, 0),
+        ];
+        let mut aggregator = aggregate::Aggregator::new(0, Duration::ZERO);
+        records.iter().for_each(|record| aggregator.add(record));
+        let sites = aggregator.finish().sites;
+        let kernel_stacks: HashMap<u32, Vec<u64>> =
+            [(1, vec![0x10, 0x20]), (2, vec![0x10, 0x40, 0x20])].into();
+        let user_stacks: HashMap<u32, Vec<u64>> =
+            [(4, vec![0x100, 0x200]), (5, vec![0x300]), (6, vec![0x400])].into();
+        let frame = |addr| match addr {
+            0x40 => crate::symbols::frame::named("handle_softirqs"),
+            addr => fixtures::frame(addr),
+        };
+        // Each process's addresses are its own: the frame says whose it was asked for.
+        let user_frame = |pid: u32, addr: u64| Frame::unknown(addr + u64::from(pid));
+        let comms: HashMap<u32, String> = [(7, "leaker".to_owned())].into();
+        let (cache_names, site_caches) = (HashMap::new(), HashMap::new());
+        let context = |user_stacks| Context {
+            stacks: &kernel_stacks,
+            cache_names: &cache_names,
+            site_caches: &site_caches,
+            comms: &comms,
+            now_ns: 0,
+            sample_rate: 1,
+            frame: &frame,
+            user_stacks,
+        };
+        let with = context(Some(UserStackSource {
+            stacks: &user_stacks,
+            frame: &user_frame,
+        }));
+        let user = entry(&sites[0], &with).user_stacks.unwrap();
+        assert_eq!((user.samples, user.withheld), (7, 4));
+        type Shown<'a> = (u32, Option<&'a str>, u64, Vec<Option<u64>>);
+        let shown: Vec<Shown> = user
+            .stacks
+            .iter()
+            .map(|stack| {
+                let addrs = stack.frames.iter().map(|frame| frame.addr).collect();
+                (stack.pid, stack.comm.as_deref(), stack.samples, addrs)
+            })
+            .collect();
+        // Three shown; of the two with one object, the lower pid.
+        assert_eq!(
+            shown,
+            [
+                (7, Some("leaker"), 3, vec![Some(0x107), Some(0x207)]),
+                (7, Some("leaker"), 2, vec![Some(0x307)]),
+                (7, Some("leaker"), 1, vec![Some(0x407)]),
+            ]
+        );
+        assert!(entry(&sites[0], &context(None)).user_stacks.is_none());
+    }
+
+    #[test]
     fn entries_carry_exact_counts_and_the_heaviest_stack() {
         let report = sample_report(1);
         let top = &report.stacks[0];
