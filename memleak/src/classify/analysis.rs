@@ -777,3 +777,34 @@ fn verdict(
         next_command,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signed_bytes_keeps_the_sign_of_a_shrinking_total() {
+        assert_eq!(signed_bytes(-512), "-512 B");
+        assert_eq!(signed_bytes(1536), "+1.5 KiB");
+        assert_eq!(signed_bytes(0), "+0 B");
+    }
+
+    #[test]
+    fn each_kind_points_to_the_trace_kind_that_follows_it() {
+        let all: Vec<String> = ["slab", "page", "vmalloc", "percpu"]
+            .map(String::from)
+            .to_vec();
+        for (kind, wanted) in [
+            (UNRECLAIMABLE_KIND, Some("slab")),
+            (RECLAIMABLE_KIND, Some("slab")),
+            ("vmalloc", Some("vmalloc")),
+            ("percpu", Some("percpu")),
+            ("other_pages", Some("page")),
+            ("page_tables", Some("page")),
+            ("kernel_stack", None),
+        ] {
+            assert_eq!(trace_kind(kind, &all), wanted, "{kind}");
+        }
+        assert_eq!(trace_kind("percpu", &["slab".to_owned()]), None);
+    }
+}

@@ -138,6 +138,13 @@ fn growing_bpf_arrays_are_vmalloc_from_array_map_alloc() {
         report.vmalloc_callers[0].caller, "array_map_alloc",
         "largest caller first"
     );
+    for caller in &report.vmalloc_callers {
+        let per_hour = caller.growth_bytes_per_second as f64 * 3600.0;
+        assert!(
+            (caller.growth_bytes_per_hour as f64 - per_hour).abs() <= 3600.0,
+            "{caller:?}"
+        );
+    }
     assert_eq!(
         verdict.next_command.as_deref(),
         Some("memleak trace --kinds vmalloc --duration 30s")
@@ -193,6 +200,7 @@ fn large_kmallocs_are_what_the_caches_do_not_hold() {
     );
     let large = &report.growing_caches[0];
     assert_eq!(large.growth_bytes_per_second, 400 * 1024);
+    assert_eq!(large.growth_bytes_per_hour, 400 * 1024 * 3600);
     assert_eq!(large.bytes, (1000 + 400 * 9 - 400) * 1024);
 }
 
