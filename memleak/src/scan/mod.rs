@@ -19,6 +19,7 @@ pub const PAGE: u64 = memleak_common::PAGE_SIZE as u64;
 mod bases;
 mod layout;
 mod liveness;
+mod memory;
 mod owners;
 pub mod report;
 mod similarity;

@@ -8,6 +8,7 @@ use hashbrown::{HashMap, HashSet};
 use super::{
     bases::{BaseError, KernelBases},
     layout::SlabLayout,
+    memory::KernelMemory,
 };
 use crate::bpf::reader::KernelReader;
 
@@ -109,7 +110,7 @@ pub struct Slab {
 
 /// Reads the `struct slab` of every page in `heads`, 64 at a time (one vmemmap page).
 pub fn read_slabs(
-    reader: &mut KernelReader,
+    reader: &mut impl KernelMemory,
     layout: &SlabLayout,
     bases: &KernelBases,
     heads: &[u64],
@@ -196,7 +197,7 @@ impl Cache {
 /// Reads the caches that `slabs` belong to. A cache whose name does not read back as a
 /// printable string is left out.
 pub fn read_caches(
-    reader: &mut KernelReader,
+    reader: &mut impl KernelMemory,
     layout: &SlabLayout,
     bases: &KernelBases,
     slabs: &[Slab],
