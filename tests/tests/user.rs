@@ -94,6 +94,11 @@ fn sources() -> PathBuf {
 
 /// Builds the C fixture and its library with gcc into a fresh directory.
 fn build_fixture() -> Result<PathBuf> {
+    build_fixture_linked_with(None)
+}
+
+/// [`build_fixture`], with `allocator` (a shared library's path) linked in when given.
+fn build_fixture_linked_with(allocator: Option<&Path>) -> Result<PathBuf> {
     let sources = sources();
     let dir = build_dir("c")?;
     let gcc = |args: &[&str]| gcc(&dir, args);
@@ -107,16 +112,28 @@ fn build_fixture() -> Result<PathBuf> {
     ])?;
     let program = sources.join("leaky_user.c");
     let rpath = format!("-Wl,-rpath,{}", dir.display());
-    gcc(&[
+    let name = match allocator {
+        Some(allocator) => format!(
+            "leaky_user_{}",
+            allocator.file_name().context("a library's name")?.display()
+        ),
+        None => "leaky_user".to_owned(),
+    };
+    let mut args = vec![
         "-o",
-        "leaky_user",
+        &name,
         program.to_str().context("path")?,
         "-L.",
         "-lleaky_user_lib",
         &rpath,
         "-lpthread",
-    ])?;
-    Ok(dir.join("leaky_user"))
+    ];
+    if let Some(allocator) = allocator {
+        // By path: Debian's runtime packages ship no unversioned .so to link with -l.
+        args.push(allocator.to_str().context("path")?);
+    }
+    gcc(&args)?;
+    Ok(dir.join(name))
 }
 
 /// valgrind's definitely-lost records of `program`, by the first frame in one of the
@@ -237,13 +254,25 @@ fn counts(leaks: &Leaks) -> BTreeMap<String, (u64, u64)> {
 }
 
 fn memleak_run(program: &Path, extra: &[&str]) -> Result<(std::process::Output, Report)> {
-    let output = Command::new(memleak_binary()?)
+    memleak_run_preloading(program, extra, None)
+}
+
+/// [`memleak_run`] with LD_PRELOAD set to `preload` for memleak and so for the command.
+fn memleak_run_preloading(
+    program: &Path,
+    extra: &[&str],
+    preload: Option<&Path>,
+) -> Result<(std::process::Output, Report)> {
+    let mut command = Command::new(memleak_binary()?);
+    command
         .args(["run", "--user", "--format", "json", "--top", "1000"])
         .args(extra)
         .arg("--")
-        .arg(program)
-        .output()
-        .context("running memleak run --user")?;
+        .arg(program);
+    if let Some(preload) = preload {
+        command.env("LD_PRELOAD", preload);
+    }
+    let output = command.output().context("running memleak run --user")?;
     let report = serde_json::from_slice(&output.stdout).with_context(|| {
         format!(
             "memleak's report ({}): {}",
@@ -308,6 +337,53 @@ fn run_user_finds_what_valgrind_finds_definitely_lost() -> Result<()> {
         "{:?}",
         report.notes
     );
+    Ok(())
+}
+
+/// Heap allocators other than glibc's (Debian's libjemalloc2, libtcmalloc-minimal4 and
+/// libmimalloc2.0, installed by `cargo xtask test-deps`), each of which replaces malloc and free.
+const OTHER_ALLOCATORS: [&str; 3] = [
+    "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+    "/usr/lib/x86_64-linux-gnu/libmimalloc.so.2",
+];
+
+#[test]
+fn run_user_hooks_jemalloc_tcmalloc_and_mimalloc_preloaded_or_linked_in() -> Result<()> {
+    let Some(_lock) = end_to_end() else {
+        return Ok(());
+    };
+    let plain = build_fixture()?;
+    for allocator in OTHER_ALLOCATORS.map(Path::new) {
+        let name = allocator.file_name().context("a name")?.to_string_lossy();
+        let linked = build_fixture_linked_with(Some(allocator))?;
+        for (how, program, preload) in [
+            ("preloaded", &plain, Some(allocator)),
+            ("linked in", &linked, None),
+        ] {
+            let (output, report) = memleak_run_preloading(program, &[], preload)?;
+            assert!(output.status.success(), "{name} {how}: {output:?}");
+            // Blocks from the allocator glibc's malloc never sees: found only where memleak
+            // hooked the allocator the program calls.
+            let (found, runtime) = memleak_leaks(&report, &C_SOURCES)?;
+            assert_eq!(counts(&found), by_function(&C_LEAKS), "{name} {how}");
+            assert!(
+                runtime.len() <= MAX_RUNTIME_ENTRIES,
+                "{name} {how}: runtime entries {runtime:?}"
+            );
+            let hooked = report
+                .notes
+                .iter()
+                .find(|note| note.contains("uprobes on"))
+                .with_context(|| format!("{name} {how}: no attach note: {:?}", report.notes))?;
+            assert!(hooked.contains(&*name), "{name} {how}: {hooked}");
+            let counters = &report.stats.counters;
+            assert!(
+                counters.allocs >= 3000 && counters.frees >= 3000,
+                "{name} {how}: churn_and_free's calls seen: {counters:?}"
+            );
+        }
+    }
     Ok(())
 }
 

@@ -43,9 +43,18 @@ enum Task {
 /// What the end-to-end tests run besides memleak: `go tool pprof` reads the pprof profiles,
 /// Prometheus scrapes `watch --listen` (and promtool checks its page and the alert rules),
 /// headless Chromium renders its dashboard; gcc builds the user-space fixture, which valgrind
-/// checks as the oracle of `run --user`.
+/// checks as the oracle of `run --user`, and which runs with jemalloc, tcmalloc and mimalloc.
 /// (The VM test installs its own: qemu, and what building a kernel needs.)
-const TEST_PACKAGES: [&str; 5] = ["chromium", "gcc", "golang-go", "prometheus", "valgrind"];
+const TEST_PACKAGES: [&str; 8] = [
+    "chromium",
+    "gcc",
+    "golang-go",
+    "libjemalloc2",
+    "libmimalloc2.0",
+    "libtcmalloc-minimal4",
+    "prometheus",
+    "valgrind",
+];
 
 fn main() -> ExitCode {
     let Cli { task } = Cli::parse();

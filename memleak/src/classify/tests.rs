@@ -570,3 +570,26 @@ fn a_growing_cache_is_blamed_when_other_caches_hide_it_in_the_total() {
         "{verdict:#?}"
     );
 }
+
+#[test]
+fn object_growth_is_rounded_to_a_tenth_per_second() {
+    // 0, 3, 6, 10, 13, ...: the least-squares slope is 3.327... objects a second.
+    let samples = synthetic(|second| {
+        let mut growing = cache("growing", 10);
+        growing.active_objects = 10 * second / 3;
+        (
+            vec![("MemTotal", 1 << 20), ("SUnreclaim", 1000)],
+            vec![growing],
+        )
+    });
+    let report = analysis::analyze(
+        &samples,
+        &context(CacheFacts::default(), DEFAULT_THRESHOLDS),
+    );
+    let growing = report
+        .unreclaimable_caches
+        .iter()
+        .find(|cache| cache.name == "growing")
+        .expect("the cache is listed");
+    assert_eq!(growing.growth_objects_per_second, 3.3, "{growing:?}");
+}

@@ -162,21 +162,34 @@ fn run_user(
     privileges::require_root()?;
     let path = kernel::process::find_program(program)
         .with_context(|| format!("starting {program}: not found in PATH"))?;
-    // The command is held at its first instruction: its libraries are not mapped yet. The C
-    // library it will load is looked up where the dynamic loader looks; an allocator linked
-    // into the program, or preloaded, is found in the program or LD_PRELOAD.
-    let mut candidates = vec![path];
-    if let Ok(preload) = std::env::var("LD_PRELOAD") {
-        candidates.extend(
-            preload
-                .split([' ', ':'])
-                .filter(|entry| !entry.is_empty())
-                .map(|entry| {
-                    kernel::process::find_library(entry).unwrap_or_else(|| PathBuf::from(entry))
-                }),
-        );
-    }
-    candidates.extend(kernel::process::find_library("libc.so.6"));
+    // The command is held at its first instruction: its libraries are not mapped yet. Its
+    // loader lists them (an allocator linked in or preloaded among them); where it cannot,
+    // the C library is looked up where the loader looks, and LD_PRELOAD read here.
+    let mut candidates = vec![path.clone()];
+    let unlisted = match kernel::process::linked_libraries(&path) {
+        Ok(libraries) => {
+            candidates.extend(libraries);
+            None
+        }
+        Err(error) => {
+            if let Ok(preload) = std::env::var("LD_PRELOAD") {
+                candidates.extend(
+                    preload
+                        .split([' ', ':'])
+                        .filter(|entry| !entry.is_empty())
+                        .map(|entry| {
+                            kernel::process::find_library(entry)
+                                .unwrap_or_else(|| PathBuf::from(entry))
+                        }),
+                );
+            }
+            candidates.extend(kernel::process::find_library("libc.so.6"));
+            Some(format!(
+                "{program}'s libraries could not be listed ({error:#}): only an allocator in \
+                 the program, LD_PRELOAD or the C library is hooked"
+            ))
+        }
+    };
     let traced = TracedCommand::start(program, arguments)?;
     let pid = traced.pid;
     let mut session = match Session::start_user(options, pid, &candidates, ProcessMaps::default()) {
@@ -186,6 +199,7 @@ fn run_user(
             return Err(error);
         }
     };
+    session.tracer.notes.extend(unlisted);
     eprintln!(
         "memleak: attached to {} ({}); running {}",
         session.target(),

@@ -3,9 +3,11 @@
 use std::{
     fs,
     path::{Path, PathBuf},
+    process::Command,
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
+use object::read::elf::{ElfFile64, ProgramHeader as _};
 
 /// One file-backed mapping of `/proc/PID/maps`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,6 +106,69 @@ pub fn find_library(name: &str) -> Option<PathBuf> {
         .find(|path| path.is_file())
 }
 
+/// The shared libraries the dynamic loader maps for `program` before its first instruction: its
+/// needed libraries, theirs, and LD_PRELOAD's, found as the loader finds them in this
+/// environment (RUNPATH, `$ORIGIN`, LD_LIBRARY_PATH, ld.so.cache). It asks the program's own
+/// loader (`INTERPRETER --list PROGRAM`, what ldd runs), which maps them without running their
+/// code. Empty for a static program.
+pub fn linked_libraries(program: &Path) -> Result<Vec<PathBuf>> {
+    let data = fs::read(program).with_context(|| format!("reading {}", program.display()))?;
+    let Some(interpreter) = interpreter(&data)
+        .with_context(|| format!("{}: not an ELF program memleak can read", program.display()))?
+    else {
+        return Ok(Vec::new());
+    };
+    let output = Command::new(&interpreter)
+        .arg("--list")
+        .arg(program)
+        .output()
+        .with_context(|| format!("running {} --list", interpreter.display()))?;
+    let libraries = parse_loader_list(&String::from_utf8_lossy(&output.stdout));
+    if libraries.is_empty() {
+        bail!(
+            "{} --list {} named no library ({}): {}",
+            interpreter.display(),
+            program.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(libraries)
+}
+
+/// The program interpreter (PT_INTERP) of a 64-bit ELF file, `None` for a static one.
+fn interpreter(data: &[u8]) -> Result<Option<PathBuf>> {
+    let elf = ElfFile64::<object::Endianness>::parse(data)?;
+    for header in elf.elf_program_headers() {
+        if let Some(path) = header.interpreter(elf.endian(), data)? {
+            let path = path.strip_suffix(b"\0").unwrap_or(path);
+            return Ok(Some(PathBuf::from(
+                String::from_utf8_lossy(path).into_owned(),
+            )));
+        }
+    }
+    Ok(None)
+}
+
+/// The libraries of the loader's `--list` output: `NAME => PATH (0x...)` for a needed library,
+/// `PATH (0x...)` for a preloaded one or the loader itself; the vDSO and libraries `not found`
+/// are left out.
+fn parse_loader_list(text: &str) -> Vec<PathBuf> {
+    let mut libraries: Vec<PathBuf> = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        let entry = line.split_once(" => ").map_or(line, |(_, path)| path);
+        let path = entry
+            .rsplit_once(" (0x")
+            .map_or(entry, |(path, _)| path)
+            .trim();
+        if path.starts_with('/') && !libraries.iter().any(|known| known == Path::new(path)) {
+            libraries.push(PathBuf::from(path));
+        }
+    }
+    libraries
+}
+
 /// The path of `program` as `execvp` would find it.
 pub fn find_program(program: &str) -> Option<PathBuf> {
     if program.contains('/') {
@@ -119,6 +184,51 @@ pub fn find_program(program: &str) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_loaders_list_gives_each_library_path_once() {
+        // `ld-linux-x86-64.so.2 --list` on Debian 12, for a program linking jemalloc and a
+        // library of its own, with mimalloc preloaded and one library missing.
+        let listed = "\
+\tlinux-vdso.so.1 (0x00007f5a9297e000)
+\t/usr/lib/x86_64-linux-gnu/libmimalloc.so.2 (0x00007f5a9290f000)
+\tlibleaky user.so => /tmp/alloc test/libleaky user.so (0x00007f5a9290a000)
+\tlibjemalloc.so.2 => /lib/x86_64-linux-gnu/libjemalloc.so.2 (0x00007f5a04a00000)
+\tlibgone.so.1 => not found
+\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f5a9271e000)
+\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f5a9271e000)
+\t/lib64/ld-linux-x86-64.so.2 (0x00007f5a92980000)
+";
+        assert_eq!(
+            parse_loader_list(listed),
+            [
+                "/usr/lib/x86_64-linux-gnu/libmimalloc.so.2",
+                "/tmp/alloc test/libleaky user.so",
+                "/lib/x86_64-linux-gnu/libjemalloc.so.2",
+                "/lib/x86_64-linux-gnu/libc.so.6",
+                "/lib64/ld-linux-x86-64.so.2",
+            ]
+            .map(PathBuf::from)
+        );
+        assert!(parse_loader_list("\tstatically linked\n").is_empty());
+    }
+
+    #[test]
+    fn a_dynamic_program_names_its_loader_and_a_static_one_none() {
+        // This test binary is dynamically linked (glibc); the ELF header of a static program
+        // is the same without PT_INTERP.
+        let this = fs::read(std::env::current_exe().unwrap()).unwrap();
+        let loader = interpreter(&this).unwrap().expect("a dynamic test binary");
+        assert!(loader.is_absolute() && loader.is_file(), "{loader:?}");
+        let libraries = linked_libraries(&std::env::current_exe().unwrap()).unwrap();
+        assert!(
+            libraries
+                .iter()
+                .any(|library| library.file_name().is_some_and(|name| name == "libc.so.6")),
+            "{libraries:?}"
+        );
+        assert!(interpreter(b"not an ELF file").is_err());
+    }
 
     /// Recorded from a Debian 12 process running a PIE with a shared library (trimmed).
     const MAPS: &str = "\

@@ -84,7 +84,17 @@ impl KernelView {
                 ],
             });
         };
-        let percpu_offsets = self.percpu_offsets(&free_layout);
+        // Each online CPU's per-CPU offset, looked for once per view.
+        let reader = &mut self.reader;
+        let percpu_offsets = self
+            .percpu_offsets
+            .get_or_insert_with(|| {
+                reader
+                    .percpu_offsets(free_layout.bpf_array_pptrs.offset as u64)
+                    .map_err(|error| format!("{error:#}"))
+            })
+            .clone()
+            .map_err(anyhow::Error::msg);
         let page_flags = slabs::open_page_flags()?;
         Walker {
             memory: &mut self.reader,
@@ -97,22 +107,6 @@ impl KernelView {
             |first, count| slabs::page_flags(&page_flags, first, count),
             percpu_offsets,
         )
-    }
-
-    /// Each online CPU's per-CPU offset, found once per view.
-    fn percpu_offsets(&mut self, layout: &FreeListLayout) -> Result<Vec<(u32, u64)>> {
-        if self.percpu_offsets.is_none() {
-            let found = self
-                .reader
-                .percpu_offsets(layout.bpf_array_pptrs.offset as u64)
-                .map_err(|error| format!("{error:#}"));
-            self.percpu_offsets = Some(found);
-        }
-        match self.percpu_offsets.as_ref() {
-            Some(Ok(offsets)) => Ok(offsets.clone()),
-            Some(Err(message)) => Err(anyhow::anyhow!("{message}")),
-            None => unreachable!("set above"),
-        }
     }
 }
 

@@ -441,7 +441,10 @@ impl<'a> KernelMemory<'a> {
         if picks.is_empty() {
             return HashMap::new();
         }
-        let read = match self.view().and_then(|view| picks.resolve(view)) {
+        let read = match self
+            .view()
+            .and_then(|view| picks.resolve(|objects| view.cache_names(objects)))
+        {
             Ok(resolution) => {
                 notes.extend(resolution.note());
                 resolution.names

@@ -16,10 +16,7 @@ use hashbrown::{HashMap, HashSet};
 use memleak_common::AllocKind;
 
 use super::aggregate::{GFP_ACCOUNT, GFP_DMA, GFP_RECLAIMABLE, SiteKey};
-use crate::{
-    kernel::procfs::parse_slabinfo,
-    scan::{KernelView, Object},
-};
+use crate::{kernel::procfs::parse_slabinfo, scan::Object};
 
 /// The cache that kmalloc_type() picks for an allocation of `size` bytes with `gfp` flags,
 /// among the variants `exists`: `__GFP_DMA` goes to `dma-kmalloc-*` (when the kernel has a DMA
@@ -97,9 +94,13 @@ impl Picks {
         self.sites.is_empty()
     }
 
-    /// The sites' caches, read through `view`: one object per site, then another object for
+    /// The sites' caches, read by `cache_names` (one name or `None` per object, as
+    /// [`crate::scan::KernelView::cache_names`] reads them): one object per site, then another object for
     /// the sites still unnamed, up to [`PICKS_PER_SITE`] rounds of reads.
-    pub fn resolve(&self, view: &mut KernelView) -> Result<Resolution> {
+    pub fn resolve(
+        &self,
+        mut cache_names: impl FnMut(&[Object]) -> Result<Vec<Option<String>>>,
+    ) -> Result<Resolution> {
         let mut names = HashMap::with_capacity(self.sites.len());
         for round in 0..PICKS_PER_SITE {
             let pending = self.round(round, &names);
@@ -107,7 +108,7 @@ impl Picks {
                 break;
             }
             let objects: Vec<Object> = pending.iter().map(|&(_, object)| object).collect();
-            for ((key, _), name) in pending.into_iter().zip(view.cache_names(&objects)?) {
+            for ((key, _), name) in pending.into_iter().zip(cache_names(&objects)?) {
                 if let Some(name) = name {
                     names.insert(key, name);
                 }
@@ -241,6 +242,72 @@ mod tests {
                 }
             )]
         );
+    }
+
+    #[test]
+    fn each_round_reads_the_next_object_of_the_sites_still_unnamed() {
+        let mut picks = Picks::default();
+        let (first, second, third) = (
+            key(AllocKind::Kmalloc, 64, 0x10),
+            key(AllocKind::Kmalloc, 128, 0x20),
+            key(AllocKind::Kmalloc, 256, 0x30),
+        );
+        for address in [0x1000, 0x1001, 0x1002] {
+            picks.add(first, address);
+        }
+        for address in [0x2000, 0x2001] {
+            picks.add(second, address);
+        }
+        for address in [0x3000, 0x3001, 0x3002] {
+            picks.add(third, address);
+        }
+        // Names only the second pick of the first site and the third of the third.
+        let mut rounds = Vec::new();
+        let resolution = picks
+            .resolve(|objects| {
+                let mut read: Vec<u64> = objects.iter().map(|object| object.address).collect();
+                read.sort_unstable();
+                rounds.push(read);
+                Ok(objects
+                    .iter()
+                    .map(|object| match object.address {
+                        0x1001 => Some("kmalloc-64".to_owned()),
+                        0x3002 => Some("kmalloc-256".to_owned()),
+                        _ => None,
+                    })
+                    .collect())
+            })
+            .unwrap();
+        assert_eq!(
+            rounds,
+            [
+                vec![0x1000, 0x2000, 0x3000],
+                vec![0x1001, 0x2001, 0x3001],
+                vec![0x3002]
+            ]
+        );
+        assert_eq!(
+            resolution.names,
+            HashMap::from([
+                (first, "kmalloc-64".to_owned()),
+                (third, "kmalloc-256".to_owned())
+            ])
+        );
+        assert_eq!(resolution.unnamed, 1);
+
+        // Every site named in the first round: no second round.
+        let mut calls = 0;
+        let all = picks
+            .resolve(|objects| {
+                calls += 1;
+                Ok(vec![Some("kmalloc-64".to_owned()); objects.len()])
+            })
+            .unwrap();
+        assert_eq!((calls, all.names.len(), all.unnamed), (1, 3, 0));
+
+        // A read that fails is the resolution's error.
+        let failed = picks.resolve(|_| Err(anyhow::anyhow!("no reader")));
+        assert_eq!(failed.unwrap_err().to_string(), "no reader");
     }
 
     #[test]
