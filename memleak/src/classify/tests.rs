@@ -593,3 +593,98 @@ fn object_growth_is_rounded_to_a_tenth_per_second() {
         .expect("the cache is listed");
     assert_eq!(growing.growth_objects_per_second, 3.3, "{growing:?}");
 }
+
+#[test]
+fn a_growing_reclaimable_cache_is_blamed_when_other_caches_hide_it_in_the_total() {
+    // dentry grows by 100 slabs a second while inode_cache shrinks as fast: SReclaimable stays
+    // flat, and with --blame-reclaimable the cache's own series shows the growth.
+    let samples = synthetic(|second| {
+        (
+            vec![("MemTotal", 1 << 20), ("SReclaimable", 16_000)],
+            vec![
+                cache("dentry", 1000 + 100 * second),
+                cache("inode_cache", 3000 - 100 * second),
+            ],
+        )
+    });
+    let mut context = context(
+        facts(&[("dentry", true), ("inode_cache", true)]),
+        DEFAULT_THRESHOLDS,
+    );
+    context.blame_reclaimable = true;
+    let verdict = analysis::analyze(&samples, &context).verdict;
+    assert_eq!(verdict.kinds, ["slab_reclaimable"], "{verdict:#?}");
+    assert_eq!(verdict.caches, ["dentry"]);
+    assert!(
+        verdict
+            .summary
+            .contains("slab_reclaimable (dentry +400.0 KiB/s), while its total moved"),
+        "{}",
+        verdict.summary
+    );
+}
+
+#[test]
+fn the_summary_names_what_grew_in_each_kind() {
+    // The reclaimable caches, when blamed.
+    let samples = synthetic(|second| {
+        (
+            vec![("MemTotal", 1 << 20), ("SReclaimable", 4000 + 400 * second)],
+            vec![cache("dentry", 1000 + 100 * second)],
+        )
+    });
+    let mut blaming = context(facts(&[("dentry", true)]), DEFAULT_THRESHOLDS);
+    blaming.blame_reclaimable = true;
+    let summary = analysis::analyze(&samples, &blaming).verdict.summary;
+    assert!(
+        summary.contains("slab_reclaimable +400.0 KiB/s (dentry +400.0 KiB/s)"),
+        "{summary}"
+    );
+    // The vmalloc callers.
+    let summary = classify_recorded("grow-bpf-maps").verdict.summary;
+    assert!(summary.contains(" (array_map_alloc +"), "{summary}");
+}
+
+#[test]
+fn nothing_grown_suggests_a_classify_six_times_as_long() {
+    let samples = synthetic(|_| {
+        (
+            vec![("MemTotal", 1 << 20), ("SUnreclaim", 1000)],
+            vec![cache("filp", 1000)],
+        )
+    });
+    let mut context = context(facts(&[("filp", false)]), DEFAULT_THRESHOLDS);
+    context.requested = std::time::Duration::from_secs(20);
+    let verdict = analysis::analyze(&samples, &context).verdict;
+    assert!(!verdict.growing);
+    assert_eq!(
+        verdict.next_command.as_deref(),
+        Some("memleak classify --duration 120s")
+    );
+}
+
+#[test]
+fn a_trace_of_several_kinds_is_not_scoped_to_a_cache() {
+    // Slab (filp) and percpu memory both grow: `--cache` would leave the percpu leak out of
+    // the trace's leak check.
+    let samples = synthetic(|second| {
+        (
+            vec![
+                ("MemTotal", 1 << 20),
+                ("SUnreclaim", 4000 + 400 * second),
+                ("Percpu", 4000 + 400 * second),
+            ],
+            vec![cache("filp", 1000 + 100 * second)],
+        )
+    });
+    let context = context(facts(&[("filp", false)]), DEFAULT_THRESHOLDS);
+    let verdict = analysis::analyze(&samples, &context).verdict;
+    let command = verdict.next_command.as_deref().unwrap_or_default();
+    assert!(
+        command.starts_with("memleak trace --kinds ")
+            && command.contains("slab")
+            && command.contains("percpu")
+            && !command.contains("--cache"),
+        "{verdict:#?}"
+    );
+}

@@ -1051,8 +1051,6 @@ mod image_tests {
                 if per_cpu {
                     self.image.write_u64(cache, CPU_SLAB);
                     self.image.write_u64(cache + 40, CPU_SHEAVES);
-                    // node[0]; the other nodes are NULL.
-                    self.image.write_u64(cache + 48, direct(0x402));
                 }
             }
         }
@@ -1129,12 +1127,17 @@ mod image_tests {
             self.image
                 .write_u64(area(0) + 16, VMEMMAP + CPU0_SLAB * STRUCT_PAGE);
             let sheaves = area(0) + (CPU_SHEAVES - CPU_SLAB);
-            self.image.write_u64(sheaves, direct(0x400));
-            self.image.write_u64(sheaves + 16, direct(0x401));
-            self.sheaf(direct(0x400), &[object(PLAIN, 10), object(PLAIN, 11)]);
-            self.sheaf(direct(0x401), &[object(PLAIN, 12)]);
-            // CPU 1: a slab whose lockless freelist loops.
+            self.image.write_u64(sheaves, direct(0x500));
+            self.image.write_u64(sheaves + 16, direct(0x502));
+            self.sheaf(direct(0x500), &[object(PLAIN, 10), object(PLAIN, 11)]);
+            self.sheaf(direct(0x502), &[object(PLAIN, 12)]);
+            // CPU 1: a slab whose lockless freelist loops, and a main sheaf holding a page of
+            // pointers, as many as a read takes.
             self.image.write_u64(area(1), object(CPU1_SLAB, 2));
+            let full = [object(PLAIN, 16); (PAGE / 8) as usize];
+            self.sheaf(direct(0x50a), &full);
+            self.image
+                .write_u64(area(1) + (CPU_SHEAVES - CPU_SLAB), direct(0x50a));
             self.image
                 .write_u64(area(1) + 16, VMEMMAP + CPU1_SLAB * STRUCT_PAGE);
             // CPU 2: a slab pointer that is no `struct page`; its freelist is not followed.
@@ -1143,10 +1146,10 @@ mod image_tests {
                 .write_u64(area(2) + 16, VMEMMAP + MISALIGNED * STRUCT_PAGE + 8);
         }
 
-        /// Maps a sheaf at `address` holding `objects`, with a page of stale pointers after
-        /// them that are not its objects.
+        /// Maps a sheaf at `address` holding `objects` (two pages, room for a page of
+        /// pointers), with stale pointers after them that are not its objects.
         fn sheaf(&mut self, address: u64, objects: &[u64]) {
-            self.image.map(address, PAGE as usize);
+            self.image.map(address, 2 * PAGE as usize);
             self.image.write_u32(address + 24, objects.len() as u32);
             for (index, &object) in objects.iter().enumerate() {
                 self.image
@@ -1156,19 +1159,33 @@ mod image_tests {
                 .write_u64(address + 32 + 8 * objects.len() as u64, object(PLAIN, 20));
         }
 
-        /// Node 0's barn with two full sheaves, listed through their `barn_list`.
+        /// Two nodes' barns (nodes 0 and 9), with full sheaves listed through their
+        /// `barn_list`: node 0's holds one, node 9's two.
         fn barn(&mut self) {
-            let (node, barn) = (direct(0x402), direct(0x403));
-            let (first, second) = (direct(0x404), direct(0x405));
-            self.image.map(node, PAGE as usize);
-            self.image.write_u64(node + 8, barn);
-            self.image.map(barn, PAGE as usize);
-            let head = barn + 16;
-            self.sheaf(first, &[object(PLAIN, 13)]);
-            self.sheaf(second, &[object(PLAIN, 14), object(PLAIN, 15)]);
-            self.image.write_u64(head, first + 8);
-            self.image.write_u64(first + 8, second + 8);
-            self.image.write_u64(second + 8, head);
+            self.sheaf(direct(0x504), &[object(PLAIN, 13)]);
+            self.sheaf(direct(0x506), &[object(PLAIN, 14)]);
+            self.sheaf(direct(0x508), &[object(PLAIN, 15)]);
+            for (index, node, barn, sheaves) in [
+                (0, direct(0x402), direct(0x403), vec![direct(0x504)]),
+                (
+                    9,
+                    direct(0x406),
+                    direct(0x407),
+                    vec![direct(0x506), direct(0x508)],
+                ),
+            ] {
+                self.image.write_u64(CACHE + 48 + 8 * index, node);
+                self.image.map(node, PAGE as usize);
+                self.image.write_u64(node + 8, barn);
+                self.image.map(barn, PAGE as usize);
+                let head = barn + 16;
+                let mut previous = head;
+                for &sheaf in &sheaves {
+                    self.image.write_u64(previous, sheaf + 8);
+                    previous = sheaf + 8;
+                }
+                self.image.write_u64(previous, head);
+            }
         }
 
         fn check(&mut self, queries: &[Query], percpu_offsets: Result<Vec<(u32, u64)>>) -> Check {
@@ -1244,6 +1261,7 @@ mod image_tests {
             (object(PLAIN, 13), SHEAF),
             (object(PLAIN, 14), SHEAF),
             (object(PLAIN, 15), SHEAF),
+            (object(PLAIN, 16), SHEAF),
             (object(CPU0_SLAB, 3), CPU_FREELIST),
             (object(CPU0_SLAB, 9), CPU_FREELIST),
             (object(CPU0_SLAB, 4), Allocated),
@@ -1338,19 +1356,19 @@ mod image_tests {
         }
         type Breakage = Box<dyn Fn(&mut Kernel)>;
         let breakages: [(&str, Breakage); 6] = [
-            ("CPU sheaf", Box::new(unmap(0x401))),
-            ("barn sheaf", Box::new(unmap(0x405))),
+            ("CPU sheaf", Box::new(unmap(0x502))),
+            ("barn sheaf", Box::new(unmap(0x506))),
             ("barn", Box::new(unmap(0x403))),
             ("node", Box::new(unmap(0x402))),
             // A barn list that never comes back to its head: it changed while it was read.
             (
                 "endless barn list",
-                Box::new(|kernel| kernel.image.write_u64(direct(0x405) + 8, direct(0x404) + 8)),
+                Box::new(|kernel| kernel.image.write_u64(direct(0x508) + 8, direct(0x506) + 8)),
             ),
             // A sheaf that says it holds more than a page of pointers.
             (
                 "oversized sheaf",
-                Box::new(|kernel| kernel.image.write_u32(direct(0x400) + 24, 513)),
+                Box::new(|kernel| kernel.image.write_u32(direct(0x500) + 24, 513)),
             ),
         ];
         for (name, breakage) in breakages {
