@@ -166,10 +166,9 @@ pub fn build_report(
         .user_stacks
         .then(|| user_stacks_of(maps, &sites, &header.exited_processes, &mut header.notes))
         .transpose()?;
-    let user_frame = |pid, addr| match &user_stacks {
-        Some((_, symbolizer)) => symbolizer.frame_in(pid, addr),
-        None => crate::symbols::Frame::unknown(addr),
-    };
+    let user_frame = user_stacks
+        .as_ref()
+        .map(|(_, symbolizer)| |pid, addr| symbolizer.frame_in(pid, addr));
     let context = report::Context {
         stacks: &stacks,
         cache_names: &cache_names,
@@ -180,10 +179,8 @@ pub fn build_report(
         frame: &frame,
         user_stacks: user_stacks
             .as_ref()
-            .map(|(stacks, _)| report::UserStackSource {
-                stacks,
-                frame: &user_frame,
-            }),
+            .zip(user_frame.as_ref())
+            .map(|((stacks, _), frame)| report::UserStackSource { stacks, frame }),
     };
     let mut entries: Vec<report::Entry> = sites
         .iter()
