@@ -572,14 +572,14 @@ fn a_growing_cache_is_blamed_when_other_caches_hide_it_in_the_total() {
 }
 
 #[test]
-fn object_growth_is_rounded_to_a_tenth_per_second() {
+fn object_growth_is_rounded_to_a_tenth_and_hourly_growth_is_exact() {
     // 0, 3, 6, 10, 13, ...: the least-squares slope is 3.327... objects a second.
     let samples = synthetic(|second| {
         let mut growing = cache("growing", 10);
         growing.active_objects = 10 * second / 3;
         (
             vec![("MemTotal", 1 << 20), ("SUnreclaim", 1000)],
-            vec![growing],
+            vec![growing, cache("filp", 1000 + 100 * second)],
         )
     });
     let report = analysis::analyze(
@@ -592,6 +592,14 @@ fn object_growth_is_rounded_to_a_tenth_per_second() {
         .find(|cache| cache.name == "growing")
         .expect("the cache is listed");
     assert_eq!(growing.growth_objects_per_second, 3.3, "{growing:?}");
+    // A cache's hourly growth: 100 slabs of a page a second.
+    let filp = report
+        .unreclaimable_caches
+        .iter()
+        .find(|cache| cache.name == "filp")
+        .expect("the cache is listed");
+    assert_eq!(filp.growth_bytes_per_second, 100 * PAGE as i64, "{filp:?}");
+    assert_eq!(filp.growth_bytes_per_hour, 3600 * 100 * PAGE as i64);
 }
 
 #[test]
