@@ -383,6 +383,15 @@ fn run_user_hooks_jemalloc_tcmalloc_and_mimalloc_preloaded_or_linked_in() -> Res
                 counters.allocs >= 3000 && counters.frees >= 3000,
                 "{name} {how}: churn_and_free's calls seen: {counters:?}"
             );
+            // Ages run to the window's end, not to the report's making after detaching.
+            for entry in &report.stacks {
+                assert!(
+                    entry.oldest_age_ms <= report.duration_ms + 1,
+                    "{name} {how}: {} ms old in a {} ms window",
+                    entry.oldest_age_ms,
+                    report.duration_ms
+                );
+            }
         }
     }
     Ok(())

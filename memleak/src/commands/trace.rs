@@ -419,13 +419,15 @@ impl Session {
                  that many objects may be freed ones"
             ));
         }
-        // The window ends as detaching starts (which takes an RCU grace period per uprobe link).
+        // The window ends as detaching starts (which takes an RCU grace period per uprobe link,
+        // seconds for a process's allocators): ages are measured to then, so that none is
+        // longer than the window.
         let elapsed = self.started.elapsed();
+        let now_ns = monotonic_now_ns();
         // Detach before reading, so the table is a consistent snapshot.
         let detached = probes::detach_allocations_first(&mut programs);
         drop(programs);
         detached?;
-        let now_ns = monotonic_now_ns();
         let counts_at_end = self
             .counts_at_start
             .is_some()
