@@ -9,6 +9,15 @@ use super::{
 };
 use crate::util::scratch::ScratchDir;
 
+/// The trend of the cache `name` among the report's unreclaimable caches.
+fn unreclaimable_cache<'a>(report: &'a analysis::Report, name: &str) -> &'a analysis::CacheTrend {
+    report
+        .unreclaimable_caches
+        .iter()
+        .find(|cache| cache.name == name)
+        .unwrap_or_else(|| panic!("{name} is not listed: {:#?}", report.unreclaimable_caches))
+}
+
 #[test]
 fn fit_finds_the_slope_of_a_line_and_the_scatter_around_it() {
     let line: Vec<(f64, f64)> = (0..5).map(|x| (x as f64, 100.0 + 8.0 * x as f64)).collect();
@@ -489,11 +498,7 @@ fn caches_destroyed_during_the_window_are_empty_from_then_on() {
         &samples,
         &context(CacheFacts::default(), DEFAULT_THRESHOLDS),
     );
-    let gone = report
-        .unreclaimable_caches
-        .iter()
-        .find(|cache| cache.name == "gone")
-        .expect("the destroyed cache is listed");
+    let gone = unreclaimable_cache(&report, "gone");
     assert!(gone.growth_bytes_per_second < 0, "{gone:?}");
     // Exactly the line through 100 slabs for five seconds, then zero for five: one missing
     // zero would give another slope.
@@ -586,18 +591,10 @@ fn object_growth_is_rounded_to_a_tenth_and_hourly_growth_is_exact() {
         &samples,
         &context(CacheFacts::default(), DEFAULT_THRESHOLDS),
     );
-    let growing = report
-        .unreclaimable_caches
-        .iter()
-        .find(|cache| cache.name == "growing")
-        .expect("the cache is listed");
+    let growing = unreclaimable_cache(&report, "growing");
     assert_eq!(growing.growth_objects_per_second, 3.3, "{growing:?}");
     // A cache's hourly growth: 100 slabs of a page a second.
-    let filp = report
-        .unreclaimable_caches
-        .iter()
-        .find(|cache| cache.name == "filp")
-        .expect("the cache is listed");
+    let filp = unreclaimable_cache(&report, "filp");
     assert_eq!(filp.growth_bytes_per_second, 100 * PAGE as i64, "{filp:?}");
     assert_eq!(filp.growth_bytes_per_hour, 3600 * 100 * PAGE as i64);
 }

@@ -1188,7 +1188,13 @@ mod image_tests {
             }
         }
 
-        fn check(&mut self, queries: &[Query], percpu_offsets: Result<Vec<(u32, u64)>>) -> Check {
+        /// Checks `queries` with the per-CPU offsets, or with `offsets_error` as the reason
+        /// they were not found.
+        fn check(&mut self, queries: &[Query], offsets_error: Option<&str>) -> Check {
+            let percpu_offsets = match offsets_error {
+                None => Ok(self.percpu_offsets.clone()),
+                Some(error) => Err(anyhow::anyhow!(error.to_owned())),
+            };
             let page_flags = &self.page_flags;
             let free_layout = self.layout.free_lists.unwrap();
             Walker {
@@ -1199,28 +1205,24 @@ mod image_tests {
             }
             .check(
                 queries,
-                |first, count| {
-                    Ok((first..(first + count).min(MAX_PFN))
-                        .map(|pfn| page_flags.get(&pfn).copied().unwrap_or(0))
-                        .collect())
-                },
+                |first, count| Ok(flags_of(page_flags, first, count)),
                 percpu_offsets,
             )
             .unwrap()
         }
 
-        /// The state of each `(address, expected)`, asked as 64-byte objects of [`CACHE`],
-        /// beside what was expected.
+        /// The state of each `(address, expected)`, asked as a 64-byte object of [`CACHE`],
+        /// beside its address (to compare with `expected`), and the check's notes.
         fn states(
             &mut self,
             expected: &[(u64, State)],
-            percpu_offsets: Result<Vec<(u32, u64)>>,
+            offsets_error: Option<&str>,
         ) -> (Vec<(u64, State)>, Vec<String>) {
             let queries: Vec<Query> = expected
                 .iter()
                 .map(|&(address, _)| query(address, 64, Some(CACHE)))
                 .collect();
-            let check = self.check(&queries, percpu_offsets);
+            let check = self.check(&queries, offsets_error);
             let states = expected
                 .iter()
                 .zip(check.states)
@@ -1228,10 +1230,14 @@ mod image_tests {
                 .collect();
             (states, check.notes)
         }
+    }
 
-        fn offsets(&self) -> Result<Vec<(u32, u64)>> {
-            Ok(self.percpu_offsets.clone())
-        }
+    /// The page flags of `count` frames from `first`, as /proc/kpageflags gives them: no entry
+    /// past the last frame.
+    fn flags_of(page_flags: &HashMap<u64, u64>, first: u64, count: u64) -> Vec<u64> {
+        (first..(first + count).min(MAX_PFN))
+            .map(|pfn| page_flags.get(&pfn).copied().unwrap_or(0))
+            .collect()
     }
 
     fn query(address: u64, size: u32, cache: Option<u64>) -> Query {
@@ -1284,8 +1290,7 @@ mod image_tests {
             (direct(MAX_PFN), Unverified),
         ];
         let mut kernel = Kernel::new(true);
-        let offsets = kernel.offsets();
-        let (states, notes) = kernel.states(&expected, offsets);
+        let (states, notes) = kernel.states(&expected, None);
         assert_eq!(states, expected);
         assert!(notes.is_empty(), "{notes:?}");
     }
@@ -1293,7 +1298,6 @@ mod image_tests {
     #[test]
     fn an_object_asked_of_another_cache_or_size_is_no_slot_of_its_slab() {
         let mut kernel = Kernel::new(true);
-        let offsets = kernel.offsets();
         let address = object(PLAIN, 0);
         let check = kernel.check(
             &[
@@ -1302,7 +1306,7 @@ mod image_tests {
                 query(address, 32, Some(CACHE)),
                 query(address, 128, None),
             ],
-            offsets,
+            None,
         );
         assert_eq!(check.states, [Allocated, SLAB_GONE, SLAB_GONE, SLAB_GONE]);
     }
@@ -1320,7 +1324,7 @@ mod image_tests {
             (object(GONE, 0), SLAB_GONE),
         ];
         let mut kernel = Kernel::new(true);
-        let (states, notes) = kernel.states(&expected, Err(anyhow::anyhow!("no bpf_array found")));
+        let (states, notes) = kernel.states(&expected, Some("no bpf_array found"));
         assert_eq!(states, expected);
         assert_eq!(notes.len(), 1, "{notes:?}");
         assert!(notes[0].contains("per-CPU offsets could not be proven: no bpf_array found"));
@@ -1337,14 +1341,13 @@ mod image_tests {
             (object(CPU0_SLAB, 4), Allocated),
         ];
         let mut kernel = Kernel::new(false);
-        let offsets = kernel.offsets();
-        assert_eq!(kernel.states(&expected, offsets).0, expected);
+        assert_eq!(kernel.states(&expected, None).0, expected);
         // Without per-CPU offsets, a slab no CPU holds is still verified.
         let expected = [
             (object(PLAIN, 0), Allocated),
             (object(CPU0_SLAB, 4), Unverified),
         ];
-        let (states, notes) = kernel.states(&expected, Err(anyhow::anyhow!("none")));
+        let (states, notes) = kernel.states(&expected, Some("none"));
         assert_eq!(states, expected);
         assert_eq!(notes.len(), 1);
     }
@@ -1374,26 +1377,14 @@ mod image_tests {
         for (name, breakage) in breakages {
             let mut kernel = Kernel::new(true);
             breakage(&mut kernel);
-            let offsets = kernel.offsets();
-            let (states, _) = kernel.states(
-                &[
-                    (object(PLAIN, 0), Unverified),
-                    (object(PLAIN, 5), SLAB_FREELIST),
-                    (object(CPU0_SLAB, 4), Unverified),
-                ],
-                offsets,
-            );
-            assert_eq!(
-                states,
-                [
-                    (object(PLAIN, 0), Unverified),
-                    (object(PLAIN, 5), SLAB_FREELIST),
-                    (object(CPU0_SLAB, 4), Unverified),
-                ],
-                "{name}"
-            );
+            let expected = [
+                (object(PLAIN, 0), Unverified),
+                (object(PLAIN, 5), SLAB_FREELIST),
+                (object(CPU0_SLAB, 4), Unverified),
+            ];
+            assert_eq!(kernel.states(&expected, None).0, expected, "{name}");
             // A cache without sheaves is not concerned.
-            let reused = kernel.check(&[query(object(REUSED, 0), 128, None)], kernel.offsets());
+            let reused = kernel.check(&[query(object(REUSED, 0), 128, None)], None);
             assert_eq!(reused.states, [Allocated], "{name}");
         }
     }
@@ -1412,8 +1403,7 @@ mod image_tests {
             (object(PLAIN, 0), Allocated),
             (object(MISALIGNED, 3), Allocated),
         ];
-        let offsets = kernel.offsets();
-        assert_eq!(kernel.states(&expected, offsets).0, expected);
+        assert_eq!(kernel.states(&expected, None).0, expected);
     }
 
     #[test]
@@ -1427,8 +1417,7 @@ mod image_tests {
             (object(PLAIN, 0), Unverified),
             (object(TWO_PAGES, 65), SLAB_FREELIST),
         ];
-        let offsets = kernel.offsets();
-        assert_eq!(kernel.states(&expected, offsets).0, expected);
+        assert_eq!(kernel.states(&expected, None).0, expected);
     }
 
     #[test]
@@ -1456,9 +1445,7 @@ mod image_tests {
         let heads = walker
             .page_heads(&queries, |first, count| {
                 chunks_read.push((first, count));
-                Ok((first..(first + count).min(MAX_PFN))
-                    .map(|pfn| kernel.page_flags.get(&pfn).copied().unwrap_or(0))
-                    .collect())
+                Ok(flags_of(&kernel.page_flags, first, count))
             })
             .unwrap();
         assert_eq!(

@@ -95,8 +95,8 @@ impl Picks {
     }
 
     /// The sites' caches, read by `cache_names` (one name or `None` per object, as
-    /// [`crate::scan::KernelView::cache_names`] reads them): one object per site, then another object for
-    /// the sites still unnamed, up to [`PICKS_PER_SITE`] rounds of reads.
+    /// [`crate::scan::KernelView::cache_names`] reads them): one object per site, then another
+    /// object for the sites still unnamed, up to [`PICKS_PER_SITE`] rounds of reads.
     pub fn resolve(
         &self,
         mut cache_names: impl FnMut(&[Object]) -> Result<Vec<Option<String>>>,
