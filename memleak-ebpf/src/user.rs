@@ -11,6 +11,12 @@
 //! `realloc` forgets its old block at entry: a block moved by realloc is freed then, and one
 //! that failed to move is still allocated but no longer followed. Erring that way leaves a
 //! block out of the report; the other way would report one already freed.
+//!
+//! `mmap` of anonymous memory called by the program itself is a block too, `munmap` of its
+//! start frees it. Mappings an allocator makes inside a hooked call (glibc's large blocks and
+//! arenas) are nested calls, so they are not recorded twice; thread stacks (`MAP_STACK`,
+//! which glibc caches rather than unmaps), file mappings and `MAP_FIXED` replacements are
+//! not blocks. `mremap` forgets the mapping it moves or resizes, as realloc does.
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
     macros::{map, uprobe, uretprobe},
@@ -30,7 +36,24 @@ struct PendingCall {
     out_pointer: u64,
     /// Hooked calls entered inside this one and not yet returned.
     nested: u64,
+    /// What the return records: [`RECORDS_BLOCK`], [`RECORDS_MAPPING`] or [`RECORDS_NOTHING`].
+    records: u64,
 }
+
+/// A heap block, the return value (or the `out_pointer`'s) unless it is 0.
+const RECORDS_BLOCK: u64 = 0;
+/// An anonymous mapping, the return value unless it is `MAP_FAILED`.
+const RECORDS_MAPPING: u64 = 1;
+/// Nothing: a mapping that is not a block. The call is still entered, so that its return
+/// does not end an outer call, and calls nested in it are not recorded.
+const RECORDS_NOTHING: u64 = 2;
+
+/// `mmap`'s `MAP_FAILED`.
+const MAP_FAILED: u64 = u64::MAX;
+/// `mmap` flags (x86-64 and the generic ABI).
+const MAP_FIXED: u64 = 0x10;
+const MAP_ANONYMOUS: u64 = 0x20;
+const MAP_STACK: u64 = 0x2_0000;
 
 /// Thread id to its allocator call in progress. LRU: entries of threads that exited inside a
 /// call (or left one by longjmp) make room rather than fill the map.
@@ -39,7 +62,7 @@ static PENDING_CALLS: LruHashMap<u64, PendingCall> = LruHashMap::with_max_entrie
 
 /// Saves a call's request, or counts it as nested in the thread's outer call.
 #[inline(always)]
-fn enter(bytes: u64, out_pointer: u64) -> bool {
+fn enter(bytes: u64, out_pointer: u64, records: u64) -> bool {
     let thread = bpf_get_current_pid_tgid();
     if let Some(outer) = PENDING_CALLS.get_ptr_mut(&thread) {
         unsafe { (*outer).nested += 1 };
@@ -49,6 +72,7 @@ fn enter(bytes: u64, out_pointer: u64) -> bool {
         bytes,
         out_pointer,
         nested: 0,
+        records,
     };
     let _ = PENDING_CALLS.insert(&thread, &call, 0);
     true
@@ -66,16 +90,19 @@ fn leave(ctx: &RetProbeContext, returned: u64) {
         call.nested -= 1;
         return;
     }
-    let (bytes, out_pointer) = (call.bytes, call.out_pointer);
+    let (bytes, out_pointer, records) = (call.bytes, call.out_pointer, call.records);
     let _ = PENDING_CALLS.remove(&thread);
-    let block = if out_pointer == 0 {
-        returned
-    } else if returned == 0 {
-        // posix_memalign returns 0 on success and the block through its first argument.
-        unsafe { bpf_probe_read_user(out_pointer as *const u64) }.unwrap_or(0)
-    } else {
-        0
-    };
+    let block =
+        if records == RECORDS_NOTHING || (records == RECORDS_MAPPING && returned == MAP_FAILED) {
+            0
+        } else if out_pointer == 0 {
+            returned
+        } else if returned == 0 {
+            // posix_memalign returns 0 on success and the block through its first argument.
+            unsafe { bpf_probe_read_user(out_pointer as *const u64) }.unwrap_or(0)
+        } else {
+            0
+        };
     if block == 0 {
         return;
     }
@@ -103,7 +130,7 @@ fn argument(ctx: &ProbeContext, index: usize) -> u64 {
 /// `malloc(size)`, `valloc(size)`, `pvalloc(size)`.
 #[uprobe]
 pub fn user_malloc(ctx: ProbeContext) -> u32 {
-    enter(argument(&ctx, 0), 0);
+    enter(argument(&ctx, 0), 0, RECORDS_BLOCK);
     0
 }
 
@@ -112,14 +139,18 @@ pub fn user_malloc(ctx: ProbeContext) -> u32 {
 /// which BPF has not).
 #[uprobe]
 pub fn user_calloc(ctx: ProbeContext) -> u32 {
-    enter(argument(&ctx, 0).wrapping_mul(argument(&ctx, 1)), 0);
+    enter(
+        argument(&ctx, 0).wrapping_mul(argument(&ctx, 1)),
+        0,
+        RECORDS_BLOCK,
+    );
     0
 }
 
 /// `realloc(pointer, size)`.
 #[uprobe]
 pub fn user_realloc(ctx: ProbeContext) -> u32 {
-    if enter(argument(&ctx, 1), 0) {
+    if enter(argument(&ctx, 1), 0, RECORDS_BLOCK) {
         on_free(argument(&ctx, 0));
     }
     0
@@ -128,7 +159,11 @@ pub fn user_realloc(ctx: ProbeContext) -> u32 {
 /// `reallocarray(pointer, count, size)`.
 #[uprobe]
 pub fn user_reallocarray(ctx: ProbeContext) -> u32 {
-    if enter(argument(&ctx, 1).wrapping_mul(argument(&ctx, 2)), 0) {
+    if enter(
+        argument(&ctx, 1).wrapping_mul(argument(&ctx, 2)),
+        0,
+        RECORDS_BLOCK,
+    ) {
         on_free(argument(&ctx, 0));
     }
     0
@@ -137,14 +172,27 @@ pub fn user_reallocarray(ctx: ProbeContext) -> u32 {
 /// `aligned_alloc(alignment, size)`, `memalign(alignment, size)`.
 #[uprobe]
 pub fn user_aligned_alloc(ctx: ProbeContext) -> u32 {
-    enter(argument(&ctx, 1), 0);
+    enter(argument(&ctx, 1), 0, RECORDS_BLOCK);
     0
 }
 
 /// `posix_memalign(memptr, alignment, size)`.
 #[uprobe]
 pub fn user_posix_memalign(ctx: ProbeContext) -> u32 {
-    enter(argument(&ctx, 2), argument(&ctx, 0));
+    enter(argument(&ctx, 2), argument(&ctx, 0), RECORDS_BLOCK);
+    0
+}
+
+/// `mmap(address, length, protection, flags, fd, offset)`.
+#[uprobe]
+pub fn user_mmap(ctx: ProbeContext) -> u32 {
+    let flags = argument(&ctx, 3);
+    let records = if flags & MAP_ANONYMOUS != 0 && flags & (MAP_FIXED | MAP_STACK) == 0 {
+        RECORDS_MAPPING
+    } else {
+        RECORDS_NOTHING
+    };
+    enter(argument(&ctx, 1), 0, records);
     0
 }
 
@@ -160,5 +208,24 @@ pub fn user_alloc_return(ctx: RetProbeContext) -> u32 {
 #[uprobe]
 pub fn user_free(ctx: ProbeContext) -> u32 {
     on_free(argument(&ctx, 0));
+    0
+}
+
+/// `munmap(address, length)`: the mapping that starts at `address` is freed. Unmapping part of
+/// one is not followed: its start forgets all of it, a later part nothing.
+#[uprobe]
+pub fn user_free_mapping(ctx: ProbeContext) -> u32 {
+    on_free(argument(&ctx, 0));
+    0
+}
+
+/// `mremap(address, old_length, new_length, flags, ...)`: the mapping is forgotten, as
+/// `realloc` forgets its block, unless an allocator call made it (glibc's realloc of a large
+/// block moves its own mapping, whose start is not the block's address).
+#[uprobe]
+pub fn user_free_remapped(ctx: ProbeContext) -> u32 {
+    if PENDING_CALLS.get_ptr(&bpf_get_current_pid_tgid()).is_none() {
+        on_free(argument(&ctx, 0));
+    }
     0
 }

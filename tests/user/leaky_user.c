@@ -1,3 +1,4 @@
+#define _GNU_SOURCE /* mremap */
 /* A user-space program whose leaks are known by construction (tests/tests/user.rs):
  *   leak_malloc        10 blocks of 100 bytes, malloc
  *   leak_calloc         7 blocks of 12 x 8 bytes, calloc
@@ -6,14 +7,19 @@
  *   leak_aligned        3 blocks of 256 bytes, posix_memalign
  *   leak_in_thread      4 blocks of 48 bytes, malloc in a second thread
  *   library_leak        6 blocks of 72 bytes, malloc in libleaky_user_lib.so
- * and everything else it allocates (churn_and_free, the strings of keep_until_exit) freed
- * before it exits. Built with frame pointers so that both memleak and valgrind can walk it.
+ *   leak_mapping        2 anonymous mappings of 64 KiB, mmap (valgrind does not follow
+ *                       mmap: the construction is the oracle)
+ * and everything else it allocates (churn_and_free, churn_mappings) freed before it exits.
+ * Not blocks, and so never reported: a file mapping kept to the end, a thread's stack. Built with frame pointers so that both memleak and valgrind can walk it.
  *
  * With `wait` as its argument, it first leaks 9 blocks of 200 bytes (leak_before_wait),
  * churns, and then reads a line from stdin, so that a tracer can attach to it running: a
  * trace by pid must not report the blocks allocated before it attached. */
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdio.h>
+#include <sys/mman.h>
+#include <unistd.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -80,6 +86,38 @@ __attribute__((noinline)) void churn_and_free(void) {
     }
 }
 
+__attribute__((noinline)) void leak_mapping(void) {
+    for (int i = 0; i < 2; i++) {
+        char *mapping = mmap(NULL, 64 << 10, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                             -1, 0);
+        if (mapping == MAP_FAILED)
+            abort();
+        mapping[0] = 1;
+        keep(mapping);
+    }
+}
+
+/* Mappings made and unmapped, one moved by mremap before it is unmapped, and a file mapping
+ * kept to the end: none of them is a leak. */
+__attribute__((noinline)) void churn_mappings(void) {
+    for (int i = 0; i < 50; i++) {
+        void *mapping = mmap(NULL, 8192 << (i % 4), PROT_READ | PROT_WRITE,
+                             MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (mapping == MAP_FAILED)
+            abort();
+        munmap(mapping, 8192 << (i % 4));
+    }
+    void *moved = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    moved = mremap(moved, 4096, 1 << 20, MREMAP_MAYMOVE);
+    if (moved == MAP_FAILED)
+        abort();
+    munmap(moved, 1 << 20);
+    int file = open("/proc/self/exe", O_RDONLY);
+    if (file < 0 || mmap(NULL, 4096, PROT_READ, MAP_PRIVATE, file, 0) == MAP_FAILED)
+        abort();
+    close(file);
+}
+
 int main(int argc, char **argv) {
     if (argc > 1 && strcmp(argv[1], "wait") == 0) {
         char line[16];
@@ -91,12 +129,14 @@ int main(int argc, char **argv) {
             return 1;
     }
     churn_and_free();
+    churn_mappings();
     leak_malloc();
     leak_calloc();
     leak_realloc();
     leak_aligned();
     leak_in_thread();
     library_leak(6);
+    leak_mapping();
     /* The sink is cleared so that valgrind finds the blocks unreachable ("definitely
      * lost"), as a real leak would be. */
     for (int i = 0; i < 64; i++)

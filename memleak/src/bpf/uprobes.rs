@@ -1,7 +1,7 @@
 //! Attaching the user-space heap hooks (memleak-ebpf/src/user.rs) to one process: a uprobe at
 //! the entry and a uretprobe at the return of each allocator function, in every object that
 //! defines them (the C library, and jemalloc, tcmalloc or mimalloc when linked in or preloaded),
-//! and a uprobe on `free`. Linux 4.17+ (BPF on uprobe perf events); aya takes uprobe_multi
+//! and a uprobe on `free`, `munmap` and `mremap`. Linux 4.17+ (BPF on uprobe perf events); aya takes uprobe_multi
 //! links where the kernel has them (6.6+).
 use std::{
     collections::BTreeSet,
@@ -22,7 +22,7 @@ use crate::kinds::KindAttach;
 
 /// Allocator functions, each with the program at its entry. All return through
 /// [`RETURN_PROGRAM`].
-const ALLOCATOR_ENTRIES: [(&str, &str); 9] = [
+const ALLOCATOR_ENTRIES: [(&str, &str); 10] = [
     ("malloc", "user_malloc"),
     ("valloc", "user_malloc"),
     ("pvalloc", "user_malloc"),
@@ -32,9 +32,17 @@ const ALLOCATOR_ENTRIES: [(&str, &str); 9] = [
     ("aligned_alloc", "user_aligned_alloc"),
     ("memalign", "user_aligned_alloc"),
     ("posix_memalign", "user_posix_memalign"),
+    // `mmap64` is the same function: hooking both names would see each call twice.
+    ("mmap", "user_mmap"),
 ];
 const RETURN_PROGRAM: &str = "user_alloc_return";
-const FREE: (&str, &str) = ("free", "user_free");
+/// Functions that free, each with its program: `free`, and the C library's unmapping.
+const FREES: [(&str, &str); 3] = [
+    ("free", "user_free"),
+    ("munmap", "user_free_mapping"),
+    ("mremap", "user_free_remapped"),
+];
+const FREE: &str = FREES[0].0;
 
 /// The allocator functions a file defines (exports or has in its symbol table).
 pub fn allocator_functions(path: &Path) -> Result<BTreeSet<&'static str>> {
@@ -49,8 +57,8 @@ pub fn allocator_functions(path: &Path) -> Result<BTreeSet<&'static str>> {
         .collect();
     Ok(ALLOCATOR_ENTRIES
         .iter()
+        .chain(&FREES)
         .map(|&(function, _)| function)
-        .chain([FREE.0])
         .filter(|function| defined.contains(function))
         .collect())
 }
@@ -86,7 +94,7 @@ pub fn allocators(candidates: &[PathBuf]) -> Vec<(PathBuf, BTreeSet<&'static str
             continue;
         };
         if functions.contains("malloc")
-            && functions.contains(FREE.0)
+            && functions.contains(FREE)
             && !found.iter().any(|(known, _)| known == path)
         {
             found.push((path.clone(), functions));
@@ -111,7 +119,8 @@ pub fn attach_user(
     let programs = ALLOCATOR_ENTRIES
         .iter()
         .map(|&(_, program)| program)
-        .chain([RETURN_PROGRAM, FREE.1])
+        .chain([RETURN_PROGRAM])
+        .chain(FREES.iter().map(|&(_, program)| program))
         .collect::<BTreeSet<_>>();
     for name in &programs {
         let program: &mut UProbe = probes::program_mut(&mut ebpf, name)?.try_into()?;
@@ -124,7 +133,11 @@ pub fn attach_user(
         // Frees first: a block allocated before the free hook is attached would stay listed;
         // returns before entries: an entry whose return is not seen would leave its thread's
         // next call counted as nested in it.
-        attach(&mut ebpf, FREE.1, &[FREE.0], path, scope)?;
+        for (function, program) in FREES {
+            if functions.contains(function) {
+                attach(&mut ebpf, program, &[function], path, scope)?;
+            }
+        }
         let hooked: Vec<&str> = ALLOCATOR_ENTRIES
             .iter()
             .map(|&(function, _)| function)
@@ -158,7 +171,14 @@ pub fn attach_user(
         )],
         allocators
             .iter()
-            .map(|(path, _)| format!("free in {} (uprobe)", path.display()))
+            .map(|(path, functions)| {
+                let frees: Vec<&str> = FREES
+                    .iter()
+                    .map(|&(function, _)| function)
+                    .filter(|function| functions.contains(function))
+                    .collect();
+                format!("{} in {} (uprobe)", frees.join(", "), path.display())
+            })
             .collect(),
     ))
 }
@@ -168,8 +188,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_free_program_is_detached_last() {
-        assert!(probes::follows_frees(FREE.1));
+    fn the_free_programs_are_detached_last() {
+        for (_, program) in FREES {
+            assert!(probes::follows_frees(program), "{program}");
+        }
         for program in ALLOCATOR_ENTRIES
             .iter()
             .map(|&(_, program)| program)

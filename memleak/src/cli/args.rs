@@ -99,10 +99,10 @@ pub struct TracingOptions {
     pub pid: Option<u32>,
 
     /// Follow a user-space process's heap instead of kernel memory: malloc, calloc, realloc,
-    /// reallocarray, the aligned allocators and free, by uprobes on the C library (and on
-    /// jemalloc, tcmalloc or mimalloc where they define the same functions). `trace --user
-    /// --pid PID` follows a running process; `run --user -- COMMAND` follows COMMAND from
-    /// its first instruction to its exit (not the processes it forks).
+    /// reallocarray, the aligned allocators and free, and anonymous mmap/munmap, by uprobes on
+    /// the C library (and on jemalloc, tcmalloc or mimalloc where they define the same
+    /// functions). `trace --user --pid PID` follows a running process; `run --user -- COMMAND`
+    /// follows COMMAND from its first instruction to its exit (not the processes it forks).
     #[arg(long, conflicts_with_all = ["kinds", "attach", "comm", "by_process", "cache"])]
     pub user: bool,
 
