@@ -264,6 +264,9 @@ pub struct TracerConfig {
     /// Nonzero (`--user-stacks`): each captured kernel stack of a kernel allocation comes with
     /// the user-space stack of the task that made it.
     pub user_stacks: u32,
+    /// Nonzero (`run --user --follow-forks`): the user-space hooks are attached in every
+    /// process and record only the processes listed in `FOLLOWED_PROCESSES`.
+    pub follow_processes: u32,
     pub classic: ClassicOffsets,
 }
 
@@ -285,8 +288,21 @@ impl TracerConfig {
         raw_cache_alloc_passes_cache: 0,
         alloc_vmap_area_arguments: 0,
         user_stacks: 0,
+        follow_processes: 0,
         classic: ClassicOffsets::NONE,
     };
+}
+
+/// Where a user-space block's process goes in its table key: above the 47 bits of a user
+/// address on x86-64.
+pub const USER_KEY_PROCESS_SHIFT: u32 = 47;
+
+/// The table key of the user-space block at `address` of process `tgid`. A forked child has its
+/// parent's layout, so the same address is another block in each: the key tells them apart.
+/// Two processes collide only at the same address with ids equal modulo 2^17.
+#[inline(always)]
+pub const fn user_key(address: u64, tgid: u32) -> u64 {
+    address ^ ((tgid as u64) << USER_KEY_PROCESS_SHIFT)
 }
 
 /// The object hash's low bits choose its bucket and its top 16 bits decide sampling, so the two

@@ -78,6 +78,11 @@ pub static COMMS: HashMap<u32, TaskComm> = HashMap::with_max_entries(16384, 0);
 #[map]
 pub static MISSED_FREE_SITES: PerCpuHashMap<u64, u64> = PerCpuHashMap::with_max_entries(4096, 0);
 
+/// With `TracerConfig::follow_processes`: the processes whose heaps the user-space hooks
+/// record (the command and the children it forks), filled by userspace as they start.
+#[map]
+pub static FOLLOWED_PROCESSES: HashMap<u32, u8> = HashMap::with_max_entries(8192, 0);
+
 /// One word per CPU for `slab::scalar`.
 #[map]
 pub static SCRATCH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

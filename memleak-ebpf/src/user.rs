@@ -12,6 +12,10 @@
 //! that failed to move is still allocated but no longer followed. Erring that way leaves a
 //! block out of the report; the other way would report one already freed.
 //!
+//! Blocks are keyed by address and process (`user_key`): a forked child has its parent's
+//! layout. With `follow_processes` the hooks are attached in every process that maps the
+//! allocator, and each program first checks its process is followed.
+//!
 //! `mmap` of anonymous memory called by the program itself is a block too, `munmap` of its
 //! start frees it. Mappings an allocator makes inside a hooked call (glibc's large blocks and
 //! arenas) are nested calls, so they are not recorded twice; thread stacks (`MAP_STACK`,
@@ -23,9 +27,12 @@ use aya_ebpf::{
     maps::LruHashMap,
     programs::{ProbeContext, RetProbeContext},
 };
-use memleak_common::AllocKind;
+use memleak_common::{AllocKind, user_key};
 
-use crate::tracker::{Allocation, on_alloc, on_free};
+use crate::{
+    maps::{FOLLOWED_PROCESSES, config},
+    tracker::{Allocation, on_alloc, on_free},
+};
 
 /// A call in progress on one thread.
 #[repr(C)]
@@ -60,9 +67,32 @@ const MAP_STACK: u64 = 0x2_0000;
 #[map]
 static PENDING_CALLS: LruHashMap<u64, PendingCall> = LruHashMap::with_max_entries(16_384, 0);
 
+/// Whether the current process is one whose heap is recorded.
+#[inline(always)]
+fn followed() -> bool {
+    config!(follow_processes) == 0
+        || unsafe { FOLLOWED_PROCESSES.get(&current_process()) }.is_some()
+}
+
+#[inline(always)]
+fn current_process() -> u32 {
+    (bpf_get_current_pid_tgid() >> 32) as u32
+}
+
+/// Forgets the current process's block at `address`.
+#[inline(always)]
+fn free(address: u64) {
+    if address != 0 {
+        on_free(user_key(address, current_process()));
+    }
+}
+
 /// Saves a call's request, or counts it as nested in the thread's outer call.
 #[inline(always)]
 fn enter(bytes: u64, out_pointer: u64, records: u64) -> bool {
+    if !followed() {
+        return false;
+    }
     let thread = bpf_get_current_pid_tgid();
     if let Some(outer) = PENDING_CALLS.get_ptr_mut(&thread) {
         unsafe { (*outer).nested += 1 };
@@ -119,7 +149,7 @@ fn leave(ctx: &RetProbeContext, returned: u64) {
             gfp_flags: 0,
         }
     };
-    on_alloc(ctx, block, describe, |_| None);
+    on_alloc(ctx, user_key(block, current_process()), describe, |_| None);
 }
 
 #[inline(always)]
@@ -151,7 +181,7 @@ pub fn user_calloc(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn user_realloc(ctx: ProbeContext) -> u32 {
     if enter(argument(&ctx, 1), 0, RECORDS_BLOCK) {
-        on_free(argument(&ctx, 0));
+        free(argument(&ctx, 0));
     }
     0
 }
@@ -164,7 +194,7 @@ pub fn user_reallocarray(ctx: ProbeContext) -> u32 {
         0,
         RECORDS_BLOCK,
     ) {
-        on_free(argument(&ctx, 0));
+        free(argument(&ctx, 0));
     }
     0
 }
@@ -207,7 +237,9 @@ pub fn user_alloc_return(ctx: RetProbeContext) -> u32 {
 /// `free(pointer)`.
 #[uprobe]
 pub fn user_free(ctx: ProbeContext) -> u32 {
-    on_free(argument(&ctx, 0));
+    if followed() {
+        free(argument(&ctx, 0));
+    }
     0
 }
 
@@ -215,7 +247,9 @@ pub fn user_free(ctx: ProbeContext) -> u32 {
 /// one is not followed: its start forgets all of it, a later part nothing.
 #[uprobe]
 pub fn user_free_mapping(ctx: ProbeContext) -> u32 {
-    on_free(argument(&ctx, 0));
+    if followed() {
+        free(argument(&ctx, 0));
+    }
     0
 }
 
@@ -224,8 +258,8 @@ pub fn user_free_mapping(ctx: ProbeContext) -> u32 {
 /// block moves its own mapping, whose start is not the block's address).
 #[uprobe]
 pub fn user_free_remapped(ctx: ProbeContext) -> u32 {
-    if PENDING_CALLS.get_ptr(&bpf_get_current_pid_tgid()).is_none() {
-        on_free(argument(&ctx, 0));
+    if followed() && PENDING_CALLS.get_ptr(&bpf_get_current_pid_tgid()).is_none() {
+        free(argument(&ctx, 0));
     }
     0
 }

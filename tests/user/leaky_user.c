@@ -12,6 +12,11 @@
  * and everything else it allocates (churn_and_free, churn_mappings) freed before it exits.
  * Not blocks, and so never reported: a file mapping kept to the end, a thread's stack. Built with frame pointers so that both memleak and valgrind can walk it.
  *
+ * With `fork` as its argument, it first keeps a block of 88 bytes (leak_shared_before_fork),
+ * then forks two children that each free their copy of it, leak 3 blocks of 40 bytes
+ * (leak_in_child), churn and exit, and a third that leaks 2 blocks (leak_before_exec) and
+ * execs /bin/true, which frees them with the program.
+ *
  * With `wait` as its argument, it first leaks 9 blocks of 200 bytes (leak_before_wait),
  * churns, and then reads a line from stdin, so that a tracer can attach to it running: a
  * trace by pid must not report the blocks allocated before it attached. */
@@ -19,6 +24,7 @@
 #include <pthread.h>
 #include <stdio.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <unistd.h>
 #include <stdlib.h>
 #include <string.h>
@@ -118,6 +124,44 @@ __attribute__((noinline)) void churn_mappings(void) {
     close(file);
 }
 
+__attribute__((noinline)) void *leak_shared_before_fork(void) {
+    void *block = malloc(88);
+    keep(block);
+    return block;
+}
+
+__attribute__((noinline)) void leak_in_child(void) {
+    for (int i = 0; i < 3; i++)
+        keep(malloc(40));
+}
+
+__attribute__((noinline)) void leak_before_exec(void) {
+    for (int i = 0; i < 2; i++)
+        keep(malloc(24));
+}
+
+static void fork_children(void) {
+    void *shared = leak_shared_before_fork();
+    for (int i = 0; i < 2; i++) {
+        pid_t child = fork();
+        if (child == 0) {
+            /* The child's copy: the parent's block stays allocated. */
+            free(shared);
+            leak_in_child();
+            churn_and_free();
+            exit(0);
+        }
+        waitpid(child, NULL, 0);
+    }
+    pid_t child = fork();
+    if (child == 0) {
+        leak_before_exec();
+        execl("/bin/true", "true", (char *)NULL);
+        _exit(127);
+    }
+    waitpid(child, NULL, 0);
+}
+
 int main(int argc, char **argv) {
     if (argc > 1 && strcmp(argv[1], "wait") == 0) {
         char line[16];
@@ -128,6 +172,8 @@ int main(int argc, char **argv) {
         if (!fgets(line, sizeof line, stdin))
             return 1;
     }
+    if (argc > 1 && strcmp(argv[1], "fork") == 0)
+        fork_children();
     churn_and_free();
     churn_mappings();
     leak_malloc();

@@ -810,10 +810,16 @@ fn base_config(settings: &TracerSettings) -> (TracerConfig, u32) {
 }
 
 /// The object with the settings every program reads (none of the kernel-specific ones),
-/// recording only allocations by `filter_tgid`; and the table's bucket count.
-pub(crate) fn load_for(settings: &TracerSettings, filter_tgid: Option<u32>) -> Result<(Ebpf, u32)> {
+/// recording only allocations by `filter_tgid`, or with `follow_processes` only those of the
+/// processes listed in its `FOLLOWED_PROCESSES` map; and the table's bucket count.
+pub(crate) fn load_for(
+    settings: &TracerSettings,
+    filter_tgid: Option<u32>,
+    follow_processes: bool,
+) -> Result<(Ebpf, u32)> {
     let (mut config, buckets) = base_config(settings);
     config.filter_tgid = filter_tgid.or(settings.filter_tgid).unwrap_or(0);
+    config.follow_processes = follow_processes.into();
     Ok((load_object(&config, buckets)?, buckets))
 }
 

@@ -11,7 +11,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use aya::programs::{UProbe, uprobe::UProbeScope};
+use aya::{
+    maps::MapData,
+    programs::{UProbe, uprobe::UProbeScope},
+};
 use object::{Object as _, ObjectSymbol as _};
 
 use super::{
@@ -103,19 +106,55 @@ pub fn allocators(candidates: &[PathBuf]) -> Vec<(PathBuf, BTreeSet<&'static str
     found
 }
 
-/// Loads the tracer and attaches the heap hooks to `pid` in each of `allocators`.
+/// The processes whose heaps the hooks record when they are attached in every process
+/// (`run --user --follow-forks`): the command, and each child it forks, added while the child
+/// is held before its first instruction.
+pub struct FollowedProcesses(aya::maps::HashMap<MapData, u32, u8>);
+
+impl FollowedProcesses {
+    pub fn follow(&mut self, pid: u32) -> Result<()> {
+        self.0
+            .insert(&pid, &1, 0)
+            .with_context(|| format!("following process {pid}"))
+    }
+
+    /// Stops recording `pid` (it exited, or exec replaced its program); its id may be reused.
+    pub fn forget(&mut self, pid: u32) {
+        let _ = self.0.remove(&pid);
+    }
+}
+
+/// Loads the tracer and attaches the heap hooks to `pid` in each of `allocators`. With
+/// `follow_forks`, the hooks are attached in every process that maps those files (a forked
+/// child is another address space, which a hook scoped to `pid` does not see), record only
+/// the processes in the returned [`FollowedProcesses`], and `pid` is the first of them.
 pub fn attach_user(
     settings: &TracerSettings,
     pid: u32,
     allocators: &[(PathBuf, BTreeSet<&'static str>)],
-) -> Result<Tracer> {
+    follow_forks: bool,
+) -> Result<(Tracer, Option<FollowedProcesses>)> {
     if allocators.is_empty() {
         bail!("process {pid} maps no file that defines malloc and free: nothing to attach to");
     }
-    let Some(scope) = NonZeroU32::new(pid).map(UProbeScope::OneProcess) else {
+    let Some(process) = NonZeroU32::new(pid) else {
         bail!("process id 0 cannot be traced");
     };
-    let (mut ebpf, buckets) = probes::load_for(settings, Some(pid))?;
+    // Following forks, the programs check their process against the map instead.
+    let only = (!follow_forks).then_some(pid);
+    let (mut ebpf, buckets) = probes::load_for(settings, only, follow_forks)?;
+    let (scope, mut followed) = if follow_forks {
+        let map = ebpf
+            .take_map("FOLLOWED_PROCESSES")
+            .context("the eBPF object has no FOLLOWED_PROCESSES map")?;
+        let map = aya::maps::HashMap::try_from(map).context("FOLLOWED_PROCESSES")?;
+        (UProbeScope::AllProcesses, Some(FollowedProcesses(map)))
+    } else {
+        (UProbeScope::OneProcess(process), None)
+    };
+    if let Some(followed) = &mut followed {
+        followed.follow(pid)?;
+    }
     let programs = ALLOCATOR_ENTRIES
         .iter()
         .map(|&(_, program)| program)
@@ -157,7 +196,15 @@ pub fn attach_user(
         files.push(format!("{} ({})", path.display(), hooked.join(", ")));
     }
     let maps = TracerMaps::take(&mut ebpf, buckets)?;
-    Ok(Tracer::of_uprobes(
+    let heaps = if follow_forks {
+        format!(
+            "user-space heaps of process {pid} and the processes it forks (hooked in every \
+             process, recorded in these)"
+        )
+    } else {
+        format!("user-space heap of process {pid}")
+    };
+    let tracer = Tracer::of_uprobes(
         ebpf,
         maps,
         vec![KindAttach {
@@ -165,10 +212,7 @@ pub fn attach_user(
             method: "uprobe".to_owned(),
             why: None,
         }],
-        vec![format!(
-            "user-space heap of process {pid}: uprobes on {}",
-            files.join("; ")
-        )],
+        vec![format!("{heaps}: uprobes on {}", files.join("; "))],
         allocators
             .iter()
             .map(|(path, functions)| {
@@ -180,7 +224,8 @@ pub fn attach_user(
                 format!("{} in {} (uprobe)", frees.join(", "), path.display())
             })
             .collect(),
-    ))
+    );
+    Ok((tracer, followed))
 }
 
 #[cfg(test)]

@@ -46,6 +46,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "DUR", default_value = "3s", value_parser = parse_age)]
     pub grace: Duration,
 
+    /// With --user: also follow the processes COMMAND forks (and theirs), from their first
+    /// instruction to their exit or their exec of another program. The hooks are then placed
+    /// in every process that maps the allocator and record only these: every other process's
+    /// allocations on the machine pay a uprobe trap while the command runs.
+    #[arg(long, requires = "user")]
+    pub follow_forks: bool,
+
     #[command(flatten)]
     pub tracing: TracingOptions,
 
@@ -102,7 +109,8 @@ pub struct TracingOptions {
     /// reallocarray, the aligned allocators and free, and anonymous mmap/munmap, by uprobes on
     /// the C library (and on jemalloc, tcmalloc or mimalloc where they define the same
     /// functions). `trace --user --pid PID` follows a running process; `run --user -- COMMAND`
-    /// follows COMMAND from its first instruction to its exit (not the processes it forks).
+    /// follows COMMAND from its first instruction to its exit (the processes it forks with
+    /// --follow-forks).
     #[arg(long, conflicts_with_all = ["kinds", "attach", "comm", "by_process", "cache"])]
     pub user: bool,
 

@@ -10,13 +10,13 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use hashbrown::HashMap;
+use hashbrown::{HashMap, HashSet};
 
 use memleak::{
     bpf::{
         maps::{self as table, TracerMaps},
         probes::{self, Tracer},
-        uprobes,
+        uprobes::{self, FollowedProcesses},
     },
     kernel::{self, privileges, process::ProcessMaps},
     kinds::Kind,
@@ -32,7 +32,11 @@ use memleak::{
     util::{clock::monotonic_now_ns, duration, units::thousands},
 };
 
-use super::{signals::StopSignals, sleep_until, traced_command::TracedCommand};
+use super::{
+    signals::StopSignals,
+    sleep_until,
+    traced_command::{Forks, TracedCommand},
+};
 use crate::cli::{RunArgs, TraceArgs, TraceOptions};
 
 /// `memleak trace`: traces for the window (or until SIGINT / SIGTERM), then reports.
@@ -53,7 +57,7 @@ pub fn trace(args: &TraceArgs) -> Result<ExitCode> {
             .into_iter()
             .map(Path::to_owned)
             .collect();
-        Session::start_user(&options, pid, &candidates, maps)?
+        Session::start_user(&options, pid, &candidates, maps, false)?.0
     } else {
         Session::start(&options, leak_check.cache.as_deref())?
     };
@@ -94,7 +98,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
         .split_first()
         .context("no command given after --")?;
     if options.user {
-        return run_user(&options, &leak_check, &args.command);
+        return run_user(&options, &leak_check, &args.command, args.follow_forks);
     }
     let mut session = Session::start(&options, leak_check.cache.as_deref())?;
     eprintln!(
@@ -112,7 +116,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
             let traced = TracedCommand::start(program, arguments)?;
             let pid = traced.pid;
             let command = async move {
-                let exited = tokio::task::spawn_blocking(move || traced.run()).await??;
+                let exited = tokio::task::spawn_blocking(move || traced.run(None)).await??;
                 anyhow::Ok((exited.status, exited.maps))
             };
             (pid, Box::pin(command))
@@ -157,6 +161,7 @@ fn run_user(
     options: &TraceOptions,
     leak_check: &LeakCheck,
     command: &[String],
+    follow_forks: bool,
 ) -> Result<ExitCode> {
     let (program, arguments) = command.split_first().context("no command given after --")?;
     privileges::require_root()?;
@@ -192,8 +197,15 @@ fn run_user(
     };
     let traced = TracedCommand::start(program, arguments)?;
     let pid = traced.pid;
-    let mut session = match Session::start_user(options, pid, &candidates, ProcessMaps::default()) {
-        Ok(session) => session,
+    let started = Session::start_user(
+        options,
+        pid,
+        &candidates,
+        ProcessMaps::default(),
+        follow_forks,
+    );
+    let (mut session, followed) = match started {
+        Ok(started) => started,
         Err(error) => {
             traced.abandon();
             return Err(error);
@@ -206,7 +218,7 @@ fn run_user(
         session.tracer.attached,
         command.join(" ")
     );
-    let exited = async move { tokio::task::spawn_blocking(move || traced.run()).await? };
+    let exited = async move { tokio::task::spawn_blocking(move || traced.run(followed)).await? };
     let exited = session
         .runtime
         .block_on(watch(
@@ -220,6 +232,11 @@ fn run_user(
     if let Some(maps) = exited.maps {
         session.polled.user_maps = Some(maps);
     }
+    session
+        .tracer
+        .notes
+        .extend(forks_note(&exited.forks, follow_forks));
+    session.replaced_processes = exited.forks.replaced;
     session.tracer.notes.push(
         "blocks listed were not freed before the command exited: a record of what was \
          allocated and never freed, not a reachability analysis (valgrind's \"definitely \
@@ -228,6 +245,70 @@ fn run_user(
     );
     let verdict = session.finish(options, leak_check)?;
     Ok(status_or_leak(exited.status, verdict.as_ref(), leak_check))
+}
+
+/// Removes the blocks of `processes` from the table (their program was replaced, and its heap
+/// with it), and says how many there were.
+fn forget_processes(maps: &TracerMaps, processes: &HashSet<u32>) -> Result<Option<String>> {
+    let mut blocks = HashMap::new();
+    table::for_each_outstanding(maps, |key, record| {
+        if processes.contains(&record.tgid) {
+            blocks.insert(key, record.timestamp_ns);
+        }
+    })?;
+    let removed = table::remove_objects(maps, &blocks)?;
+    Ok((removed > 0).then(|| {
+        format!(
+            "{removed} blocks of forked processes that exec'ed another program are left out: \
+             the exec freed them"
+        )
+    }))
+}
+
+/// What the report says of the processes the command forked, if it forked any.
+fn forks_note(forks: &Forks, follow_forks: bool) -> Option<String> {
+    if !follow_forks {
+        return (forks.not_followed > 0).then(|| {
+            format!(
+                "the command forked {} processes, whose heaps are not followed \
+                 (--follow-forks follows them)",
+                forks.not_followed
+            )
+        });
+    }
+    let mut said = vec![format!(
+        "followed {} processes forked by the command from their first instruction; their \
+         frames are named from the command's mappings (a fork's are its parent's)",
+        forks.followed
+    )];
+    if !forks.replaced.is_empty() {
+        said.push(format!(
+            "{} of them exec'ed another program: their blocks from before are left out (the \
+             exec freed them with their old program) and what they ran after is not followed",
+            forks.replaced.len()
+        ));
+    }
+    if forks.still_running > 0 {
+        said.push(format!(
+            "{} were still running when the command exited: their blocks are those not freed \
+             by then",
+            forks.still_running
+        ));
+    }
+    if forks.command_replaced_after_fork {
+        said.push(
+            "the command exec'ed another program after forking: its children's frames are \
+             named from the new program's mappings, which may not be theirs"
+                .to_owned(),
+        );
+    }
+    if forks.not_followed > 0 {
+        said.push(format!(
+            "{} more could not be followed (the map of followed processes was full)",
+            forks.not_followed
+        ));
+    }
+    Some(said.join("; "))
 }
 
 /// Signals go to the command; memleak reports once it has exited.
@@ -280,6 +361,9 @@ struct Session {
     counts_at_start: Option<Result<accounting::KernelCounts, String>>,
     /// What is read while the trace runs, for symbolizing after it.
     polled: Polled,
+    /// Processes whose program exec replaced (`run --user --follow-forks`): their blocks went
+    /// with it, and are left out of the report.
+    replaced_processes: HashSet<u32>,
 }
 
 /// What [`watch`] keeps up to date while the trace runs: the modules seen loaded, and for a
@@ -362,26 +446,31 @@ impl Session {
             slab_layout: None,
             counts_at_start: None,
             polled,
+            replaced_processes: HashSet::new(),
         }
     }
 
     /// Attaches to the heap of process `pid`, in those of `candidates` that hold an allocator.
+    /// With `follow_forks`, also to those of the processes it forks, as they are added to
+    /// the [`FollowedProcesses`] returned.
     fn start_user(
         options: &TraceOptions,
         pid: u32,
         candidates: &[PathBuf],
         maps: ProcessMaps,
-    ) -> Result<Self> {
+        follow_forks: bool,
+    ) -> Result<(Self, Option<FollowedProcesses>)> {
         let prepared = prepare(&options.trace.tracer, &options.report)?;
         let allocators = uprobes::allocators(candidates);
-        let tracer = uprobes::attach_user(&options.trace.tracer, pid, &allocators)?;
+        let (tracer, followed) =
+            uprobes::attach_user(&options.trace.tracer, pid, &allocators, follow_forks)?;
         let polled = Polled {
             module_symbols: ModuleSymbols::default(),
             user_pid: Some(pid),
             user_maps: (!maps.mappings.is_empty()).then_some(maps),
             exited_maps: HashMap::new(),
         };
-        Ok(Self::attached(tracer, prepared, polled))
+        Ok((Self::attached(tracer, prepared, polled), followed))
     }
 
     /// What the programs are attached to, for the line that says so.
@@ -428,6 +517,9 @@ impl Session {
         let detached = probes::detach_allocations_first(&mut programs);
         drop(programs);
         detached?;
+        if !self.replaced_processes.is_empty() {
+            notes.extend(forget_processes(&maps, &self.replaced_processes)?);
+        }
         let counts_at_end = self
             .counts_at_start
             .is_some()
@@ -601,4 +693,52 @@ async fn watch<T>(
         eprint!("\r\x1b[K");
     }
     Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_forks_note_says_what_was_and_was_not_followed() {
+        let none = Forks::default();
+        assert_eq!(forks_note(&none, false), None);
+        let let_go = Forks {
+            not_followed: 3,
+            ..Forks::default()
+        };
+        assert_eq!(
+            forks_note(&let_go, false).as_deref(),
+            Some(
+                "the command forked 3 processes, whose heaps are not followed \
+                 (--follow-forks follows them)"
+            )
+        );
+        let followed = Forks {
+            not_followed: 1,
+            followed: 4,
+            replaced: HashSet::from_iter([7, 8]),
+            still_running: 1,
+            command_replaced_after_fork: true,
+        };
+        let note = forks_note(&followed, true).expect("a note");
+        for said in [
+            "followed 4 processes forked by the command",
+            "2 of them exec'ed another program",
+            "1 were still running when the command exited",
+            "the command exec'ed another program after forking",
+            "1 more could not be followed",
+        ] {
+            assert!(note.contains(said), "{said}: {note}");
+        }
+        let quiet = Forks {
+            followed: 2,
+            ..Forks::default()
+        };
+        let note = forks_note(&quiet, true).expect("a note");
+        assert!(
+            !note.contains("exec'ed") && !note.contains("still running"),
+            "{note}"
+        );
+    }
 }

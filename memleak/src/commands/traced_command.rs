@@ -2,9 +2,11 @@
 //! instruction until the uprobes are attached, and again as it exits, while its mappings still
 //! exist, so that its stacks can be symbolized after it is gone.
 //!
-//! Only the exit of the process COMMAND starts is waited on (its main thread, through exec):
-//! its other threads run untraced and their allocations are recorded like the main thread's;
-//! the processes it forks are not followed. Signals it receives are passed on unchanged.
+//! The processes it forks are held at their first instruction too: with `--follow-forks` each
+//! is added to the followed processes before it runs (and forgotten when it exits or exec
+//! replaces its program, whose heap is then another program's), otherwise it is let go and
+//! counted. Threads run untraced: the hooks see every thread of a followed process. Signals
+//! are passed on unchanged.
 use std::{
     os::unix::process::{CommandExt as _, ExitStatusExt as _},
     process::{Command, ExitStatus},
@@ -13,18 +15,43 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use memleak::kernel::process::ProcessMaps;
+use hashbrown::HashSet;
+use memleak::{bpf::uprobes::FollowedProcesses, kernel::process::ProcessMaps};
 
 /// What the command left when it exited.
 pub struct Exited {
     pub status: ExitStatus,
     /// Its mappings as it exited (`None` if they could not be read then).
     pub maps: Option<ProcessMaps>,
+    pub forks: Forks,
+}
+
+/// What the tracer thread is told once the hooks are attached, or could not be.
+enum Go {
+    Run(Option<FollowedProcesses>),
+    Kill,
+}
+
+/// The processes the command and its followed children forked.
+#[derive(Debug, Default)]
+pub struct Forks {
+    /// Forked while not followed (without `--follow-forks`, or the map was full): let go.
+    pub not_followed: u64,
+    /// Followed from their first instruction.
+    pub followed: u64,
+    /// Followed processes whose program exec replaced: their blocks from before are gone
+    /// with their old program, and what they ran after is not followed.
+    pub replaced: HashSet<u32>,
+    /// Followed processes still running when the command exited.
+    pub still_running: u64,
+    /// The command itself exec'ed after it had forked: its children's frames are named from
+    /// the mappings of its last program.
+    pub command_replaced_after_fork: bool,
 }
 
 pub struct TracedCommand {
     pub pid: u32,
-    go: mpsc::Sender<bool>,
+    go: mpsc::Sender<Go>,
     tracer: thread::JoinHandle<Result<Exited>>,
 }
 
@@ -33,7 +60,7 @@ impl TracedCommand {
     /// thread that started it, so one thread does all of them.
     pub fn start(program: &str, arguments: &[String]) -> Result<Self> {
         let (started_tx, started_rx) = mpsc::channel();
-        let (go, go_rx) = mpsc::channel::<bool>();
+        let (go, go_rx) = mpsc::channel::<Go>();
         let program = program.to_owned();
         let arguments = arguments.to_vec();
         let tracer = thread::spawn(move || -> Result<Exited> {
@@ -63,35 +90,19 @@ impl TracedCommand {
                 bail!("not started");
             }
             let _ = started_tx.send(Ok(pid as u32));
-            if !go_rx.recv().unwrap_or(false) {
+            let Ok(Go::Run(followed)) = go_rx.recv() else {
                 unsafe { libc::kill(pid, libc::SIGKILL) };
                 let _ = wait(pid);
                 bail!("not traced");
-            }
-            let options = libc::PTRACE_O_TRACEEXIT | libc::PTRACE_O_TRACEEXEC;
+            };
+            // Forked children inherit these options, so theirs are held and followed too.
+            let options = libc::PTRACE_O_TRACEEXIT
+                | libc::PTRACE_O_TRACEEXEC
+                | libc::PTRACE_O_TRACEFORK
+                | libc::PTRACE_O_TRACEVFORK;
             ptrace(libc::PTRACE_SETOPTIONS, pid, options as usize)?;
             ptrace(libc::PTRACE_CONT, pid, 0)?;
-            let mut maps = None;
-            loop {
-                let status = wait(pid)?;
-                if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
-                    return Ok(Exited {
-                        status: ExitStatus::from_raw(status),
-                        maps,
-                    });
-                }
-                let event = status >> 16;
-                let signal = if event == libc::PTRACE_EVENT_EXIT {
-                    maps = ProcessMaps::read(pid as u32).ok();
-                    0
-                } else if event != 0 {
-                    0
-                } else {
-                    libc::WSTOPSIG(status)
-                };
-                // Fails only if it was killed meanwhile; the next wait says so.
-                let _ = ptrace(libc::PTRACE_CONT, pid, signal as usize);
-            }
+            follow(pid, followed)
         });
         match started_rx.recv() {
             Ok(Ok(pid)) => Ok(Self { pid, go, tracer }),
@@ -104,10 +115,11 @@ impl TracedCommand {
         }
     }
 
-    /// Lets the command run, and waits for it to exit.
-    pub fn run(self) -> Result<Exited> {
+    /// Lets the command run, and waits for it to exit. With `followed`, the processes it forks
+    /// are followed too.
+    pub fn run(self, followed: Option<FollowedProcesses>) -> Result<Exited> {
         self.go
-            .send(true)
+            .send(Go::Run(followed))
             .map_err(|_| anyhow!("the command's tracer thread has ended"))?;
         self.tracer
             .join()
@@ -116,8 +128,90 @@ impl TracedCommand {
 
     /// Kills the command before it has run an instruction.
     pub fn abandon(self) {
-        let _ = self.go.send(false);
+        let _ = self.go.send(Go::Kill);
         let _ = self.tracer.join();
+    }
+}
+
+/// Runs the command and the children it forks until the command exits. Its children still
+/// running then are let go when this thread ends (the kernel detaches a tracer's tracees).
+fn follow(command: libc::pid_t, mut followed: Option<FollowedProcesses>) -> Result<Exited> {
+    let mut maps = None;
+    let mut forks = Forks::default();
+    // Followed children that have passed their first stop and not exited.
+    let mut children: HashSet<libc::pid_t> = HashSet::new();
+    loop {
+        let (pid, status) = wait_any()?;
+        if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
+            if pid == command {
+                forks.still_running = children.len() as u64;
+                return Ok(Exited {
+                    status: ExitStatus::from_raw(status),
+                    maps,
+                    forks,
+                });
+            }
+            if children.remove(&pid)
+                && let Some(followed) = &mut followed
+            {
+                followed.forget(pid as u32);
+            }
+            continue;
+        }
+        let signal = match status >> 16 {
+            libc::PTRACE_EVENT_EXIT if pid == command => {
+                maps = ProcessMaps::read(pid as u32).ok();
+                0
+            }
+            libc::PTRACE_EVENT_EXEC if pid == command => {
+                forks.command_replaced_after_fork |= forks.followed > 0;
+                0
+            }
+            libc::PTRACE_EVENT_EXEC => {
+                // Its heap went with its old program; the new one is not followed.
+                if let Some(followed) = &mut followed {
+                    followed.forget(pid as u32);
+                }
+                children.remove(&pid);
+                forks.replaced.insert(pid as u32);
+                let _ = ptrace(libc::PTRACE_DETACH, pid, 0);
+                continue;
+            }
+            0 if pid != command && !children.contains(&pid) => {
+                // A forked child's first stop (its SIGSTOP), before its first instruction.
+                let held = followed
+                    .as_mut()
+                    .is_some_and(|followed| followed.follow(pid as u32).is_ok());
+                if !held {
+                    forks.not_followed += 1;
+                    let _ = ptrace(libc::PTRACE_DETACH, pid, 0);
+                    continue;
+                }
+                forks.followed += 1;
+                children.insert(pid);
+                0
+            }
+            0 => libc::WSTOPSIG(status),
+            // Fork events: the child's own first stop handles it.
+            _ => 0,
+        };
+        // Fails only if it was killed meanwhile; the next wait says so.
+        let _ = ptrace(libc::PTRACE_CONT, pid, signal as usize);
+    }
+}
+
+/// The next tracee to change state, with its status.
+fn wait_any() -> Result<(libc::pid_t, libc::c_int)> {
+    let mut status = 0;
+    loop {
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::__WALL) };
+        if pid > 0 {
+            return Ok((pid, status));
+        }
+        let error = std::io::Error::last_os_error();
+        if error.kind() != std::io::ErrorKind::Interrupted {
+            return Err(error).context("waitpid");
+        }
     }
 }
 
