@@ -43,11 +43,13 @@ enum Task {
 /// What the end-to-end tests run besides memleak: `go tool pprof` reads the pprof profiles,
 /// Prometheus scrapes `watch --listen` (and promtool checks its page and the alert rules),
 /// headless Chromium renders its dashboard; gcc builds the user-space fixture, which valgrind
-/// checks as the oracle of `run --user`, and which runs with jemalloc, tcmalloc and mimalloc.
+/// checks as the oracle of `run --user`, and which runs with jemalloc, tcmalloc and mimalloc;
+/// g++ builds the C++ fixture, whose operators those allocators define.
 /// (The VM test installs its own: qemu, and what building a kernel needs.)
-const TEST_PACKAGES: [&str; 8] = [
+const TEST_PACKAGES: [&str; 9] = [
     "chromium",
     "gcc",
+    "g++",
     "golang-go",
     "libjemalloc2",
     "libmimalloc2.0",

@@ -4,7 +4,7 @@
 //! and a uprobe on `free`, `munmap` and `mremap`. Linux 4.17+ (BPF on uprobe perf events); aya takes uprobe_multi
 //! links where the kernel has them (6.6+).
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fs,
     num::NonZeroU32,
     path::{Path, PathBuf},
@@ -24,8 +24,10 @@ use super::{
 use crate::kinds::KindAttach;
 
 /// Allocator functions, each with the program at its entry. All return through
-/// [`RETURN_PROGRAM`].
-const ALLOCATOR_ENTRIES: [(&str, &str); 10] = [
+/// [`RETURN_PROGRAM`]. Beside the C library's: C++'s `operator new` in its forms (jemalloc,
+/// tcmalloc and mimalloc define them apart from malloc; the C++ library's own call malloc,
+/// and is not hooked, defining no malloc) and jemalloc's `mallocx`/`rallocx`.
+const ALLOCATOR_ENTRIES: [(&str, &str); 20] = [
     ("malloc", "user_malloc"),
     ("valloc", "user_malloc"),
     ("pvalloc", "user_malloc"),
@@ -37,33 +39,87 @@ const ALLOCATOR_ENTRIES: [(&str, &str); 10] = [
     ("posix_memalign", "user_posix_memalign"),
     // `mmap64` is the same function: hooking both names would see each call twice.
     ("mmap", "user_mmap"),
+    ("mallocx", "user_malloc"),
+    ("rallocx", "user_realloc"),
+    // operator new(size_t) and new[], each also nothrow, aligned, aligned nothrow: the size
+    // comes first in all.
+    ("_Znwm", "user_malloc"),
+    ("_Znam", "user_malloc"),
+    ("_ZnwmRKSt9nothrow_t", "user_malloc"),
+    ("_ZnamRKSt9nothrow_t", "user_malloc"),
+    ("_ZnwmSt11align_val_t", "user_malloc"),
+    ("_ZnamSt11align_val_t", "user_malloc"),
+    ("_ZnwmSt11align_val_tRKSt9nothrow_t", "user_malloc"),
+    ("_ZnamSt11align_val_tRKSt9nothrow_t", "user_malloc"),
 ];
 const RETURN_PROGRAM: &str = "user_alloc_return";
-/// Functions that free, each with its program: `free`, and the C library's unmapping.
-const FREES: [(&str, &str); 3] = [
+/// Functions that free, each with its program: `free`, the C library's unmapping, jemalloc's
+/// `dallocx`/`sdallocx`, and C++'s `operator delete` in its forms (the pointer first in all).
+const FREES: [(&str, &str); 15] = [
     ("free", "user_free"),
     ("munmap", "user_free_mapping"),
     ("mremap", "user_free_remapped"),
+    ("dallocx", "user_free"),
+    ("sdallocx", "user_free"),
+    ("_ZdlPv", "user_free"),
+    ("_ZdaPv", "user_free"),
+    ("_ZdlPvm", "user_free"),
+    ("_ZdaPvm", "user_free"),
+    ("_ZdlPvRKSt9nothrow_t", "user_free"),
+    ("_ZdaPvRKSt9nothrow_t", "user_free"),
+    ("_ZdlPvSt11align_val_t", "user_free"),
+    ("_ZdaPvSt11align_val_t", "user_free"),
+    ("_ZdlPvmSt11align_val_t", "user_free"),
+    ("_ZdaPvmSt11align_val_t", "user_free"),
 ];
 const FREE: &str = FREES[0].0;
 
-/// The allocator functions a file defines (exports or has in its symbol table).
+/// The allocator functions a file defines (exports or has in its symbol table), one name per
+/// address: allocators alias their names (tcmalloc's `operator delete` is its `free`), and a
+/// function hooked under two names would be seen twice per call.
 pub fn allocator_functions(path: &Path) -> Result<BTreeSet<&'static str>> {
     let data = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let file = object::File::parse(&*data)
         .with_context(|| format!("{}: not an ELF file memleak can read", path.display()))?;
-    let defined: BTreeSet<&str> = file
+    let addresses: BTreeMap<&str, u64> = file
         .dynamic_symbols()
         .chain(file.symbols())
         .filter(|symbol| symbol.is_definition())
-        .filter_map(|symbol| symbol.name().ok())
+        .filter_map(|symbol| Some((symbol.name().ok()?, symbol.address())))
         .collect();
-    Ok(ALLOCATOR_ENTRIES
+    Ok(first_name_per_address(&addresses))
+}
+
+/// Of the hooked functions in `addresses` (name to address), the first in hooking order at
+/// each address.
+fn first_name_per_address(addresses: &BTreeMap<&str, u64>) -> BTreeSet<&'static str> {
+    let mut taken = BTreeSet::new();
+    ALLOCATOR_ENTRIES
         .iter()
         .chain(&FREES)
         .map(|&(function, _)| function)
-        .filter(|function| defined.contains(function))
-        .collect())
+        .filter(|function| {
+            addresses
+                .get(function)
+                .is_some_and(|&address| taken.insert(address))
+        })
+        .collect()
+}
+
+/// `functions` as a note names them: C++'s operators by their C++ names.
+fn describe(functions: &[&str]) -> String {
+    let mut names: Vec<&str> = functions
+        .iter()
+        .copied()
+        .filter(|function| !function.starts_with("_Z"))
+        .collect();
+    if functions.iter().any(|function| function.starts_with("_Zn")) {
+        names.push("operator new");
+    }
+    if functions.iter().any(|function| function.starts_with("_Zd")) {
+        names.push("operator delete");
+    }
+    names.join(", ")
 }
 
 /// Attaches `program` at `functions` of `path`: one link (uprobe_multi, Linux 6.6+) or one
@@ -89,21 +145,41 @@ fn attach(
 }
 
 /// Of `candidates`, the files that define `malloc` and `free`, each with the allocator
-/// functions it defines; files that cannot be read are skipped.
+/// functions it defines, and the C++ libraries, with their `operator new` forms only: theirs
+/// call malloc, and are built without frame pointers, so that a stack walked from malloc skips
+/// the code that called `new`; hooked, `new` is the outer call, and its caller the call site.
+/// (Their `operator delete` calls free, hooked already.) Files that cannot be read are skipped.
 pub fn allocators(candidates: &[PathBuf]) -> Vec<(PathBuf, BTreeSet<&'static str>)> {
     let mut found: Vec<(PathBuf, BTreeSet<&'static str>)> = Vec::new();
     for path in candidates {
         let Ok(functions) = allocator_functions(path) else {
             continue;
         };
-        if functions.contains("malloc")
-            && functions.contains(FREE)
-            && !found.iter().any(|(known, _)| known == path)
-        {
+        if found.iter().any(|(known, _)| known == path) {
+            continue;
+        }
+        if defines_malloc_and_free(&functions) {
             found.push((path.clone(), functions));
+        } else {
+            let news: BTreeSet<&str> = functions
+                .into_iter()
+                .filter(|function| is_operator_new(function))
+                .collect();
+            if !news.is_empty() {
+                found.push((path.clone(), news));
+            }
         }
     }
     found
+}
+
+fn defines_malloc_and_free(functions: &BTreeSet<&str>) -> bool {
+    functions.contains("malloc") && functions.contains(FREE)
+}
+
+/// `operator new` and `new[]` in their forms (mangled).
+fn is_operator_new(function: &str) -> bool {
+    function.starts_with("_Znwm") || function.starts_with("_Znam")
 }
 
 /// The processes whose heaps the hooks record when they are attached in every process
@@ -134,7 +210,10 @@ pub fn attach_user(
     allocators: &[(PathBuf, BTreeSet<&'static str>)],
     follow_forks: bool,
 ) -> Result<(Tracer, Option<FollowedProcesses>)> {
-    if allocators.is_empty() {
+    if !allocators
+        .iter()
+        .any(|(_, functions)| defines_malloc_and_free(functions))
+    {
         bail!("process {pid} maps no file that defines malloc and free: nothing to attach to");
     }
     let Some(process) = NonZeroU32::new(pid) else {
@@ -172,9 +251,18 @@ pub fn attach_user(
         // Frees first: a block allocated before the free hook is attached would stay listed;
         // returns before entries: an entry whose return is not seen would leave its thread's
         // next call counted as nested in it.
-        for (function, program) in FREES {
-            if functions.contains(function) {
-                attach(&mut ebpf, program, &[function], path, scope)?;
+        for program in FREES
+            .iter()
+            .map(|&(_, program)| program)
+            .collect::<BTreeSet<_>>()
+        {
+            let frees: Vec<&str> = FREES
+                .iter()
+                .filter(|&&(function, free)| free == program && functions.contains(function))
+                .map(|&(function, _)| function)
+                .collect();
+            if !frees.is_empty() {
+                attach(&mut ebpf, program, &frees, path, scope)?;
             }
         }
         let hooked: Vec<&str> = ALLOCATOR_ENTRIES
@@ -182,6 +270,9 @@ pub fn attach_user(
             .map(|&(function, _)| function)
             .filter(|function| functions.contains(function))
             .collect();
+        if hooked.is_empty() {
+            continue;
+        }
         attach(&mut ebpf, RETURN_PROGRAM, &hooked, path, scope)?;
         for program in &programs {
             let entries: Vec<&str> = ALLOCATOR_ENTRIES
@@ -193,7 +284,7 @@ pub fn attach_user(
                 attach(&mut ebpf, program, &entries, path, scope)?;
             }
         }
-        files.push(format!("{} ({})", path.display(), hooked.join(", ")));
+        files.push(format!("{} ({})", path.display(), describe(&hooked)));
     }
     let maps = TracerMaps::take(&mut ebpf, buckets)?;
     let heaps = if follow_forks {
@@ -215,13 +306,14 @@ pub fn attach_user(
         vec![format!("{heaps}: uprobes on {}", files.join("; "))],
         allocators
             .iter()
+            .filter(|(_, functions)| defines_malloc_and_free(functions))
             .map(|(path, functions)| {
                 let frees: Vec<&str> = FREES
                     .iter()
                     .map(|&(function, _)| function)
                     .filter(|function| functions.contains(function))
                     .collect();
-                format!("{} in {} (uprobe)", frees.join(", "), path.display())
+                format!("{} in {} (uprobe)", describe(&frees), path.display())
             })
             .collect(),
     );
@@ -231,6 +323,36 @@ pub fn attach_user(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_address_is_hooked_under_one_name() {
+        // tcmalloc's exports: free, tc_free and operator delete are one function.
+        let addresses = BTreeMap::from([
+            ("malloc", 0x1ed40),
+            ("tc_malloc", 0x1ed40),
+            ("free", 0x1d100),
+            ("tc_free", 0x1d100),
+            ("_ZdlPv", 0x1d100),
+            ("_ZdlPvm", 0x1d280),
+            ("_Znwm", 0x1e6c0),
+            ("calloc", 0x1dae0),
+            ("unrelated", 0x1000),
+        ]);
+        assert_eq!(
+            first_name_per_address(&addresses),
+            BTreeSet::from(["malloc", "free", "_ZdlPvm", "_Znwm", "calloc"])
+        );
+    }
+
+    #[test]
+    fn notes_name_the_operators_by_their_cpp_names() {
+        assert_eq!(
+            describe(&["malloc", "_Znwm", "_ZnamRKSt9nothrow_t", "mallocx"]),
+            "malloc, mallocx, operator new"
+        );
+        assert_eq!(describe(&["free", "_ZdlPvm"]), "free, operator delete");
+        assert_eq!(describe(&["free"]), "free");
+    }
 
     #[test]
     fn the_free_programs_are_detached_last() {
