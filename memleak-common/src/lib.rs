@@ -293,6 +293,20 @@ impl TracerConfig {
     };
 }
 
+/// The user-space function a hook is attached to, as its attach cookie: one entry program
+/// serves every allocator function, one program every function that frees.
+pub mod user_call {
+    pub const MALLOC: u64 = 0;
+    pub const CALLOC: u64 = 1;
+    pub const REALLOC: u64 = 2;
+    pub const REALLOCARRAY: u64 = 3;
+    pub const ALIGNED_ALLOC: u64 = 4;
+    pub const POSIX_MEMALIGN: u64 = 5;
+    pub const MMAP: u64 = 6;
+    pub const FREE: u64 = 7;
+    pub const MREMAP: u64 = 8;
+}
+
 /// Where a user-space block's process goes in its table key: above the 47 bits of a user
 /// address on x86-64.
 pub const USER_KEY_PROCESS_SHIFT: u32 = 47;

@@ -1,7 +1,9 @@
 //! User-space heap hooks: uprobes on the entry of glibc's allocator functions (and of any
 //! allocator exporting the same names: jemalloc, tcmalloc and mimalloc override them) and
-//! uretprobes on their return, attached to one process (Linux 4.17+ for BPF on uprobes by
-//! perf event, 6.6+ for uprobe_multi links).
+//! uretprobes on their return, attached to one process. One entry program serves every
+//! allocator function and one program every function that frees: the attach cookie says which
+//! function fired (Linux 5.15+). Each comes twice, for one perf event per function and for one
+//! uprobe_multi link per file (6.6+), which is far quicker to detach.
 //!
 //! The entry saves the request per thread; the return records the block the allocator handed
 //! out, with the return address into the caller as call site and the user stack. A call that
@@ -22,12 +24,13 @@
 //! which glibc caches rather than unmaps), file mappings and `MAP_FIXED` replacements are
 //! not blocks. `mremap` forgets the mapping it moves or resizes, as realloc does.
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
+    EbpfContext as _,
+    helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_probe_read_user},
     macros::{map, uprobe, uretprobe},
     maps::LruHashMap,
     programs::{ProbeContext, RetProbeContext},
 };
-use memleak_common::{AllocKind, user_key};
+use memleak_common::{AllocKind, user_call, user_key};
 
 use crate::{
     maps::{FOLLOWED_PROCESSES, config},
@@ -157,109 +160,119 @@ fn argument(ctx: &ProbeContext, index: usize) -> u64 {
     ctx.arg::<u64>(index).unwrap_or(0)
 }
 
-/// `malloc(size)`, `valloc(size)`, `pvalloc(size)`.
-#[uprobe]
-pub fn user_malloc(ctx: ProbeContext) -> u32 {
-    enter(argument(&ctx, 0), 0, RECORDS_BLOCK);
-    0
-}
-
-/// `calloc(count, size)`. A product that overflows makes calloc fail, so a block returned
-/// has exactly that size (a wrapping multiplication: a checked one needs 128-bit arithmetic,
-/// which BPF has not).
-#[uprobe]
-pub fn user_calloc(ctx: ProbeContext) -> u32 {
-    enter(
-        argument(&ctx, 0).wrapping_mul(argument(&ctx, 1)),
-        0,
-        RECORDS_BLOCK,
-    );
-    0
-}
-
-/// `realloc(pointer, size)`.
-#[uprobe]
-pub fn user_realloc(ctx: ProbeContext) -> u32 {
-    if enter(argument(&ctx, 1), 0, RECORDS_BLOCK) {
-        free(argument(&ctx, 0));
+/// The entry of an allocator function, which its attach cookie names (`UserCall`).
+#[inline(always)]
+fn allocator_entry(ctx: &ProbeContext) {
+    let argument = |index| argument(ctx, index);
+    match attach_cookie(ctx) {
+        // calloc(count, size), reallocarray's count and size: a product that overflows makes
+        // the call fail, so a block returned has exactly that size (a wrapping multiplication:
+        // a checked one needs 128-bit arithmetic, which BPF has not).
+        user_call::CALLOC => {
+            enter(argument(0).wrapping_mul(argument(1)), 0, RECORDS_BLOCK);
+        }
+        // realloc(pointer, size) forgets its old block at entry.
+        user_call::REALLOC => {
+            if enter(argument(1), 0, RECORDS_BLOCK) {
+                free(argument(0));
+            }
+        }
+        // reallocarray(pointer, count, size).
+        user_call::REALLOCARRAY => {
+            if enter(argument(1).wrapping_mul(argument(2)), 0, RECORDS_BLOCK) {
+                free(argument(0));
+            }
+        }
+        // aligned_alloc(alignment, size), memalign(alignment, size).
+        user_call::ALIGNED_ALLOC => {
+            enter(argument(1), 0, RECORDS_BLOCK);
+        }
+        // posix_memalign(memptr, alignment, size).
+        user_call::POSIX_MEMALIGN => {
+            enter(argument(2), argument(0), RECORDS_BLOCK);
+        }
+        // mmap(address, length, protection, flags, fd, offset).
+        user_call::MMAP => {
+            let flags = argument(3);
+            let records = if flags & MAP_ANONYMOUS != 0 && flags & (MAP_FIXED | MAP_STACK) == 0 {
+                RECORDS_MAPPING
+            } else {
+                RECORDS_NOTHING
+            };
+            enter(argument(1), 0, records);
+        }
+        // malloc(size) and every function whose size comes first: valloc, pvalloc, mallocx,
+        // operator new.
+        _ => {
+            enter(argument(0), 0, RECORDS_BLOCK);
+        }
     }
-    0
 }
 
-/// `reallocarray(pointer, count, size)`.
-#[uprobe]
-pub fn user_reallocarray(ctx: ProbeContext) -> u32 {
-    if enter(
-        argument(&ctx, 1).wrapping_mul(argument(&ctx, 2)),
-        0,
-        RECORDS_BLOCK,
-    ) {
-        free(argument(&ctx, 0));
+/// A function that frees, which its attach cookie names (`UserCall`).
+#[inline(always)]
+fn free_entry(ctx: &ProbeContext) {
+    if !followed() {
+        return;
     }
-    0
+    let address = argument(ctx, 0);
+    match attach_cookie(ctx) {
+        // mremap(address, old_length, new_length, flags, ...): the mapping is forgotten, as
+        // realloc forgets its block, unless an allocator call made it (glibc's realloc of a
+        // large block moves its own mapping, whose start is not the block's address).
+        user_call::MREMAP => {
+            if PENDING_CALLS.get_ptr(&bpf_get_current_pid_tgid()).is_none() {
+                free(address);
+            }
+        }
+        // free(pointer) and the functions whose pointer comes first (operator delete,
+        // dallocx); munmap(address, length), which frees the mapping that starts at `address`
+        // (unmapping part of one is not followed: its start forgets all of it, a later part
+        // nothing).
+        _ => free(address),
+    }
 }
 
-/// `aligned_alloc(alignment, size)`, `memalign(alignment, size)`.
+#[inline(always)]
+fn attach_cookie(ctx: &ProbeContext) -> u64 {
+    unsafe { bpf_get_attach_cookie(ctx.as_ptr()) }
+}
+
+/// Attached by one perf event per function (Linux 5.15+ for attach cookies).
 #[uprobe]
-pub fn user_aligned_alloc(ctx: ProbeContext) -> u32 {
-    enter(argument(&ctx, 1), 0, RECORDS_BLOCK);
+pub fn user_alloc_entry(ctx: ProbeContext) -> u32 {
+    allocator_entry(&ctx);
     0
 }
 
-/// `posix_memalign(memptr, alignment, size)`.
-#[uprobe]
-pub fn user_posix_memalign(ctx: ProbeContext) -> u32 {
-    enter(argument(&ctx, 2), argument(&ctx, 0), RECORDS_BLOCK);
+/// Attached by one uprobe_multi link per file (Linux 6.6+).
+#[uprobe(multi)]
+pub fn user_alloc_entry_multi(ctx: ProbeContext) -> u32 {
+    allocator_entry(&ctx);
     0
 }
 
-/// `mmap(address, length, protection, flags, fd, offset)`.
-#[uprobe]
-pub fn user_mmap(ctx: ProbeContext) -> u32 {
-    let flags = argument(&ctx, 3);
-    let records = if flags & MAP_ANONYMOUS != 0 && flags & (MAP_FIXED | MAP_STACK) == 0 {
-        RECORDS_MAPPING
-    } else {
-        RECORDS_NOTHING
-    };
-    enter(argument(&ctx, 1), 0, records);
-    0
-}
-
-/// The return of every function above.
+/// The return of every allocator function.
 #[uretprobe]
 pub fn user_alloc_return(ctx: RetProbeContext) -> u32 {
-    let returned: u64 = ctx.ret();
-    leave(&ctx, returned);
+    leave(&ctx, ctx.ret());
     0
 }
 
-/// `free(pointer)`.
-#[uprobe]
-pub fn user_free(ctx: ProbeContext) -> u32 {
-    if followed() {
-        free(argument(&ctx, 0));
-    }
+#[uretprobe(multi)]
+pub fn user_alloc_return_multi(ctx: RetProbeContext) -> u32 {
+    leave(&ctx, ctx.ret());
     0
 }
 
-/// `munmap(address, length)`: the mapping that starts at `address` is freed. Unmapping part of
-/// one is not followed: its start forgets all of it, a later part nothing.
 #[uprobe]
-pub fn user_free_mapping(ctx: ProbeContext) -> u32 {
-    if followed() {
-        free(argument(&ctx, 0));
-    }
+pub fn user_free_entry(ctx: ProbeContext) -> u32 {
+    free_entry(&ctx);
     0
 }
 
-/// `mremap(address, old_length, new_length, flags, ...)`: the mapping is forgotten, as
-/// `realloc` forgets its block, unless an allocator call made it (glibc's realloc of a large
-/// block moves its own mapping, whose start is not the block's address).
-#[uprobe]
-pub fn user_free_remapped(ctx: ProbeContext) -> u32 {
-    if followed() && PENDING_CALLS.get_ptr(&bpf_get_current_pid_tgid()).is_none() {
-        free(argument(&ctx, 0));
-    }
+#[uprobe(multi)]
+pub fn user_free_entry_multi(ctx: ProbeContext) -> u32 {
+    free_entry(&ctx);
     0
 }

@@ -919,23 +919,19 @@ fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// Runs of memleak's programs that the kernel skipped because one of them was already running
-/// on that CPU (an interrupt allocated or freed while a program ran). Each is an allocation or
-/// a free memleak did not see. Read from `bpf_prog_info::recursion_misses` (Linux 5.12+; 0
-/// before).
-/// Detaches and unloads every program, those that record allocations before those that
-/// follow frees. Dropping `Ebpf` detaches in its hash map's order: a free hook gone while an
-/// allocation hook stays lets an object be freed unseen and then recorded again at the same
-/// address (a missed free), or listed as outstanding although it is free; on a TCG guest,
-/// where detaching an fentry link takes an RCU tasks grace period, a forking shell lost a
-/// whole address space's frees that way. Program names say which are frees (`kfree_btf`,
 /// Whether the program named `program` follows frees (its hooks' events and functions are
 /// frees too: `free_vmap_area_noflush`, `kvfree_call_rcu`).
 pub(crate) fn follows_frees(program: &str) -> bool {
     program.contains("free")
 }
 
-/// `user_free`, `vmap_free_fentry`).
+/// Detaches and unloads every program, those that record allocations before those that
+/// follow frees. Dropping `Ebpf` detaches in its hash map's order: a free hook gone while an
+/// allocation hook stays lets an object be freed unseen and then recorded again at the same
+/// address (a missed free), or listed as outstanding although it is free; on a TCG guest,
+/// where detaching an fentry link takes an RCU tasks grace period, a forking shell lost a
+/// whole address space's frees that way. Program names say which are frees (`kfree_btf`,
+/// `user_free_entry`, `vmap_free_fentry`).
 pub fn detach_allocations_first(programs: &mut Ebpf) -> Result<()> {
     let mut names: Vec<String> = programs
         .programs()
@@ -961,6 +957,10 @@ pub fn detach_allocations_first(programs: &mut Ebpf) -> Result<()> {
     Ok(())
 }
 
+/// Runs of memleak's programs that the kernel skipped because one of them was already running
+/// on that CPU (an interrupt allocated or freed while a program ran). Each is an allocation or
+/// a free memleak did not see. Read from `bpf_prog_info::recursion_misses` (Linux 5.12+; 0
+/// before).
 pub fn skipped_runs(programs: &Ebpf) -> u64 {
     programs
         .programs()

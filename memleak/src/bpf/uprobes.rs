@@ -1,8 +1,11 @@
 //! Attaching the user-space heap hooks (memleak-ebpf/src/user.rs) to one process: a uprobe at
 //! the entry and a uretprobe at the return of each allocator function, in every object that
 //! defines them (the C library, and jemalloc, tcmalloc or mimalloc when linked in or preloaded),
-//! and a uprobe on `free`, `munmap` and `mremap`. Linux 4.17+ (BPF on uprobe perf events); aya takes uprobe_multi
-//! links where the kernel has them (6.6+).
+//! and a uprobe on each function that frees. Each program serves many functions, told apart by
+//! attach cookies (Linux 5.15+). Where the kernel has uprobe_multi links (6.6+, and for one
+//! process the fix that filters by address space rather than by thread), each program takes
+//! one link per file; otherwise one perf event per function, and each costs an RCU grace
+//! period to detach.
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
@@ -13,8 +16,13 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::{
     maps::MapData,
-    programs::{UProbe, uprobe::UProbeScope},
+    programs::{
+        ProgramError, UProbe,
+        uprobe::{UProbeAttachPoint, UProbeScope},
+    },
+    sys::{UProbeMultiFeature, is_uprobe_multi_supported},
 };
+use memleak_common::user_call;
 use object::{Object as _, ObjectSymbol as _};
 
 use super::{
@@ -23,55 +31,80 @@ use super::{
 };
 use crate::kinds::KindAttach;
 
-/// Allocator functions, each with the program at its entry. All return through
-/// [`RETURN_PROGRAM`]. Beside the C library's: C++'s `operator new` in its forms (jemalloc,
-/// tcmalloc and mimalloc define them apart from malloc; the C++ library's own call malloc,
-/// and is not hooked, defining no malloc) and jemalloc's `mallocx`/`rallocx`.
-const ALLOCATOR_ENTRIES: [(&str, &str); 20] = [
-    ("malloc", "user_malloc"),
-    ("valloc", "user_malloc"),
-    ("pvalloc", "user_malloc"),
-    ("calloc", "user_calloc"),
-    ("realloc", "user_realloc"),
-    ("reallocarray", "user_reallocarray"),
-    ("aligned_alloc", "user_aligned_alloc"),
-    ("memalign", "user_aligned_alloc"),
-    ("posix_memalign", "user_posix_memalign"),
+/// Allocator functions, each with the call its entry hook is told by its cookie. Beside the C
+/// library's: C++'s `operator new` in its forms (jemalloc, tcmalloc and mimalloc define them
+/// apart from malloc; the C++ library's, which calls malloc, see [`allocators`]) and
+/// jemalloc's `mallocx`/`rallocx`.
+const ALLOCATOR_ENTRIES: [(&str, u64); 20] = [
+    ("malloc", user_call::MALLOC),
+    ("valloc", user_call::MALLOC),
+    ("pvalloc", user_call::MALLOC),
+    ("calloc", user_call::CALLOC),
+    ("realloc", user_call::REALLOC),
+    ("reallocarray", user_call::REALLOCARRAY),
+    ("aligned_alloc", user_call::ALIGNED_ALLOC),
+    ("memalign", user_call::ALIGNED_ALLOC),
+    ("posix_memalign", user_call::POSIX_MEMALIGN),
     // `mmap64` is the same function: hooking both names would see each call twice.
-    ("mmap", "user_mmap"),
-    ("mallocx", "user_malloc"),
-    ("rallocx", "user_realloc"),
+    ("mmap", user_call::MMAP),
+    ("mallocx", user_call::MALLOC),
+    ("rallocx", user_call::REALLOC),
     // operator new(size_t) and new[], each also nothrow, aligned, aligned nothrow: the size
     // comes first in all.
-    ("_Znwm", "user_malloc"),
-    ("_Znam", "user_malloc"),
-    ("_ZnwmRKSt9nothrow_t", "user_malloc"),
-    ("_ZnamRKSt9nothrow_t", "user_malloc"),
-    ("_ZnwmSt11align_val_t", "user_malloc"),
-    ("_ZnamSt11align_val_t", "user_malloc"),
-    ("_ZnwmSt11align_val_tRKSt9nothrow_t", "user_malloc"),
-    ("_ZnamSt11align_val_tRKSt9nothrow_t", "user_malloc"),
+    ("_Znwm", user_call::MALLOC),
+    ("_Znam", user_call::MALLOC),
+    ("_ZnwmRKSt9nothrow_t", user_call::MALLOC),
+    ("_ZnamRKSt9nothrow_t", user_call::MALLOC),
+    ("_ZnwmSt11align_val_t", user_call::MALLOC),
+    ("_ZnamSt11align_val_t", user_call::MALLOC),
+    ("_ZnwmSt11align_val_tRKSt9nothrow_t", user_call::MALLOC),
+    ("_ZnamSt11align_val_tRKSt9nothrow_t", user_call::MALLOC),
 ];
-const RETURN_PROGRAM: &str = "user_alloc_return";
-/// Functions that free, each with its program: `free`, the C library's unmapping, jemalloc's
-/// `dallocx`/`sdallocx`, and C++'s `operator delete` in its forms (the pointer first in all).
-const FREES: [(&str, &str); 15] = [
-    ("free", "user_free"),
-    ("munmap", "user_free_mapping"),
-    ("mremap", "user_free_remapped"),
-    ("dallocx", "user_free"),
-    ("sdallocx", "user_free"),
-    ("_ZdlPv", "user_free"),
-    ("_ZdaPv", "user_free"),
-    ("_ZdlPvm", "user_free"),
-    ("_ZdaPvm", "user_free"),
-    ("_ZdlPvRKSt9nothrow_t", "user_free"),
-    ("_ZdaPvRKSt9nothrow_t", "user_free"),
-    ("_ZdlPvSt11align_val_t", "user_free"),
-    ("_ZdaPvSt11align_val_t", "user_free"),
-    ("_ZdlPvmSt11align_val_t", "user_free"),
-    ("_ZdaPvmSt11align_val_t", "user_free"),
+/// Functions that free, each with the call its hook is told by its cookie: `free`, the C
+/// library's unmapping, jemalloc's `dallocx`/`sdallocx`, and C++'s `operator delete` in its
+/// forms (the pointer first in all).
+const FREES: [(&str, u64); 15] = [
+    ("free", user_call::FREE),
+    ("munmap", user_call::FREE),
+    ("mremap", user_call::MREMAP),
+    ("dallocx", user_call::FREE),
+    ("sdallocx", user_call::FREE),
+    ("_ZdlPv", user_call::FREE),
+    ("_ZdaPv", user_call::FREE),
+    ("_ZdlPvm", user_call::FREE),
+    ("_ZdaPvm", user_call::FREE),
+    ("_ZdlPvRKSt9nothrow_t", user_call::FREE),
+    ("_ZdaPvRKSt9nothrow_t", user_call::FREE),
+    ("_ZdlPvSt11align_val_t", user_call::FREE),
+    ("_ZdaPvSt11align_val_t", user_call::FREE),
+    ("_ZdlPvmSt11align_val_t", user_call::FREE),
+    ("_ZdaPvmSt11align_val_t", user_call::FREE),
 ];
+/// The hooks: at allocator functions' entries, at their returns, at functions that free.
+struct Programs {
+    entry: &'static str,
+    exit: &'static str,
+    free: &'static str,
+    /// The method, as the report names it.
+    method: &'static str,
+}
+
+/// One perf event per function (Linux 5.15+ with cookies).
+const PER_FUNCTION: Programs = Programs {
+    entry: "user_alloc_entry",
+    exit: "user_alloc_return",
+    free: "user_free_entry",
+    method: "uprobe",
+};
+
+/// One uprobe_multi link per file (Linux 6.6+).
+const PER_FILE: Programs = Programs {
+    entry: "user_alloc_entry_multi",
+    exit: "user_alloc_return_multi",
+    free: "user_free_entry_multi",
+    method: "uprobe_multi",
+};
+
 const FREE: &str = FREES[0].0;
 
 /// The allocator functions a file defines (exports or has in its symbol table), one name per
@@ -122,26 +155,49 @@ fn describe(functions: &[&str]) -> String {
     names.join(", ")
 }
 
-/// Attaches `program` at `functions` of `path`: one link (uprobe_multi, Linux 6.6+) or one
-/// perf event each. Each link costs an RCU grace period to detach, so there are few.
+/// Attaches `program` at `functions` of `path`, each with its cookie.
 fn attach(
     ebpf: &mut aya::Ebpf,
     program: &str,
-    functions: &[&str],
+    functions: &[(&str, u64)],
     path: &Path,
     scope: UProbeScope,
 ) -> Result<()> {
     let uprobe: &mut UProbe = probes::program_mut(ebpf, program)?.try_into()?;
-    uprobe
-        .attach(functions.iter().copied(), path, scope)
-        .with_context(|| {
-            format!(
-                "attaching {program} to {} in {}",
-                functions.join(", "),
-                path.display()
-            )
-        })?;
+    let points = functions
+        .iter()
+        .map(|&(function, cookie)| UProbeAttachPoint {
+            location: function.into(),
+            cookie: Some(cookie),
+        });
+    uprobe.attach(points, path, scope).map_err(|error| {
+        let names: Vec<&str> = functions.iter().map(|&(function, _)| function).collect();
+        let context = format!(
+            "attaching {program} to {} in {}",
+            names.join(", "),
+            path.display()
+        );
+        match error {
+            ProgramError::AttachCookieNotSupported => anyhow::anyhow!(
+                "{context}: this kernel has no BPF attach cookies, which --user needs (Linux \
+                 5.15+)"
+            ),
+            error => anyhow::Error::new(error).context(context),
+        }
+    })?;
     Ok(())
+}
+
+/// The functions of `table` among `functions`, with their cookies.
+fn hooked_in(
+    table: &[(&'static str, u64)],
+    functions: &BTreeSet<&str>,
+) -> Vec<(&'static str, u64)> {
+    table
+        .iter()
+        .copied()
+        .filter(|(function, _)| functions.contains(function))
+        .collect()
 }
 
 /// Of `candidates`, the files that define `malloc` and `free`, each with the allocator
@@ -234,13 +290,19 @@ pub fn attach_user(
     if let Some(followed) = &mut followed {
         followed.follow(pid)?;
     }
-    let programs = ALLOCATOR_ENTRIES
-        .iter()
-        .map(|&(_, program)| program)
-        .chain([RETURN_PROGRAM])
-        .chain(FREES.iter().map(|&(_, program)| program))
-        .collect::<BTreeSet<_>>();
-    for name in &programs {
+    // uprobe_multi links filtered by one process once matched one thread only; with that fix,
+    // or for every process, links per file.
+    let needed = if follow_forks {
+        UProbeMultiFeature::LinkCreation
+    } else {
+        UProbeMultiFeature::ProcessScopedPidFilter
+    };
+    let programs = if is_uprobe_multi_supported(needed).unwrap_or(false) {
+        PER_FILE
+    } else {
+        PER_FUNCTION
+    };
+    for name in [programs.entry, programs.exit, programs.free] {
         let program: &mut UProbe = probes::program_mut(&mut ebpf, name)?.try_into()?;
         program
             .load()
@@ -251,40 +313,18 @@ pub fn attach_user(
         // Frees first: a block allocated before the free hook is attached would stay listed;
         // returns before entries: an entry whose return is not seen would leave its thread's
         // next call counted as nested in it.
-        for program in FREES
-            .iter()
-            .map(|&(_, program)| program)
-            .collect::<BTreeSet<_>>()
-        {
-            let frees: Vec<&str> = FREES
-                .iter()
-                .filter(|&&(function, free)| free == program && functions.contains(function))
-                .map(|&(function, _)| function)
-                .collect();
-            if !frees.is_empty() {
-                attach(&mut ebpf, program, &frees, path, scope)?;
-            }
+        let frees = hooked_in(&FREES, functions);
+        if !frees.is_empty() {
+            attach(&mut ebpf, programs.free, &frees, path, scope)?;
         }
-        let hooked: Vec<&str> = ALLOCATOR_ENTRIES
-            .iter()
-            .map(|&(function, _)| function)
-            .filter(|function| functions.contains(function))
-            .collect();
-        if hooked.is_empty() {
+        let entries = hooked_in(&ALLOCATOR_ENTRIES, functions);
+        if entries.is_empty() {
             continue;
         }
-        attach(&mut ebpf, RETURN_PROGRAM, &hooked, path, scope)?;
-        for program in &programs {
-            let entries: Vec<&str> = ALLOCATOR_ENTRIES
-                .iter()
-                .filter(|&&(function, entry)| entry == *program && functions.contains(function))
-                .map(|&(function, _)| function)
-                .collect();
-            if !entries.is_empty() {
-                attach(&mut ebpf, program, &entries, path, scope)?;
-            }
-        }
-        files.push(format!("{} ({})", path.display(), describe(&hooked)));
+        attach(&mut ebpf, programs.exit, &entries, path, scope)?;
+        attach(&mut ebpf, programs.entry, &entries, path, scope)?;
+        let names: Vec<&str> = entries.iter().map(|&(function, _)| function).collect();
+        files.push(format!("{} ({})", path.display(), describe(&names)));
     }
     let maps = TracerMaps::take(&mut ebpf, buckets)?;
     let heaps = if follow_forks {
@@ -300,7 +340,7 @@ pub fn attach_user(
         maps,
         vec![KindAttach {
             kind: "user".to_owned(),
-            method: "uprobe".to_owned(),
+            method: programs.method.to_owned(),
             why: None,
         }],
         vec![format!("{heaps}: uprobes on {}", files.join("; "))],
@@ -356,15 +396,11 @@ mod tests {
 
     #[test]
     fn the_free_programs_are_detached_last() {
-        for (_, program) in FREES {
-            assert!(probes::follows_frees(program), "{program}");
-        }
-        for program in ALLOCATOR_ENTRIES
-            .iter()
-            .map(|&(_, program)| program)
-            .chain([RETURN_PROGRAM])
-        {
-            assert!(!probes::follows_frees(program), "{program}");
+        for programs in [PER_FUNCTION, PER_FILE] {
+            assert!(probes::follows_frees(programs.free), "{}", programs.free);
+            for program in [programs.entry, programs.exit] {
+                assert!(!probes::follows_frees(program), "{program}");
+            }
         }
     }
 }

@@ -508,9 +508,9 @@ impl Session {
                  that many objects may be freed ones"
             ));
         }
-        // The window ends as detaching starts (which takes an RCU grace period per uprobe link,
-        // seconds for a process's allocators): ages are measured to then, so that none is
-        // longer than the window.
+        // The window ends as detaching starts (an RCU grace period per uprobe link or event:
+        // seconds where each function has its own perf event): ages are measured to then, so
+        // that none is longer than the window.
         let elapsed = self.started.elapsed();
         let now_ns = monotonic_now_ns();
         // Detach before reading, so the table is a consistent snapshot.
