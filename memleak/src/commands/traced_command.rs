@@ -52,7 +52,9 @@ pub struct Forks {
 pub struct TracedCommand {
     pub pid: u32,
     go: mpsc::Sender<Go>,
-    tracer: thread::JoinHandle<Result<Exited>>,
+    exited: mpsc::Receiver<Exited>,
+    /// Ends once no process it traces is left, which may be after the command's exit.
+    tracer: thread::JoinHandle<Result<()>>,
 }
 
 impl TracedCommand {
@@ -61,9 +63,10 @@ impl TracedCommand {
     pub fn start(program: &str, arguments: &[String]) -> Result<Self> {
         let (started_tx, started_rx) = mpsc::channel();
         let (go, go_rx) = mpsc::channel::<Go>();
+        let (exited_tx, exited) = mpsc::channel();
         let program = program.to_owned();
         let arguments = arguments.to_vec();
-        let tracer = thread::spawn(move || -> Result<Exited> {
+        let tracer = thread::spawn(move || -> Result<()> {
             let child = unsafe {
                 Command::new(&program)
                     .args(&arguments)
@@ -102,10 +105,15 @@ impl TracedCommand {
                 | libc::PTRACE_O_TRACEVFORK;
             ptrace(libc::PTRACE_SETOPTIONS, pid, options as usize)?;
             ptrace(libc::PTRACE_CONT, pid, 0)?;
-            follow(pid, followed)
+            follow(pid, followed, &exited_tx)
         });
         match started_rx.recv() {
-            Ok(Ok(pid)) => Ok(Self { pid, go, tracer }),
+            Ok(Ok(pid)) => Ok(Self {
+                pid,
+                go,
+                exited,
+                tracer,
+            }),
             Ok(Err(error)) => Err(error),
             Err(_) => Err(tracer
                 .join()
@@ -121,9 +129,16 @@ impl TracedCommand {
         self.go
             .send(Go::Run(followed))
             .map_err(|_| anyhow!("the command's tracer thread has ended"))?;
-        self.tracer
-            .join()
-            .map_err(|_| anyhow!("the command's tracer thread panicked"))?
+        match self.exited.recv() {
+            // The thread goes on, for the children still running.
+            Ok(exited) => Ok(exited),
+            Err(_) => Err(self
+                .tracer
+                .join()
+                .map_err(|_| anyhow!("the command's tracer thread panicked"))?
+                .err()
+                .unwrap_or_else(|| anyhow!("the command's tracer thread ended before it"))),
+        }
     }
 
     /// Kills the command before it has run an instruction.
@@ -133,23 +148,38 @@ impl TracedCommand {
     }
 }
 
-/// Runs the command and the children it forks until the command exits. Its children still
-/// running then are let go when this thread ends (the kernel detaches a tracer's tracees).
-fn follow(command: libc::pid_t, mut followed: Option<FollowedProcesses>) -> Result<Exited> {
+/// Runs the command and the children it forks, and sends what the command left when it
+/// exits. Its children still running then stay followed, and this goes on until none is
+/// left: a child whose first stop (its SIGSTOP) were left unanswered when this thread ended
+/// would take that SIGSTOP once the kernel detached it, and stay stopped. This thread is the
+/// only one of memleak's to wait for child processes while it runs.
+fn follow(
+    command: libc::pid_t,
+    mut followed: Option<FollowedProcesses>,
+    exited: &mpsc::Sender<Exited>,
+) -> Result<()> {
     let mut maps = None;
     let mut forks = Forks::default();
+    let mut command_exited = false;
     // Followed children that have passed their first stop and not exited.
     let mut children: HashSet<libc::pid_t> = HashSet::new();
     loop {
-        let (pid, status) = wait_any()?;
+        let (pid, status) = match wait_any() {
+            Ok(waited) => waited,
+            // No process left to trace.
+            Err(_) if command_exited => return Ok(()),
+            Err(error) => return Err(error),
+        };
         if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
             if pid == command {
+                command_exited = true;
                 forks.still_running = children.len() as u64;
-                return Ok(Exited {
+                let _ = exited.send(Exited {
                     status: ExitStatus::from_raw(status),
-                    maps,
-                    forks,
+                    maps: maps.take(),
+                    forks: std::mem::take(&mut forks),
                 });
+                continue;
             }
             if children.remove(&pid)
                 && let Some(followed) = &mut followed
