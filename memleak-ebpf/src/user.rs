@@ -160,7 +160,7 @@ fn argument(ctx: &ProbeContext, index: usize) -> u64 {
     ctx.arg::<u64>(index).unwrap_or(0)
 }
 
-/// The entry of an allocator function, which its attach cookie names (`UserCall`).
+/// The entry of an allocator function, which its attach cookie names (`memleak_common::user_call`).
 #[inline(always)]
 fn allocator_entry(ctx: &ProbeContext) {
     let argument = |index| argument(ctx, index);
@@ -209,7 +209,7 @@ fn allocator_entry(ctx: &ProbeContext) {
     }
 }
 
-/// A function that frees, which its attach cookie names (`UserCall`).
+/// A function that frees, which its attach cookie names (`memleak_common::user_call`).
 #[inline(always)]
 fn free_entry(ctx: &ProbeContext) {
     if !followed() {

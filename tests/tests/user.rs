@@ -278,12 +278,14 @@ fn counts(leaks: &Leaks) -> BTreeMap<String, (u64, u64)> {
 }
 
 fn memleak_run(program: &Path, extra: &[&str]) -> Result<(std::process::Output, Report)> {
-    memleak_run_preloading(program, extra, None)
+    memleak_run_preloading(program, &[], extra, None)
 }
 
-/// [`memleak_run`] with LD_PRELOAD set to `preload` for memleak and so for the command.
+/// [`memleak_run`] of `program` with its `arguments`, and LD_PRELOAD set to `preload` for
+/// memleak and so for the command.
 fn memleak_run_preloading(
     program: &Path,
+    arguments: &[&str],
     extra: &[&str],
     preload: Option<&Path>,
 ) -> Result<(std::process::Output, Report)> {
@@ -292,7 +294,8 @@ fn memleak_run_preloading(
         .args(["run", "--user", "--format", "json", "--top", "1000"])
         .args(extra)
         .arg("--")
-        .arg(program);
+        .arg(program)
+        .args(arguments);
     if let Some(preload) = preload {
         command.env("LD_PRELOAD", preload);
     }
@@ -372,17 +375,16 @@ const OTHER_ALLOCATORS: [&str; 3] = [
     "/usr/lib/x86_64-linux-gnu/libmimalloc.so.2",
 ];
 
-/// At most [`MAX_RUNTIME_ENTRIES`] runtime entries beside the blocks `allocator` allocates for
-/// itself with its own `operator new` (tcmalloc's start-up objects), which are listed under
-/// its library's name.
-fn check_runtime_entries(runtime: &[String], allocator: &Path, what: &str) {
-    let library = allocator
-        .file_name()
-        .map(|name| name.to_string_lossy().into_owned())
-        .unwrap_or_default();
+/// At most [`MAX_RUNTIME_ENTRIES`] runtime entries beside the blocks `allocator` (glibc's when
+/// `None`) allocates for itself with its own `operator new` (tcmalloc's start-up objects),
+/// which are listed under its library's name.
+fn check_runtime_entries(runtime: &[String], allocator: Option<&Path>, what: &str) {
+    let own = allocator
+        .and_then(Path::file_name)
+        .map(|name| format!("[{}", name.to_string_lossy()));
     let others: Vec<&String> = runtime
         .iter()
-        .filter(|entry| !entry.contains(&format!("[{library}")))
+        .filter(|entry| own.as_ref().is_none_or(|own| !entry.contains(own)))
         .collect();
     assert!(
         others.len() <= MAX_RUNTIME_ENTRIES,
@@ -403,13 +405,13 @@ fn run_user_hooks_jemalloc_tcmalloc_and_mimalloc_preloaded_or_linked_in() -> Res
             ("preloaded", &plain, Some(allocator)),
             ("linked in", &linked, None),
         ] {
-            let (output, report) = memleak_run_preloading(program, &[], preload)?;
+            let (output, report) = memleak_run_preloading(program, &[], &[], preload)?;
             assert!(output.status.success(), "{name} {how}: {output:?}");
             // Blocks from the allocator glibc's malloc never sees: found only where memleak
             // hooked the allocator the program calls.
             let (found, runtime) = memleak_leaks(&report, &C_SOURCES)?;
             assert_eq!(counts(&found), all_c_leaks(), "{name} {how}");
-            check_runtime_entries(&runtime, allocator, &format!("{name} {how}"));
+            check_runtime_entries(&runtime, Some(allocator), &format!("{name} {how}"));
             let hooked = report
                 .notes
                 .iter()
@@ -457,15 +459,11 @@ fn run_user_hooks_operator_new_and_delete_of_every_allocator() -> Result<()> {
         .chain(OTHER_ALLOCATORS.map(|path| Some(Path::new(path))))
     {
         let allocator = preload.map_or("glibc".into(), |path| path.display().to_string());
-        let (output, report) = memleak_run_preloading(&program, &[], preload)?;
+        let (output, report) = memleak_run_preloading(&program, &[], &[], preload)?;
         assert!(output.status.success(), "{allocator}: {output:?}");
         let (found, runtime) = memleak_leaks(&report, &CPP_SOURCES)?;
         assert_eq!(counts(&found), by_function(&CPP_LEAKS), "{allocator}");
-        if let Some(preload) = preload {
-            check_runtime_entries(&runtime, preload, &allocator);
-        } else {
-            assert!(runtime.len() <= MAX_RUNTIME_ENTRIES, "glibc: {runtime:?}");
-        }
+        check_runtime_entries(&runtime, preload, &allocator);
         // The churn's 2,000 news and deletes, each seen once whatever names share an address.
         let counters = &report.stats.counters;
         assert!(
@@ -483,16 +481,8 @@ fn run_user_follows_forked_children_only_with_follow_forks() -> Result<()> {
     };
     let program = build_fixture()?;
     let run = |extra: &[&str]| {
-        let mut command = Command::new(memleak_binary()?);
-        command
-            .args(["run", "--user", "--format", "json", "--top", "1000"])
-            .args(extra)
-            .arg("--")
-            .arg(&program)
-            .arg("fork");
-        let output = command.output().context("running memleak run --user")?;
+        let (output, report) = memleak_run_preloading(&program, &["fork"], extra, None)?;
         ensure!(output.status.success(), "{output:?}");
-        let report: Report = serde_json::from_slice(&output.stdout)?;
         let (found, _) = memleak_leaks(&report, &C_SOURCES)?;
         anyhow::Ok((counts(&found), report.notes))
     };

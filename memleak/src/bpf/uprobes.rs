@@ -171,10 +171,9 @@ fn attach(
             cookie: Some(cookie),
         });
     uprobe.attach(points, path, scope).map_err(|error| {
-        let names: Vec<&str> = functions.iter().map(|&(function, _)| function).collect();
         let context = format!(
             "attaching {program} to {} in {}",
-            names.join(", "),
+            names_of(functions).join(", "),
             path.display()
         );
         match error {
@@ -186,6 +185,11 @@ fn attach(
         }
     })?;
     Ok(())
+}
+
+/// The names of hooked `functions`.
+fn names_of<'a>(functions: &[(&'a str, u64)]) -> Vec<&'a str> {
+    functions.iter().map(|&(function, _)| function).collect()
 }
 
 /// The functions of `table` among `functions`, with their cookies.
@@ -278,18 +282,17 @@ pub fn attach_user(
     // Following forks, the programs check their process against the map instead.
     let only = (!follow_forks).then_some(pid);
     let (mut ebpf, buckets) = probes::load_for(settings, only, follow_forks)?;
-    let (scope, mut followed) = if follow_forks {
+    let (scope, followed) = if follow_forks {
         let map = ebpf
             .take_map("FOLLOWED_PROCESSES")
             .context("the eBPF object has no FOLLOWED_PROCESSES map")?;
-        let map = aya::maps::HashMap::try_from(map).context("FOLLOWED_PROCESSES")?;
-        (UProbeScope::AllProcesses, Some(FollowedProcesses(map)))
+        let mut followed =
+            FollowedProcesses(aya::maps::HashMap::try_from(map).context("FOLLOWED_PROCESSES")?);
+        followed.follow(pid)?;
+        (UProbeScope::AllProcesses, Some(followed))
     } else {
         (UProbeScope::OneProcess(process), None)
     };
-    if let Some(followed) = &mut followed {
-        followed.follow(pid)?;
-    }
     // uprobe_multi links filtered by one process once matched one thread only; with that fix,
     // or for every process, links per file.
     let needed = if follow_forks {
@@ -309,6 +312,7 @@ pub fn attach_user(
             .map_err(|error| probes::explain_load_error(name, error))?;
     }
     let mut files = Vec::new();
+    let mut free_paths = Vec::new();
     for (path, functions) in allocators {
         // Frees first: a block allocated before the free hook is attached would stay listed;
         // returns before entries: an entry whose return is not seen would leave its thread's
@@ -316,6 +320,11 @@ pub fn attach_user(
         let frees = hooked_in(&FREES, functions);
         if !frees.is_empty() {
             attach(&mut ebpf, programs.free, &frees, path, scope)?;
+            free_paths.push(format!(
+                "{} in {} (uprobe)",
+                describe(&names_of(&frees)),
+                path.display()
+            ));
         }
         let entries = hooked_in(&ALLOCATOR_ENTRIES, functions);
         if entries.is_empty() {
@@ -323,8 +332,11 @@ pub fn attach_user(
         }
         attach(&mut ebpf, programs.exit, &entries, path, scope)?;
         attach(&mut ebpf, programs.entry, &entries, path, scope)?;
-        let names: Vec<&str> = entries.iter().map(|&(function, _)| function).collect();
-        files.push(format!("{} ({})", path.display(), describe(&names)));
+        files.push(format!(
+            "{} ({})",
+            path.display(),
+            describe(&names_of(&entries))
+        ));
     }
     let maps = TracerMaps::take(&mut ebpf, buckets)?;
     let heaps = if follow_forks {
@@ -344,18 +356,7 @@ pub fn attach_user(
             why: None,
         }],
         vec![format!("{heaps}: uprobes on {}", files.join("; "))],
-        allocators
-            .iter()
-            .filter(|(_, functions)| defines_malloc_and_free(functions))
-            .map(|(path, functions)| {
-                let frees: Vec<&str> = FREES
-                    .iter()
-                    .map(|&(function, _)| function)
-                    .filter(|function| functions.contains(function))
-                    .collect();
-                format!("{} in {} (uprobe)", describe(&frees), path.display())
-            })
-            .collect(),
+        free_paths,
     );
     Ok((tracer, followed))
 }
