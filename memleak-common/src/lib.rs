@@ -174,9 +174,12 @@ pub enum Counter {
     /// User-space stack captures that found no user stack (kernel threads) or failed (the
     /// stack map full, a hash collision, or an unwinding error).
     UserStackMisses,
+    /// In the object for kernels before Linux 5.12 (plain claims): allocations whose slot another CPU claimed at the
+    /// same moment. The slot is emptied: this object, and possibly the other, is not followed.
+    ClaimRaces,
 }
 
-pub const COUNTER_COUNT: u32 = Counter::UserStackMisses as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::ClaimRaces as u32 + 1;
 
 /// Field offsets in the classic tracepoint records, read from tracefs `format` files at start-up.
 #[repr(C)]
@@ -267,6 +270,9 @@ pub struct TracerConfig {
     /// Nonzero (`run --user --follow-forks`): the user-space hooks are attached in every
     /// process and record only the processes listed in `FOLLOWED_PROCESSES`.
     pub follow_processes: u32,
+    /// The possible CPUs: a percpu allocation's size across them, before Linux 6.0, whose
+    /// event has only the per-CPU size.
+    pub possible_cpus: u32,
     pub classic: ClassicOffsets,
 }
 
@@ -289,6 +295,7 @@ impl TracerConfig {
         alloc_vmap_area_arguments: 0,
         user_stacks: 0,
         follow_processes: 0,
+        possible_cpus: 1,
         classic: ClassicOffsets::NONE,
     };
 }

@@ -2,28 +2,15 @@
 //!
 //! Entry points are thin: each hook module (slab, page, vmalloc, percpu, user) reads its tracepoint's arguments and hands them to
 //! [`tracker`], which owns the table, the sampling decision and the stack capture.
+//!
+//! This object claims table slots with BPF compare-and-swap (Linux 5.12+); `plain_claims.rs`
+//! builds the same programs for older kernels.
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
-mod classic;
-mod free_paths;
-mod maps;
-mod page;
-mod percpu;
-mod scan;
-mod slab;
-mod tracker;
-mod user;
-mod vmalloc;
+/// Whether table slots are claimed with plain stores (see `tracker::claim_held`).
+const PLAIN_CLAIMS: bool = false;
 
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";
+include!("programs.rs");

@@ -86,3 +86,8 @@ pub static FOLLOWED_PROCESSES: HashMap<u32, u8> = HashMap::with_max_entries(8192
 /// One word per CPU for `slab::scalar`.
 #[map]
 pub static SCRATCH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// The word each CPU adds to as a fence when the table's claims are plain stores
+/// (`tracker::claim_held`); per CPU, so the fence contends for no cache line.
+#[map]
+pub static CLAIM_FENCE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

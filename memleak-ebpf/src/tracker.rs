@@ -6,7 +6,14 @@
 //! the table does not hold (allocated before tracing, or sampled out) returns after plain reads
 //! of one bucket of keys, with no atomic operation, or before touching any map when sampling
 //! rules the address out.
-use core::intrinsics::{AtomicOrdering, atomic_cxchg};
+//!
+//! Kernels before Linux 5.12 have no BPF compare-and-swap: in the object built for them
+//! (`crate::PLAIN_CLAIMS`) a slot is claimed with a plain store, and the claim is checked once
+//! the record is written (see [`claim_held`]).
+use core::{
+    intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd},
+    sync::atomic::{Ordering, compiler_fence},
+};
 
 use aya_ebpf::{
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
@@ -18,7 +25,7 @@ use memleak_common::{
 };
 
 use crate::maps::{
-    CACHE_NAMES, COMMS, COUNTERS, MISSED_FREE_SITES, OBJECT_KEYS, OBJECT_RECORDS, SEEN_CACHES,
+    CACHE_NAMES, CLAIM_FENCE, COMMS, COUNTERS, MISSED_FREE_SITES, OBJECT_KEYS, OBJECT_RECORDS, SEEN_CACHES,
     SEEN_CACHES_LEN, SEEN_SITES, SEEN_SITES_LEN, SEEN_TGIDS, SEEN_TGIDS_LEN, STACKS, USER_STACKS,
     config,
 };
@@ -59,6 +66,54 @@ fn swap_key(keys: *mut u64, slot: usize, expected: u64, new: u64) -> bool {
         )
         .1
     }
+}
+
+/// Takes the empty slot for `key`: false when another CPU took it first.
+#[inline(always)]
+fn claim_slot(keys: *mut u64, slot: usize, key: u64) -> bool {
+    if crate::PLAIN_CLAIMS {
+        unsafe { keys.add(slot).write_volatile(key) };
+        true
+    } else {
+        swap_key(keys, slot, 0, key)
+    }
+}
+
+/// Empties the slot holding `key`: false when it no longer does.
+#[inline(always)]
+fn release_slot(keys: *mut u64, slot: usize, key: u64) -> bool {
+    if crate::PLAIN_CLAIMS {
+        unsafe { keys.add(slot).write_volatile(0) };
+        true
+    } else {
+        swap_key(keys, slot, key, 0)
+    }
+}
+
+/// With plain claims, whether the slot claimed for `key` is still its own now that its record
+/// is written. Two CPUs can both see a slot empty and store their keys; the later key stays,
+/// and the records may be interleaved. Each claimant reads its key back after a full fence (on
+/// x86-64 the JIT makes BPF_XADD a `lock add`): of two overlapping claims the one whose record
+/// was written last then sees the other's key, and empties the slot rather than leave a key
+/// beside another object's record. Both objects are lost, never misattributed, and counted.
+#[inline(always)]
+fn claim_held(keys: *mut u64, slot: usize, key: u64) -> bool {
+    if !crate::PLAIN_CLAIMS {
+        return true;
+    }
+    if let Some(fence) = CLAIM_FENCE.get_ptr_mut(0) {
+        compiler_fence(Ordering::SeqCst);
+        // Relaxed, its result unused: LLVM emits BPF_XADD, which 5.10 verifiers accept (an
+        // ordered or fetching form would be the 5.12 atomics this path avoids).
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(fence, 1) };
+        compiler_fence(Ordering::SeqCst);
+    }
+    if load_key(keys, slot) == key {
+        return true;
+    }
+    unsafe { keys.add(slot).write_volatile(0) };
+    count(Counter::ClaimRaces);
+    false
 }
 
 /// Records the allocation of the object at `key`. The hook's closures run only when the object
@@ -114,6 +169,7 @@ pub fn on_alloc<C: StackIdContext>(
     let keys = unsafe { (*keys).keys.as_mut_ptr() };
 
     let mut slot = SLOTS_PER_BUCKET;
+    let mut claimed = false;
     for i in 0..SLOTS_PER_BUCKET {
         if load_key(keys, i) == key {
             count(Counter::MissedFrees);
@@ -126,8 +182,9 @@ pub fn on_alloc<C: StackIdContext>(
         for i in 0..SLOTS_PER_BUCKET {
             // A plain read first: a locked compare-and-swap on a slot seen taken would fail
             // anyway, and costs tens of nanoseconds on a contended cache line.
-            if load_key(keys, i) == 0 && swap_key(keys, i, 0, key) {
+            if load_key(keys, i) == 0 && claim_slot(keys, i, key) {
                 slot = i;
+                claimed = true;
                 break;
             }
         }
@@ -136,7 +193,6 @@ pub fn on_alloc<C: StackIdContext>(
         count(Counter::DroppedTableFull);
         return;
     }
-    count(Counter::TrackedAllocs);
 
     let stack_id = if allocation.call_site == 0
         || sampled(hash, config!(stack_shift))
@@ -169,6 +225,10 @@ pub fn on_alloc<C: StackIdContext>(
         user_stack,
         gfp_flags: allocation.gfp_flags,
     };
+    if claimed && !claim_held(keys, slot, key) {
+        return;
+    }
+    count(Counter::TrackedAllocs);
 }
 
 /// Forgets a freed object, if the table holds it.
@@ -194,7 +254,7 @@ pub fn on_free(key: u64) {
     for i in 0..SLOTS_PER_BUCKET {
         // Most frees are of objects the table does not hold (allocated before tracing,
         // movable pages): plain reads settle them; only a slot holding the key is swapped.
-        if load_key(keys, i) == key && swap_key(keys, i, key, 0) {
+        if load_key(keys, i) == key && release_slot(keys, i, key) {
             count(Counter::TrackedFrees);
             return;
         }

@@ -271,7 +271,7 @@ fn control(installed_kib: u64) -> String {
          Description: find kernel memory leaks with eBPF, without a debug kernel\n \
          memleak follows the kernel's slab, page, vmalloc and percpu allocations with eBPF\n \
          and reports which functions hold memory that is never freed, in which slab cache,\n \
-         how much, and how sure it is; on kernels without kmemleak (5.12 or later).\n \
+         how much, and how sure it is; on kernels without kmemleak (5.10 or later).\n \
          It also classifies which kind of kernel memory grows, scans slab caches for what\n \
          a long-running leak left behind, checks kernel module tests for leaks, and watches\n \
          continuously (memleak-watch.service, not enabled on install).\n \

@@ -36,6 +36,10 @@ pub struct Counters {
     pub user_stack_captures: u64,
     #[serde(default)]
     pub user_stack_misses: u64,
+    /// Before Linux 5.12: allocations dropped because another CPU claimed their table slot at
+    /// the same moment (each race drops one or two).
+    #[serde(default)]
+    pub claim_races: u64,
 }
 
 impl Counters {
@@ -56,6 +60,7 @@ impl Counters {
             movable_pages: get(Counter::MovablePages),
             user_stack_captures: get(Counter::UserStackCaptures),
             user_stack_misses: get(Counter::UserStackMisses),
+            claim_races: get(Counter::ClaimRaces),
         }
     }
 

@@ -21,19 +21,35 @@ use crate::{
     kinds::{Kind, KindAttach},
 };
 
-/// The eBPF object memory/build.rs compiled. Without the `ebpf` feature (the fuzz targets,
+/// The eBPF objects memleak/build.rs compiled. Without the `ebpf` feature (the fuzz targets,
 /// which link only the parsers) it is empty, and loading it fails with an error saying so.
 #[cfg(feature = "ebpf")]
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memleak"));
+/// The same programs for kernels before Linux 5.12, whose table claims need no compare-and-swap.
+#[cfg(feature = "ebpf")]
+static EBPF_OBJECT_PLAIN_CLAIMS: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memleak-plain-claims"));
 #[cfg(not(feature = "ebpf"))]
 static EBPF_OBJECT: &[u8] = &[];
+#[cfg(not(feature = "ebpf"))]
+static EBPF_OBJECT_PLAIN_CLAIMS: &[u8] = &[];
 
-/// The eBPF object, or an error where this build has none.
+/// The eBPF object for the running kernel, or an error where this build has none.
 pub(crate) fn ebpf_object() -> Result<&'static [u8]> {
-    if EBPF_OBJECT.is_empty() {
+    let object = if plain_claims() {
+        EBPF_OBJECT_PLAIN_CLAIMS
+    } else {
+        EBPF_OBJECT
+    };
+    if object.is_empty() {
         bail!("this memleak was built without its eBPF object (cargo feature `ebpf`)");
     }
-    Ok(EBPF_OBJECT)
+    Ok(object)
+}
+
+/// Whether the running kernel needs the object whose table claims are plain stores.
+fn plain_claims() -> bool {
+    kernel::release().is_ok_and(|release| predates_bpf_atomics(&release))
 }
 
 /// How to attach to the slab allocator's events: `Auto` takes the cheapest the kernel accepts.
@@ -141,16 +157,23 @@ const PERCPU_PROGRAMS: [(&str, &str); 2] = [
     ("percpu_alloc_btf", "percpu_alloc_percpu"),
     ("percpu_free_btf", "percpu_free_percpu"),
 ];
+/// Before Linux 6.0 the allocation event passes seven arguments: no call site, no allocated size.
+const PERCPU_PROGRAMS_BEFORE_6_0: [(&str, &str); 2] = [
+    ("percpu_alloc_btf_before_6_0", "percpu_alloc_percpu"),
+    ("percpu_free_btf", "percpu_free_percpu"),
+];
+const PERCPU_ARGUMENTS_BEFORE_6_0: u32 = 7;
 
 /// Frees that fire no per-object kmem event, followed with fentry (Linux 5.5+, kernel BTF,
 /// ftrace direct calls): kfree_rcu and kvfree_rcu, and bulk frees (kfree_bulk, kfree_rcu's
 /// batches; Linux 5.17+ for the bpf_loop over the objects).
 const FREE_PATH_PROGRAMS: [(&str, &str); 2] = [
     ("kvfree_call_rcu_fentry", "kvfree_call_rcu"),
-    ("kmem_cache_free_bulk_fentry", "kmem_cache_free_bulk"),
+    ("kmem_cache_free_bulk_fentry", BULK_FREE),
 ];
+const BULK_FREE: &str = "kmem_cache_free_bulk";
 
-/// Classic tracepoint programs: Linux 4.7+ (the table's atomics need 5.12+).
+/// Classic tracepoint programs: Linux 4.7+.
 fn classic_program_name(program: ClassicProgram) -> &'static str {
     match program {
         ClassicProgram::Kmalloc => "kmalloc_classic",
@@ -162,32 +185,15 @@ fn classic_program_name(program: ClassicProgram) -> &'static str {
     }
 }
 
+/// Whether a kernel release (`5.10.0-32-amd64`) is older than Linux 5.12, the first whose BPF
+/// has compare-and-swap. Distribution kernels that backported it still get plain claims:
+/// slower by a fence, as exact.
+fn predates_bpf_atomics(release: &str) -> bool {
+    kernel::release_predates(release, 5, 12)
+}
+
 /// Loads and attaches the programs; `btf` is the kernel's BTF ([`kernel::parse_btf`]).
-/// Linux 5.12 is the oldest kernel they load on: the object table claims its slots with BPF
-/// compare-and-exchange, which older verifiers refuse ("BPF_STX uses reserved fields"); the
-/// error then says so (distribution kernels that backported BPF atomics load anyway).
 pub fn attach(settings: &TracerSettings, btf: Option<&btf_rs::Btf>) -> Result<Tracer> {
-    attach_programs(settings, btf).map_err(|error| match kernel::release() {
-        Ok(release) if predates_bpf_atomics(&release) => error.context(format!(
-            "Linux {release} is older than 5.12, the first kernel whose BPF has the atomic \
-                 compare-and-exchange memleak's object table needs"
-        )),
-        _ => error,
-    })
-}
-
-/// Whether a kernel release (`5.10.0-32-amd64`) is older than Linux 5.12.
-pub fn predates_bpf_atomics(release: &str) -> bool {
-    let mut numbers = release
-        .split(|c: char| !c.is_ascii_digit())
-        .map(|part| part.parse::<u32>().ok());
-    match (numbers.next().flatten(), numbers.next().flatten()) {
-        (Some(major), Some(minor)) => (major, minor) < (5, 12),
-        _ => false,
-    }
-}
-
-fn attach_programs(settings: &TracerSettings, btf: Option<&btf_rs::Btf>) -> Result<Tracer> {
     let tracefs_root = tracefs::root()?;
     let formats =
         |category: &str, event: &str| tracefs::read_format(&tracefs_root, category, event);
@@ -208,6 +214,15 @@ fn attach_programs(settings: &TracerSettings, btf: Option<&btf_rs::Btf>) -> Resu
     let layout = btf.map(KmemCacheLayout::from_btf).transpose()?;
 
     let (mut config, buckets) = base_config(settings);
+    if plain_claims() {
+        notes.push(
+            "this kernel's BPF has no compare-and-swap (Linux 5.12+): the object table claims \
+             its slots with plain stores, each checked once its record is written; an \
+             allocation recorded into the same slot as another CPU's at the same moment is \
+             dropped, and counted as a claim race"
+                .to_owned(),
+        );
+    }
     if let Some(layout) = layout {
         config.kmem_cache_size_offset = layout.size;
         config.kmem_cache_object_size_offset = layout.object_size;
@@ -220,6 +235,12 @@ fn attach_programs(settings: &TracerSettings, btf: Option<&btf_rs::Btf>) -> Resu
     config.kvfree_rcu_passes_offset = btf.is_some_and(kernel::kvfree_rcu_passes_offset).into();
     let raw_cache_alloc_passes_cache = btf.and_then(kernel::raw_cache_alloc_passes_cache);
     config.raw_cache_alloc_passes_cache = raw_cache_alloc_passes_cache.unwrap_or(false).into();
+    let percpu_before_6_0 = btf
+        .and_then(|btf| kernel::tracepoint_argument_count(btf, "percpu_alloc_percpu"))
+        == Some(PERCPU_ARGUMENTS_BEFORE_6_0);
+    config.possible_cpus = aya::util::nr_cpus()
+        .map_err(|(path, error)| anyhow!("reading {path}: {error}"))?
+        .get();
     config.alloc_vmap_area_arguments = btf
         .and_then(|btf| kernel::argument_count(btf, VMALLOC_ALLOC_FEXIT.1))
         .unwrap_or(0);
@@ -245,13 +266,21 @@ fn attach_programs(settings: &TracerSettings, btf: Option<&btf_rs::Btf>) -> Resu
         if attached == Attached::ClassicTracepoints {
             prefer_fentry_for_frees(&mut ebpf, &tp_btf, &mut hooks);
         }
+        let release = kernel::release().unwrap_or_default();
         for &(name, function) in &FREE_PATH_PROGRAMS {
-            match load_fentry(&mut ebpf, name, function, &tp_btf) {
+            let loaded = if function == BULK_FREE && kernel::release_predates(&release, 5, 17) {
+                Err(anyhow!(
+                    "its program walks the freed objects with bpf_loop, Linux 5.17+"
+                ))
+            } else {
+                load_fentry(&mut ebpf, name, function, &tp_btf)
+            };
+            match loaded {
                 Ok(()) => hooks.push(Hook::FEntry { name, function }),
                 Err(error) => notes.push(format!(
                     "frees through {function} are not followed as they happen ({}): slab \
-                     objects freed that way are found free in kernel memory at report time \
-                     instead",
+                     objects freed that way are left to the report-time check of outstanding \
+                     objects in kernel memory",
                     one_line(&format!("{error:#}"))
                 )),
             }
@@ -261,14 +290,27 @@ fn attach_programs(settings: &TracerSettings, btf: Option<&btf_rs::Btf>) -> Resu
         methods.push(load_vmalloc(&mut ebpf, &tp_btf, &mut hooks, &mut notes));
     }
     if settings.kinds.contains(&Kind::Percpu) {
-        methods.push(match load_btf(&mut ebpf, &PERCPU_PROGRAMS, &tp_btf) {
+        let (programs, why) = if percpu_before_6_0 {
+            (
+                &PERCPU_PROGRAMS_BEFORE_6_0,
+                Some(format!(
+                    "before Linux 6.0 the allocation event has no call site and no allocated \
+                     size: each allocation's stack names its caller, and its size is the \
+                     per-CPU size times the {} possible CPUs",
+                    config.possible_cpus
+                )),
+            )
+        } else {
+            (&PERCPU_PROGRAMS, None)
+        };
+        methods.push(match load_btf(&mut ebpf, programs, &tp_btf) {
             Ok(()) => {
                 hooks.extend(
-                    PERCPU_PROGRAMS
+                    programs
                         .iter()
                         .map(|&(name, event)| Hook::Btf { name, event }),
                 );
-                KindAttach::new(Kind::Percpu, "tp_btf", None)
+                KindAttach::new(Kind::Percpu, "tp_btf", why)
             }
             Err(error) => {
                 let why = not_followed(&mut notes, Kind::Percpu, &error);
@@ -1015,6 +1057,7 @@ mod tests {
             .iter()
             .chain(&VMALLOC_PROGRAMS)
             .chain(&PERCPU_PROGRAMS)
+            .chain(&PERCPU_PROGRAMS_BEFORE_6_0)
             .chain(&FREE_PATH_PROGRAMS)
             .chain(&FENTRY_FREE_PROGRAMS)
             .chain([&VMALLOC_ALLOC_FEXIT, &VMALLOC_FREE_FENTRY]);

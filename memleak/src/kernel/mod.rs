@@ -20,6 +20,20 @@ pub fn release() -> Result<String> {
     Ok(text.trim().to_owned())
 }
 
+/// Whether a kernel release (`5.10.0-32-amd64`) is older than Linux `major.minor`; false for
+/// a release that does not start with a version.
+pub fn release_predates(release: &str, major: u32, minor: u32) -> bool {
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|part| part.parse::<u32>().ok());
+    match (numbers.next().flatten(), numbers.next().flatten()) {
+        (Some(release_major), Some(release_minor)) => {
+            (release_major, release_minor) < (major, minor)
+        }
+        _ => false,
+    }
+}
+
 /// This boot's random id: kernel addresses and monotonic timestamps mean the same only
 /// within one boot.
 pub fn boot_id() -> Result<String> {
@@ -65,20 +79,7 @@ pub fn argument_count(btf: &btf_rs::Btf, name: &str) -> Option<u32> {
 /// the tracepoint's BTF typedef, `btf_trace_kmem_cache_alloc` (its first parameter is the
 /// probe's `void *__data`). `None` where the kernel's BTF has no such typedef.
 pub fn raw_cache_alloc_passes_cache(btf: &btf_rs::Btf) -> Option<bool> {
-    let typedef = btf
-        .resolve_types_by_name("btf_trace_kmem_cache_alloc")
-        .ok()?
-        .into_iter()
-        .find(|candidate| matches!(candidate, btf_rs::Type::Typedef(_)))?;
-    let btf_rs::Type::Typedef(typedef) = typedef else {
-        return None;
-    };
-    let btf_rs::Type::Ptr(pointer) = btf.resolve_chained_type(&typedef).ok()? else {
-        return None;
-    };
-    let btf_rs::Type::FuncProto(prototype) = btf.resolve_chained_type(&pointer).ok()? else {
-        return None;
-    };
+    let prototype = tracepoint_prototype(btf, "kmem_cache_alloc")?;
     let third = prototype.parameters.get(3)?;
     let mut pointee = match btf.resolve_chained_type(third).ok()? {
         btf_rs::Type::Ptr(pointer) => btf.resolve_chained_type(&pointer).ok()?,
@@ -94,6 +95,33 @@ pub fn raw_cache_alloc_passes_cache(btf: &btf_rs::Btf) -> Option<bool> {
         }
         _ => false,
     })
+}
+
+/// How many arguments the tracepoint `event` passes its programs (`percpu_alloc_percpu`: 7
+/// before Linux 6.0, 10 or more since), from its BTF typedef, less the probe's `__data`.
+pub fn tracepoint_argument_count(btf: &btf_rs::Btf, event: &str) -> Option<u32> {
+    let parameters = tracepoint_prototype(btf, event)?.parameters.len();
+    u32::try_from(parameters.checked_sub(1)?).ok()
+}
+
+/// The prototype of the raw tracepoint `event`'s probes, `btf_trace_EVENT` (a typedef of a
+/// pointer to it); its first parameter is the probe's `void *__data`.
+fn tracepoint_prototype(btf: &btf_rs::Btf, event: &str) -> Option<btf_rs::FuncProto> {
+    let typedef = btf
+        .resolve_types_by_name(&format!("btf_trace_{event}"))
+        .ok()?
+        .into_iter()
+        .find(|candidate| matches!(candidate, btf_rs::Type::Typedef(_)))?;
+    let btf_rs::Type::Typedef(typedef) = typedef else {
+        return None;
+    };
+    let btf_rs::Type::Ptr(pointer) = btf.resolve_chained_type(&typedef).ok()? else {
+        return None;
+    };
+    match btf.resolve_chained_type(&pointer).ok()? {
+        btf_rs::Type::FuncProto(prototype) => Some(prototype),
+        _ => None,
+    }
 }
 
 /// The BTF prototype of the kernel function `name`.

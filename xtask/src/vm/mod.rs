@@ -252,18 +252,7 @@ impl GuestRun<'_> {
             Ok(booted) => booted,
             Err(error) => return (None, Err(error)),
         };
-        let mut row = matrix::Row::from_results(&debian.release, &results);
-        if memleak::bpf::probes::predates_bpf_atomics(&debian.release) {
-            let verdict = match verdict::judge_refusal(&results) {
-                Ok(line) => {
-                    row.verdict = "refused: needs Linux 5.12".to_owned();
-                    row.missing = vec![line];
-                    Ok("memleak refused it in one line, with status 2".to_owned())
-                }
-                Err(error) => Err(error.context(self.where_to_look(&debian))),
-            };
-            return (Some(row), verdict);
-        }
+        let row = matrix::Row::from_results(&debian.release, &results);
         let judged = (|| -> Result<String> {
             verdict::judge_producer(&results)?;
             let findings = verdict::judge(&results, self.args.objects)?;

@@ -55,6 +55,14 @@ pub fn render_text(report: &Report) -> String {
         thousands(counters.stack_captures),
         thousands(counters.missed_frees),
     );
+    if counters.claim_races > 0 {
+        let _ = writeln!(
+            out,
+            "dropped: {} claim races (two CPUs recording into one table slot at once; plain \
+             claims before Linux 5.12)",
+            thousands(counters.claim_races),
+        );
+    }
     if counters.user_stack_captures > 0 {
         let _ = writeln!(
             out,
@@ -412,6 +420,14 @@ mod tests {
         assert!(text.contains("#1   256 B in 4 objects, kmalloc in kmalloc-64, oldest 2.0s"));
         assert!(text.contains("stack of 2 of 3 sampled objects:\n         alloc_site+0x4/0x40\n"));
         assert!(text.contains("allocated by: 7 (leaker) 2, 8 (?) 2"));
+        assert!(!text.contains("claim races"));
+    }
+
+    #[test]
+    fn claim_races_are_shown_where_there_were_any() {
+        let mut report = sample_report(1);
+        report.stats.counters.claim_races = 3;
+        assert!(render_text(&report).contains("dropped: 3 claim races (two CPUs"));
     }
 
     /// Tests and scripts read the JSON back into the same types: nothing is lost on the way.
