@@ -34,9 +34,10 @@ static EBPF_OBJECT: &[u8] = &[];
 #[cfg(not(feature = "ebpf"))]
 static EBPF_OBJECT_PLAIN_CLAIMS: &[u8] = &[];
 
-/// The eBPF object for the running kernel, or an error where this build has none.
-pub(crate) fn ebpf_object() -> Result<&'static [u8]> {
-    let object = if plain_claims() {
+/// The eBPF object for the running kernel (the plain-claims one on any kernel with
+/// `force_plain_claims`), or an error where this build has none.
+pub(crate) fn ebpf_object(force_plain_claims: bool) -> Result<&'static [u8]> {
+    let object = if force_plain_claims || plain_claims() {
         EBPF_OBJECT_PLAIN_CLAIMS
     } else {
         EBPF_OBJECT
@@ -101,6 +102,8 @@ pub struct TracerSettings {
     pub user_stacks: bool,
     /// The benchmark's floor: programs that return at once.
     pub empty_programs: bool,
+    /// Load the build for kernels before Linux 5.12 on any kernel (tests and benchmarks).
+    pub plain_claims: bool,
 }
 
 /// The attached programs and their maps. Dropping `programs` detaches every program; `maps`
@@ -214,10 +217,11 @@ pub fn attach(settings: &TracerSettings, btf: Option<&btf_rs::Btf>) -> Result<Tr
     let layout = btf.map(KmemCacheLayout::from_btf).transpose()?;
 
     let (mut config, buckets) = base_config(settings);
-    if plain_claims() {
+    if settings.plain_claims || plain_claims() {
         notes.push(
-            "this kernel's BPF has no compare-and-swap (Linux 5.12+): the object table claims \
-             its slots with plain stores, each checked once its record is written; an \
+            "the object table claims its slots with plain stores, each checked once its \
+             record is written (this kernel's BPF has no compare-and-swap, Linux 5.12+, or \
+             --plain-claims asked for it); an \
              allocation recorded into the same slot as another CPU's at the same moment is \
              dropped, and counted as a claim race"
                 .to_owned(),
@@ -248,7 +252,7 @@ pub fn attach(settings: &TracerSettings, btf: Option<&btf_rs::Btf>) -> Result<Tr
     // Every program is loaded (verified) before any is attached, and frees are attached
     // before allocations: otherwise the verifier's own allocations while later programs load
     // would be recorded with no free hook to see them go.
-    let mut ebpf = load_object(&config, buckets)?;
+    let mut ebpf = load_object(&config, buckets, settings.plain_claims)?;
     let tp_btf = LazyBtf::default();
     let mut hooks = Vec::new();
     let mut methods = Vec::new();
@@ -862,10 +866,13 @@ pub(crate) fn load_for(
     let (mut config, buckets) = base_config(settings);
     config.filter_tgid = filter_tgid.or(settings.filter_tgid).unwrap_or(0);
     config.follow_processes = follow_processes.into();
-    Ok((load_object(&config, buckets)?, buckets))
+    Ok((
+        load_object(&config, buckets, settings.plain_claims)?,
+        buckets,
+    ))
 }
 
-fn load_object(config: &TracerConfig, buckets: u32) -> Result<Ebpf> {
+fn load_object(config: &TracerConfig, buckets: u32, force_plain_claims: bool) -> Result<Ebpf> {
     EbpfLoader::new()
         .override_global("CONFIG", config, true)
         .map_max_entries("OBJECT_KEYS", buckets)
@@ -879,7 +886,7 @@ fn load_object(config: &TracerConfig, buckets: u32) -> Result<Ebpf> {
                 1
             },
         )
-        .load(ebpf_object()?)
+        .load(ebpf_object(force_plain_claims)?)
         .context("creating eBPF maps")
 }
 

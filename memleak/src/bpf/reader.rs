@@ -35,7 +35,7 @@ impl KernelReader {
             .map_max_entries("CACHE_NAMES", 1)
             .map_max_entries("COMMS", 1)
             .map_max_entries("MISSED_FREE_SITES", 1)
-            .load(ebpf_object()?)
+            .load(ebpf_object(false)?)
             .context("creating the kernel memory reader's eBPF maps")?;
         let program: &mut RawTracePoint = ebpf
             .program_mut(PROGRAM)

@@ -156,6 +156,11 @@ pub struct TracingOptions {
     /// (`cargo xtask bench` prints it beside memleak's).
     #[arg(long, hide = true)]
     pub empty_programs: bool,
+
+    /// Tests and benchmarks: load the eBPF build for kernels before Linux 5.12, whose object
+    /// table claims slots with plain stores checked after writing, on any kernel.
+    #[arg(long, hide = true)]
+    pub plain_claims: bool,
 }
 
 const MAX_WINDOW: Duration = Duration::from_secs(30 * 86_400);
