@@ -95,7 +95,8 @@ fn release_slot(keys: *mut u64, slot: usize, key: u64) -> bool {
 /// and the records may be interleaved. Each claimant reads its key back after a full fence (on
 /// x86-64 the JIT makes BPF_XADD a `lock add`): of two overlapping claims the one whose record
 /// was written last then sees the other's key, and empties the slot rather than leave a key
-/// beside another object's record. Both objects are lost, never misattributed, and counted.
+/// beside another object's record. Both objects are lost, never misattributed, and counted
+/// (docs/kernels.md says the one interleaving whose loss goes uncounted).
 #[inline(always)]
 fn claim_held(keys: *mut u64, slot: usize, key: u64) -> bool {
     if !crate::PLAIN_CLAIMS {
