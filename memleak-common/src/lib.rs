@@ -174,8 +174,9 @@ pub enum Counter {
     /// User-space stack captures that found no user stack (kernel threads) or failed (the
     /// stack map full, a hash collision, or an unwinding error).
     UserStackMisses,
-    /// In the object for kernels before Linux 5.12 (plain claims): allocations whose slot another CPU claimed at the
-    /// same moment. The slot is emptied: this object, and possibly the other, is not followed.
+    /// In the object for kernels before Linux 5.12 (plain claims): allocations whose slot
+    /// another CPU claimed at the same moment. The slot is emptied: this object, and possibly
+    /// the other, is not followed.
     ClaimRaces,
 }
 

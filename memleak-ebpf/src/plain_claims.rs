@@ -10,4 +10,15 @@
 /// Whether table slots are claimed with plain stores (see `tracker::claim_held`).
 const PLAIN_CLAIMS: bool = true;
 
-include!("programs.rs");
+// The same modules as main.rs.
+mod classic;
+mod free_paths;
+mod maps;
+mod page;
+mod percpu;
+mod runtime;
+mod scan;
+mod slab;
+mod tracker;
+mod user;
+mod vmalloc;

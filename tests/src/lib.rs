@@ -399,21 +399,9 @@ pub fn trace_churn_beside_held(
         "100000",
     ])?;
     let started = Instant::now();
-    let mut holder = Guard::new(
-        Command::new(fixture_binary()?)
-            .args(["hold-eventfds", &held.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("starting the holding fixture")?,
-    );
+    let (mut holder, line) = start_fixture("hold-eventfds", held)?;
     let holder_pid = holder.child().id();
-    let stdout = holder.child().stdout.take().context("fixture stdout")?;
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .context("reading the holding fixture")?;
-    ensure!(line.trim() == "ready", "holding fixture said {line:?}");
+    ensure!(line == "ready", "holding fixture said {line:?}");
     let churned = Command::new(fixture_binary()?)
         .args([churn, &count.to_string()])
         .stdin(Stdio::null())

@@ -10,8 +10,8 @@ use anyhow::{Context as _, Result, ensure};
 use memleak::trace::report::{Entry, Report};
 use memleak_tests::{
     Guard, Waiting, entries_at, entries_through, finish_tracer, fixture_binary,
-    memleak_program_count, settled_program_count, share_of, start_tracer, trace_around,
-    trace_churning_fixture, wait_for_programs_gone,
+    memleak_program_count, settled_program_count, share_of, start_fixture, start_tracer,
+    trace_around, trace_churning_fixture, wait_for_programs_gone,
 };
 
 const HELD: u64 = 2_000;
@@ -472,20 +472,9 @@ fn plain_claims_keep_counts_exact_while_both_cpus_churn() -> Result<()> {
             ))
         })
         .collect::<Result<_>>()?;
-    let mut holder = Guard::new(
-        Command::new(fixture_binary()?)
-            .args(["hold-eventfds", &HELD.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("starting the holding fixture")?,
-    );
+    let (mut holder, line) = start_fixture("hold-eventfds", HELD)?;
     let holder_pid = u64::from(holder.child().id());
-    let mut line = String::new();
-    BufReader::new(holder.child().stdout.take().context("fixture stdout")?)
-        .read_line(&mut line)
-        .context("reading the holding fixture")?;
-    ensure!(line.trim() == "ready", "holding fixture said {line:?}");
+    ensure!(line == "ready", "holding fixture said {line:?}");
     let mut churn_pids = Vec::new();
     for mut churn in churns {
         churn_pids.push(u64::from(churn.child().id()));

@@ -34,10 +34,10 @@ static EBPF_OBJECT: &[u8] = &[];
 #[cfg(not(feature = "ebpf"))]
 static EBPF_OBJECT_PLAIN_CLAIMS: &[u8] = &[];
 
-/// The eBPF object for the running kernel (the plain-claims one on any kernel with
-/// `force_plain_claims`), or an error where this build has none.
-pub(crate) fn ebpf_object(force_plain_claims: bool) -> Result<&'static [u8]> {
-    let object = if force_plain_claims || plain_claims() {
+/// The eBPF object whose table claims slots with compare-and-swap, or the one with plain
+/// claims; an error where this build has none.
+pub(crate) fn ebpf_object(plain_claims: bool) -> Result<&'static [u8]> {
+    let object = if plain_claims {
         EBPF_OBJECT_PLAIN_CLAIMS
     } else {
         EBPF_OBJECT
@@ -49,7 +49,7 @@ pub(crate) fn ebpf_object(force_plain_claims: bool) -> Result<&'static [u8]> {
 }
 
 /// Whether the running kernel needs the object whose table claims are plain stores.
-fn plain_claims() -> bool {
+pub(crate) fn kernel_needs_plain_claims() -> bool {
     kernel::release().is_ok_and(|release| predates_bpf_atomics(&release))
 }
 
@@ -128,6 +128,11 @@ pub struct Tracer {
 }
 
 impl TracerSettings {
+    /// Whether to load the object whose table claims are plain stores.
+    fn loads_plain_claims(&self) -> bool {
+        self.plain_claims || kernel_needs_plain_claims()
+    }
+
     fn buckets(&self) -> u32 {
         (self.capacity.div_ceil(SLOTS_PER_BUCKET as u32)).next_power_of_two()
     }
@@ -217,13 +222,13 @@ pub fn attach(settings: &TracerSettings, btf: Option<&btf_rs::Btf>) -> Result<Tr
     let layout = btf.map(KmemCacheLayout::from_btf).transpose()?;
 
     let (mut config, buckets) = base_config(settings);
-    if settings.plain_claims || plain_claims() {
+    let plain_claims = settings.loads_plain_claims();
+    if plain_claims {
         notes.push(
             "the object table claims its slots with plain stores, each checked once its \
              record is written (this kernel's BPF has no compare-and-swap, Linux 5.12+, or \
-             --plain-claims asked for it); an \
-             allocation recorded into the same slot as another CPU's at the same moment is \
-             dropped, and counted as a claim race"
+             --plain-claims asked for it); an allocation recorded into the same slot as \
+             another CPU's at the same moment is dropped, and counted as a claim race"
                 .to_owned(),
         );
     }
@@ -252,7 +257,7 @@ pub fn attach(settings: &TracerSettings, btf: Option<&btf_rs::Btf>) -> Result<Tr
     // Every program is loaded (verified) before any is attached, and frees are attached
     // before allocations: otherwise the verifier's own allocations while later programs load
     // would be recorded with no free hook to see them go.
-    let mut ebpf = load_object(&config, buckets, settings.plain_claims)?;
+    let mut ebpf = load_object(&config, buckets, plain_claims)?;
     let tp_btf = LazyBtf::default();
     let mut hooks = Vec::new();
     let mut methods = Vec::new();
@@ -867,12 +872,12 @@ pub(crate) fn load_for(
     config.filter_tgid = filter_tgid.or(settings.filter_tgid).unwrap_or(0);
     config.follow_processes = follow_processes.into();
     Ok((
-        load_object(&config, buckets, settings.plain_claims)?,
+        load_object(&config, buckets, settings.loads_plain_claims())?,
         buckets,
     ))
 }
 
-fn load_object(config: &TracerConfig, buckets: u32, force_plain_claims: bool) -> Result<Ebpf> {
+fn load_object(config: &TracerConfig, buckets: u32, plain_claims: bool) -> Result<Ebpf> {
     EbpfLoader::new()
         .override_global("CONFIG", config, true)
         .map_max_entries("OBJECT_KEYS", buckets)
@@ -886,7 +891,7 @@ fn load_object(config: &TracerConfig, buckets: u32, force_plain_claims: bool) ->
                 1
             },
         )
-        .load(ebpf_object(force_plain_claims)?)
+        .load(ebpf_object(plain_claims)?)
         .context("creating eBPF maps")
 }
 

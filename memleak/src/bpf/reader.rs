@@ -9,7 +9,7 @@ use memleak_common::scan::{MAX_READS_PER_RUN, READ_CHUNK_BYTES, ReadChunk, ReadR
 
 use super::{
     mmap::{Access, MappedArray},
-    probes::ebpf_object,
+    probes::{ebpf_object, kernel_needs_plain_claims},
 };
 
 const PROGRAM: &str = "read_kernel_memory";
@@ -35,7 +35,7 @@ impl KernelReader {
             .map_max_entries("CACHE_NAMES", 1)
             .map_max_entries("COMMS", 1)
             .map_max_entries("MISSED_FREE_SITES", 1)
-            .load(ebpf_object(false)?)
+            .load(ebpf_object(kernel_needs_plain_claims())?)
             .context("creating the kernel memory reader's eBPF maps")?;
         let program: &mut RawTracePoint = ebpf
             .program_mut(PROGRAM)

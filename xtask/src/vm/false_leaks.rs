@@ -40,12 +40,12 @@ pub const CHURNS: [Churn; 4] = [
     },
 ];
 
-/// The hooks that must be in the report's `free_paths` for the verdict to hold, from the
-/// kernel release each needs: the bulk-free program walks its objects with bpf_loop (5.17+).
-/// On older kernels memleak must say it does not follow that path.
-const FREE_PATH_HOOKS: [(&str, (u32, u32)); 2] = [
-    ("kvfree_call_rcu (fentry)", (5, 5)),
-    ("kmem_cache_free_bulk (fentry)", (5, 17)),
+/// The functions whose fentry hooks must be in the report's `free_paths` for the verdict to
+/// hold, from the kernel release each needs: the bulk-free program walks its objects with
+/// bpf_loop (5.17+). On older kernels memleak must say it does not follow that path.
+const FREE_PATH_FENTRIES: [(&str, (u32, u32)); 2] = [
+    ("kvfree_call_rcu", (5, 5)),
+    ("kmem_cache_free_bulk", (5, 17)),
 ];
 /// Missed frees allowed, as a fraction of all allocations seen, beyond those the kernel's
 /// recursion guard explains: a free whose program run the kernel skipped because another
@@ -95,9 +95,9 @@ fn judge_one(results: &GuestResults, churn: &Churn) -> Result<String> {
     let report: Report =
         serde_json::from_str(text).with_context(|| format!("parsing churn-{name}.json"))?;
     let free_paths = &report.free_paths;
-    for (hook, (major, minor)) in FREE_PATH_HOOKS {
+    for (function, (major, minor)) in FREE_PATH_FENTRIES {
+        let hook = format!("{function} (fentry)");
         if memleak::kernel::release_predates(&report.kernel, major, minor) {
-            let function = hook.split(' ').next().unwrap_or(hook);
             let not_followed = format!("frees through {function} are not followed");
             ensure!(
                 report
@@ -112,7 +112,7 @@ fn judge_one(results: &GuestResults, churn: &Churn) -> Result<String> {
             continue;
         }
         ensure!(
-            free_paths.iter().any(|path| path == hook),
+            free_paths.contains(&hook),
             "churn-{name}: {hook} is not among the free paths followed ({free_paths:?}); \
              notes: {:?}",
             report.notes

@@ -56,7 +56,8 @@ pub fn judge_scan_and_classify(
     objects: u64,
     kaslr: bool,
 ) -> Result<String> {
-    let scan = if slab_layout_readable(results)? {
+    let leaky: TraceReport = report(results, "leaky.json")?;
+    let scan = if slab_layout_readable(results, &leaky.kernel)? {
         require_status(
             results,
             "scan",
@@ -157,10 +158,9 @@ fn guest_has_btf(results: &GuestResults) -> Result<bool> {
 
 /// Whether memleak can read the guest's slab pages: with kernel BTF, from Linux 5.17, where the
 /// slab fields moved from `struct page` to `struct slab` (the layout memleak reads; see
-/// `memleak::kernel::btf`). The release is the one the guest's trace report names.
-fn slab_layout_readable(results: &GuestResults) -> Result<bool> {
-    let leaky: TraceReport = report(results, "leaky.json")?;
-    Ok(guest_has_btf(results)? && !memleak::kernel::release_predates(&leaky.kernel, 5, 17))
+/// `memleak::kernel::btf`). `kernel` is the release the guest's trace report names.
+fn slab_layout_readable(results: &GuestResults, kernel: &str) -> Result<bool> {
+    Ok(guest_has_btf(results)? && !memleak::kernel::release_predates(kernel, 5, 17))
 }
 
 /// What the checks found, for the summary line.
@@ -218,7 +218,7 @@ pub fn judge(results: &GuestResults, objects: u64) -> Result<Findings> {
     let guest_has_btf = guest_has_btf(results)?;
     let has_note = |text: &str| leaky.notes.iter().any(|note| note.contains(text));
     let caches_not_read = has_note("not read from the kernel");
-    let cache_names_known = event_names_caches || slab_layout_readable(results)?;
+    let cache_names_known = event_names_caches || slab_layout_readable(results, &leaky.kernel)?;
     ensure!(
         cache_names_known || caches_not_read,
         "memleak cannot read this guest's slab pages (no kernel BTF, or before Linux 5.17) and \
@@ -934,29 +934,29 @@ pub(super) mod tests {
             );
         }
         // Without BTF, or before Linux 5.17 (no struct slab), the scan must be refused, in one
-        // line.
-        let mut results = scanned(false);
-        let on_5_10 = results
+        // line: a guest that scanned fails, one whose scan exited 2 with one line passes.
+        let must_refuse = |mut results: GuestResults, error: &str| {
+            assert!(judge_scan_and_classify(&results, 100, false).is_err());
+            results.files.insert("scan.status".into(), "2".into());
+            results.files.insert("scan.stderr".into(), error.into());
+            assert!(judge_scan_and_classify(&results, 100, false).is_ok());
+        };
+        let mut on_5_10 = scanned(false);
+        let report = on_5_10
             .file("leaky.json")
             .unwrap()
             .replace("6.1.0-56-amd64", "5.10.0-32-amd64");
-        results.files.insert("leaky.json".into(), on_5_10);
-        assert!(judge_scan_and_classify(&results, 100, false).is_err());
-        results.files.insert("scan.status".into(), "2".into());
-        results.files.insert(
-            "scan.stderr".into(),
-            "memleak: error: kernel BTF has no definition of struct slab".into(),
+        on_5_10.files.insert("leaky.json".into(), report);
+        must_refuse(
+            on_5_10,
+            "memleak: error: kernel BTF has no definition of struct slab",
         );
-        assert!(judge_scan_and_classify(&results, 100, false).is_ok());
-        let mut results = scanned(false);
-        results.files.insert("btf".into(), "no".into());
-        assert!(judge_scan_and_classify(&results, 100, false).is_err());
-        results.files.insert("scan.status".into(), "2".into());
-        results.files.insert(
-            "scan.stderr".into(),
-            "memleak: error: reading slab caches needs kernel BTF".into(),
+        let mut without_btf = scanned(false);
+        without_btf.files.insert("btf".into(), "no".into());
+        must_refuse(
+            without_btf,
+            "memleak: error: reading slab caches needs kernel BTF",
         );
-        assert!(judge_scan_and_classify(&results, 100, false).is_ok());
     }
 
     #[test]
