@@ -16,7 +16,7 @@ use core::{
 };
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_jiffies64, bpf_ktime_get_ns},
     programs::tracing::StackIdContext,
 };
 use memleak_common::{
@@ -217,7 +217,7 @@ pub fn on_alloc<C: StackIdContext>(
     *record = AllocRecord {
         call_site: allocation.call_site,
         cache_id: allocation.cache_id,
-        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        allocated_at: allocation_time(),
         bytes_requested: allocation.bytes_requested,
         bytes_allocated: allocation.bytes_allocated,
         stack_id,
@@ -230,6 +230,17 @@ pub fn on_alloc<C: StackIdContext>(
         return;
     }
     count(Counter::TrackedAllocs);
+}
+
+/// The clock reading a record keeps: jiffies (Linux 5.5+; the verifier inlines the helper
+/// into a load) when userspace could learn their conversion, else nanoseconds.
+#[inline(always)]
+fn allocation_time() -> u64 {
+    if config!(jiffies_clock) != 0 {
+        unsafe { bpf_jiffies64() }
+    } else {
+        unsafe { bpf_ktime_get_ns() }
+    }
 }
 
 /// Forgets a freed object, if the table holds it.

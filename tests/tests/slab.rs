@@ -3,7 +3,7 @@
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     process::{Command, Stdio},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, ensure};
@@ -109,6 +109,78 @@ fn held_eventfds_show_as_outstanding_through_eventfd_creation() -> Result<()> {
         drop(fixture.child().stdin.take());
         fixture.child().wait()?;
     }
+    Ok(())
+}
+
+/// Allocation times are kept in jiffies and converted to CLOCK_MONOTONIC as the table is read
+/// (memleak::bpf::clock). Two fixtures hold objects of two sites, the second started seconds
+/// after the first: the difference of the two sites' ages is the time between their
+/// allocations, which the test knows to a few milliseconds (each fixture allocates between its
+/// start and its `ready`), and the conversion to two ticks (20 ms at HZ=100). A wrong tick rate
+/// is off by a sixth of the gap or more (HZ=250 read as 300), a wrong anchor by more than a
+/// tick. And no object is older than the window.
+#[test]
+fn held_objects_are_as_old_as_they_were_held() -> Result<()> {
+    let Some(_exclusive) = memleak_tests::end_to_end() else {
+        return Ok(());
+    };
+    ensure!(
+        memleak::bpf::clock::AllocationClock::detect().uses_jiffies(),
+        "/proc/timer_list gives no tick rate and jiffies count here: the programs would read \
+         the nanosecond clock, and this test would not test the conversion"
+    );
+    const HOLD: u64 = 200;
+    const TWO_TICKS_MS: u128 = 20;
+    let (tracer, _stderr) = start_tracer(&[
+        "--duration",
+        "9s",
+        "--comm",
+        "memleak-fixture",
+        "--format",
+        "json",
+        "--top",
+        "100000",
+    ])?;
+    let first_started = Instant::now();
+    let (mut first, line) = start_fixture("hold-eventfds", HOLD)?;
+    let first_ready = Instant::now();
+    ensure!(line == "ready", "the eventfd holder said {line:?}");
+    std::thread::sleep(Duration::from_secs(5));
+    let second_started = Instant::now();
+    let (mut second, line) = start_fixture("hold-messages", HOLD)?;
+    let second_ready = Instant::now();
+    ensure!(line == "ready", "the message holder said {line:?}");
+    let report: Report = finish_tracer(tracer)?;
+    for holder in [&mut first, &mut second] {
+        drop(holder.child().stdin.take());
+        holder.child().wait()?;
+    }
+
+    let oldest = |symbol: &str| -> Result<u64> {
+        let entries = entries_at(&report, "kmalloc", symbol);
+        ensure!(!entries.is_empty(), "no kmalloc entry at {symbol}");
+        Ok(entries
+            .iter()
+            .map(|entry| entry.oldest_age_ms)
+            .max()
+            .unwrap_or(0))
+    };
+    let (eventfds, messages) = (oldest("do_eventfd")?, oldest("load_msg")?);
+    let gap = u128::from(eventfds.saturating_sub(messages));
+    let shortest = (second_started - first_ready)
+        .as_millis()
+        .saturating_sub(TWO_TICKS_MS);
+    let longest = (second_ready - first_started).as_millis() + TWO_TICKS_MS;
+    ensure!(
+        (shortest..=longest).contains(&gap),
+        "the eventfds are {eventfds} ms old and the messages {messages} ms: {gap} ms apart, \
+         where they were allocated {shortest}-{longest} ms apart"
+    );
+    ensure!(
+        eventfds <= report.duration_ms,
+        "the eventfds are {eventfds} ms old in a {} ms window",
+        report.duration_ms
+    );
     Ok(())
 }
 

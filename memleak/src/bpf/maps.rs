@@ -13,7 +13,10 @@ use memleak_common::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::mmap::{Access, MappedArray};
+use super::{
+    clock::AllocationClock,
+    mmap::{Access, MappedArray},
+};
 
 /// Event counters summed over CPUs. Serialized by these names in every report.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,10 +88,13 @@ pub struct TracerMaps {
     comms: Map,
     missed_free_sites: Map,
     buckets: u32,
+    clock: AllocationClock,
 }
 
 impl TracerMaps {
-    pub fn take(ebpf: &mut Ebpf, buckets: u32) -> Result<Self> {
+    /// The maps of a loaded object whose table has `buckets` buckets and whose programs time
+    /// allocations with `clock`.
+    pub fn take(ebpf: &mut Ebpf, buckets: u32, clock: AllocationClock) -> Result<Self> {
         let mut take = |name: &str| {
             ebpf.take_map(name)
                 .ok_or_else(|| anyhow!("eBPF object has no {name} map"))
@@ -103,6 +109,7 @@ impl TracerMaps {
             comms: take("COMMS")?,
             missed_free_sites: take("MISSED_FREE_SITES")?,
             buckets,
+            clock,
         })
     }
 }
@@ -149,7 +156,7 @@ fn map_table(
 }
 
 /// Calls `visit` with the key (the object's address, for slab objects) and the record of
-/// every outstanding object in the table.
+/// every outstanding object in the table, its `allocated_at` in CLOCK_MONOTONIC nanoseconds.
 pub fn for_each_outstanding(
     maps: &TracerMaps,
     mut visit: impl FnMut(u64, &AllocRecord),
@@ -162,7 +169,9 @@ pub fn for_each_outstanding(
         for (key_bucket, record_bucket) in keys.as_slice().iter().zip(records.as_slice()) {
             for (&key, record) in key_bucket.keys.iter().zip(&record_bucket.records) {
                 if key != 0 {
-                    visit(key, record);
+                    let mut record = *record;
+                    record.allocated_at = maps.clock.to_monotonic_ns(record.allocated_at);
+                    visit(key, &record);
                 }
             }
         }
@@ -172,10 +181,11 @@ pub fn for_each_outstanding(
 
 /// Removes objects from the table: those found free in kernel memory whose free the tracer
 /// did not see, so that a long watch does not fill its table with them. `objects` maps each
-/// address to the allocation time it was recorded with; a slot is cleared only while it still
-/// holds that address and time, by a compare-and-swap on the key like the programs' own, so an
-/// object the programs freed or re-recorded meanwhile is left alone. Returns how many were
-/// removed.
+/// address to the allocation time it was recorded with (as [`for_each_outstanding`] gave it);
+/// a slot is cleared only while it still holds that address and time (to the tick of the
+/// programs' clock, [`AllocationClock`]), by a compare-and-swap on the key like the programs'
+/// own, so an object the programs freed or re-recorded meanwhile is left alone. Returns how
+/// many were removed.
 pub fn remove_objects(maps: &TracerMaps, objects: &HashMap<u64, u64>) -> Result<u64> {
     if objects.is_empty() {
         return Ok(0);
@@ -190,7 +200,8 @@ pub fn remove_objects(maps: &TracerMaps, objects: &HashMap<u64, u64>) -> Result<
                 let slot = unsafe { AtomicU64::from_ptr(key) };
                 let address = slot.load(Ordering::Relaxed);
                 if address != 0
-                    && objects.get(&address) == Some(&record.timestamp_ns)
+                    && objects.get(&address)
+                        == Some(&maps.clock.to_monotonic_ns(record.allocated_at))
                     && slot
                         .compare_exchange(address, 0, Ordering::Relaxed, Ordering::Relaxed)
                         .is_ok()
@@ -232,7 +243,10 @@ pub fn insert_objects(maps: &TracerMaps, objects: &[(u64, AllocRecord)]) -> Resu
                 .compare_exchange(0, *address, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
             {
-                *slot = *record;
+                *slot = AllocRecord {
+                    allocated_at: maps.clock.reading_at(record.allocated_at),
+                    ..*record
+                };
                 inserted += 1;
                 break;
             }

@@ -12,7 +12,10 @@ use aya::{
 };
 use memleak_common::{SLOTS_PER_BUCKET, TracerConfig};
 
-use super::maps::{STACK_MAP_ENTRIES, TracerMaps, USER_STACK_MAP_ENTRIES};
+use super::{
+    clock::AllocationClock,
+    maps::{STACK_MAP_ENTRIES, TracerMaps, USER_STACK_MAP_ENTRIES},
+};
 use crate::{
     kernel::{
         self, KmemCacheLayout,
@@ -221,7 +224,7 @@ pub fn attach(settings: &TracerSettings, btf: Option<&btf_rs::Btf>) -> Result<Tr
     }
     let layout = btf.map(KmemCacheLayout::from_btf).transpose()?;
 
-    let (mut config, buckets) = base_config(settings);
+    let (mut config, table) = base_config(settings);
     let plain_claims = settings.loads_plain_claims();
     if plain_claims {
         notes.push(
@@ -257,7 +260,7 @@ pub fn attach(settings: &TracerSettings, btf: Option<&btf_rs::Btf>) -> Result<Tr
     // Every program is loaded (verified) before any is attached, and frees are attached
     // before allocations: otherwise the verifier's own allocations while later programs load
     // would be recorded with no free hook to see them go.
-    let mut ebpf = load_object(&config, buckets, plain_claims)?;
+    let mut ebpf = load_object(&config, table.buckets, plain_claims)?;
     let tp_btf = LazyBtf::default();
     let mut hooks = Vec::new();
     let mut methods = Vec::new();
@@ -361,7 +364,7 @@ pub fn attach(settings: &TracerSettings, btf: Option<&btf_rs::Btf>) -> Result<Tr
         .filter(|link| link.hook.event().contains("free"))
         .map(|link| link.hook.describe())
         .collect();
-    let maps = TracerMaps::take(&mut ebpf, buckets)?;
+    let maps = TracerMaps::take(&mut ebpf, table.buckets, table.clock)?;
     Ok(Tracer {
         programs: ebpf,
         links,
@@ -837,9 +840,18 @@ impl Tracer {
     }
 }
 
-/// The settings every program reads, whatever it hooks, and the table's bucket count.
-fn base_config(settings: &TracerSettings) -> (TracerConfig, u32) {
+/// What reading the object table takes beyond its maps.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TableFormat {
+    pub buckets: u32,
+    /// How the programs time allocations.
+    pub clock: AllocationClock,
+}
+
+/// The settings every program reads, whatever it hooks, and how the table reads.
+fn base_config(settings: &TracerSettings) -> (TracerConfig, TableFormat) {
     let buckets = settings.buckets();
+    let clock = AllocationClock::detect();
     let mut config = TracerConfig::DEFAULT;
     config.bucket_mask = buckets - 1;
     config.sample_shift = settings.sample_rate.trailing_zeros();
@@ -857,23 +869,24 @@ fn base_config(settings: &TracerSettings) -> (TracerConfig, u32) {
     config.max_size = settings.max_size.unwrap_or(u32::MAX);
     config.return_at_once = settings.empty_programs.into();
     config.user_stacks = settings.user_stacks.into();
-    (config, buckets)
+    config.jiffies_clock = clock.uses_jiffies().into();
+    (config, TableFormat { buckets, clock })
 }
 
 /// The object with the settings every program reads (none of the kernel-specific ones),
 /// recording only allocations by `filter_tgid`, or with `follow_processes` only those of the
-/// processes listed in its `FOLLOWED_PROCESSES` map; and the table's bucket count.
+/// processes listed in its `FOLLOWED_PROCESSES` map; and how its table reads.
 pub(crate) fn load_for(
     settings: &TracerSettings,
     filter_tgid: Option<u32>,
     follow_processes: bool,
-) -> Result<(Ebpf, u32)> {
-    let (mut config, buckets) = base_config(settings);
+) -> Result<(Ebpf, TableFormat)> {
+    let (mut config, table) = base_config(settings);
     config.filter_tgid = filter_tgid.or(settings.filter_tgid).unwrap_or(0);
     config.follow_processes = follow_processes.into();
     Ok((
-        load_object(&config, buckets, settings.loads_plain_claims())?,
-        buckets,
+        load_object(&config, table.buckets, settings.loads_plain_claims())?,
+        table,
     ))
 }
 

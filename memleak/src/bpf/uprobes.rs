@@ -281,7 +281,7 @@ pub fn attach_user(
     };
     // Following forks, the programs check their process against the map instead.
     let only = (!follow_forks).then_some(pid);
-    let (mut ebpf, buckets) = probes::load_for(settings, only, follow_forks)?;
+    let (mut ebpf, table) = probes::load_for(settings, only, follow_forks)?;
     let (scope, followed) = if follow_forks {
         let map = ebpf
             .take_map("FOLLOWED_PROCESSES")
@@ -338,7 +338,7 @@ pub fn attach_user(
             describe(&names_of(&entries))
         ));
     }
-    let maps = TracerMaps::take(&mut ebpf, buckets)?;
+    let maps = TracerMaps::take(&mut ebpf, table.buckets, table.clock)?;
     let heaps = if follow_forks {
         format!(
             "user-space heaps of process {pid} and the processes it forks (hooked in every \

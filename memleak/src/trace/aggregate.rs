@@ -162,7 +162,7 @@ impl Aggregator {
     }
 
     pub fn add(&mut self, record: &AllocRecord) {
-        if self.now_ns.saturating_sub(record.timestamp_ns) < self.min_age_ns {
+        if self.now_ns.saturating_sub(record.allocated_at) < self.min_age_ns {
             self.hidden_younger += 1;
             return;
         }
@@ -174,7 +174,7 @@ impl Aggregator {
         site.count += 1;
         site.bytes += bytes;
         site.bytes_requested += u64::from(record.bytes_requested);
-        site.oldest_timestamp_ns = site.oldest_timestamp_ns.min(record.timestamp_ns);
+        site.oldest_timestamp_ns = site.oldest_timestamp_ns.min(record.allocated_at);
         match u32::try_from(record.stack_id) {
             Ok(id) => {
                 *site.stacks.entry(id).or_default() += 1;
@@ -254,7 +254,7 @@ mod tests {
         AllocRecord {
             call_site,
             cache_id: 0,
-            timestamp_ns: ts,
+            allocated_at: ts,
             bytes_requested: bytes - 1,
             bytes_allocated: bytes,
             stack_id,
@@ -390,7 +390,7 @@ mod tests {
         AllocRecord {
             call_site,
             cache_id,
-            timestamp_ns: 0,
+            allocated_at: 0,
             bytes_requested: bytes,
             bytes_allocated: bytes,
             stack_id,

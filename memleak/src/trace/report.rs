@@ -540,7 +540,7 @@ pub(crate) mod fixtures {
         AllocRecord {
             call_site,
             cache_id,
-            timestamp_ns: 1_000_000_000,
+            allocated_at: 1_000_000_000,
             bytes_requested: 40,
             bytes_allocated: 64,
             stack_id,

@@ -416,7 +416,7 @@ impl History {
                     *address as i64,
                     record.call_site as i64,
                     record.cache_id as i64,
-                    record.timestamp_ns,
+                    record.allocated_at,
                     record.bytes_requested,
                     record.bytes_allocated,
                     record.tgid,
@@ -461,7 +461,7 @@ impl History {
                     AllocRecord {
                         call_site: row.get::<_, i64>(1)? as u64,
                         cache_id: row.get::<_, i64>(2)? as u64,
-                        timestamp_ns: row.get(3)?,
+                        allocated_at: row.get(3)?,
                         bytes_requested: row.get(4)?,
                         bytes_allocated: row.get(5)?,
                         // The stack map is the old tracer's: its ids mean nothing now.
@@ -711,7 +711,7 @@ mod tests {
         let record = AllocRecord {
             call_site: 0xffff_ffff_8123_4567,
             cache_id: 0xffff_8880_0100_0000,
-            timestamp_ns: 123_456_789,
+            allocated_at: 123_456_789,
             bytes_requested: 40,
             bytes_allocated: 64,
             stack_id: 7,

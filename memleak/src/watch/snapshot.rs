@@ -120,7 +120,7 @@ impl Snapshotter {
                 .flatten();
             match state {
                 Some(Liveness::Free(_)) => {
-                    found_free.insert(*address, record.timestamp_ns);
+                    found_free.insert(*address, record.allocated_at);
                     if let Some(key) = SiteKey::of(record) {
                         *found_free_at.entry(key).or_default() += 1;
                     }
@@ -140,13 +140,13 @@ impl Snapshotter {
                 if !self.site_caches.contains_key(&key) {
                     picks.add(key, *address);
                 }
-                if record.timestamp_ns > interval_start_ns {
+                if record.allocated_at > interval_start_ns {
                     *new_objects.entry(key).or_default() += 1;
                 }
                 ages_ms
                     .entry(key)
                     .or_default()
-                    .push(now_ns.saturating_sub(record.timestamp_ns) / 1_000_000);
+                    .push(now_ns.saturating_sub(record.allocated_at) / 1_000_000);
             }
         }
         let removed = table::remove_objects(maps, &found_free)?;
