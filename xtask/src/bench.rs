@@ -330,7 +330,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                     round + 1,
                     args.rounds,
                     variants[index].label(),
-                    thousands(sample.ops_per_second),
+                    rate(sample.ops_per_second),
                 );
                 samples[index].push(sample);
             }
@@ -629,7 +629,7 @@ fn print_report(
             let mut row = vec![
                 workload.name().to_owned(),
                 variant.label().to_owned(),
-                thousands(variant_median),
+                rate(variant_median),
                 format!("{:.2}x", baseline_median / variant_median),
                 match (floor_median, variant) {
                     (
@@ -649,8 +649,8 @@ fn print_report(
                     }
                     _ => "-".to_owned(),
                 },
-                thousands(ops.iter().copied().fold(f64::INFINITY, f64::min)),
-                thousands(ops.iter().copied().fold(0.0, f64::max)),
+                rate(ops.iter().copied().fold(f64::INFINITY, f64::min)),
+                rate(ops.iter().copied().fold(0.0, f64::max)),
             ];
             if costs.is_empty() {
                 row.extend(["-"; 4].map(str::to_owned));
@@ -784,6 +784,16 @@ pub(crate) fn median(values: impl Iterator<Item = f64>) -> f64 {
         0 => f64::NAN,
         len if len % 2 == 1 => values[len / 2],
         len => (values[len / 2 - 1] + values[len / 2]) / 2.0,
+    }
+}
+
+/// An ops/s figure: `1,234,568` for `1234567.8`, but `20.6` below 100 (the build workload
+/// runs about 20 compiles a second, where a whole number hides differences of 5%).
+fn rate(value: f64) -> String {
+    if value < 100.0 {
+        format!("{value:.1}")
+    } else {
+        thousands(value)
     }
 }
 
