@@ -116,21 +116,15 @@ fn held_eventfds_show_as_outstanding_through_eventfd_creation() -> Result<()> {
 /// (memleak::bpf::clock). Two fixtures hold objects of two sites, the second started seconds
 /// after the first: the difference of the two sites' ages is the time between their
 /// allocations, which the test knows to a few milliseconds (each fixture allocates between its
-/// start and its `ready`), and the conversion to two ticks (20 ms at HZ=100). A wrong tick rate
-/// is off by a sixth of the gap or more (HZ=250 read as 300), a wrong anchor by more than a
-/// tick. And no object is older than the window.
+/// start and its `ready`), and the conversion to the report's `age_resolution_ms` (two ticks).
+/// A wrong tick rate is off by a sixth of the gap or more (HZ=250 read as 300). And no object
+/// is older than the window.
 #[test]
 fn held_objects_are_as_old_as_they_were_held() -> Result<()> {
     let Some(_exclusive) = memleak_tests::end_to_end() else {
         return Ok(());
     };
-    ensure!(
-        memleak::bpf::clock::AllocationClock::detect().uses_jiffies(),
-        "/proc/timer_list gives no tick rate and jiffies count here: the programs would read \
-         the nanosecond clock, and this test would not test the conversion"
-    );
     const HOLD: u64 = 200;
-    const TWO_TICKS_MS: u128 = 20;
     let (tracer, _stderr) = start_tracer(&[
         "--duration",
         "9s",
@@ -165,12 +159,20 @@ fn held_objects_are_as_old_as_they_were_held() -> Result<()> {
             .max()
             .unwrap_or(0))
     };
+    // This machine has /proc/timer_list: the programs must have timed allocations in jiffies.
+    let resolution = u128::from(report.age_resolution_ms);
+    ensure!(
+        (1..=20).contains(&resolution),
+        "ages exact to {resolution} ms: two ticks of jiffies are 2-20 ms, and 0 says the \
+         programs read the nanosecond clock, which this test does not test"
+    );
     let (eventfds, messages) = (oldest("do_eventfd")?, oldest("load_msg")?);
     let gap = u128::from(eventfds.saturating_sub(messages));
+    // Each age may read short by up to the resolution, never long.
     let shortest = (second_started - first_ready)
         .as_millis()
-        .saturating_sub(TWO_TICKS_MS);
-    let longest = (second_ready - first_started).as_millis() + TWO_TICKS_MS;
+        .saturating_sub(resolution);
+    let longest = (second_ready - first_started).as_millis() + resolution;
     ensure!(
         (shortest..=longest).contains(&gap),
         "the eventfds are {eventfds} ms old and the messages {messages} ms: {gap} ms apart, \

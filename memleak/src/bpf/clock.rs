@@ -3,10 +3,11 @@
 //! `bpf_ktime_get_ns()` costs 50-70 ns per tracked allocation on a VM with the `tsc`
 //! clocksource, a third of the slab hook (docs/overhead.md); `bpf_jiffies64()` is a load the
 //! verifier inlines (Linux 5.5+). So the programs record jiffies, and userspace converts them
-//! as it reads the table: ages are then exact to one tick (1-10 ms), which reports round to
-//! milliseconds and watch intervals to seconds anyway. The conversion needs the tick length
-//! and one pair of readings of both clocks at the same tick, which `/proc/timer_list` gives
-//! (root only, `CONFIG_TICK_ONESHOT`); without it the programs read the nanosecond clock.
+//! as it reads the table: ages are then exact to two ticks (2-20 ms) and never longer than the
+//! object's, which is enough for reports in milliseconds and watch intervals of seconds. The
+//! conversion needs the tick length and one pair of readings of both clocks at the same tick,
+//! which `/proc/timer_list` gives (root only, `CONFIG_TICK_ONESHOT`); without it the programs
+//! read the nanosecond clock.
 
 use std::{io::BufRead as _, time::Duration};
 
@@ -27,8 +28,8 @@ const TICK_RATE_TOLERANCE: Duration = Duration::from_secs(5);
 pub enum AllocationClock {
     /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds already.
     Monotonic,
-    /// `bpf_jiffies64()`: the jiffies count became `anchor_jiffies` at CLOCK_MONOTONIC
-    /// `anchor_ns`, and each jiffy lasts `tick_ns`.
+    /// `bpf_jiffies64()`: CLOCK_MONOTONIC_COARSE read `anchor_ns` while the jiffies count
+    /// was `anchor_jiffies`, and each jiffy lasts `tick_ns`.
     Jiffies {
         tick_ns: u64,
         anchor_jiffies: u64,
@@ -79,21 +80,32 @@ impl AllocationClock {
         matches!(self, Self::Jiffies { .. })
     }
 
-    /// CLOCK_MONOTONIC nanoseconds of a reading the programs recorded: the end of its tick,
-    /// so that an age is never more than the object's (it is less by up to a tick).
+    /// How far an age computed from a converted reading may fall short of the object's (see
+    /// [`Self::to_monotonic_ns`]).
+    pub fn resolution(&self) -> Duration {
+        match *self {
+            Self::Monotonic => Duration::ZERO,
+            Self::Jiffies { tick_ns, .. } => Duration::from_nanos(2 * tick_ns),
+        }
+    }
+
+    /// CLOCK_MONOTONIC nanoseconds of a reading the programs recorded, never earlier than the
+    /// allocation, so that an age is never more than the object's; it is less by up to two
+    /// ticks. The anchor's coarse time is the tick's time rounded down to the timekeeper's own
+    /// tick-long steps, so up to a tick before the jiffies count changed: the allocation fell
+    /// in the tick after that change, hence the two ticks.
     pub fn to_monotonic_ns(&self, reading: u64) -> u64 {
         match *self {
             Self::Monotonic => reading,
             Self::Jiffies { tick_ns, .. } => {
-                let end = self.tick_start_ns(reading) + i128::from(tick_ns);
-                end.clamp(0, i128::from(u64::MAX)) as u64
+                let latest = self.tick_start_ns(reading) + 2 * i128::from(tick_ns);
+                latest.clamp(0, i128::from(u64::MAX)) as u64
             }
         }
     }
 
     /// The reading the programs would have recorded at CLOCK_MONOTONIC `ns`, inverse of
-    /// [`Self::to_monotonic_ns`] on the times it returns: a tick covers the times after its
-    /// start up to its end.
+    /// [`Self::to_monotonic_ns`] on the times it returns.
     pub fn reading_at(&self, ns: u64) -> u64 {
         match *self {
             Self::Monotonic => ns,
@@ -103,13 +115,14 @@ impl AllocationClock {
                 anchor_ns,
             } => {
                 let since = i128::from(ns) - i128::from(anchor_ns) - 1;
-                let ticks = since.div_euclid(i128::from(tick_ns));
+                let ticks = since.div_euclid(i128::from(tick_ns)) - 1;
                 (i128::from(anchor_jiffies) + ticks).clamp(0, i128::from(u64::MAX)) as u64
             }
         }
     }
 
-    /// When the jiffies count became `reading` (for [`Self::Monotonic`], `reading` itself).
+    /// The coarse clock's time at the tick of `reading`, as the anchor was read (for
+    /// [`Self::Monotonic`], `reading` itself).
     fn tick_start_ns(&self, reading: u64) -> i128 {
         match *self {
             Self::Monotonic => i128::from(reading),
@@ -226,18 +239,21 @@ jiffies: 4310982527
             anchor_jiffies: 1_000,
             anchor_ns: 50_000_000_000,
         };
-        // A reading converts to the end of its tick.
-        assert_eq!(clock.to_monotonic_ns(1_000), 50_004_000_000);
-        assert_eq!(clock.to_monotonic_ns(1_250), 51_004_000_000);
-        assert_eq!(clock.to_monotonic_ns(750), 49_004_000_000);
-        assert_eq!(clock.to_monotonic_ns(0), 46_004_000_000);
+        // A reading converts to two ticks after its tick's coarse time: never before the
+        // allocation.
+        assert_eq!(clock.to_monotonic_ns(1_000), 50_008_000_000);
+        assert_eq!(clock.to_monotonic_ns(1_250), 51_008_000_000);
+        assert_eq!(clock.to_monotonic_ns(750), 49_008_000_000);
+        assert_eq!(clock.to_monotonic_ns(0), 46_008_000_000);
+        assert_eq!(clock.resolution(), Duration::from_millis(8));
         for reading in [0, 999, 1_000, 1_001, 123_456] {
             assert_eq!(clock.reading_at(clock.to_monotonic_ns(reading)), reading);
         }
-        // A time inside a tick belongs to that tick; its start, to the tick before.
-        assert_eq!(clock.reading_at(51_000_000_001), 1_250);
-        assert_eq!(clock.reading_at(51_000_000_000), 1_249);
+        // The times a reading may stand for: a tick long, ending at its converted time.
+        assert_eq!(clock.reading_at(51_004_000_001), 1_250);
+        assert_eq!(clock.reading_at(51_004_000_000), 1_249);
         assert_eq!(AllocationClock::Monotonic.to_monotonic_ns(77), 77);
         assert_eq!(AllocationClock::Monotonic.reading_at(77), 77);
+        assert_eq!(AllocationClock::Monotonic.resolution(), Duration::ZERO);
     }
 }

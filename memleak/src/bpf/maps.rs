@@ -112,6 +112,11 @@ impl TracerMaps {
             clock,
         })
     }
+
+    /// How the programs time allocations.
+    pub fn clock(&self) -> AllocationClock {
+        self.clock
+    }
 }
 
 pub fn read_counters(maps: &TracerMaps) -> Result<Counters> {

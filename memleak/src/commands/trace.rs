@@ -547,6 +547,7 @@ impl Session {
             skipped_runs,
             kernel: self.kernel,
             elapsed,
+            age_resolution: maps.clock().resolution(),
             attach: attached.to_string(),
             methods,
             cache_ids_are_pointers,

@@ -26,6 +26,8 @@ pub struct ReportHeader {
     pub skipped_runs: u64,
     pub kernel: String,
     pub elapsed: Duration,
+    /// How exact the ages are ([`Report::age_resolution_ms`]).
+    pub age_resolution: Duration,
     pub attach: String,
     pub methods: Vec<KindAttach>,
     /// kmem_cache records name their cache by its `struct kmem_cache *` (tp_btf, raw_tp from
@@ -206,6 +208,7 @@ pub fn build_report(
         memleak: Producer::this(),
         kernel: header.kernel,
         duration_ms: header.elapsed.as_millis() as u64,
+        age_resolution_ms: header.age_resolution.as_millis() as u64,
         attach: header.attach,
         methods: header.methods,
         free_paths: header.free_paths,

@@ -31,6 +31,11 @@ pub struct Report {
     /// Kernel release (`uname -r`).
     pub kernel: String,
     pub duration_ms: u64,
+    /// Ages (`oldest_age_ms`) are exact to this many milliseconds, and never longer than the
+    /// object's: two ticks where allocations are timed in jiffies, 0 where the programs read
+    /// the nanosecond clock (absent from older reports: 0).
+    #[serde(default)]
+    pub age_resolution_ms: u64,
     /// How the slab events are followed: `tp_btf`, `raw_tp` or `tracepoint`.
     pub attach: String,
     /// How each kind traced is followed, and why not more cheaply.
@@ -599,6 +604,7 @@ pub(crate) mod fixtures {
             schema: SCHEMA_VERSION,
             kernel: "6.18.0-test".into(),
             duration_ms: 2_000,
+            age_resolution_ms: 8,
             attach: "tp_btf".into(),
             methods: Vec::new(),
             free_paths: Vec::new(),

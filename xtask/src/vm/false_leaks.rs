@@ -53,8 +53,12 @@ const FREE_PATH_FENTRIES: [(&str, (u32, u32)); 2] = [
 /// counted in `skipped_runs` and shown in the report; one loaded TCG guest saw 100 of those
 /// in 13,543 allocations, every one of them a missed free.
 const MISSED_FREES_ALLOWED: f64 = 0.005;
-/// Program runs the kernel may skip (recursion), as a fraction of the allocations seen.
-const SKIPPED_RUNS_ALLOWED: f64 = 0.02;
+/// Program runs the kernel may skip (recursion), as a fraction of the allocations seen. Under
+/// TCG, where a program runs tens of times slower than on hardware and interrupts land inside
+/// it more often, the same build skipped 0, 100 and 199 runs in three runs of churn-epolls on
+/// the 6.1 guest (7,500 allocations: up to 2.7%); 2% failed one of them. Every skipped run is
+/// counted in the report, and loosens the entry limit below by as much.
+const SKIPPED_RUNS_ALLOWED: f64 = 0.05;
 
 /// The `CHURN` word of the guest's kernel command line: `epolls:1000,timerfds:1000,...`.
 pub fn command_line() -> String {

@@ -170,6 +170,8 @@ pub struct Findings {
     pub notes: Vec<String>,
     /// `leaky_kmalloc+0x2b/0x42 [leaky]: 100 kmalloc objects in kmalloc-64`, one per leak.
     pub leaks: Vec<String>,
+    /// How exact the report's ages are (`age_resolution_ms`).
+    pub age_resolution_ms: u64,
 }
 
 /// `objects`: how many objects each leaking function allocated (the module's `n`).
@@ -354,11 +356,22 @@ pub fn judge(results: &GuestResults, objects: u64) -> Result<Findings> {
         LEAKS[0].function
     );
 
+    // Every guest kernel has bpf_jiffies64 (Linux 5.5+) and /proc/timer_list, and runs its
+    // checks a minute or two after boot, far from the 300 s uptime at which two tick rates
+    // explain one jiffies count: allocations must be timed in jiffies, whose two ticks are
+    // 2-20 ms (0 would say the programs fell back to the nanosecond clock).
+    ensure!(
+        (1..=20).contains(&leaky.age_resolution_ms),
+        "the guest's ages are exact to {} ms: allocations were not timed in jiffies",
+        leaky.age_resolution_ms
+    );
+
     Ok(Findings {
         kernel: leaky.kernel,
         attach: leaky.attach,
         notes: leaky.notes,
         leaks,
+        age_resolution_ms: leaky.age_resolution_ms,
     })
 }
 
@@ -366,10 +379,11 @@ impl Findings {
     pub fn summary(&self) -> String {
         format!(
             "on Linux {} ({}) the module check failed with {}, and the {CLEAN_FUNCTION} check \
-             passed",
+             passed; ages exact to {} ms (jiffies)",
             self.kernel,
             self.attach,
-            self.leaks.join(", ")
+            self.leaks.join(", "),
+            self.age_resolution_ms
         )
     }
 }
@@ -575,6 +589,7 @@ pub(super) mod tests {
             schema: SCHEMA_VERSION,
             kernel: "6.1.0-56-amd64".to_owned(),
             duration_ms: 1_000,
+            age_resolution_ms: 8,
             attach: attach.to_owned(),
             // The other kinds are not followed (as on a guest without BTF), and noted so; a
             // test that wants them followed says so with `follow_other_kinds`.
@@ -746,6 +761,23 @@ pub(super) mod tests {
             .files
             .insert("leaky.json".into(), serde_json::to_string(&report).unwrap());
         judge_producer(&results).unwrap();
+    }
+
+    #[test]
+    fn the_guest_must_time_allocations_in_jiffies() {
+        let mut results = guest(correct_sites(), N);
+        let mut report: TraceReport = serde_json::from_str(&results.files["leaky.json"]).unwrap();
+        report.age_resolution_ms = 0;
+        results
+            .files
+            .insert("leaky.json".into(), serde_json::to_string(&report).unwrap());
+        let Err(error) = judge(&results, N) else {
+            panic!("a guest report without jiffies passed");
+        };
+        assert!(
+            error.to_string().contains("not timed in jiffies"),
+            "{error}"
+        );
     }
 
     #[test]
