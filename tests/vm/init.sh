@@ -55,6 +55,11 @@ files="$files clean.json clean.stderr $files_scan"
 # module's cache name from kernel memory (it cannot take memleak's note that it could not).
 if [ -e /sys/kernel/btf/vmlinux ]; then echo yes; else echo no; fi >/results/btf
 files="$files btf"
+# Whether /proc/timer_list prints the jiffies count (CONFIG_TICK_ONESHOT): where it does, the
+# host requires memleak to have timed allocations in jiffies (the kmemleak kernel's does not).
+if grep -q '^jiffies:' /proc/timer_list 2>/dev/null; then echo yes; else echo no; fi \
+    >/results/timer_list_jiffies
+files="$files timer_list_jiffies"
 
 # Free-path churn (CHURN from the kernel command line: NAME:CYCLES,...): workloads that free all
 # they allocate through kfree_rcu and bulk frees. memleak follows those frees with fentry, which

@@ -147,6 +147,18 @@ fn require_status(results: &GuestResults, name: &str, expected: &str, command: &
     Ok(())
 }
 
+/// Whether the guest's /proc/timer_list prints the jiffies count, as its `timer_list_jiffies`
+/// file says.
+fn guest_prints_jiffies(results: &GuestResults) -> Result<bool> {
+    match results.file("timer_list_jiffies")? {
+        "yes" => Ok(true),
+        "no" => Ok(false),
+        other => {
+            anyhow::bail!("the guest's timer_list_jiffies file says {other:?}, expected yes or no")
+        }
+    }
+}
+
 /// Whether the guest has kernel BTF, as it says in its `btf` file.
 fn guest_has_btf(results: &GuestResults) -> Result<bool> {
     match results.file("btf")? {
@@ -356,15 +368,26 @@ pub fn judge(results: &GuestResults, objects: u64) -> Result<Findings> {
         LEAKS[0].function
     );
 
-    // Every guest kernel has bpf_jiffies64 (Linux 5.5+) and /proc/timer_list, and runs its
-    // checks a minute or two after boot, far from the 300 s uptime at which two tick rates
-    // explain one jiffies count: allocations must be timed in jiffies, whose two ticks are
-    // 2-20 ms (0 would say the programs fell back to the nanosecond clock).
-    ensure!(
-        (1..=20).contains(&leaky.age_resolution_ms),
-        "the guest's ages are exact to {} ms: allocations were not timed in jiffies",
-        leaky.age_resolution_ms
-    );
+    // Every guest kernel has bpf_jiffies64 (Linux 5.5+) and runs its checks a minute or two
+    // after boot, far from the 300 s uptime at which two tick rates explain one jiffies count:
+    // where its /proc/timer_list prints that count, allocations must be timed in jiffies, whose
+    // two ticks are 2-20 ms (0 says the programs read the nanosecond clock); where it does not,
+    // in nanoseconds.
+    let timed_in_jiffies = (1..=20).contains(&leaky.age_resolution_ms);
+    if guest_prints_jiffies(results)? {
+        ensure!(
+            timed_in_jiffies,
+            "the guest's ages are exact to {} ms: allocations were not timed in jiffies",
+            leaky.age_resolution_ms
+        );
+    } else {
+        ensure!(
+            leaky.age_resolution_ms == 0,
+            "the guest's /proc/timer_list prints no jiffies count, yet its ages are exact to {} \
+             ms, not 0",
+            leaky.age_resolution_ms
+        );
+    }
 
     Ok(Findings {
         kernel: leaky.kernel,
@@ -377,13 +400,16 @@ pub fn judge(results: &GuestResults, objects: u64) -> Result<Findings> {
 
 impl Findings {
     pub fn summary(&self) -> String {
+        let clock = match self.age_resolution_ms {
+            0 => "allocations timed in nanoseconds".to_owned(),
+            ms => format!("allocations timed in jiffies, ages exact to {ms} ms"),
+        };
         format!(
             "on Linux {} ({}) the module check failed with {}, and the {CLEAN_FUNCTION} check \
-             passed; ages exact to {} ms (jiffies)",
+             passed; {clock}",
             self.kernel,
             self.attach,
             self.leaks.join(", "),
-            self.age_resolution_ms
         )
     }
 }
@@ -699,6 +725,7 @@ pub(super) mod tests {
                 "\tfield:const void * ptr;\toffset:16;".to_owned(),
             ),
             ("btf", "no".to_owned()),
+            ("timer_list_jiffies", "yes".to_owned()),
         ];
         GuestResults::from_files(files)
     }
@@ -778,6 +805,16 @@ pub(super) mod tests {
             error.to_string().contains("not timed in jiffies"),
             "{error}"
         );
+        // A kernel whose /proc/timer_list prints no jiffies count gets the nanosecond clock.
+        results
+            .files
+            .insert("timer_list_jiffies".into(), "no".into());
+        judge(&results, N).unwrap();
+        report.age_resolution_ms = 8;
+        results
+            .files
+            .insert("leaky.json".into(), serde_json::to_string(&report).unwrap());
+        assert!(judge(&results, N).is_err());
     }
 
     #[test]
