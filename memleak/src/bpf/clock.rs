@@ -28,13 +28,17 @@ const TICK_RATE_TOLERANCE: Duration = Duration::from_secs(5);
 pub enum AllocationClock {
     /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds already.
     Monotonic,
-    /// `bpf_jiffies64()`: CLOCK_MONOTONIC_COARSE read `anchor_ns` while the jiffies count
-    /// was `anchor_jiffies`, and each jiffy lasts `tick_ns`.
-    Jiffies {
-        tick_ns: u64,
-        anchor_jiffies: u64,
-        anchor_ns: u64,
-    },
+    /// `bpf_jiffies64()`.
+    Jiffies(JiffiesClock),
+}
+
+/// The conversion of jiffies: CLOCK_MONOTONIC_COARSE read `anchor_ns` while the jiffies count
+/// was `anchor_jiffies`, and each jiffy lasts `tick_ns`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JiffiesClock {
+    pub tick_ns: u64,
+    pub anchor_jiffies: u64,
+    pub anchor_ns: u64,
 }
 
 impl AllocationClock {
@@ -45,7 +49,7 @@ impl AllocationClock {
         // equal jiffies counts, it is that count's tick time, or the tick before's when the
         // read fell between the two updates: of a few readings, the latest tick time is kept.
         const READINGS: usize = 3;
-        let mut clock = Self::Monotonic;
+        let mut latest: Option<JiffiesClock> = None;
         let mut readings = 0;
         for _ in 0..4 * READINGS {
             let Some(jiffies) = read_jiffies() else {
@@ -58,83 +62,75 @@ impl AllocationClock {
             let Some(tick_ns) = tick_ns_for(jiffies, monotonic_now_ns()) else {
                 return Self::Monotonic;
             };
-            let reading = Self::Jiffies {
+            let reading = JiffiesClock {
                 tick_ns,
                 anchor_jiffies: jiffies,
                 anchor_ns: coarse_ns,
             };
-            if clock == Self::Monotonic
-                || reading.tick_start_ns(jiffies) > clock.tick_start_ns(jiffies)
+            if latest
+                .is_none_or(|kept| reading.tick_start_ns(jiffies) > kept.tick_start_ns(jiffies))
             {
-                clock = reading;
+                latest = Some(reading);
             }
             readings += 1;
             if readings == READINGS {
                 break;
             }
         }
-        clock
+        latest.map_or(Self::Monotonic, Self::Jiffies)
     }
 
     pub fn uses_jiffies(&self) -> bool {
-        matches!(self, Self::Jiffies { .. })
+        matches!(self, Self::Jiffies(_))
     }
 
     /// How far an age computed from a converted reading may fall short of the object's (see
-    /// [`Self::to_monotonic_ns`]).
+    /// [`JiffiesClock::to_monotonic_ns`]).
     pub fn resolution(&self) -> Duration {
-        match *self {
+        match self {
             Self::Monotonic => Duration::ZERO,
-            Self::Jiffies { tick_ns, .. } => Duration::from_nanos(2 * tick_ns),
+            Self::Jiffies(jiffies) => Duration::from_nanos(2 * jiffies.tick_ns),
         }
     }
 
-    /// CLOCK_MONOTONIC nanoseconds of a reading the programs recorded, never earlier than the
-    /// allocation, so that an age is never more than the object's; it is less by up to two
-    /// ticks. The anchor's coarse time is the tick's time rounded down to the timekeeper's own
-    /// tick-long steps, so up to a tick before the jiffies count changed: the allocation fell
-    /// in the tick after that change, hence the two ticks.
+    /// CLOCK_MONOTONIC nanoseconds of a reading the programs recorded.
     pub fn to_monotonic_ns(&self, reading: u64) -> u64 {
-        match *self {
+        match self {
             Self::Monotonic => reading,
-            Self::Jiffies { tick_ns, .. } => {
-                let latest = self.tick_start_ns(reading) + 2 * i128::from(tick_ns);
-                latest.clamp(0, i128::from(u64::MAX)) as u64
-            }
+            Self::Jiffies(jiffies) => jiffies.to_monotonic_ns(reading),
         }
     }
 
     /// The reading the programs would have recorded at CLOCK_MONOTONIC `ns`, inverse of
     /// [`Self::to_monotonic_ns`] on the times it returns.
     pub fn reading_at(&self, ns: u64) -> u64 {
-        match *self {
+        match self {
             Self::Monotonic => ns,
-            Self::Jiffies {
-                tick_ns,
-                anchor_jiffies,
-                anchor_ns,
-            } => {
-                let since = i128::from(ns) - i128::from(anchor_ns) - 1;
-                let ticks = since.div_euclid(i128::from(tick_ns)) - 1;
-                (i128::from(anchor_jiffies) + ticks).clamp(0, i128::from(u64::MAX)) as u64
-            }
+            Self::Jiffies(jiffies) => jiffies.reading_at(ns),
         }
     }
+}
 
-    /// The coarse clock's time at the tick of `reading`, as the anchor was read (for
-    /// [`Self::Monotonic`], `reading` itself).
-    fn tick_start_ns(&self, reading: u64) -> i128 {
-        match *self {
-            Self::Monotonic => i128::from(reading),
-            Self::Jiffies {
-                tick_ns,
-                anchor_jiffies,
-                anchor_ns,
-            } => {
-                i128::from(anchor_ns)
-                    + (i128::from(reading) - i128::from(anchor_jiffies)) * i128::from(tick_ns)
-            }
-        }
+impl JiffiesClock {
+    /// Never earlier than the allocation, so that an age is never more than the object's; it
+    /// is less by up to two ticks. The anchor's coarse time is the tick's time rounded down to
+    /// the timekeeper's own tick-long steps, so up to a tick before the jiffies count changed:
+    /// the allocation fell in the tick after that change, hence the two ticks.
+    fn to_monotonic_ns(self, reading: u64) -> u64 {
+        let latest = self.tick_start_ns(reading) + 2 * i128::from(self.tick_ns);
+        latest.clamp(0, i128::from(u64::MAX)) as u64
+    }
+
+    fn reading_at(self, ns: u64) -> u64 {
+        let since = i128::from(ns) - i128::from(self.anchor_ns) - 1;
+        let ticks = since.div_euclid(i128::from(self.tick_ns)) - 1;
+        (i128::from(self.anchor_jiffies) + ticks).clamp(0, i128::from(u64::MAX)) as u64
+    }
+
+    /// The coarse clock's time at the tick of `reading`, as the anchor was read.
+    fn tick_start_ns(self, reading: u64) -> i128 {
+        i128::from(self.anchor_ns)
+            + (i128::from(reading) - i128::from(self.anchor_jiffies)) * i128::from(self.tick_ns)
     }
 }
 
@@ -234,11 +230,11 @@ jiffies: 4310982527
 
     #[test]
     fn readings_convert_to_monotonic_time_and_back() {
-        let clock = AllocationClock::Jiffies {
+        let clock = AllocationClock::Jiffies(JiffiesClock {
             tick_ns: 4_000_000,
             anchor_jiffies: 1_000,
             anchor_ns: 50_000_000_000,
-        };
+        });
         // A reading converts to two ticks after its tick's coarse time: never before the
         // allocation.
         assert_eq!(clock.to_monotonic_ns(1_000), 50_008_000_000);

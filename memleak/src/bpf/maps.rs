@@ -76,6 +76,14 @@ impl Counters {
     }
 }
 
+/// What reading the object table takes beyond its maps.
+#[derive(Clone, Copy, Debug)]
+pub struct TableFormat {
+    pub buckets: u32,
+    /// How the programs time allocations.
+    pub clock: AllocationClock,
+}
+
 /// The maps, taken out of the eBPF object so they outlive its programs: the report is read
 /// after every program is detached, from a table that no longer changes.
 pub struct TracerMaps {
@@ -92,9 +100,8 @@ pub struct TracerMaps {
 }
 
 impl TracerMaps {
-    /// The maps of a loaded object whose table has `buckets` buckets and whose programs time
-    /// allocations with `clock`.
-    pub fn take(ebpf: &mut Ebpf, buckets: u32, clock: AllocationClock) -> Result<Self> {
+    /// The maps of a loaded object whose table reads as `table` says.
+    pub fn take(ebpf: &mut Ebpf, table: TableFormat) -> Result<Self> {
         let mut take = |name: &str| {
             ebpf.take_map(name)
                 .ok_or_else(|| anyhow!("eBPF object has no {name} map"))
@@ -108,8 +115,8 @@ impl TracerMaps {
             cache_names: take("CACHE_NAMES")?,
             comms: take("COMMS")?,
             missed_free_sites: take("MISSED_FREE_SITES")?,
-            buckets,
-            clock,
+            buckets: table.buckets,
+            clock: table.clock,
         })
     }
 

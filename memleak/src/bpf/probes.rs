@@ -14,7 +14,7 @@ use memleak_common::{SLOTS_PER_BUCKET, TracerConfig};
 
 use super::{
     clock::AllocationClock,
-    maps::{STACK_MAP_ENTRIES, TracerMaps, USER_STACK_MAP_ENTRIES},
+    maps::{STACK_MAP_ENTRIES, TableFormat, TracerMaps, USER_STACK_MAP_ENTRIES},
 };
 use crate::{
     kernel::{
@@ -364,7 +364,7 @@ pub fn attach(settings: &TracerSettings, btf: Option<&btf_rs::Btf>) -> Result<Tr
         .filter(|link| link.hook.event().contains("free"))
         .map(|link| link.hook.describe())
         .collect();
-    let maps = TracerMaps::take(&mut ebpf, table.buckets, table.clock)?;
+    let maps = TracerMaps::take(&mut ebpf, table)?;
     Ok(Tracer {
         programs: ebpf,
         links,
@@ -838,14 +838,6 @@ impl Tracer {
         }
         Ok(())
     }
-}
-
-/// What reading the object table takes beyond its maps.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct TableFormat {
-    pub buckets: u32,
-    /// How the programs time allocations.
-    pub clock: AllocationClock,
 }
 
 /// The settings every program reads, whatever it hooks, and how the table reads.

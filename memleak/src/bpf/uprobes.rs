@@ -338,7 +338,7 @@ pub fn attach_user(
             describe(&names_of(&entries))
         ));
     }
-    let maps = TracerMaps::take(&mut ebpf, table.buckets, table.clock)?;
+    let maps = TracerMaps::take(&mut ebpf, table)?;
     let heaps = if follow_forks {
         format!(
             "user-space heaps of process {pid} and the processes it forks (hooked in every \
