@@ -94,7 +94,7 @@ pub const PAGE_SIZE: u32 = 4096;
 /// One outstanding allocation. The object's address lives in the parallel key array at the
 /// same slot index; this is everything else the report needs about it.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AllocRecord {
     /// Return address into the function that called the allocator (the tracepoint's
     /// `call_site`); 0 for kinds whose events have none (vmalloc), which always get a stack.

@@ -16,6 +16,7 @@ use clap::ValueEnum;
 use memleak::vm::apt::Apt;
 
 use crate::{
+    bench_stats::{MedianInterval, TargetVerdict, median, median_interval, paired_ratios},
     tracer::{self, TracerExit},
     workspace,
 };
@@ -79,7 +80,7 @@ enum WorkloadChoice {
     All,
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq)]
 enum Workload {
     Churn,
     Mixed,
@@ -135,6 +136,12 @@ const SCRAPED_PATHS: [&str; 5] = [
 ];
 
 impl Variant {
+    /// Whether memleak's programs run under this variant, doing their work (the ratio over
+    /// the floor is theirs).
+    fn runs_memleak_programs(self) -> bool {
+        !matches!(self, Variant::Baseline | Variant::Floor | Variant::Bpftrace)
+    }
+
     fn label(self) -> &'static str {
         match self {
             Variant::Baseline => "baseline",
@@ -165,8 +172,17 @@ struct Binaries {
 struct Sample {
     ops_per_second: f64,
     memleak: Option<MemleakCost>,
-    /// The tracer's programs, by name, as the kernel's BPF statistics counted them.
+    /// The tracer's programs, by name, as the kernel's BPF statistics counted them; empty
+    /// unless asked for (the measured rounds run with the statistics off).
     programs: BTreeMap<String, ProgramCost>,
+}
+
+/// What one workload measured: each variant's rounds, and its programs' costs from a run of
+/// its own with the kernel's statistics on.
+struct WorkloadResults {
+    workload: Workload,
+    samples: Vec<Vec<Sample>>,
+    programs: Vec<BTreeMap<String, ProgramCost>>,
 }
 
 /// What one program cost over a run: how often the kernel ran it and for how long in total
@@ -177,9 +193,11 @@ struct ProgramCost {
     run_time_ns: u64,
 }
 
-/// Turns on the kernel's per-program run counters (`kernel.bpf_stats_enabled`) for the
-/// benchmark and restores the setting after. They add two clock reads per program run, to
-/// every variant alike (the floor included).
+/// The kernel's per-program run counters (`kernel.bpf_stats_enabled`), restored to their
+/// setting when the benchmark ends. They add two clock reads to every program run (tens of
+/// nanoseconds on a VM, as much as an empty program's run), a cost no production machine
+/// pays: the measured rounds run with them off, and each variant's programs are timed in a
+/// run of its own with them on.
 struct BpfStats {
     before: String,
 }
@@ -187,11 +205,15 @@ struct BpfStats {
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
 impl BpfStats {
-    fn enable() -> Result<Self> {
+    fn save() -> Result<Self> {
         let before =
             fs::read_to_string(BPF_STATS).with_context(|| format!("reading {BPF_STATS}"))?;
-        fs::write(BPF_STATS, "1").with_context(|| format!("writing {BPF_STATS}"))?;
         Ok(Self { before })
+    }
+
+    fn set(&self, on: bool) -> Result<()> {
+        fs::write(BPF_STATS, if on { "1" } else { "0" })
+            .with_context(|| format!("writing {BPF_STATS}"))
     }
 }
 
@@ -312,18 +334,20 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         Apt::default().install_missing(&["gcc-12"])?;
     }
     Apt::default().install_missing(&["bpftool"])?;
-    let _stats = BpfStats::enable()?;
+    let stats = BpfStats::save()?;
 
     let mut results = Vec::new();
     for &workload in workloads {
+        let run = |variant: Variant, collect_programs: bool| {
+            run_once(&binaries, workload, variant, args.seconds, collect_programs)
+                .with_context(|| format!("{} under {}", workload.name(), variant.label()))
+        };
+        stats.set(false)?;
         let mut samples: Vec<Vec<Sample>> = variants.iter().map(|_| Vec::new()).collect();
         for round in 0..args.rounds as usize {
             for offset in 0..variants.len() {
                 let index = (round + offset) % variants.len();
-                let sample = run_once(&binaries, workload, variants[index], args.seconds)
-                    .with_context(|| {
-                        format!("{} under {}", workload.name(), variants[index].label())
-                    })?;
+                let sample = run(variants[index], false)?;
                 eprintln!(
                     "bench: {} round {}/{}: {} {} ops/s",
                     workload.name(),
@@ -335,8 +359,27 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 samples[index].push(sample);
             }
         }
-        results.push((workload, samples));
+        stats.set(true)?;
+        let mut programs = Vec::new();
+        for &variant in &variants {
+            if variant == Variant::Baseline {
+                programs.push(BTreeMap::new());
+                continue;
+            }
+            eprintln!(
+                "bench: {}: timing the programs of {}",
+                workload.name(),
+                variant.label()
+            );
+            programs.push(run(variant, true)?.programs);
+        }
+        results.push(WorkloadResults {
+            workload,
+            samples,
+            programs,
+        });
     }
+    drop(stats);
     print_report(args, &variants, &results)
 }
 
@@ -355,13 +398,18 @@ fn run_once(
     workload: Workload,
     variant: Variant,
     seconds: u64,
+    collect_programs: bool,
 ) -> Result<Sample> {
     let report_path =
         std::env::temp_dir().join(format!("memleak-bench-{}.json", std::process::id()));
     let serve_port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let programs_before = program_ids()?;
+    let programs_before = if collect_programs {
+        program_ids()?
+    } else {
+        BTreeSet::new()
+    };
     let tracer = match variant {
         Variant::Baseline => None,
         Variant::Floor
@@ -426,8 +474,8 @@ fn run_once(
     }
     // While the programs are still attached.
     let programs = match &tracer {
-        Some(_) => program_costs(&programs_before)?,
-        None => BTreeMap::new(),
+        Some(_) if collect_programs => program_costs(&programs_before)?,
+        _ => BTreeMap::new(),
     };
     let exit = tracer.map(tracer::RunningTracer::stop).transpose()?;
     let ops_per_second = ops_per_second?;
@@ -568,11 +616,7 @@ fn watch_cost(lines_path: &Path, exit: TracerExit) -> Result<MemleakCost> {
     })
 }
 
-fn print_report(
-    args: &BenchArgs,
-    variants: &[Variant],
-    results: &[(Workload, Vec<Vec<Sample>>)],
-) -> Result<()> {
+fn print_report(args: &BenchArgs, variants: &[Variant], results: &[WorkloadResults]) -> Result<()> {
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
         .context("reading /proc/sys/kernel/osrelease")?;
     let cpus = std::thread::available_parallelism().map_or(0, usize::from);
@@ -609,46 +653,26 @@ fn print_report(
         "table-full drops",
         "stack failures",
     ];
-    let baseline_index = variants
-        .iter()
-        .position(|&variant| variant == Variant::Baseline)
-        .context("no baseline variant")?;
-    let floor_index = variants
-        .iter()
-        .position(|&variant| variant == Variant::Floor);
     let mut rows = Vec::new();
-    for (workload, samples) in results {
-        let baseline_median = median(samples[baseline_index].iter().map(|s| s.ops_per_second));
-        let floor_median =
-            floor_index.map(|index| median(samples[index].iter().map(|s| s.ops_per_second)));
-        for (variant, samples) in variants.iter().zip(samples) {
+    let mut coverage = None;
+    for WorkloadResults {
+        workload, samples, ..
+    } in results
+    {
+        let ratios = RoundRatios::new(variants, samples)?;
+        for (index, (variant, samples)) in variants.iter().zip(samples).enumerate() {
             let ops: Vec<f64> = samples.iter().map(|s| s.ops_per_second).collect();
-            let variant_median = median(ops.iter().copied());
+            let slowdown = ratios.slowdown(index);
+            let over_floor = ratios.over_floor(index);
+            coverage = coverage.or(slowdown.map(|interval| interval.coverage));
             let costs: Vec<&MemleakCost> =
                 samples.iter().filter_map(|s| s.memleak.as_ref()).collect();
             let mut row = vec![
                 workload.name().to_owned(),
                 variant.label().to_owned(),
-                rate(variant_median),
-                format!("{:.2}x", baseline_median / variant_median),
-                match (floor_median, variant) {
-                    (
-                        Some(floor),
-                        Variant::Memleak
-                        | Variant::MemleakSampled
-                        | Variant::MemleakRaw
-                        | Variant::MemleakClassic
-                        | Variant::MemleakUserStacks
-                        | Variant::Watch
-                        | Variant::WatchContinuous
-                        | Variant::WatchTuned
-                        | Variant::WatchServed
-                        | Variant::OtherMemleak,
-                    ) => {
-                        format!("{:.2}x", floor / variant_median)
-                    }
-                    _ => "-".to_owned(),
-                },
+                rate(median(ops.iter().copied())),
+                interval_cell(slowdown),
+                interval_cell(over_floor),
                 rate(ops.iter().copied().fold(f64::INFINITY, f64::min)),
                 rate(ops.iter().copied().fold(0.0, f64::max)),
             ];
@@ -669,41 +693,227 @@ fn print_report(
             rows.push(row);
         }
     }
-    print_markdown_table(&header, &rows);
+    print_markdown_table(&header, &rows, 2);
+    println!();
+    print_targets(variants, results)?;
     println!();
     print_program_costs(variants, results);
     println!();
     println!(
-        "slowdown: baseline median / variant median. over floor: median with memleak's programs \
-         returning at once / variant median, the share of the slowdown that memleak's programs \
-         cause beyond the kernel's dispatch. report time: median time from SIGINT to exit \
-         (detach, read the table, symbolize, write JSON). max RSS, drops and stack failures: \
-         the largest of any round."
+        "slowdown: in each round, the baseline's ops/s over the variant's (the two ran in the \
+         same round, so what drifts between rounds cancels); the median over the rounds, and in \
+         parentheses the order statistics that hold the median with probability {:.1}% or more \
+         whatever the rounds' distribution (the lowest and highest round below 8 rounds). over \
+         floor: the same with the floor (memleak's programs returning at once) in place of the \
+         baseline: what memleak's programs cost beyond the kernel's dispatch. report time: \
+         median time from SIGINT to exit (detach, read the table, symbolize, write JSON). max \
+         RSS, drops and stack failures: the largest of any round.",
+        100.0 * coverage.unwrap_or(0.0)
     );
     Ok(())
 }
 
-/// Where each variant's time goes: its programs' runs and nanoseconds per run, over all rounds.
-fn print_program_costs(variants: &[Variant], results: &[(Workload, Vec<Vec<Sample>>)]) {
+/// The interval the bench aims for; five rounds reach 93.8% with their lowest and highest.
+const CONFIDENCE: f64 = 0.9;
+
+/// Each variant's per-round ratios against the baseline and the floor of one workload.
+struct RoundRatios<'a> {
+    ops: Vec<Vec<f64>>,
+    baseline: usize,
+    floor: Option<usize>,
+    variants: &'a [Variant],
+}
+
+impl<'a> RoundRatios<'a> {
+    fn new(variants: &'a [Variant], samples: &[Vec<Sample>]) -> Result<Self> {
+        let position = |wanted: Variant| variants.iter().position(|&variant| variant == wanted);
+        Ok(Self {
+            ops: samples
+                .iter()
+                .map(|samples| samples.iter().map(|s| s.ops_per_second).collect())
+                .collect(),
+            baseline: position(Variant::Baseline).context("no baseline variant")?,
+            floor: position(Variant::Floor),
+            variants,
+        })
+    }
+
+    fn slowdown(&self, index: usize) -> Option<MedianInterval> {
+        median_interval(
+            &paired_ratios(&self.ops[self.baseline], &self.ops[index]),
+            CONFIDENCE,
+        )
+    }
+
+    /// None for the variants that are not memleak's programs (no tracer, the floor, bpftrace).
+    fn over_floor(&self, index: usize) -> Option<MedianInterval> {
+        let floor = self.floor?;
+        if !self.variants[index].runs_memleak_programs() {
+            return None;
+        }
+        median_interval(
+            &paired_ratios(&self.ops[floor], &self.ops[index]),
+            CONFIDENCE,
+        )
+    }
+}
+
+/// `1.12x (1.05-1.20)`, or `-` for no interval.
+fn interval_cell(interval: Option<MedianInterval>) -> String {
+    match interval {
+        None => "-".to_owned(),
+        Some(interval) if interval.low == interval.high => format!("{:.2}x", interval.median),
+        Some(interval) => format!(
+            "{:.2}x ({:.2}-{:.2})",
+            interval.median, interval.low, interval.high
+        ),
+    }
+}
+
+/// What a target ratio is taken against.
+#[derive(Clone, Copy)]
+enum Against {
+    Baseline,
+    Floor,
+}
+
+/// A ratio an issue sets: `variant` on `workload`, against no tracer or the floor, at most
+/// `at_most`.
+struct Target {
+    workload: Workload,
+    variant: Variant,
+    against: Against,
+    at_most: f64,
+    issue: &'static str,
+}
+
+/// #17 (default tracing and `--sample-rate 64`) and #12 (the default watch).
+const TARGETS: [Target; 8] = [
+    Target {
+        workload: Workload::Churn,
+        variant: Variant::Memleak,
+        against: Against::Floor,
+        at_most: 1.10,
+        issue: "#17",
+    },
+    Target {
+        workload: Workload::Mixed,
+        variant: Variant::Memleak,
+        against: Against::Baseline,
+        at_most: 1.05,
+        issue: "#17",
+    },
+    Target {
+        workload: Workload::Build,
+        variant: Variant::Memleak,
+        against: Against::Baseline,
+        at_most: 1.05,
+        issue: "#17",
+    },
+    Target {
+        workload: Workload::Churn,
+        variant: Variant::MemleakSampled,
+        against: Against::Floor,
+        at_most: 1.02,
+        issue: "#17",
+    },
+    Target {
+        workload: Workload::Mixed,
+        variant: Variant::MemleakSampled,
+        against: Against::Floor,
+        at_most: 1.02,
+        issue: "#17",
+    },
+    Target {
+        workload: Workload::Build,
+        variant: Variant::MemleakSampled,
+        against: Against::Floor,
+        at_most: 1.02,
+        issue: "#17",
+    },
+    Target {
+        workload: Workload::Churn,
+        variant: Variant::Watch,
+        against: Against::Baseline,
+        at_most: 1.25,
+        issue: "#12",
+    },
+    Target {
+        workload: Workload::Mixed,
+        variant: Variant::Watch,
+        against: Against::Baseline,
+        at_most: 1.02,
+        issue: "#12",
+    },
+];
+
+/// Each target of a workload this run measured, with the run's verdict on it.
+fn print_targets(variants: &[Variant], results: &[WorkloadResults]) -> Result<()> {
     let mut rows = Vec::new();
-    for (workload, samples) in results {
-        for (variant, samples) in variants.iter().zip(samples) {
-            let mut totals: BTreeMap<&str, ProgramCost> = BTreeMap::new();
-            for sample in samples {
-                for (name, cost) in &sample.programs {
-                    let total = totals.entry(name.as_str()).or_default();
-                    total.runs += cost.runs;
-                    total.run_time_ns += cost.run_time_ns;
-                }
-            }
-            let all_ns: u64 = totals.values().map(|cost| cost.run_time_ns).sum();
-            let mut programs: Vec<(&str, ProgramCost)> = totals.into_iter().collect();
-            programs.sort_by_key(|(_, cost)| std::cmp::Reverse(cost.run_time_ns));
-            for (name, cost) in programs.into_iter().filter(|(_, cost)| cost.runs > 0) {
+    for WorkloadResults {
+        workload, samples, ..
+    } in results
+    {
+        let ratios = RoundRatios::new(variants, samples)?;
+        for target in TARGETS.iter().filter(|target| target.workload == *workload) {
+            let Some(index) = variants.iter().position(|&v| v == target.variant) else {
+                continue;
+            };
+            let (interval, against) = match target.against {
+                Against::Baseline => (ratios.slowdown(index), "slowdown"),
+                Against::Floor => (ratios.over_floor(index), "over floor"),
+            };
+            let Some(interval) = interval else {
+                continue;
+            };
+            rows.push(vec![
+                target.issue.to_owned(),
+                workload.name().to_owned(),
+                target.variant.label().to_owned(),
+                against.to_owned(),
+                format!("{:.2}x", target.at_most),
+                interval_cell(Some(interval)),
+                TargetVerdict::of(&interval, target.at_most)
+                    .label()
+                    .to_owned(),
+            ]);
+        }
+    }
+    if rows.is_empty() {
+        return Ok(());
+    }
+    println!(
+        "Targets: met when the whole interval is at or under the target, missed when it is all \
+         above, not shown when the rounds spread across it (more rounds narrow the interval)"
+    );
+    println!();
+    print_markdown_table(
+        &[
+            "issue", "workload", "variant", "ratio", "at most", "measured", "verdict",
+        ],
+        &rows,
+        4,
+    );
+    Ok(())
+}
+
+/// Where each variant's time goes: its programs' runs and nanoseconds per run, in the run
+/// timed with the kernel's statistics on.
+fn print_program_costs(variants: &[Variant], results: &[WorkloadResults]) {
+    let mut rows = Vec::new();
+    for WorkloadResults {
+        workload, programs, ..
+    } in results
+    {
+        for (variant, costs) in variants.iter().zip(programs) {
+            let all_ns: u64 = costs.values().map(|cost| cost.run_time_ns).sum();
+            let mut by_time: Vec<(&String, &ProgramCost)> = costs.iter().collect();
+            by_time.sort_by_key(|(_, cost)| std::cmp::Reverse(cost.run_time_ns));
+            for (name, cost) in by_time.into_iter().filter(|(_, cost)| cost.runs > 0) {
                 rows.push(vec![
                     workload.name().to_owned(),
                     variant.label().to_owned(),
-                    name.to_owned(),
+                    name.clone(),
                     thousands(cost.runs as f64),
                     format!("{:.0}", cost.run_time_ns as f64 / cost.runs as f64),
                     format!(
@@ -718,17 +928,21 @@ fn print_program_costs(variants: &[Variant], results: &[(Workload, Vec<Vec<Sampl
         return;
     }
     println!(
-        "Per program (kernel.bpf_stats_enabled, all rounds): runs, ns per run, share of the variant's program time"
+        "Per program (kernel.bpf_stats_enabled, on for one more run of each variant after the \
+         measured rounds, which ran with it off): runs, ns per run, share of the variant's \
+         program time"
     );
     println!();
     print_markdown_table(
         &["workload", "variant", "program", "runs", "ns/run", "share"],
         &rows,
+        3,
     );
 }
 
-/// A Markdown table, padded to line up in a terminal; columns after the second are numbers.
-fn print_markdown_table(header: &[&str], rows: &[Vec<String>]) {
+/// A Markdown table, padded to line up in a terminal; the first `text_columns` columns are
+/// text (aligned left), the others numbers.
+fn print_markdown_table(header: &[&str], rows: &[Vec<String>], text_columns: usize) {
     let widths: Vec<usize> = (0..header.len())
         .map(|column| {
             rows.iter()
@@ -740,7 +954,7 @@ fn print_markdown_table(header: &[&str], rows: &[Vec<String>]) {
         .collect();
     let line = |cells: Vec<String>| println!("| {} |", cells.join(" | "));
     let pad = |column: usize, cell: &str| {
-        if column < 2 {
+        if column < text_columns {
             format!("{cell:<width$}", width = widths[column])
         } else {
             format!("{cell:>width$}", width = widths[column])
@@ -759,7 +973,7 @@ fn print_markdown_table(header: &[&str], rows: &[Vec<String>]) {
             .enumerate()
             .map(|(column, &width)| {
                 let dashes = "-".repeat(width.saturating_sub(1));
-                if column < 2 {
+                if column < text_columns {
                     format!("{dashes}-")
                 } else {
                     format!("{dashes}:")
@@ -774,16 +988,6 @@ fn print_markdown_table(header: &[&str], rows: &[Vec<String>]) {
                 .map(|(column, cell)| pad(column, cell))
                 .collect(),
         );
-    }
-}
-
-pub(crate) fn median(values: impl Iterator<Item = f64>) -> f64 {
-    let mut values: Vec<f64> = values.collect();
-    values.sort_by(f64::total_cmp);
-    match values.len() {
-        0 => f64::NAN,
-        len if len % 2 == 1 => values[len / 2],
-        len => (values[len / 2 - 1] + values[len / 2]) / 2.0,
     }
 }
 

@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 
-use crate::{bench::median, workspace};
+use crate::{bench_stats::median, workspace};
 
 #[derive(clap::Args)]
 pub struct BenchUserArgs {

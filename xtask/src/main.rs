@@ -1,5 +1,6 @@
 //! memleak's project tasks, run as `cargo xtask TASK`.
 mod bench;
+mod bench_stats;
 mod bench_user;
 mod dist;
 mod soak;

@@ -193,12 +193,14 @@ pub fn for_each_outstanding(
 
 /// Removes objects from the table: those found free in kernel memory whose free the tracer
 /// did not see, so that a long watch does not fill its table with them. `objects` maps each
-/// address to the allocation time it was recorded with (as [`for_each_outstanding`] gave it);
-/// a slot is cleared only while it still holds that address and time (to the tick of the
-/// programs' clock, [`AllocationClock`]), by a compare-and-swap on the key like the programs'
-/// own, so an object the programs freed or re-recorded meanwhile is left alone. Returns how
-/// many were removed.
-pub fn remove_objects(maps: &TracerMaps, objects: &HashMap<u64, u64>) -> Result<u64> {
+/// address to its record as [`for_each_outstanding`] gave it; a slot is cleared only while it
+/// still holds that address and that record, by a compare-and-swap on the key like the
+/// programs' own, so an object the programs freed or re-recorded meanwhile is left alone. The
+/// whole record is compared, not the allocation time alone: the programs' clock may tick as
+/// coarsely as a jiffy ([`AllocationClock`]), and an address allocated again within the same
+/// tick differs in its call site, process, size or stack unless it is the same allocation in
+/// every respect the report shows. Returns how many were removed.
+pub fn remove_objects(maps: &TracerMaps, objects: &HashMap<u64, AllocRecord>) -> Result<u64> {
     if objects.is_empty() {
         return Ok(0);
     }
@@ -211,9 +213,17 @@ pub fn remove_objects(maps: &TracerMaps, objects: &HashMap<u64, u64>) -> Result<
                 // also change only atomically.
                 let slot = unsafe { AtomicU64::from_ptr(key) };
                 let address = slot.load(Ordering::Relaxed);
-                if address != 0
-                    && objects.get(&address)
-                        == Some(&maps.clock.to_monotonic_ns(record.allocated_at))
+                if address == 0 {
+                    continue;
+                }
+                let Some(expected) = objects.get(&address) else {
+                    continue;
+                };
+                let recorded = AllocRecord {
+                    allocated_at: maps.clock.to_monotonic_ns(record.allocated_at),
+                    ..*record
+                };
+                if recorded == *expected
                     && slot
                         .compare_exchange(address, 0, Ordering::Relaxed, Ordering::Relaxed)
                         .is_ok()

@@ -253,7 +253,7 @@ fn forget_processes(maps: &TracerMaps, processes: &HashSet<u32>) -> Result<Optio
     let mut blocks = HashMap::new();
     table::for_each_outstanding(maps, |key, record| {
         if processes.contains(&record.tgid) {
-            blocks.insert(key, record.allocated_at);
+            blocks.insert(key, *record);
         }
     })?;
     let removed = table::remove_objects(maps, &blocks)?;

@@ -107,7 +107,7 @@ impl Snapshotter {
 
         let mut aggregator = Aggregator::new(now_ns, std::time::Duration::ZERO);
         let mut new_objects: HashMap<SiteKey, u64> = HashMap::new();
-        let mut found_free: HashMap<u64, u64> = HashMap::new();
+        let mut found_free: HashMap<u64, AllocRecord> = HashMap::new();
         let mut found_free_at: HashMap<SiteKey, u64> = HashMap::new();
         let mut ages_ms: HashMap<SiteKey, Vec<u64>> = HashMap::new();
         let mut picks = Picks::default();
@@ -120,7 +120,7 @@ impl Snapshotter {
                 .flatten();
             match state {
                 Some(Liveness::Free(_)) => {
-                    found_free.insert(*address, record.allocated_at);
+                    found_free.insert(*address, *record);
                     if let Some(key) = SiteKey::of(record) {
                         *found_free_at.entry(key).or_default() += 1;
                     }
