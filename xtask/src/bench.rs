@@ -873,7 +873,7 @@ fn print_targets(variants: &[Variant], results: &[WorkloadResults]) -> Result<()
                 against.to_owned(),
                 format!("{:.2}x", target.at_most),
                 interval_cell(Some(interval)),
-                TargetVerdict::of(&interval, target.at_most)
+                TargetVerdict::of(&interval, target.at_most, CONFIDENCE)
                     .label()
                     .to_owned(),
             ]);
@@ -884,7 +884,10 @@ fn print_targets(variants: &[Variant], results: &[WorkloadResults]) -> Result<()
     }
     println!(
         "Targets: met when the whole interval is at or under the target, missed when it is all \
-         above, not shown when the rounds spread across it (more rounds narrow the interval)"
+         above, not shown when the rounds spread across it (more rounds narrow the interval); \
+         too few rounds when the interval holds the median with less than {:.0}% (fewer than 5 \
+         rounds)",
+        100.0 * CONFIDENCE
     );
     println!();
     print_markdown_table(

@@ -87,11 +87,16 @@ pub(crate) enum TargetVerdict {
     Missed,
     /// The interval straddles it: the rounds spread too much to tell.
     NotShown,
+    /// The interval holds the median with less than the confidence asked for, whichever side
+    /// of the target it lies (fewer than 5 rounds at 90%).
+    TooFewRounds,
 }
 
 impl TargetVerdict {
-    pub(crate) fn of(interval: &MedianInterval, at_most: f64) -> Self {
-        if interval.high <= at_most {
+    pub(crate) fn of(interval: &MedianInterval, at_most: f64, confidence: f64) -> Self {
+        if interval.coverage < confidence {
+            TargetVerdict::TooFewRounds
+        } else if interval.high <= at_most {
             TargetVerdict::Met
         } else if interval.low > at_most {
             TargetVerdict::Missed
@@ -105,6 +110,7 @@ impl TargetVerdict {
             TargetVerdict::Met => "met",
             TargetVerdict::Missed => "missed",
             TargetVerdict::NotShown => "not shown",
+            TargetVerdict::TooFewRounds => "too few rounds",
         }
     }
 }
@@ -177,16 +183,32 @@ mod tests {
             coverage: 0.9,
         };
         assert_eq!(
-            TargetVerdict::of(&interval(1.01, 1.05), 1.05),
+            TargetVerdict::of(&interval(1.01, 1.05), 1.05, 0.9),
             TargetVerdict::Met
         );
         assert_eq!(
-            TargetVerdict::of(&interval(1.06, 1.2), 1.05),
+            TargetVerdict::of(&interval(1.06, 1.2), 1.05, 0.9),
             TargetVerdict::Missed
         );
         assert_eq!(
-            TargetVerdict::of(&interval(1.0, 1.1), 1.05),
+            TargetVerdict::of(&interval(1.0, 1.1), 1.05, 0.9),
             TargetVerdict::NotShown
         );
+    }
+
+    #[test]
+    fn a_single_round_shows_no_target_either_way() {
+        let one = median_interval(&[1.01], 0.9).unwrap();
+        assert_eq!(
+            TargetVerdict::of(&one, 1.05, 0.9),
+            TargetVerdict::TooFewRounds
+        );
+        let three = median_interval(&[1.3, 1.2, 1.25], 0.9).unwrap();
+        assert_eq!(
+            TargetVerdict::of(&three, 1.05, 0.9),
+            TargetVerdict::TooFewRounds
+        );
+        let five = median_interval(&[1.3, 1.2, 1.25, 1.21, 1.22], 0.9).unwrap();
+        assert_eq!(TargetVerdict::of(&five, 1.05, 0.9), TargetVerdict::Missed);
     }
 }
