@@ -124,6 +124,15 @@ impl TracerMaps {
     pub fn clock(&self) -> AllocationClock {
         self.clock
     }
+
+    /// A record of the table as userspace reads it: its allocation time in CLOCK_MONOTONIC
+    /// nanoseconds.
+    fn in_monotonic_time(&self, record: &AllocRecord) -> AllocRecord {
+        AllocRecord {
+            allocated_at: self.clock.to_monotonic_ns(record.allocated_at),
+            ..*record
+        }
+    }
 }
 
 pub fn read_counters(maps: &TracerMaps) -> Result<Counters> {
@@ -181,9 +190,7 @@ pub fn for_each_outstanding(
         for (key_bucket, record_bucket) in keys.as_slice().iter().zip(records.as_slice()) {
             for (&key, record) in key_bucket.keys.iter().zip(&record_bucket.records) {
                 if key != 0 {
-                    let mut record = *record;
-                    record.allocated_at = maps.clock.to_monotonic_ns(record.allocated_at);
-                    visit(key, &record);
+                    visit(key, &maps.in_monotonic_time(record));
                 }
             }
         }
@@ -219,11 +226,7 @@ pub fn remove_objects(maps: &TracerMaps, objects: &HashMap<u64, AllocRecord>) ->
                 let Some(expected) = objects.get(&address) else {
                     continue;
                 };
-                let recorded = AllocRecord {
-                    allocated_at: maps.clock.to_monotonic_ns(record.allocated_at),
-                    ..*record
-                };
-                if recorded == *expected
+                if maps.in_monotonic_time(record) == *expected
                     && slot
                         .compare_exchange(address, 0, Ordering::Relaxed, Ordering::Relaxed)
                         .is_ok()
