@@ -84,6 +84,19 @@ pub const fn pfn_of_key(key: u64) -> Option<u64> {
     }
 }
 
+/// Slots of the tracked-page filter: counters of the page records in the table, by a hash of
+/// the page's key. A page free whose slot counts zero is of a page the table does not hold (most
+/// are: movable pages are not tracked) and is settled there, in a 1 MiB array that stays in
+/// cache, instead of in a bucket of the table, which is tens of megabytes.
+pub const PAGE_FILTER_SLOTS: u32 = 1 << 15;
+
+/// The tracked-page filter's slot of a page key. From the hash's top bits, so pages that share
+/// a table bucket (its low bits) spread over different slots.
+#[inline(always)]
+pub const fn page_filter_slot(key: u64) -> u32 {
+    (mix64(key) >> 47) as u32 & (PAGE_FILTER_SLOTS - 1)
+}
+
 /// `MIGRATE_MOVABLE` in the page allocator's migrate types: user and page-cache pages, which
 /// the kernel can move or reclaim, and which memleak does not follow.
 pub const MIGRATE_MOVABLE: u32 = 1;
@@ -181,9 +194,12 @@ pub enum Counter {
     /// another CPU claimed at the same moment. The slot is emptied: this object, and possibly
     /// the other, is not followed.
     ClaimRaces,
+    /// Allocations the stack sample chose whose stack was not captured: their CPU had captured
+    /// a sampled stack already in the same clock tick (at most one a tick per CPU).
+    StackSamplesOverLimit,
 }
 
-pub const COUNTER_COUNT: u32 = Counter::ClaimRaces as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::StackSamplesOverLimit as u32 + 1;
 
 /// Field offsets in the classic tracepoint records, read from tracefs `format` files at start-up.
 #[repr(C)]
@@ -242,6 +258,9 @@ pub struct TracerConfig {
     /// Capture the stack of one tracked object in `1 << stack_shift`, plus the first allocation
     /// seen from each call site.
     pub stack_shift: u32,
+    /// Nonzero: the stack sample takes at most one stack a clock tick per CPU (the first from
+    /// each call site and every page's are taken regardless). Zero with `--stack-sample-rate 1`.
+    pub stack_limit: u32,
     /// Record only allocations by this thread-group id (0 = all).
     pub filter_tgid: u32,
     /// Record only allocations whose allocated size is within these bounds (inclusive).
@@ -289,6 +308,7 @@ impl TracerConfig {
         bucket_mask: 0,
         sample_shift: 0,
         stack_shift: 0,
+        stack_limit: 0,
         filter_tgid: 0,
         min_size: 0,
         max_size: u32::MAX,
@@ -418,6 +438,25 @@ mod tests {
         let expected = count as f64 / 1024.0;
         let error = (kept as f64 - expected).abs() / expected;
         assert!(error < 0.15, "kept {kept}, expected {expected}");
+    }
+
+    #[test]
+    fn page_filter_slots_cover_the_filter_evenly() {
+        let mut used = [0u8; PAGE_FILTER_SLOTS as usize];
+        // Consecutive page frames, as a buddy allocator hands them out.
+        for pfn in 0x10_0000..0x10_0000 + 4 * u64::from(PAGE_FILTER_SLOTS) {
+            used[page_filter_slot(page_key(pfn)) as usize] += 1;
+        }
+        // Four pages a slot on average: as a random hash would, about e^-4 (1.8%) of the
+        // slots stay empty and none holds many more than four.
+        let empty = used.iter().filter(|&&count| count == 0).count() as f64;
+        let empty_share = empty / f64::from(PAGE_FILTER_SLOTS);
+        let most = *used.iter().max().unwrap();
+        assert!(
+            (0.012..0.025).contains(&empty_share),
+            "{empty_share} of the slots empty"
+        );
+        assert!(most <= 20, "a slot holds {most} pages");
     }
 
     #[test]

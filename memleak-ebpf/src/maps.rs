@@ -5,7 +5,9 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, StackTrace},
 };
-use memleak_common::{COUNTER_COUNT, CacheName, KeyBucket, RecordBucket, TaskComm, TracerConfig};
+use memleak_common::{
+    COUNTER_COUNT, CacheName, KeyBucket, PAGE_FILTER_SLOTS, RecordBucket, TaskComm, TracerConfig,
+};
 
 /// `BPF_F_MMAPABLE`: userspace maps the table into its address space and reads it in one pass.
 const BPF_F_MMAPABLE: u32 = 1 << 10;
@@ -37,6 +39,13 @@ pub static OBJECT_KEYS: Array<KeyBucket> = Array::with_max_entries(1, BPF_F_MMAP
 #[map]
 pub static OBJECT_RECORDS: Array<RecordBucket> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
+/// The tracked-page filter (`memleak_common::page_filter_slot`): per slot, at least the number
+/// of page records in the table. The programs add one for each page record they create and take
+/// one away for each they remove; userspace adds one before it puts a page record back, and
+/// never takes one away, so a slot can count too many (a free then reads the table's bucket)
+/// but never too few (a tracked page's free skipped, and the page reported outstanding).
+#[map]
+pub static TRACKED_PAGES: Array<u64> = Array::with_max_entries(PAGE_FILTER_SLOTS, BPF_F_MMAPABLE);
 /// Kernel stacks of sampled allocations. Without `BPF_F_REUSE_STACKID`: an id, once handed out,
 /// keeps naming the same stack for as long as records point at it.
 #[map]
@@ -87,6 +96,10 @@ pub static FOLLOWED_PROCESSES: HashMap<u32, u8> = HashMap::with_max_entries(8192
 #[map]
 pub static SCRATCH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
+/// The clock tick (jiffies) in which each CPU last captured a sampled stack
+/// (`tracker::stack_sampled`).
+#[map]
+pub static LAST_SAMPLED_STACK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// The word each CPU adds to as a fence when the table's claims are plain stores
 /// (`tracker::claim_held`); per CPU, so the fence contends for no cache line.
 #[map]

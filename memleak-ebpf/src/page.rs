@@ -12,7 +12,7 @@ use memleak_common::{AllocKind, Counter, MIGRATE_MOVABLE, PAGE_SIZE, page_key};
 use crate::{
     classic::{read_u32, read_u64},
     maps::config,
-    tracker::{Allocation, count, on_alloc, on_free},
+    tracker::{Allocation, count, on_alloc, on_page_free},
 };
 
 /// `mm_page_alloc(pfn, order, gfp_flags, migratetype)`; pfn is -1 for a failed allocation.
@@ -52,6 +52,6 @@ fn try_page_alloc(ctx: &TracePointContext) {
 /// including those the batched free path (`mm_page_free_batched`) also reports.
 #[tracepoint(category = "kmem", name = "mm_page_free")]
 pub fn page_free_classic(ctx: TracePointContext) -> u32 {
-    on_free(page_key(read_u64(&ctx, config!(classic.page_free_pfn))));
+    on_page_free(page_key(read_u64(&ctx, config!(classic.page_free_pfn))));
     0
 }

@@ -21,13 +21,13 @@ use aya_ebpf::{
 };
 use memleak_common::{
     AllocKind, AllocRecord, CacheName, Counter, SLOTS_PER_BUCKET, STACK_FAILED, STACK_NOT_SAMPLED,
-    TaskComm, mix64, sampled, sampled_object,
+    TaskComm, mix64, page_filter_slot, sampled, sampled_object,
 };
 
 use crate::maps::{
-    CACHE_NAMES, CLAIM_FENCE, COMMS, COUNTERS, MISSED_FREE_SITES, OBJECT_KEYS, OBJECT_RECORDS,
-    SEEN_CACHES, SEEN_CACHES_LEN, SEEN_SITES, SEEN_SITES_LEN, SEEN_TGIDS, SEEN_TGIDS_LEN, STACKS,
-    USER_STACKS, config,
+    CACHE_NAMES, CLAIM_FENCE, COMMS, COUNTERS, LAST_SAMPLED_STACK, MISSED_FREE_SITES, OBJECT_KEYS,
+    OBJECT_RECORDS, SEEN_CACHES, SEEN_CACHES_LEN, SEEN_SITES, SEEN_SITES_LEN, SEEN_TGIDS,
+    SEEN_TGIDS_LEN, STACKS, TRACKED_PAGES, USER_STACKS, config,
 };
 
 /// What a hook reads about an allocation once it is known to be tracked.
@@ -196,7 +196,7 @@ pub fn on_alloc<C: StackIdContext>(
     }
 
     let stack_id = if allocation.call_site == 0
-        || sampled(hash, config!(stack_shift))
+        || stack_sampled(hash, config!(stack_shift))
         || first_from_site(allocation.call_site)
     {
         capture_stack(ctx, allocation.kind)
@@ -226,10 +226,55 @@ pub fn on_alloc<C: StackIdContext>(
         user_stack,
         gfp_flags: allocation.gfp_flags,
     };
-    if claimed && !claim_held(keys, slot, key) {
-        return;
+    if claimed {
+        if !claim_held(keys, slot, key) {
+            return;
+        }
+        // After the record is in place and before the page reaches its caller, so no free of
+        // it can read the filter first. A record replaced in place (missed free) is counted.
+        if allocation.kind == AllocKind::Page {
+            change_tracked_pages(key, 1);
+        }
     }
     count(Counter::TrackedAllocs);
+}
+
+/// Adds `delta` (wrapping: `u64::MAX` takes one away) to the tracked-page filter's slot of
+/// `key`.
+#[inline(always)]
+fn change_tracked_pages(key: u64, delta: u64) {
+    if let Some(slot) = TRACKED_PAGES.get_ptr_mut(page_filter_slot(key)) {
+        // Relaxed with its result unused: BPF_XADD, which Linux 5.10 accepts.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, delta) };
+    }
+}
+
+/// Whether the stack of the object whose address hashes to `hash` is captured: one object in
+/// `1 << shift` by the hash, and, unless every stack was asked for, at most one a clock tick on
+/// each CPU. The slab allocator hands the same few addresses out again and again on busy paths
+/// (an skb head per packet, an eventfd context per open): an address the hash chose had its
+/// stack walked at every allocation, at about 4 µs a walk on this kind of kernel. The limit
+/// bounds that at 250 walks a second per CPU at HZ=250, a fraction of a percent.
+#[inline(always)]
+fn stack_sampled(hash: u64, shift: u32) -> bool {
+    if shift != 0 && !sampled(hash, shift) {
+        return false;
+    }
+    if config!(stack_limit) == 0 {
+        return true;
+    }
+    let Some(last) = LAST_SAMPLED_STACK.get_ptr_mut(0) else {
+        return false;
+    };
+    let now = unsafe { bpf_jiffies64() };
+    unsafe {
+        if *last == now {
+            count(Counter::StackSamplesOverLimit);
+            return false;
+        }
+        *last = now;
+    }
+    true
 }
 
 /// The clock reading a record keeps: jiffies (Linux 5.5+; the verifier inlines the helper
@@ -246,6 +291,18 @@ fn allocation_time() -> u64 {
 /// Forgets a freed object, if the table holds it.
 #[inline(always)]
 pub fn on_free(key: u64) {
+    forget(key, false);
+}
+
+/// Forgets a freed page, if the table holds it: the tracked-page filter settles most frees, of
+/// pages the table does not hold, before the table is read.
+#[inline(always)]
+pub fn on_page_free(key: u64) {
+    forget(key, true);
+}
+
+#[inline(always)]
+fn forget(key: u64, page: bool) {
     if config!(return_at_once) != 0 {
         return;
     }
@@ -257,6 +314,15 @@ pub fn on_free(key: u64) {
     if key == 0 {
         return;
     }
+    if page {
+        let Some(tracked) = TRACKED_PAGES.get_ptr(page_filter_slot(key)) else {
+            return;
+        };
+        if unsafe { tracked.read_volatile() } == 0 {
+            count(Counter::UntrackedFrees);
+            return;
+        }
+    }
     let hash = mix64(key);
     let bucket = (hash as u32) & config!(bucket_mask);
     let Some(keys) = OBJECT_KEYS.get_ptr_mut(bucket) else {
@@ -267,6 +333,9 @@ pub fn on_free(key: u64) {
         // Most frees are of objects the table does not hold (allocated before tracing,
         // movable pages): plain reads settle them; only a slot holding the key is swapped.
         if load_key(keys, i) == key && release_slot(keys, i, key) {
+            if page {
+                change_tracked_pages(key, u64::MAX);
+            }
             count(Counter::TrackedFrees);
             return;
         }

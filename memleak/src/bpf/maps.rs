@@ -9,7 +9,8 @@ use aya::{
 };
 use hashbrown::HashMap;
 use memleak_common::{
-    AllocRecord, COUNTER_COUNT, CacheName, Counter, KeyBucket, RecordBucket, TaskComm, mix64,
+    AllocRecord, COUNTER_COUNT, CacheName, Counter, KeyBucket, PAGE_FILTER_SLOTS, RecordBucket,
+    TaskComm, mix64, page_filter_slot, pfn_of_key,
 };
 use serde::{Deserialize, Serialize};
 
@@ -43,6 +44,10 @@ pub struct Counters {
     /// the same moment (each race drops one or two).
     #[serde(default)]
     pub claim_races: u64,
+    /// Allocations the stack sample chose whose stack was not captured: their CPU had captured
+    /// one already in that clock tick.
+    #[serde(default)]
+    pub stack_samples_over_limit: u64,
 }
 
 impl Counters {
@@ -64,6 +69,7 @@ impl Counters {
             user_stack_captures: get(Counter::UserStackCaptures),
             user_stack_misses: get(Counter::UserStackMisses),
             claim_races: get(Counter::ClaimRaces),
+            stack_samples_over_limit: get(Counter::StackSamplesOverLimit),
         }
     }
 
@@ -95,6 +101,7 @@ pub struct TracerMaps {
     cache_names: Map,
     comms: Map,
     missed_free_sites: Map,
+    tracked_pages: Map,
     buckets: u32,
     clock: AllocationClock,
 }
@@ -115,6 +122,7 @@ impl TracerMaps {
             cache_names: take("CACHE_NAMES")?,
             comms: take("COMMS")?,
             missed_free_sites: take("MISSED_FREE_SITES")?,
+            tracked_pages: take("TRACKED_PAGES")?,
             buckets: table.buckets,
             clock: table.clock,
         })
@@ -207,6 +215,10 @@ pub fn for_each_outstanding(
 /// coarsely as a jiffy ([`AllocationClock`]), and an address allocated again within the same
 /// tick differs in its call site, process, size or stack unless it is the same allocation in
 /// every respect the report shows. Returns how many were removed.
+///
+/// A removed page keeps its count in the tracked-page filter: the programs' plain-store claims
+/// (Linux 5.10's verifier) could clear the same key in the same instant and take one away too,
+/// and a count one too low would let a tracked page's free go unseen.
 pub fn remove_objects(maps: &TracerMaps, objects: &HashMap<u64, AllocRecord>) -> Result<u64> {
     if objects.is_empty() {
         return Ok(0);
@@ -243,6 +255,10 @@ pub fn remove_objects(maps: &TracerMaps, objects: &HashMap<u64, AllocRecord>) ->
 /// history re-seeds the objects it had (checked still allocated), so that their frees are
 /// seen again. A slot is claimed by a compare-and-swap of an empty key, as the programs do;
 /// an object whose bucket is full is left out. Returns how many were put back.
+///
+/// A page's slot in the tracked-page filter gets one more before its key goes in, so that its
+/// free, whenever it comes, reads the table; the count stays when the page is left out (one
+/// too many only makes frees in that slot read the table).
 pub fn insert_objects(maps: &TracerMaps, objects: &[(u64, AllocRecord)]) -> Result<u64> {
     if objects.is_empty() {
         return Ok(0);
@@ -250,8 +266,21 @@ pub fn insert_objects(maps: &TracerMaps, objects: &[(u64, AllocRecord)]) -> Resu
     let buckets = maps.buckets as usize;
     let (mut keys, mut records) = map_table(maps, 0..buckets, Access::ReadWrite)?;
     let (keys, records) = (keys.as_mut_slice(), records.as_mut_slice());
+    let mut tracked_pages = MappedArray::<u64>::new(
+        &maps.tracked_pages,
+        0..PAGE_FILTER_SLOTS as usize,
+        Access::ReadWrite,
+        "the tracked-page filter",
+    )?;
+    let tracked_pages = tracked_pages.as_mut_slice();
     let mut inserted = 0;
     for (address, record) in objects {
+        if pfn_of_key(*address).is_some() {
+            let slot = &mut tracked_pages[page_filter_slot(*address) as usize];
+            // SAFETY: an aligned u64 of the shared mapping, which the programs change only
+            // with atomic adds.
+            unsafe { AtomicU64::from_ptr(slot) }.fetch_add(1, Ordering::Relaxed);
+        }
         // The programs' bucket: the low bits of the address's hash (`bucket_mask`).
         let bucket = (mix64(*address) as u32 as usize) & (buckets - 1);
         for (key, slot) in keys[bucket]

@@ -852,6 +852,7 @@ fn base_config(settings: &TracerSettings) -> (TracerConfig, TableFormat) {
         .stack_sample_rate
         .trailing_zeros()
         .saturating_sub(config.sample_shift);
+    config.stack_limit = (settings.stack_sample_rate > 1).into();
     config.filter_tgid = settings.filter_tgid.unwrap_or(0);
     if let Some(comm) = &settings.filter_comm {
         config.filter_comm_enabled = 1;

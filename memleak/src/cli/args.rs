@@ -87,9 +87,10 @@ pub struct TracingOptions {
     pub sample_rate: u32,
 
     /// Capture the full kernel stack of one allocation in N (a power of two up to 65536; with
-    /// --sample-rate M >= N, of every tracked object), and of the first allocation from each
-    /// call site. Every allocation is still counted
-    /// exactly per call site; N=1 gives exact per-stack counts at several times the overhead.
+    /// --sample-rate M >= N, of every tracked object), at most one a clock tick per CPU, and of
+    /// the first allocation from each call site. Every allocation is still counted exactly per
+    /// call site; N=1 captures every stack, with no limit: exact per-stack counts at several
+    /// times the overhead.
     /// Default 64; 1 with --user, where the stack names the caller of a language runtime's
     /// allocator (Rust's vector growth, C++'s operator new) and the uprobes cost far more.
     #[arg(long, value_name = "N", value_parser = parse_power_of_two)]

@@ -63,6 +63,14 @@ pub fn render_text(report: &Report) -> String {
             thousands(counters.claim_races),
         );
     }
+    if counters.stack_samples_over_limit > 0 {
+        let _ = writeln!(
+            out,
+            "stacks:  {} objects of the stack sample left without a stack (at most one sampled \
+             stack a clock tick per CPU; the first from each call site is always taken)",
+            thousands(counters.stack_samples_over_limit),
+        );
+    }
     if counters.user_stack_captures > 0 {
         let _ = writeln!(
             out,
@@ -428,6 +436,16 @@ mod tests {
         let mut report = sample_report(1);
         report.stats.counters.claim_races = 3;
         assert!(render_text(&report).contains("dropped: 3 claim races (two CPUs"));
+    }
+
+    #[test]
+    fn stack_samples_over_the_limit_are_shown_where_there_were_any() {
+        let mut report = sample_report(1);
+        assert!(!render_text(&report).contains("left without a stack"));
+        report.stats.counters.stack_samples_over_limit = 1_234;
+        assert!(render_text(&report).contains(
+            "stacks:  1,234 objects of the stack sample left without a stack (at most one"
+        ));
     }
 
     /// Tests and scripts read the JSON back into the same types: nothing is lost on the way.
