@@ -195,9 +195,11 @@ pub fn on_alloc<C: StackIdContext>(
         return;
     }
 
+    // The first from a site before the sample: an object that gets its site's first stack is
+    // not counted as left without one by the sample's limit.
     let stack_id = if allocation.call_site == 0
-        || stack_sampled(hash, config!(stack_shift))
         || first_from_site(allocation.call_site)
+        || stack_sampled(hash, config!(stack_shift))
     {
         capture_stack(ctx, allocation.kind)
     } else {
