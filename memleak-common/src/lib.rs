@@ -86,15 +86,16 @@ pub const fn pfn_of_key(key: u64) -> Option<u64> {
 
 /// Slots of the tracked-page filter: counters of the page records in the table, by a hash of
 /// the page's key. A page free whose slot counts zero is of a page the table does not hold (most
-/// are: movable pages are not tracked) and is settled there, in a 1 MiB array that stays in
+/// are: movable pages are not tracked) and is settled there, in a 256 KiB array that stays in
 /// cache, instead of in a bucket of the table, which is tens of megabytes.
 pub const PAGE_FILTER_SLOTS: u32 = 1 << 15;
 
-/// The tracked-page filter's slot of a page key. From the hash's top bits, so pages that share
-/// a table bucket (its low bits) spread over different slots.
+/// The tracked-page filter's slot of the page key whose hash (`mix64`, which also places the
+/// key in the table) is `hash`. From the hash's top bits, so pages that share a table bucket
+/// (its low bits) spread over different slots.
 #[inline(always)]
-pub const fn page_filter_slot(key: u64) -> u32 {
-    (mix64(key) >> 47) as u32 & (PAGE_FILTER_SLOTS - 1)
+pub const fn page_filter_slot(hash: u64) -> u32 {
+    (hash >> 47) as u32 & (PAGE_FILTER_SLOTS - 1)
 }
 
 /// `MIGRATE_MOVABLE` in the page allocator's migrate types: user and page-cache pages, which
@@ -445,7 +446,7 @@ mod tests {
         let mut used = [0u8; PAGE_FILTER_SLOTS as usize];
         // Consecutive page frames, as a buddy allocator hands them out.
         for pfn in 0x10_0000..0x10_0000 + 4 * u64::from(PAGE_FILTER_SLOTS) {
-            used[page_filter_slot(page_key(pfn)) as usize] += 1;
+            used[page_filter_slot(mix64(page_key(pfn))) as usize] += 1;
         }
         // Four pages a slot on average: as a random hash would, about e^-4 (1.8%) of the
         // slots stay empty and none holds many more than four.

@@ -234,21 +234,20 @@ pub fn on_alloc<C: StackIdContext>(
         }
         // After the record is in place and before the page reaches its caller, so no free of
         // it can read the filter first. A record replaced in place (missed free) is counted.
-        if allocation.kind == AllocKind::Page {
-            change_tracked_pages(key, 1);
+        if allocation.kind == AllocKind::Page
+            && let Some(counter) = TRACKED_PAGES.get_ptr_mut(page_filter_slot(hash))
+        {
+            add_to_tracked_pages(counter, 1);
         }
     }
     count(Counter::TrackedAllocs);
 }
 
-/// Adds `delta` (wrapping: `u64::MAX` takes one away) to the tracked-page filter's slot of
-/// `key`.
+/// Adds `delta` (wrapping: `u64::MAX` takes one away) to a counter of the tracked-page filter.
 #[inline(always)]
-fn change_tracked_pages(key: u64, delta: u64) {
-    if let Some(slot) = TRACKED_PAGES.get_ptr_mut(page_filter_slot(key)) {
-        // Relaxed with its result unused: BPF_XADD, which Linux 5.10 accepts.
-        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, delta) };
-    }
+fn add_to_tracked_pages(counter: *mut u64, delta: u64) {
+    // Relaxed with its result unused: BPF_XADD, which Linux 5.10 accepts.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, delta) };
 }
 
 /// Whether the stack of the object whose address hashes to `hash` is captured: one object in
@@ -316,16 +315,21 @@ fn forget(key: u64, page: bool) {
     if key == 0 {
         return;
     }
-    if page {
-        let Some(tracked) = TRACKED_PAGES.get_ptr(page_filter_slot(key)) else {
+    let hash = mix64(key);
+    // A page's counter in the tracked-page filter: zero settles the free here; otherwise it is
+    // taken down through the same pointer if the free removes the page's record.
+    let tracked_pages = if page {
+        let Some(counter) = TRACKED_PAGES.get_ptr_mut(page_filter_slot(hash)) else {
             return;
         };
-        if unsafe { tracked.read_volatile() } == 0 {
+        if unsafe { counter.read_volatile() } == 0 {
             count(Counter::UntrackedFrees);
             return;
         }
-    }
-    let hash = mix64(key);
+        Some(counter)
+    } else {
+        None
+    };
     let bucket = (hash as u32) & config!(bucket_mask);
     let Some(keys) = OBJECT_KEYS.get_ptr_mut(bucket) else {
         return;
@@ -335,8 +339,8 @@ fn forget(key: u64, page: bool) {
         // Most frees are of objects the table does not hold (allocated before tracing,
         // movable pages): plain reads settle them; only a slot holding the key is swapped.
         if load_key(keys, i) == key && release_slot(keys, i, key) {
-            if page {
-                change_tracked_pages(key, u64::MAX);
+            if let Some(counter) = tracked_pages {
+                add_to_tracked_pages(counter, u64::MAX);
             }
             count(Counter::TrackedFrees);
             return;

@@ -275,14 +275,15 @@ pub fn insert_objects(maps: &TracerMaps, objects: &[(u64, AllocRecord)]) -> Resu
     let tracked_pages = tracked_pages.as_mut_slice();
     let mut inserted = 0;
     for (address, record) in objects {
+        let hash = mix64(*address);
         if pfn_of_key(*address).is_some() {
-            let slot = &mut tracked_pages[page_filter_slot(*address) as usize];
+            let counter = &mut tracked_pages[page_filter_slot(hash) as usize];
             // SAFETY: an aligned u64 of the shared mapping, which the programs change only
             // with atomic adds.
-            unsafe { AtomicU64::from_ptr(slot) }.fetch_add(1, Ordering::Relaxed);
+            unsafe { AtomicU64::from_ptr(counter) }.fetch_add(1, Ordering::Relaxed);
         }
         // The programs' bucket: the low bits of the address's hash (`bucket_mask`).
-        let bucket = (mix64(*address) as u32 as usize) & (buckets - 1);
+        let bucket = (hash as u32 as usize) & (buckets - 1);
         for (key, slot) in keys[bucket]
             .keys
             .iter_mut()
