@@ -653,15 +653,22 @@ fn print_report(args: &BenchArgs, variants: &[Variant], results: &[WorkloadResul
         "table-full drops",
         "stack failures",
     ];
+    // Each workload's ratios, for the main table and the targets.
+    let ratios = results
+        .iter()
+        .map(|result| RoundRatios::new(variants, &result.samples))
+        .collect::<Result<Vec<_>>>()?;
     let mut rows = Vec::new();
     let mut coverage = None;
-    for WorkloadResults {
-        workload, samples, ..
-    } in results
+    for (
+        WorkloadResults {
+            workload, samples, ..
+        },
+        ratios,
+    ) in results.iter().zip(&ratios)
     {
-        let ratios = RoundRatios::new(variants, samples)?;
         for (index, (variant, samples)) in variants.iter().zip(samples).enumerate() {
-            let ops: Vec<f64> = samples.iter().map(|s| s.ops_per_second).collect();
+            let ops = &ratios.ops[index];
             let slowdown = ratios.slowdown(index);
             let over_floor = ratios.over_floor(index);
             coverage = coverage.or(slowdown.map(|interval| interval.coverage));
@@ -695,7 +702,7 @@ fn print_report(args: &BenchArgs, variants: &[Variant], results: &[WorkloadResul
     }
     print_markdown_table(&header, &rows, 2);
     println!();
-    print_targets(variants, results)?;
+    print_targets(variants, results, &ratios);
     println!();
     print_program_costs(variants, results);
     println!();
@@ -848,13 +855,9 @@ const TARGETS: [Target; 8] = [
 ];
 
 /// Each target of a workload this run measured, with the run's verdict on it.
-fn print_targets(variants: &[Variant], results: &[WorkloadResults]) -> Result<()> {
+fn print_targets(variants: &[Variant], results: &[WorkloadResults], ratios: &[RoundRatios]) {
     let mut rows = Vec::new();
-    for WorkloadResults {
-        workload, samples, ..
-    } in results
-    {
-        let ratios = RoundRatios::new(variants, samples)?;
+    for (WorkloadResults { workload, .. }, ratios) in results.iter().zip(ratios) {
         for target in TARGETS.iter().filter(|target| target.workload == *workload) {
             let Some(index) = variants.iter().position(|&v| v == target.variant) else {
                 continue;
@@ -880,7 +883,7 @@ fn print_targets(variants: &[Variant], results: &[WorkloadResults]) -> Result<()
         }
     }
     if rows.is_empty() {
-        return Ok(());
+        return;
     }
     println!(
         "Targets: met when the whole interval is at or under the target, missed when it is all \
@@ -897,7 +900,6 @@ fn print_targets(variants: &[Variant], results: &[WorkloadResults]) -> Result<()
         &rows,
         4,
     );
-    Ok(())
 }
 
 /// Where each variant's time goes: its programs' runs and nanoseconds per run, in the run
