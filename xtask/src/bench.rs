@@ -28,6 +28,8 @@ const BPFTRACE_SETTLE: Duration = Duration::from_millis(500);
 /// bpftrace's maps hold 4,096 entries by default; memleak's table holds 1,048,576 objects.
 const BPFTRACE_MAP_KEYS_MAX: &str = "1048576";
 const SAMPLE_RATE: &str = "64";
+/// The default kinds but pages, for [`Variant::MemleakWithoutPages`].
+const KINDS_WITHOUT_PAGES: &str = "slab,vmalloc,percpu";
 /// The watch variant's interval: short enough that the snapshots fall inside a round.
 const WATCH_INTERVAL: &str = "2s";
 
@@ -66,6 +68,10 @@ pub struct BenchArgs {
     /// kernel stack costs
     #[arg(long)]
     user_stacks: bool,
+    /// Also trace every default kind but pages (`--kinds slab,vmalloc,percpu`): the share of
+    /// the slowdown that following the page allocator costs, its dispatch included
+    #[arg(long)]
+    without_pages: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -110,6 +116,8 @@ enum Variant {
     MemleakClassic,
     /// `memleak trace --user-stacks`.
     MemleakUserStacks,
+    /// `memleak trace` without the page kind: [`KINDS_WITHOUT_PAGES`].
+    MemleakWithoutPages,
     /// `memleak watch` with its defaults (one object in 8, allocations followed 10% of the
     /// time), snapshotting every [`WATCH_INTERVAL`] so that its snapshots are inside the
     /// measured window.
@@ -151,6 +159,7 @@ impl Variant {
             Variant::MemleakRaw => "memleak --attach raw",
             Variant::MemleakClassic => "memleak --attach classic",
             Variant::MemleakUserStacks => "memleak --user-stacks",
+            Variant::MemleakWithoutPages => "memleak --kinds slab,vmalloc,percpu",
             Variant::Watch => "memleak watch (defaults, --interval 2s)",
             Variant::WatchContinuous => "memleak watch --duty 100 (--interval 2s)",
             Variant::Bpftrace => "bpftrace",
@@ -323,6 +332,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if args.user_stacks {
         variants.push(Variant::MemleakUserStacks);
     }
+    if args.without_pages {
+        variants.push(Variant::MemleakWithoutPages);
+    }
     let workloads: &[Workload] = match args.workload {
         WorkloadChoice::Churn => &[Workload::Churn],
         WorkloadChoice::Mixed => &[Workload::Mixed],
@@ -418,6 +430,7 @@ fn run_once(
         | Variant::MemleakRaw
         | Variant::MemleakClassic
         | Variant::MemleakUserStacks
+        | Variant::MemleakWithoutPages
         | Variant::OtherMemleak => {
             let binary = match (variant, &binaries.other_memleak) {
                 (Variant::OtherMemleak, Some(other)) => other,
@@ -437,6 +450,7 @@ fn run_once(
                 Variant::MemleakRaw => command.args(["--attach", "raw"]),
                 Variant::MemleakClassic => command.args(["--attach", "classic"]),
                 Variant::MemleakUserStacks => command.arg("--user-stacks"),
+                Variant::MemleakWithoutPages => command.args(["--kinds", KINDS_WITHOUT_PAGES]),
                 _ => &mut command,
             };
             Some(tracer::start(command, "memleak: attached", Duration::ZERO)?)
