@@ -198,9 +198,13 @@ pub enum Counter {
     /// Allocations the stack sample chose whose stack was not captured: their CPU had captured
     /// a sampled stack already in the same clock tick (at most one a tick per CPU).
     StackSamplesOverLimit,
+    /// Tracked page allocations whose caller the frame walk through the page allocator
+    /// (`page_callers`) did not find: their stack is captured instead, as for every page when
+    /// the walk is off.
+    PageCallersUnknown,
 }
 
-pub const COUNTER_COUNT: u32 = Counter::StackSamplesOverLimit as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::PageCallersUnknown as u32 + 1;
 
 /// Field offsets in the classic tracepoint records, read from tracefs `format` files at start-up.
 #[repr(C)]
@@ -301,6 +305,12 @@ pub struct TracerConfig {
     /// nanosecond clock, a helper call that costs 50-70 ns on a VM (userspace knows the
     /// conversion; `memleak::bpf::clock`).
     pub jiffies_clock: u32,
+    /// Nonzero: the page hook finds each page's caller by walking the page allocator's frames
+    /// with the `PAGE_CALLERS` table ([`page_callers`]), which has `1 << page_callers_steps`
+    /// entries. Zero: every tracked page has its stack captured.
+    pub page_callers_steps: u32,
+    /// The address the table's entries count from ([`page_callers::entry`]).
+    pub page_callers_base: u64,
     pub classic: ClassicOffsets,
 }
 
@@ -326,8 +336,49 @@ impl TracerConfig {
         follow_processes: 0,
         possible_cpus: 1,
         jiffies_clock: 0,
+        page_callers_steps: 0,
+        page_callers_base: 0,
         classic: ClassicOffsets::NONE,
     };
+}
+
+/// The table through which the page hook finds the caller of the page allocator without a
+/// stack walk (about 1 µs a page): the kernel's ORC unwind entries for the page allocator's own
+/// functions, which userspace reads at start-up. The event's `pt_regs` hold the frame address
+/// of the tracepoint's handler, and above it the return address into the function that fired
+/// the event; each entry says how far above a return address into that code the next return
+/// address is, or that the address is outside the page allocator (the caller, which the hook
+/// records as the call site), or that the frame cannot be walked (its stack is captured).
+///
+/// Entries are sorted `u64`s: the code address they start at, as an offset from
+/// `TracerConfig::page_callers_base`, in the high half, and what they say in the low half;
+/// the table is padded to a power of two with `u64::MAX`. An entry holds from its address to
+/// the next entry's, like the ORC entries it comes from.
+pub mod page_callers {
+    /// From here on the code is outside the page allocator.
+    pub const OUTSIDE: u32 = 0;
+    /// Code whose frame the table cannot walk (not a plain call frame, or its stack pointer
+    /// is not the frame's base).
+    pub const UNWALKABLE: u32 = 1;
+    /// At most this many steps of binary search: a table of at most 64Ki entries.
+    pub const MAX_STEPS: u32 = 16;
+    /// Frames walked at most before the walk gives up: the deepest path through the page
+    /// allocator is four (tracepoint iterator, `__alloc_frozen_pages`, `alloc_pages_mpol`,
+    /// `alloc_pages`), plus the wrappers `__get_free_pages` and `get_zeroed_page`.
+    pub const MAX_FRAMES: u32 = 8;
+    /// The padding after the last entry.
+    pub const PADDING: u64 = u64::MAX;
+
+    /// The entry for code from `offset` (from the table's base) on, saying `what`: [`OUTSIDE`],
+    /// [`UNWALKABLE`] or the distance in bytes from a return address's slot to the next one.
+    pub const fn entry(offset: u32, what: u32) -> u64 {
+        (offset as u64) << 32 | what as u64
+    }
+
+    /// The largest entry an entry covering the code at `offset` can be.
+    pub const fn search_key(offset: u32) -> u64 {
+        entry(offset, u32::MAX)
+    }
 }
 
 /// The user-space function a hook is attached to, as its attach cookie: one entry program

@@ -92,6 +92,11 @@ pub static MISSED_FREE_SITES: PerCpuHashMap<u64, u64> = PerCpuHashMap::with_max_
 #[map]
 pub static FOLLOWED_PROCESSES: HashMap<u32, u8> = HashMap::with_max_entries(8192, 0);
 
+/// The page hook's table of the page allocator's frames (`memleak_common::page_callers`),
+/// sized and filled by userspace before the page hook is attached.
+#[map]
+pub static PAGE_CALLERS: Array<u64> = Array::with_max_entries(1, 0);
+
 /// One word per CPU for `slab::scalar`.
 #[map]
 pub static SCRATCH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

@@ -5,13 +5,18 @@
 //! Movable pages (user memory and page cache, which the kernel migrates and reclaims) are
 //! counted and skipped: a kernel leak holds unmovable or reclaimable pages. Pages allocated
 //! for slabs, large kmallocs, vmalloc areas and percpu chunks are recorded here too; userspace
-//! recognizes them by their stacks and counts them under their own kind only.
-use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
-use memleak_common::{AllocKind, Counter, MIGRATE_MOVABLE, PAGE_SIZE, page_key};
+//! recognizes them by their call sites (or stacks) and counts them under their own kind only.
+//!
+//! The event names no caller. Where userspace could read the kernel's ORC unwind tables, the
+//! hook finds it by walking the page allocator's few frames (`page_callers`), and captures a
+//! stack only for the first page from each caller and a sample, as the slab hooks do; else
+//! every tracked page has its stack captured (about 1 µs each).
+use aya_ebpf::{helpers::bpf_probe_read_kernel, macros::tracepoint, programs::TracePointContext};
+use memleak_common::{AllocKind, Counter, MIGRATE_MOVABLE, PAGE_SIZE, page_callers, page_key};
 
 use crate::{
     classic::{read_u32, read_u64},
-    maps::config,
+    maps::{PAGE_CALLERS, config},
     tracker::{Allocation, count, on_alloc, on_page_free},
 };
 
@@ -37,8 +42,8 @@ fn try_page_alloc(ctx: &TracePointContext) {
         let bytes = PAGE_SIZE << (read_u32(ctx, config!(classic.page_alloc_order)) & 15);
         Allocation {
             kind: AllocKind::Page,
-            // The event names no caller: every tracked page gets its stack captured.
-            call_site: 0,
+            // 0 (unknown): the page gets its stack captured.
+            call_site: page_caller(ctx),
             cache_id: 0,
             bytes_requested: bytes,
             bytes_allocated: bytes,
@@ -46,6 +51,92 @@ fn try_page_alloc(ctx: &TracePointContext) {
         }
     };
     on_alloc(ctx, page_key(pfn), describe, |_| None);
+}
+
+/// The last fields of x86-64's `struct pt_regs`, from `ip` (at byte 128) on.
+#[repr(C)]
+struct RegsFromIp {
+    ip: u64,
+    cs: u64,
+    flags: u64,
+    sp: u64,
+}
+const PT_REGS_IP_OFFSET: u64 = 128;
+
+/// The return address out of the page allocator, or 0 (counted) when the walk is off or
+/// fails.
+#[inline(always)]
+fn page_caller(ctx: &TracePointContext) -> u64 {
+    let steps = config!(page_callers_steps);
+    if steps == 0 {
+        return 0;
+    }
+    match walk_page_allocator(ctx, steps) {
+        Some(caller) => caller,
+        None => {
+            count(Counter::PageCallersUnknown);
+            0
+        }
+    }
+}
+
+/// Linux 5.5+ (`bpf_probe_read_kernel`); memleak runs on 5.10 and later.
+#[inline(always)]
+fn walk_page_allocator(ctx: &TracePointContext, steps: u32) -> Option<u64> {
+    // perf_trace_run_bpf_submit stores the event's `pt_regs *` over the record's first word
+    // (the common fields), which the program cannot load directly. perf_fetch_caller_regs
+    // filled them with the handler's return address and its frame address
+    // (`__builtin_frame_address(0)`), above which that return address must be.
+    let regs = unsafe { ctx.read_at::<u64>(0) }.ok()?;
+    let regs = unsafe {
+        bpf_probe_read_kernel((regs.wrapping_add(PT_REGS_IP_OFFSET)) as *const RegsFromIp)
+    }
+    .ok()?;
+    let mut slot = regs.sp.wrapping_add(8);
+    let mut return_address = read_word(slot)?;
+    if return_address != regs.ip {
+        return None;
+    }
+    for _ in 0..page_callers::MAX_FRAMES {
+        match frame_size(return_address, steps)? {
+            page_callers::OUTSIDE => return Some(return_address),
+            page_callers::UNWALKABLE => return None,
+            distance => {
+                slot = slot.wrapping_add(u64::from(distance));
+                return_address = read_word(slot)?;
+            }
+        }
+    }
+    None
+}
+
+#[inline(always)]
+fn read_word(address: u64) -> Option<u64> {
+    unsafe { bpf_probe_read_kernel(address as *const u64) }.ok()
+}
+
+/// What the table says of the code a return address returns to: a binary search for the last
+/// entry at or before the call instruction (the byte before the return address).
+#[inline(always)]
+fn frame_size(return_address: u64, steps: u32) -> Option<u32> {
+    let base = config!(page_callers_base);
+    if return_address <= base || return_address - 1 - base >= u64::from(u32::MAX) {
+        return Some(page_callers::OUTSIDE);
+    }
+    let key = page_callers::search_key((return_address - 1 - base) as u32);
+    if *PAGE_CALLERS.get(0)? > key {
+        return Some(page_callers::OUTSIDE);
+    }
+    let mut low = 0u32;
+    for step in (0..page_callers::MAX_STEPS).rev() {
+        if step < steps {
+            let probe = low | 1 << step;
+            if *PAGE_CALLERS.get(probe)? <= key {
+                low = probe;
+            }
+        }
+    }
+    Some(*PAGE_CALLERS.get(low)? as u32)
 }
 
 /// `mm_page_free(pfn, order)`: every page (or high-order block) returned to the allocator,

@@ -37,6 +37,9 @@ pub struct KindAttach {
     pub method: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub why: Option<String>,
+    /// For a kind whose event does not name the caller (pages): how it is found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callers: Option<Callers>,
 }
 
 impl KindAttach {
@@ -45,8 +48,27 @@ impl KindAttach {
             kind: kind.label().to_owned(),
             method: method.to_owned(),
             why,
+            callers: None,
         }
     }
+
+    pub fn with_callers(self, callers: Callers) -> Self {
+        Self {
+            callers: Some(callers),
+            ..self
+        }
+    }
+}
+
+/// How the callers of allocations whose event names none are found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Callers {
+    /// By walking the allocator's own frames with the kernel's ORC unwind tables; stacks are
+    /// captured for the first allocation from each caller and a sample.
+    FrameWalk,
+    /// From each allocation's captured stack (about 1 µs each).
+    Stacks,
 }
 
 /// The name reports give a recorded kind.

@@ -209,6 +209,26 @@ fn held_pipe_pages_show_as_page_allocations() -> Result<()> {
             .all(|entry| entry.bytes == entry.count * 4096 && entry.cache.is_none()),
         "pipe buffers are single pages, in no cache: {pages:#?}"
     );
+    // This kernel's ORC unwind tables are readable: each page's caller comes from a walk of
+    // the page allocator's frames, and stacks only for the first page from each caller and a
+    // sample (at most one a clock tick per CPU), not for each of the pipe's pages. Each caller
+    // the walk found is in the stacks captured with it.
+    let with_stacks: u64 = pages.iter().map(|entry| entry.stack_samples).sum();
+    ensure!(
+        with_stacks <= held / 2,
+        "{with_stacks} of the {held} pipe pages had their stacks captured: their callers were \
+         not found by the frame walk ({:?})",
+        report.methods
+    );
+    let counters = &report.stats.counters;
+    ensure!(
+        report.stats.page_sites_contradicted == 0
+            && counters.page_callers_unknown * 100 <= counters.tracked_allocs,
+        "the frame walk found callers its stacks contradict, or found too few: {:?}, notes \
+         {:#?}",
+        report.stats,
+        report.notes
+    );
     let slab_pages: Vec<_> = entries_through(&report, "allocate_slab")
         .into_iter()
         .filter(|entry| entry.kind == "page")

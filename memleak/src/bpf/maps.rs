@@ -48,6 +48,10 @@ pub struct Counters {
     /// one already in that clock tick.
     #[serde(default)]
     pub stack_samples_over_limit: u64,
+    /// Tracked page allocations whose caller the walk through the page allocator's frames did
+    /// not find (their stacks were captured instead).
+    #[serde(default)]
+    pub page_callers_unknown: u64,
 }
 
 impl Counters {
@@ -70,6 +74,7 @@ impl Counters {
             user_stack_misses: get(Counter::UserStackMisses),
             claim_races: get(Counter::ClaimRaces),
             stack_samples_over_limit: get(Counter::StackSamplesOverLimit),
+            page_callers_unknown: get(Counter::PageCallersUnknown),
         }
     }
 

@@ -3,6 +3,8 @@
 pub mod clock;
 pub mod maps;
 pub mod mmap;
+pub mod object;
+pub mod page_callers;
 pub mod probes;
 pub mod reader;
 pub mod uprobes;

@@ -15,46 +15,17 @@ use memleak_common::{SLOTS_PER_BUCKET, TracerConfig};
 use super::{
     clock::AllocationClock,
     maps::{STACK_MAP_ENTRIES, TableFormat, TracerMaps, USER_STACK_MAP_ENTRIES},
+    object, page_callers,
+    reader::KernelReader,
 };
 use crate::{
     kernel::{
         self, KmemCacheLayout,
+        orc::PageCallerTable,
         tracefs::{self, ClassicProgram},
     },
-    kinds::{Kind, KindAttach},
+    kinds::{Callers, Kind, KindAttach},
 };
-
-/// The eBPF objects memleak/build.rs compiled. Without the `ebpf` feature (the fuzz targets,
-/// which link only the parsers) it is empty, and loading it fails with an error saying so.
-#[cfg(feature = "ebpf")]
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memleak"));
-/// The same programs for kernels before Linux 5.12, whose table claims need no compare-and-swap.
-#[cfg(feature = "ebpf")]
-static EBPF_OBJECT_PLAIN_CLAIMS: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memleak-plain-claims"));
-#[cfg(not(feature = "ebpf"))]
-static EBPF_OBJECT: &[u8] = &[];
-#[cfg(not(feature = "ebpf"))]
-static EBPF_OBJECT_PLAIN_CLAIMS: &[u8] = &[];
-
-/// The eBPF object whose table claims slots with compare-and-swap, or the one with plain
-/// claims; an error where this build has none.
-pub(crate) fn ebpf_object(plain_claims: bool) -> Result<&'static [u8]> {
-    let object = if plain_claims {
-        EBPF_OBJECT_PLAIN_CLAIMS
-    } else {
-        EBPF_OBJECT
-    };
-    if object.is_empty() {
-        bail!("this memleak was built without its eBPF object (cargo feature `ebpf`)");
-    }
-    Ok(object)
-}
-
-/// Whether the running kernel needs the object whose table claims are plain stores.
-pub(crate) fn kernel_needs_plain_claims() -> bool {
-    kernel::release().is_ok_and(|release| predates_bpf_atomics(&release))
-}
 
 /// How to attach to the slab allocator's events: `Auto` takes the cheapest the kernel accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -133,7 +104,7 @@ pub struct Tracer {
 impl TracerSettings {
     /// Whether to load the object whose table claims are plain stores.
     fn loads_plain_claims(&self) -> bool {
-        self.plain_claims || kernel_needs_plain_claims()
+        self.plain_claims || object::kernel_needs_plain_claims()
     }
 
     fn buckets(&self) -> u32 {
@@ -196,13 +167,6 @@ fn classic_program_name(program: ClassicProgram) -> &'static str {
     }
 }
 
-/// Whether a kernel release (`5.10.0-32-amd64`) is older than Linux 5.12, the first whose BPF
-/// has compare-and-swap. Distribution kernels that backported it still get plain claims:
-/// slower by a fence, as exact.
-fn predates_bpf_atomics(release: &str) -> bool {
-    kernel::release_predates(release, 5, 12)
-}
-
 /// Loads and attaches the programs; `btf` is the kernel's BTF ([`kernel::parse_btf`]).
 pub fn attach(settings: &TracerSettings, btf: Option<&btf_rs::Btf>) -> Result<Tracer> {
     let tracefs_root = tracefs::root()?;
@@ -257,10 +221,18 @@ pub fn attach(settings: &TracerSettings, btf: Option<&btf_rs::Btf>) -> Result<Tr
         .and_then(|btf| kernel::argument_count(btf, VMALLOC_ALLOC_FEXIT.1))
         .unwrap_or(0);
 
+    let page_callers = matches!(page_plan, Some(Ok(_)))
+        .then(|| page_caller_table(&mut notes))
+        .flatten();
+    if let Some(page_callers) = &page_callers {
+        config.page_callers_steps = page_callers.steps;
+        config.page_callers_base = page_callers.base;
+    }
+
     // Every program is loaded (verified) before any is attached, and frees are attached
     // before allocations: otherwise the verifier's own allocations while later programs load
     // would be recorded with no free hook to see them go.
-    let mut ebpf = load_object(&config, table.buckets, plain_claims)?;
+    let mut ebpf = load_object(&config, table.buckets, plain_claims, page_callers.as_ref())?;
     let tp_btf = LazyBtf::default();
     let mut hooks = Vec::new();
     let mut methods = Vec::new();
@@ -349,6 +321,11 @@ pub fn attach(settings: &TracerSettings, btf: Option<&btf_rs::Btf>) -> Result<Tr
                             .to_owned(),
                     ),
                 )
+                .with_callers(if page_callers.is_some() {
+                    Callers::FrameWalk
+                } else {
+                    Callers::Stacks
+                })
             }
             Err(why) => KindAttach::new(Kind::Page, "none", Some(why)),
         });
@@ -379,6 +356,34 @@ pub fn attach(settings: &TracerSettings, btf: Option<&btf_rs::Btf>) -> Result<Tr
         notes,
         free_paths,
     })
+}
+
+/// The page hook's table of the page allocator's frames, or `None` with a note saying why
+/// every tracked page's stack is captured instead.
+fn page_caller_table(notes: &mut Vec<String>) -> Option<PageCallerTable> {
+    let release = kernel::release().unwrap_or_default();
+    let table = KernelReader::load()
+        .and_then(|mut reader| page_callers::read(&mut reader, &release))
+        .context("the page allocator's frames cannot be walked");
+    match table {
+        Ok(table) => {
+            log::info!(
+                "page callers: {} table entries ({} walkable) from {:#x}",
+                table.used,
+                table.walkable,
+                table.base
+            );
+            Some(table)
+        }
+        Err(error) => {
+            notes.push(format!(
+                "each tracked page's stack is captured to name its caller, about 1 µs a page \
+                 ({})",
+                one_line(&format!("{error:#}"))
+            ));
+            None
+        }
+    }
 }
 
 /// vmalloc areas: the tracepoints (Linux 6.4+), else fexit and fentry on the functions they
@@ -878,16 +883,24 @@ pub(crate) fn load_for(
     config.filter_tgid = filter_tgid.or(settings.filter_tgid).unwrap_or(0);
     config.follow_processes = follow_processes.into();
     Ok((
-        load_object(&config, table.buckets, settings.loads_plain_claims())?,
+        load_object(&config, table.buckets, settings.loads_plain_claims(), None)?,
         table,
     ))
 }
 
-fn load_object(config: &TracerConfig, buckets: u32, plain_claims: bool) -> Result<Ebpf> {
-    EbpfLoader::new()
+/// Creates the maps and fills `page_callers` into its map.
+fn load_object(
+    config: &TracerConfig,
+    buckets: u32,
+    plain_claims: bool,
+    page_callers: Option<&PageCallerTable>,
+) -> Result<Ebpf> {
+    let page_caller_entries = page_callers.map_or(&[0][..], |table| &table.entries);
+    let mut ebpf = EbpfLoader::new()
         .override_global("CONFIG", config, true)
         .map_max_entries("OBJECT_KEYS", buckets)
         .map_max_entries("OBJECT_RECORDS", buckets)
+        .map_max_entries("PAGE_CALLERS", page_caller_entries.len() as u32)
         .map_max_entries("STACKS", STACK_MAP_ENTRIES)
         .map_max_entries(
             "USER_STACKS",
@@ -897,8 +910,19 @@ fn load_object(config: &TracerConfig, buckets: u32, plain_claims: bool) -> Resul
                 1
             },
         )
-        .load(ebpf_object(plain_claims)?)
-        .context("creating eBPF maps")
+        .load(object::ebpf_object(plain_claims)?)
+        .context("creating eBPF maps")?;
+    if page_callers.is_some() {
+        let mut map: aya::maps::Array<&mut aya::maps::MapData, u64> = aya::maps::Array::try_from(
+            ebpf.map_mut("PAGE_CALLERS")
+                .ok_or_else(|| anyhow!("eBPF object has no map PAGE_CALLERS"))?,
+        )?;
+        for (index, &entry) in page_caller_entries.iter().enumerate() {
+            map.set(index as u32, &entry, 0)
+                .context("filling the PAGE_CALLERS map")?;
+        }
+    }
+    Ok(ebpf)
 }
 
 /// Loads (verifies) tp_btf programs: Linux 5.5+. The 6.1 verifier rejects the BTF that Rust
@@ -1096,17 +1120,5 @@ mod tests {
         assert!(!follows_frees(classic_program_name(
             ClassicProgram::PageAlloc
         )));
-    }
-
-    #[test]
-    fn kernels_before_5_12_lack_bpf_atomics() {
-        assert!(predates_bpf_atomics("5.10.0-32-amd64"));
-        assert!(predates_bpf_atomics("4.19.0-27-amd64"));
-        assert!(predates_bpf_atomics("5.11.22"));
-        assert!(!predates_bpf_atomics("5.12.0"));
-        assert!(!predates_bpf_atomics("6.1.0-57-amd64"));
-        assert!(!predates_bpf_atomics("6.12.95+deb12-amd64"));
-        // Unparsable: no claim either way.
-        assert!(!predates_bpf_atomics("custom"));
     }
 }

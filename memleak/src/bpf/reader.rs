@@ -9,7 +9,7 @@ use memleak_common::scan::{MAX_READS_PER_RUN, READ_CHUNK_BYTES, ReadChunk, ReadR
 
 use super::{
     mmap::{Access, MappedArray},
-    probes::{ebpf_object, kernel_needs_plain_claims},
+    object::{ebpf_object, kernel_needs_plain_claims},
 };
 
 const PROGRAM: &str = "read_kernel_memory";

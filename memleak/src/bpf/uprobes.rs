@@ -354,6 +354,7 @@ pub fn attach_user(
             kind: "user".to_owned(),
             method: programs.method.to_owned(),
             why: None,
+            callers: None,
         }],
         vec![format!("{heaps}: uprobes on {}", files.join("; "))],
         free_paths,

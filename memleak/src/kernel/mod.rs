@@ -6,6 +6,7 @@ use anyhow::{Context as _, Result, anyhow};
 pub mod btf;
 pub mod invariants;
 pub mod mounts;
+pub mod orc;
 pub mod privileges;
 pub mod process;
 pub mod procfs;

@@ -18,7 +18,9 @@ use crate::{
     kernel::process::ProcessMaps,
     kinds::KindAttach,
     scan,
-    symbols::{KernelSymbolizer, ModuleSymbols, StackSymbolizer, UserSymbolizer, allocators},
+    symbols::{
+        Frame, KernelSymbolizer, ModuleSymbols, StackSymbolizer, UserSymbolizer, allocators,
+    },
     util::{build::Producer, units::thousands},
 };
 
@@ -147,13 +149,15 @@ pub fn build_report(
     let comms = table::read_comms(maps)?;
     let frame = |addr| symbolizer.frame(addr);
 
+    let page_sites_contradicted = check_page_callers(&sites, &stacks, &frame, &mut header.notes);
     let (backing, sites): (Vec<Site>, Vec<Site>) = sites.into_iter().partition(|site| {
         site.key.kind == AllocKind::Page
-            && site.stacks.keys().any(|id| {
-                stacks
-                    .get(id)
-                    .is_some_and(|stack| allocators::backs_another_kind(stack, &frame))
-            })
+            && (allocators::backs_another_kind(&[site.key.call_site], &frame)
+                || site.stacks.keys().any(|id| {
+                    stacks
+                        .get(id)
+                        .is_some_and(|stack| allocators::backs_another_kind(stack, &frame))
+                }))
     });
     let backing_pages: u64 = backing.iter().map(|site| site.count).sum();
     let backing_pages_bytes: u64 = backing.iter().map(|site| site.bytes).sum();
@@ -225,6 +229,7 @@ pub fn build_report(
             backing_pages_bytes,
             bookkeeping_objects,
             bookkeeping_bytes,
+            page_sites_contradicted,
             liveness: liveness.stats,
         },
         notes: header.notes,
@@ -569,4 +574,89 @@ pub fn check_liveness(
         states: check.states,
         stats,
     })
+}
+
+/// Checks the page callers the frame walk found against the stacks captured with them: a
+/// page site's caller must be a frame of each of its stacks. A site whose stacks all lack it
+/// would be a wrong claim (a frame walked with a wrong table); it is counted and named in a
+/// note. Returns how many sites that is.
+fn check_page_callers(
+    sites: &[Site],
+    stacks: &HashMap<u32, Vec<u64>>,
+    frame: &dyn Fn(u64) -> Frame,
+    notes: &mut Vec<String>,
+) -> u64 {
+    let contradicted: Vec<String> = sites
+        .iter()
+        .filter(|site| site.key.kind == AllocKind::Page && site.key.call_site != 0)
+        .filter(|site| {
+            let captured: Vec<&Vec<u64>> =
+                site.stacks.keys().filter_map(|id| stacks.get(id)).collect();
+            !captured.is_empty()
+                && !captured
+                    .iter()
+                    .any(|stack| stack.contains(&site.key.call_site))
+        })
+        .map(|site| frame(site.key.call_site).to_string())
+        .collect();
+    if !contradicted.is_empty() {
+        notes.push(format!(
+            "{} page call sites found by walking the page allocator's frames are not in the \
+             stacks captured with them, and may be wrong: {}",
+            contradicted.len(),
+            contradicted.join(", ")
+        ));
+    }
+    contradicted.len() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trace::aggregate::SiteKey;
+
+    fn page_site(call_site: u64, stack_ids: &[u32]) -> Site {
+        Site {
+            key: SiteKey {
+                kind: AllocKind::Page,
+                cache_id: 0,
+                call_site,
+                kmalloc_gfp: 0,
+            },
+            count: 10,
+            bytes: 40_960,
+            bytes_requested: 40_960,
+            oldest_timestamp_ns: 0,
+            stacks: stack_ids.iter().map(|&id| (id, 1)).collect(),
+            failed_stacks: 0,
+            processes: HashMap::new(),
+            unverified: 0,
+            user_stacks: HashMap::new(),
+        }
+    }
+
+    #[test]
+    fn a_page_caller_missing_from_its_stacks_is_counted_and_named() {
+        // Stack 1 passes through the caller 0xa5; stack 2 does not.
+        let stacks: HashMap<u32, Vec<u64>> =
+            [(1, vec![0xa0, 0xa5, 0xb0]), (2, vec![0xa0, 0xc0])].into();
+        let frame = |address| Frame::unknown(address);
+        let mut notes = Vec::new();
+        let sites = [
+            page_site(0xa5, &[1]),
+            // One stack of the two confirms it.
+            page_site(0xa5, &[1, 2]),
+            // No stack captured: nothing to check against.
+            page_site(0xa5, &[]),
+            // Named by its stack (the walk was off or failed).
+            page_site(0, &[2]),
+        ];
+        assert_eq!(check_page_callers(&sites, &stacks, &frame, &mut notes), 0);
+        assert!(notes.is_empty());
+        let wrong = [page_site(0xa5, &[2]), page_site(0xd0, &[1, 2])];
+        assert_eq!(check_page_callers(&wrong, &stacks, &frame, &mut notes), 2);
+        assert_eq!(notes.len(), 1);
+        assert!(notes[0].starts_with("2 page call sites"), "{notes:?}");
+        assert!(notes[0].contains("0xd0"), "{notes:?}");
+    }
 }

@@ -125,6 +125,10 @@ pub struct Stats {
     pub bookkeeping_objects: u64,
     #[serde(default)]
     pub bookkeeping_bytes: u64,
+    /// Page call sites found by the walk through the page allocator's frames that are in none
+    /// of the stacks captured with them (each is named in a note): 0 unless the walk is wrong.
+    #[serde(default)]
+    pub page_sites_contradicted: u64,
     #[serde(flatten)]
     pub liveness: LivenessStats,
 }
@@ -621,6 +625,7 @@ pub(crate) mod fixtures {
                 backing_pages_bytes: 0,
                 bookkeeping_objects: 0,
                 bookkeeping_bytes: 0,
+                page_sites_contradicted: 0,
                 liveness: LivenessStats::default(),
             },
             notes: vec!["kmem:kmem_cache_free missing".into()],

@@ -4,8 +4,9 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context as _, Result, ensure};
 use memleak::{
-    classify::analysis::Report as ClassifyReport, kmemleak::report::Report as KmemleakReport,
-    scan::ScanReport, trace::report::Report as TraceReport,
+    classify::analysis::Report as ClassifyReport, kinds::Callers,
+    kmemleak::report::Report as KmemleakReport, scan::ScanReport,
+    trace::report::Report as TraceReport,
 };
 use serde::de::DeserializeOwned;
 
@@ -313,6 +314,9 @@ pub fn judge(results: &GuestResults, objects: u64) -> Result<Findings> {
         );
         leaks.push(format!("{function}: {objects} {kind} allocations"));
     }
+    if follows(&leaky, "page") {
+        leaks.push(judge_page_callers(&leaky, objects)?);
+    }
     ensure!(
         !sites
             .iter()
@@ -396,6 +400,44 @@ pub fn judge(results: &GuestResults, objects: u64) -> Result<Findings> {
         leaks,
         age_resolution_ms: leaky.age_resolution_ms,
     })
+}
+
+/// Every guest kernel is built with the ORC unwinder (x86-64's default since Linux 4.14): the
+/// module's pages must be named by the walk through the page allocator's frames, with stacks
+/// for at most half of them (the first from the site and a sample), no walk failing, and no
+/// caller the stacks captured with it contradict.
+fn judge_page_callers(leaky: &TraceReport, objects: u64) -> Result<String> {
+    let callers = leaky
+        .methods
+        .iter()
+        .find(|method| method.kind == "page")
+        .and_then(|method| method.callers);
+    ensure!(
+        callers == Some(Callers::FrameWalk),
+        "the guest's page callers were not found by the frame walk ({callers:?}); notes: {:#?}",
+        leaky.notes
+    );
+    let with_stacks: u64 = leaky
+        .stacks
+        .iter()
+        .filter(|entry| {
+            entry.kind == "page" && is_in(entry.call_site.symbol.as_deref(), "leaky_pages")
+        })
+        .map(|entry| entry.stack_samples)
+        .sum();
+    let stats = &leaky.stats;
+    ensure!(
+        with_stacks * 2 <= objects
+            && stats.counters.page_callers_unknown == 0
+            && stats.page_sites_contradicted == 0,
+        "leaky_pages: {with_stacks} of {objects} pages had their stacks captured, the walk \
+         failed for {} pages, and {} page sites are contradicted by their stacks",
+        stats.counters.page_callers_unknown,
+        stats.page_sites_contradicted
+    );
+    Ok(format!(
+        "leaky_pages: callers by frame walk, {with_stacks} of {objects} with stacks"
+    ))
 }
 
 impl Findings {
@@ -623,11 +665,13 @@ pub(super) mod tests {
                 kind: "slab".to_owned(),
                 method: attach.to_owned(),
                 why: (attach == "raw_tp").then(|| RAW_WHY.to_owned()),
+                callers: None,
             })
             .chain(OTHER_LEAKS.iter().map(|(_, kind)| KindAttach {
                 kind: (*kind).to_owned(),
                 method: "none".to_owned(),
                 why: Some("not on this kernel".to_owned()),
+                callers: None,
             }))
             .collect(),
             free_paths: Vec::new(),
@@ -644,6 +688,7 @@ pub(super) mod tests {
                 backing_pages_bytes: 0,
                 bookkeeping_objects: 0,
                 bookkeeping_bytes: 0,
+                page_sites_contradicted: 0,
                 liveness: LivenessStats::default(),
             },
             notes: notes
@@ -894,12 +939,57 @@ pub(super) mod tests {
                 method.method = "tp_btf".to_owned();
                 method.why = None;
             }
+            if method.kind == "page" {
+                method.callers = Some(Callers::FrameWalk);
+            }
         }
         report
             .notes
             .retain(|note| !note.contains("allocations not followed"));
         report.check.as_mut().unwrap().sites.extend(sites);
         serde_json::to_string(&report).unwrap()
+    }
+
+    #[test]
+    fn followed_pages_are_named_by_the_frame_walk() {
+        let mut results = guest(correct_sites(), N);
+        let leaky = results.file("leaky.json").unwrap().to_owned();
+        let others: Vec<LeakingSite> = OTHER_LEAKS
+            .iter()
+            .map(|(function, kind)| site(function, kind, None, N))
+            .collect();
+        let followed: TraceReport =
+            serde_json::from_str(&follow_other_kinds(&leaky, others)).unwrap();
+        let mut judged = |change: &dyn Fn(&mut TraceReport)| {
+            let mut report: TraceReport =
+                serde_json::from_str(&serde_json::to_string(&followed).unwrap()).unwrap();
+            change(&mut report);
+            results
+                .files
+                .insert("leaky.json".into(), serde_json::to_string(&report).unwrap());
+            judge(&results, N)
+        };
+        let pages_with_stacks = |stack_samples: u64| {
+            move |report: &mut TraceReport| {
+                let mut pages = entry_at("leaky_pages+0x1c/0x40 [leaky]", N);
+                pages.kind = "page".to_owned();
+                pages.stack_samples = stack_samples;
+                report.stacks.push(pages);
+            }
+        };
+        assert!(judged(&|_| {}).is_ok());
+        assert!(judged(&pages_with_stacks(2)).is_ok());
+        // Each page's stack taken: the walk did not name them.
+        assert!(judged(&pages_with_stacks(N)).is_err());
+        assert!(
+            judged(&|report| {
+                let page = report.methods.iter_mut().find(|m| m.kind == "page");
+                page.unwrap().callers = Some(Callers::Stacks);
+            })
+            .is_err()
+        );
+        assert!(judged(&|report| report.stats.counters.page_callers_unknown = 1).is_err());
+        assert!(judged(&|report| report.stats.page_sites_contradicted = 1).is_err());
     }
 
     #[test]

@@ -71,6 +71,14 @@ pub fn render_text(report: &Report) -> String {
             thousands(counters.stack_samples_over_limit),
         );
     }
+    if counters.page_callers_unknown > 0 {
+        let _ = writeln!(
+            out,
+            "pages:   {} page allocations whose caller the walk through the page allocator's \
+             frames did not find, named by their stacks instead",
+            thousands(counters.page_callers_unknown),
+        );
+    }
     if counters.user_stack_captures > 0 {
         let _ = writeln!(
             out,
