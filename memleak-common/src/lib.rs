@@ -379,6 +379,37 @@ pub mod page_callers {
     pub const fn search_key(offset: u32) -> u64 {
         entry(offset, u32::MAX)
     }
+
+    /// What a table of `1 << steps` entries from `base` says of the code a return address
+    /// returns to: a binary search for the last entry at or before the call instruction (the
+    /// byte before the return address). `entry_at` reads one entry; `None` when it cannot.
+    /// The page hook searches its map with it, userspace's tests their tables.
+    #[inline(always)]
+    pub fn frame_size(
+        return_address: u64,
+        base: u64,
+        steps: u32,
+        entry_at: impl Fn(u32) -> Option<u64>,
+    ) -> Option<u32> {
+        if return_address <= base || return_address - 1 - base >= u64::from(u32::MAX) {
+            return Some(OUTSIDE);
+        }
+        let key = search_key((return_address - 1 - base) as u32);
+        if entry_at(0)? > key {
+            return Some(OUTSIDE);
+        }
+        let mut low = 0u32;
+        // A fixed bound the verifier can follow; the steps beyond the table's are skipped.
+        for step in (0..MAX_STEPS).rev() {
+            if step < steps {
+                let probe = low | 1 << step;
+                if entry_at(probe)? <= key {
+                    low = probe;
+                }
+            }
+        }
+        Some(entry_at(low)? as u32)
+    }
 }
 
 /// The user-space function a hook is attached to, as its attach cookie: one entry program

@@ -98,7 +98,11 @@ fn walk_page_allocator(ctx: &TracePointContext, steps: u32) -> Option<u64> {
         return None;
     }
     for _ in 0..page_callers::MAX_FRAMES {
-        match frame_size(return_address, steps)? {
+        let size =
+            page_callers::frame_size(return_address, config!(page_callers_base), steps, |index| {
+                PAGE_CALLERS.get(index).copied()
+            });
+        match size? {
             page_callers::OUTSIDE => return Some(return_address),
             page_callers::UNWALKABLE => return None,
             distance => {
@@ -113,30 +117,6 @@ fn walk_page_allocator(ctx: &TracePointContext, steps: u32) -> Option<u64> {
 #[inline(always)]
 fn read_word(address: u64) -> Option<u64> {
     unsafe { bpf_probe_read_kernel(address as *const u64) }.ok()
-}
-
-/// What the table says of the code a return address returns to: a binary search for the last
-/// entry at or before the call instruction (the byte before the return address).
-#[inline(always)]
-fn frame_size(return_address: u64, steps: u32) -> Option<u32> {
-    let base = config!(page_callers_base);
-    if return_address <= base || return_address - 1 - base >= u64::from(u32::MAX) {
-        return Some(page_callers::OUTSIDE);
-    }
-    let key = page_callers::search_key((return_address - 1 - base) as u32);
-    if *PAGE_CALLERS.get(0)? > key {
-        return Some(page_callers::OUTSIDE);
-    }
-    let mut low = 0u32;
-    for step in (0..page_callers::MAX_STEPS).rev() {
-        if step < steps {
-            let probe = low | 1 << step;
-            if *PAGE_CALLERS.get(probe)? <= key {
-                low = probe;
-            }
-        }
-    }
-    Some(*PAGE_CALLERS.get(low)? as u32)
 }
 
 /// `mm_page_free(pfn, order)`: every page (or high-order block) returned to the allocator,

@@ -104,7 +104,8 @@ pub fn read(reader: &mut KernelReader, release: &str) -> Result<PageCallerTable>
         ips.start
     );
     // The entries in force in each function: from the one at or before its start to the last
-    // one inside it. Functions overlap in none, so neither do these.
+    // one inside it. Adjacent functions share an entry (the one in force where the second
+    // starts), so the index ranges are merged: each entry is read once, in address order.
     let mut wanted: Vec<Range<usize>> = facts
         .page_allocator
         .iter()
@@ -117,7 +118,13 @@ pub fn read(reader: &mut KernelReader, release: &str) -> Result<PageCallerTable>
         })
         .collect();
     wanted.sort_by_key(|range| range.start);
-    wanted.dedup();
+    wanted.dedup_by(|later, earlier| {
+        let touches = later.start <= earlier.end;
+        if touches {
+            earlier.end = earlier.end.max(later.end);
+        }
+        touches
+    });
     let mut orc_entries = Vec::new();
     for range in &wanted {
         let start = entries_start + (range.start * ENTRY_BYTES) as u64;
@@ -132,8 +139,6 @@ pub fn read(reader: &mut KernelReader, release: &str) -> Result<PageCallerTable>
                 .map(|(entry, &address)| (address, *entry)),
         );
     }
-    orc_entries.sort_by_key(|&(address, _)| address);
-    orc_entries.dedup_by_key(|&mut (address, _)| address);
     orc::page_caller_table(
         &facts.page_allocator,
         &orc_entries,

@@ -895,12 +895,14 @@ fn load_object(
     plain_claims: bool,
     page_callers: Option<&PageCallerTable>,
 ) -> Result<Ebpf> {
-    let page_caller_entries = page_callers.map_or(&[0][..], |table| &table.entries);
     let mut ebpf = EbpfLoader::new()
         .override_global("CONFIG", config, true)
         .map_max_entries("OBJECT_KEYS", buckets)
         .map_max_entries("OBJECT_RECORDS", buckets)
-        .map_max_entries("PAGE_CALLERS", page_caller_entries.len() as u32)
+        .map_max_entries(
+            "PAGE_CALLERS",
+            page_callers.map_or(1, |table| table.entries.len() as u32),
+        )
         .map_max_entries("STACKS", STACK_MAP_ENTRIES)
         .map_max_entries(
             "USER_STACKS",
@@ -912,12 +914,12 @@ fn load_object(
         )
         .load(object::ebpf_object(plain_claims)?)
         .context("creating eBPF maps")?;
-    if page_callers.is_some() {
+    if let Some(table) = page_callers {
         let mut map: aya::maps::Array<&mut aya::maps::MapData, u64> = aya::maps::Array::try_from(
             ebpf.map_mut("PAGE_CALLERS")
                 .ok_or_else(|| anyhow!("eBPF object has no map PAGE_CALLERS"))?,
         )?;
-        for (index, &entry) in page_caller_entries.iter().enumerate() {
+        for (index, &entry) in table.entries.iter().enumerate() {
             map.set(index as u32, &entry, 0)
                 .context("filling the PAGE_CALLERS map")?;
         }

@@ -178,23 +178,12 @@ pub fn page_caller_table(
 
 impl PageCallerTable {
     /// What the table says of the code a return address returns to, searched as the page hook
-    /// searches it (memleak-ebpf/src/page.rs), for tests and checks.
+    /// searches it (`memleak_common::page_callers::frame_size`).
     pub fn frame_size(&self, return_address: u64) -> u32 {
-        if return_address <= self.base || return_address - 1 - self.base >= u64::from(u32::MAX) {
-            return page_callers::OUTSIDE;
-        }
-        let key = page_callers::search_key((return_address - 1 - self.base) as u32);
-        if self.entries[0] > key {
-            return page_callers::OUTSIDE;
-        }
-        let mut low = 0usize;
-        for step in (0..self.steps).rev() {
-            let probe = low | 1 << step;
-            if self.entries[probe] <= key {
-                low = probe;
-            }
-        }
-        self.entries[low] as u32
+        page_callers::frame_size(return_address, self.base, self.steps, |index| {
+            self.entries.get(index as usize).copied()
+        })
+        .expect("the search reads indices below 1 << steps, the table's length")
     }
 }
 

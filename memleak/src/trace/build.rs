@@ -577,9 +577,9 @@ pub fn check_liveness(
 }
 
 /// Checks the page callers the frame walk found against the stacks captured with them: a
-/// page site's caller must be a frame of each of its stacks. A site whose stacks all lack it
-/// would be a wrong claim (a frame walked with a wrong table); it is counted and named in a
-/// note. Returns how many sites that is.
+/// page site's caller must be a frame of at least one of its stacks. A site whose stacks all
+/// lack it would be a wrong claim (a frame walked with a wrong table); it is counted and named
+/// in a note. Returns how many sites that is.
 fn check_page_callers(
     sites: &[Site],
     stacks: &HashMap<u32, Vec<u64>>,
