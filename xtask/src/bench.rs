@@ -1,8 +1,8 @@
 //! `cargo xtask bench`: the tracer's overhead on allocation-heavy workloads.
 //!
-//! Every round runs each variant (no tracer, memleak, sampled memleak, optionally bpftrace)
-//! once per workload, in a rotating order, so drift in the machine's speed spreads over all
-//! variants. The table compares medians against the same invocation's baseline.
+//! Every round runs each variant (no tracer, the floor, memleak, sampled memleak, the watch,
+//! bpftrace) once per workload, in a rotating order, so drift in the machine's speed spreads
+//! over all variants. The table compares medians against the same invocation's baseline.
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
@@ -44,9 +44,10 @@ pub struct BenchArgs {
     /// Which workload to run
     #[arg(long, value_enum, default_value_t = WorkloadChoice::All)]
     workload: WorkloadChoice,
-    /// Also run an equivalent bpftrace script (installs bpftrace with apt-get if missing)
+    /// Leave out the bpftrace variant, a bcc-style script run beside memleak in every round
+    /// by default (installed with apt-get when missing)
     #[arg(long)]
-    compare_bpftrace: bool,
+    no_bpftrace: bool,
     /// Also run this memleak binary with default settings (an earlier build, for a before and
     /// after in one run)
     #[arg(long, value_name = "PATH")]
@@ -308,7 +309,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         Variant::Watch,
         Variant::WatchContinuous,
     ];
-    if args.compare_bpftrace {
+    if !args.no_bpftrace {
         Apt::default().install_missing(&["bpftrace"])?;
         variants.push(Variant::Bpftrace);
     }
