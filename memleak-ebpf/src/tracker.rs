@@ -235,7 +235,7 @@ pub fn on_alloc<C: StackIdContext>(
         // After the record is in place and before the page reaches its caller, so no free of
         // it can read the filter first. A record replaced in place (missed free) is counted.
         if allocation.kind == AllocKind::Page
-            && let Some(counter) = TRACKED_PAGES.get_ptr_mut(page_filter_slot(hash))
+            && let Some(counter) = TRACKED_PAGES.get_ptr_mut(page_filter_slot(key))
         {
             add_to_tracked_pages(counter, 1);
         }
@@ -319,7 +319,7 @@ fn forget(key: u64, page: bool) {
     // A page's counter in the tracked-page filter: zero settles the free here; otherwise it is
     // taken down through the same pointer if the free removes the page's record.
     let tracked_pages = if page {
-        let Some(counter) = TRACKED_PAGES.get_ptr_mut(page_filter_slot(hash)) else {
+        let Some(counter) = TRACKED_PAGES.get_ptr_mut(page_filter_slot(key)) else {
             return;
         };
         if unsafe { counter.read_volatile() } == 0 {

@@ -282,7 +282,7 @@ pub fn insert_objects(maps: &TracerMaps, objects: &[(u64, AllocRecord)]) -> Resu
     for (address, record) in objects {
         let hash = mix64(*address);
         if pfn_of_key(*address).is_some() {
-            let counter = &mut tracked_pages[page_filter_slot(hash) as usize];
+            let counter = &mut tracked_pages[page_filter_slot(*address) as usize];
             // SAFETY: an aligned u64 of the shared mapping, which the programs change only
             // with atomic adds.
             unsafe { AtomicU64::from_ptr(counter) }.fetch_add(1, Ordering::Relaxed);
