@@ -6,9 +6,10 @@ use std::{fs, ops::Range};
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 
 use super::reader::KernelReader;
-use crate::kernel::orc::{self, ENTRY_BYTES, IP_BYTES, Layout, PageCallerTable};
-
-const KALLSYMS: &str = "/proc/kallsyms";
+use crate::kernel::{
+    kallsyms,
+    orc::{self, ENTRY_BYTES, IP_BYTES, Layout, PageCallerTable},
+};
 
 /// Name prefixes of the page allocator's functions (those of the allocator prefixes in
 /// `symbols::allocators` that name the page allocator) and of the page event's tracepoint
@@ -41,34 +42,23 @@ struct KallsymsFacts {
     page_allocator: Vec<Range<u64>>,
 }
 
-fn kallsyms_facts(kallsyms: &str) -> KallsymsFacts {
-    // The core kernel's symbols: a module's lines end with its name in brackets.
-    let symbols: Vec<(u64, char, &str)> = kallsyms
-        .lines()
-        .filter(|line| !line.ends_with(']'))
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let address = u64::from_str_radix(fields.next()?, 16).ok()?;
-            let kind = fields.next()?.chars().next()?;
-            Some((address, kind, fields.next()?))
-        })
-        .filter(|&(address, _, _)| address != 0)
+fn kallsyms_facts(text: &str) -> KallsymsFacts {
+    let symbols: Vec<kallsyms::Symbol> = kallsyms::symbols(text)
+        .filter(|symbol| symbol.module.is_none() && symbol.address != 0)
         .collect();
     let find = |wanted: &str| {
         symbols
             .iter()
-            .find(|&&(_, _, name)| name == wanted)
-            .map(|&(address, _, _)| address)
+            .find(|symbol| symbol.name == wanted)
+            .map(|symbol| symbol.address)
     };
-    let mut starts: Vec<u64> = symbols.iter().map(|&(address, _, _)| address).collect();
-    starts.sort_unstable();
-    starts.dedup();
+    let starts = kallsyms::starts(symbols.iter().copied());
     let page_allocator = symbols
         .iter()
-        .filter(|&&(_, kind, name)| matches!(kind, 't' | 'T') && is_page_allocator(name))
-        .filter_map(|&(start, _, _)| {
-            let next = starts[starts.partition_point(|&address| address <= start)..].first()?;
-            Some(start..*next)
+        .filter(|symbol| matches!(symbol.kind, 't' | 'T') && is_page_allocator(symbol.name))
+        .filter_map(|symbol| {
+            let next = starts.partition_point(|&address| address <= symbol.address);
+            Some(symbol.address..*starts.get(next)?)
         })
         .collect();
     KallsymsFacts {
@@ -84,10 +74,14 @@ fn kallsyms_facts(kallsyms: &str) -> KallsymsFacts {
 /// tables (built with frame pointers), kallsyms hides data symbols, or the tables cannot be
 /// read.
 pub fn read(reader: &mut KernelReader, release: &str) -> Result<PageCallerTable> {
-    let kallsyms = fs::read_to_string(KALLSYMS).with_context(|| format!("reading {KALLSYMS}"))?;
-    let facts = kallsyms_facts(&kallsyms);
+    let text = fs::read_to_string(kallsyms::PATH)
+        .with_context(|| format!("reading {}", kallsyms::PATH))?;
+    let facts = kallsyms_facts(&text);
     let (Some(ips), Some(entries_start)) = (facts.orc_ips, facts.orc_entries) else {
-        bail!("{KALLSYMS} names no ORC unwind tables (a kernel built without the ORC unwinder)");
+        bail!(
+            "{} names no ORC unwind tables (a kernel built without the ORC unwinder)",
+            kallsyms::PATH
+        );
     };
     ensure!(
         ips.end > ips.start && (ips.end - ips.start) % IP_BYTES as u64 == 0,

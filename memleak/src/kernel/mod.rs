@@ -5,6 +5,7 @@ use anyhow::{Context as _, Result, anyhow};
 
 pub mod btf;
 pub mod invariants;
+pub mod kallsyms;
 pub mod mounts;
 pub mod orc;
 pub mod privileges;

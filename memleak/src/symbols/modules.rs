@@ -7,7 +7,7 @@
 use std::fs;
 
 use crate::{
-    kernel::{self, Module},
+    kernel::{self, Module, kallsyms},
     symbols::Frame,
 };
 
@@ -40,8 +40,8 @@ impl ModuleSymbols {
         if modules.iter().all(|module| self.knows(module)) {
             return;
         }
-        if let Ok(kallsyms) = fs::read_to_string("/proc/kallsyms") {
-            self.record(&modules, &kallsyms);
+        if let Ok(text) = fs::read_to_string(kallsyms::PATH) {
+            self.record(&modules, &text);
         }
     }
 
@@ -53,23 +53,17 @@ impl ModuleSymbols {
 
     /// Records the symbols of `modules` not recorded yet, from a kallsyms text
     /// (`addr type name\t[module]`).
-    pub fn record(&mut self, modules: &[Module], kallsyms: &str) {
+    pub fn record(&mut self, modules: &[Module], kallsyms_text: &str) {
         for module in modules {
             if self.knows(module) {
                 continue;
             }
-            let tag = format!("[{}]", module.name);
-            let mut symbols: Vec<(u64, String)> = kallsyms
-                .lines()
-                .filter_map(|line| {
-                    let mut fields = line.split_whitespace();
-                    let addr = u64::from_str_radix(fields.next()?, 16).ok()?;
-                    let _kind = fields.next()?;
-                    let name = fields.next()?;
-                    (fields.next() == Some(tag.as_str())
-                        && (module.base..module.base + module.size).contains(&addr))
-                    .then(|| (addr, name.to_owned()))
+            let mut symbols: Vec<(u64, String)> = kallsyms::symbols(kallsyms_text)
+                .filter(|symbol| {
+                    symbol.module == Some(module.name.as_str())
+                        && (module.base..module.base + module.size).contains(&symbol.address)
                 })
+                .map(|symbol| (symbol.address, symbol.name.to_owned()))
                 .collect();
             symbols.sort_unstable();
             symbols.dedup_by_key(|(addr, _)| *addr);

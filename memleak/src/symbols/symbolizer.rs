@@ -9,7 +9,7 @@ use blazesym::symbolize::{
 use hashbrown::HashMap;
 
 use crate::{
-    kernel::{self, Module},
+    kernel::{self, Module, kallsyms},
     symbols::{frame::Frame, modules::ModuleSymbols},
 };
 
@@ -40,8 +40,8 @@ impl KernelSymbolizer {
             symbolizer: Symbolizer::new(),
             source: Source::Kernel(Kernel::default()),
             modules: kernel::loaded_modules(),
-            symbol_starts: fs::read_to_string(KALLSYMS)
-                .map(|text| symbol_starts(&text))
+            symbol_starts: fs::read_to_string(kallsyms::PATH)
+                .map(|text| kallsyms::starts(kallsyms::symbols(&text)))
                 .unwrap_or_default(),
             recorded_modules: ModuleSymbols::default(),
             frames: HashMap::new(),
@@ -132,41 +132,5 @@ impl KernelSymbolizer {
             .get(&addr)
             .cloned()
             .unwrap_or_else(|| Frame::unknown(addr))
-    }
-}
-
-const KALLSYMS: &str = "/proc/kallsyms";
-
-/// Start addresses in a kallsyms text (`addr type name [module]`), sorted and deduplicated.
-fn symbol_starts(kallsyms: &str) -> Vec<u64> {
-    let mut starts: Vec<u64> = kallsyms
-        .lines()
-        .filter_map(|line| u64::from_str_radix(line.split_whitespace().next()?, 16).ok())
-        .filter(|&addr| addr != 0)
-        .collect();
-    starts.sort_unstable();
-    starts.dedup();
-    starts
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_kallsyms_starts() {
-        let text = "ffffffff81000000 T _stext\n\
-                    ffffffff81000040 t helper\n\
-                    0000000000000000 A fixed_percpu_data\n\
-                    ffffffffc0a00000 t leaky_alloc\t[leaky]\n\
-                    ffffffff81000040 T alias\n";
-        assert_eq!(
-            symbol_starts(text),
-            vec![
-                0xffff_ffff_8100_0000,
-                0xffff_ffff_8100_0040,
-                0xffff_ffff_c0a0_0000
-            ]
-        );
     }
 }
