@@ -159,7 +159,7 @@ pub struct TaskComm {
     pub bytes: [u8; 16],
 }
 
-/// Per-CPU event counters, indexed by `Counter as u32` in the `COUNTERS` map.
+/// Per-CPU event counters, indexed by `Counter as usize` in [`CpuState::counters`].
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
@@ -208,6 +208,24 @@ pub enum Counter {
 }
 
 pub const COUNTER_COUNT: u32 = Counter::PageCallersUnknown as u32 + 1;
+
+/// What each CPU's hooks keep for themselves, in the one entry of the per-CPU `CPU_STATE` map.
+/// One struct rather than a map each: a hook looks its CPU's entry up once, and every counter
+/// it bumps after that is a plain add on a line it already holds (a per-CPU lookup costs a
+/// load of the map's per-CPU pointer and of the CPU's offset; four of them were a tenth of
+/// the slab hooks' time on churn).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CpuState {
+    /// Event counters, indexed by `Counter as usize`.
+    pub counters: [u64; COUNTER_COUNT as usize],
+    /// A word through which a typed kernel pointer becomes a number (`slab::scalar`).
+    pub scratch: u64,
+    /// The clock tick (jiffies) in which this CPU last captured a sampled stack.
+    pub last_sampled_stack: u64,
+    /// The word this CPU adds to as a fence when the table's claims are plain stores.
+    pub claim_fence: u64,
+}
 
 /// Field offsets in the classic tracepoint records, read from tracefs `format` files at start-up.
 #[repr(C)]
@@ -308,6 +326,10 @@ pub struct TracerConfig {
     /// nanosecond clock, a helper call that costs 50-70 ns on a VM (userspace knows the
     /// conversion; `memleak::bpf::clock`).
     pub jiffies_clock: u32,
+    /// Nonzero: a free empties its object's slot with a plain store instead of a
+    /// compare-and-swap. Set when nothing but the programs empties slots (userspace does in
+    /// `watch` and `run --user`): see `tracker::release_slot` for why that is safe.
+    pub plain_releases: u32,
     /// Nonzero: the page hook finds each page's caller by walking the page allocator's frames
     /// with the `PAGE_CALLERS` table ([`page_callers`]), which has `1 << page_callers_steps`
     /// entries. Zero: every tracked page has its stack captured.
@@ -339,6 +361,7 @@ impl TracerConfig {
         follow_processes: 0,
         possible_cpus: 1,
         jiffies_clock: 0,
+        plain_releases: 0,
         page_callers_steps: 0,
         page_callers_base: 0,
         classic: ClassicOffsets::NONE,
@@ -572,6 +595,7 @@ mod tests {
 mod pod {
     use super::*;
     unsafe impl aya::Pod for AllocRecord {}
+    unsafe impl aya::Pod for CpuState {}
     unsafe impl aya::Pod for KeyBucket {}
     unsafe impl aya::Pod for RecordBucket {}
     unsafe impl aya::Pod for CacheName {}

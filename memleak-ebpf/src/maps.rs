@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, StackTrace},
 };
 use memleak_common::{
-    COUNTER_COUNT, CacheName, KeyBucket, PAGE_FILTER_SLOTS, RecordBucket, TaskComm, TracerConfig,
+    CacheName, CpuState, KeyBucket, PAGE_FILTER_SLOTS, RecordBucket, TaskComm, TracerConfig,
 };
 
 /// `BPF_F_MMAPABLE`: userspace maps the table into its address space and reads it in one pass.
@@ -57,7 +57,7 @@ pub static STACKS: StackTrace = StackTrace::with_max_entries(1, 0);
 pub static USER_STACKS: StackTrace = StackTrace::with_max_entries(1, 0);
 
 #[map]
-pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+pub static CPU_STATE: PerCpuArray<CpuState> = PerCpuArray::with_max_entries(1, 0);
 
 /// Cheap direct-mapped filters in front of the hash maps below: a hit means "already handled",
 /// a miss (new value or collision) costs one extra hash-map operation.
@@ -96,16 +96,3 @@ pub static FOLLOWED_PROCESSES: HashMap<u32, u8> = HashMap::with_max_entries(8192
 /// sized and filled by userspace before the page hook is attached.
 #[map]
 pub static PAGE_CALLERS: Array<u64> = Array::with_max_entries(1, 0);
-
-/// One word per CPU for `slab::scalar`.
-#[map]
-pub static SCRATCH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
-
-/// The clock tick (jiffies) in which each CPU last captured a sampled stack
-/// (`tracker::stack_sampled`).
-#[map]
-pub static LAST_SAMPLED_STACK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
-/// The word each CPU adds to as a fence when the table's claims are plain stores
-/// (`tracker::claim_held`); per CPU, so the fence contends for no cache line.
-#[map]
-pub static CLAIM_FENCE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

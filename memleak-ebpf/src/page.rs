@@ -17,7 +17,7 @@ use memleak_common::{AllocKind, Counter, MIGRATE_MOVABLE, PAGE_SIZE, page_caller
 use crate::{
     classic::{read_u32, read_u64},
     maps::{PAGE_CALLERS, config},
-    tracker::{Allocation, count, on_alloc, on_page_free},
+    tracker::{Allocation, ThisCpu, count, on_alloc, on_page_free},
 };
 
 /// `mm_page_alloc(pfn, order, gfp_flags, migratetype)`; pfn is -1 for a failed allocation.
@@ -37,13 +37,13 @@ fn try_page_alloc(ctx: &TracePointContext) {
         count(Counter::MovablePages);
         return;
     }
-    let describe = || {
+    let describe = |cpu| {
         // MAX_PAGE_ORDER is 10; the mask only keeps the shift in range for the verifier.
         let bytes = PAGE_SIZE << (read_u32(ctx, config!(classic.page_alloc_order)) & 15);
         Allocation {
             kind: AllocKind::Page,
             // 0 (unknown): the page gets its stack captured.
-            call_site: page_caller(ctx),
+            call_site: page_caller(cpu, ctx),
             cache_id: 0,
             bytes_requested: bytes,
             bytes_allocated: bytes,
@@ -66,7 +66,7 @@ const PT_REGS_IP_OFFSET: u64 = 128;
 /// The return address out of the page allocator, or 0 (counted) when the walk is off or
 /// fails.
 #[inline(always)]
-fn page_caller(ctx: &TracePointContext) -> u64 {
+fn page_caller(cpu: ThisCpu, ctx: &TracePointContext) -> u64 {
     let steps = config!(page_callers_steps);
     if steps == 0 {
         return 0;
@@ -74,7 +74,7 @@ fn page_caller(ctx: &TracePointContext) -> u64 {
     match walk_page_allocator(ctx, steps) {
         Some(caller) => caller,
         None => {
-            count(Counter::PageCallersUnknown);
+            cpu.count(Counter::PageCallersUnknown);
             0
         }
     }

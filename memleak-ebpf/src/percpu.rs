@@ -11,7 +11,7 @@ use crate::{
 /// bytes_alloc, gfp_flags)` (Linux 6.0+ argument list; tp_btf needs 5.5+).
 #[btf_tracepoint(function = "percpu_alloc_percpu")]
 pub fn percpu_alloc_btf(ctx: BtfTracePointContext) -> i32 {
-    let describe = || Allocation {
+    let describe = |_| Allocation {
         kind: AllocKind::Percpu,
         call_site: ctx.arg::<u64>(0),
         cache_id: 0,
@@ -32,7 +32,7 @@ pub fn percpu_alloc_btf(ctx: BtfTracePointContext) -> i32 {
 /// per-CPU size times the possible CPUs stands in for it.
 #[btf_tracepoint(function = "percpu_alloc_percpu")]
 pub fn percpu_alloc_btf_before_6_0(ctx: BtfTracePointContext) -> i32 {
-    let describe = || {
+    let describe = |_| {
         let size = ctx.arg::<u64>(2) as u32;
         Allocation {
             kind: AllocKind::Percpu,

@@ -18,8 +18,8 @@ use memleak_common::{AllocKind, CacheName, NO_FIELD};
 
 use crate::{
     classic::{read_u32, read_u64},
-    maps::{SCRATCH, config},
-    tracker::{Allocation, on_alloc, on_free},
+    maps::config,
+    tracker::{Allocation, ThisCpu, on_alloc, on_free},
 };
 
 /// A tracepoint's arguments as words: tp_btf and raw tracepoint programs get the same list,
@@ -46,7 +46,7 @@ impl Arguments for RawTracePointContext {
 /// Linux 4.x (`node` from 6.1, and in `kmalloc_node` before).
 #[inline(always)]
 fn kmalloc<C: Arguments>(ctx: &C) {
-    let describe = || Allocation {
+    let describe = |_| Allocation {
         kind: AllocKind::Kmalloc,
         call_site: ctx.word(0),
         cache_id: 0,
@@ -73,7 +73,7 @@ pub fn kmalloc_btf(ctx: BtfTracePointContext) -> i32 {
 /// `kmem_cache_alloc(call_site, ptr, struct kmem_cache *s, gfp_flags, node)` (Linux 6.1+).
 #[btf_tracepoint(function = "kmem_cache_alloc")]
 pub fn kmem_cache_alloc_btf(ctx: BtfTracePointContext) -> i32 {
-    let describe = || {
+    let describe = |cpu| {
         let cache: *const u8 = ctx.arg(2);
         // Direct loads through the BTF-typed pointer: the verifier checks each offset against
         // struct kmem_cache, and no helper call is made.
@@ -81,7 +81,7 @@ pub fn kmem_cache_alloc_btf(ctx: BtfTracePointContext) -> i32 {
         Allocation {
             kind: AllocKind::KmemCache,
             call_site: ctx.arg::<u64>(0),
-            cache_id: scalar(cache),
+            cache_id: scalar(cpu, cache),
             bytes_requested: read_u32(config!(kmem_cache_object_size_offset)),
             bytes_allocated: read_u32(config!(kmem_cache_size_offset)),
             gfp_flags: 0,
@@ -104,13 +104,11 @@ fn cache_name(cache: u64) -> Option<CacheName> {
 }
 
 /// The address in a BTF-typed pointer, as a number the verifier lets us hash. A round trip
-/// through a per-CPU slot launders the type (storing a kernel pointer in a map needs
+/// through a per-CPU word launders the type (storing a kernel pointer in a map needs
 /// CAP_PERFMON, which memleak has); it is far cheaper than a probe-read helper call.
 #[inline(always)]
-fn scalar(pointer: *const u8) -> u64 {
-    let Some(slot) = SCRATCH.get_ptr_mut(0) else {
-        return 0;
-    };
+fn scalar(cpu: ThisCpu, pointer: *const u8) -> u64 {
+    let slot = cpu.scratch();
     unsafe {
         slot.cast::<*const u8>().write_volatile(pointer);
         slot.read_volatile()
@@ -143,7 +141,7 @@ pub fn kmalloc_raw(ctx: RawTracePointContext) -> i32 {
 #[raw_tracepoint(tracepoint = "kmem_cache_alloc")]
 pub fn kmem_cache_alloc_raw(ctx: RawTracePointContext) -> i32 {
     let passes_cache = config!(raw_cache_alloc_passes_cache) != 0;
-    let describe = || {
+    let describe = |_| {
         let (cache_id, bytes_requested, bytes_allocated) = if passes_cache {
             let cache = ctx.arg::<u64>(2);
             let read_u32 = |offset: u32| unsafe {
@@ -185,7 +183,7 @@ pub fn kmem_cache_free_raw(ctx: RawTracePointContext) -> i32 {
 /// Classic `kmem:kmalloc` (and `kmem:kmalloc_node` before Linux 6.1, same fields).
 #[tracepoint(category = "kmem", name = "kmalloc")]
 pub fn kmalloc_classic(ctx: TracePointContext) -> u32 {
-    let describe = || Allocation {
+    let describe = |_| Allocation {
         kind: AllocKind::Kmalloc,
         call_site: read_u64(&ctx, config!(classic.kmalloc_call_site)),
         cache_id: 0,
@@ -215,7 +213,7 @@ pub fn kmem_cache_alloc_classic(ctx: TracePointContext) -> u32 {
         unsafe { bpf_probe_read_kernel_str_bytes(string, &mut name.bytes) }.ok()?;
         Some(name)
     };
-    let describe = || Allocation {
+    let describe = |_| Allocation {
         kind: AllocKind::KmemCache,
         call_site: read_u64(&ctx, config!(classic.cache_alloc_call_site)),
         cache_id: name().map_or(0, |name| fnv1a(&name.bytes) | 1),

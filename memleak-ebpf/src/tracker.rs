@@ -20,14 +20,14 @@ use aya_ebpf::{
     programs::tracing::StackIdContext,
 };
 use memleak_common::{
-    AllocKind, AllocRecord, CacheName, Counter, SLOTS_PER_BUCKET, STACK_FAILED, STACK_NOT_SAMPLED,
-    TaskComm, mix64, page_filter_slot, sampled, sampled_object,
+    AllocKind, AllocRecord, CacheName, Counter, CpuState, SLOTS_PER_BUCKET, STACK_FAILED,
+    STACK_NOT_SAMPLED, TaskComm, mix64, page_filter_slot, sampled, sampled_object,
 };
 
 use crate::maps::{
-    CACHE_NAMES, CLAIM_FENCE, COMMS, COUNTERS, LAST_SAMPLED_STACK, MISSED_FREE_SITES, OBJECT_KEYS,
-    OBJECT_RECORDS, SEEN_CACHES, SEEN_CACHES_LEN, SEEN_SITES, SEEN_SITES_LEN, SEEN_TGIDS,
-    SEEN_TGIDS_LEN, STACKS, TRACKED_PAGES, USER_STACKS, config,
+    CACHE_NAMES, COMMS, CPU_STATE, MISSED_FREE_SITES, OBJECT_KEYS, OBJECT_RECORDS, SEEN_CACHES,
+    SEEN_CACHES_LEN, SEEN_SITES, SEEN_SITES_LEN, SEEN_TGIDS, SEEN_TGIDS_LEN, STACKS, TRACKED_PAGES,
+    USER_STACKS, config,
 };
 
 /// What a hook reads about an allocation once it is known to be tracked.
@@ -41,11 +41,34 @@ pub struct Allocation {
     pub gfp_flags: u32,
 }
 
+/// This CPU's entry of `CPU_STATE`, looked up once per event and handed down.
+#[derive(Clone, Copy)]
+pub struct ThisCpu(*mut CpuState);
+
+impl ThisCpu {
+    #[inline(always)]
+    pub fn get() -> Option<Self> {
+        CPU_STATE.get_ptr_mut(0).map(Self)
+    }
+
+    #[inline(always)]
+    pub fn count(self, counter: Counter) {
+        // Per-CPU: no other CPU writes it, and a program does not nest in itself on one CPU.
+        unsafe { (*self.0).counters[counter as usize] += 1 };
+    }
+
+    /// The word `slab::scalar` launders a typed pointer through.
+    #[inline(always)]
+    pub fn scratch(self) -> *mut u64 {
+        unsafe { &raw mut (*self.0).scratch }
+    }
+}
+
+/// Counts an event outside the table's paths, which look their CPU's entry up themselves.
 #[inline(always)]
 pub fn count(counter: Counter) {
-    if let Some(value) = COUNTERS.get_ptr_mut(counter as u32) {
-        // Per-CPU slot: no other CPU writes it, and tracepoint programs do not nest on one CPU.
-        unsafe { *value += 1 };
+    if let Some(cpu) = ThisCpu::get() {
+        cpu.count(counter);
     }
 }
 
@@ -80,9 +103,18 @@ fn claim_slot(keys: *mut u64, slot: usize, key: u64) -> bool {
 }
 
 /// Empties the slot holding `key`: false when it no longer does.
+///
+/// Only userspace's removals need the compare-and-swap. Every free hook runs before the
+/// allocator can hand the address out again (the kmem and page tracepoints fire before the
+/// object goes back, the percpu one under the lock its allocations take, the entry probes of
+/// the free functions before they run), and an object is freed once: between this read of
+/// the key and the store, no program can empty the slot and another claim it. Userspace
+/// (`watch` removing objects found free, `run --user` the heaps of exec'ed processes) can,
+/// and the store would then erase the new claim; so the plain store is used only where
+/// userspace never removes (`plain_releases`), which spares each free about 4 ns.
 #[inline(always)]
 fn release_slot(keys: *mut u64, slot: usize, key: u64) -> bool {
-    if crate::PLAIN_CLAIMS {
+    if crate::PLAIN_CLAIMS || config!(plain_releases) != 0 {
         unsafe { keys.add(slot).write_volatile(0) };
         true
     } else {
@@ -98,22 +130,22 @@ fn release_slot(keys: *mut u64, slot: usize, key: u64) -> bool {
 /// beside another object's record. Both objects are lost, never misattributed, and counted
 /// (docs/kernels.md says the one interleaving whose loss goes uncounted).
 #[inline(always)]
-fn claim_held(keys: *mut u64, slot: usize, key: u64) -> bool {
+fn claim_held(cpu: ThisCpu, keys: *mut u64, slot: usize, key: u64) -> bool {
     if !crate::PLAIN_CLAIMS {
         return true;
     }
-    if let Some(fence) = CLAIM_FENCE.get_ptr_mut(0) {
-        compiler_fence(Ordering::SeqCst);
-        // Relaxed, its result unused: LLVM emits BPF_XADD, which 5.10 verifiers accept (an
-        // ordered or fetching form would be the 5.12 atomics this path avoids).
-        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(fence, 1) };
-        compiler_fence(Ordering::SeqCst);
-    }
+    compiler_fence(Ordering::SeqCst);
+    // Relaxed, its result unused: LLVM emits BPF_XADD, which 5.10 verifiers accept (an ordered
+    // or fetching form would be the 5.12 atomics this path avoids).
+    unsafe {
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*cpu.0).claim_fence, 1)
+    };
+    compiler_fence(Ordering::SeqCst);
     if load_key(keys, slot) == key {
         return true;
     }
     unsafe { keys.add(slot).write_volatile(0) };
-    count(Counter::ClaimRaces);
+    cpu.count(Counter::ClaimRaces);
     false
 }
 
@@ -124,18 +156,21 @@ fn claim_held(keys: *mut u64, slot: usize, key: u64) -> bool {
 pub fn on_alloc<C: StackIdContext>(
     ctx: &C,
     key: u64,
-    describe: impl FnOnce() -> Allocation,
+    describe: impl FnOnce(ThisCpu) -> Allocation,
     name_of_cache: impl FnOnce(u64) -> Option<CacheName>,
 ) {
     if config!(return_at_once) != 0 {
         return;
     }
-    count(Counter::Allocs);
+    let Some(cpu) = ThisCpu::get() else {
+        return;
+    };
+    cpu.count(Counter::Allocs);
     if key == 0 {
         return;
     }
     if !sampled_object(key, config!(sample_shift)) {
-        count(Counter::SampledOut);
+        cpu.count(Counter::SampledOut);
         return;
     }
     let hash = mix64(key);
@@ -143,21 +178,21 @@ pub fn on_alloc<C: StackIdContext>(
     let tgid = (pid_tgid >> 32) as u32;
     let filter_tgid = config!(filter_tgid);
     if filter_tgid != 0 && filter_tgid != tgid {
-        count(Counter::Filtered);
+        cpu.count(Counter::Filtered);
         return;
     }
     if config!(filter_comm_enabled) != 0
         && bpf_get_current_comm().map_or(true, |comm| comm != config!(filter_comm))
     {
-        count(Counter::Filtered);
+        cpu.count(Counter::Filtered);
         return;
     }
 
-    let allocation = describe();
+    let allocation = describe(cpu);
     if allocation.bytes_allocated < config!(min_size)
         || allocation.bytes_allocated > config!(max_size)
     {
-        count(Counter::Filtered);
+        cpu.count(Counter::Filtered);
         return;
     }
     let bucket = (hash as u32) & config!(bucket_mask);
@@ -173,7 +208,7 @@ pub fn on_alloc<C: StackIdContext>(
     let mut claimed = false;
     for i in 0..SLOTS_PER_BUCKET {
         if load_key(keys, i) == key {
-            count(Counter::MissedFrees);
+            cpu.count(Counter::MissedFrees);
             count_missed_free(unsafe { (*records).records[i].call_site });
             slot = i;
             break;
@@ -191,7 +226,7 @@ pub fn on_alloc<C: StackIdContext>(
         }
     }
     if slot >= SLOTS_PER_BUCKET {
-        count(Counter::DroppedTableFull);
+        cpu.count(Counter::DroppedTableFull);
         return;
     }
 
@@ -199,14 +234,14 @@ pub fn on_alloc<C: StackIdContext>(
     // not counted as left without one by the sample's limit.
     let stack_id = if allocation.call_site == 0
         || first_from_site(allocation.call_site)
-        || stack_sampled(hash, config!(stack_shift))
+        || stack_sampled(cpu, hash, config!(stack_shift))
     {
-        capture_stack(ctx, allocation.kind)
+        capture_stack(cpu, ctx, allocation.kind)
     } else {
         STACK_NOT_SAMPLED
     };
     let user_stack = if config!(user_stacks) != 0 && stack_id >= 0 {
-        capture_user_stack(ctx)
+        capture_user_stack(cpu, ctx)
     } else {
         0
     };
@@ -229,7 +264,7 @@ pub fn on_alloc<C: StackIdContext>(
         gfp_flags: allocation.gfp_flags,
     };
     if claimed {
-        if !claim_held(keys, slot, key) {
+        if !claim_held(cpu, keys, slot, key) {
             return;
         }
         // After the record is in place and before the page reaches its caller, so no free of
@@ -240,7 +275,7 @@ pub fn on_alloc<C: StackIdContext>(
             add_to_tracked_pages(counter, 1);
         }
     }
-    count(Counter::TrackedAllocs);
+    cpu.count(Counter::TrackedAllocs);
 }
 
 /// Adds `delta` (wrapping: `u64::MAX` takes one away) to a counter of the tracked-page filter.
@@ -257,20 +292,18 @@ fn add_to_tracked_pages(counter: *mut u64, delta: u64) {
 /// stack walked at every allocation, at about 4 µs a walk on this kind of kernel. The limit
 /// bounds that at 250 walks a second per CPU at HZ=250, a fraction of a percent.
 #[inline(always)]
-fn stack_sampled(hash: u64, shift: u32) -> bool {
+fn stack_sampled(cpu: ThisCpu, hash: u64, shift: u32) -> bool {
     if shift != 0 && !sampled(hash, shift) {
         return false;
     }
     if config!(stack_limit) == 0 {
         return true;
     }
-    let Some(last) = LAST_SAMPLED_STACK.get_ptr_mut(0) else {
-        return false;
-    };
     let now = unsafe { bpf_jiffies64() };
     unsafe {
+        let last = &raw mut (*cpu.0).last_sampled_stack;
         if *last == now {
-            count(Counter::StackSamplesOverLimit);
+            cpu.count(Counter::StackSamplesOverLimit);
             return false;
         }
         *last = now;
@@ -311,7 +344,10 @@ fn forget(key: u64, page: bool) {
     if !sampled_object(key, config!(sample_shift)) {
         return;
     }
-    count(Counter::Frees);
+    let Some(cpu) = ThisCpu::get() else {
+        return;
+    };
+    cpu.count(Counter::Frees);
     if key == 0 {
         return;
     }
@@ -323,7 +359,7 @@ fn forget(key: u64, page: bool) {
             return;
         };
         if unsafe { counter.read_volatile() } == 0 {
-            count(Counter::UntrackedFrees);
+            cpu.count(Counter::UntrackedFrees);
             return;
         }
         Some(counter)
@@ -342,11 +378,11 @@ fn forget(key: u64, page: bool) {
             if let Some(counter) = tracked_pages {
                 add_to_tracked_pages(counter, u64::MAX);
             }
-            count(Counter::TrackedFrees);
+            cpu.count(Counter::TrackedFrees);
             return;
         }
     }
-    count(Counter::UntrackedFrees);
+    cpu.count(Counter::UntrackedFrees);
 }
 
 /// Counts a missed free against the call site of the record being replaced.
@@ -368,8 +404,8 @@ const SKIP_ONE_FRAME: u64 = 1;
 const USER_STACK: u64 = 1 << 8;
 
 #[inline(always)]
-fn capture_stack<C: StackIdContext>(ctx: &C, kind: AllocKind) -> i32 {
-    count(Counter::StackCaptures);
+fn capture_stack<C: StackIdContext>(cpu: ThisCpu, ctx: &C, kind: AllocKind) -> i32 {
+    cpu.count(Counter::StackCaptures);
     let flags = if kind == AllocKind::User {
         USER_STACK
     } else {
@@ -384,7 +420,7 @@ fn capture_stack<C: StackIdContext>(ctx: &C, kind: AllocKind) -> i32 {
     {
         Ok(id) => id as i32,
         Err(_) => {
-            count(Counter::StackFailures);
+            cpu.count(Counter::StackFailures);
             STACK_FAILED
         }
     }
@@ -395,8 +431,8 @@ fn capture_stack<C: StackIdContext>(ctx: &C, kind: AllocKind) -> i32 {
 /// interrupt it is the stack of whichever task was interrupted: userspace keeps it only for
 /// kernel stacks that pass through no interrupt.
 #[inline(always)]
-fn capture_user_stack<C: StackIdContext>(ctx: &C) -> u16 {
-    count(Counter::UserStackCaptures);
+fn capture_user_stack<C: StackIdContext>(cpu: ThisCpu, ctx: &C) -> u16 {
+    cpu.count(Counter::UserStackCaptures);
     match ctx
         .get_stackid(&USER_STACKS, USER_STACK)
         .or_else(|_| ctx.get_stackid(&USER_STACKS, USER_STACK | SKIP_ONE_FRAME))
@@ -404,7 +440,7 @@ fn capture_user_stack<C: StackIdContext>(ctx: &C) -> u16 {
         // Userspace sizes the map below u16::MAX entries.
         Ok(id) if id < i64::from(u16::MAX) => id as u16 + 1,
         _ => {
-            count(Counter::UserStackMisses);
+            cpu.count(Counter::UserStackMisses);
             0
         }
     }

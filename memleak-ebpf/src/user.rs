@@ -141,7 +141,7 @@ fn leave(ctx: &RetProbeContext, returned: u64) {
     }
     // At a return probe the instruction pointer is the return address into the caller.
     let call_site = unsafe { (*ctx.regs).rip };
-    let describe = || {
+    let describe = |_| {
         let bytes = bytes.min(u64::from(u32::MAX)) as u32;
         Allocation {
             kind: AllocKind::User,

@@ -40,7 +40,7 @@ pub fn vmap_alloc_btf(ctx: BtfTracePointContext) -> i32 {
     if ctx.arg::<i64>(5) != 0 {
         return 0;
     }
-    let describe = || vmap_area(ctx.arg::<u64>(1));
+    let describe = |_| vmap_area(ctx.arg::<u64>(1));
     on_alloc(&ctx, ctx.arg::<u64>(0), describe, |_| None);
     0
 }
@@ -68,7 +68,7 @@ pub fn vmap_alloc_fexit(ctx: FExitContext) -> i32 {
         unsafe { bpf_probe_read_kernel((area as *const u8).add(offset).cast::<u64>()) }.unwrap_or(0)
     };
     let start = read(0);
-    let describe = || vmap_area(read(VA_END_OFFSET).wrapping_sub(start));
+    let describe = |_| vmap_area(read(VA_END_OFFSET).wrapping_sub(start));
     on_alloc(&ctx, start, describe, |_| None);
     0
 }

@@ -2,15 +2,15 @@
 //! process names and stacks.
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use anyhow::{Context as _, Result, anyhow};
+use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf,
     maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, StackTraceMap},
 };
 use hashbrown::HashMap;
 use memleak_common::{
-    AllocRecord, COUNTER_COUNT, CacheName, Counter, KeyBucket, PAGE_FILTER_SLOTS, RecordBucket,
-    TaskComm, mix64, page_filter_slot, pfn_of_key,
+    AllocRecord, COUNTER_COUNT, CacheName, Counter, CpuState, KeyBucket, PAGE_FILTER_SLOTS,
+    RecordBucket, TaskComm, mix64, page_filter_slot, pfn_of_key,
 };
 use serde::{Deserialize, Serialize};
 
@@ -93,12 +93,15 @@ pub struct TableFormat {
     pub buckets: u32,
     /// How the programs time allocations.
     pub clock: AllocationClock,
+    /// Whether the programs' frees empty slots by compare-and-swap, so that userspace may
+    /// remove objects while they run ([`remove_objects`]).
+    pub removals_allowed: bool,
 }
 
 /// The maps, taken out of the eBPF object so they outlive its programs: the report is read
 /// after every program is detached, from a table that no longer changes.
 pub struct TracerMaps {
-    counters: Map,
+    cpu_state: Map,
     keys: Map,
     records: Map,
     stacks: Map,
@@ -109,6 +112,7 @@ pub struct TracerMaps {
     tracked_pages: Map,
     buckets: u32,
     clock: AllocationClock,
+    removals_allowed: bool,
 }
 
 impl TracerMaps {
@@ -119,7 +123,7 @@ impl TracerMaps {
                 .ok_or_else(|| anyhow!("eBPF object has no {name} map"))
         };
         Ok(Self {
-            counters: take("COUNTERS")?,
+            cpu_state: take("CPU_STATE")?,
             keys: take("OBJECT_KEYS")?,
             records: take("OBJECT_RECORDS")?,
             stacks: take("STACKS")?,
@@ -130,6 +134,7 @@ impl TracerMaps {
             tracked_pages: take("TRACKED_PAGES")?,
             buckets: table.buckets,
             clock: table.clock,
+            removals_allowed: table.removals_allowed,
         })
     }
 
@@ -149,13 +154,13 @@ impl TracerMaps {
 }
 
 pub fn read_counters(maps: &TracerMaps) -> Result<Counters> {
-    let map: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(&maps.counters)?;
+    let map: PerCpuArray<&MapData, CpuState> = PerCpuArray::try_from(&maps.cpu_state)?;
+    let per_cpu = map.get(&0, 0).context("reading the CPU_STATE map")?;
     let mut values = [0u64; COUNTER_COUNT as usize];
-    for (index, value) in values.iter_mut().enumerate() {
-        let per_cpu = map
-            .get(&(index as u32), 0)
-            .context("reading the COUNTERS map")?;
-        *value = per_cpu.iter().sum();
+    for state in per_cpu.iter() {
+        for (value, counted) in values.iter_mut().zip(state.counters) {
+            *value += counted;
+        }
     }
     Ok(Counters::from_values(&values))
 }
@@ -227,6 +232,12 @@ pub fn for_each_outstanding(
 pub fn remove_objects(maps: &TracerMaps, objects: &HashMap<u64, AllocRecord>) -> Result<u64> {
     if objects.is_empty() {
         return Ok(0);
+    }
+    if !maps.removals_allowed {
+        bail!(
+            "objects cannot be removed from this table: its programs empty slots with plain \
+             stores (the tracer was loaded without userspace_removes_objects)"
+        );
     }
     let mut removed = 0;
     for step in steps(maps) {

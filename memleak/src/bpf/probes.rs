@@ -78,6 +78,10 @@ pub struct TracerSettings {
     pub empty_programs: bool,
     /// Load the build for kernels before Linux 5.12 on any kernel (tests and benchmarks).
     pub plain_claims: bool,
+    /// Whether userspace will remove objects from the table while the programs run
+    /// ([`crate::bpf::maps::remove_objects`]: `watch`, `run --user`). Without it the programs'
+    /// frees empty slots with plain stores, which removals could race with.
+    pub userspace_removes_objects: bool,
 }
 
 /// The attached programs and their maps. Dropping `programs` detaches every program; `maps`
@@ -868,7 +872,13 @@ fn base_config(settings: &TracerSettings) -> (TracerConfig, TableFormat) {
     config.return_at_once = settings.empty_programs.into();
     config.user_stacks = settings.user_stacks.into();
     config.jiffies_clock = clock.uses_jiffies().into();
-    (config, TableFormat { buckets, clock })
+    config.plain_releases = (!settings.userspace_removes_objects).into();
+    let table = TableFormat {
+        buckets,
+        clock,
+        removals_allowed: settings.userspace_removes_objects,
+    };
+    (config, table)
 }
 
 /// The object with the settings every program reads (none of the kernel-specific ones),
@@ -1094,6 +1104,31 @@ fn recursion_misses(fd: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frees_release_plainly_unless_userspace_removes_objects() {
+        let settings = |userspace_removes_objects| TracerSettings {
+            capacity: 1 << 16,
+            sample_rate: 1,
+            stack_sample_rate: 1,
+            filter_tgid: None,
+            filter_comm: None,
+            min_size: None,
+            max_size: None,
+            method: AttachMethod::Auto,
+            kinds: Vec::new(),
+            user_stacks: false,
+            empty_programs: false,
+            plain_claims: false,
+            userspace_removes_objects,
+        };
+        let (config, table) = base_config(&settings(false));
+        assert_eq!(config.plain_releases, 1);
+        assert!(!table.removals_allowed);
+        let (config, table) = base_config(&settings(true));
+        assert_eq!(config.plain_releases, 0);
+        assert!(table.removals_allowed);
+    }
 
     #[test]
     fn free_programs_are_told_from_allocation_programs_by_name() {

@@ -82,6 +82,8 @@ impl From<&TracingOptions> for TraceOptions {
                     user_stacks: args.user_stacks,
                     empty_programs: args.empty_programs,
                     plain_claims: args.plain_claims,
+                    // `run --user` forgets the heaps of processes that exec another program.
+                    userspace_removes_objects: args.user,
                 },
                 sort: args.sort,
                 min_age: args.min_age.unwrap_or_default(),
@@ -137,6 +139,8 @@ impl From<&WatchArgs> for watch::Options {
                 user_stacks: false,
                 empty_programs: false,
                 plain_claims: false,
+                // Each snapshot removes the objects it found freed by paths no hook follows.
+                userspace_removes_objects: true,
             },
             interval: args.interval,
             duration: args.duration,

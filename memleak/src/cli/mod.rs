@@ -137,6 +137,23 @@ mod tests {
         assert!(!memleak::trace::check::LeakCheck::from(&args.checks).enabled());
     }
 
+    /// Only the commands whose userspace removes objects from the table while the programs run
+    /// load programs whose frees empty slots by compare-and-swap.
+    #[test]
+    fn only_watch_and_user_runs_remove_objects_from_the_table() {
+        let removes = |line: &[&str]| match Cli::try_parse_from(line).unwrap().command {
+            Command::Trace(args) => TraceOptions::from(&args.tracing).trace.tracer,
+            Command::Run(args) => TraceOptions::from(&args.tracing).trace.tracer,
+            Command::Watch(args) => memleak::watch::Options::from(&args).tracer,
+            _ => panic!("{line:?}: not a tracing command"),
+        }
+        .userspace_removes_objects;
+        assert!(!removes(&["memleak", "trace"]));
+        assert!(!removes(&["memleak", "run", "--", "true"]));
+        assert!(removes(&["memleak", "run", "--user", "--", "true"]));
+        assert!(removes(&["memleak", "watch"]));
+    }
+
     #[test]
     fn parses_a_ci_run_command() {
         let cli = Cli::try_parse_from([
