@@ -11,7 +11,59 @@ pub mod scan;
 /// cache lines. At a quarter full, fewer than one bucket in a million overflows.
 pub const SLOTS_PER_BUCKET: usize = 16;
 
-/// The keys of one bucket: object addresses, 0 for an empty slot.
+/// The key of a slot whose object was freed. A bucket's slots are claimed lowest free first,
+/// and a slot once claimed never holds 0 again (a free leaves this mark), so a search of a
+/// bucket stops at its first 0: no object was ever put past it. In a table far from full that
+/// is a slot or two, not the bucket's sixteen. No key is 1: keys are addresses aligned to 8
+/// bytes at least, or page frame numbers shifted by 12, each with tag bits.
+pub const FREED_SLOT: u64 = 1;
+
+/// Whether a slot's key is an object's, not a free slot (never used, 0, or freed).
+#[inline(always)]
+pub const fn holds_object(key: u64) -> bool {
+    key > FREED_SLOT
+}
+
+/// The two searches of a bucket, as the programs and userspace both make them. `key_at` reads
+/// slot `i`'s key (a volatile or atomic load: other CPUs change them meanwhile).
+pub mod bucket {
+    use super::{SLOTS_PER_BUCKET, holds_object};
+
+    /// The slot holding `key`: searched up to the bucket's first slot never used.
+    #[inline(always)]
+    pub fn slot_of(key: u64, key_at: impl Fn(usize) -> u64) -> Option<usize> {
+        for i in 0..SLOTS_PER_BUCKET {
+            let found = key_at(i);
+            if found == key {
+                return Some(i);
+            }
+            if found == 0 {
+                break;
+            }
+        }
+        None
+    }
+
+    /// The lowest free slot and the key it was seen with (0 or `FREED_SLOT`), for a
+    /// compare-and-swap from that key; `try_claim` says whether it took the slot (another CPU
+    /// may have first), and the search goes on past a slot it did not take.
+    #[inline(always)]
+    pub fn claim_lowest_free(
+        key_at: impl Fn(usize) -> u64,
+        mut try_claim: impl FnMut(usize, u64) -> bool,
+    ) -> Option<usize> {
+        for i in 0..SLOTS_PER_BUCKET {
+            let found = key_at(i);
+            if !holds_object(found) && try_claim(i, found) {
+                return Some(i);
+            }
+        }
+        None
+    }
+}
+
+/// The keys of one bucket: object addresses, 0 for a slot never used, [`FREED_SLOT`] for one
+/// whose object was freed.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct KeyBucket {
@@ -510,6 +562,65 @@ pub const fn sampled_object(key: u64, shift: u32) -> bool {
 
 #[cfg(test)]
 mod tests {
+    /// Claims and frees in a bucket, in a random order, as the programs make them: every key
+    /// held is found, no freed key is, and a search never reads past the highest slot ever
+    /// claimed plus one.
+    #[test]
+    fn bucket_searches_find_every_object_held_and_stop_at_the_first_slot_never_used() {
+        extern crate std;
+        use core::cell::Cell;
+        use std::vec::Vec;
+
+        use super::bucket::{claim_lowest_free, slot_of};
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut random = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let bucket = [const { Cell::new(0u64) }; SLOTS_PER_BUCKET];
+        let reads = Cell::new(0usize);
+        let key_at = |i: usize| {
+            reads.set(reads.get().max(i + 1));
+            bucket[i].get()
+        };
+        let mut held: Vec<u64> = Vec::new();
+        let mut freed: Vec<u64> = Vec::new();
+        let mut high_water = 0;
+        for step in 0..20_000u64 {
+            let grow = held.len() < 3 || (held.len() < SLOTS_PER_BUCKET && random() % 2 == 0);
+            if grow {
+                let key = 0x1000 + 8 * step;
+                assert_eq!(slot_of(key, key_at), None);
+                let slot = claim_lowest_free(key_at, |i, seen| {
+                    assert!(seen == 0 || seen == FREED_SLOT);
+                    bucket[i].set(key);
+                    true
+                })
+                .expect("a free slot");
+                assert!(bucket[..slot].iter().all(|key| holds_object(key.get())));
+                high_water = high_water.max(slot + 1);
+                held.push(key);
+            } else {
+                let key = held.swap_remove((random() % held.len() as u64) as usize);
+                let slot = slot_of(key, key_at).expect("every key held is found");
+                bucket[slot].set(FREED_SLOT);
+                freed.push(key);
+            }
+            for &key in held.iter().chain(freed.iter().rev().take(4)) {
+                reads.set(0);
+                let found = slot_of(key, key_at);
+                assert_eq!(found.is_some(), held.contains(&key), "{key:#x}");
+                assert!(reads.get() <= (high_water + 1).min(SLOTS_PER_BUCKET));
+            }
+        }
+        assert_eq!(
+            high_water, SLOTS_PER_BUCKET,
+            "the bucket filled at some point"
+        );
+    }
+
     use super::*;
 
     fn tracked(keys: impl Iterator<Item = u64>, shift: u32) -> (u64, u64) {

@@ -1,11 +1,12 @@
 //! The outstanding-allocation table and everything done per allocation and per free.
 //!
 //! The table is open hashing without a lock: an object lives in the bucket its address hashes
-//! to; a slot is claimed by compare-and-swap of its key from 0, and released by swapping the key
-//! back to 0. No helper call and no map lock sits on the free path, and the free of an object
-//! the table does not hold (allocated before tracing, or sampled out) returns after plain reads
-//! of one bucket of keys, with no atomic operation, or before touching any map when sampling
-//! rules the address out.
+//! to; the lowest free slot is claimed by compare-and-swap of its key from 0 or `FREED_SLOT`,
+//! and a free leaves `FREED_SLOT` in it (see [`release_slot`]). A slot once used never holds 0
+//! again, so searches stop at a bucket's first 0. No helper call and no map lock sits on the
+//! free path, and the free of an object the table does not hold (allocated before tracing, or
+//! sampled out) returns after plain reads of the bucket's used slots, with no atomic
+//! operation, or before touching any map when sampling rules the address out.
 //!
 //! Kernels before Linux 5.12 have no BPF compare-and-swap: in the object built for them
 //! (`crate::PLAIN_CLAIMS`) a slot is claimed with a plain store, and the claim is checked once
@@ -20,8 +21,9 @@ use aya_ebpf::{
     programs::tracing::StackIdContext,
 };
 use memleak_common::{
-    AllocKind, AllocRecord, CacheName, Counter, CpuState, SLOTS_PER_BUCKET, STACK_FAILED,
-    STACK_NOT_SAMPLED, TaskComm, mix64, page_filter_slot, sampled, sampled_object,
+    AllocKind, AllocRecord, CacheName, Counter, CpuState, FREED_SLOT, SLOTS_PER_BUCKET,
+    STACK_FAILED, STACK_NOT_SAMPLED, TaskComm, bucket, mix64, page_filter_slot, sampled,
+    sampled_object,
 };
 
 use crate::maps::{
@@ -91,14 +93,15 @@ fn swap_key(keys: *mut u64, slot: usize, expected: u64, new: u64) -> bool {
     }
 }
 
-/// Takes the empty slot for `key`: false when another CPU took it first.
+/// Takes the free slot for `key`, seen holding `free` (0 or `FREED_SLOT`): false when another
+/// CPU took it first.
 #[inline(always)]
-fn claim_slot(keys: *mut u64, slot: usize, key: u64) -> bool {
+fn claim_slot(keys: *mut u64, slot: usize, free: u64, key: u64) -> bool {
     if crate::PLAIN_CLAIMS {
         unsafe { keys.add(slot).write_volatile(key) };
         true
     } else {
-        swap_key(keys, slot, 0, key)
+        swap_key(keys, slot, free, key)
     }
 }
 
@@ -115,10 +118,10 @@ fn claim_slot(keys: *mut u64, slot: usize, key: u64) -> bool {
 #[inline(always)]
 fn release_slot(keys: *mut u64, slot: usize, key: u64) -> bool {
     if crate::PLAIN_CLAIMS || config!(plain_releases) != 0 {
-        unsafe { keys.add(slot).write_volatile(0) };
+        unsafe { keys.add(slot).write_volatile(FREED_SLOT) };
         true
     } else {
-        swap_key(keys, slot, key, 0)
+        swap_key(keys, slot, key, FREED_SLOT)
     }
 }
 
@@ -144,7 +147,7 @@ fn claim_held(cpu: ThisCpu, keys: *mut u64, slot: usize, key: u64) -> bool {
     if load_key(keys, slot) == key {
         return true;
     }
-    unsafe { keys.add(slot).write_volatile(0) };
+    unsafe { keys.add(slot).write_volatile(FREED_SLOT) };
     cpu.count(Counter::ClaimRaces);
     false
 }
@@ -204,29 +207,25 @@ pub fn on_alloc<C: StackIdContext>(
     };
     let keys = unsafe { (*keys).keys.as_mut_ptr() };
 
-    let mut slot = SLOTS_PER_BUCKET;
-    let mut claimed = false;
-    for i in 0..SLOTS_PER_BUCKET {
-        if load_key(keys, i) == key {
+    let key_at = |i| load_key(keys, i);
+    let (slot, claimed) = match bucket::slot_of(key, key_at) {
+        Some(slot) => {
             cpu.count(Counter::MissedFrees);
-            count_missed_free(unsafe { (*records).records[i].call_site });
-            slot = i;
-            break;
+            count_missed_free(unsafe { (*records).records[slot].call_site });
+            (slot, false)
         }
-    }
-    if slot == SLOTS_PER_BUCKET {
-        for i in 0..SLOTS_PER_BUCKET {
-            // A plain read first: a locked compare-and-swap on a slot seen taken would fail
-            // anyway, and costs tens of nanoseconds on a contended cache line.
-            if load_key(keys, i) == 0 && claim_slot(keys, i, key) {
-                slot = i;
-                claimed = true;
-                break;
+        // Plain reads first: a locked compare-and-swap on a slot seen taken would fail
+        // anyway, and costs tens of nanoseconds on a contended cache line.
+        None => match bucket::claim_lowest_free(key_at, |i, free| claim_slot(keys, i, free, key)) {
+            Some(slot) => (slot, true),
+            None => {
+                cpu.count(Counter::DroppedTableFull);
+                return;
             }
-        }
-    }
+        },
+    };
+    // Never taken; it bounds the index for the record's address.
     if slot >= SLOTS_PER_BUCKET {
-        cpu.count(Counter::DroppedTableFull);
         return;
     }
 
@@ -371,16 +370,16 @@ fn forget(key: u64, page: bool) {
         return;
     };
     let keys = unsafe { (*keys).keys.as_mut_ptr() };
-    for i in 0..SLOTS_PER_BUCKET {
-        // Most frees are of objects the table does not hold (allocated before tracing,
-        // movable pages): plain reads settle them; only a slot holding the key is swapped.
-        if load_key(keys, i) == key && release_slot(keys, i, key) {
-            if let Some(counter) = tracked_pages {
-                add_to_tracked_pages(counter, u64::MAX);
-            }
-            cpu.count(Counter::TrackedFrees);
-            return;
+    // Most frees are of objects the table does not hold (allocated before tracing, movable
+    // pages): plain reads up to the bucket's first slot never used settle them.
+    if let Some(slot) = bucket::slot_of(key, |i| load_key(keys, i))
+        && release_slot(keys, slot, key)
+    {
+        if let Some(counter) = tracked_pages {
+            add_to_tracked_pages(counter, u64::MAX);
         }
+        cpu.count(Counter::TrackedFrees);
+        return;
     }
     cpu.count(Counter::UntrackedFrees);
 }

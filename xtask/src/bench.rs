@@ -384,7 +384,17 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 workload.name(),
                 variant.label()
             );
-            programs.push(run(variant, true)?.programs);
+            // A run of its own after the rounds: one that fails (bpftrace has hung on SIGINT
+            // under mixed) leaves that variant's timings out, not the rounds' results.
+            let timings = run(variant, true).map(|sample| sample.programs);
+            programs.push(timings.unwrap_or_else(|error| {
+                eprintln!(
+                    "bench: {}: no program timings for {}: {error:#}",
+                    workload.name(),
+                    variant.label()
+                );
+                BTreeMap::new()
+            }));
         }
         results.push(WorkloadResults {
             workload,

@@ -9,8 +9,9 @@ use aya::{
 };
 use hashbrown::HashMap;
 use memleak_common::{
-    AllocRecord, COUNTER_COUNT, CacheName, Counter, CpuState, KeyBucket, PAGE_FILTER_SLOTS,
-    RecordBucket, TaskComm, mix64, page_filter_slot, pfn_of_key,
+    AllocRecord, COUNTER_COUNT, CacheName, Counter, CpuState, FREED_SLOT, KeyBucket,
+    PAGE_FILTER_SLOTS, RecordBucket, TaskComm, bucket as table_bucket, holds_object, mix64,
+    page_filter_slot, pfn_of_key,
 };
 use serde::{Deserialize, Serialize};
 
@@ -207,7 +208,7 @@ pub fn for_each_outstanding(
         let (keys, records) = map_table(maps, step, Access::Read)?;
         for (key_bucket, record_bucket) in keys.as_slice().iter().zip(records.as_slice()) {
             for (&key, record) in key_bucket.keys.iter().zip(&record_bucket.records) {
-                if key != 0 {
+                if holds_object(key) {
                     visit(key, &maps.in_monotonic_time(record));
                 }
             }
@@ -248,15 +249,16 @@ pub fn remove_objects(maps: &TracerMaps, objects: &HashMap<u64, AllocRecord>) ->
                 // also change only atomically.
                 let slot = unsafe { AtomicU64::from_ptr(key) };
                 let address = slot.load(Ordering::Relaxed);
-                if address == 0 {
+                if !holds_object(address) {
                     continue;
                 }
                 let Some(expected) = objects.get(&address) else {
                     continue;
                 };
+                // FREED_SLOT, as a program's free leaves: a 0 would hide the objects past it.
                 if maps.in_monotonic_time(record) == *expected
                     && slot
-                        .compare_exchange(address, 0, Ordering::Relaxed, Ordering::Relaxed)
+                        .compare_exchange(address, FREED_SLOT, Ordering::Relaxed, Ordering::Relaxed)
                         .is_ok()
                 {
                     removed += 1;
@@ -300,27 +302,27 @@ pub fn insert_objects(maps: &TracerMaps, objects: &[(u64, AllocRecord)]) -> Resu
         }
         // The programs' bucket: the low bits of the address's hash (`bucket_mask`).
         let bucket = (hash as u32 as usize) & (buckets - 1);
-        for (key, slot) in keys[bucket]
+        // SAFETY: as in `remove_objects`.
+        let bucket_keys = keys[bucket]
             .keys
-            .iter_mut()
-            .zip(&mut records[bucket].records)
-        {
-            // SAFETY: as in `remove_objects`.
-            let key = unsafe { AtomicU64::from_ptr(key) };
-            if key.load(Ordering::Relaxed) == *address {
-                break;
-            }
-            if key
-                .compare_exchange(0, *address, Ordering::Relaxed, Ordering::Relaxed)
+            .each_mut()
+            .map(|key| unsafe { AtomicU64::from_ptr(key) });
+        // Searched and claimed as the programs do.
+        let key_at = |i: usize| bucket_keys[i].load(Ordering::Relaxed);
+        if table_bucket::slot_of(*address, key_at).is_some() {
+            continue;
+        }
+        let claimed = table_bucket::claim_lowest_free(key_at, |i, free| {
+            bucket_keys[i]
+                .compare_exchange(free, *address, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
-            {
-                *slot = AllocRecord {
-                    allocated_at: maps.clock.reading_at(record.allocated_at),
-                    ..*record
-                };
-                inserted += 1;
-                break;
-            }
+        });
+        if let Some(slot) = claimed {
+            records[bucket].records[slot] = AllocRecord {
+                allocated_at: maps.clock.reading_at(record.allocated_at),
+                ..*record
+            };
+            inserted += 1;
         }
     }
     Ok(inserted)

@@ -229,7 +229,7 @@ pub fn attach(settings: &TracerSettings, btf: Option<&btf_rs::Btf>) -> Result<Tr
         .then(|| page_caller_table(&mut notes))
         .flatten();
     if let Some(page_callers) = &page_callers {
-        config.page_callers_steps = page_callers.steps;
+        config.page_callers_steps = page_callers.steps();
         config.page_callers_base = page_callers.base;
     }
 

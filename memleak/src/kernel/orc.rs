@@ -79,8 +79,6 @@ pub enum TableError {
 pub struct PageCallerTable {
     /// The address entries count from.
     pub base: u64,
-    /// log2 of `entries.len()`.
-    pub steps: u32,
     /// Sorted, padded to a power of two with `page_callers::PADDING`.
     pub entries: Vec<u64>,
     /// Entries before the padding.
@@ -169,7 +167,6 @@ pub fn page_caller_table(
     entries.resize(size, page_callers::PADDING);
     Ok(PageCallerTable {
         base,
-        steps: size.trailing_zeros(),
         entries,
         used,
         walkable,
@@ -177,10 +174,15 @@ pub fn page_caller_table(
 }
 
 impl PageCallerTable {
+    /// The binary search's steps: log2 of the table's length, a power of two.
+    pub fn steps(&self) -> u32 {
+        self.entries.len().trailing_zeros()
+    }
+
     /// What the table says of the code a return address returns to, searched as the page hook
     /// searches it (`memleak_common::page_callers::frame_size`).
     pub fn frame_size(&self, return_address: u64) -> u32 {
-        page_callers::frame_size(return_address, self.base, self.steps, |index| {
+        page_callers::frame_size(return_address, self.base, self.steps(), |index| {
             self.entries.get(index as usize).copied()
         })
         .expect("the search reads indices below 1 << steps, the table's length")
@@ -294,7 +296,7 @@ mod tests {
         assert_eq!(table.used, 9);
         assert_eq!(table.walkable, 6);
         assert_eq!(table.entries.len(), 16);
-        assert_eq!(table.steps, 4);
+        assert_eq!(table.steps(), 4);
         assert!(table.entries.is_sorted());
         // A return address is looked up at the call instruction, the byte before it.
         assert_eq!(table.frame_size(0x1005), 48);
