@@ -562,6 +562,45 @@ pub const fn sampled_object(key: u64, shift: u32) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    fn tracked(keys: impl Iterator<Item = u64>, shift: u32) -> (u64, u64) {
+        keys.fold((0, 0), |(total, kept), key| {
+            (total + 1, kept + u64::from(sampled_object(key, shift)))
+        })
+    }
+
+    const BASE: u64 = 0xffff_8880_0000_0000;
+
+    #[test]
+    fn packed_small_objects_are_sampled_one_per_64_slots() {
+        // 10,000 64-byte objects filling consecutive slab pages.
+        let (total, kept) = tracked((0..10_000).map(|i| BASE + i * 64), 6);
+        assert_eq!(total, 10_000);
+        // 156.25 pages: one object each (plus at most one from the partial page).
+        assert!((156..=157).contains(&kept), "kept {kept}");
+    }
+
+    #[test]
+    fn every_object_size_keeps_one_in_n_on_average() {
+        for size in [8u64, 96, 192, 512, 4096, 16384] {
+            let count = 200_000;
+            let (_, kept) = tracked((0..count).map(|i| BASE + i * size), 6);
+            let expected = count as f64 / 64.0;
+            let error = (kept as f64 - expected).abs() / expected;
+            assert!(error < 0.1, "size {size}: kept {kept}, expected {expected}");
+        }
+    }
+
+    #[test]
+    fn rates_above_64_use_page_hash_bits() {
+        let count = 2_000_000u64;
+        let (_, kept) = tracked((0..count).map(|i| BASE + i * 64), 10);
+        let expected = count as f64 / 1024.0;
+        let error = (kept as f64 - expected).abs() / expected;
+        assert!(error < 0.15, "kept {kept}, expected {expected}");
+    }
+
     /// Claims and frees in a bucket, in a random order, as the programs make them: every key
     /// held is found, no freed key is, and a search never reads past the highest slot ever
     /// claimed plus one.
@@ -619,45 +658,6 @@ mod tests {
             high_water, SLOTS_PER_BUCKET,
             "the bucket filled at some point"
         );
-    }
-
-    use super::*;
-
-    fn tracked(keys: impl Iterator<Item = u64>, shift: u32) -> (u64, u64) {
-        keys.fold((0, 0), |(total, kept), key| {
-            (total + 1, kept + u64::from(sampled_object(key, shift)))
-        })
-    }
-
-    const BASE: u64 = 0xffff_8880_0000_0000;
-
-    #[test]
-    fn packed_small_objects_are_sampled_one_per_64_slots() {
-        // 10,000 64-byte objects filling consecutive slab pages.
-        let (total, kept) = tracked((0..10_000).map(|i| BASE + i * 64), 6);
-        assert_eq!(total, 10_000);
-        // 156.25 pages: one object each (plus at most one from the partial page).
-        assert!((156..=157).contains(&kept), "kept {kept}");
-    }
-
-    #[test]
-    fn every_object_size_keeps_one_in_n_on_average() {
-        for size in [8u64, 96, 192, 512, 4096, 16384] {
-            let count = 200_000;
-            let (_, kept) = tracked((0..count).map(|i| BASE + i * size), 6);
-            let expected = count as f64 / 64.0;
-            let error = (kept as f64 - expected).abs() / expected;
-            assert!(error < 0.1, "size {size}: kept {kept}, expected {expected}");
-        }
-    }
-
-    #[test]
-    fn rates_above_64_use_page_hash_bits() {
-        let count = 2_000_000u64;
-        let (_, kept) = tracked((0..count).map(|i| BASE + i * 64), 10);
-        let expected = count as f64 / 1024.0;
-        let error = (kept as f64 - expected).abs() / expected;
-        assert!(error < 0.15, "kept {kept}, expected {expected}");
     }
 
     #[test]

@@ -350,7 +350,6 @@ fn forget(key: u64, page: bool) {
     if key == 0 {
         return;
     }
-    let hash = mix64(key);
     // A page's counter in the tracked-page filter: zero settles the free here; otherwise it is
     // taken down through the same pointer if the free removes the page's record.
     let tracked_pages = if page {
@@ -365,7 +364,8 @@ fn forget(key: u64, page: bool) {
     } else {
         None
     };
-    let bucket = (hash as u32) & config!(bucket_mask);
+    // After the filter, which reads the frame number, not the hash.
+    let bucket = (mix64(key) as u32) & config!(bucket_mask);
     let Some(keys) = OBJECT_KEYS.get_ptr_mut(bucket) else {
         return;
     };
