@@ -215,7 +215,8 @@ pub struct TaskComm {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
-    /// Allocation events seen (before sampling).
+    /// Allocation events seen; with `--sample-rate`, only allocations at addresses the sample
+    /// covers (the others return before touching any map, as frees do).
     Allocs = 0,
     /// Free events seen; with `--sample-rate`, only frees of addresses the sample covers (the
     /// others return before touching any map).
@@ -235,8 +236,6 @@ pub enum Counter {
     StackCaptures,
     /// Stack captures that failed (stack map full or hash collision, or unwinding error).
     StackFailures,
-    /// Allocations not recorded because the address hash sampled them out (`--sample-rate`).
-    SampledOut,
     /// Allocations not recorded because a filter (pid) rejected them.
     Filtered,
     /// Page allocations of movable memory (user and page-cache pages), not followed.

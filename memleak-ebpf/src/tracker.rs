@@ -165,15 +165,15 @@ pub fn on_alloc<C: StackIdContext>(
     if config!(return_at_once) != 0 {
         return;
     }
+    // Before any map access, as for frees: with --sample-rate, most allocations end here.
+    if !sampled_object(key, config!(sample_shift)) {
+        return;
+    }
     let Some(cpu) = ThisCpu::get() else {
         return;
     };
     cpu.count(Counter::Allocs);
     if key == 0 {
-        return;
-    }
-    if !sampled_object(key, config!(sample_shift)) {
-        cpu.count(Counter::SampledOut);
         return;
     }
     let hash = mix64(key);

@@ -226,16 +226,10 @@ fn sampling_estimates_held_objects_within_20_percent() -> Result<()> {
         report.sample_rate
     );
     // The sampling itself: about one of the fixture's allocations in 64 is tracked (sampling
-    // comes before the pid filter, so `sampled_out` counts the whole machine's, and `filtered`
-    // the other processes' that were sampled in). A tracer that tracks everything and only
-    // scales (or only marks) its counts fails here. At 40,000 draws, +-25% is 6 sigma.
+    // comes before the pid filter, so `filtered` counts the other processes' allocations that
+    // were sampled in). A tracer that tracks everything and only scales (or only marks) its
+    // counts fails here. At 40,000 draws, +-25% is 6 sigma.
     let tracked = report.stats.counters.tracked_allocs;
-    let sampled_out = report.stats.counters.sampled_out;
-    ensure!(
-        sampled_out >= SAMPLED / 2,
-        "at one in 64, most of the fixture's {SAMPLED} allocations are sampled out: {:#?}",
-        report.stats
-    );
     let expected = SAMPLED as f64 / 64.0;
     ensure!(
         (tracked as f64 - expected).abs() <= expected * 0.25,

@@ -32,7 +32,6 @@ pub struct Counters {
     pub missed_frees: u64,
     pub stack_captures: u64,
     pub stack_failures: u64,
-    pub sampled_out: u64,
     pub filtered: u64,
     pub movable_pages: u64,
     /// With `--user-stacks`: user-space stacks captured, and captures that found none (kernel
@@ -68,7 +67,6 @@ impl Counters {
             missed_frees: get(Counter::MissedFrees),
             stack_captures: get(Counter::StackCaptures),
             stack_failures: get(Counter::StackFailures),
-            sampled_out: get(Counter::SampledOut),
             filtered: get(Counter::Filtered),
             movable_pages: get(Counter::MovablePages),
             user_stack_captures: get(Counter::UserStackCaptures),

@@ -83,7 +83,7 @@ pub fn render(interval: Option<&Interval>, totals: &Totals, usage: &ProcessUsage
     counter(
         &mut out,
         "memleak_allocations_total",
-        "Allocation events seen (all of them, before sampling).",
+        "Allocation events of sampled addresses.",
         totals.allocs,
     );
     counter(

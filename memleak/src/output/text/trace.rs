@@ -37,9 +37,16 @@ pub fn render_text(report: &Report) -> String {
         let seconds = (report.duration_ms as f64 / 1000.0).max(0.001);
         thousands((events as f64 / seconds) as u64)
     };
+    // With sampling, events at addresses the sample leaves out return before counting.
+    let which = if report.sample_rate > 1 {
+        " at sampled addresses"
+    } else {
+        ""
+    };
     let _ = writeln!(
         out,
-        "events:  {} allocs, {} frees ({}/s); {} frees of objects allocated before tracing",
+        "events:  {} allocs, {} frees{which} ({}/s); {} frees of objects allocated before \
+         tracing",
         thousands(counters.allocs),
         thousands(counters.frees),
         per_second(counters.allocs + counters.frees),
