@@ -16,7 +16,7 @@
 //! mas_wr_bnode, ...).
 use std::time::Duration;
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::{Context as _, Result, anyhow, ensure};
 use memleak::trace::report::Entry;
 use memleak_tests::{ChurnTrace, entries_of_comm, entries_through};
 use serde_json::Value;
@@ -46,7 +46,33 @@ impl Churn {
     }
 }
 
+/// Traces the churn and checks its report; once more when the kernel skipped so many of the
+/// programs' runs that the first report could not be checked (see [`Checked::Inconclusive`]).
 fn check_churn(churn: &Churn) -> Result<()> {
+    match check_churn_once(churn)? {
+        Checked::Passed => Ok(()),
+        Checked::Inconclusive(why) => {
+            eprintln!("{}: {why}; tracing it again", churn.workload);
+            match check_churn_once(churn)? {
+                Checked::Passed => Ok(()),
+                Checked::Inconclusive(why) => Err(anyhow!("{}: twice {why}", churn.workload)),
+            }
+        }
+    }
+}
+
+enum Checked {
+    Passed,
+    /// The churn's entries held more than the limit, but the kernel skipped more runs of the
+    /// programs than that (another program was running on the CPU: a softirq freeing inside a
+    /// traced allocation). Each skipped free leaves its object listed until its slot is
+    /// allocated again, and the report says so in a note: such a report cannot tell a freed
+    /// object from a held one, so it is no evidence either way. On a quiet machine the count
+    /// is 0; one suite run saw 7,378 and 248 socket-inode security blobs left listed.
+    Inconclusive(String),
+}
+
+fn check_churn_once(churn: &Churn) -> Result<Checked> {
     let ChurnTrace {
         report,
         json,
@@ -97,6 +123,14 @@ fn check_churn(churn: &Churn) -> Result<()> {
         .filter(|(_, attributable)| *attributable > limit)
         .map(|(entry, attributable)| format!("{attributable} of {}", summarize(entry)))
         .collect();
+    if !over.is_empty() && stats.skipped_runs > limit {
+        return Ok(Checked::Inconclusive(format!(
+            "the kernel skipped {} runs of the programs, and entries hold more than {limit} of \
+             its objects: {}",
+            stats.skipped_runs,
+            over.join("; ")
+        )));
+    }
     ensure!(
         over.is_empty(),
         "{workload}: {} cycles freed all they allocated (>= {} objects), yet these entries hold \
@@ -124,7 +158,7 @@ fn check_churn(churn: &Churn) -> Result<()> {
         );
     }
 
-    Ok(())
+    Ok(Checked::Passed)
 }
 
 /// Whether the running kernel has slab sheaves: its BTF names `struct slab_sheaf`.

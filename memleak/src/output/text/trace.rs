@@ -403,6 +403,13 @@ mod tests {
         assert!(render_text(&report).contains("~16.0 KiB in ~256 objects"));
     }
 
+    /// Sampled-out events are not counted: a sampled report says whose events it counts.
+    #[test]
+    fn sampled_reports_say_their_event_counts_are_of_sampled_addresses() {
+        assert!(render_text(&sample_report(64)).contains(" frees at sampled addresses ("));
+        assert!(!render_text(&sample_report(1)).contains("at sampled addresses"));
+    }
+
     #[test]
     fn json_follows_the_documented_schema() {
         let json: serde_json::Value =
