@@ -548,10 +548,17 @@ pub const fn sampled(hash: u64, shift: u32) -> bool {
 /// a plain address hash, but small objects packed into slab pages are sampled almost exactly
 /// one per 64 slots instead of binomially, so estimates scaled from the sample are much tighter.
 /// The decision depends on the address alone: a free knows whether its object was tracked.
+///
+/// The NULL page holds no object, and its first slot would always pass (`mix64(0)` is 0): the
+/// kmem events of failed allocations, `kfree(NULL)` and `kfree(ZERO_SIZE_PTR)` would all be
+/// counted as events at sampled addresses, not one in `1 << shift` of them.
 #[inline(always)]
 pub const fn sampled_object(key: u64, shift: u32) -> bool {
     if shift == 0 {
         return true;
+    }
+    if key < PAGE_SIZE as u64 {
+        return false;
     }
     let slot_bits = if shift < 6 { shift } else { 6 };
     let slot_mask = (1u64 << slot_bits) - 1;
@@ -571,6 +578,17 @@ mod tests {
     }
 
     const BASE: u64 = 0xffff_8880_0000_0000;
+
+    #[test]
+    fn the_null_page_is_never_sampled() {
+        for shift in [1, 6, 10] {
+            for key in [0, 0x10, 0x20, PAGE_SIZE as u64 - 8] {
+                assert!(!sampled_object(key, shift), "key {key:#x} at shift {shift}");
+            }
+        }
+        // Without sampling every event counts, NULL ones included.
+        assert!(sampled_object(0, 0));
+    }
 
     #[test]
     fn packed_small_objects_are_sampled_one_per_64_slots() {
