@@ -162,7 +162,8 @@ pub fn on_alloc<C: StackIdContext>(
     describe: impl FnOnce(ThisCpu) -> Allocation,
     name_of_cache: impl FnOnce(u64) -> Option<CacheName>,
 ) {
-    if config!(return_at_once) != 0 {
+    // A failed allocation's event (NULL) is not an object: not counted.
+    if config!(return_at_once) != 0 || key == 0 {
         return;
     }
     // Before any map access, as for frees: with --sample-rate, most allocations end here.
@@ -173,9 +174,6 @@ pub fn on_alloc<C: StackIdContext>(
         return;
     };
     cpu.count(Counter::Allocs);
-    if key == 0 {
-        return;
-    }
     let hash = mix64(key);
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
@@ -336,7 +334,9 @@ pub fn on_page_free(key: u64) {
 
 #[inline(always)]
 fn forget(key: u64, page: bool) {
-    if config!(return_at_once) != 0 {
+    // kfree(NULL) fires the event too (a third of churn's frees): it frees nothing, and is
+    // not counted.
+    if config!(return_at_once) != 0 || key == 0 {
         return;
     }
     // Before any map access: with --sample-rate, most frees end here, at the cost of a hash.
@@ -347,9 +347,6 @@ fn forget(key: u64, page: bool) {
         return;
     };
     cpu.count(Counter::Frees);
-    if key == 0 {
-        return;
-    }
     // A page's counter in the tracked-page filter: zero settles the free here; otherwise it is
     // taken down through the same pointer if the free removes the page's record.
     let tracked_pages = if page {
