@@ -45,8 +45,8 @@ pub fn render_text(report: &Report) -> String {
     };
     let _ = writeln!(
         out,
-        "events:  {} allocs, {} frees{which} ({}/s); {} frees of objects allocated before \
-         tracing",
+        "events:  {} allocs, {} frees{which} ({}/s); {} frees of objects not held (allocated \
+         before tracing, or not followed: movable pages, filtered, dropped)",
         thousands(counters.allocs),
         thousands(counters.frees),
         per_second(counters.allocs + counters.frees),
