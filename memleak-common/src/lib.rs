@@ -227,7 +227,8 @@ pub enum Counter {
     /// Frees that removed a recorded allocation.
     TrackedFrees,
     /// Frees of objects the table does not hold: allocated before tracing started, or not
-    /// recorded (filtered, dropped). Frees at addresses the sample leaves out are not counted.
+    /// recorded (movable pages, filtered, dropped). Frees at addresses the sample leaves out
+    /// are not counted.
     UntrackedFrees,
     /// Allocations dropped because their bucket of the table was full.
     DroppedTableFull,
