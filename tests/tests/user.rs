@@ -5,7 +5,9 @@
 //! definitely-lost records as the oracle: same functions, same counts, same bytes, same lines.
 use std::{
     collections::BTreeMap,
+    ffi::OsStr,
     io::Write as _,
+    ops::Deref,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -15,6 +17,7 @@ use memleak::trace::report::{Entry, Report, UserStack};
 use memleak_tests::{
     end_to_end, entries_at, finish_tracer, memleak_binary, share_of, start_attached, start_program,
 };
+use tempfile::TempDir;
 
 /// Each leak of the C fixture: its function, blocks and bytes.
 const C_LEAKS: [(&str, u64, u64); 6] = [
@@ -46,19 +49,50 @@ const MAX_RUNTIME_ENTRIES: usize = 2;
 /// Per function: blocks, bytes, and the `file:line` of the allocating call.
 type Leaks = BTreeMap<String, (u64, u64, String)>;
 
-/// A fresh directory for one test's builds.
-fn build_dir(name: &str) -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("memleak-user-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
+/// A fresh directory for one test's builds, removed when it is dropped.
+fn build_dir(name: &str) -> Result<TempDir> {
+    tempfile::Builder::new()
+        .prefix(&format!("memleak-user-{name}-"))
+        .tempdir()
+        .context("creating a build directory")
+}
+
+/// A program built for a test, with the directory holding it (and the libraries it loads by
+/// rpath): both go when the test is done with it.
+struct Built {
+    program: PathBuf,
+    _dir: TempDir,
+}
+
+impl Built {
+    fn new(dir: TempDir, name: &str) -> Self {
+        Self {
+            program: dir.path().join(name),
+            _dir: dir,
+        }
+    }
+}
+
+impl AsRef<OsStr> for Built {
+    fn as_ref(&self) -> &OsStr {
+        self.program.as_os_str()
+    }
+}
+
+impl Deref for Built {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.program
+    }
 }
 
 /// Builds the Rust fixture with the workspace's pinned rustc, optimized, with frame pointers.
-fn build_rust_fixture() -> Result<PathBuf> {
+fn build_rust_fixture() -> Result<Built> {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .context("no workspace")?;
-    let program = build_dir("rust")?.join("leaky_user_rs");
+    let program = Built::new(build_dir("rust")?, "leaky_user_rs");
     let output = Command::new("rustc")
         .args(["-O", "-g", "-C", "force-frame-pointers=yes", "-o"])
         .arg(&program)
@@ -100,15 +134,15 @@ fn sources() -> PathBuf {
 }
 
 /// Builds the C fixture and its library with gcc into a fresh directory.
-fn build_fixture() -> Result<PathBuf> {
+fn build_fixture() -> Result<Built> {
     build_fixture_linked_with(None)
 }
 
 /// [`build_fixture`], with `allocator` (a shared library's path) linked in when given.
-fn build_fixture_linked_with(allocator: Option<&Path>) -> Result<PathBuf> {
+fn build_fixture_linked_with(allocator: Option<&Path>) -> Result<Built> {
     let sources = sources();
     let dir = build_dir("c")?;
-    let gcc = |args: &[&str]| gcc(&dir, args);
+    let gcc = |args: &[&str]| gcc(dir.path(), args);
     let library = sources.join("leaky_user_lib.c");
     gcc(&[
         "-fPIC",
@@ -118,7 +152,7 @@ fn build_fixture_linked_with(allocator: Option<&Path>) -> Result<PathBuf> {
         library.to_str().context("path")?,
     ])?;
     let program = sources.join("leaky_user.c");
-    let rpath = format!("-Wl,-rpath,{}", dir.display());
+    let rpath = format!("-Wl,-rpath,{}", dir.path().display());
     let name = match allocator {
         Some(allocator) => format!(
             "leaky_user_{}",
@@ -140,7 +174,7 @@ fn build_fixture_linked_with(allocator: Option<&Path>) -> Result<PathBuf> {
         args.push(allocator.to_str().context("path")?);
     }
     gcc(&args)?;
-    Ok(dir.join(name))
+    Ok(Built::new(dir, &name))
 }
 
 /// valgrind's definitely-lost records of `program`, by the first frame in one of the
@@ -450,10 +484,10 @@ fn run_user_hooks_operator_new_and_delete_of_every_allocator() -> Result<()> {
     let dir = build_dir("cpp")?;
     compile(
         "g++",
-        &dir,
+        dir.path(),
         &["-o", "leaky_cpp", source.to_str().context("path")?],
     )?;
-    let program = dir.join("leaky_cpp");
+    let program = Built::new(dir, "leaky_cpp");
     for preload in [None]
         .into_iter()
         .chain(OTHER_ALLOCATORS.map(|path| Some(Path::new(path))))
@@ -535,7 +569,7 @@ fn leak_checks_judge_user_entries() -> Result<()> {
         return Ok(());
     };
     let program = build_fixture()?;
-    let junit = std::env::temp_dir().join(format!("memleak-user-{}.xml", std::process::id()));
+    let junit = program.with_file_name("junit.xml");
     let junit_arg = junit.to_str().context("path")?;
     let (output, report) = memleak_run(
         &program,
@@ -610,14 +644,17 @@ const OPENED: u64 = 300;
 const POSTED: u64 = 100;
 
 /// Builds tests/user/user_stacks.c; returns it with its source's text.
-fn build_user_stacks_program() -> Result<(PathBuf, String)> {
+fn build_user_stacks_program() -> Result<(Built, String)> {
     let source = sources().join("user_stacks.c");
     let dir = build_dir("user-stacks")?;
     gcc(
-        &dir,
+        dir.path(),
         &["-o", "user_stacks", source.to_str().context("path")?],
     )?;
-    Ok((dir.join("user_stacks"), std::fs::read_to_string(&source)?))
+    Ok((
+        Built::new(dir, "user_stacks"),
+        std::fs::read_to_string(&source)?,
+    ))
 }
 
 /// Checks that the user stacks of `pid` among `entries` cover at least 95% of `objects` (each
