@@ -215,11 +215,11 @@ pub struct TaskComm {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
-    /// Allocation events seen, failed ones (NULL) left out; with `--sample-rate`, only
+    /// Allocation events seen, failed ones (NULL) left out ([`names_no_object`]); with `--sample-rate`, only
     /// allocations at addresses the sample covers (the others return before touching any map,
     /// as frees do).
     Allocs = 0,
-    /// Free events seen, `kfree(NULL)` left out; with `--sample-rate`, only frees of addresses
+    /// Free events seen, `kfree(NULL)` and `kfree(ZERO_SIZE_PTR)` left out; with `--sample-rate`, only frees of addresses
     /// the sample covers (the others return before touching any map).
     Frees,
     /// Allocations recorded in the table.
@@ -542,6 +542,18 @@ pub const fn sampled(hash: u64, shift: u32) -> bool {
     (hash >> SAMPLE_BITS_SHIFT) & ((1u64 << shift) - 1) == 0
 }
 
+/// The kernel's `ZERO_SIZE_PTR`: what `kmalloc(0)` returns, which `kfree` takes and frees
+/// nothing.
+pub const ZERO_SIZE_PTR: u64 = 16;
+
+/// Whether an event's address names no object: NULL (the event of a failed allocation, or of
+/// `kfree(NULL)`, which the kernel traces before its check) or `ZERO_SIZE_PTR`, the kernel's
+/// `ZERO_OR_NULL_PTR`. The hooks neither count nor record such events.
+#[inline(always)]
+pub const fn names_no_object(key: u64) -> bool {
+    key <= ZERO_SIZE_PTR
+}
+
 /// Whether the object at `key` is tracked at `1 << shift` sampling (`--sample-rate`).
 ///
 /// Stratified by page: each 4 KiB page has one 64-byte slot, chosen by a hash of the page
@@ -580,6 +592,16 @@ mod tests {
     }
 
     const BASE: u64 = 0xffff_8880_0000_0000;
+
+    #[test]
+    fn null_and_zero_size_pointers_name_no_object() {
+        for key in [0, 1, ZERO_SIZE_PTR] {
+            assert!(names_no_object(key), "{key:#x}");
+        }
+        for key in [ZERO_SIZE_PTR + 1, PAGE_SIZE as u64, BASE, page_key(0)] {
+            assert!(!names_no_object(key), "{key:#x}");
+        }
+    }
 
     #[test]
     fn the_null_page_is_never_sampled() {

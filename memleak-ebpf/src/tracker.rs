@@ -22,8 +22,8 @@ use aya_ebpf::{
 };
 use memleak_common::{
     AllocKind, AllocRecord, CacheName, Counter, CpuState, FREED_SLOT, SLOTS_PER_BUCKET,
-    STACK_FAILED, STACK_NOT_SAMPLED, TaskComm, bucket, mix64, page_filter_slot, sampled,
-    sampled_object,
+    STACK_FAILED, STACK_NOT_SAMPLED, TaskComm, bucket, mix64, names_no_object, page_filter_slot,
+    sampled, sampled_object,
 };
 
 use crate::maps::{
@@ -163,7 +163,7 @@ pub fn on_alloc<C: StackIdContext>(
     name_of_cache: impl FnOnce(u64) -> Option<CacheName>,
 ) {
     // A failed allocation's event (NULL) is not an object: not counted.
-    if config!(return_at_once) != 0 || key == 0 {
+    if config!(return_at_once) != 0 || names_no_object(key) {
         return;
     }
     // Before any map access, as for frees: with --sample-rate, most allocations end here.
@@ -334,9 +334,9 @@ pub fn on_page_free(key: u64) {
 
 #[inline(always)]
 fn forget(key: u64, page: bool) {
-    // kfree(NULL) fires the event too (a third of churn's frees): it frees nothing, and is
-    // not counted.
-    if config!(return_at_once) != 0 || key == 0 {
+    // kfree(NULL) fires the event too (a third of churn's frees), as does kfree(ZERO_SIZE_PTR):
+    // they free nothing, and are not counted.
+    if config!(return_at_once) != 0 || names_no_object(key) {
         return;
     }
     // Before any map access: with --sample-rate, most frees end here, at the cost of a hash.
