@@ -215,12 +215,13 @@ pub struct TaskComm {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
-    /// Allocation events seen, failed ones (NULL) left out ([`names_no_object`]); with `--sample-rate`, only
-    /// allocations at addresses the sample covers (the others return before touching any map,
-    /// as frees do).
+    /// Allocation events seen, failed ones (NULL) left out ([`names_no_object`]); with
+    /// `--sample-rate`, only allocations at addresses the sample covers (the others return
+    /// before touching any map, as frees do).
     Allocs = 0,
-    /// Free events seen, `kfree(NULL)` and `kfree(ZERO_SIZE_PTR)` left out; with `--sample-rate`, only frees of addresses
-    /// the sample covers (the others return before touching any map).
+    /// Free events seen, `kfree(NULL)` and `kfree(ZERO_SIZE_PTR)` left out; with
+    /// `--sample-rate`, only frees of addresses the sample covers (the others return before
+    /// touching any map).
     Frees,
     /// Allocations recorded in the table.
     TrackedAllocs,
