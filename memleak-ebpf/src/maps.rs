@@ -6,7 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, StackTrace},
 };
 use memleak_common::{
-    CacheName, CpuState, KeyBucket, PAGE_FILTER_SLOTS, RecordBucket, TaskComm, TracerConfig,
+    CacheName, CpuState, KeyBucket, PAGE_FILTER_SLOTS, PageFilterPair, RecordBucket, TaskComm,
+    TracerConfig,
 };
 
 /// `BPF_F_MMAPABLE`: userspace maps the table into its address space and reads it in one pass.
@@ -45,7 +46,8 @@ pub static OBJECT_RECORDS: Array<RecordBucket> = Array::with_max_entries(1, BPF_
 /// never takes one away, so a slot can count too many (a free then reads the table's bucket)
 /// but never too few (a tracked page's free skipped, and the page reported outstanding).
 #[map]
-pub static TRACKED_PAGES: Array<u64> = Array::with_max_entries(PAGE_FILTER_SLOTS, BPF_F_MMAPABLE);
+pub static TRACKED_PAGES: Array<PageFilterPair> =
+    Array::with_max_entries(PAGE_FILTER_SLOTS / 2, BPF_F_MMAPABLE);
 /// Kernel stacks of sampled allocations. Without `BPF_F_REUSE_STACKID`: an id, once handed out,
 /// keeps naming the same stack for as long as records point at it.
 #[map]

@@ -267,7 +267,7 @@ pub fn on_alloc<C: StackIdContext>(
         // After the record is in place and before the page reaches its caller, so no free of
         // it can read the filter first. A record replaced in place (missed free) is counted.
         if allocation.kind == AllocKind::Page
-            && let Some(counter) = TRACKED_PAGES.get_ptr_mut(page_filter_slot(key))
+            && let Some(counter) = tracked_page_counter(key)
         {
             add_to_tracked_pages(counter, 1);
         }
@@ -277,9 +277,17 @@ pub fn on_alloc<C: StackIdContext>(
 
 /// Adds `delta` (wrapping: `u64::MAX` takes one away) to a counter of the tracked-page filter.
 #[inline(always)]
-fn add_to_tracked_pages(counter: *mut u64, delta: u64) {
-    // Relaxed with its result unused: BPF_XADD, which Linux 5.10 accepts.
-    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, delta) };
+fn add_to_tracked_pages(counter: *mut u32, delta: u32) {
+    // Relaxed with its result unused: BPF_XADD (32-bit), which Linux 5.10 accepts.
+    unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(counter, delta) };
+}
+
+/// The tracked-page filter's counter of the page at `key`: one half of a pair.
+#[inline(always)]
+fn tracked_page_counter(key: u64) -> Option<*mut u32> {
+    let slot = page_filter_slot(key);
+    let pair = TRACKED_PAGES.get_ptr_mut(slot / 2)?;
+    Some(unsafe { pair.cast::<u32>().add((slot & 1) as usize) })
 }
 
 /// Whether the stack of the object whose address hashes to `hash` is captured: one object in
@@ -350,7 +358,7 @@ fn forget(key: u64, page: bool) {
     // A page's counter in the tracked-page filter: zero settles the free here; otherwise it is
     // taken down through the same pointer if the free removes the page's record.
     let tracked_pages = if page {
-        let Some(counter) = TRACKED_PAGES.get_ptr_mut(page_filter_slot(key)) else {
+        let Some(counter) = tracked_page_counter(key) else {
             return;
         };
         if unsafe { counter.read_volatile() } == 0 {
@@ -373,7 +381,7 @@ fn forget(key: u64, page: bool) {
         && release_slot(keys, slot, key)
     {
         if let Some(counter) = tracked_pages {
-            add_to_tracked_pages(counter, u64::MAX);
+            add_to_tracked_pages(counter, u32::MAX);
         }
         cpu.count(Counter::TrackedFrees);
         return;

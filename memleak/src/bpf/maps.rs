@@ -1,6 +1,6 @@
 //! Reads what the eBPF programs collected: counters, the outstanding-object table, cache names,
 //! process names and stacks.
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
@@ -10,8 +10,8 @@ use aya::{
 use hashbrown::HashMap;
 use memleak_common::{
     AllocRecord, COUNTER_COUNT, CacheName, Counter, CpuState, FREED_SLOT, KeyBucket,
-    PAGE_FILTER_SLOTS, RecordBucket, TaskComm, bucket as table_bucket, holds_object, mix64,
-    page_filter_slot, pfn_of_key,
+    PAGE_FILTER_SLOTS, PageFilterPair, RecordBucket, TaskComm, bucket as table_bucket,
+    holds_object, mix64, page_filter_slot, pfn_of_key,
 };
 use serde::{Deserialize, Serialize};
 
@@ -282,9 +282,9 @@ pub fn insert_objects(maps: &TracerMaps, objects: &[(u64, AllocRecord)]) -> Resu
     let buckets = maps.buckets as usize;
     let (mut keys, mut records) = map_table(maps, 0..buckets, Access::ReadWrite)?;
     let (keys, records) = (keys.as_mut_slice(), records.as_mut_slice());
-    let mut tracked_pages = MappedArray::<u64>::new(
+    let mut tracked_pages = MappedArray::<PageFilterPair>::new(
         &maps.tracked_pages,
-        0..PAGE_FILTER_SLOTS as usize,
+        0..PAGE_FILTER_SLOTS as usize / 2,
         Access::ReadWrite,
         "the tracked-page filter",
     )?;
@@ -293,10 +293,11 @@ pub fn insert_objects(maps: &TracerMaps, objects: &[(u64, AllocRecord)]) -> Resu
     for (address, record) in objects {
         let hash = mix64(*address);
         if pfn_of_key(*address).is_some() {
-            let counter = &mut tracked_pages[page_filter_slot(*address) as usize];
-            // SAFETY: an aligned u64 of the shared mapping, which the programs change only
+            let slot = page_filter_slot(*address) as usize;
+            let counter = &mut tracked_pages[slot / 2][slot % 2];
+            // SAFETY: an aligned u32 of the shared mapping, which the programs change only
             // with atomic adds.
-            unsafe { AtomicU64::from_ptr(counter) }.fetch_add(1, Ordering::Relaxed);
+            unsafe { AtomicU32::from_ptr(counter) }.fetch_add(1, Ordering::Relaxed);
         }
         // The programs' bucket: the low bits of the address's hash (`bucket_mask`).
         let bucket = (hash as u32 as usize) & (buckets - 1);
