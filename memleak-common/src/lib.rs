@@ -149,6 +149,17 @@ pub const PAGE_FILTER_SLOTS: u32 = 1 << 15;
 /// eight (on a compiler workload the page free hook 99-109 ns instead of 117-121).
 pub type PageFilterPair = [u32; 2];
 
+/// Elements of the tracked-page filter's array map.
+pub const PAGE_FILTER_PAIRS: u32 = PAGE_FILTER_SLOTS / 2;
+
+/// Where the tracked-page filter keeps the counter of the page key `key`: the element of its
+/// array map, and the half of that [`PageFilterPair`].
+#[inline(always)]
+pub const fn page_filter_counter(key: u64) -> (u32, usize) {
+    let slot = page_filter_slot(key);
+    (slot / 2, (slot & 1) as usize)
+}
+
 /// The tracked-page filter's slot of the page key `key`: its page frame number modulo the
 /// filter's size. Pages are freed in runs of nearby frames (a process's memory at its exit, a
 /// batch from a per-CPU list), whose slots then share cache lines, sixteen to a line; by a hash of
@@ -722,8 +733,20 @@ mod tests {
         let line = |pfn: u64| page_filter_slot(page_key(pfn)) as usize * size_of::<u32>() / 64;
         assert!((0x12_3450..0x12_3460).all(|pfn| line(pfn) == line(0x12_3450)));
         assert_ne!(line(0x12_3460), line(0x12_3450));
-        // Pairs are packed: the map's 8-byte elements hold two counters each, no padding.
+        // Pairs are packed: the map's 8-byte elements hold two counters each, no padding, and
+        // consecutive slots fill one pair before the next.
         assert_eq!(size_of::<PageFilterPair>(), 8);
+        assert_eq!(
+            page_filter_counter(page_key(0x12_3456)),
+            (0x12_3456 % PAGE_FILTER_SLOTS / 2, 0)
+        );
+        assert_eq!(
+            page_filter_counter(page_key(0x12_3457)),
+            (0x12_3456 % PAGE_FILTER_SLOTS / 2, 1)
+        );
+        assert!(
+            page_filter_counter(page_key(u64::from(PAGE_FILTER_SLOTS) - 1)).0 < PAGE_FILTER_PAIRS
+        );
         // The key's tag plays no part: a frame's slot is its number modulo the filter's size.
         assert_eq!(
             page_filter_slot(page_key(0x12_3456)),

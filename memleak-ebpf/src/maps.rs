@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, StackTrace},
 };
 use memleak_common::{
-    CacheName, CpuState, KeyBucket, PAGE_FILTER_SLOTS, PageFilterPair, RecordBucket, TaskComm,
+    CacheName, CpuState, KeyBucket, PAGE_FILTER_PAIRS, PageFilterPair, RecordBucket, TaskComm,
     TracerConfig,
 };
 
@@ -40,14 +40,14 @@ pub static OBJECT_KEYS: Array<KeyBucket> = Array::with_max_entries(1, BPF_F_MMAP
 #[map]
 pub static OBJECT_RECORDS: Array<RecordBucket> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
-/// The tracked-page filter (`memleak_common::page_filter_slot`): per slot, at least the number
+/// The tracked-page filter (`memleak_common::page_filter_counter`): per slot, at least the number
 /// of page records in the table. The programs add one for each page record they create and take
 /// one away for each they remove; userspace adds one before it puts a page record back, and
 /// never takes one away, so a slot can count too many (a free then reads the table's bucket)
 /// but never too few (a tracked page's free skipped, and the page reported outstanding).
 #[map]
 pub static TRACKED_PAGES: Array<PageFilterPair> =
-    Array::with_max_entries(PAGE_FILTER_SLOTS / 2, BPF_F_MMAPABLE);
+    Array::with_max_entries(PAGE_FILTER_PAIRS, BPF_F_MMAPABLE);
 /// Kernel stacks of sampled allocations. Without `BPF_F_REUSE_STACKID`: an id, once handed out,
 /// keeps naming the same stack for as long as records point at it.
 #[map]

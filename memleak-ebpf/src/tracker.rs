@@ -22,7 +22,7 @@ use aya_ebpf::{
 };
 use memleak_common::{
     AllocKind, AllocRecord, CacheName, Counter, CpuState, FREED_SLOT, SLOTS_PER_BUCKET,
-    STACK_FAILED, STACK_NOT_SAMPLED, TaskComm, bucket, mix64, names_no_object, page_filter_slot,
+    STACK_FAILED, STACK_NOT_SAMPLED, TaskComm, bucket, mix64, names_no_object, page_filter_counter,
     sampled, sampled_object,
 };
 
@@ -275,7 +275,7 @@ pub fn on_alloc<C: StackIdContext>(
     cpu.count(Counter::TrackedAllocs);
 }
 
-/// Adds `delta` (wrapping: `u64::MAX` takes one away) to a counter of the tracked-page filter.
+/// Adds `delta` (wrapping: `u32::MAX` takes one away) to a counter of the tracked-page filter.
 #[inline(always)]
 fn add_to_tracked_pages(counter: *mut u32, delta: u32) {
     // Relaxed with its result unused: BPF_XADD (32-bit), which Linux 5.10 accepts.
@@ -285,9 +285,9 @@ fn add_to_tracked_pages(counter: *mut u32, delta: u32) {
 /// The tracked-page filter's counter of the page at `key`: one half of a pair.
 #[inline(always)]
 fn tracked_page_counter(key: u64) -> Option<*mut u32> {
-    let slot = page_filter_slot(key);
-    let pair = TRACKED_PAGES.get_ptr_mut(slot / 2)?;
-    Some(unsafe { pair.cast::<u32>().add((slot & 1) as usize) })
+    let (pair, half) = page_filter_counter(key);
+    let pair = TRACKED_PAGES.get_ptr_mut(pair)?;
+    Some(unsafe { pair.cast::<u32>().add(half) })
 }
 
 /// Whether the stack of the object whose address hashes to `hash` is captured: one object in

@@ -10,8 +10,8 @@ use aya::{
 use hashbrown::HashMap;
 use memleak_common::{
     AllocRecord, COUNTER_COUNT, CacheName, Counter, CpuState, FREED_SLOT, KeyBucket,
-    PAGE_FILTER_SLOTS, PageFilterPair, RecordBucket, TaskComm, bucket as table_bucket,
-    holds_object, mix64, page_filter_slot, pfn_of_key,
+    PAGE_FILTER_PAIRS, PageFilterPair, RecordBucket, TaskComm, bucket as table_bucket,
+    holds_object, mix64, page_filter_counter, pfn_of_key,
 };
 use serde::{Deserialize, Serialize};
 
@@ -284,7 +284,7 @@ pub fn insert_objects(maps: &TracerMaps, objects: &[(u64, AllocRecord)]) -> Resu
     let (keys, records) = (keys.as_mut_slice(), records.as_mut_slice());
     let mut tracked_pages = MappedArray::<PageFilterPair>::new(
         &maps.tracked_pages,
-        0..PAGE_FILTER_SLOTS as usize / 2,
+        0..PAGE_FILTER_PAIRS as usize,
         Access::ReadWrite,
         "the tracked-page filter",
     )?;
@@ -293,8 +293,8 @@ pub fn insert_objects(maps: &TracerMaps, objects: &[(u64, AllocRecord)]) -> Resu
     for (address, record) in objects {
         let hash = mix64(*address);
         if pfn_of_key(*address).is_some() {
-            let slot = page_filter_slot(*address) as usize;
-            let counter = &mut tracked_pages[slot / 2][slot % 2];
+            let (pair, half) = page_filter_counter(*address);
+            let counter = &mut tracked_pages[pair as usize][half];
             // SAFETY: an aligned u32 of the shared mapping, which the programs change only
             // with atomic adds.
             unsafe { AtomicU32::from_ptr(counter) }.fetch_add(1, Ordering::Relaxed);
