@@ -7,7 +7,7 @@
 //! builds the same programs for older kernels.
 #![no_std]
 #![no_main]
-#![feature(core_intrinsics)]
+#![feature(core_intrinsics, asm_experimental_arch)]
 #![allow(internal_features)]
 
 /// Whether table slots are claimed with plain stores (see `tracker::claim_held`).

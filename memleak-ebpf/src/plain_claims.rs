@@ -4,7 +4,7 @@
 //! claims its slots with plain stores, each checked once its record is written.
 #![no_std]
 #![no_main]
-#![feature(core_intrinsics)]
+#![feature(core_intrinsics, asm_experimental_arch)]
 #![allow(internal_features)]
 
 /// Whether table slots are claimed with plain stores (see `tracker::claim_held`).
