@@ -29,6 +29,11 @@ pub fn page_alloc_classic(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn try_page_alloc(ctx: &TracePointContext) {
+    // The floor returns before the movable check, which bumps a counter: the tracker's own
+    // check would come after it.
+    if config!(return_at_once) != 0 {
+        return;
+    }
     let pfn = read_u64(ctx, config!(classic.page_alloc_pfn));
     if pfn == u64::MAX {
         return;
