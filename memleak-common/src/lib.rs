@@ -300,6 +300,14 @@ pub struct CpuState {
     pub claim_fence: u64,
 }
 
+/// The record offsets at which the programs load a classic tracepoint's 8-byte fields with an
+/// instruction of their own (`memleak-ebpf/src/classic.rs`, which checks its loads against this
+/// list when it is built); a field anywhere else costs a `bpf_probe_read_kernel` call. Every
+/// offset of the recorded kernels' formats is here (tested in `memleak::kernel::tracefs`).
+pub const DIRECT_FIELD_OFFSETS_64: [u16; 6] = [8, 16, 24, 32, 40, 48];
+/// The same for the 4-byte fields.
+pub const DIRECT_FIELD_OFFSETS_32: [u16; 11] = [8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48];
+
 /// Field offsets in the classic tracepoint records, read from tracefs `format` files at start-up.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]

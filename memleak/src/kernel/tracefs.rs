@@ -519,6 +519,7 @@ fn plan_programs(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use memleak_common::{DIRECT_FIELD_OFFSETS_32, DIRECT_FIELD_OFFSETS_64};
 
     // The recorded `format` files under memleak/testdata/tracefs/, one directory per kernel.
     // Their `print fmt:` lines are cut short (the parser ignores them); all else is as the
@@ -874,6 +875,80 @@ mod tests {
                 ("mm_page_free", ClassicProgram::PageFree),
             ]
         );
+    }
+
+    /// The programs load a field with an instruction of its own only at the offsets of
+    /// `DIRECT_FIELD_OFFSETS_*` (elsewhere, a helper call per field): every field they read on
+    /// the recorded kernels must be at one of them.
+    #[test]
+    fn every_field_of_the_recorded_kernels_is_loaded_directly() {
+        let read_as_32_bits = |offsets: &ClassicOffsets| {
+            [
+                offsets.kmalloc_gfp_flags,
+                offsets.page_alloc_order,
+                offsets.page_alloc_migratetype,
+            ]
+        };
+        let read_as_64_bits = |offsets: &ClassicOffsets| {
+            [
+                offsets.kmalloc_call_site,
+                offsets.kmalloc_ptr,
+                offsets.kmalloc_bytes_req,
+                offsets.kmalloc_bytes_alloc,
+                offsets.cache_alloc_call_site,
+                offsets.cache_alloc_ptr,
+                offsets.cache_alloc_bytes_req,
+                offsets.cache_alloc_bytes_alloc,
+                offsets.cache_alloc_name,
+                offsets.kfree_ptr,
+                offsets.cache_free_ptr,
+                offsets.page_alloc_pfn,
+                offsets.page_free_pfn,
+            ]
+        };
+        let slab_6_18 = classic_plan(&recorded(owned(KERNEL_6_18))).unwrap().offsets;
+        let kernels = [
+            (
+                "5.15",
+                classic_plan(&recorded(owned(KERNEL_5_15))).unwrap().offsets,
+            ),
+            (
+                "6.1",
+                classic_plan(&recorded(owned(KERNEL_6_1))).unwrap().offsets,
+            ),
+            (
+                "6.18",
+                page_plan(&recorded(owned(KERNEL_6_18)), slab_6_18)
+                    .unwrap()
+                    .offsets,
+            ),
+        ];
+        let mut fields = 0;
+        for (kernel, offsets) in &kernels {
+            for (width, planned, direct) in [
+                (
+                    32,
+                    read_as_32_bits(offsets).to_vec(),
+                    &DIRECT_FIELD_OFFSETS_32[..],
+                ),
+                (
+                    64,
+                    read_as_64_bits(offsets).to_vec(),
+                    &DIRECT_FIELD_OFFSETS_64[..],
+                ),
+            ] {
+                for offset in planned.into_iter().filter(|&offset| offset != NO_FIELD) {
+                    assert!(
+                        direct.contains(&offset),
+                        "{kernel}: a {width}-bit field at {offset} would cost a helper call"
+                    );
+                    fields += 1;
+                }
+            }
+        }
+        // 5.15: twelve slab fields (its cache name among them), 6.1: eleven, 6.18: eleven
+        // and the page hooks' four.
+        assert_eq!(fields, 38);
     }
 
     #[test]
