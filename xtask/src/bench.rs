@@ -887,9 +887,13 @@ fn print_targets(variants: &[Variant], results: &[WorkloadResults], ratios: &[Ro
             let Some(index) = variants.iter().position(|&v| v == target.variant) else {
                 continue;
             };
-            let (interval, against) = match target.against {
-                Against::Baseline => (ratios.slowdown(index), "slowdown"),
-                Against::Floor => (ratios.over_floor(index), "over floor"),
+            let (interval, against, judge): (_, _, fn(&_, _, _) -> _) = match target.against {
+                Against::Baseline => (ratios.slowdown(index), "slowdown", TargetVerdict::of),
+                Against::Floor => (
+                    ratios.over_floor(index),
+                    "over floor",
+                    TargetVerdict::over_floor,
+                ),
             };
             let Some(interval) = interval else {
                 continue;
@@ -901,7 +905,7 @@ fn print_targets(variants: &[Variant], results: &[WorkloadResults], ratios: &[Ro
                 against.to_owned(),
                 format!("{:.2}x", target.at_most),
                 interval_cell(Some(interval)),
-                TargetVerdict::of(&interval, target.at_most, CONFIDENCE)
+                judge(&interval, target.at_most, CONFIDENCE)
                     .label()
                     .to_owned(),
             ]);
@@ -914,7 +918,9 @@ fn print_targets(variants: &[Variant], results: &[WorkloadResults], ratios: &[Ro
         "Targets: met when the whole interval is at or under the target, missed when it is all \
          above, not shown when the rounds spread across it (more rounds narrow the interval); \
          too few rounds when the interval holds the median with less than {:.0}% (fewer than 5 \
-         rounds)",
+         rounds); too noisy when a ratio over the floor reaches further below 1 than the target \
+         lies above it (the programs only add to the floor's work: the rounds measured the \
+         machine's own swings)",
         100.0 * CONFIDENCE
     );
     println!();

@@ -90,6 +90,10 @@ pub(crate) enum TargetVerdict {
     /// The interval holds the median with less than the confidence asked for, whichever side
     /// of the target it lies (fewer than 5 rounds at 90%).
     TooFewRounds,
+    /// A ratio over the floor whose interval reaches further below 1 than the target lies
+    /// above it: the rounds spread more than the margin asked, and the interval is under the
+    /// target only by chance.
+    TooNoisy,
 }
 
 impl TargetVerdict {
@@ -105,12 +109,26 @@ impl TargetVerdict {
         }
     }
 
+    /// For a variant's ratio over the floor. The floor is the same binary with its programs
+    /// returning at once, so the variant only adds work to it: a ratio under 1 is the
+    /// machine's own swings within a round (a neighbour's load on the host), which pairing
+    /// the rounds does not cancel. (A ratio over no tracer at all has no such bound: a tracer's
+    /// threads can keep a VM's CPUs from idling and speed a latency-bound workload up.)
+    pub(crate) fn over_floor(interval: &MedianInterval, at_most: f64, confidence: f64) -> Self {
+        match Self::of(interval, at_most, confidence) {
+            Self::TooFewRounds => Self::TooFewRounds,
+            _ if interval.low < 1.0 - (at_most - 1.0) => Self::TooNoisy,
+            verdict => verdict,
+        }
+    }
+
     pub(crate) fn label(self) -> &'static str {
         match self {
             TargetVerdict::Met => "met",
             TargetVerdict::Missed => "missed",
             TargetVerdict::NotShown => "not shown",
             TargetVerdict::TooFewRounds => "too few rounds",
+            TargetVerdict::TooNoisy => "too noisy",
         }
     }
 }
@@ -193,6 +211,47 @@ mod tests {
         assert_eq!(
             TargetVerdict::of(&interval(1.0, 1.1), 1.05, 0.9),
             TargetVerdict::NotShown
+        );
+    }
+
+    #[test]
+    fn over_the_floor_rounds_faster_than_the_floor_by_more_than_the_margin_judge_nothing() {
+        let interval = |low, high| MedianInterval {
+            low,
+            median: (low + high) / 2.0,
+            high,
+            coverage: 0.959,
+        };
+        // Recorded: 20 rounds of churn while the host's load swung the baseline from 199,035
+        // to 343,904 ops/s; the whole interval is under 1.10x, by chance.
+        let swung = interval(0.73, 1.06);
+        assert_eq!(TargetVerdict::of(&swung, 1.10, 0.9), TargetVerdict::Met);
+        assert_eq!(
+            TargetVerdict::over_floor(&swung, 1.10, 0.9),
+            TargetVerdict::TooNoisy
+        );
+        assert_eq!(
+            TargetVerdict::over_floor(&interval(0.97, 1.02), 1.02, 0.9),
+            TargetVerdict::TooNoisy
+        );
+        // Within the margin below 1, the verdict is the interval's.
+        assert_eq!(
+            TargetVerdict::over_floor(&interval(0.99, 1.01), 1.02, 0.9),
+            TargetVerdict::Met
+        );
+        assert_eq!(
+            TargetVerdict::over_floor(&interval(0.98, 1.03), 1.02, 0.9),
+            TargetVerdict::NotShown
+        );
+        assert_eq!(
+            TargetVerdict::over_floor(&interval(1.11, 1.18), 1.10, 0.9),
+            TargetVerdict::Missed
+        );
+        // Too few rounds says so first.
+        let three = median_interval(&[0.7, 1.0, 1.05], 0.9).unwrap();
+        assert_eq!(
+            TargetVerdict::over_floor(&three, 1.10, 0.9),
+            TargetVerdict::TooFewRounds
         );
     }
 
