@@ -272,7 +272,7 @@ pub enum Counter {
     /// the other, is not followed.
     ClaimRaces,
     /// Allocations the stack sample chose whose stack was not captured: their CPU had captured
-    /// a sampled stack already in the same clock tick (at most one a tick per CPU).
+    /// a sampled stack less than `stack_sample_ticks` clock ticks before.
     StackSamplesOverLimit,
     /// Tracked page allocations whose caller the frame walk through the page allocator
     /// (`page_callers`) did not find: their stack is captured instead, as for every page when
@@ -365,9 +365,10 @@ pub struct TracerConfig {
     /// Capture the stack of one tracked object in `1 << stack_shift`, plus the first allocation
     /// seen from each call site.
     pub stack_shift: u32,
-    /// Nonzero: the stack sample takes at most one stack a clock tick per CPU (the first from
-    /// each call site and every page's are taken regardless). Zero with `--stack-sample-rate 1`.
-    pub stack_limit: u32,
+    /// Nonzero: the stack sample takes at most one stack in this many clock ticks per CPU (the
+    /// first from each call site and every uncalled page's are taken regardless). Zero with
+    /// `--stack-sample-rate 1`.
+    pub stack_sample_ticks: u32,
     /// Record only allocations by this thread-group id (0 = all).
     pub filter_tgid: u32,
     /// Record only allocations whose allocated size is within these bounds (inclusive).
@@ -425,7 +426,7 @@ impl TracerConfig {
         bucket_mask: 0,
         sample_shift: 0,
         stack_shift: 0,
-        stack_limit: 0,
+        stack_sample_ticks: 0,
         filter_tgid: 0,
         min_size: 0,
         max_size: u32::MAX,

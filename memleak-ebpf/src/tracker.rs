@@ -291,23 +291,25 @@ fn tracked_page_counter(key: u64) -> Option<*mut u32> {
 }
 
 /// Whether the stack of the object whose address hashes to `hash` is captured: one object in
-/// `1 << shift` by the hash, and, unless every stack was asked for, at most one a clock tick on
-/// each CPU. The slab allocator hands the same few addresses out again and again on busy paths
-/// (an skb head per packet, an eventfd context per open): an address the hash chose had its
-/// stack walked at every allocation, at about 4 µs a walk on this kind of kernel. The limit
-/// bounds that at 250 walks a second per CPU at HZ=250, a fraction of a percent.
+/// `1 << shift` by the hash, and, unless every stack was asked for, at most one in
+/// `stack_sample_ticks` clock ticks on each CPU. The slab allocator hands the same few
+/// addresses out again and again on busy paths (an skb head per packet, an eventfd context per
+/// open): an address the hash chose had its stack walked at every allocation, at 4 to 15 µs a
+/// walk on a VM. Userspace sets the ticks to about 16 ms whatever the kernel's HZ, which
+/// bounds that at some 60 walks a second per CPU.
 #[inline(always)]
 fn stack_sampled(cpu: ThisCpu, hash: u64, shift: u32) -> bool {
     if shift != 0 && !sampled(hash, shift) {
         return false;
     }
-    if config!(stack_limit) == 0 {
+    let ticks = config!(stack_sample_ticks);
+    if ticks == 0 {
         return true;
     }
     let now = unsafe { bpf_jiffies64() };
     unsafe {
         let last = &raw mut (*cpu.0).last_sampled_stack;
-        if *last == now {
+        if now.wrapping_sub(*last) < u64::from(ticks) {
             cpu.count(Counter::StackSamplesOverLimit);
             return false;
         }

@@ -211,7 +211,7 @@ fn held_pipe_pages_show_as_page_allocations() -> Result<()> {
     );
     // This kernel's ORC unwind tables are readable: each page's caller comes from a walk of
     // the page allocator's frames, and stacks only for the first page from each caller and a
-    // sample (at most one a clock tick per CPU), not for each of the pipe's pages. Each caller
+    // sample (at most one every 16 ms per CPU), not for each of the pipe's pages. Each caller
     // the walk found is in the stacks captured with it.
     let with_stacks: u64 = pages.iter().map(|entry| entry.stack_samples).sum();
     ensure!(

@@ -93,6 +93,18 @@ impl AllocationClock {
         }
     }
 
+    /// The whole clock ticks that last at least `interval` (one at least): by the measured tick
+    /// where jiffies are read, else by HZ=250, the tick rate most distributions build with.
+    pub fn ticks_spanning(&self, interval: Duration) -> u32 {
+        const USUAL_TICK_NS: u64 = 1_000_000_000 / 250;
+        let tick_ns = match self {
+            Self::Monotonic => USUAL_TICK_NS,
+            Self::Jiffies(jiffies) => jiffies.tick_ns.max(1),
+        };
+        let ticks = (interval.as_nanos() as u64).div_ceil(tick_ns).max(1);
+        u32::try_from(ticks).unwrap_or(u32::MAX)
+    }
+
     /// CLOCK_MONOTONIC nanoseconds of a reading the programs recorded.
     pub fn to_monotonic_ns(&self, reading: u64) -> u64 {
         match self {
@@ -226,6 +238,26 @@ jiffies: 4310982527
             tick_ns_for(initial_300 + 300_000, 1_000_000_000_000),
             Some(3_333_333)
         );
+    }
+
+    #[test]
+    fn an_interval_spans_whole_ticks_of_the_kernels_rate() {
+        let at_hz = |hz: u64| {
+            AllocationClock::Jiffies(JiffiesClock {
+                tick_ns: 1_000_000_000 / hz,
+                anchor_jiffies: 0,
+                anchor_ns: 0,
+            })
+        };
+        let interval = Duration::from_millis(16);
+        assert_eq!(at_hz(250).ticks_spanning(interval), 4);
+        assert_eq!(at_hz(1000).ticks_spanning(interval), 16);
+        // 10 ms ticks: two, not one shorter than asked.
+        assert_eq!(at_hz(100).ticks_spanning(interval), 2);
+        // 3.33 ms ticks: five make 16.7 ms.
+        assert_eq!(at_hz(300).ticks_spanning(interval), 5);
+        assert_eq!(AllocationClock::Monotonic.ticks_spanning(interval), 4);
+        assert_eq!(at_hz(250).ticks_spanning(Duration::ZERO), 1);
     }
 
     #[test]

@@ -45,7 +45,7 @@ pub struct Counters {
     #[serde(default)]
     pub claim_races: u64,
     /// Allocations the stack sample chose whose stack was not captured: their CPU had captured
-    /// one already in that clock tick.
+    /// one less than 16 ms before.
     #[serde(default)]
     pub stack_samples_over_limit: u64,
     /// Tracked page allocations whose caller the walk through the page allocator's frames did

@@ -87,7 +87,7 @@ pub struct TracingOptions {
     pub sample_rate: u32,
 
     /// Capture the full kernel stack of one allocation in N (a power of two up to 65536; with
-    /// --sample-rate M >= N, of every tracked object), at most one a clock tick per CPU, and of
+    /// --sample-rate M >= N, of every tracked object), at most one every 16 ms per CPU, and of
     /// the first allocation from each call site. Every allocation is still counted exactly per
     /// call site; N=1 captures every stack, with no limit: exact per-stack counts at several
     /// times the overhead.

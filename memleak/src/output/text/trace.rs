@@ -74,7 +74,7 @@ pub fn render_text(report: &Report) -> String {
         let _ = writeln!(
             out,
             "stacks:  {} objects of the stack sample left without a stack (at most one sampled \
-             stack a clock tick per CPU; the first from each call site is always taken)",
+             stack every 16 ms per CPU; the first from each call site is always taken)",
             thousands(counters.stack_samples_over_limit),
         );
     }
