@@ -192,7 +192,25 @@ struct Sample {
 struct WorkloadResults {
     workload: Workload,
     samples: Vec<Vec<Sample>>,
-    programs: Vec<BTreeMap<String, ProgramCost>>,
+    programs: Vec<ProgramTimings>,
+}
+
+/// A variant's run with the kernel's statistics on: its programs, and the workload's rate in
+/// that run (to put the programs' time per operation).
+#[derive(Default)]
+struct ProgramTimings {
+    ops_per_second: f64,
+    programs: BTreeMap<String, ProgramCost>,
+}
+
+impl ProgramTimings {
+    /// The programs' nanoseconds per operation of the workload, over a run of `seconds`; None
+    /// without timings.
+    fn ns_per_op(&self, seconds: u64) -> Option<f64> {
+        let ops = self.ops_per_second * seconds as f64;
+        let ns: u64 = self.programs.values().map(|cost| cost.run_time_ns).sum();
+        (ops > 0.0 && !self.programs.is_empty()).then(|| ns as f64 / ops)
+    }
 }
 
 /// What one program cost over a run: how often the kernel ran it and for how long in total
@@ -376,7 +394,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let mut programs = Vec::new();
         for &variant in &variants {
             if variant == Variant::Baseline {
-                programs.push(BTreeMap::new());
+                programs.push(ProgramTimings::default());
                 continue;
             }
             eprintln!(
@@ -386,14 +404,17 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             );
             // A run of its own after the rounds: one that fails (bpftrace has hung on SIGINT
             // under mixed) leaves that variant's timings out, not the rounds' results.
-            let timings = run(variant, true).map(|sample| sample.programs);
+            let timings = run(variant, true).map(|sample| ProgramTimings {
+                ops_per_second: sample.ops_per_second,
+                programs: sample.programs,
+            });
             programs.push(timings.unwrap_or_else(|error| {
                 eprintln!(
                     "bench: {}: no program timings for {}: {error:#}",
                     workload.name(),
                     variant.label()
                 );
-                BTreeMap::new()
+                ProgramTimings::default()
             }));
         }
         results.push(WorkloadResults {
@@ -731,6 +752,8 @@ fn print_report(args: &BenchArgs, variants: &[Variant], results: &[WorkloadResul
     println!();
     print_program_costs(variants, results);
     println!();
+    print_program_time_per_op(args.seconds, variants, results, &ratios);
+    println!();
     println!(
         "slowdown: in each round, the baseline's ops/s over the variant's (the two ran in the \
          same round, so what drifts between rounds cancels); the median over the rounds, and in \
@@ -941,7 +964,8 @@ fn print_program_costs(variants: &[Variant], results: &[WorkloadResults]) {
         workload, programs, ..
     } in results
     {
-        for (variant, costs) in variants.iter().zip(programs) {
+        for (variant, timings) in variants.iter().zip(programs) {
+            let costs = &timings.programs;
             let all_ns: u64 = costs.values().map(|cost| cost.run_time_ns).sum();
             let mut by_time: Vec<(&String, &ProgramCost)> = costs.iter().collect();
             by_time.sort_by_key(|(_, cost)| std::cmp::Reverse(cost.run_time_ns));
@@ -973,6 +997,70 @@ fn print_program_costs(variants: &[Variant], results: &[WorkloadResults]) {
         &["workload", "variant", "program", "runs", "ns/run", "share"],
         &rows,
         3,
+    );
+}
+
+/// The programs' own time per operation of each workload, beyond the floor's, against the
+/// time an operation takes under the floor: a cost with none of the rounds' noise in it,
+/// which the slowdown over the floor would be if all of it lay on the workload's critical
+/// path (it leaves out what the programs do to the kernel's caches and memleak's own process).
+fn print_program_time_per_op(
+    seconds: u64,
+    variants: &[Variant],
+    results: &[WorkloadResults],
+    ratios: &[RoundRatios],
+) {
+    let mut rows = Vec::new();
+    for (result, ratios) in results.iter().zip(ratios) {
+        let Some(floor) = ratios.floor else {
+            continue;
+        };
+        let Some(floor_ns) = result.programs[floor].ns_per_op(seconds) else {
+            continue;
+        };
+        let floor_op_ns = 1e9 / median(ratios.ops[floor].iter().copied());
+        for (index, variant) in variants.iter().enumerate() {
+            if !variant.runs_memleak_programs() {
+                continue;
+            }
+            let Some(ns) = result.programs[index].ns_per_op(seconds) else {
+                continue;
+            };
+            rows.push(vec![
+                result.workload.name().to_owned(),
+                variant.label().to_owned(),
+                format!("{floor_op_ns:.0}"),
+                format!("{floor_ns:.0}"),
+                format!("{ns:.0}"),
+                format!("{:.0}", ns - floor_ns),
+                format!("{:.3}x", 1.0 + (ns - floor_ns) / floor_op_ns),
+            ]);
+        }
+    }
+    if rows.is_empty() {
+        return;
+    }
+    println!(
+        "Program time per operation (the timed runs above): ns an operation takes under the \
+         floor (its median rate in the rounds), ns of the floor's programs and of the \
+         variant's per operation, the difference, and 1 + the difference over the operation: \
+         the slowdown over the floor if all of the programs' extra time lay on the workload's \
+         critical path (no noise from the rounds; not what the programs do to the kernel's \
+         caches, nor memleak's own process)"
+    );
+    println!();
+    print_markdown_table(
+        &[
+            "workload",
+            "variant",
+            "op ns (floor)",
+            "floor ns/op",
+            "programs ns/op",
+            "beyond floor",
+            "as slowdown",
+        ],
+        &rows,
+        2,
     );
 }
 
