@@ -757,15 +757,29 @@ fn print_report(args: &BenchArgs, variants: &[Variant], results: &[WorkloadResul
     println!(
         "slowdown: in each round, the baseline's ops/s over the variant's (the two ran in the \
          same round, so what drifts between rounds cancels); the median over the rounds, and in \
-         parentheses the order statistics that hold the median with probability {:.1}% or more \
-         whatever the rounds' distribution (the lowest and highest round below 8 rounds). over \
+         parentheses {} over \
          floor: the same with the floor (memleak's programs returning at once) in place of the \
          baseline: what memleak's programs cost beyond the kernel's dispatch. report time: \
          median time from SIGINT to exit (detach, read the table, symbolize, write JSON). max \
          RSS, drops and stack failures: the largest of any round.",
-        100.0 * coverage.unwrap_or(0.0)
+        interval_meaning(coverage)
     );
     Ok(())
+}
+
+/// What the parentheses of the slowdown columns mean for a run whose intervals hold the median
+/// with probability `coverage`: none at all with one round.
+fn interval_meaning(coverage: Option<f64>) -> String {
+    match coverage {
+        Some(coverage) if coverage > 0.0 => format!(
+            "the order statistics that hold the median with probability {:.1}% or more whatever \
+             the rounds' distribution (the lowest and highest round below 8 rounds).",
+            100.0 * coverage
+        ),
+        _ => "the lowest and highest round, which with one round say nothing of the spread: \
+              run at least 5 rounds for an interval."
+            .to_owned(),
+    }
 }
 
 /// The interval the bench aims for; five rounds reach 93.8% with their lowest and highest.
@@ -1145,4 +1159,19 @@ fn today() -> Result<String> {
         .context("running date")?;
     ensure!(output.status.success(), "date failed ({})", output.status);
     Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_round_gives_no_probability_for_its_interval() {
+        let coverage =
+            |rounds: usize| median_interval(&vec![1.0; rounds], CONFIDENCE).map(|i| i.coverage);
+        assert!(interval_meaning(coverage(1)).contains("say nothing of the spread"));
+        assert!(!interval_meaning(coverage(1)).contains('%'));
+        assert!(interval_meaning(coverage(5)).contains("93.8%"));
+        assert!(interval_meaning(None).contains("at least 5 rounds"));
+    }
 }
