@@ -38,8 +38,9 @@ pub struct BenchArgs {
     /// Rounds per workload; each round runs every variant once
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
     rounds: u32,
-    /// Seconds each run of a workload lasts
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    /// Seconds each run of a workload lasts; at least 3, so that the watch variants, which
+    /// write a line every 2 s, write one inside the run
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(3..=3600))]
     seconds: u64,
     /// Which workload to run
     #[arg(long, value_enum, default_value_t = WorkloadChoice::All)]
