@@ -205,12 +205,16 @@ struct ProgramTimings {
 }
 
 impl ProgramTimings {
+    /// All the programs' time in the run.
+    fn run_time_ns(&self) -> u64 {
+        self.programs.values().map(|cost| cost.run_time_ns).sum()
+    }
+
     /// The programs' nanoseconds per operation of the workload, over a run of `seconds`; None
     /// without timings.
     fn ns_per_op(&self, seconds: u64) -> Option<f64> {
         let ops = self.ops_per_second * seconds as f64;
-        let ns: u64 = self.programs.values().map(|cost| cost.run_time_ns).sum();
-        (ops > 0.0 && !self.programs.is_empty()).then(|| ns as f64 / ops)
+        (ops > 0.0 && !self.programs.is_empty()).then(|| self.run_time_ns() as f64 / ops)
     }
 }
 
@@ -981,7 +985,7 @@ fn print_program_costs(variants: &[Variant], results: &[WorkloadResults]) {
     {
         for (variant, timings) in variants.iter().zip(programs) {
             let costs = &timings.programs;
-            let all_ns: u64 = costs.values().map(|cost| cost.run_time_ns).sum();
+            let all_ns = timings.run_time_ns();
             let mut by_time: Vec<(&String, &ProgramCost)> = costs.iter().collect();
             by_time.sort_by_key(|(_, cost)| std::cmp::Reverse(cost.run_time_ns));
             for (name, cost) in by_time.into_iter().filter(|(_, cost)| cost.runs > 0) {
