@@ -468,6 +468,8 @@ mod tests {
         assert!(render_text(&report).contains(
             "stacks:  1,234 objects of the stack sample left without a stack (at most one"
         ));
+        // The interval is bpf::probes::STACK_SAMPLE_INTERVAL, which this layer may not import.
+        assert!(render_text(&report).contains("at most one sampled stack every 16 ms per CPU"));
     }
 
     /// Tests and scripts read the JSON back into the same types: nothing is lost on the way.
