@@ -166,6 +166,23 @@ fn held_objects_are_as_old_as_they_were_held() -> Result<()> {
         "ages exact to {resolution} ms: two ticks of jiffies are 2-20 ms, and 0 says the \
          programs read the nanosecond clock, which this test does not test"
     );
+    // The stack sample's limit (default --stack-sample-rate 64) is the fewest whole ticks of
+    // the same measured clock that last 16 ms: one tick fewer would be shorter.
+    let limit = report
+        .stack_sample_limit
+        .context("no stack sample limit in a report with --stack-sample-rate 64")?;
+    let interval_us = limit
+        .interval_us
+        .context("the limit in ticks only, on a machine whose tick rate was measured")?;
+    let tick_us = interval_us / u64::from(limit.ticks);
+    ensure!(
+        interval_us >= 16_000
+            && interval_us - tick_us < 16_000
+            && (tick_us as u128 * 2).abs_diff(resolution * 1000) < 1000,
+        "a stack sample limit of {} ticks lasting {interval_us} µs, with ages exact to \
+         {resolution} ms (two ticks)",
+        limit.ticks
+    );
     let (eventfds, messages) = (oldest("do_eventfd")?, oldest("load_msg")?);
     let gap = u128::from(eventfds.saturating_sub(messages));
     // Each age may read short by up to the resolution, never long.

@@ -105,6 +105,17 @@ impl AllocationClock {
         u32::try_from(ticks).unwrap_or(u32::MAX)
     }
 
+    /// How long `ticks` clock ticks last, where the tick was measured (jiffies are read);
+    /// `None` where [`Self::ticks_spanning`] had to assume HZ=250.
+    pub fn span_of(&self, ticks: u32) -> Option<Duration> {
+        match self {
+            Self::Monotonic => None,
+            Self::Jiffies(jiffies) => {
+                Some(Duration::from_nanos(u64::from(ticks) * jiffies.tick_ns))
+            }
+        }
+    }
+
     /// CLOCK_MONOTONIC nanoseconds of a reading the programs recorded.
     pub fn to_monotonic_ns(&self, reading: u64) -> u64 {
         match self {
@@ -258,6 +269,15 @@ jiffies: 4310982527
         assert_eq!(at_hz(300).ticks_spanning(interval), 5);
         assert_eq!(AllocationClock::Monotonic.ticks_spanning(interval), 4);
         assert_eq!(at_hz(250).ticks_spanning(Duration::ZERO), 1);
+        // What the report says the limit is: the whole ticks, at the measured rate only.
+        let span = |hz: u64| {
+            let clock = at_hz(hz);
+            clock.span_of(clock.ticks_spanning(interval))
+        };
+        assert_eq!(span(250), Some(Duration::from_millis(16)));
+        assert_eq!(span(100), Some(Duration::from_millis(20)));
+        assert_eq!(span(300), Some(Duration::from_nanos(5 * 3_333_333)));
+        assert_eq!(AllocationClock::Monotonic.span_of(4), None);
     }
 
     #[test]

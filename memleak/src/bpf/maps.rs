@@ -1,6 +1,9 @@
 //! Reads what the eBPF programs collected: counters, the outstanding-object table, cache names,
 //! process names and stacks.
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::{
+    sync::atomic::{AtomicU32, AtomicU64, Ordering},
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
@@ -95,6 +98,16 @@ pub struct TableFormat {
     /// Whether the programs' frees empty slots by compare-and-swap, so that userspace may
     /// remove objects while they run ([`remove_objects`]).
     pub removals_allowed: bool,
+    /// Clock ticks the programs leave between two sampled stacks on one CPU; 0 for no limit.
+    pub stack_sample_ticks: u32,
+}
+
+/// At most one sampled stack per CPU in `ticks` clock ticks (`bpf_jiffies64()`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StackSampleLimit {
+    pub ticks: u32,
+    /// How long the ticks last, where the tick was measured.
+    pub span: Option<Duration>,
 }
 
 /// The maps, taken out of the eBPF object so they outlive its programs: the report is read
@@ -112,6 +125,7 @@ pub struct TracerMaps {
     buckets: u32,
     clock: AllocationClock,
     removals_allowed: bool,
+    stack_sample_ticks: u32,
 }
 
 impl TracerMaps {
@@ -134,12 +148,22 @@ impl TracerMaps {
             buckets: table.buckets,
             clock: table.clock,
             removals_allowed: table.removals_allowed,
+            stack_sample_ticks: table.stack_sample_ticks,
         })
     }
 
     /// How the programs time allocations.
     pub fn clock(&self) -> AllocationClock {
         self.clock
+    }
+
+    /// The least time the programs leave between two sampled stacks on one CPU, `None` when
+    /// every stack of the sample is taken.
+    pub fn stack_sample_limit(&self) -> Option<StackSampleLimit> {
+        (self.stack_sample_ticks > 0).then(|| StackSampleLimit {
+            ticks: self.stack_sample_ticks,
+            span: self.clock.span_of(self.stack_sample_ticks),
+        })
     }
 
     /// A record of the table as userspace reads it: its allocation time in CLOCK_MONOTONIC

@@ -886,6 +886,7 @@ fn base_config(settings: &TracerSettings) -> (TracerConfig, TableFormat) {
         buckets,
         clock,
         removals_allowed: settings.userspace_removes_objects,
+        stack_sample_ticks: config.stack_sample_ticks,
     };
     (config, table)
 }

@@ -548,6 +548,7 @@ impl Session {
             kernel: self.kernel,
             elapsed,
             age_resolution: maps.clock().resolution(),
+            stack_sample_limit: maps.stack_sample_limit(),
             attach: attached.to_string(),
             methods,
             cache_ids_are_pointers,

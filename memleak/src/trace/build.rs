@@ -30,6 +30,8 @@ pub struct ReportHeader {
     pub elapsed: Duration,
     /// How exact the ages are ([`Report::age_resolution_ms`]).
     pub age_resolution: Duration,
+    /// The stack sample's limit per CPU, if it has one.
+    pub stack_sample_limit: Option<table::StackSampleLimit>,
     pub attach: String,
     pub methods: Vec<KindAttach>,
     /// kmem_cache records name their cache by its `struct kmem_cache *` (tp_btf, raw_tp from
@@ -218,6 +220,12 @@ pub fn build_report(
         free_paths: header.free_paths,
         sample_rate: options.tracer.sample_rate,
         stack_sample_rate: options.tracer.stack_sample_rate,
+        stack_sample_limit: header
+            .stack_sample_limit
+            .map(|limit| report::StackSampleLimit {
+                ticks: limit.ticks,
+                interval_us: limit.span.map(|span| span.as_micros() as u64),
+            }),
         stats: Stats {
             counters,
             outstanding: outstanding - backing_pages - bookkeeping_objects,

@@ -22,6 +22,17 @@ use crate::{
 /// Version of the JSON layout; bumped only for incompatible changes.
 pub const SCHEMA_VERSION: u32 = 1;
 
+/// The least time between two sampled stacks on one CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StackSampleLimit {
+    /// Clock ticks (jiffies).
+    pub ticks: u32,
+    /// Those ticks in microseconds; absent where the kernel's tick rate was not measured
+    /// (then the ticks were chosen for HZ=250).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_us: Option<u64>,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Report {
     pub schema: u32,
@@ -48,6 +59,10 @@ pub struct Report {
     /// One object in `sample_rate` is tracked; counts and bytes are scaled up by it.
     pub sample_rate: u32,
     pub stack_sample_rate: u32,
+    /// With `stack_sample_rate` above 1: at most one sampled stack per CPU in this long
+    /// (absent in older reports and where every stack of the sample is taken).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stack_sample_limit: Option<StackSampleLimit>,
     pub stats: Stats,
     /// Missing kernel features and fallbacks, in plain words.
     pub notes: Vec<String>,
@@ -614,6 +629,7 @@ pub(crate) mod fixtures {
             free_paths: Vec::new(),
             sample_rate,
             stack_sample_rate: 64,
+            stack_sample_limit: None,
             stats: Stats {
                 counters: Counters::default(),
                 outstanding: 5,

@@ -677,6 +677,7 @@ pub(super) mod tests {
             free_paths: Vec::new(),
             sample_rate: 1,
             stack_sample_rate: 1,
+            stack_sample_limit: None,
             stats: Stats {
                 counters: Counters::default(),
                 outstanding: 0,

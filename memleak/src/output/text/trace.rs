@@ -3,7 +3,7 @@ use std::fmt::Write as _;
 
 use super::scan::{describe_marks, render_details, summary};
 use crate::{
-    trace::report::{Report, Total, UserStacks, Verdict},
+    trace::report::{Report, StackSampleLimit, Total, UserStacks, Verdict},
     util::{
         duration,
         units::{human_bytes, thousands},
@@ -73,9 +73,10 @@ pub fn render_text(report: &Report) -> String {
     if counters.stack_samples_over_limit > 0 {
         let _ = writeln!(
             out,
-            "stacks:  {} objects of the stack sample left without a stack (at most one sampled \
-             stack every 16 ms per CPU; the first from each call site is always taken)",
+            "stacks:  {} objects of the stack sample left without a stack ({}; the first from \
+             each call site is always taken)",
             thousands(counters.stack_samples_over_limit),
+            stack_sample_limit(report.stack_sample_limit),
         );
     }
     if counters.page_callers_unknown > 0 {
@@ -311,6 +312,25 @@ pub fn render_text(report: &Report) -> String {
 }
 
 /// The user-space stacks of `--user-stacks` under an entry.
+/// The stack sample's limit in words. Reports before the limit was recorded lack it.
+fn stack_sample_limit(limit: Option<StackSampleLimit>) -> String {
+    match limit {
+        Some(StackSampleLimit {
+            interval_us: Some(us),
+            ..
+        }) => {
+            // Whole milliseconds at HZ 100, 250 and 1000; 16.7 ms at HZ=300.
+            let ms = format!("{:.1}", us as f64 / 1000.0);
+            let ms = ms.strip_suffix(".0").unwrap_or(&ms);
+            format!("at most one sampled stack every {ms} ms per CPU")
+        }
+        Some(StackSampleLimit { ticks, .. }) => {
+            format!("at most one sampled stack every {ticks} clock ticks per CPU")
+        }
+        None => "a limit on sampled stacks per CPU".to_string(),
+    }
+}
+
 fn render_user_stacks(out: &mut String, user: &UserStacks) {
     let withheld = if user.withheld > 0 {
         format!(
@@ -466,10 +486,21 @@ mod tests {
         assert!(!render_text(&report).contains("left without a stack"));
         report.stats.counters.stack_samples_over_limit = 1_234;
         assert!(render_text(&report).contains(
-            "stacks:  1,234 objects of the stack sample left without a stack (at most one"
+            "stacks:  1,234 objects of the stack sample left without a stack (a limit on"
         ));
-        // The interval is bpf::probes::STACK_SAMPLE_INTERVAL, which this layer may not import.
-        assert!(render_text(&report).contains("at most one sampled stack every 16 ms per CPU"));
+        // A report from before the limit was recorded.
+        assert!(render_text(&report).contains("(a limit on sampled stacks per CPU; the first"));
+        let with_limit = |ticks, interval_us| {
+            let mut report = sample_report(1);
+            report.stats.counters.stack_samples_over_limit = 1;
+            report.stack_sample_limit = Some(StackSampleLimit { ticks, interval_us });
+            render_text(&report)
+        };
+        assert!(with_limit(4, Some(16_000)).contains("at most one sampled stack every 16 ms per"));
+        assert!(with_limit(5, Some(16_666)).contains("stack every 16.7 ms per CPU"));
+        assert!(with_limit(2, Some(20_000)).contains("stack every 20 ms per CPU"));
+        // The tick rate not measured: the ticks, not a time they may not last.
+        assert!(with_limit(4, None).contains("stack every 4 clock ticks per CPU"));
     }
 
     /// Tests and scripts read the JSON back into the same types: nothing is lost on the way.
@@ -479,6 +510,17 @@ mod tests {
             let json = crate::output::json::render_json(&sample_report(sample_rate));
             let read: Report = serde_json::from_str(&json).expect("a report reads back");
             assert_eq!(crate::output::json::render_json(&read), json);
+        }
+        for interval_us in [Some(16_000), None] {
+            let mut report = sample_report(1);
+            let limit = StackSampleLimit {
+                ticks: 4,
+                interval_us,
+            };
+            report.stack_sample_limit = Some(limit);
+            let json = crate::output::json::render_json(&report);
+            let read: Report = serde_json::from_str(&json).expect("a report reads back");
+            assert_eq!(read.stack_sample_limit, Some(limit));
         }
     }
 }
