@@ -311,7 +311,6 @@ pub fn render_text(report: &Report) -> String {
     out
 }
 
-/// The user-space stacks of `--user-stacks` under an entry.
 /// The stack sample's limit in words. Reports before the limit was recorded lack it.
 fn stack_sample_limit(limit: Option<StackSampleLimit>) -> String {
     match limit {
@@ -331,6 +330,7 @@ fn stack_sample_limit(limit: Option<StackSampleLimit>) -> String {
     }
 }
 
+/// The user-space stacks of `--user-stacks` under an entry.
 fn render_user_stacks(out: &mut String, user: &UserStacks) {
     let withheld = if user.withheld > 0 {
         format!(
