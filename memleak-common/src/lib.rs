@@ -6,10 +6,13 @@
 
 pub mod scan;
 
-/// Object slots per bucket of the outstanding-allocation table. An object can live only in the
-/// bucket its address hashes to, so a free scans one bucket: sixteen `u64` keys, two adjacent
-/// cache lines. At a quarter full, fewer than one bucket in a million overflows.
+/// Object slots per bucket of the outstanding-allocation table: sixteen `u64` keys, two
+/// adjacent cache lines.
 pub const SLOTS_PER_BUCKET: usize = 16;
+
+/// Buckets in the group that the objects of one 4 KiB page of addresses share (see
+/// [`bucket::home`]).
+pub const BUCKETS_PER_GROUP: u32 = 16;
 
 /// The key of a slot whose object was freed. A bucket's slots are claimed lowest free first,
 /// and a slot once claimed never holds 0 again (a free leaves this mark), so a search of a
@@ -24,38 +27,160 @@ pub const fn holds_object(key: u64) -> bool {
     key > FREED_SLOT
 }
 
-/// The two searches of a bucket, as the programs and userspace both make them. `key_at` reads
-/// slot `i`'s key (a volatile or atomic load: other CPUs change them meanwhile).
+/// Where an object lives in the table, and the searches of a bucket, as the programs and
+/// userspace both make them.
+///
+/// An object is put in its **home** bucket, one of a group of [`BUCKETS_PER_GROUP`]
+/// neighbouring buckets chosen by a hash of its address's 4 KiB page. The slab allocator hands out a slab's objects one after another
+/// and the kernel frees them in the same neighbourhoods, so the events of one page read and
+/// write the same few lines and pages of the table rather than a line anywhere in it
+/// (2026-12-06, docs/overhead.md: mixed's allocation hook 30 ns and its free 20 ns cheaper).
+/// A page of small objects can hold more than a group's 256 slots (512 of 8 bytes), so an
+/// object whose home has no free slot goes to its **overflow** bucket, chosen by the address's
+/// hash alone, anywhere in the table. Slots never return to 0 once used, so a home bucket
+/// with a 0 slot has never been full, and none of its objects can be in an overflow bucket: a
+/// search reads the overflow bucket only after a home bucket all of whose slots have been used.
 pub mod bucket {
-    use super::{SLOTS_PER_BUCKET, holds_object};
+    use super::{BUCKETS_PER_GROUP, SLOTS_PER_BUCKET, holds_object};
 
-    /// The slot holding `key`: searched up to the bucket's first slot never used.
+    /// The home bucket of the object at `key`, whose [`mix64`](super::mix64) is `hash`, in a table of
+    /// `mask + 1` buckets (a power of two): the group by a multiplicative hash of the page
+    /// number, one multiplication, the bucket in the group by the address's hash, which the
+    /// hooks compute anyway (the allocation's to sample stacks by).
     #[inline(always)]
-    pub fn slot_of(key: u64, key_at: impl Fn(usize) -> u64) -> Option<usize> {
+    pub const fn home(key: u64, hash: u64, mask: u32) -> u32 {
+        // Pages and percpu offsets have no neighbours in their 4 KiB: spread by hash.
+        if key >> 63 == 0 {
+            return hash as u32 & mask;
+        }
+        let group = ((key >> 12).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as u32;
+        ((group & !(BUCKETS_PER_GROUP - 1)) | (hash as u32 & (BUCKETS_PER_GROUP - 1))) & mask
+    }
+
+    /// The bucket an object goes to when its home has no free slot: by the address's hash
+    /// alone, anywhere in the table but in its home's group, which a page of small objects
+    /// fills (a neighbouring group then).
+    #[inline(always)]
+    pub const fn overflow(key: u64, hash: u64, mask: u32) -> u32 {
+        let bucket = hash as u32 & mask;
+        let same_group = (bucket ^ home(key, hash, mask)) & !(BUCKETS_PER_GROUP - 1) == 0;
+        if same_group && mask >= BUCKETS_PER_GROUP {
+            bucket ^ BUCKETS_PER_GROUP
+        } else {
+            bucket
+        }
+    }
+
+    /// What a search of one bucket found.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Search {
+        /// The key is in this slot.
+        Held(usize),
+        /// The key is not in the bucket, and nothing was ever put past its first 0.
+        Absent,
+        /// The key is not in the bucket, every slot of which has been used: of a home bucket,
+        /// its objects may also be in their overflow buckets.
+        AbsentFromFull,
+    }
+
+    /// Searches a bucket for `key`, up to its first slot never used. `key_at` reads slot `i`'s
+    /// key (a volatile or atomic load: other CPUs change them meanwhile).
+    #[inline(always)]
+    pub fn search(key: u64, key_at: impl Fn(usize) -> u64) -> Search {
         for i in 0..SLOTS_PER_BUCKET {
             let found = key_at(i);
             if found == key {
-                return Some(i);
+                return Search::Held(i);
             }
             if found == 0 {
-                break;
+                return Search::Absent;
             }
         }
-        None
+        Search::AbsentFromFull
     }
 
-    /// The lowest free slot and the key it was seen with (0 or `FREED_SLOT`), for a
-    /// compare-and-swap from that key; `try_claim` says whether it took the slot (another CPU
-    /// may have first), and the search goes on past a slot it did not take.
+    /// A slot of the table: its bucket, the caller's handle on the bucket's keys (a pointer
+    /// in the programs, the index in userspace), and the slot in the bucket.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Slot<K> {
+        pub bucket: u32,
+        pub keys: K,
+        pub slot: usize,
+    }
+
+    /// The slot holding `key`, whose hash is `hash`: in its home bucket, or in its overflow
+    /// bucket when every slot of its home has been used. `keys_of` gives a bucket's keys,
+    /// `key_at` one key of them.
     #[inline(always)]
-    pub fn claim_lowest_free(
-        key_at: impl Fn(usize) -> u64,
-        mut try_claim: impl FnMut(usize, u64) -> bool,
-    ) -> Option<usize> {
-        for i in 0..SLOTS_PER_BUCKET {
-            let found = key_at(i);
-            if !holds_object(found) && try_claim(i, found) {
-                return Some(i);
+    pub fn find<K: Copy>(
+        key: u64,
+        hash: u64,
+        mask: u32,
+        keys_of: impl Fn(u32) -> Option<K>,
+        key_at: impl Fn(K, usize) -> u64,
+    ) -> Option<Slot<K>> {
+        let home = home(key, hash, mask);
+        let keys = keys_of(home)?;
+        match search(key, |i| key_at(keys, i)) {
+            Search::Held(slot) => Some(Slot {
+                bucket: home,
+                keys,
+                slot,
+            }),
+            Search::Absent => None,
+            Search::AbsentFromFull => {
+                let overflow = overflow(key, hash, mask);
+                if overflow == home {
+                    return None;
+                }
+                let keys = keys_of(overflow)?;
+                match search(key, |i| key_at(keys, i)) {
+                    Search::Held(slot) => Some(Slot {
+                        bucket: overflow,
+                        keys,
+                        slot,
+                    }),
+                    Search::Absent | Search::AbsentFromFull => None,
+                }
+            }
+        }
+    }
+
+    /// Takes a free slot for `key`, which the table does not hold: its home bucket's lowest
+    /// free slot, else its overflow bucket's; None when both are full. `try_claim` takes slot
+    /// `i` of a bucket, seen holding `free` (0 or `FREED_SLOT`), by a compare-and-swap from
+    /// that key, and says whether it did (another CPU may have first); the search goes on past
+    /// a slot it did not take. An object goes to its overflow bucket only after every slot of
+    /// its home was seen taken, so its home has no 0 left for a search to stop at.
+    #[inline(always)]
+    pub fn claim<K: Copy>(
+        key: u64,
+        hash: u64,
+        mask: u32,
+        keys_of: impl Fn(u32) -> Option<K>,
+        key_at: impl Fn(K, usize) -> u64,
+        mut try_claim: impl FnMut(K, usize, u64) -> bool,
+    ) -> Option<Slot<K>> {
+        let home = home(key, hash, mask);
+        if let Some(slot) = claim_lowest_free(home, &keys_of, &key_at, &mut try_claim) {
+            return Some(slot);
+        }
+        claim_lowest_free(overflow(key, hash, mask), &keys_of, &key_at, &mut try_claim)
+    }
+
+    /// The lowest free slot of `bucket` that `try_claim` takes.
+    #[inline(always)]
+    fn claim_lowest_free<K: Copy>(
+        bucket: u32,
+        keys_of: &impl Fn(u32) -> Option<K>,
+        key_at: &impl Fn(K, usize) -> u64,
+        try_claim: &mut impl FnMut(K, usize, u64) -> bool,
+    ) -> Option<Slot<K>> {
+        let keys = keys_of(bucket)?;
+        for slot in 0..SLOTS_PER_BUCKET {
+            let found = key_at(keys, slot);
+            if !holds_object(found) && try_claim(keys, slot, found) {
+                return Some(Slot { bucket, keys, slot });
             }
         }
         None
@@ -673,14 +798,14 @@ mod tests {
 
     /// Claims and frees in a bucket, in a random order, as the programs make them: every key
     /// held is found, no freed key is, and a search never reads past the highest slot ever
-    /// claimed plus one.
+    /// claimed plus one. The table has one bucket, every key's home and overflow.
     #[test]
     fn bucket_searches_find_every_object_held_and_stop_at_the_first_slot_never_used() {
         extern crate std;
         use core::cell::Cell;
         use std::vec::Vec;
 
-        use super::bucket::{claim_lowest_free, slot_of};
+        use super::bucket::{claim, find};
         let mut state = 0x2545_f491_4f6c_dd1d_u64;
         let mut random = move || {
             state ^= state << 13;
@@ -690,7 +815,8 @@ mod tests {
         };
         let bucket = [const { Cell::new(0u64) }; SLOTS_PER_BUCKET];
         let reads = Cell::new(0usize);
-        let key_at = |i: usize| {
+        let keys_of = |index: u32| (index == 0).then_some(0u32);
+        let key_at = |_, i: usize| {
             reads.set(reads.get().max(i + 1));
             bucket[i].get()
         };
@@ -700,26 +826,29 @@ mod tests {
         for step in 0..20_000u64 {
             let grow = held.len() < 3 || (held.len() < SLOTS_PER_BUCKET && random() % 2 == 0);
             if grow {
-                let key = 0x1000 + 8 * step;
-                assert_eq!(slot_of(key, key_at), None);
-                let slot = claim_lowest_free(key_at, |i, seen| {
+                let key = 0xffff_8880_0000_1000 + 8 * step;
+                assert_eq!(find(key, mix64(key), 0, keys_of, key_at), None);
+                let slot = claim(key, mix64(key), 0, keys_of, key_at, |_, i, seen| {
                     assert!(seen == 0 || seen == FREED_SLOT);
                     bucket[i].set(key);
                     true
                 })
-                .expect("a free slot");
+                .expect("a free slot")
+                .slot;
                 assert!(bucket[..slot].iter().all(|key| holds_object(key.get())));
                 high_water = high_water.max(slot + 1);
                 held.push(key);
             } else {
                 let key = held.swap_remove((random() % held.len() as u64) as usize);
-                let slot = slot_of(key, key_at).expect("every key held is found");
+                let slot = find(key, mix64(key), 0, keys_of, key_at)
+                    .expect("every key held is found")
+                    .slot;
                 bucket[slot].set(FREED_SLOT);
                 freed.push(key);
             }
             for &key in held.iter().chain(freed.iter().rev().take(4)) {
                 reads.set(0);
-                let found = slot_of(key, key_at);
+                let found = find(key, mix64(key), 0, keys_of, key_at);
                 assert_eq!(found.is_some(), held.contains(&key), "{key:#x}");
                 assert!(reads.get() <= (high_water + 1).min(SLOTS_PER_BUCKET));
             }
@@ -728,6 +857,119 @@ mod tests {
             high_water, SLOTS_PER_BUCKET,
             "the bucket filled at some point"
         );
+    }
+
+    /// A table of 4,096 buckets (256 groups) as the programs fill it, slot claims by the same
+    /// `claim`: objects of one page share a group, a page of small objects spills into
+    /// overflow buckets and is still found whole, frees read an overflow bucket only behind a
+    /// home that has been full, and pages spread by hash.
+    #[test]
+    fn objects_of_a_page_share_a_group_and_overflow_only_from_full_homes() {
+        extern crate std;
+        use core::cell::Cell;
+        use std::{collections::BTreeSet, vec::Vec};
+
+        use super::bucket::{Search, claim, find, home, overflow, search};
+        const MASK: u32 = 4095;
+        let table: Vec<[Cell<u64>; SLOTS_PER_BUCKET]> = (0..=MASK)
+            .map(|_| [const { Cell::new(0u64) }; SLOTS_PER_BUCKET])
+            .collect();
+        let keys_read = Cell::new(0usize);
+        let keys_of = |bucket: u32| {
+            keys_read.set(keys_read.get() + 1);
+            table.get(bucket as usize).map(|_| bucket)
+        };
+        let key_at = |bucket: u32, i: usize| table[bucket as usize][i].get();
+        let put = |key: u64| {
+            claim(key, mix64(key), MASK, keys_of, key_at, |bucket, i, _| {
+                table[bucket as usize][i].set(key);
+                true
+            })
+        };
+        let group_of = |bucket: u32| bucket / BUCKETS_PER_GROUP;
+
+        // 64 objects of 64 bytes in one slab page: one group, about four to a bucket.
+        let page = 0xffff_8881_2345_6000_u64;
+        let places: Vec<_> = (0..64).map(|i| put(page + 64 * i).expect("room")).collect();
+        let groups: BTreeSet<u32> = places.iter().map(|p| group_of(p.bucket)).collect();
+        assert_eq!(groups.len(), 1, "{places:?}");
+        assert!(places.iter().all(|p| p.slot < 10), "{places:?}");
+
+        // 512 objects of 8 bytes in another page: more than its group's 256 slots.
+        let small = 0xffff_8881_2345_7000_u64;
+        let small_home = group_of(home(small, mix64(small), MASK));
+        assert_ne!(
+            small_home,
+            group_of(home(page, mix64(page), MASK)),
+            "pick another page"
+        );
+        for i in 0..512 {
+            let key = small + 8 * i;
+            assert!(put(key).is_some(), "object {i} dropped");
+        }
+        let spilled = (0..512)
+            .map(|i| small + 8 * i)
+            .filter(|&key| {
+                let place = find(key, mix64(key), MASK, keys_of, key_at).expect("found");
+                place.bucket != home(key, mix64(key), MASK)
+            })
+            .count();
+        assert!(
+            (256..512).contains(&spilled),
+            "{spilled} in overflow buckets"
+        );
+
+        // An object freed from an overflow bucket is gone; its slot is free again.
+        let key = (0..512)
+            .map(|i| small + 8 * i)
+            .find(|&key| {
+                find(key, mix64(key), MASK, keys_of, key_at).unwrap().bucket
+                    == overflow(key, mix64(key), MASK)
+            })
+            .expect("one in overflow");
+        let place = find(key, mix64(key), MASK, keys_of, key_at).unwrap();
+        table[place.bucket as usize][place.slot].set(FREED_SLOT);
+        assert_eq!(find(key, mix64(key), MASK, keys_of, key_at), None);
+
+        // The free of an object the table does not hold reads its home alone while that home
+        // has a slot never used, and its overflow bucket too once the home has been full.
+        let absent = page + 8;
+        let absent_home = home(absent, mix64(absent), MASK);
+        assert_eq!(search(absent, |i| key_at(absent_home, i)), Search::Absent);
+        keys_read.set(0);
+        assert_eq!(find(absent, mix64(absent), MASK, keys_of, key_at), None);
+        assert_eq!(keys_read.get(), 1);
+        let absent = small + 4;
+        let absent_home = home(absent, mix64(absent), MASK);
+        assert_eq!(
+            search(absent, |i| key_at(absent_home, i)),
+            Search::AbsentFromFull
+        );
+        keys_read.set(0);
+        assert_eq!(find(absent, mix64(absent), MASK, keys_of, key_at), None);
+        assert_eq!(keys_read.get(), 2);
+
+        // Pages and percpu keys have no neighbours in their 4 KiB: their home is by hash, and
+        // their overflow bucket in another group.
+        for key in [page_key(0x12_3456), 0x3a000 | PERCPU_KEY_TAG] {
+            let (key_home, key_overflow) =
+                (home(key, mix64(key), MASK), overflow(key, mix64(key), MASK));
+            assert_eq!(key_home, mix64(key) as u32 & MASK);
+            assert_ne!(group_of(key_home), group_of(key_overflow));
+        }
+
+        // Home and overflow both full: the claim fails and writes nothing.
+        let key = 0xffff_8881_2345_9040_u64;
+        let (key_home, key_overflow) =
+            (home(key, mix64(key), MASK), overflow(key, mix64(key), MASK));
+        assert_ne!(group_of(key_home), group_of(key_overflow));
+        for bucket in [key_home, key_overflow] {
+            for (i, slot) in table[bucket as usize].iter().enumerate() {
+                slot.set(0xffff_8882_0000_0000 + 8 * i as u64);
+            }
+        }
+        assert_eq!(put(key), None);
+        assert_eq!(find(key, mix64(key), MASK, keys_of, key_at), None);
     }
 
     #[test]

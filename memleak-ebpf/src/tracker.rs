@@ -1,9 +1,10 @@
 //! The outstanding-allocation table and everything done per allocation and per free.
 //!
-//! The table is open hashing without a lock: an object lives in the bucket its address hashes
-//! to; the lowest free slot is claimed by compare-and-swap of its key from 0 or `FREED_SLOT`,
-//! and a free leaves `FREED_SLOT` in it (see [`release_slot`]). A slot once used never holds 0
-//! again, so searches stop at a bucket's first 0. No helper call and no map lock sits on the
+//! The table is open hashing without a lock: an object lives in its home bucket, near those of
+//! the other objects of its page, or when that is full in its overflow bucket
+//! (`memleak_common::bucket`); the lowest free slot is claimed by compare-and-swap of its key
+//! from 0 or `FREED_SLOT`, and a free leaves `FREED_SLOT` in it (see [`release_slot`]). A slot
+//! once used never holds 0 again, so searches stop at a bucket's first 0. No helper call and no map lock sits on the
 //! free path, and the free of an object the table does not hold (allocated before tracing,
 //! filtered or dropped) returns after plain reads of the bucket's used slots, with no atomic
 //! operation, or before touching any map when sampling rules the address out.
@@ -72,6 +73,14 @@ pub fn count(counter: Counter) {
     if let Some(cpu) = ThisCpu::get() {
         cpu.count(counter);
     }
+}
+
+/// The keys of the table's bucket `bucket`.
+#[inline(always)]
+fn bucket_keys(bucket: u32) -> Option<*mut u64> {
+    OBJECT_KEYS
+        .get_ptr_mut(bucket)
+        .map(|keys| unsafe { (*keys).keys.as_mut_ptr() })
 }
 
 #[inline(always)]
@@ -196,35 +205,33 @@ pub fn on_alloc<C: StackIdContext>(
         cpu.count(Counter::Filtered);
         return;
     }
-    let bucket = (hash as u32) & config!(bucket_mask);
-    let Some(keys) = OBJECT_KEYS.get_ptr_mut(bucket) else {
-        return;
-    };
-    let Some(records) = OBJECT_RECORDS.get_ptr_mut(bucket) else {
-        return;
-    };
-    let keys = unsafe { (*keys).keys.as_mut_ptr() };
-
-    let key_at = |i| load_key(keys, i);
-    let (slot, claimed) = match bucket::slot_of(key, key_at) {
-        Some(slot) => {
-            cpu.count(Counter::MissedFrees);
-            count_missed_free(unsafe { (*records).records[slot].call_site });
-            (slot, false)
-        }
+    let mask = config!(bucket_mask);
+    let found = bucket::find(key, hash, mask, bucket_keys, load_key);
+    let (place, claimed) = match found {
+        Some(place) => (place, false),
         // Plain reads first: a locked compare-and-swap on a slot seen taken would fail
         // anyway, and costs tens of nanoseconds on a contended cache line.
-        None => match bucket::claim_lowest_free(key_at, |i, free| claim_slot(keys, i, free, key)) {
-            Some(slot) => (slot, true),
+        None => match bucket::claim(key, hash, mask, bucket_keys, load_key, |keys, i, free| {
+            claim_slot(keys, i, free, key)
+        }) {
+            Some(place) => (place, true),
             None => {
                 cpu.count(Counter::DroppedTableFull);
                 return;
             }
         },
     };
+    let Some(records) = OBJECT_RECORDS.get_ptr_mut(place.bucket) else {
+        return;
+    };
+    let (keys, slot) = (place.keys, place.slot);
     // Never taken; it bounds the index for the record's address.
     if slot >= SLOTS_PER_BUCKET {
         return;
+    }
+    if !claimed {
+        cpu.count(Counter::MissedFrees);
+        count_missed_free(unsafe { (*records).records[slot].call_site });
     }
 
     // The first from a site before the sample: an object that gets its site's first stack is
@@ -371,16 +378,10 @@ fn forget(key: u64, page: bool) {
     } else {
         None
     };
-    // After the filter, which reads the frame number, not the hash.
-    let bucket = (mix64(key) as u32) & config!(bucket_mask);
-    let Some(keys) = OBJECT_KEYS.get_ptr_mut(bucket) else {
-        return;
-    };
-    let keys = unsafe { (*keys).keys.as_mut_ptr() };
     // Most frees are of objects the table does not hold (allocated before tracing, movable
-    // pages): plain reads up to the bucket's first slot never used settle them.
-    if let Some(slot) = bucket::slot_of(key, |i| load_key(keys, i))
-        && release_slot(keys, slot, key)
+    // pages): plain reads up to the home bucket's first slot never used settle them.
+    if let Some(place) = bucket::find(key, mix64(key), config!(bucket_mask), bucket_keys, load_key)
+        && release_slot(place.keys, place.slot, key)
     {
         if let Some(counter) = tracked_pages {
             add_to_tracked_pages(counter, u32::MAX);

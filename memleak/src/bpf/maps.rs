@@ -294,7 +294,7 @@ pub fn remove_objects(maps: &TracerMaps, objects: &HashMap<u64, AllocRecord>) ->
 /// Puts objects back into the table, as the programs record them: a watch restarted from its
 /// history re-seeds the objects it had (checked still allocated), so that their frees are
 /// seen again. A slot is claimed by a compare-and-swap of an empty key, as the programs do;
-/// an object whose bucket is full is left out. Returns how many were put back.
+/// an object whose home and overflow buckets are both full is left out. Returns how many were put back.
 ///
 /// A page's slot in the tracked-page filter gets one more before its key goes in, so that its
 /// free, whenever it comes, reads the table; the count stays when the page is left out (one
@@ -313,6 +313,15 @@ pub fn insert_objects(maps: &TracerMaps, objects: &[(u64, AllocRecord)]) -> Resu
         "the tracked-page filter",
     )?;
     let tracked_pages = tracked_pages.as_mut_slice();
+    let mask = maps.buckets - 1;
+    let key_table = keys.as_mut_ptr();
+    // SAFETY: slot `i` of a bucket `keys_of` let through: an aligned u64 of the shared
+    // mapping, which the programs also change only atomically.
+    let slot_key = |bucket: u32, i: usize| unsafe {
+        AtomicU64::from_ptr(&raw mut (*key_table.add(bucket as usize)).keys[i])
+    };
+    let keys_of = |bucket: u32| ((bucket as usize) < buckets).then_some(bucket);
+    let key_at = |bucket: u32, i: usize| slot_key(bucket, i).load(Ordering::Relaxed);
     let mut inserted = 0;
     for (address, record) in objects {
         let hash = mix64(*address);
@@ -323,25 +332,18 @@ pub fn insert_objects(maps: &TracerMaps, objects: &[(u64, AllocRecord)]) -> Resu
             // with atomic adds.
             unsafe { AtomicU32::from_ptr(counter) }.fetch_add(1, Ordering::Relaxed);
         }
-        // The programs' bucket: the low bits of the address's hash (`bucket_mask`).
-        let bucket = (hash as u32 as usize) & (buckets - 1);
-        // SAFETY: as in `remove_objects`.
-        let bucket_keys = keys[bucket]
-            .keys
-            .each_mut()
-            .map(|key| unsafe { AtomicU64::from_ptr(key) });
         // Searched and claimed as the programs do.
-        let key_at = |i: usize| bucket_keys[i].load(Ordering::Relaxed);
-        if table_bucket::slot_of(*address, key_at).is_some() {
+        if table_bucket::find(*address, hash, mask, keys_of, key_at).is_some() {
             continue;
         }
-        let claimed = table_bucket::claim_lowest_free(key_at, |i, free| {
-            bucket_keys[i]
-                .compare_exchange(free, *address, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        });
-        if let Some(slot) = claimed {
-            records[bucket].records[slot] = AllocRecord {
+        let claimed =
+            table_bucket::claim(*address, hash, mask, keys_of, key_at, |bucket, i, free| {
+                slot_key(bucket, i)
+                    .compare_exchange(free, *address, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            });
+        if let Some(place) = claimed {
+            records[place.bucket as usize].records[place.slot] = AllocRecord {
                 allocated_at: maps.clock.reading_at(record.allocated_at),
                 ..*record
             };
