@@ -10,9 +10,11 @@ pub mod scan;
 /// adjacent cache lines.
 pub const SLOTS_PER_BUCKET: usize = 16;
 
-/// Buckets in the group that the objects of one 4 KiB page of addresses share (see
-/// [`bucket::home`]).
+/// Buckets in the group that the objects of one 4 KiB page share (see [`bucket::home`]).
 pub const BUCKETS_PER_GROUP: u32 = 16;
+
+/// Overflow buckets an object can go to when its home is full, tried in turn.
+pub const OVERFLOW_PROBES: u32 = 2;
 
 /// The key of a slot whose object was freed. A bucket's slots are claimed lowest free first,
 /// and a slot once claimed never holds 0 again (a free leaves this mark), so a search of a
@@ -30,45 +32,44 @@ pub const fn holds_object(key: u64) -> bool {
 /// Where an object lives in the table, and the searches of a bucket, as the programs and
 /// userspace both make them.
 ///
-/// An object is put in its **home** bucket, one of a group of [`BUCKETS_PER_GROUP`]
-/// neighbouring buckets chosen by a hash of its address's 4 KiB page. The slab allocator hands out a slab's objects one after another
-/// and the kernel frees them in the same neighbourhoods, so the events of one page read and
-/// write the same few lines and pages of the table rather than a line anywhere in it
-/// (2026-12-06, docs/overhead.md: mixed's allocation hook 30 ns and its free 20 ns cheaper).
-/// A page of small objects can hold more than a group's 256 slots (512 of 8 bytes), so an
-/// object whose home has no free slot goes to its **overflow** bucket, chosen by the address's
-/// hash alone, anywhere in the table. Slots never return to 0 once used, so a home bucket
-/// with a 0 slot has never been full, and none of its objects can be in an overflow bucket: a
-/// search reads the overflow bucket only after a home bucket all of whose slots have been used.
+/// The table's lower half holds **home** buckets. An object's home is one of a group of
+/// [`BUCKETS_PER_GROUP`] neighbouring buckets chosen by a hash of its address's 4 KiB page
+/// (the bucket in the group by the address's hash). The slab allocator hands out a slab
+/// page's objects one after another, in an order shuffled within the page, and they are freed
+/// in the same neighbourhoods: the events of one page then read and write the same few lines
+/// and pages of the table rather than a line anywhere in it (2026-12-06, docs/overhead.md:
+/// mixed's slab allocation hook some 30 ns and its free 20 ns cheaper; groups spanning 1 or 2
+/// KiB of addresses kept little of that). A page can hold more objects than its group's 256
+/// slots (512 of 8 bytes), so an object whose home has no free slot goes to the first of
+/// [`OVERFLOW_PROBES`] **overflow** buckets, chosen by the address's hash in the table's upper
+/// half, that has one; a home half of page groups and an overflow half leave room for more
+/// objects before the first is dropped than buckets by hash alone, on pages of small objects
+/// as of large ones (the unit test below; docs/design.md). Slots never return to 0 once used,
+/// so a bucket with a 0 slot has never been full, and no object went past it to the next
+/// bucket of its chain: a search reads the next bucket only behind one all of whose slots
+/// have been used.
 pub mod bucket {
-    use super::{BUCKETS_PER_GROUP, SLOTS_PER_BUCKET, holds_object};
+    use super::{BUCKETS_PER_GROUP, OVERFLOW_PROBES, SLOTS_PER_BUCKET, holds_object};
 
-    /// The home bucket of the object at `key`, whose [`mix64`](super::mix64) is `hash`, in a table of
-    /// `mask + 1` buckets (a power of two): the group by a multiplicative hash of the page
-    /// number, one multiplication, the bucket in the group by the address's hash, which the
-    /// hooks compute anyway (the allocation's to sample stacks by).
+    /// The home bucket of the object at `key`, whose [`mix64`](super::mix64) is `hash`, in a
+    /// table of `mask + 1` buckets (a power of two, at least `2 * BUCKETS_PER_GROUP`).
     #[inline(always)]
     pub const fn home(key: u64, hash: u64, mask: u32) -> u32 {
+        let home_mask = mask >> 1;
         // Pages and percpu offsets have no neighbours in their 4 KiB: spread by hash.
         if key >> 63 == 0 {
-            return hash as u32 & mask;
+            return hash as u32 & home_mask;
         }
         let group = ((key >> 12).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as u32;
-        ((group & !(BUCKETS_PER_GROUP - 1)) | (hash as u32 & (BUCKETS_PER_GROUP - 1))) & mask
+        ((group & !(BUCKETS_PER_GROUP - 1)) | (hash as u32 & (BUCKETS_PER_GROUP - 1))) & home_mask
     }
 
-    /// The bucket an object goes to when its home has no free slot: by the address's hash
-    /// alone, anywhere in the table but in its home's group, which a page of small objects
-    /// fills (a neighbouring group then).
+    /// Overflow bucket `probe` (from 0) of the object whose hash is `hash`: in the table's
+    /// upper half, by 16 bits of the hash further on for each probe.
     #[inline(always)]
-    pub const fn overflow(key: u64, hash: u64, mask: u32) -> u32 {
-        let bucket = hash as u32 & mask;
-        let same_group = (bucket ^ home(key, hash, mask)) & !(BUCKETS_PER_GROUP - 1) == 0;
-        if same_group && mask >= BUCKETS_PER_GROUP {
-            bucket ^ BUCKETS_PER_GROUP
-        } else {
-            bucket
-        }
+    pub const fn overflow(hash: u64, mask: u32, probe: u32) -> u32 {
+        let half = mask >> 1;
+        (half + 1) | ((hash >> (4 + 16 * probe)) as u32 & half)
     }
 
     /// What a search of one bucket found.
@@ -108,9 +109,9 @@ pub mod bucket {
         pub slot: usize,
     }
 
-    /// The slot holding `key`, whose hash is `hash`: in its home bucket, or in its overflow
-    /// bucket when every slot of its home has been used. `keys_of` gives a bucket's keys,
-    /// `key_at` one key of them.
+    /// The slot holding `key`, whose hash is `hash`: in its home bucket, or in one of its
+    /// overflow buckets behind buckets all of whose slots have been used. `keys_of` gives a
+    /// bucket's keys, `key_at` one key of them.
     #[inline(always)]
     pub fn find<K: Copy>(
         key: u64,
@@ -119,39 +120,29 @@ pub mod bucket {
         keys_of: impl Fn(u32) -> Option<K>,
         key_at: impl Fn(K, usize) -> u64,
     ) -> Option<Slot<K>> {
-        let home = home(key, hash, mask);
-        let keys = keys_of(home)?;
-        match search(key, |i| key_at(keys, i)) {
-            Search::Held(slot) => Some(Slot {
-                bucket: home,
-                keys,
-                slot,
-            }),
-            Search::Absent => None,
-            Search::AbsentFromFull => {
-                let overflow = overflow(key, hash, mask);
-                if overflow == home {
-                    return None;
+        let mut bucket = home(key, hash, mask);
+        let mut probe = 0;
+        loop {
+            let keys = keys_of(bucket)?;
+            match search(key, |i| key_at(keys, i)) {
+                Search::Held(slot) => return Some(Slot { bucket, keys, slot }),
+                Search::Absent => return None,
+                Search::AbsentFromFull if probe < OVERFLOW_PROBES => {
+                    bucket = overflow(hash, mask, probe);
+                    probe += 1;
                 }
-                let keys = keys_of(overflow)?;
-                match search(key, |i| key_at(keys, i)) {
-                    Search::Held(slot) => Some(Slot {
-                        bucket: overflow,
-                        keys,
-                        slot,
-                    }),
-                    Search::Absent | Search::AbsentFromFull => None,
-                }
+                Search::AbsentFromFull => return None,
             }
         }
     }
 
     /// Takes a free slot for `key`, which the table does not hold: its home bucket's lowest
-    /// free slot, else its overflow bucket's; None when both are full. `try_claim` takes slot
-    /// `i` of a bucket, seen holding `free` (0 or `FREED_SLOT`), by a compare-and-swap from
-    /// that key, and says whether it did (another CPU may have first); the search goes on past
-    /// a slot it did not take. An object goes to its overflow bucket only after every slot of
-    /// its home was seen taken, so its home has no 0 left for a search to stop at.
+    /// free slot, else the first overflow bucket's that has one; None when all are full.
+    /// `try_claim` takes slot `i` of a bucket, seen holding `free` (0 or `FREED_SLOT`), by a
+    /// compare-and-swap from that key, and says whether it did (another CPU may have first);
+    /// the search goes on past a slot it did not take. An object goes past a bucket only
+    /// after every slot of it was seen taken, so that bucket has no 0 left for a search to
+    /// stop at.
     #[inline(always)]
     pub fn claim<K: Copy>(
         key: u64,
@@ -165,7 +156,13 @@ pub mod bucket {
         if let Some(slot) = claim_lowest_free(home, &keys_of, &key_at, &mut try_claim) {
             return Some(slot);
         }
-        claim_lowest_free(overflow(key, hash, mask), &keys_of, &key_at, &mut try_claim)
+        for probe in 0..OVERFLOW_PROBES {
+            let bucket = overflow(hash, mask, probe);
+            if let Some(slot) = claim_lowest_free(bucket, &keys_of, &key_at, &mut try_claim) {
+                return Some(slot);
+            }
+        }
+        None
     }
 
     /// The lowest free slot of `bucket` that `try_claim` takes.
@@ -798,7 +795,8 @@ mod tests {
 
     /// Claims and frees in a bucket, in a random order, as the programs make them: every key
     /// held is found, no freed key is, and a search never reads past the highest slot ever
-    /// claimed plus one. The table has one bucket, every key's home and overflow.
+    /// claimed plus one. Every bucket of the table is the same one, each key's home and
+    /// overflow buckets alike.
     #[test]
     fn bucket_searches_find_every_object_held_and_stop_at_the_first_slot_never_used() {
         extern crate std;
@@ -815,7 +813,8 @@ mod tests {
         };
         let bucket = [const { Cell::new(0u64) }; SLOTS_PER_BUCKET];
         let reads = Cell::new(0usize);
-        let keys_of = |index: u32| (index == 0).then_some(0u32);
+        const MASK: u32 = 2 * BUCKETS_PER_GROUP - 1;
+        let keys_of = |index: u32| (index <= MASK).then_some(0u32);
         let key_at = |_, i: usize| {
             reads.set(reads.get().max(i + 1));
             bucket[i].get()
@@ -827,8 +826,8 @@ mod tests {
             let grow = held.len() < 3 || (held.len() < SLOTS_PER_BUCKET && random() % 2 == 0);
             if grow {
                 let key = 0xffff_8880_0000_1000 + 8 * step;
-                assert_eq!(find(key, mix64(key), 0, keys_of, key_at), None);
-                let slot = claim(key, mix64(key), 0, keys_of, key_at, |_, i, seen| {
+                assert_eq!(find(key, mix64(key), MASK, keys_of, key_at), None);
+                let slot = claim(key, mix64(key), MASK, keys_of, key_at, |_, i, seen| {
                     assert!(seen == 0 || seen == FREED_SLOT);
                     bucket[i].set(key);
                     true
@@ -840,7 +839,7 @@ mod tests {
                 held.push(key);
             } else {
                 let key = held.swap_remove((random() % held.len() as u64) as usize);
-                let slot = find(key, mix64(key), 0, keys_of, key_at)
+                let slot = find(key, mix64(key), MASK, keys_of, key_at)
                     .expect("every key held is found")
                     .slot;
                 bucket[slot].set(FREED_SLOT);
@@ -848,7 +847,7 @@ mod tests {
             }
             for &key in held.iter().chain(freed.iter().rev().take(4)) {
                 reads.set(0);
-                let found = find(key, mix64(key), 0, keys_of, key_at);
+                let found = find(key, mix64(key), MASK, keys_of, key_at);
                 assert_eq!(found.is_some(), held.contains(&key), "{key:#x}");
                 assert!(reads.get() <= (high_water + 1).min(SLOTS_PER_BUCKET));
             }
@@ -859,24 +858,25 @@ mod tests {
         );
     }
 
-    /// A table of 4,096 buckets (256 groups) as the programs fill it, slot claims by the same
-    /// `claim`: objects of one page share a group, a page of small objects spills into
-    /// overflow buckets and is still found whole, frees read an overflow bucket only behind a
-    /// home that has been full, and pages spread by hash.
+    /// A table of 4,096 buckets as the programs fill it, slot claims by the same `claim`:
+    /// objects of one page share a group of home buckets, a page of small objects spills into
+    /// overflow buckets and is still found whole, a search reads past a bucket only once it
+    /// has been full, and pages spread by hash.
     #[test]
-    fn objects_of_a_page_share_a_group_and_overflow_only_from_full_homes() {
+    fn objects_of_a_page_share_a_group_and_spill_only_from_full_buckets() {
         extern crate std;
         use core::cell::Cell;
         use std::{collections::BTreeSet, vec::Vec};
 
         use super::bucket::{Search, claim, find, home, overflow, search};
         const MASK: u32 = 4095;
+        const HOMES: u32 = (MASK >> 1) + 1;
         let table: Vec<[Cell<u64>; SLOTS_PER_BUCKET]> = (0..=MASK)
             .map(|_| [const { Cell::new(0u64) }; SLOTS_PER_BUCKET])
             .collect();
-        let keys_read = Cell::new(0usize);
+        let buckets_read = Cell::new(0usize);
         let keys_of = |bucket: u32| {
-            keys_read.set(keys_read.get() + 1);
+            buckets_read.set(buckets_read.get() + 1);
             table.get(bucket as usize).map(|_| bucket)
         };
         let key_at = |bucket: u32, i: usize| table[bucket as usize][i].get();
@@ -886,90 +886,118 @@ mod tests {
                 true
             })
         };
+        let find_key = |key: u64| find(key, mix64(key), MASK, keys_of, key_at);
         let group_of = |bucket: u32| bucket / BUCKETS_PER_GROUP;
 
-        // 64 objects of 64 bytes in one slab page: one group, about four to a bucket.
+        // 64 objects of 64 bytes in one slab page: one group of homes, about four to a bucket.
         let page = 0xffff_8881_2345_6000_u64;
         let places: Vec<_> = (0..64).map(|i| put(page + 64 * i).expect("room")).collect();
         let groups: BTreeSet<u32> = places.iter().map(|p| group_of(p.bucket)).collect();
         assert_eq!(groups.len(), 1, "{places:?}");
-        assert!(places.iter().all(|p| p.slot < 10), "{places:?}");
+        assert!(
+            places.iter().all(|p| p.bucket < HOMES && p.slot < 10),
+            "{places:?}"
+        );
 
         // 512 objects of 8 bytes in another page: more than its group's 256 slots.
         let small = 0xffff_8881_2345_7000_u64;
-        let small_home = group_of(home(small, mix64(small), MASK));
         assert_ne!(
-            small_home,
-            group_of(home(page, mix64(page), MASK)),
-            "pick another page"
+            group_of(home(small, mix64(small), MASK)),
+            group_of(places[0].bucket)
         );
         for i in 0..512 {
-            let key = small + 8 * i;
-            assert!(put(key).is_some(), "object {i} dropped");
+            assert!(put(small + 8 * i).is_some(), "object {i} dropped");
         }
-        let spilled = (0..512)
+        let spilled: Vec<u64> = (0..512)
             .map(|i| small + 8 * i)
-            .filter(|&key| {
-                let place = find(key, mix64(key), MASK, keys_of, key_at).expect("found");
-                place.bucket != home(key, mix64(key), MASK)
-            })
-            .count();
+            .filter(|&key| find_key(key).expect("found").bucket >= HOMES)
+            .collect();
         assert!(
-            (256..512).contains(&spilled),
-            "{spilled} in overflow buckets"
+            (256..512).contains(&spilled.len()),
+            "{} spilled",
+            spilled.len()
         );
 
-        // An object freed from an overflow bucket is gone; its slot is free again.
-        let key = (0..512)
-            .map(|i| small + 8 * i)
-            .find(|&key| {
-                find(key, mix64(key), MASK, keys_of, key_at).unwrap().bucket
-                    == overflow(key, mix64(key), MASK)
-            })
-            .expect("one in overflow");
-        let place = find(key, mix64(key), MASK, keys_of, key_at).unwrap();
+        // An object freed from an overflow bucket is gone.
+        let place = find_key(spilled[0]).unwrap();
+        assert_eq!(place.bucket, overflow(mix64(spilled[0]), MASK, 0));
         table[place.bucket as usize][place.slot].set(FREED_SLOT);
-        assert_eq!(find(key, mix64(key), MASK, keys_of, key_at), None);
+        assert_eq!(find_key(spilled[0]), None);
 
         // The free of an object the table does not hold reads its home alone while that home
-        // has a slot never used, and its overflow bucket too once the home has been full.
+        // has a slot never used, and overflow buckets too once the home has been full.
         let absent = page + 8;
         let absent_home = home(absent, mix64(absent), MASK);
         assert_eq!(search(absent, |i| key_at(absent_home, i)), Search::Absent);
-        keys_read.set(0);
-        assert_eq!(find(absent, mix64(absent), MASK, keys_of, key_at), None);
-        assert_eq!(keys_read.get(), 1);
+        buckets_read.set(0);
+        assert_eq!(find_key(absent), None);
+        assert_eq!(buckets_read.get(), 1);
         let absent = small + 4;
         let absent_home = home(absent, mix64(absent), MASK);
         assert_eq!(
             search(absent, |i| key_at(absent_home, i)),
             Search::AbsentFromFull
         );
-        keys_read.set(0);
-        assert_eq!(find(absent, mix64(absent), MASK, keys_of, key_at), None);
-        assert_eq!(keys_read.get(), 2);
+        buckets_read.set(0);
+        assert_eq!(find_key(absent), None);
+        assert!(buckets_read.get() >= 2);
 
-        // Pages and percpu keys have no neighbours in their 4 KiB: their home is by hash, and
-        // their overflow bucket in another group.
+        // Pages and percpu keys have no neighbours in their 4 KiB: their home is by hash.
         for key in [page_key(0x12_3456), 0x3a000 | PERCPU_KEY_TAG] {
-            let (key_home, key_overflow) =
-                (home(key, mix64(key), MASK), overflow(key, mix64(key), MASK));
-            assert_eq!(key_home, mix64(key) as u32 & MASK);
-            assert_ne!(group_of(key_home), group_of(key_overflow));
+            assert_eq!(home(key, mix64(key), MASK), mix64(key) as u32 & (HOMES - 1));
         }
 
-        // Home and overflow both full: the claim fails and writes nothing.
+        // Home and every overflow bucket full: the claim fails and writes nothing.
         let key = 0xffff_8881_2345_9040_u64;
-        let (key_home, key_overflow) =
-            (home(key, mix64(key), MASK), overflow(key, mix64(key), MASK));
-        assert_ne!(group_of(key_home), group_of(key_overflow));
-        for bucket in [key_home, key_overflow] {
+        let chain = [
+            home(key, mix64(key), MASK),
+            overflow(mix64(key), MASK, 0),
+            overflow(mix64(key), MASK, 1),
+        ];
+        for bucket in chain {
             for (i, slot) in table[bucket as usize].iter().enumerate() {
                 slot.set(0xffff_8882_0000_0000 + 8 * i as u64);
             }
         }
         assert_eq!(put(key), None);
-        assert_eq!(find(key, mix64(key), MASK, keys_of, key_at), None);
+        assert_eq!(find_key(key), None);
+    }
+
+    /// Dense slab pages, every object held, fill a quarter of a table without a drop whatever
+    /// the objects' size: a page of 8-byte objects spills half of its objects, which the
+    /// overflow half takes.
+    #[test]
+    fn dense_pages_fill_a_quarter_of_the_table_without_a_drop() {
+        extern crate std;
+        use std::vec::Vec;
+
+        use super::bucket::claim;
+        const MASK: u32 = 4095;
+        for size in [8u64, 16, 64, 256, 4096] {
+            let mut table: Vec<[u64; SLOTS_PER_BUCKET]> = std::vec![[0; SLOTS_PER_BUCKET]; 4096];
+            let objects = (MASK as usize + 1) * SLOTS_PER_BUCKET / 4;
+            let keys = (0..)
+                .map(|i: u64| 0xffff_8881_0000_0000 + i * size)
+                .take(objects);
+            for (i, key) in keys.enumerate() {
+                let table_ref = core::cell::RefCell::new(&mut table);
+                let placed = claim(
+                    key,
+                    mix64(key),
+                    MASK,
+                    |bucket| (bucket <= MASK).then_some(bucket),
+                    |bucket, slot| table_ref.borrow()[bucket as usize][slot],
+                    |bucket, slot, _| {
+                        table_ref.borrow_mut()[bucket as usize][slot] = key;
+                        true
+                    },
+                );
+                assert!(
+                    placed.is_some(),
+                    "{size}-byte objects: object {i} of {objects} dropped"
+                );
+            }
+        }
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The outstanding-allocation table and everything done per allocation and per free.
 //!
 //! The table is open hashing without a lock: an object lives in its home bucket, near those of
-//! the other objects of its page, or when that is full in its overflow bucket
+//! the other objects of its page, or when that is full in one of its overflow buckets
 //! (`memleak_common::bucket`); the lowest free slot is claimed by compare-and-swap of its key
 //! from 0 or `FREED_SLOT`, and a free leaves `FREED_SLOT` in it (see [`release_slot`]). A slot
 //! once used never holds 0 again, so searches stop at a bucket's first 0. No helper call and no map lock sits on the
