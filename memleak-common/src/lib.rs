@@ -38,8 +38,8 @@ pub const fn holds_object(key: u64) -> bool {
 /// page's objects one after another, in an order shuffled within the page, and they are freed
 /// in the same neighbourhoods: the events of one page then read and write the same few lines
 /// and pages of the table rather than a line anywhere in it (2026-12-06, docs/overhead.md:
-/// mixed's slab allocation hook some 30 ns and its free 20 ns cheaper; groups spanning 1 or 2
-/// KiB of addresses kept little of that). A page can hold more objects than its group's 256
+/// mixed's slab allocation hook 20 to 30 ns and its free 13 to 20 ns cheaper per run; groups
+/// spanning 1 or 2 KiB of addresses kept little of that). A page can hold more objects than its group's 256
 /// slots (512 of 8 bytes), so an object whose home has no free slot goes to the first of
 /// [`OVERFLOW_PROBES`] **overflow** buckets, chosen by the address's hash in the table's upper
 /// half, that has one; a home half of page groups and an overflow half leave room for more
