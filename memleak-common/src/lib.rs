@@ -39,15 +39,15 @@ pub const fn holds_object(key: u64) -> bool {
 /// in the same neighbourhoods: the events of one page then read and write the same few lines
 /// and pages of the table rather than a line anywhere in it (2026-12-06, docs/overhead.md:
 /// mixed's slab allocation hook 20 to 30 ns and its free 13 to 20 ns cheaper per run; groups
-/// spanning 1 or 2 KiB of addresses kept little of that). A page can hold more objects than its group's 256
-/// slots (512 of 8 bytes), so an object whose home has no free slot goes to the first of
-/// [`OVERFLOW_PROBES`] **overflow** buckets, chosen by the address's hash in the table's upper
-/// half, that has one; a home half of page groups and an overflow half leave room for more
-/// objects before the first is dropped than buckets by hash alone, on pages of small objects
-/// as of large ones (the unit test below; docs/design.md). Slots never return to 0 once used,
-/// so a bucket with a 0 slot has never been full, and no object went past it to the next
-/// bucket of its chain: a search reads the next bucket only behind one all of whose slots
-/// have been used.
+/// spanning 1 or 2 KiB of addresses kept little of that). A page can hold more objects than
+/// its group's 256 slots (512 of 8 bytes), so an object whose home has no free slot goes to
+/// the first of [`OVERFLOW_PROBES`] **overflow** buckets, chosen by the address's hash in the
+/// table's upper half, that has one; a home half of page groups and an overflow half leave
+/// room for more objects before the first is dropped than buckets by hash alone, on pages of
+/// small objects as of large ones (the unit test below; docs/design.md). Slots never return
+/// to 0 once used, so a bucket with a 0 slot has never been full, and no object went past it
+/// to the next bucket of its chain: a search reads the next bucket only behind one all of
+/// whose slots have been used.
 pub mod bucket {
     use super::{BUCKETS_PER_GROUP, OVERFLOW_PROBES, SLOTS_PER_BUCKET, holds_object};
 

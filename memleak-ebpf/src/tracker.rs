@@ -4,10 +4,11 @@
 //! the other objects of its page, or when that is full in one of its overflow buckets
 //! (`memleak_common::bucket`); the lowest free slot is claimed by compare-and-swap of its key
 //! from 0 or `FREED_SLOT`, and a free leaves `FREED_SLOT` in it (see [`release_slot`]). A slot
-//! once used never holds 0 again, so searches stop at a bucket's first 0. No helper call and no map lock sits on the
-//! free path, and the free of an object the table does not hold (allocated before tracing,
-//! filtered or dropped) returns after plain reads of the bucket's used slots, with no atomic
-//! operation, or before touching any map when sampling rules the address out.
+//! once used never holds 0 again, so searches stop at a bucket's first 0. No helper call and
+//! no map lock sits on the free path, and the free of an object the table does not hold
+//! (allocated before tracing, filtered or dropped) returns after plain reads of its home
+//! bucket's used slots (and of its overflow buckets', behind a home once full), with no
+//! atomic operation, or before touching any map when sampling rules the address out.
 //!
 //! Kernels before Linux 5.12 have no BPF compare-and-swap: in the object built for them
 //! (`crate::PLAIN_CLAIMS`) a slot is claimed with a plain store, and the claim is checked once

@@ -294,7 +294,8 @@ pub fn remove_objects(maps: &TracerMaps, objects: &HashMap<u64, AllocRecord>) ->
 /// Puts objects back into the table, as the programs record them: a watch restarted from its
 /// history re-seeds the objects it had (checked still allocated), so that their frees are
 /// seen again. A slot is claimed by a compare-and-swap of an empty key, as the programs do;
-/// an object whose home and overflow buckets are both full is left out. Returns how many were put back.
+/// an object whose home and overflow buckets are all full is left out. Returns how many were
+/// put back.
 ///
 /// A page's slot in the tracked-page filter gets one more before its key goes in, so that its
 /// free, whenever it comes, reads the table; the count stays when the page is left out (one
