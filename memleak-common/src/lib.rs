@@ -51,6 +51,10 @@ pub const fn holds_object(key: u64) -> bool {
 pub mod bucket {
     use super::{BUCKETS_PER_GROUP, OVERFLOW_PROBES, SLOTS_PER_BUCKET, holds_object};
 
+    /// Multiplies the page number into its group: the golden ratio's, whose products of
+    /// consecutive page numbers spread evenly.
+    const PAGE_MULTIPLIER: u64 = 0x9e37_79b9_7f4a_7c15;
+
     /// The home bucket of the object at `key`, whose [`mix64`](super::mix64) is `hash`, in a
     /// table of `mask + 1` buckets (a power of two, at least `2 * BUCKETS_PER_GROUP`).
     #[inline(always)]
@@ -60,7 +64,7 @@ pub mod bucket {
         if key >> 63 == 0 {
             return hash as u32 & home_mask;
         }
-        let group = ((key >> 12).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as u32;
+        let group = ((key >> 12).wrapping_mul(PAGE_MULTIPLIER) >> 32) as u32;
         ((group & !(BUCKETS_PER_GROUP - 1)) | (hash as u32 & (BUCKETS_PER_GROUP - 1))) & home_mask
     }
 
@@ -481,9 +485,6 @@ impl ClassicOffsets {
 pub struct TracerConfig {
     /// Number of buckets in the object table minus one (the bucket count is a power of two).
     pub bucket_mask: u32,
-    /// Track only objects whose address hash has this many low sample bits zero: one object in
-    /// `1 << sample_shift` (0 = every object).
-    pub sample_shift: u32,
     /// Capture the stack of one tracked object in `1 << stack_shift`, plus the first allocation
     /// seen from each call site.
     pub stack_shift: u32,
@@ -540,13 +541,15 @@ pub struct TracerConfig {
     pub page_callers_steps: u32,
     /// The address the table's entries count from ([`page_callers::entry`]).
     pub page_callers_base: u64,
+    /// Which objects `--sample-rate` keeps, as [`sampled_object`] tests them.
+    pub sample: SampleMasks,
     pub classic: ClassicOffsets,
 }
 
 impl TracerConfig {
     pub const DEFAULT: Self = Self {
         bucket_mask: 0,
-        sample_shift: 0,
+        sample: SampleMasks::EVERY_OBJECT,
         stack_shift: 0,
         stack_sample_ticks: 0,
         filter_tgid: 0,
@@ -704,31 +707,69 @@ pub const fn names_no_object(key: u64) -> bool {
     key <= ZERO_SIZE_PTR
 }
 
-/// Whether the object at `key` is tracked at `1 << shift` sampling (`--sample-rate`).
+/// The page hash's multiplier in [`sampled_object`]: odd, its bits spread like a random
+/// number's. Not the table's (`bucket::PAGE_MULTIPLIER`): with the same product, the pages a
+/// high rate keeps would all fall in a few of the table's page groups.
+const SAMPLE_MULTIPLIER: u64 = 0xff51_afd7_ed55_8ccd;
+
+/// The bit of the page hash where the slot it chooses starts: the product's top six bits, the
+/// best mixed (a product's low bits depend only on the page number's low bits).
+const SAMPLE_SLOT_SHIFT: u32 = 58;
+
+/// A sample rate as the hooks test it ([`sampled_object`]): userspace makes the masks from
+/// the rate once, so an event pays one multiply and no arithmetic on the rate.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SampleMasks {
+    /// The bits of an object's 64-byte slot in its page that must equal the page hash's (up
+    /// to six); zero without sampling.
+    pub slot: u64,
+    /// The bits of the page hash, below the slot's, that must be zero beyond rate 64.
+    pub page: u64,
+}
+
+impl SampleMasks {
+    pub const EVERY_OBJECT: Self = Self { slot: 0, page: 0 };
+
+    /// The masks that keep one object in `1 << shift` (`shift` at most [`MAX_SAMPLE_SHIFT`]).
+    pub const fn for_shift(shift: u32) -> Self {
+        if shift == 0 {
+            return Self::EVERY_OBJECT;
+        }
+        let slot_bits = if shift < 6 { shift } else { 6 };
+        let page_bits = shift - slot_bits;
+        Self {
+            slot: (1 << slot_bits) - 1,
+            page: ((1 << page_bits) - 1) << (SAMPLE_SLOT_SHIFT - page_bits),
+        }
+    }
+}
+
+/// Whether the object at `key` is tracked at the sample rate of `masks` (`--sample-rate`).
 ///
 /// Stratified by page: each 4 KiB page has one 64-byte slot, chosen by a hash of the page
 /// number, and an object is tracked when it starts in that slot (beyond rate 64, the page hash
-/// must also pass `shift - 6` more bits). Every object has the same 1-in-2^shift chance, as with
-/// a plain address hash, but small objects packed into slab pages are sampled almost exactly
-/// one per 64 slots instead of binomially, so estimates scaled from the sample are much tighter.
-/// The decision depends on the address alone: a free knows whether its object was tracked.
+/// must also pass more bits). Every object has the same 1-in-rate chance, as with a plain
+/// address hash, but small objects packed into slab pages are sampled almost exactly one per
+/// 64 slots instead of binomially, so estimates scaled from the sample are much tighter. The
+/// decision depends on the address alone: a free knows whether its object was tracked.
 ///
-/// The NULL page holds no object, and its first slot would always pass (`mix64(0)` is 0): the
-/// kmem events of failed allocations, `kfree(NULL)` and `kfree(ZERO_SIZE_PTR)` would all be
-/// counted as events at sampled addresses, not one in `1 << shift` of them.
+/// Most events of a sampled trace end here, so it is one multiply: a full 64-bit mix of the
+/// page number (`mix64`) cost churn's sampled hooks 4 ns an event more.
+///
+/// The NULL page holds no object (the kmem events of failed allocations, `kfree(NULL)` and
+/// `kfree(ZERO_SIZE_PTR)` name addresses in it): none of it is sampled, or one in 64 of those
+/// events would be counted as events at sampled addresses.
 #[inline(always)]
-pub const fn sampled_object(key: u64, shift: u32) -> bool {
-    if shift == 0 {
+pub const fn sampled_object(key: u64, masks: SampleMasks) -> bool {
+    if masks.slot == 0 {
         return true;
     }
     if key < PAGE_SIZE as u64 {
         return false;
     }
-    let slot_bits = if shift < 6 { shift } else { 6 };
-    let slot_mask = (1u64 << slot_bits) - 1;
-    let page_hash = mix64(key >> 12);
-    (key >> 6) & slot_mask == page_hash & slot_mask
-        && (page_hash >> 6) & ((1u64 << (shift - slot_bits)) - 1) == 0
+    let page_hash = (key >> 12).wrapping_mul(SAMPLE_MULTIPLIER);
+    ((key >> 6) ^ (page_hash >> SAMPLE_SLOT_SHIFT)) & masks.slot | page_hash & masks.page == 0
 }
 
 #[cfg(test)]
@@ -737,7 +778,10 @@ mod tests {
 
     fn tracked(keys: impl Iterator<Item = u64>, shift: u32) -> (u64, u64) {
         keys.fold((0, 0), |(total, kept), key| {
-            (total + 1, kept + u64::from(sampled_object(key, shift)))
+            (
+                total + 1,
+                kept + u64::from(sampled_object(key, SampleMasks::for_shift(shift))),
+            )
         })
     }
 
@@ -757,11 +801,14 @@ mod tests {
     fn the_null_page_is_never_sampled() {
         for shift in [1, 6, 10] {
             for key in [0, 0x10, 0x20, PAGE_SIZE as u64 - 8] {
-                assert!(!sampled_object(key, shift), "key {key:#x} at shift {shift}");
+                assert!(
+                    !sampled_object(key, SampleMasks::for_shift(shift)),
+                    "key {key:#x} at shift {shift}"
+                );
             }
         }
         // Without sampling every address passes (the hooks leave NULL out before asking).
-        assert!(sampled_object(0, 0));
+        assert!(sampled_object(0, SampleMasks::EVERY_OBJECT));
     }
 
     #[test]
@@ -781,6 +828,37 @@ mod tests {
             let expected = count as f64 / 64.0;
             let error = (kept as f64 - expected).abs() / expected;
             assert!(error < 0.1, "size {size}: kept {kept}, expected {expected}");
+        }
+    }
+
+    #[test]
+    fn consecutive_pages_choose_every_slot_evenly() {
+        // 64,000 consecutive pages, as a slab cache's pages often are: each slot of 64 should be
+        // chosen 1,000 times; a multiplier whose top bits follow the page number would repeat
+        // a few slots.
+        let mut chosen = [0u32; 64];
+        for page in 0..64_000u64 {
+            let slots = (0..64).filter(|slot| {
+                sampled_object(BASE + page * 4096 + slot * 64, SampleMasks::for_shift(6))
+            });
+            for slot in slots {
+                chosen[slot as usize] += 1;
+            }
+        }
+        assert_eq!(chosen.iter().sum::<u32>(), 64_000);
+        for (slot, count) in chosen.iter().enumerate() {
+            assert!((850..=1150).contains(count), "slot {slot}: {count}");
+        }
+    }
+
+    #[test]
+    fn sample_masks_keep_one_in_the_rate_of_page_hashes() {
+        assert_eq!(SampleMasks::for_shift(0), SampleMasks::EVERY_OBJECT);
+        for shift in 1..=MAX_SAMPLE_SHIFT {
+            let masks = SampleMasks::for_shift(shift);
+            // The bits tested are `shift` in all, and the page's never overlap the slot's.
+            assert_eq!(masks.slot.count_ones() + masks.page.count_ones(), shift);
+            assert_eq!(masks.page >> SAMPLE_SLOT_SHIFT, 0, "shift {shift}");
         }
     }
 

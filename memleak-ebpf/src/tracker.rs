@@ -177,7 +177,7 @@ pub fn on_alloc<C: StackIdContext>(
         return;
     }
     // Before any map access, as for frees: with --sample-rate, most allocations end here.
-    if !sampled_object(key, config!(sample_shift)) {
+    if !sampled_object(key, config!(sample)) {
         return;
     }
     let Some(cpu) = ThisCpu::get() else {
@@ -358,7 +358,7 @@ fn forget(key: u64, page: bool) {
         return;
     }
     // Before any map access: with --sample-rate, most frees end here, at the cost of a hash.
-    if !sampled_object(key, config!(sample_shift)) {
+    if !sampled_object(key, config!(sample)) {
         return;
     }
     let Some(cpu) = ThisCpu::get() else {

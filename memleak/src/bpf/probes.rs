@@ -10,7 +10,7 @@ use aya::{
         tp_btf::BtfTracePointLinkId, trace_point::TracePointLinkId,
     },
 };
-use memleak_common::{SLOTS_PER_BUCKET, TracerConfig};
+use memleak_common::{SLOTS_PER_BUCKET, SampleMasks, TracerConfig};
 
 use super::{
     clock::AllocationClock,
@@ -862,12 +862,13 @@ fn base_config(settings: &TracerSettings) -> (TracerConfig, TableFormat) {
     let clock = AllocationClock::detect();
     let mut config = TracerConfig::DEFAULT;
     config.bucket_mask = buckets - 1;
-    config.sample_shift = settings.sample_rate.trailing_zeros();
+    let sample_shift = settings.sample_rate.trailing_zeros();
+    config.sample = SampleMasks::for_shift(sample_shift);
     // The stack rate counts all allocations; among tracked ones it is that much denser.
     config.stack_shift = settings
         .stack_sample_rate
         .trailing_zeros()
-        .saturating_sub(config.sample_shift);
+        .saturating_sub(sample_shift);
     if settings.stack_sample_rate > 1 {
         config.stack_sample_ticks = clock.ticks_spanning(STACK_SAMPLE_INTERVAL);
     }
