@@ -42,6 +42,12 @@ pub struct BenchArgs {
     /// write a line every 2 s, write one inside the run
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(3..=3600))]
     seconds: u64,
+    /// Runs of each variant with the kernel's statistics on, after the rounds, alternating
+    /// with the other variants' like the rounds; the per-program table shows each variant's
+    /// median run by its programs' time per operation (a single run carries the machine's
+    /// drift: churn's frees once read 10 ns slower in all of one run's programs)
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    timing_runs: u32,
     /// Which workload to run
     #[arg(long, value_enum, default_value_t = WorkloadChoice::All)]
     workload: WorkloadChoice,
@@ -215,6 +221,19 @@ impl ProgramTimings {
     fn ns_per_op(&self, seconds: u64) -> Option<f64> {
         let ops = self.ops_per_second * seconds as f64;
         (ops > 0.0 && !self.programs.is_empty()).then(|| self.run_time_ns() as f64 / ops)
+    }
+    /// Of a variant's timed runs, the one whose programs' time per operation is the median
+    /// (the lower of the middle two); no timings when none has any.
+    fn median_run(runs: Vec<Self>, seconds: u64) -> Self {
+        let mut timed: Vec<(f64, Self)> = runs
+            .into_iter()
+            .filter_map(|run| Some((run.ns_per_op(seconds)?, run)))
+            .collect();
+        timed.sort_by(|a, b| a.0.total_cmp(&b.0));
+        match timed.len() {
+            0 => Self::default(),
+            len => timed.swap_remove((len - 1) / 2).1,
+        }
     }
 }
 
@@ -396,32 +415,45 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             }
         }
         stats.set(true)?;
-        let mut programs = Vec::new();
-        for &variant in &variants {
-            if variant == Variant::Baseline {
-                programs.push(ProgramTimings::default());
-                continue;
-            }
-            eprintln!(
-                "bench: {}: timing the programs of {}",
-                workload.name(),
-                variant.label()
-            );
-            // A run of its own after the rounds: one that fails (bpftrace has hung on SIGINT
-            // under mixed) leaves that variant's timings out, not the rounds' results.
-            let timings = run(variant, true).map(|sample| ProgramTimings {
-                ops_per_second: sample.ops_per_second,
-                programs: sample.programs,
-            });
-            programs.push(timings.unwrap_or_else(|error| {
+        let mut timed: Vec<Vec<ProgramTimings>> = variants.iter().map(|_| Vec::new()).collect();
+        let mut failed = vec![false; variants.len()];
+        for pass in 0..args.timing_runs as usize {
+            for offset in 0..variants.len() {
+                let index = (pass + offset) % variants.len();
+                let variant = variants[index];
+                if variant == Variant::Baseline || failed[index] {
+                    continue;
+                }
                 eprintln!(
-                    "bench: {}: no program timings for {}: {error:#}",
+                    "bench: {}: timing the programs of {} ({}/{})",
                     workload.name(),
-                    variant.label()
+                    variant.label(),
+                    pass + 1,
+                    args.timing_runs,
                 );
-                ProgramTimings::default()
-            }));
+                // Runs of their own after the rounds: one that fails (bpftrace has hung on
+                // SIGINT under mixed) leaves that variant's timings out, not the rounds'
+                // results, and the variant is not run again.
+                match run(variant, true) {
+                    Ok(sample) => timed[index].push(ProgramTimings {
+                        ops_per_second: sample.ops_per_second,
+                        programs: sample.programs,
+                    }),
+                    Err(error) => {
+                        eprintln!(
+                            "bench: {}: no program timings for {}: {error:#}",
+                            workload.name(),
+                            variant.label()
+                        );
+                        failed[index] = true;
+                    }
+                }
+            }
         }
+        let programs = timed
+            .into_iter()
+            .map(|runs| ProgramTimings::median_run(runs, args.seconds))
+            .collect();
         results.push(WorkloadResults {
             workload,
             samples,
@@ -755,7 +787,7 @@ fn print_report(args: &BenchArgs, variants: &[Variant], results: &[WorkloadResul
     println!();
     print_targets(variants, results, &ratios);
     println!();
-    print_program_costs(variants, results);
+    print_program_costs(args.timing_runs, variants, results);
     println!();
     print_program_time_per_op(args.seconds, variants, results, &ratios);
     println!();
@@ -977,7 +1009,7 @@ fn print_targets(variants: &[Variant], results: &[WorkloadResults], ratios: &[Ro
 
 /// Where each variant's time goes: its programs' runs and nanoseconds per run, in the run
 /// timed with the kernel's statistics on.
-fn print_program_costs(variants: &[Variant], results: &[WorkloadResults]) {
+fn print_program_costs(timing_runs: u32, variants: &[Variant], results: &[WorkloadResults]) {
     let mut rows = Vec::new();
     for WorkloadResults {
         workload, programs, ..
@@ -1007,8 +1039,9 @@ fn print_program_costs(variants: &[Variant], results: &[WorkloadResults]) {
         return;
     }
     println!(
-        "Per program (kernel.bpf_stats_enabled, on for one more run of each variant after the \
-         measured rounds, which ran with it off): runs, ns per run, share of the variant's \
+        "Per program (kernel.bpf_stats_enabled, on for {timing_runs} more runs of each variant \
+         after the measured rounds, which ran with it off, alternating; the variant's median \
+         run by its programs' time per operation): runs, ns per run, share of the variant's \
          program time"
     );
     println!();
@@ -1169,6 +1202,44 @@ fn today() -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn timings(ops_per_second: f64, run_time_ns: u64) -> ProgramTimings {
+        let cost = ProgramCost {
+            runs: 1000,
+            run_time_ns,
+        };
+        ProgramTimings {
+            ops_per_second,
+            programs: BTreeMap::from([("kfree_btf".to_owned(), cost)]),
+        }
+    }
+
+    #[test]
+    fn the_median_timed_run_is_kept_by_time_per_operation() {
+        // 5 s runs of 50, 10, 20 and 30 ns per operation: by the programs' total time (the
+        // last run's is lowest, the second and third tie) another run would be kept, and so it
+        // would by its place in the list.
+        let runs = vec![
+            timings(1000.0, 250_000),
+            timings(2000.0, 100_000),
+            timings(1000.0, 100_000),
+            timings(500.0, 75_000),
+        ];
+        let kept = ProgramTimings::median_run(runs, 5);
+        assert_eq!(kept.ns_per_op(5), Some(20.0));
+        // A run without timings (a variant that failed) is not a candidate.
+        let runs = vec![
+            ProgramTimings::default(),
+            timings(1000.0, 100_000),
+            timings(1000.0, 300_000),
+        ];
+        assert_eq!(ProgramTimings::median_run(runs, 5).ns_per_op(5), Some(20.0));
+        assert!(
+            ProgramTimings::median_run(Vec::new(), 5)
+                .programs
+                .is_empty()
+        );
+    }
 
     #[test]
     fn one_round_gives_no_probability_for_its_interval() {
