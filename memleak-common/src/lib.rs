@@ -675,14 +675,15 @@ pub const fn user_key(address: u64, tgid: u32) -> u64 {
     address ^ ((tgid as u64) << USER_KEY_PROCESS_SHIFT)
 }
 
-/// The object hash's low bits choose its bucket and its top 16 bits decide sampling, so the two
-/// are independent and sample rates go up to 65536.
+/// The object hash's low bits choose its bucket and its top 16 bits decide whether its stack is
+/// sampled ([`sampled`]), so the two are independent and stack sample rates go up to 65536.
 pub const SAMPLE_BITS_SHIFT: u32 = 48;
 pub const MAX_SAMPLE_SHIFT: u32 = 16;
 
 /// A 64-bit finalizer (from MurmurHash3) that spreads slab addresses, which share alignment and
-/// high bits, over all 64 bits. Both sides use it: eBPF to place and sample objects, userspace
-/// to explain which objects a sample rate keeps.
+/// high bits, over all 64 bits. Both sides use it to place objects in the table; the programs
+/// also sample stacks by it. (Which objects `--sample-rate` keeps is decided by the page alone,
+/// [`sampled_object`].)
 #[inline(always)]
 pub const fn mix64(mut x: u64) -> u64 {
     x ^= x >> 33;

@@ -222,6 +222,7 @@ impl ProgramTimings {
         let ops = self.ops_per_second * seconds as f64;
         (ops > 0.0 && !self.programs.is_empty()).then(|| self.run_time_ns() as f64 / ops)
     }
+
     /// Of a variant's timed runs, the one whose programs' time per operation is the median
     /// (the lower of the middle two); no timings when none has any.
     fn median_run(runs: Vec<Self>, seconds: u64) -> Self {
@@ -400,8 +401,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         stats.set(false)?;
         let mut samples: Vec<Vec<Sample>> = variants.iter().map(|_| Vec::new()).collect();
         for round in 0..args.rounds as usize {
-            for offset in 0..variants.len() {
-                let index = (round + offset) % variants.len();
+            for index in rotated(round, variants.len()) {
                 let sample = run(variants[index], false)?;
                 eprintln!(
                     "bench: {} round {}/{}: {} {} ops/s",
@@ -418,8 +418,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let mut timed: Vec<Vec<ProgramTimings>> = variants.iter().map(|_| Vec::new()).collect();
         let mut failed = vec![false; variants.len()];
         for pass in 0..args.timing_runs as usize {
-            for offset in 0..variants.len() {
-                let index = (pass + offset) % variants.len();
+            for index in rotated(pass, variants.len()) {
                 let variant = variants[index];
                 if variant == Variant::Baseline || failed[index] {
                     continue;
@@ -462,6 +461,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     drop(stats);
     print_report(args, &variants, &results)
+}
+
+/// The variants' indices in the order round `round` runs them: each round starts one further
+/// on, so drift in the machine's speed spreads over all of them.
+fn rotated(round: usize, variants: usize) -> impl Iterator<Item = usize> {
+    (0..variants).map(move |offset| (round + offset) % variants)
 }
 
 /// Builds the tracer and the fixture with the environment scripts/bootstrap.sh prints, as ./x does.
@@ -1007,8 +1012,8 @@ fn print_targets(variants: &[Variant], results: &[WorkloadResults], ratios: &[Ro
     );
 }
 
-/// Where each variant's time goes: its programs' runs and nanoseconds per run, in the run
-/// timed with the kernel's statistics on.
+/// Where each variant's time goes: its programs' runs and nanoseconds per run, in its median
+/// run timed with the kernel's statistics on.
 fn print_program_costs(timing_runs: u32, variants: &[Variant], results: &[WorkloadResults]) {
     let mut rows = Vec::new();
     for WorkloadResults {
