@@ -428,6 +428,9 @@ pub struct CpuState {
     pub last_sampled_stack: u64,
     /// The word this CPU adds to as a fence when the table's claims are plain stores.
     pub claim_fence: u64,
+    /// What the page callers' table said of the return addresses the page hook's walks passed
+    /// on this CPU ([`page_callers::cached_frame_size`]).
+    pub page_frames: [page_callers::CachedFrame; page_callers::FRAME_CACHE_ENTRIES],
 }
 
 /// The record offsets at which the programs load a classic tracepoint's 8-byte fields with an
@@ -646,6 +649,52 @@ pub mod page_callers {
             }
         }
         Some(entry_at(low)? as u32)
+    }
+
+    /// Entries of each CPU's cache of what the table said of a return address
+    /// (`CpuState::page_frames`). The walk passes the same few return addresses on every page
+    /// (the page allocator's own calls), and each search of the table is a chain of dependent
+    /// loads: about 60 ns a page event on mixed (docs/overhead.md).
+    pub const FRAME_CACHE_ENTRIES: usize = 16;
+
+    /// What the table says of one return address, as the walk keeps it.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct CachedFrame {
+        /// 0 for an empty entry; a walk never asks about address 0 (below the table's base:
+        /// outside, without a search).
+        pub return_address: u64,
+        pub what: u64,
+    }
+
+    /// The cache entry a return address goes in: its low bits, which tell apart the call
+    /// instructions of a few functions.
+    #[inline(always)]
+    pub const fn cache_index(return_address: u64) -> usize {
+        (return_address ^ return_address >> 4 ^ return_address >> 8) as usize % FRAME_CACHE_ENTRIES
+    }
+
+    /// [`frame_size`] through `cached`, the cache's entry for the return address
+    /// ([`cache_index`]): the entry's answer when it holds this address, else the table's,
+    /// which replaces it. The table does not change while the programs run, nor does the
+    /// kernel's text, so an answer kept is the table's answer.
+    #[inline(always)]
+    pub fn cached_frame_size(
+        cached: &mut CachedFrame,
+        return_address: u64,
+        base: u64,
+        steps: u32,
+        entry_at: impl Fn(u32) -> Option<u64>,
+    ) -> Option<u32> {
+        if return_address != 0 && cached.return_address == return_address {
+            return Some(cached.what as u32);
+        }
+        let what = frame_size(return_address, base, steps, entry_at)?;
+        *cached = CachedFrame {
+            return_address,
+            what: u64::from(what),
+        };
+        Some(what)
     }
 }
 

@@ -76,7 +76,7 @@ fn page_caller(cpu: ThisCpu, ctx: &TracePointContext) -> u64 {
     if steps == 0 {
         return 0;
     }
-    match walk_page_allocator(ctx, steps) {
+    match walk_page_allocator(cpu, ctx, steps) {
         Some(caller) => caller,
         None => {
             cpu.count(Counter::PageCallersUnknown);
@@ -87,7 +87,7 @@ fn page_caller(cpu: ThisCpu, ctx: &TracePointContext) -> u64 {
 
 /// Linux 5.5+ (`bpf_probe_read_kernel`); memleak runs on 5.10 and later.
 #[inline(always)]
-fn walk_page_allocator(ctx: &TracePointContext, steps: u32) -> Option<u64> {
+fn walk_page_allocator(cpu: ThisCpu, ctx: &TracePointContext, steps: u32) -> Option<u64> {
     // perf_trace_run_bpf_submit stores the event's `pt_regs *` over the record's first word
     // (the common fields), which the program cannot load directly. perf_fetch_caller_regs
     // filled them with the handler's return address and its frame address
@@ -103,10 +103,15 @@ fn walk_page_allocator(ctx: &TracePointContext, steps: u32) -> Option<u64> {
         return None;
     }
     for _ in 0..page_callers::MAX_FRAMES {
-        let size =
-            page_callers::frame_size(return_address, config!(page_callers_base), steps, |index| {
-                PAGE_CALLERS.get(index).copied()
-            });
+        // The page hook does not nest in itself on a CPU, so no other walk writes the entry.
+        let cached = unsafe { &mut *cpu.page_frame(return_address) };
+        let size = page_callers::cached_frame_size(
+            cached,
+            return_address,
+            config!(page_callers_base),
+            steps,
+            |index| PAGE_CALLERS.get(index).copied(),
+        );
         match size? {
             page_callers::OUTSIDE => return Some(return_address),
             page_callers::UNWALKABLE => return None,

@@ -24,8 +24,9 @@ use aya_ebpf::{
 };
 use memleak_common::{
     AllocKind, AllocRecord, CacheName, Counter, CpuState, FREED_SLOT, SLOTS_PER_BUCKET,
-    STACK_FAILED, STACK_NOT_SAMPLED, TaskComm, bucket, mix64, names_no_object, page_filter_counter,
-    sampled, sampled_object,
+    STACK_FAILED, STACK_NOT_SAMPLED, TaskComm, bucket, mix64, names_no_object,
+    page_callers::{self, CachedFrame},
+    page_filter_counter, sampled, sampled_object,
 };
 
 use crate::maps::{
@@ -65,6 +66,17 @@ impl ThisCpu {
     #[inline(always)]
     pub fn scratch(self) -> *mut u64 {
         unsafe { &raw mut (*self.0).scratch }
+    }
+
+    /// This CPU's cache entry for the page walk's return address `return_address`.
+    #[inline(always)]
+    pub fn page_frame(self, return_address: u64) -> *mut CachedFrame {
+        let index = page_callers::cache_index(return_address);
+        unsafe {
+            (&raw mut (*self.0).page_frames)
+                .cast::<CachedFrame>()
+                .add(index)
+        }
     }
 }
 

@@ -316,6 +316,49 @@ mod tests {
     }
 
     #[test]
+    fn the_frame_cache_answers_as_the_table_does() {
+        let table = table();
+        let searches = std::cell::Cell::new(0);
+        let mut cache = [page_callers::CachedFrame::default(); page_callers::FRAME_CACHE_ENTRIES];
+        let mut ask = |address: u64| {
+            let cached = &mut cache[page_callers::cache_index(address)];
+            let before = searches.get();
+            let said = page_callers::cached_frame_size(
+                cached,
+                address,
+                table.base,
+                table.steps(),
+                |index| {
+                    searches.set(searches.get() + 1);
+                    table.entries.get(index as usize).copied()
+                },
+            );
+            assert_eq!(said, Some(table.frame_size(address)), "{address:#x}");
+            searches.get() > before
+        };
+        // In `inner`, where the table's answer differs from 0x1005's.
+        let collider = (0x1202..0x1240)
+            .find(|&address| {
+                page_callers::cache_index(address) == page_callers::cache_index(0x1005)
+            })
+            .unwrap();
+        // Every kind of answer, two addresses sharing an entry, and 0 (an empty entry's).
+        let addresses = [
+            0x1005, 0x1004, 0x1101, 0x1210, 0x1245, 0x1281, 0x0fff, 0, collider,
+        ];
+        for _ in 0..3 {
+            for address in addresses.into_iter().chain(addresses.into_iter().rev()) {
+                ask(address);
+            }
+        }
+        // The passes ended on 0x1005, which took the entry the collider shares.
+        assert!(ask(collider));
+        assert!(!ask(collider), "a kept answer is not searched again");
+        assert!(ask(0x1005));
+        assert!(!ask(0x1005));
+    }
+
+    #[test]
     fn adjacent_functions_share_their_boundary() {
         let orc = [(0x1000, CALL(8)), (0x1040, CALL(24))];
         let table =
