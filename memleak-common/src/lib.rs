@@ -661,8 +661,8 @@ pub mod page_callers {
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
     pub struct CachedFrame {
-        /// 0 for an empty entry; a walk never asks about address 0 (below the table's base:
-        /// outside, without a search).
+        /// 0 for an empty entry, which [`cached_frame_size`] never matches: a stack word of 0
+        /// is searched every time (below the table's base, outside, without a load).
         pub return_address: u64,
         pub what: u64,
     }
