@@ -538,6 +538,15 @@ pub struct TracerConfig {
     /// nanosecond clock, a helper call that costs 50-70 ns on a VM (userspace knows the
     /// conversion; `memleak::bpf::clock`).
     pub jiffies_clock: u32,
+    /// Nonzero when sampling or a tgid, comm or size filter is set: only then do the
+    /// allocation hooks test each of them, so that at the defaults one load stands for them
+    /// all (a few ns of churn's allocation hook, docs/overhead.md). Derived from those fields
+    /// by [`TracerConfig::with_allocation_filters_enabled`]; a filter added to the hooks must
+    /// be added there.
+    pub allocation_filters_enabled: u32,
+    /// No setting: keeps `page_callers_base` at its 8-byte boundary without a padding hole,
+    /// since the struct is copied into the object as bytes (`aya::Pod`).
+    pub reserved: u32,
     /// Nonzero: a free empties its object's slot with a plain store instead of a
     /// compare-and-swap. Set when nothing but the programs empties slots (userspace does in
     /// `watch` and `run --user`): see `tracker::release_slot` for why that is safe.
@@ -575,11 +584,25 @@ impl TracerConfig {
         follow_processes: 0,
         possible_cpus: 1,
         jiffies_clock: 0,
+        allocation_filters_enabled: 0,
+        reserved: 0,
         plain_releases: 0,
         page_callers_steps: 0,
         page_callers_base: 0,
         classic: ClassicOffsets::NONE,
     };
+
+    /// This configuration with `allocation_filters_enabled` set from the options it stands
+    /// for.
+    pub fn with_allocation_filters_enabled(mut self) -> Self {
+        let filters = self.sample.slot != 0
+            || self.filter_tgid != 0
+            || self.filter_comm_enabled != 0
+            || self.min_size != 0
+            || self.max_size != u32::MAX;
+        self.allocation_filters_enabled = filters.into();
+        self
+    }
 }
 
 /// The table through which the page hook finds the caller of the page allocator without a
@@ -842,6 +865,43 @@ mod tests {
     }
 
     const BASE: u64 = 0xffff_8880_0000_0000;
+
+    #[test]
+    fn each_filter_enables_the_allocation_filters_and_no_other_setting_does() {
+        let enabled = |change: fn(&mut TracerConfig)| {
+            let mut config = TracerConfig::DEFAULT;
+            change(&mut config);
+            config
+                .with_allocation_filters_enabled()
+                .allocation_filters_enabled
+        };
+        assert_eq!(enabled(|_| {}), 0);
+        let others: [fn(&mut TracerConfig); 8] = [
+            |c| c.user_stacks = 1,
+            |c| c.stack_shift = 4,
+            |c| c.stack_sample_ticks = 4,
+            |c| c.jiffies_clock = 1,
+            |c| c.plain_releases = 1,
+            |c| c.follow_processes = 1,
+            |c| c.page_callers_steps = 12,
+            |c| c.bucket_mask = 0xffff,
+        ];
+        for other in others {
+            assert_eq!(enabled(other), 0);
+        }
+        let filters: [fn(&mut TracerConfig); 7] = [
+            |c| c.sample = SampleMasks::for_shift(1),
+            |c| c.sample = SampleMasks::for_shift(6),
+            |c| c.sample = SampleMasks::for_shift(MAX_SAMPLE_SHIFT),
+            |c| c.filter_tgid = 7,
+            |c| c.filter_comm_enabled = 1,
+            |c| c.min_size = 1,
+            |c| c.max_size = 4096,
+        ];
+        for filter in filters {
+            assert_eq!(enabled(filter), 1);
+        }
+    }
 
     #[test]
     fn null_and_zero_size_pointers_name_no_object() {

@@ -188,8 +188,11 @@ pub fn on_alloc<C: StackIdContext>(
     if config!(return_at_once) != 0 || names_no_object(key) {
         return;
     }
+    // One load for every filter at the defaults; a new filter must also enable this word
+    // (`TracerConfig::with_allocation_filters_enabled`).
+    let filters = config!(allocation_filters_enabled) != 0;
     // Before any map access, as for frees: with --sample-rate, most allocations end here.
-    if !sampled_object(key, config!(sample)) {
+    if filters && !sampled_object(key, config!(sample)) {
         return;
     }
     let Some(cpu) = ThisCpu::get() else {
@@ -199,21 +202,14 @@ pub fn on_alloc<C: StackIdContext>(
     let hash = mix64(key);
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    let filter_tgid = config!(filter_tgid);
-    if filter_tgid != 0 && filter_tgid != tgid {
+    if filters && !wanted_task(tgid) {
         cpu.count(Counter::Filtered);
         return;
     }
-    if config!(filter_comm_enabled) != 0
-        && bpf_get_current_comm().map_or(true, |comm| comm != config!(filter_comm))
-    {
-        cpu.count(Counter::Filtered);
-        return;
-    }
-
     let allocation = describe(cpu);
-    if allocation.bytes_allocated < config!(min_size)
-        || allocation.bytes_allocated > config!(max_size)
+    if filters
+        && (allocation.bytes_allocated < config!(min_size)
+            || allocation.bytes_allocated > config!(max_size))
     {
         cpu.count(Counter::Filtered);
         return;
@@ -249,18 +245,19 @@ pub fn on_alloc<C: StackIdContext>(
 
     // The first from a site before the sample: an object that gets its site's first stack is
     // not counted as left without one by the sample's limit.
-    let stack_id = if allocation.call_site == 0
+    let (stack_id, user_stack) = if allocation.call_site == 0
         || first_from_site(allocation.call_site)
         || stack_sampled(cpu, hash, config!(stack_shift))
     {
-        capture_stack(cpu, ctx, allocation.kind)
+        let stack_id = capture_stack(cpu, ctx, allocation.kind);
+        let user_stack = if config!(user_stacks) != 0 && stack_id >= 0 {
+            capture_user_stack(cpu, ctx)
+        } else {
+            0
+        };
+        (stack_id, user_stack)
     } else {
-        STACK_NOT_SAMPLED
-    };
-    let user_stack = if config!(user_stacks) != 0 && stack_id >= 0 {
-        capture_user_stack(cpu, ctx)
-    } else {
-        0
+        (STACK_NOT_SAMPLED, 0)
     };
     if allocation.cache_id != 0 {
         remember_cache(allocation.cache_id, name_of_cache);
@@ -293,6 +290,18 @@ pub fn on_alloc<C: StackIdContext>(
         }
     }
     cpu.count(Counter::TrackedAllocs);
+}
+
+/// Whether the `--pid` and `--comm` filters keep the allocations of the current task, whose
+/// thread-group id is `tgid`.
+#[inline(always)]
+fn wanted_task(tgid: u32) -> bool {
+    let filter_tgid = config!(filter_tgid);
+    if filter_tgid != 0 && filter_tgid != tgid {
+        return false;
+    }
+    config!(filter_comm_enabled) == 0
+        || bpf_get_current_comm().is_ok_and(|comm| comm == config!(filter_comm))
 }
 
 /// Adds `delta` (wrapping: `u32::MAX` takes one away) to a counter of the tracked-page filter.

@@ -916,8 +916,11 @@ fn load_object(
     plain_claims: bool,
     page_callers: Option<&PageCallerTable>,
 ) -> Result<Ebpf> {
+    // Derived here, after every field is final and where every configuration passes on its
+    // way to the kernel: a filter it did not enable would be skipped by the allocation hooks.
+    let config = config.with_allocation_filters_enabled();
     let mut ebpf = EbpfLoader::new()
-        .override_global("CONFIG", config, true)
+        .override_global("CONFIG", &config, true)
         .map_max_entries("OBJECT_KEYS", buckets)
         .map_max_entries("OBJECT_RECORDS", buckets)
         .map_max_entries(
