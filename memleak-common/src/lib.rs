@@ -868,38 +868,35 @@ mod tests {
 
     #[test]
     fn each_filter_enables_the_allocation_filters_and_no_other_setting_does() {
-        let enabled = |change: fn(&mut TracerConfig)| {
+        type Change = fn(&mut TracerConfig);
+        let enabled = |change: Change| {
             let mut config = TracerConfig::DEFAULT;
             change(&mut config);
             config
                 .with_allocation_filters_enabled()
                 .allocation_filters_enabled
         };
-        assert_eq!(enabled(|_| {}), 0);
-        let others: [fn(&mut TracerConfig); 8] = [
-            |c| c.user_stacks = 1,
-            |c| c.stack_shift = 4,
-            |c| c.stack_sample_ticks = 4,
-            |c| c.jiffies_clock = 1,
-            |c| c.plain_releases = 1,
-            |c| c.follow_processes = 1,
-            |c| c.page_callers_steps = 12,
-            |c| c.bucket_mask = 0xffff,
+        // Each setting alone, and whether it enables the filters.
+        let cases: [(Change, u32); 16] = [
+            (|_| {}, 0),
+            (|c| c.user_stacks = 1, 0),
+            (|c| c.stack_shift = 4, 0),
+            (|c| c.stack_sample_ticks = 4, 0),
+            (|c| c.jiffies_clock = 1, 0),
+            (|c| c.plain_releases = 1, 0),
+            (|c| c.follow_processes = 1, 0),
+            (|c| c.page_callers_steps = 12, 0),
+            (|c| c.bucket_mask = 0xffff, 0),
+            (|c| c.sample = SampleMasks::for_shift(1), 1),
+            (|c| c.sample = SampleMasks::for_shift(6), 1),
+            (|c| c.sample = SampleMasks::for_shift(MAX_SAMPLE_SHIFT), 1),
+            (|c| c.filter_tgid = 7, 1),
+            (|c| c.filter_comm_enabled = 1, 1),
+            (|c| c.min_size = 1, 1),
+            (|c| c.max_size = 4096, 1),
         ];
-        for other in others {
-            assert_eq!(enabled(other), 0);
-        }
-        let filters: [fn(&mut TracerConfig); 7] = [
-            |c| c.sample = SampleMasks::for_shift(1),
-            |c| c.sample = SampleMasks::for_shift(6),
-            |c| c.sample = SampleMasks::for_shift(MAX_SAMPLE_SHIFT),
-            |c| c.filter_tgid = 7,
-            |c| c.filter_comm_enabled = 1,
-            |c| c.min_size = 1,
-            |c| c.max_size = 4096,
-        ];
-        for filter in filters {
-            assert_eq!(enabled(filter), 1);
+        for (change, expected) in cases {
+            assert_eq!(enabled(change), expected);
         }
     }
 
