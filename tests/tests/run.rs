@@ -1,9 +1,14 @@
 //! End-to-end: `memleak run` around commands whose kernel allocations outlive them (System V
-//! messages left in a queue) or do not (the queue removed before exit).
-use std::process::Command;
+//! messages left in a queue, lock contexts left on files) or do not (the queue removed, half
+//! the files removed, before exit). Lock contexts live in a cache SLUB merges with others: a
+//! check scoped to it must count them under the shared cache's name, and say so.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{Context as _, Result, ensure};
-use memleak::trace::report::Report;
+use memleak::trace::report::{Entry, Report, Verdict};
 use memleak_tests::{entries_through, memleak_binary, message_cache};
 
 const MESSAGES: u64 = 200;
@@ -57,24 +62,43 @@ fn fixture() -> &'static str {
 /// WORKLOAD`: alloc_msg, which kmallocs each message with its header, is inlined into
 /// load_msg. The cache keeps out what a new slab for those messages allocates through the
 /// same path (its obj_exts vector, kmalloc-256), which legitimately outlives the queue.
-fn run_checked(workload: &str, junit: &std::path::Path) -> Result<(i32, Report, String)> {
-    let output = Command::new(memleak_binary()?)
-        // A wide --top: on a busy machine (a build running beside the tests) other sites can
-        // outgrow the 200 messages within the window.
-        .args(["run", "--grace", "1s", "--format", "json", "--top", "1000"])
-        // Only the fixture's allocations: its counts are then exact, and the counters prove
-        // that its messages were seen even when none is left.
-        .args(["--comm", FIXTURE_COMM])
-        .arg("--fail-on-leak")
-        .args([
+fn run_checked(workload: &str, junit: &Path) -> Result<(i32, Report, String)> {
+    let junit = junit.to_str().context("a JUnit path that is not UTF-8")?;
+    run_scoped(
+        workload,
+        MESSAGES,
+        &[],
+        &[
             "--function",
             "load_msg",
             "--cache",
             message_cache(),
             "--junit",
-        ])
-        .arg(junit)
-        .args(["--", fixture(), workload, &MESSAGES.to_string()])
+            junit,
+        ],
+    )
+}
+
+/// Runs `memleak run --fail-on-leak SCOPE... -- fixture WORKLOAD COUNT` with `environment`,
+/// counting only the fixture's allocations; its status, its report and what the fixture
+/// printed.
+fn run_scoped(
+    workload: &str,
+    count: u64,
+    environment: &[(&str, &Path)],
+    scope: &[&str],
+) -> Result<(i32, Report, String)> {
+    let output = Command::new(memleak_binary()?)
+        .envs(environment.iter().copied())
+        // A wide --top: on a busy machine (a build running beside the tests) other sites can
+        // outgrow the fixture's within the window.
+        .args(["run", "--grace", "1s", "--format", "json", "--top", "1000"])
+        // Only the fixture's allocations: its counts are then exact, and the counters prove
+        // that its objects were seen even when none is left.
+        .args(["--comm", FIXTURE_COMM])
+        .arg("--fail-on-leak")
+        .args(scope)
+        .args(["--", fixture(), workload, &count.to_string()])
         .output()
         .context("running memleak run")?;
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -94,6 +118,30 @@ fn run_checked(workload: &str, junit: &std::path::Path) -> Result<(i32, Report, 
     Ok((status, report, fixture_output))
 }
 
+/// A leak check that failed (status 1) on exactly the fixture's `count` objects, and the
+/// report's entry through `function` that holds them all.
+fn failed_check<'a>(
+    status: i32,
+    report: &'a Report,
+    function: &str,
+    count: u64,
+) -> Result<(&'a Verdict, &'a Entry)> {
+    ensure!(status == 1, "a leak must exit 1, got {status}: {report:#?}");
+    let check = report.check.as_ref().context("the report has no check")?;
+    ensure!(
+        check.failed && check.count == count,
+        "the check fails on exactly the fixture's {count} objects: {check:#?}"
+    );
+    let entry = entries_through(report, function)
+        .into_iter()
+        .max_by_key(|entry| entry.count)
+        .filter(|entry| entry.count == count)
+        .with_context(|| {
+            format!("no {function} stack with exactly {count} objects: {report:#?}")
+        })?;
+    Ok((check, entry))
+}
+
 #[test]
 fn messages_left_behind_fail_the_check() -> Result<()> {
     let Some(_exclusive) = memleak_tests::end_to_end() else {
@@ -107,20 +155,7 @@ fn messages_left_behind_fail_the_check() -> Result<()> {
     }
     let xml = std::fs::read_to_string(&junit).context("reading the JUnit file")?;
     let _ = std::fs::remove_file(&junit);
-    ensure!(status == 1, "a leak must exit 1, got {status}: {report:#?}");
-    let check = report.check.as_ref().context("the report has no check")?;
-    ensure!(check.failed, "check: {check:#?}");
-    ensure!(
-        check.count == MESSAGES,
-        "check counts exactly the fixture's {MESSAGES} messages: {check:#?}"
-    );
-    let messages = entries_through(&report, "load_msg")
-        .into_iter()
-        .max_by_key(|entry| entry.count)
-        .filter(|entry| entry.count == MESSAGES)
-        .with_context(|| {
-            format!("no load_msg stack with exactly {MESSAGES} objects: {report:#?}")
-        })?;
+    let (_, messages) = failed_check(status, &report, "load_msg", MESSAGES)?;
     ensure!(
         messages
             .processes
@@ -199,4 +234,128 @@ fn messages_cleaned_up_pass_the_check_with_the_commands_status() -> Result<()> {
         .output()?;
     ensure!(output.status.code() == Some(7), "status {}", output.status);
     Ok(())
+}
+
+const LOCKED_FILES: u64 = 200;
+/// The cache of `struct file_lock_context`, which SLUB merges with caches of its size on most
+/// kernels (on 6.18 here: with ftrace_event_field, damon_region and others).
+const LOCK_CONTEXT_CACHE: &str = "file_lock_ctx";
+
+/// The other names /sys/kernel/slab links to the directory of `cache`, read apart from memleak.
+fn merged_names(cache: &str) -> Vec<String> {
+    let root = std::path::Path::new("/sys/kernel/slab");
+    let Ok(directory) = std::fs::read_link(root.join(cache)) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().into_string().ok()?;
+            (name != cache && std::fs::read_link(entry.path()).ok()? == directory).then_some(name)
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// `memleak run --fail-on-leak --function locks_get_lock_context --cache file_lock_ctx
+/// THRESHOLDS...` around `fixture WORKLOAD 200`, whose files are removed afterwards whatever
+/// happened. They are on tmpfs when there is one, where their inodes, and so their lock
+/// contexts, are not reclaimed under memory pressure.
+fn run_lock_check(workload: &str, thresholds: &[&str]) -> Result<(i32, Report)> {
+    let shm = Path::new("/dev/shm");
+    let parent = if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    let directory: PathBuf = parent.join(format!("memleak-locks-test-{}", std::process::id()));
+    let mut scope = vec![
+        "--function",
+        "locks_get_lock_context",
+        "--cache",
+        LOCK_CONTEXT_CACHE,
+    ];
+    scope.extend_from_slice(thresholds);
+    let result = run_scoped(
+        workload,
+        LOCKED_FILES,
+        &[("MEMLEAK_LOCKS_DIR", &directory)],
+        &scope,
+    );
+    let _ = std::fs::remove_dir_all(&directory);
+    result.map(|(status, report, _)| (status, report))
+}
+
+/// The merged names the entry and the check give for `file_lock_ctx`, against sysfs.
+fn ensure_merged_names_are_named(contexts: &Entry, check: &Verdict) -> Result<()> {
+    let merged = merged_names(LOCK_CONTEXT_CACHE);
+    if merged.is_empty() {
+        // A cache of its own (slab_nomerge, or no partner of its size): named as it is.
+        ensure!(
+            contexts.cache.as_deref() == Some(LOCK_CONTEXT_CACHE)
+                && contexts.cache_merged_with.is_empty()
+                && check.cache_merged_with.is_empty(),
+            "an unmerged cache is named alone: {contexts:#?} {check:#?}"
+        );
+        return Ok(());
+    }
+    // Merged: the event names the shared cache by one of its names (file_lock_ctx's own when
+    // it was created first).
+    let shared = contexts.cache.clone().context("no cache named")?;
+    ensure!(
+        shared == LOCK_CONTEXT_CACHE || merged.contains(&shared),
+        "the entry's cache {shared} is one of {LOCK_CONTEXT_CACHE}'s merged names {merged:?}"
+    );
+    let mut names = contexts.cache_merged_with.clone();
+    names.push(shared);
+    names.sort();
+    let mut expected = merged.clone();
+    expected.push(LOCK_CONTEXT_CACHE.to_owned());
+    expected.sort();
+    ensure!(
+        names == expected,
+        "the entry names every name of the merged cache: {names:?}, sysfs {expected:?}"
+    );
+    ensure!(
+        check.cache_merged_with == merged,
+        "the check names {LOCK_CONTEXT_CACHE}'s other names {merged:?}: {check:#?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_check_on_a_merged_cache_counts_its_objects_and_says_it_is_merged() -> Result<()> {
+    let Some(_exclusive) = memleak_tests::end_to_end() else {
+        return Ok(());
+    };
+    let (status, report) = run_lock_check("leave-file-locks", &[])?;
+    let (check, contexts) = failed_check(status, &report, "locks_get_lock_context", LOCKED_FILES)?;
+    ensure_merged_names_are_named(contexts, check)
+}
+
+#[test]
+fn a_check_on_a_merged_cache_leaves_out_its_freed_objects() -> Result<()> {
+    let Some(_exclusive) = memleak_tests::end_to_end() else {
+        return Ok(());
+    };
+    // Half the contexts are freed before the fixture exits; the other half are allowed (by
+    // count: the bytes' allowance is wide).
+    let left = LOCKED_FILES / 2;
+    let (status, report) = run_lock_check(
+        "halve-file-locks",
+        &["--max-count", &left.to_string(), "--max-bytes", "1048576"],
+    )?;
+    let check = report.check.as_ref().context("the report has no check")?;
+    ensure!(
+        status == 0 && !check.failed && check.count == left,
+        "exactly the {left} contexts left count, and are allowed (status {status}): {check:#?}"
+    );
+    let contexts = entries_through(&report, "locks_get_lock_context")
+        .into_iter()
+        .find(|entry| entry.count == left)
+        .with_context(|| format!("no site with {left} lock contexts: {report:#?}"))?;
+    ensure_merged_names_are_named(contexts, check)
 }

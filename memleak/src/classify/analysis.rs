@@ -5,7 +5,10 @@ use std::{cmp::Reverse, collections::BTreeMap, time::Duration};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    kernel::procfs::{Meminfo, SlabCache, VmallocUsage},
+    kernel::{
+        procfs::{Meminfo, SlabCache, VmallocUsage},
+        slab_merges::SlabMerges,
+    },
     util::build::Producer,
 };
 
@@ -49,23 +52,8 @@ pub struct Sample {
 pub struct CacheFacts {
     /// SLAB_RECLAIM_ACCOUNT, from /sys/kernel/slab/NAME/reclaim_account.
     pub reclaimable: BTreeMap<String, bool>,
-    /// The cache each name is merged into (SLUB merges caches of compatible size and flags;
-    /// /sys/kernel/slab/NAME is then a link). A name that is its own cache maps to itself.
-    pub merged_into: BTreeMap<String, String>,
-}
-
-impl CacheFacts {
-    /// The other names of caches merged with `name`, sorted.
-    pub fn aliases(&self, name: &str) -> Vec<String> {
-        let Some(target) = self.merged_into.get(name) else {
-            return Vec::new();
-        };
-        self.merged_into
-            .iter()
-            .filter(|(alias, alias_target)| *alias != name && *alias_target == target)
-            .map(|(alias, _)| alias.clone())
-            .collect()
-    }
+    /// Which names SLUB merged into one cache.
+    pub merges: SlabMerges,
 }
 
 /// What growth counts as growing.
@@ -437,7 +425,7 @@ fn cache_trends(samples: &[Sample], context: &Context, window_seconds: f64) -> V
             };
             CacheTrend {
                 name: (*name).to_owned(),
-                aliases: facts.aliases(name),
+                aliases: facts.merges.others(name),
                 reclaimable: facts.reclaimable.get(*name).copied(),
                 bytes,
                 active_objects,

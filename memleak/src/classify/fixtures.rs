@@ -3,7 +3,10 @@
 use std::{fs, path::PathBuf, time::Duration};
 
 use super::analysis::{self, CacheFacts, Context, Report, Sample, Thresholds};
-use crate::kernel::procfs::{self, parse_name_values};
+use crate::kernel::{
+    procfs::{self, parse_name_values},
+    slab_merges::SlabMerges,
+};
 
 pub const PAGE: u64 = memleak_common::PAGE_SIZE as u64;
 
@@ -47,7 +50,7 @@ pub fn recorded(name: &str) -> (Vec<Sample>, CacheFacts) {
             .into_iter()
             .map(|(name, value)| (name, value == "1"))
             .collect(),
-        merged_into: parse_name_values(&read(dir.join("aliases"))),
+        merges: SlabMerges::from_directories(parse_name_values(&read(dir.join("aliases")))),
     };
     (samples, facts)
 }
@@ -120,9 +123,10 @@ pub fn facts(caches: &[(&str, bool)]) -> CacheFacts {
             .iter()
             .map(|(name, reclaimable)| ((*name).to_owned(), *reclaimable))
             .collect(),
-        merged_into: caches
-            .iter()
-            .map(|(name, _)| ((*name).to_owned(), (*name).to_owned()))
-            .collect(),
+        merges: SlabMerges::from_directories(
+            caches
+                .iter()
+                .map(|(name, _)| ((*name).to_owned(), (*name).to_owned())),
+        ),
     }
 }

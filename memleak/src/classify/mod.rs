@@ -12,7 +12,10 @@ use std::{fs, path::Path, time::Duration};
 use anyhow::{Context as _, Result, bail};
 
 use self::analysis::{CacheFacts, Context, Report, Sample, Thresholds};
-use crate::kernel::procfs::{self, Meminfo, SlabCache, SysSlabFiles, VmallocUsage};
+use crate::kernel::{
+    procfs::{self, Meminfo, SlabCache, SysSlabFiles, VmallocUsage},
+    slab_merges::{SYS_SLAB, SlabMerges},
+};
 
 /// What `classify` samples and how it judges growth.
 #[derive(Debug, Clone)]
@@ -63,8 +66,6 @@ pub fn page_size() -> Result<u64> {
         .filter(|size| *size > 0)
         .context("sysconf(_SC_PAGESIZE) failed")
 }
-
-const SYS_SLAB: &str = "/sys/kernel/slab";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SlabSource {
@@ -247,21 +248,14 @@ fn read_cache_facts(root: &Path) -> (CacheFacts, Option<String>) {
         let path = entry.path();
         match fs::read_to_string(path.join("reclaim_account")) {
             Ok(text) => {
-                facts.reclaimable.insert(name.clone(), text.trim() == "1");
+                facts.reclaimable.insert(name, text.trim() == "1");
             }
             Err(error) => {
                 unreadable.get_or_insert_with(|| format!("{}: {error}", path.display()));
             }
         }
-        let target = fs::read_link(&path)
-            .ok()
-            .and_then(|link| {
-                link.file_name()
-                    .map(|file| file.to_string_lossy().into_owned())
-            })
-            .unwrap_or_else(|| name.clone());
-        facts.merged_into.insert(name, target);
     }
+    facts.merges = SlabMerges::read_from(root);
     let which = if facts.reclaimable.is_empty() {
         "any"
     } else {
@@ -309,10 +303,9 @@ fn read_sys_slab(root: &Path, facts: &CacheFacts) -> Result<Vec<SlabCache>> {
         };
         let name = if directory.starts_with(':') {
             facts
-                .merged_into
-                .iter()
-                .find(|(_, target)| **target == directory)
-                .map_or(directory.clone(), |(alias, _)| alias.clone())
+                .merges
+                .first_name_in(&directory)
+                .map_or(directory.clone(), str::to_owned)
         } else {
             directory
         };

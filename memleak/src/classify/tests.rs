@@ -371,8 +371,8 @@ fn reads_a_sysfs_slab_tree_with_merged_caches() {
     assert_eq!(facts.reclaimable.get("dentry"), Some(&true));
     assert_eq!(facts.reclaimable.get("kmalloc-64"), Some(&false));
     assert!(!facts.reclaimable.contains_key(":0000064"));
-    assert_eq!(facts.aliases("kmalloc-64"), ["Acpi-Namespace"]);
-    assert!(facts.aliases("filp").is_empty());
+    assert_eq!(facts.merges.others("kmalloc-64"), ["Acpi-Namespace"]);
+    assert!(facts.merges.others("filp").is_empty());
 
     let mut caches = read_sys_slab(root, &facts).unwrap();
     caches.sort_by(|a, b| a.name.cmp(&b.name));

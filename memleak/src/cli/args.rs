@@ -224,7 +224,8 @@ pub struct CheckScopeArgs {
     #[arg(long, value_name = "GLOB")]
     pub function: Option<String>,
 
-    /// Count only allocations from this slab cache (`kmalloc-64`, `filp`, ...). Also scans
+    /// Count only allocations from this slab cache (`kmalloc-64`, `filp`, ...); when SLUB
+    /// merged it with others, its kmem_cache allocations under any of their names. Also scans
     /// the cache's objects when the window ends, finds its largest group of objects with
     /// similar contents (as `memleak scan` does), and marks the traced allocations that look
     /// like it: their call site is the suspected leaker.
@@ -242,9 +243,9 @@ pub struct CheckScopeArgs {
 
 #[derive(Debug, Args)]
 pub struct ScanArgs {
-    /// The slab cache to scan, by its name in /proc/slabinfo (`kmalloc-64`, `msg_msg-64`,
-    /// `filp`). A cache that SLUB merged into another is scanned as that one, and the report
-    /// says so.
+    /// The slab cache to scan, by its name in /proc/slabinfo or /sys/kernel/slab
+    /// (`kmalloc-64`, `msg_msg-64`, `filp`). A name SLUB made an alias of another cache
+    /// (merging) is scanned as that cache, and the report says so.
     #[arg(long, value_name = "NAME")]
     pub cache: String,
 

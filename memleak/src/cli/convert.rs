@@ -38,6 +38,8 @@ impl From<&LeakCheckArgs> for LeakCheck {
             modules: args.module.clone(),
             function: args.scope.function.clone(),
             cache: args.scope.cache.clone(),
+            // Known when the check is evaluated (`LeakCheck::with_cache_merges`).
+            cache_merged_with: Vec::new(),
             max_bytes: args.scope.max_bytes,
             max_count: args.scope.max_count,
             junit: args.junit.clone(),

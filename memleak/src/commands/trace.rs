@@ -18,7 +18,7 @@ use memleak::{
         probes::{self, Tracer},
         uprobes::{self, FollowedProcesses},
     },
-    kernel::{self, privileges, process::ProcessMaps},
+    kernel::{self, privileges, process::ProcessMaps, slab_merges::SlabMerges},
     kinds::Kind,
     output::{self, Format, Plain, ReportSink, profile},
     scan,
@@ -567,7 +567,10 @@ impl Session {
             KernelMemory::new(scanner.as_mut().map(scan::Scanner::view), self.slab_layout),
         )?;
         let verdict = leak_checks.enabled().then(|| {
-            let verdict = leak_checks.evaluate(&report.stacks);
+            let verdict = leak_checks
+                .clone()
+                .with_cache_merges(&SlabMerges::read())
+                .evaluate(&report.stacks);
             eprintln!(
                 "memleak: {}",
                 output::text::trace::verdict_summary(&verdict)

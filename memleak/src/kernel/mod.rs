@@ -11,6 +11,7 @@ pub mod orc;
 pub mod privileges;
 pub mod process;
 pub mod procfs;
+pub mod slab_merges;
 pub mod tracefs;
 
 pub const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";

@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use hashbrown::HashMap;
 
-use crate::{bpf::reader::KernelReader, kernel};
+use crate::{
+    bpf::reader::KernelReader,
+    kernel::{self, slab_merges::SlabMerges},
+};
 
 /// The base page size the slab layout is read with (x86_64's).
 pub const PAGE: u64 = memleak_common::PAGE_SIZE as u64;
@@ -143,8 +146,9 @@ impl Scanner {
         let slabs = slabs::read_slabs(reader, layout, bases, &pages.heads)?;
         let caches = slabs::read_caches(reader, layout, bases, &slabs)?;
         slabs::verify_slabs_lead_to_caches(&slabs, &caches)?;
-        let Some(cache) = slabs::find_cache(&caches, wanted).cloned() else {
-            if std::path::Path::new("/sys/kernel/slab")
+        let merges = SlabMerges::read();
+        let Some(cache) = slabs::find_cache(&caches, wanted, &merges).cloned() else {
+            if std::path::Path::new(kernel::slab_merges::SYS_SLAB)
                 .join(wanted)
                 .exists()
             {
@@ -155,7 +159,7 @@ impl Scanner {
         let scanner = Self {
             view,
             wanted: wanted.to_owned(),
-            shares_slabs_with: slabs::aliases(wanted),
+            shares_slabs_with: merges.others(wanted),
             cache,
         };
         Ok((scanner, slabs))

@@ -1,6 +1,6 @@
 //! Finds a cache's slab pages and reads its objects: slab pages from /proc/kpageflags, their
 //! `struct slab` from the vmemmap, the cache's `struct kmem_cache`, then the pages themselves.
-use std::{fs::File, io::Read as _, os::unix::fs::FileExt as _, path::Path};
+use std::{fs::File, io::Read as _, os::unix::fs::FileExt as _};
 
 use anyhow::{Context as _, Result};
 use hashbrown::{HashMap, HashSet};
@@ -10,7 +10,7 @@ use super::{
     layout::SlabLayout,
     memory::KernelMemory,
 };
-use crate::bpf::reader::KernelReader;
+use crate::{bpf::reader::KernelReader, kernel::slab_merges::SlabMerges};
 
 use super::PAGE;
 pub const KPF_SLAB: u64 = 1 << 7;
@@ -291,46 +291,20 @@ pub fn verify_slabs_lead_to_caches(
     Ok(())
 }
 
-/// The cache a user named, found among those read: by name, or through the sysfs link of a
-/// cache SLUB merged into another (`/sys/kernel/slab/NAME -> :A-0000064`).
-pub fn find_cache<'a>(caches: &'a HashMap<u64, Cache>, wanted: &str) -> Option<&'a Cache> {
+/// The cache a user named, found among those read: by name, or as the cache SLUB merged it
+/// into (`/sys/kernel/slab/NAME -> :A-0000064`).
+pub fn find_cache<'a>(
+    caches: &'a HashMap<u64, Cache>,
+    wanted: &str,
+    merges: &SlabMerges,
+) -> Option<&'a Cache> {
     if let Some(cache) = caches.values().find(|cache| cache.name == wanted) {
         return Some(cache);
     }
-    let sysfs = Path::new("/sys/kernel/slab");
-    let target = std::fs::canonicalize(sysfs.join(wanted)).ok()?;
-    let mut matching: Vec<&Cache> = caches
+    caches
         .values()
-        .filter(|cache| {
-            std::fs::canonicalize(sysfs.join(&cache.name)).ok().as_ref() == Some(&target)
-        })
-        .collect();
-    matching.sort_by_key(|cache| cache.address);
-    matching.first().copied()
-}
-
-/// The other names of the slabs of cache `name`: the caches whose /sys/kernel/slab entry leads
-/// to the same directory (SLUB merged them), sorted.
-pub fn aliases(name: &str) -> Vec<String> {
-    let sysfs = Path::new("/sys/kernel/slab");
-    let Ok(target) = std::fs::canonicalize(sysfs.join(name)) else {
-        return Vec::new();
-    };
-    let Ok(entries) = std::fs::read_dir(sysfs) else {
-        return Vec::new();
-    };
-    let mut names: Vec<String> = entries
-        .filter_map(|entry| {
-            let entry = entry.ok()?;
-            let other = entry.file_name().into_string().ok()?;
-            // Only links name caches; the directories they lead to have generated names.
-            let is_link = entry.file_type().ok()?.is_symlink();
-            (is_link && other != name && std::fs::canonicalize(entry.path()).ok()? == target)
-                .then_some(other)
-        })
-        .collect();
-    names.sort();
-    names
+        .filter(|cache| merges.same_cache(&cache.name, wanted))
+        .min_by_key(|cache| cache.address)
 }
 
 /// The objects of one cache: addresses, and `object_size` bytes each, back to back.

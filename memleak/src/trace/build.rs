@@ -15,7 +15,7 @@ use super::{
 };
 use crate::{
     bpf::maps::{self as table, TracerMaps},
-    kernel::process::ProcessMaps,
+    kernel::{process::ProcessMaps, slab_merges::SlabMerges},
     kinds::KindAttach,
     scan,
     symbols::{
@@ -201,6 +201,10 @@ pub fn build_report(
     }
     for (site, entry) in sites.iter().zip(&mut entries) {
         entry.unverified = site.unverified * u64::from(options.tracer.sample_rate);
+    }
+    let merges = SlabMerges::read();
+    for entry in &mut entries {
+        entry.name_merged_caches(&merges);
     }
     let scan = scan.map(|scan| {
         let mut report = scan.report(&header.kernel, Some(marks::marking(&entries)));

@@ -2,7 +2,10 @@
 //! thresholds (`output::junit` writes the JUnit XML CI systems display).
 use std::path::PathBuf;
 
+use memleak_common::AllocKind;
+
 use super::report::{Entry, LeakingSite, Verdict};
+use crate::{kernel::slab_merges::SlabMerges, kinds::kind_name};
 
 /// Exit status when a leak check fails (errors exit 2, a clean check 0).
 pub const EXIT_LEAK: u8 = 1;
@@ -20,11 +23,16 @@ pub struct LeakCheck {
     /// Count only allocations with a stack frame in a function matching GLOB (`*`, `?`).
     pub function: Option<String>,
 
-    /// Count only allocations from this slab cache (`kmalloc-64`, `filp`, ...). Also scans
-    /// the cache's objects when the window ends, finds its largest group of objects with
-    /// similar contents (as `memleak scan` does), and marks the traced allocations that look
-    /// like it: their call site is the suspected leaker.
+    /// Count only allocations from this slab cache (`kmalloc-64`, `filp`, ...); when SLUB
+    /// merged it with others, its kmem_cache allocations under any of their names. Also scans the cache's objects when the
+    /// window ends, finds its largest group of objects with similar contents (as `memleak
+    /// scan` does), and marks the traced allocations that look like it: their call site is the
+    /// suspected leaker.
     pub cache: Option<String>,
+
+    /// The other names of `cache`'s slab cache, when SLUB merged it with others: the events
+    /// name the shared cache by one of them ([`LeakCheck::with_cache_merges`]).
+    pub cache_merged_with: Vec<String>,
 
     /// Outstanding bytes allowed in scope.
     pub max_bytes: u64,
@@ -37,6 +45,15 @@ pub struct LeakCheck {
 }
 
 impl LeakCheck {
+    /// The check with the other names of its `--cache`, read when it is evaluated: a module
+    /// under test creates its caches after the check is set up.
+    pub fn with_cache_merges(mut self, merges: &SlabMerges) -> Self {
+        if let Some(cache) = &self.cache {
+            self.cache_merged_with = merges.others(cache);
+        }
+        self
+    }
+
     pub fn enabled(&self) -> bool {
         self.fail_on_leak || self.junit.is_some()
     }
@@ -77,10 +94,17 @@ impl LeakCheck {
                     .is_some_and(|s| glob_match(pattern, s))
             })
         });
-        let cache_matches = self
-            .cache
-            .as_ref()
-            .is_none_or(|cache| entry.cache.as_deref() == Some(cache.as_str()));
+        // A kmem_cache entry of a cache SLUB merged with the wanted one is that cache: its events
+        // name it by another of its names (`Verdict::cache_merged_with` says so). kmalloc
+        // entries are kmalloc's, whichever caches share their size class.
+        let cache_matches = self.cache.as_ref().is_none_or(|cache| match &entry.cache {
+            Some(entry_cache) => {
+                entry_cache == cache
+                    || (entry.kind == kind_name(AllocKind::KmemCache)
+                        && self.cache_merged_with.contains(entry_cache))
+            }
+            None => false,
+        });
         module_matches && function_matches && cache_matches
     }
 
@@ -100,6 +124,7 @@ impl LeakCheck {
         let count = leaking.iter().map(|site| site.count).sum();
         Verdict {
             scope: self.scope(),
+            cache_merged_with: self.cache_merged_with.clone(),
             bytes,
             count,
             max_bytes: self.max_bytes,
@@ -157,7 +182,7 @@ pub(crate) mod fixtures {
         }
     }
 
-    fn entry(symbol: &str, module: Option<&str>, cache: &str, count: u64) -> Entry {
+    pub fn entry(symbol: &str, module: Option<&str>, cache: &str, count: u64) -> Entry {
         Entry {
             bytes: count * 64,
             count,
@@ -165,6 +190,7 @@ pub(crate) mod fixtures {
             estimated: false,
             kind: "kmalloc".into(),
             cache: Some(cache.into()),
+            cache_merged_with: Vec::new(),
             oldest_age_ms: 1000,
             call_site: frame(symbol, module),
             frames: vec![frame(symbol, module), frame("do_one_initcall", None)],
@@ -193,7 +219,7 @@ pub(crate) mod fixtures {
 mod tests {
     use super::*;
 
-    use super::fixtures::entries;
+    use super::fixtures::{entries, entry};
 
     #[test]
     fn scopes_by_module_function_and_cache() {
@@ -235,6 +261,64 @@ mod tests {
         let verdict = clean.evaluate(&entries());
         assert!(!verdict.failed);
         assert_eq!(verdict.count, 0);
+    }
+
+    #[test]
+    fn a_cache_name_merged_with_others_matches_their_kmem_cache_entries() {
+        let merges = SlabMerges::from_directories(
+            [
+                ("ftrace_event_field", ":0000056"),
+                ("file_lock_ctx", ":0000056"),
+                ("kmalloc-64", ":0000064"),
+                ("Acpi-Namespace", ":0000064"),
+                ("filp", "filp"),
+            ]
+            .map(|(name, directory)| (name.to_owned(), directory.to_owned())),
+        );
+        let mut entries = entries();
+        entries.push(Entry {
+            kind: "kmem_cache".into(),
+            ..entry("locks_get_lock_context", None, "ftrace_event_field", 30)
+        });
+        entries.push(Entry {
+            kind: "kmem_cache".into(),
+            ..entry("acpi_ns_create_node", None, "kmalloc-64", 20)
+        });
+        let check = |cache: &str| {
+            LeakCheck {
+                cache: Some(cache.into()),
+                ..Default::default()
+            }
+            .with_cache_merges(&merges)
+            .evaluate(&entries)
+        };
+
+        let by_merged_name = check("file_lock_ctx");
+        assert_eq!((by_merged_name.count, by_merged_name.sites.len()), (30, 1));
+        assert_eq!(by_merged_name.cache_merged_with, ["ftrace_event_field"]);
+        // The events' own name counts the other names' objects too, and says so.
+        let by_event_name = check("ftrace_event_field");
+        assert_eq!(by_event_name.count, 30);
+        assert_eq!(by_event_name.cache_merged_with, ["file_lock_ctx"]);
+        // kmalloc's objects are kmalloc's: only the kmem_cache entry of the shared cache counts.
+        let by_alias_of_kmalloc = check("Acpi-Namespace");
+        assert_eq!(
+            (by_alias_of_kmalloc.count, by_alias_of_kmalloc.sites.len()),
+            (20, 1)
+        );
+        assert_eq!(check("kmalloc-64").count, 120);
+        let unmerged = check("filp");
+        assert_eq!(unmerged.count, 0);
+        assert!(unmerged.cache_merged_with.is_empty());
+        // Nothing in scope: the check still says the name is merged.
+        let nothing = LeakCheck {
+            cache: Some("file_lock_ctx".into()),
+            ..Default::default()
+        }
+        .with_cache_merges(&merges)
+        .evaluate(&super::fixtures::entries());
+        assert_eq!(nothing.count, 0);
+        assert_eq!(nothing.cache_merged_with, ["ftrace_event_field"]);
     }
 
     #[test]

@@ -10,6 +10,7 @@ use super::{
 };
 use crate::{
     bpf::maps::Counters,
+    kernel::slab_merges::SlabMerges,
     kinds::{KindAttach, kind_name},
     scan::{FreeReason, Liveness, ScanReport},
     symbols::{
@@ -202,7 +203,13 @@ pub struct Entry {
     /// Whether `bytes` and `count` are estimates scaled from a sample (`--sample-rate`).
     pub estimated: bool,
     pub kind: String,
+    /// The slab cache as the allocation event names it.
     pub cache: Option<String>,
+    /// For kmem_cache entries, the other names of `cache`: caches SLUB merged with it
+    /// (aliases of one `struct kmem_cache`). The event names only the cache they share, so
+    /// these objects may have been allocated under any of the names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cache_merged_with: Vec<String>,
     pub oldest_age_ms: u64,
     /// Where the allocator was called from: the frame the stacks below all pass through.
     pub call_site: Frame,
@@ -233,6 +240,18 @@ pub struct Entry {
     /// With `--user-stacks`: the user-space code behind this entry's sampled objects.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_stacks: Option<UserStacks>,
+}
+
+impl Entry {
+    /// Lists the other names of a kmem_cache entry's cache, when SLUB merged it with others.
+    /// A kmalloc entry's objects are kmalloc's, whatever caches share its size class.
+    pub fn name_merged_caches(&mut self, merges: &SlabMerges) {
+        if self.kind == kind_name(AllocKind::KmemCache)
+            && let Some(cache) = &self.cache
+        {
+            self.cache_merged_with = merges.others(cache);
+        }
+    }
 }
 
 /// The user-space stacks captured with an entry's kernel stacks.
@@ -270,6 +289,10 @@ pub struct LeakingSite {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Verdict {
     pub scope: String,
+    /// With `--cache NAME` of a cache SLUB merged with others: their names. The events name
+    /// the shared cache by one of them, so its kmem_cache objects count under any of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cache_merged_with: Vec<String>,
     pub bytes: u64,
     pub count: u64,
     pub max_bytes: u64,
@@ -522,6 +545,7 @@ pub fn entry(site: &Site, context: &Context<'_>) -> Entry {
         estimated: scale > 1,
         kind: kind_name(site.key.kind).to_owned(),
         cache,
+        cache_merged_with: Vec::new(),
         oldest_age_ms: context.now_ns.saturating_sub(site.oldest_timestamp_ns) / 1_000_000,
         call_site,
         frames,
@@ -667,6 +691,23 @@ mod tests {
     };
     use crate::scan::FreeReason;
     use crate::trace::aggregate;
+
+    #[test]
+    fn only_kmem_cache_entries_name_the_merged_caches() {
+        let merges = SlabMerges::from_directories(
+            [("kmalloc-64", ":0000064"), ("Acpi-Namespace", ":0000064")]
+                .map(|(name, directory)| (name.to_owned(), directory.to_owned())),
+        );
+        let mut report = sample_report(1);
+        // sample_report's first entry: a kmalloc site in kmalloc-64.
+        let entry = &mut report.stacks[0];
+        assert_eq!(entry.cache.as_deref(), Some("kmalloc-64"));
+        entry.name_merged_caches(&merges);
+        assert!(entry.cache_merged_with.is_empty());
+        entry.kind = kind_name(AllocKind::KmemCache).to_owned();
+        entry.name_merged_caches(&merges);
+        assert_eq!(entry.cache_merged_with, ["Acpi-Namespace"]);
+    }
 
     #[test]
     fn user_stacks_are_the_allocating_codes_heaviest_first() {

@@ -9,14 +9,15 @@
 //! The same read names the cache of kmem_cache sites on kernels whose classic
 //! `kmem_cache_alloc` event has no cache name (before Linux 6.2); where it is impossible they
 //! stay unnamed.
-use std::path::Path;
-
 use anyhow::Result;
 use hashbrown::{HashMap, HashSet};
 use memleak_common::AllocKind;
 
 use super::aggregate::{GFP_ACCOUNT, GFP_DMA, GFP_RECLAIMABLE, SiteKey};
-use crate::{kernel::procfs::parse_slabinfo, scan::Object};
+use crate::{
+    kernel::{procfs::parse_slabinfo, slab_merges::SlabMerges},
+    scan::Object,
+};
 
 /// The cache that kmalloc_type() picks for an allocation of `size` bytes with `gfp` flags,
 /// among the variants `exists`: `__GFP_DMA` goes to `dma-kmalloc-*` (when the kernel has a DMA
@@ -47,10 +48,9 @@ pub fn size_class_cache(size: u64, gfp: u32, exists: impl Fn(&str) -> bool) -> O
 /// The names of the kernel's slab caches: /sys/kernel/slab (merged caches too), else
 /// /proc/slabinfo.
 fn known_caches() -> HashSet<String> {
-    if let Ok(entries) = std::fs::read_dir(Path::new("/sys/kernel/slab")) {
-        return entries
-            .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
-            .collect();
+    let merges = SlabMerges::read();
+    if merges.names().next().is_some() {
+        return merges.names().map(str::to_owned).collect();
     }
     std::fs::read_to_string("/proc/slabinfo")
         .ok()
@@ -417,7 +417,10 @@ mod tests {
     #[test]
     fn knows_this_kernels_caches() {
         // SLUB kernels list every cache, merged ones too, in /sys/kernel/slab.
-        if Path::new("/sys/kernel/slab/kmalloc-64").exists() {
+        if std::path::Path::new(crate::kernel::slab_merges::SYS_SLAB)
+            .join("kmalloc-64")
+            .exists()
+        {
             let known = known_caches();
             assert!(known.contains("kmalloc-64"), "{} caches", known.len());
         }

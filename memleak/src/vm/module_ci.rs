@@ -377,6 +377,7 @@ mod tests {
             let mut report = crate::trace::report::fixtures::sample_report(1);
             report.check = Some(Verdict {
                 scope: "module=leaky function=* cache=*".into(),
+                cache_merged_with: Vec::new(),
                 bytes: 0,
                 count: 0,
                 max_bytes: 0,

@@ -16,6 +16,13 @@
 //! `leave-messages N`: sends N messages to a new System V message queue (each kmallocs a
 //! `struct msg_msg` in load_msg), prints the queue id and exits, leaving the queue behind.
 //! `clean-messages N`: the same, but removes the queue before exiting.
+//! `leave-file-locks N`: creates N files in a new directory ($MEMLEAK_LOCKS_DIR, else one in
+//! /dev/shm, whose tmpfs inodes are not reclaimed) and takes a POSIX lock on each (the first lock on an inode
+//! kmem_cache_allocs its `struct file_lock_context` in locks_get_lock_context), closes them,
+//! prints the directory and exits: the locks go with the files, the contexts stay with the
+//! inodes until they are evicted.
+//! `halve-file-locks N`: the same, but removes every other file before exiting, which evicts
+//! its inode and frees its context (N/2 are left).
 //! `hold-messages N`: sends N 16-byte messages (each a 64-byte `struct msg_msg` kmalloc'ed in
 //! load_msg) to as many System V message queues as they need, prints `ready`, and holds them
 //! until standard input reaches EOF (no open files: more objects than RLIMIT_NOFILE allows
@@ -487,7 +494,8 @@ fn run(args: &[String]) -> Result<(), String> {
     let [command, number] = args else {
         return Err(
             "usage: memleak-fixture [wait-then-]hold-eventfds|churn-eventfds|hold-bpf-maps\
-             |hold-pipe-pages|churn-pipe-pages|leave-messages|clean-messages|hold-messages N \
+             |hold-pipe-pages|churn-pipe-pages|leave-messages|clean-messages|hold-messages\
+             |leave-file-locks|halve-file-locks N \
              | churn-epolls|churn-processes|churn-threads|churn-timerfds|churn-tcp|churn-udp\
              |churn-unix|churn-io-uring|churn-bpf-hash|churn-inotify|churn-mount-ns|churn-pidfds N \
              | bench-churn|bench-mixed|bench-build MILLIS | grow-eventfds|grow-bpf-maps|grow-pipe-pages|watch-mix RATE SECONDS"
@@ -572,8 +580,64 @@ fn run(args: &[String]) -> Result<(), String> {
             let queue = fill_message_queue(number)?;
             remove_message_queue(queue)
         }
+        "leave-file-locks" => {
+            let directory = lock_files(number)?;
+            say(&directory.display().to_string());
+            Ok(())
+        }
+        "halve-file-locks" => {
+            let directory = lock_files(number)?;
+            for index in (0..number).step_by(2) {
+                let path = directory.join(index.to_string());
+                std::fs::remove_file(&path)
+                    .map_err(|error| format!("removing {}: {error}", path.display()))?;
+            }
+            say(&directory.display().to_string());
+            Ok(())
+        }
         other => Err(format!("unknown workload `{other}`")),
     }
+}
+
+/// Creates `count` files in a new directory and takes a POSIX write lock on each, then closes
+/// them; returns the directory.
+fn lock_files(count: u64) -> Result<std::path::PathBuf, String> {
+    let directory = match std::env::var_os("MEMLEAK_LOCKS_DIR") {
+        Some(directory) => std::path::PathBuf::from(directory),
+        None => {
+            std::path::Path::new("/dev/shm").join(format!("memleak-locks-{}", std::process::id()))
+        }
+    };
+    std::fs::create_dir(&directory)
+        .map_err(|error| format!("creating {}: {error}", directory.display()))?;
+    lock_files_in(&directory, count).inspect_err(|_| {
+        let _ = std::fs::remove_dir_all(&directory);
+    })?;
+    Ok(directory)
+}
+
+fn lock_files_in(directory: &std::path::Path, count: u64) -> Result<(), String> {
+    use std::os::fd::AsRawFd as _;
+    for index in 0..count {
+        let path = directory.join(index.to_string());
+        let file = std::fs::File::create(&path)
+            .map_err(|error| format!("creating {}: {error}", path.display()))?;
+        let lock = libc::flock {
+            l_type: libc::F_WRLCK as libc::c_short,
+            l_whence: libc::SEEK_SET as libc::c_short,
+            l_start: 0,
+            l_len: 0,
+            l_pid: 0,
+        };
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLK, &lock) } != 0 {
+            return Err(format!(
+                "locking {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Pages a pipe holds by default (`pipe-max-size` aside): its 16 buffers.

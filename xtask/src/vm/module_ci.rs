@@ -215,6 +215,7 @@ mod tests {
             serde_json::from_str(include_str!("../../testdata/vm/module-ci-unload.json")).unwrap();
         report.check = Some(Verdict {
             scope: "module=leaky function=* cache=*".into(),
+            cache_merged_with: Vec::new(),
             bytes: 0,
             count: sites.iter().map(|(_, count)| count).sum(),
             max_bytes: 0,

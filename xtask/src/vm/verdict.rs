@@ -645,6 +645,7 @@ pub(super) mod tests {
     ) -> String {
         let check = Verdict {
             scope: "module leaky".to_owned(),
+            cache_merged_with: Vec::new(),
             bytes: sites.iter().map(|site| site.bytes).sum(),
             count: sites.iter().map(|site| site.count).sum(),
             max_bytes: 0,
@@ -723,6 +724,7 @@ pub(super) mod tests {
             estimated: false,
             kind: "kmalloc".to_owned(),
             cache: Some("kmalloc-64".to_owned()),
+            cache_merged_with: Vec::new(),
             oldest_age_ms: 0,
             frames: vec![call_site.clone()],
             call_site,

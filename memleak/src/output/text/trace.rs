@@ -240,6 +240,16 @@ pub fn render_text(report: &Report) -> String {
             duration::display(std::time::Duration::from_millis(entry.oldest_age_ms)),
         );
         let _ = writeln!(out, "     call site: {}", entry.call_site);
+        if let Some(cache) = &entry.cache
+            && !entry.cache_merged_with.is_empty()
+        {
+            let _ = writeln!(
+                out,
+                "     merged cache: {} are aliases of {cache} (SLUB merging); these objects may \
+                 have been allocated under any of these names, the call site tells which",
+                entry.cache_merged_with.join(", ")
+            );
+        }
         if entry.unreliable {
             let _ = writeln!(
                 out,
@@ -368,11 +378,20 @@ fn render_user_stacks(out: &mut String, user: &UserStacks) {
 const USER_FRAMES_SHOWN: usize = 8;
 
 pub fn verdict_summary(verdict: &Verdict) -> String {
+    let scope = if verdict.cache_merged_with.is_empty() {
+        verdict.scope.clone()
+    } else {
+        format!(
+            "{}; SLUB merged the cache with {}: kmem_cache allocations under any of these names \
+             count",
+            verdict.scope,
+            verdict.cache_merged_with.join(", ")
+        )
+    };
     if verdict.failed {
         format!(
-            "leak check failed ({}): {} in {} objects from {} allocation sites outstanding \
+            "leak check failed ({scope}): {} in {} objects from {} allocation sites outstanding \
              (allowed: {} bytes, {} objects)",
-            verdict.scope,
             human_bytes(verdict.bytes),
             thousands(verdict.count),
             verdict.sites.len(),
@@ -381,8 +400,7 @@ pub fn verdict_summary(verdict: &Verdict) -> String {
         )
     } else {
         format!(
-            "leak check passed ({}): {} in {} objects outstanding",
-            verdict.scope,
+            "leak check passed ({scope}): {} in {} objects outstanding",
             human_bytes(verdict.bytes),
             thousands(verdict.count)
         )
@@ -471,6 +489,48 @@ mod tests {
         assert!(text.contains("stack of 2 of 3 sampled objects:\n         alloc_site+0x4/0x40\n"));
         assert!(text.contains("allocated by: 7 (leaker) 2, 8 (?) 2"));
         assert!(!text.contains("claim races"));
+    }
+
+    #[test]
+    fn merged_caches_are_named_with_the_entry_and_the_check() {
+        let mut report = sample_report(1);
+        let text = render_text(&report);
+        assert!(!text.contains("merged"), "{text}");
+        report.stacks[0].kind = "kmem_cache".into();
+        report.stacks[0].cache = Some("ftrace_event_field".into());
+        report.stacks[0].cache_merged_with = vec!["damon_region".into(), "file_lock_ctx".into()];
+        let text = render_text(&report);
+        assert!(
+            text.contains(
+                "     call site: alloc_site+0x4/0x40\n     merged cache: damon_region, \
+                 file_lock_ctx are aliases of ftrace_event_field (SLUB merging); these objects \
+                 may have been allocated under any of these names, the call site tells which\n"
+            ),
+            "{text}"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&crate::output::json::render_json(&report)).unwrap();
+        assert_eq!(
+            json["stacks"][0]["cache_merged_with"],
+            serde_json::json!(["damon_region", "file_lock_ctx"])
+        );
+        assert!(json["stacks"][1].get("cache_merged_with").is_none());
+
+        let verdict = Verdict {
+            scope: "module=* function=* cache=file_lock_ctx".into(),
+            cache_merged_with: vec!["damon_region".into(), "ftrace_event_field".into()],
+            bytes: 64,
+            count: 1,
+            max_bytes: 0,
+            max_count: 0,
+            failed: true,
+            sites: Vec::new(),
+        };
+        assert!(verdict_summary(&verdict).starts_with(
+            "leak check failed (module=* function=* cache=file_lock_ctx; SLUB merged the cache \
+             with damon_region, ftrace_event_field: kmem_cache allocations under any of these \
+             names count): 64 B in 1 objects"
+        ));
     }
 
     #[test]
