@@ -2,10 +2,7 @@
 //! messages left in a queue, lock contexts left on files) or do not (the queue removed, half
 //! the files removed, before exit). Lock contexts live in a cache SLUB merges with others: a
 //! check scoped to it must count them under the shared cache's name, and say so.
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::{path::Path, process::Command};
 
 use anyhow::{Context as _, Result, ensure};
 use memleak::trace::report::{Entry, Report, Verdict};
@@ -243,7 +240,7 @@ const LOCK_CONTEXT_CACHE: &str = "file_lock_ctx";
 
 /// The other names /sys/kernel/slab links to the directory of `cache`, read apart from memleak.
 fn merged_names(cache: &str) -> Vec<String> {
-    let root = std::path::Path::new("/sys/kernel/slab");
+    let root = Path::new("/sys/kernel/slab");
     let Ok(directory) = std::fs::read_link(root.join(cache)) else {
         return Vec::new();
     };
@@ -271,7 +268,7 @@ fn run_lock_check(workload: &str, thresholds: &[&str]) -> Result<(i32, Report)> 
     } else {
         std::env::temp_dir()
     };
-    let directory: PathBuf = parent.join(format!("memleak-locks-test-{}", std::process::id()));
+    let directory = parent.join(format!("memleak-locks-test-{}", std::process::id()));
     let mut scope = vec![
         "--function",
         "locks_get_lock_context",

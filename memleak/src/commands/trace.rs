@@ -558,6 +558,9 @@ impl Session {
             user_process,
             exited_processes: self.polled.exited_maps,
         };
+        // Read as the window ends, for the entries and the check alike: a module under test
+        // creates its caches after the check is set up.
+        let merges = SlabMerges::read();
         let mut report = report_build::build_report(
             &options.trace,
             &maps,
@@ -565,11 +568,12 @@ impl Session {
             header,
             scan.as_ref(),
             KernelMemory::new(scanner.as_mut().map(scan::Scanner::view), self.slab_layout),
+            &merges,
         )?;
         let verdict = leak_checks.enabled().then(|| {
             let verdict = leak_checks
                 .clone()
-                .with_cache_merges(&SlabMerges::read())
+                .with_cache_merges(&merges)
                 .evaluate(&report.stacks);
             eprintln!(
                 "memleak: {}",

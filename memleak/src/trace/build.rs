@@ -50,7 +50,7 @@ pub struct ReportHeader {
 }
 
 /// Builds the report with an entry for every site (leak checks see them all; the caller
-/// truncates to `--top` for display).
+/// truncates to `--top` for display). `merges` are the slab caches' as the window ends.
 pub fn build_report(
     options: &Options,
     maps: &TracerMaps,
@@ -58,6 +58,7 @@ pub fn build_report(
     mut header: ReportHeader,
     scan: Option<&scan::CacheScan>,
     cache_reader: KernelMemory<'_>,
+    merges: &SlabMerges,
 ) -> Result<Report> {
     let counters = table::read_counters(maps)?;
     let min_age = options.min_age;
@@ -202,9 +203,8 @@ pub fn build_report(
     for (site, entry) in sites.iter().zip(&mut entries) {
         entry.unverified = site.unverified * u64::from(options.tracer.sample_rate);
     }
-    let merges = SlabMerges::read();
     for entry in &mut entries {
-        entry.name_merged_caches(&merges);
+        entry.name_merged_caches(merges);
     }
     let scan = scan.map(|scan| {
         let mut report = scan.report(&header.kernel, Some(marks::marking(&entries)));

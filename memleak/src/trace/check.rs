@@ -2,10 +2,8 @@
 //! thresholds (`output::junit` writes the JUnit XML CI systems display).
 use std::path::PathBuf;
 
-use memleak_common::AllocKind;
-
 use super::report::{Entry, LeakingSite, Verdict};
-use crate::{kernel::slab_merges::SlabMerges, kinds::kind_name};
+use crate::kernel::slab_merges::SlabMerges;
 
 /// Exit status when a leak check fails (errors exit 2, a clean check 0).
 pub const EXIT_LEAK: u8 = 1;
@@ -24,14 +22,14 @@ pub struct LeakCheck {
     pub function: Option<String>,
 
     /// Count only allocations from this slab cache (`kmalloc-64`, `filp`, ...); when SLUB
-    /// merged it with others, its kmem_cache allocations under any of their names. Also scans the cache's objects when the
-    /// window ends, finds its largest group of objects with similar contents (as `memleak
-    /// scan` does), and marks the traced allocations that look like it: their call site is the
-    /// suspected leaker.
+    /// merged it with others, its kmem_cache allocations under any of their names. Also scans
+    /// the cache's objects when the window ends, finds its largest group of objects with
+    /// similar contents (as `memleak scan` does), and marks the traced allocations that look
+    /// like it: their call site is the suspected leaker.
     pub cache: Option<String>,
 
-    /// The other names of `cache`'s slab cache, when SLUB merged it with others: the events
-    /// name the shared cache by one of them ([`LeakCheck::with_cache_merges`]).
+    /// The other names of `cache`'s slab cache, when SLUB merged it with others, for the
+    /// verdict to say so even with nothing in scope ([`LeakCheck::with_cache_merges`]).
     pub cache_merged_with: Vec<String>,
 
     /// Outstanding bytes allowed in scope.
@@ -45,8 +43,8 @@ pub struct LeakCheck {
 }
 
 impl LeakCheck {
-    /// The check with the other names of its `--cache`, read when it is evaluated: a module
-    /// under test creates its caches after the check is set up.
+    /// The check with the other names of its `--cache`, from the merges the entries were
+    /// named with ([`Entry::name_merged_caches`]).
     pub fn with_cache_merges(mut self, merges: &SlabMerges) -> Self {
         if let Some(cache) = &self.cache {
             self.cache_merged_with = merges.others(cache);
@@ -94,16 +92,11 @@ impl LeakCheck {
                     .is_some_and(|s| glob_match(pattern, s))
             })
         });
-        // A kmem_cache entry of a cache SLUB merged with the wanted one is that cache: its events
-        // name it by another of its names (`Verdict::cache_merged_with` says so). kmalloc
-        // entries are kmalloc's, whichever caches share their size class.
-        let cache_matches = self.cache.as_ref().is_none_or(|cache| match &entry.cache {
-            Some(entry_cache) => {
-                entry_cache == cache
-                    || (entry.kind == kind_name(AllocKind::KmemCache)
-                        && self.cache_merged_with.contains(entry_cache))
-            }
-            None => false,
+        // An entry whose cache SLUB merged with the wanted one is that cache, named by another
+        // of its names (`Verdict::cache_merged_with` says so).
+        let cache_matches = self.cache.as_ref().is_none_or(|cache| {
+            entry.cache.as_deref() == Some(cache.as_str())
+                || entry.cache_merged_with.contains(cache)
         });
         module_matches && function_matches && cache_matches
     }
@@ -284,6 +277,9 @@ mod tests {
             kind: "kmem_cache".into(),
             ..entry("acpi_ns_create_node", None, "kmalloc-64", 20)
         });
+        for entry in &mut entries {
+            entry.name_merged_caches(&merges);
+        }
         let check = |cache: &str| {
             LeakCheck {
                 cache: Some(cache.into()),

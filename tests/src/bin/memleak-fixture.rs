@@ -16,11 +16,10 @@
 //! `leave-messages N`: sends N messages to a new System V message queue (each kmallocs a
 //! `struct msg_msg` in load_msg), prints the queue id and exits, leaving the queue behind.
 //! `clean-messages N`: the same, but removes the queue before exiting.
-//! `leave-file-locks N`: creates N files in a new directory ($MEMLEAK_LOCKS_DIR, else one in
-//! /dev/shm, whose tmpfs inodes are not reclaimed) and takes a POSIX lock on each (the first lock on an inode
-//! kmem_cache_allocs its `struct file_lock_context` in locks_get_lock_context), closes them,
-//! prints the directory and exits: the locks go with the files, the contexts stay with the
-//! inodes until they are evicted.
+//! `leave-file-locks N`: creates N files in the new directory $MEMLEAK_LOCKS_DIR and takes a
+//! POSIX lock on each (the first lock on an inode kmem_cache_allocs its `struct
+//! file_lock_context` in locks_get_lock_context), closes them, prints the directory and exits:
+//! the locks go with the files, the contexts stay with the inodes until they are evicted.
 //! `halve-file-locks N`: the same, but removes every other file before exiting, which evicts
 //! its inode and frees its context (N/2 are left).
 //! `hold-messages N`: sends N 16-byte messages (each a 64-byte `struct msg_msg` kmalloc'ed in
@@ -599,15 +598,12 @@ fn run(args: &[String]) -> Result<(), String> {
     }
 }
 
-/// Creates `count` files in a new directory and takes a POSIX write lock on each, then closes
-/// them; returns the directory.
+/// Creates `count` files in the new directory $MEMLEAK_LOCKS_DIR and takes a POSIX write lock
+/// on each, then closes them; returns the directory.
 fn lock_files(count: u64) -> Result<std::path::PathBuf, String> {
-    let directory = match std::env::var_os("MEMLEAK_LOCKS_DIR") {
-        Some(directory) => std::path::PathBuf::from(directory),
-        None => {
-            std::path::Path::new("/dev/shm").join(format!("memleak-locks-{}", std::process::id()))
-        }
-    };
+    let directory = std::path::PathBuf::from(
+        std::env::var_os("MEMLEAK_LOCKS_DIR").ok_or("MEMLEAK_LOCKS_DIR names no directory")?,
+    );
     std::fs::create_dir(&directory)
         .map_err(|error| format!("creating {}: {error}", directory.display()))?;
     lock_files_in(&directory, count).inspect_err(|_| {
