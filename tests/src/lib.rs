@@ -3,7 +3,7 @@
 //! removed there breaks these tests' build, or their parse, instead of reading as null).
 use std::{
     io::{BufRead as _, BufReader},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, ChildStderr, Command, Stdio},
     sync::{Mutex, MutexGuard, OnceLock},
     time::{Duration, Instant},
@@ -116,11 +116,7 @@ fn build_memleak() -> Result<PathBuf> {
 pub fn message_cache() -> &'static str {
     ["msg_msg-128", "kmalloc-cg-128"]
         .into_iter()
-        .find(|cache| {
-            std::path::Path::new("/sys/kernel/slab")
-                .join(cache)
-                .exists()
-        })
+        .find(|cache| Path::new("/sys/kernel/slab").join(cache).exists())
         .unwrap_or("kmalloc-128")
 }
 
@@ -633,4 +629,23 @@ impl ListeningWatch {
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
+}
+
+/// The other names /sys/kernel/slab links to the directory of `cache`, read apart from memleak.
+pub fn merged_names(cache: &str) -> Vec<String> {
+    let root = Path::new("/sys/kernel/slab");
+    let Ok(directory) = std::fs::read_link(root.join(cache)) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().into_string().ok()?;
+            (name != cache && std::fs::read_link(entry.path()).ok()? == directory).then_some(name)
+        })
+        .collect();
+    names.sort();
+    names
 }

@@ -6,7 +6,7 @@ use std::{path::Path, process::Command};
 
 use anyhow::{Context as _, Result, ensure};
 use memleak::trace::report::{Entry, Report, Verdict};
-use memleak_tests::{entries_through, memleak_binary, message_cache};
+use memleak_tests::{entries_through, memleak_binary, merged_names, message_cache};
 
 const MESSAGES: u64 = 200;
 /// The fixture's task name: `memleak-fixture`, which fits the kernel's 15 characters.
@@ -238,25 +238,6 @@ const LOCKED_FILES: u64 = 200;
 /// kernels (on 6.18 here: with ftrace_event_field, damon_region and others).
 const LOCK_CONTEXT_CACHE: &str = "file_lock_ctx";
 
-/// The other names /sys/kernel/slab links to the directory of `cache`, read apart from memleak.
-fn merged_names(cache: &str) -> Vec<String> {
-    let root = Path::new("/sys/kernel/slab");
-    let Ok(directory) = std::fs::read_link(root.join(cache)) else {
-        return Vec::new();
-    };
-    let mut names: Vec<String> = std::fs::read_dir(root)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| {
-            let name = entry.file_name().into_string().ok()?;
-            (name != cache && std::fs::read_link(entry.path()).ok()? == directory).then_some(name)
-        })
-        .collect();
-    names.sort();
-    names
-}
-
 /// `memleak run --fail-on-leak --function locks_get_lock_context --cache file_lock_ctx
 /// THRESHOLDS...` around `fixture WORKLOAD 200`, whose files are removed afterwards whatever
 /// happened. They are on tmpfs when there is one, where their inodes, and so their lock
@@ -286,8 +267,26 @@ fn run_lock_check(workload: &str, thresholds: &[&str]) -> Result<(i32, Report)> 
     result.map(|(status, report, _)| (status, report))
 }
 
-/// The merged names the entry and the check give for `file_lock_ctx`, against sysfs.
-fn ensure_merged_names_are_named(contexts: &Entry, check: &Verdict) -> Result<()> {
+/// The merged names the entry, the report's cache totals and the check give for
+/// `file_lock_ctx`, against sysfs.
+fn ensure_merged_names_are_named(report: &Report, contexts: &Entry, check: &Verdict) -> Result<()> {
+    // The totals keep the ten largest caches; the shared one is among them unless ten others
+    // hold more of the fixture's bytes.
+    match report
+        .caches
+        .iter()
+        .find(|total| total.name.as_str() == contexts.cache.as_deref().unwrap_or_default())
+    {
+        Some(total) => ensure!(
+            total.merged_with == contexts.cache_merged_with,
+            "the cache's total names what its entry names: {total:#?} {contexts:#?}"
+        ),
+        None => ensure!(
+            report.caches.len() == 10,
+            "the entry's cache has a total among fewer than ten: {:#?}",
+            report.caches
+        ),
+    }
     let merged = merged_names(LOCK_CONTEXT_CACHE);
     if merged.is_empty() {
         // A cache of its own (slab_nomerge, or no partner of its size): named as it is.
@@ -330,7 +329,7 @@ fn a_check_on_a_merged_cache_counts_its_objects_and_says_it_is_merged() -> Resul
     };
     let (status, report) = run_lock_check("leave-file-locks", &[])?;
     let (check, contexts) = failed_check(status, &report, "locks_get_lock_context", LOCKED_FILES)?;
-    ensure_merged_names_are_named(contexts, check)
+    ensure_merged_names_are_named(&report, contexts, check)
 }
 
 #[test]
@@ -354,5 +353,5 @@ fn a_check_on_a_merged_cache_leaves_out_its_freed_objects() -> Result<()> {
         .into_iter()
         .find(|entry| entry.count == left)
         .with_context(|| format!("no site with {left} lock contexts: {report:#?}"))?;
-    ensure_merged_names_are_named(contexts, check)
+    ensure_merged_names_are_named(&report, contexts, check)
 }

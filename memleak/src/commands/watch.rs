@@ -1,12 +1,12 @@
 //! `memleak watch`: attach once, snapshot every interval, judge each site from its series,
 //! print a line (or a JSON object) per interval, keep the history; `memleak history` reads it.
-use std::{path::PathBuf, process::ExitCode};
+use std::{cell::OnceCell, path::PathBuf, process::ExitCode};
 
 use anyhow::{Context as _, Result};
 use hashbrown::{HashMap, HashSet};
 use memleak::{
     bpf::probes::{self, SlabHooks},
-    kernel::{self, privileges},
+    kernel::{self, privileges, slab_merges::SlabMerges},
     kinds::Kind,
     output::{self, Format, Plain, ReportOptions, ReportSink, profile},
     scan,
@@ -355,6 +355,8 @@ impl Watcher<'_> {
             .iter()
             .map(|site| (&site.figures.site, site))
             .collect();
+        // Read when a site is judged, as the entries of a trace's report are named.
+        let merges = OnceCell::new();
         let leaks: Vec<Leak> = self
             .series
             .judge(at_ms, &options.thresholds)
@@ -365,6 +367,12 @@ impl Watcher<'_> {
                     count: now.map_or(0, |now| now.figures.count),
                     bytes: now.map_or(0, |now| now.figures.bytes),
                     frames: now.map(|now| now.entry.frames.clone()).unwrap_or_default(),
+                    cache_merged_with: now
+                        .map(|now| {
+                            now.entry
+                                .merged_caches(merges.get_or_init(SlabMerges::read))
+                        })
+                        .unwrap_or_default(),
                     judgement,
                     since_ms,
                     site,

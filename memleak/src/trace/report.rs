@@ -246,10 +246,15 @@ impl Entry {
     /// Lists the other names of a kmem_cache entry's cache, when SLUB merged it with others.
     /// A kmalloc entry's objects are kmalloc's, whatever caches share its size class.
     pub fn name_merged_caches(&mut self, merges: &SlabMerges) {
-        if self.kind == kind_name(AllocKind::KmemCache)
-            && let Some(cache) = &self.cache
-        {
-            self.cache_merged_with = merges.others(cache);
+        self.cache_merged_with = self.merged_caches(merges);
+    }
+
+    /// The other names of a kmem_cache entry's cache, sorted: empty for other kinds and for a
+    /// cache SLUB did not merge.
+    pub fn merged_caches(&self, merges: &SlabMerges) -> Vec<String> {
+        match &self.cache {
+            Some(cache) if self.kind == kind_name(AllocKind::KmemCache) => merges.others(cache),
+            _ => Vec::new(),
         }
     }
 }
@@ -317,20 +322,29 @@ pub struct Total {
     pub name: String,
     pub bytes: u64,
     pub count: u64,
+    /// A cache's other names, SLUB having merged it with them: those of its kmem_cache
+    /// entries (`Entry::cache_merged_with`). Empty for a kind.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub merged_with: Vec<String>,
 }
 
 const CACHES_SHOWN: usize = 10;
 
 /// Per-kind and per-cache totals of `entries`, largest first.
 pub fn totals(entries: &[Entry]) -> (Vec<Total>, Vec<Total>) {
-    fn add(totals: &mut HashMap<String, Total>, name: &str, entry: &Entry) {
+    fn add(totals: &mut HashMap<String, Total>, name: &str, entry: &Entry, merged_with: &[String]) {
         let total = totals.entry_ref(name).or_insert_with(|| Total {
             name: name.to_owned(),
             bytes: 0,
             count: 0,
+            merged_with: Vec::new(),
         });
         total.bytes += entry.bytes;
         total.count += entry.count;
+        // A cache's entries list the same names, or none (kmalloc's).
+        if total.merged_with.is_empty() {
+            total.merged_with = merged_with.to_vec();
+        }
     }
     fn largest_first(totals: HashMap<String, Total>) -> Vec<Total> {
         let mut totals: Vec<Total> = totals.into_values().collect();
@@ -340,9 +354,9 @@ pub fn totals(entries: &[Entry]) -> (Vec<Total>, Vec<Total>) {
     let mut kinds = HashMap::new();
     let mut caches = HashMap::new();
     for entry in entries {
-        add(&mut kinds, &entry.kind, entry);
+        add(&mut kinds, &entry.kind, entry, &[]);
         if let Some(cache) = &entry.cache {
-            add(&mut caches, cache, entry);
+            add(&mut caches, cache, entry, &entry.cache_merged_with);
         }
     }
     let mut caches = largest_first(caches);
@@ -809,7 +823,9 @@ mod tests {
 
     #[test]
     fn totals_per_kind_and_cache() {
-        let report = sample_report(1);
+        let mut report = sample_report(1);
+        // sample_report's second entry: a kmem_cache site in filp, here merged with two others.
+        report.stacks[1].cache_merged_with = vec!["file_lock_ctx".into(), "pid".into()];
         let (kinds, caches) = totals(&report.stacks);
         assert_eq!(
             kinds,
@@ -817,22 +833,26 @@ mod tests {
                 Total {
                     name: "kmalloc".into(),
                     bytes: 256,
-                    count: 4
+                    count: 4,
+                    merged_with: Vec::new(),
                 },
                 Total {
                     name: "kmem_cache".into(),
                     bytes: 64,
-                    count: 1
+                    count: 1,
+                    merged_with: Vec::new(),
                 },
             ]
         );
         assert_eq!(caches[0].name, "kmalloc-64");
+        assert!(caches[0].merged_with.is_empty());
         assert_eq!(
             caches[1],
             Total {
                 name: "filp".into(),
                 bytes: 64,
-                count: 1
+                count: 1,
+                merged_with: vec!["file_lock_ctx".into(), "pid".into()],
             }
         );
     }

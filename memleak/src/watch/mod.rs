@@ -116,6 +116,10 @@ impl SiteFigures {
 pub struct Leak {
     #[serde(flatten)]
     pub site: SiteName,
+    /// The other names of a kmem_cache site's cache, SLUB having merged it with them: its
+    /// objects may be any of theirs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cache_merged_with: Vec<String>,
     pub count: u64,
     pub bytes: u64,
     #[serde(flatten)]

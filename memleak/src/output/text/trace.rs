@@ -184,8 +184,13 @@ pub fn render_text(report: &Report) -> String {
         totals
             .iter()
             .map(|total| {
+                let merged = if total.merged_with.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (merged with {})", total.merged_with.join(", "))
+                };
                 format!(
-                    "{} {approx}{} ({approx}{})",
+                    "{}{merged} {approx}{} ({approx}{})",
                     total.name,
                     human_bytes(total.bytes),
                     thousands(total.count)
@@ -499,7 +504,15 @@ mod tests {
         report.stacks[0].kind = "kmem_cache".into();
         report.stacks[0].cache = Some("ftrace_event_field".into());
         report.stacks[0].cache_merged_with = vec!["damon_region".into(), "file_lock_ctx".into()];
+        (report.kinds, report.caches) = crate::trace::report::totals(&report.stacks);
         let text = render_text(&report);
+        assert!(
+            text.contains(
+                "caches:  ftrace_event_field (merged with damon_region, file_lock_ctx) 256 B (4), \
+                 filp 64 B (1)\n"
+            ),
+            "{text}"
+        );
         assert!(
             text.contains(
                 "     call site: alloc_site+0x4/0x40\n     merged cache: damon_region, \
@@ -515,6 +528,12 @@ mod tests {
             serde_json::json!(["damon_region", "file_lock_ctx"])
         );
         assert!(json["stacks"][1].get("cache_merged_with").is_none());
+        assert_eq!(
+            json["caches"][0]["merged_with"],
+            serde_json::json!(["damon_region", "file_lock_ctx"])
+        );
+        assert!(json["caches"][1].get("merged_with").is_none());
+        assert!(json["kinds"][0].get("merged_with").is_none());
 
         let verdict = Verdict {
             scope: "module=* function=* cache=file_lock_ctx".into(),

@@ -14,12 +14,19 @@ use crate::{
     },
 };
 
-/// `kmalloc in kmalloc-64 at leaky_alloc+0x1c/0x80 [leaky]`.
-fn describe_site(site: &SiteName) -> String {
+/// `kmalloc in kmalloc-64 at leaky_alloc+0x1c/0x80 [leaky]`; a cache SLUB merged with others
+/// is followed by their names.
+fn describe_site(site: &SiteName, cache_merged_with: &[String]) -> String {
     let cache = site
         .cache
         .as_deref()
-        .map(|cache| format!(" in {cache}"))
+        .map(|cache| {
+            if cache_merged_with.is_empty() {
+                format!(" in {cache}")
+            } else {
+                format!(" in {cache} (merged with {})", cache_merged_with.join(", "))
+            }
+        })
         .unwrap_or_default();
     format!("{}{cache} at {}", site.kind, site.call_site)
 }
@@ -38,7 +45,7 @@ fn describe_leak(leak: &Leak, approx: &str) -> String {
     format!(
         "{} {}: {}/s objects ({} B/s), {approx}{} objects ({approx}{}) outstanding, grew {} over {}, confidence {:.1}%{}",
         judgement.severity.name().to_uppercase(),
-        describe_site(&leak.site),
+        describe_site(&leak.site, &leak.cache_merged_with),
         signed_rate(judgement.objects_per_second),
         signed_rate(judgement.bytes_per_second),
         thousands(leak.count),
@@ -151,7 +158,7 @@ pub fn render_history(report: &HistoryReport) -> String {
             "{} {:<8} {}: {}/s objects, {} objects ({}), confidence {:.1}%",
             verdict.at_ms,
             verdict.severity,
-            describe_site(&verdict.site),
+            describe_site(&verdict.site, &[]),
             signed_rate(verdict.objects_per_second),
             thousands(verdict.count),
             human_bytes(verdict.bytes),
@@ -159,7 +166,7 @@ pub fn render_history(report: &HistoryReport) -> String {
         );
     }
     for StoredSeries { site, points } in &report.series {
-        let _ = writeln!(out, "\n{}:", describe_site(site));
+        let _ = writeln!(out, "\n{}:", describe_site(site, &[]));
         let _ = writeln!(
             out,
             "{:>15} {:>12} {:>12} {:>12}",
@@ -212,6 +219,7 @@ mod tests {
             }],
             leaks: vec![Leak {
                 site,
+                cache_merged_with: Vec::new(),
                 count: 500,
                 bytes: 500 * 64,
                 judgement: Judgement {
@@ -265,6 +273,28 @@ mod tests {
     }
 
     #[test]
+    fn a_leak_in_a_merged_cache_names_the_other_caches() {
+        let mut merged = interval(Severity::Warning, 10_000);
+        let leak = &mut merged.leaks[0];
+        leak.site.kind = "kmem_cache".into();
+        leak.site.cache = Some("ftrace_event_field".into());
+        leak.cache_merged_with = vec!["damon_region".into(), "file_lock_ctx".into()];
+        let site = "WARNING kmem_cache in ftrace_event_field (merged with damon_region, \
+                    file_lock_ctx) at leaky_alloc+0x1c/0x80 [leaky]: +50.00/s objects";
+        let text = render_interval(&merged);
+        assert!(text.contains(site), "{text}");
+        let end = render_final(Some(&merged));
+        assert!(end.contains(site), "{end}");
+        let line = crate::output::json::render_json_line(&merged);
+        let value: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(
+            value["leaks"][0]["cache_merged_with"],
+            serde_json::json!(["damon_region", "file_lock_ctx"])
+        );
+        assert_eq!(serde_json::from_str::<Interval>(&line).unwrap(), merged);
+    }
+
+    #[test]
     fn interval_json_reads_back() {
         let line = crate::output::json::render_json_line(&interval(Severity::Warning, 10_000));
         assert_eq!(line.matches('\n').count(), 1);
@@ -285,6 +315,7 @@ mod tests {
         ] {
             assert!(!leak[field].is_null(), "leaks[0].{field}");
         }
+        assert!(leak.get("cache_merged_with").is_none());
         assert_eq!(leak["severity"], "warning");
     }
 }
