@@ -13,7 +13,7 @@ use memleak::{
     scan::Liveness,
     trace::{
         build::{KernelMemory, check_liveness},
-        report::Entry,
+        report::{Entry, merged_caches},
     },
     util::{
         clock::{monotonic_now_ns, unix_now_ms},
@@ -355,7 +355,7 @@ impl Watcher<'_> {
             .iter()
             .map(|site| (&site.figures.site, site))
             .collect();
-        // Read when a site is judged, as the entries of a trace's report are named.
+        // Read at most once an interval, and only when a judged site is a kmem_cache one.
         let merges = OnceCell::new();
         let leaks: Vec<Leak> = self
             .series
@@ -367,12 +367,9 @@ impl Watcher<'_> {
                     count: now.map_or(0, |now| now.figures.count),
                     bytes: now.map_or(0, |now| now.figures.bytes),
                     frames: now.map(|now| now.entry.frames.clone()).unwrap_or_default(),
-                    cache_merged_with: now
-                        .map(|now| {
-                            now.entry
-                                .merged_caches(merges.get_or_init(SlabMerges::read))
-                        })
-                        .unwrap_or_default(),
+                    cache_merged_with: merged_caches(&site.kind, site.cache.as_deref(), || {
+                        merges.get_or_init(SlabMerges::read)
+                    }),
                     judgement,
                     since_ms,
                     site,

@@ -244,18 +244,23 @@ pub struct Entry {
 
 impl Entry {
     /// Lists the other names of a kmem_cache entry's cache, when SLUB merged it with others.
-    /// A kmalloc entry's objects are kmalloc's, whatever caches share its size class.
     pub fn name_merged_caches(&mut self, merges: &SlabMerges) {
-        self.cache_merged_with = self.merged_caches(merges);
+        self.cache_merged_with = merged_caches(&self.kind, self.cache.as_deref(), || merges);
     }
+}
 
-    /// The other names of a kmem_cache entry's cache, sorted: empty for other kinds and for a
-    /// cache SLUB did not merge.
-    pub fn merged_caches(&self, merges: &SlabMerges) -> Vec<String> {
-        match &self.cache {
-            Some(cache) if self.kind == kind_name(AllocKind::KmemCache) => merges.others(cache),
-            _ => Vec::new(),
-        }
+/// The other names of the cache of a `kind` allocation in `cache`, sorted. A kmem_cache
+/// allocation may have been made under any name SLUB merged its cache with; a kmalloc one is
+/// kmalloc's, whatever caches share its size class. Empty for the other kinds and for a cache
+/// SLUB did not merge; `merges` is asked only for a kmem_cache allocation.
+pub fn merged_caches<'a>(
+    kind: &str,
+    cache: Option<&str>,
+    merges: impl FnOnce() -> &'a SlabMerges,
+) -> Vec<String> {
+    match cache {
+        Some(cache) if kind == kind_name(AllocKind::KmemCache) => merges().others(cache),
+        _ => Vec::new(),
     }
 }
 
@@ -819,6 +824,32 @@ mod tests {
         let cache_entry = &report.stacks[1];
         assert_eq!(cache_entry.cache.as_deref(), Some("filp"));
         assert_eq!(cache_entry.frames, vec![Frame::unknown(0x99)]);
+    }
+
+    #[test]
+    fn a_cache_total_names_its_merged_caches_whatever_entry_comes_first() {
+        // sample_report's entries: a kmalloc site in kmalloc-64, then a kmem_cache site in
+        // filp; here the kmem_cache site's cache is kmalloc-64's, which SLUB merged with
+        // Acpi-Namespace (the kmalloc entry names no merge: its objects are kmalloc's).
+        for kmalloc_first in [true, false] {
+            let mut report = sample_report(1);
+            report.stacks[1].cache = Some("kmalloc-64".into());
+            report.stacks[1].cache_merged_with = vec!["Acpi-Namespace".into()];
+            if !kmalloc_first {
+                report.stacks.reverse();
+            }
+            let (_, caches) = totals(&report.stacks);
+            assert_eq!(
+                caches,
+                [Total {
+                    name: "kmalloc-64".into(),
+                    bytes: 320,
+                    count: 5,
+                    merged_with: vec!["Acpi-Namespace".into()],
+                }],
+                "kmalloc entry first: {kmalloc_first}"
+            );
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The classify report as text and JSON.
 use std::fmt::Write as _;
 
+use super::merged_with;
 use crate::{
     classify::analysis::Report,
     util::{duration, units::human_bytes},
@@ -62,13 +63,7 @@ pub fn render_text(report: &Report) -> String {
         );
     }
 
-    let cache_name = |name: &str, aliases: &[String]| {
-        if aliases.is_empty() {
-            name.to_owned()
-        } else {
-            format!("{name} (merged with {})", aliases.join(", "))
-        }
-    };
+    let cache_name = |name: &str, aliases: &[String]| format!("{name}{}", merged_with(aliases));
     if !report.unreclaimable_caches.is_empty() {
         let _ = writeln!(
             out,

@@ -1,7 +1,10 @@
 //! The trace report as text, with the leak check's one-line verdict.
 use std::fmt::Write as _;
 
-use super::scan::{describe_marks, render_details, summary};
+use super::{
+    merged_with,
+    scan::{describe_marks, render_details, summary},
+};
 use crate::{
     trace::report::{Report, StackSampleLimit, Total, UserStacks, Verdict},
     util::{
@@ -184,14 +187,10 @@ pub fn render_text(report: &Report) -> String {
         totals
             .iter()
             .map(|total| {
-                let merged = if total.merged_with.is_empty() {
-                    String::new()
-                } else {
-                    format!(" (merged with {})", total.merged_with.join(", "))
-                };
                 format!(
-                    "{}{merged} {approx}{} ({approx}{})",
+                    "{}{} {approx}{} ({approx}{})",
                     total.name,
+                    merged_with(&total.merged_with),
                     human_bytes(total.bytes),
                     thousands(total.count)
                 )

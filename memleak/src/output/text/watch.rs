@@ -2,6 +2,7 @@
 //! table at the end; and `memleak history`.
 use std::{fmt::Write as _, time::Duration};
 
+use super::merged_with;
 use crate::{
     util::{
         duration,
@@ -20,13 +21,7 @@ fn describe_site(site: &SiteName, cache_merged_with: &[String]) -> String {
     let cache = site
         .cache
         .as_deref()
-        .map(|cache| {
-            if cache_merged_with.is_empty() {
-                format!(" in {cache}")
-            } else {
-                format!(" in {cache} (merged with {})", cache_merged_with.join(", "))
-            }
-        })
+        .map(|cache| format!(" in {cache}{}", merged_with(cache_merged_with)))
         .unwrap_or_default();
     format!("{}{cache} at {}", site.kind, site.call_site)
 }
