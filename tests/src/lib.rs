@@ -649,3 +649,16 @@ pub fn merged_names(cache: &str) -> Vec<String> {
     names.sort();
     names
 }
+
+/// A directory named `name` and this process's id, for files whose inodes must stay: on tmpfs
+/// when there is one (/dev/shm), where inodes are not reclaimed under memory pressure, else in
+/// the temporary directory. Not created.
+pub fn tmpfs_directory(name: &str) -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    let parent = if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    parent.join(format!("{name}-{}", std::process::id()))
+}

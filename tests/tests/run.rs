@@ -6,7 +6,9 @@ use std::{path::Path, process::Command};
 
 use anyhow::{Context as _, Result, ensure};
 use memleak::trace::report::{Entry, Report, Verdict};
-use memleak_tests::{entries_through, memleak_binary, merged_names, message_cache};
+use memleak_tests::{
+    entries_through, memleak_binary, merged_names, message_cache, tmpfs_directory,
+};
 
 const MESSAGES: u64 = 200;
 /// The fixture's task name: `memleak-fixture`, which fits the kernel's 15 characters.
@@ -243,13 +245,7 @@ const LOCK_CONTEXT_CACHE: &str = "file_lock_ctx";
 /// happened. They are on tmpfs when there is one, where their inodes, and so their lock
 /// contexts, are not reclaimed under memory pressure.
 fn run_lock_check(workload: &str, thresholds: &[&str]) -> Result<(i32, Report)> {
-    let shm = Path::new("/dev/shm");
-    let parent = if shm.is_dir() {
-        shm.to_path_buf()
-    } else {
-        std::env::temp_dir()
-    };
-    let directory = parent.join(format!("memleak-locks-test-{}", std::process::id()));
+    let directory = tmpfs_directory("memleak-locks-test");
     let mut scope = vec![
         "--function",
         "locks_get_lock_context",

@@ -62,6 +62,9 @@
 //! storage).
 //! `grow-pipe-pages RATE SECONDS`: the same with full pipes, 16 pages (64 KiB) each, taken
 //! straight from the page allocator and in no meminfo counter.
+//! `grow-file-locks RATE SECONDS`: the same with files in the new directory $MEMLEAK_LOCKS_DIR,
+//! each locked once and closed (a `struct file_lock_context` each, as `leave-file-locks`);
+//! nothing is held open.
 //!
 //! Content similarity, for `memleak scan` and `trace --cache`:
 //! `similar-messages HELD MORE`: sends HELD identical 16-byte System V messages (each a 64-byte
@@ -390,13 +393,18 @@ fn open_files_limit() -> u64 {
     limit.rlim_cur
 }
 
-/// `grow-eventfds`, `grow-bpf-maps` and `grow-pipe-pages`, with RATE and SECONDS.
+/// `grow-eventfds`, `grow-bpf-maps`, `grow-pipe-pages` and `grow-file-locks`, with RATE and
+/// SECONDS.
 fn run_growth(command: &str, rate: &str, seconds: &str) -> Result<(), String> {
     let rate: u64 = rate.parse().map_err(|_| format!("bad rate `{rate}`"))?;
     let seconds: u64 = seconds
         .parse()
         .map_err(|_| format!("bad number of seconds `{seconds}`"))?;
-    let descriptors_each = if command == "grow-pipe-pages" { 2 } else { 1 };
+    let descriptors_each = match command {
+        "grow-pipe-pages" => 2,
+        "grow-file-locks" => 0,
+        _ => 1,
+    };
     let descriptors = rate
         .saturating_mul(seconds)
         .saturating_mul(descriptors_each);
@@ -417,6 +425,14 @@ fn run_growth(command: &str, rate: &str, seconds: &str) -> Result<(), String> {
             Ok(vec![create_bpf_map(BPF_MAP_TYPE_ARRAY, 4096, 256)?])
         }),
         "grow-pipe-pages" => grow(rate, seconds, || fill_pipes(PAGES_PER_PIPE)),
+        "grow-file-locks" => {
+            let directory = lock_files(0)?;
+            let mut index = 0;
+            grow(rate, seconds, || {
+                index += 1;
+                lock_file(&directory, index).map(|()| Vec::new())
+            })
+        }
         other => Err(format!("unknown workload `{other}`")),
     }
 }
@@ -497,7 +513,8 @@ fn run(args: &[String]) -> Result<(), String> {
              |leave-file-locks|halve-file-locks N \
              | churn-epolls|churn-processes|churn-threads|churn-timerfds|churn-tcp|churn-udp\
              |churn-unix|churn-io-uring|churn-bpf-hash|churn-inotify|churn-mount-ns|churn-pidfds N \
-             | bench-churn|bench-mixed|bench-build MILLIS | grow-eventfds|grow-bpf-maps|grow-pipe-pages|watch-mix RATE SECONDS"
+             | bench-churn|bench-mixed|bench-build MILLIS \
+             | grow-eventfds|grow-bpf-maps|grow-pipe-pages|grow-file-locks|watch-mix RATE SECONDS"
                 .into(),
         );
     };
@@ -613,25 +630,29 @@ fn lock_files(count: u64) -> Result<std::path::PathBuf, String> {
 }
 
 fn lock_files_in(directory: &std::path::Path, count: u64) -> Result<(), String> {
+    (0..count).try_for_each(|index| lock_file(directory, index))
+}
+
+/// Creates the file `index` in `directory`, takes a POSIX write lock on it and closes it: the
+/// lock goes, the inode's lock context stays.
+fn lock_file(directory: &std::path::Path, index: u64) -> Result<(), String> {
     use std::os::fd::AsRawFd as _;
-    for index in 0..count {
-        let path = directory.join(index.to_string());
-        let file = std::fs::File::create(&path)
-            .map_err(|error| format!("creating {}: {error}", path.display()))?;
-        let lock = libc::flock {
-            l_type: libc::F_WRLCK as libc::c_short,
-            l_whence: libc::SEEK_SET as libc::c_short,
-            l_start: 0,
-            l_len: 0,
-            l_pid: 0,
-        };
-        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLK, &lock) } != 0 {
-            return Err(format!(
-                "locking {}: {}",
-                path.display(),
-                std::io::Error::last_os_error()
-            ));
-        }
+    let path = directory.join(index.to_string());
+    let file = std::fs::File::create(&path)
+        .map_err(|error| format!("creating {}: {error}", path.display()))?;
+    let lock = libc::flock {
+        l_type: libc::F_WRLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLK, &lock) } != 0 {
+        return Err(format!(
+            "locking {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        ));
     }
     Ok(())
 }
