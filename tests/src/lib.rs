@@ -631,6 +631,28 @@ impl ListeningWatch {
     }
 }
 
+/// Where a file's first lock allocates its `struct file_lock_context`, and that cache's name:
+/// SLUB merges it with caches of its size on most kernels (on 6.18 here: with
+/// ftrace_event_field, damon_region and others).
+pub const LOCK_CONTEXT_SITE: &str = "locks_get_lock_context";
+pub const LOCK_CONTEXT_CACHE: &str = "file_lock_ctx";
+
+/// That `shared`, the name the events gave the cache, and `others`, the names memleak listed
+/// beside it, are every name /sys/kernel/slab gives `cache`'s cache.
+pub fn ensure_every_name_of(cache: &str, shared: &str, others: &[String]) -> Result<()> {
+    let mut names = others.to_vec();
+    names.push(shared.to_owned());
+    names.sort();
+    let mut expected = merged_names(cache);
+    expected.push(cache.to_owned());
+    expected.sort();
+    ensure!(
+        names == expected,
+        "memleak names every name of {cache}'s cache: {names:?}, sysfs {expected:?}"
+    );
+    Ok(())
+}
+
 /// The other names /sys/kernel/slab links to the directory of `cache`, read apart from memleak.
 pub fn merged_names(cache: &str) -> Vec<String> {
     let root = Path::new("/sys/kernel/slab");

@@ -7,7 +7,8 @@ use std::{path::Path, process::Command};
 use anyhow::{Context as _, Result, ensure};
 use memleak::trace::report::{Entry, Report, Verdict};
 use memleak_tests::{
-    entries_through, memleak_binary, merged_names, message_cache, tmpfs_directory,
+    LOCK_CONTEXT_CACHE, LOCK_CONTEXT_SITE, ensure_every_name_of, entries_through, memleak_binary,
+    merged_names, message_cache, tmpfs_directory,
 };
 
 const MESSAGES: u64 = 200;
@@ -236,9 +237,6 @@ fn messages_cleaned_up_pass_the_check_with_the_commands_status() -> Result<()> {
 }
 
 const LOCKED_FILES: u64 = 200;
-/// The cache of `struct file_lock_context`, which SLUB merges with caches of its size on most
-/// kernels (on 6.18 here: with ftrace_event_field, damon_region and others).
-const LOCK_CONTEXT_CACHE: &str = "file_lock_ctx";
 
 /// `memleak run --fail-on-leak --function locks_get_lock_context --cache file_lock_ctx
 /// THRESHOLDS...` around `fixture WORKLOAD 200`, whose files are removed afterwards whatever
@@ -248,7 +246,7 @@ fn run_lock_check(workload: &str, thresholds: &[&str]) -> Result<(i32, Report)> 
     let directory = tmpfs_directory("memleak-locks-test");
     let mut scope = vec![
         "--function",
-        "locks_get_lock_context",
+        LOCK_CONTEXT_SITE,
         "--cache",
         LOCK_CONTEXT_CACHE,
     ];
@@ -301,16 +299,7 @@ fn ensure_merged_names_are_named(report: &Report, contexts: &Entry, check: &Verd
         shared == LOCK_CONTEXT_CACHE || merged.contains(&shared),
         "the entry's cache {shared} is one of {LOCK_CONTEXT_CACHE}'s merged names {merged:?}"
     );
-    let mut names = contexts.cache_merged_with.clone();
-    names.push(shared);
-    names.sort();
-    let mut expected = merged.clone();
-    expected.push(LOCK_CONTEXT_CACHE.to_owned());
-    expected.sort();
-    ensure!(
-        names == expected,
-        "the entry names every name of the merged cache: {names:?}, sysfs {expected:?}"
-    );
+    ensure_every_name_of(LOCK_CONTEXT_CACHE, &shared, &contexts.cache_merged_with)?;
     ensure!(
         check.cache_merged_with == merged,
         "the check names {LOCK_CONTEXT_CACHE}'s other names {merged:?}: {check:#?}"
@@ -324,7 +313,7 @@ fn a_check_on_a_merged_cache_counts_its_objects_and_says_it_is_merged() -> Resul
         return Ok(());
     };
     let (status, report) = run_lock_check("leave-file-locks", &[])?;
-    let (check, contexts) = failed_check(status, &report, "locks_get_lock_context", LOCKED_FILES)?;
+    let (check, contexts) = failed_check(status, &report, LOCK_CONTEXT_SITE, LOCKED_FILES)?;
     ensure_merged_names_are_named(&report, contexts, check)
 }
 
@@ -345,7 +334,7 @@ fn a_check_on_a_merged_cache_leaves_out_its_freed_objects() -> Result<()> {
         status == 0 && !check.failed && check.count == left,
         "exactly the {left} contexts left count, and are allowed (status {status}): {check:#?}"
     );
-    let contexts = entries_through(&report, "locks_get_lock_context")
+    let contexts = entries_through(&report, LOCK_CONTEXT_SITE)
         .into_iter()
         .find(|entry| entry.count == left)
         .with_context(|| format!("no site with {left} lock contexts: {report:#?}"))?;

@@ -19,8 +19,9 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 use memleak::watch::{Interval, Leak, verdict::Severity};
 use memleak_tests::{
-    Guard, end_to_end, fixture_binary, memleak_binary, memleak_program_count, merged_names,
-    settled_program_count, start_program, tmpfs_directory, wait_for_programs_gone,
+    Guard, LOCK_CONTEXT_CACHE, LOCK_CONTEXT_SITE, end_to_end, ensure_every_name_of, fixture_binary,
+    memleak_binary, memleak_program_count, merged_names, settled_program_count, start_program,
+    tmpfs_directory, wait_for_programs_gone,
 };
 
 const LEAK_SITE: &str = "do_eventfd";
@@ -29,9 +30,6 @@ const POOL_SITE: &str = "alloc_pipe_info";
 /// alloc_empty_file, __d_alloc, security_file_alloc; its inode is the one anonymous inode).
 const POOL_ONLY_SITES: &[&str] = &[POOL_SITE, "alloc_inode", "security_inode_alloc"];
 const CHURN_SITES: &[&str] = &["ep_alloc", "do_epoll_create"];
-/// Where a file's first lock allocates its `struct file_lock_context`, and that cache's name.
-const LOCK_CONTEXT_SITE: &str = "locks_get_lock_context";
-const LOCK_CONTEXT_CACHE: &str = "file_lock_ctx";
 
 /// Starts the fixture for `seconds` and waits until it says `ready`.
 fn start_workload(seconds: u32) -> Result<Guard> {
@@ -349,18 +347,7 @@ fn a_leak_in_a_merged_cache_is_judged_with_the_caches_names() -> Result<()> {
             .cache
             .as_deref()
             .context("the site names no cache")?;
-        let mut names = leak.cache_merged_with.clone();
-        names.push(cache.to_owned());
-        names.sort();
-        let mut expected = merged_names(LOCK_CONTEXT_CACHE);
-        expected.push(LOCK_CONTEXT_CACHE.to_owned());
-        expected.sort();
-        ensure!(
-            names == expected,
-            "the leak names every name of {LOCK_CONTEXT_CACHE}'s cache: {names:?}, sysfs \
-             {expected:?}"
-        );
-        Ok(())
+        ensure_every_name_of(LOCK_CONTEXT_CACHE, cache, &leak.cache_merged_with)
     })();
     drop(workload);
     let _ = std::fs::remove_dir_all(&directory);

@@ -54,6 +54,15 @@ impl SlabMerges {
         self.directory_of.get(name).map(String::as_str)
     }
 
+    /// Whether `name` names a cache: one of its names, or SLUB's generated name of a merged one.
+    pub fn knows(&self, name: &str) -> bool {
+        self.directory_of.contains_key(name)
+            || self
+                .directory_of
+                .values()
+                .any(|directory| directory == name)
+    }
+
     /// Every cache name, merged or not.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.directory_of.keys().map(String::as_str)
@@ -131,6 +140,11 @@ mod tests {
             ["damon_region", "file_lock_ctx", "ftrace_event_field"]
         );
         assert_eq!(merges.names().count(), 5);
+        for known in ["filp", "file_lock_ctx", ":0000056", ":0000016"] {
+            assert!(merges.knows(known), "{known}");
+        }
+        assert!(!merges.knows("no_such_cache"));
+        assert!(!merges.knows(":0000099"));
         assert_eq!(merges.first_name_in(":0000056"), Some("damon_region"));
         assert_eq!(merges.first_name_in("filp"), Some("filp"));
         assert_eq!(merges.first_name_in(":0000099"), None);

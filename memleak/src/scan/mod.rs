@@ -148,10 +148,7 @@ impl Scanner {
         slabs::verify_slabs_lead_to_caches(&slabs, &caches)?;
         let merges = SlabMerges::read();
         let Some(cache) = slabs::find_cache(&caches, wanted, &merges).cloned() else {
-            if std::path::Path::new(kernel::slab_merges::SYS_SLAB)
-                .join(wanted)
-                .exists()
-            {
+            if merges.knows(wanted) {
                 bail!("--cache {wanted}: the cache has no slab pages right now (it is empty)");
             }
             bail!("--cache {wanted}: no such slab cache (see /proc/slabinfo)");
